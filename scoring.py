@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # ---------------------------------------------------------------------------------------
 # Names
@@ -87,6 +87,9 @@ class NodeSnapshot:
     num_parallel: int | None = None  # OLLAMA_NUM_PARALLEL as reported; None = unknown
     cpu_load: float = 0.0  # 0..1 utilisation
     reachable: bool = True  # the router's own view of the node's Ollama
+    # model -> epoch s when the router sent it a request while it was not resident: the
+    # load is under way, so another request for it joins that load instead of a new one
+    loading: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +99,1215 @@ class QueueSnapshot:
     pending: int = 0
     in_flight: int = 0
     slots: int = 1
+
+
+# ---------------------------------------------------------------------------------------
+# Policy: every tunable constant, in one place
+# ---------------------------------------------------------------------------------------
+
+_GB = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Every constant scoring uses. The router overrides fields with ``dataclasses.replace``.
+
+    Scores are points; the **wait** signal converts seconds into points with
+    ``wait_weight``, so one point is worth ``1 / wait_weight`` seconds of expected latency.
+    The residency bonuses (``hot_bonus``, ``warm_bonus``) express the *future* cost of a
+    cold load (it evicts other models and makes the next requests cold too), which the
+    expected-time signal alone does not see.
+    """
+
+    # -- 1. thermal -------------------------------------------------------------------
+    hot_bonus: float = 50.0  # model resident on the node (no load, no eviction)
+    warm_bonus: float = 20.0  # unloaded from this node less than warm_window_s ago
+    warm_window_s: float = 600.0  # how long an unloaded model counts as warm (page cache)
+    warm_load_factor: float = 0.5  # a warm load takes this share of a cold load's time
+    loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
+    # -- 2. memory fit ----------------------------------------------------------------
+    memory_weight: float = 10.0  # full headroom (or already resident) earns this much
+    memory_comfort_ratio: float = 2.0  # free / needed at which headroom counts in full
+    eviction_weight: float = 20.0  # points lost when the whole footprint must be evicted
+    offload_penalty: float = 40.0  # does not fit in VRAM, would run partly on the CPU
+    kv_bytes_per_token_per_gb: float = 16_384.0  # KV-cache prior: bytes/token per GB weights
+    default_num_ctx: int = 4096  # context Ollama allocates when the request sets none
+    # -- 3. queue depth ---------------------------------------------------------------
+    queue_weight: float = 4.0  # points per outstanding request per slot
+    # -- 4. wait (expected time to finish, from measured history) ---------------------
+    wait_weight: float = 5.0  # points per expected second until the response completes
+    busy_slowdown: float = 0.3  # each concurrent stream on a node slows a new one by this
+    # -- 5. role affinity -------------------------------------------------------------
+    affinity_weight: float = 5.0
+    large_model_bytes: int = 20 * _GB  # at or above: a "large" model, prefers big machines
+    small_model_bytes: int = 8 * _GB  # at or below: a "small" model, prefers small machines
+    large_machine_bytes: int = 96 * _GB  # a machine this big (or bigger) is "big"
+    # -- 6. availability --------------------------------------------------------------
+    availability_weight: float = 20.0  # x recent failure rate, half-open probe, degraded
+    # -- 7. context fit ---------------------------------------------------------------
+    context_weight: float = 15.0  # penalty when the prompt exceeds the loaded window
+    context_headroom_bonus: float = 3.0  # bonus when the loaded window has 2x headroom
+    # -- slots, queues, admission ------------------------------------------------------
+    default_slots: int = 1  # parallel slots when neither configured nor reported
+    max_slots: int = 32
+    max_queue_wait_s: float = 30.0  # bounded wait for a slot before 503
+    wait_for_better: bool = True  # wait for a full node whose expected finish is sooner
+    wait_margin: float = 0.0  # points a full node must lead the best free node by
+    retry_after_s: float = 5.0  # Retry-After when no estimate exists
+    retry_after_min_s: float = 1.0
+    retry_after_max_s: float = 120.0
+    tie_epsilon: float = 1e-6  # totals this close are a tie
+    prewarm_queue_depth: int = 3  # winner's outstanding >= this -> pre-warm the runner-up
+    # -- retries ----------------------------------------------------------------------
+    max_retries: int = 2
+    # -- circuit breaker --------------------------------------------------------------
+    breaker_threshold: int = 3  # consecutive failures that open the breaker
+    breaker_base_backoff_s: float = 5.0  # first ejection; doubles with every trip
+    breaker_max_backoff_s: float = 300.0
+    breaker_max_ejected_share: float = 0.5  # never eject more of the fleet than this
+    breaker_probe_timeout_s: float = 60.0  # a probe that never reports frees the slot
+    breaker_reset_after_s: float = 900.0  # trips older than this are forgotten
+    # -- service-time statistics --------------------------------------------------------
+    ewma_alpha: float = 0.2
+    quantile: float = 0.95  # streaming quantile tracked for total latency
+    load_observed_min_ms: float = 250.0  # load_duration above this counts as a real load
+    default_load_s: float = 10.0  # cold-load prior when the model size is unknown
+    load_bytes_per_s: float = 1.5 * _GB  # cold-load prior from the size on disk
+    load_overhead_s: float = 1.0
+    default_tokens_per_s: float = 30.0  # decode prior when the model size is unknown
+    prior_bandwidth_bytes_per_s: float = 150.0 * _GB  # decode prior: bandwidth / size
+    default_prompt_tokens_per_s: float = 400.0
+    prompt_speedup: float = 10.0  # prefill is this many times faster than decode (prior)
+    default_completion_tokens: float = 250.0
+    default_embed_s: float = 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# Requests, factors, scores, choices
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    model: str  # normalised
+    kind: str = "text"  # "text" | "embed" | "image" | "stt"
+    est_tokens: int = 0  # estimated prompt tokens
+    num_ctx: int | None = None
+    needs_vision: bool = False
+    exclude: frozenset[str] = frozenset()  # nodes already tried (retries)
+    pinned_node: str | None = None  # explicit node: only that node is eligible
+
+
+@dataclass(frozen=True, slots=True)
+class Factor:
+    name: str
+    value: float
+    contribution: float
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "value": round(self.value, 4) + 0.0,  # + 0.0 turns -0.0 into 0.0
+            "contribution": round(self.contribution, 3) + 0.0,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    node_id: str
+    total: float
+    eligible: bool
+    reason: str
+    factors: tuple[Factor, ...] = ()
+    outstanding: int = 0  # pending + in_flight of this node:model (tie-break)
+    free_slot: bool = True  # in_flight < slots
+
+    def factor(self, name: str) -> Factor | None:
+        for f in self.factors:
+            if f.name == name:
+                return f
+        return None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "node_id": self.node_id,
+            "total": round(self.total, 3) + 0.0,
+            "eligible": self.eligible,
+            "reason": self.reason,
+            "factors": [f.to_dict() for f in self.factors],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    action: str  # "dispatch" | "wait" | "reject"
+    node_id: str | None  # dispatch target
+    ranked: tuple[Score, ...]  # eligible first by total desc, ineligible after
+    reason: str
+    retry_after_s: float | None = None
+    wait_for: str | None = None  # "wait": the (full) node expected to serve soonest
+    reject_kind: str = ""  # "not_found" | "offline" | "ineligible" | "saturated" | "no_nodes"
+
+    @property
+    def winner(self) -> Score | None:
+        if self.node_id is None:
+            return None
+        for s in self.ranked:
+            if s.node_id == self.node_id:
+                return s
+        return None
+
+    @property
+    def runner_up(self) -> Score | None:
+        if self.node_id is None:
+            return None
+        for s in self.ranked:
+            if s.eligible and s.node_id != self.node_id:
+                return s
+        return None
+
+    def breakdown(self) -> dict[str, object]:
+        w, r = self.winner, self.runner_up
+        return {
+            "winner": w.to_dict() if w else None,
+            "runner_up": r.to_dict() if r else None,
+            "all": [s.to_dict() for s in self.ranked],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Service-time statistics (bounded streaming estimates per node:model)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one finished attempt taught us (Ollama's final-chunk metrics)."""
+
+    ok: bool
+    load_ms: float = 0.0
+    prompt_tokens: int = 0
+    prompt_eval_ms: float = 0.0
+    completion_tokens: int = 0
+    eval_ms: float = 0.0
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    """Exponentially weighted estimates; constant size whatever the history length.
+
+    ``*_ewma`` fields are 0.0 until a first sample arrives (``*_n`` counts samples).
+    ``total_p`` is a streaming quantile (``Policy.quantile``, default p95) of total latency.
+    """
+
+    count: int = 0
+    failures: int = 0
+    failure_rate: float = 0.0  # EWMA of 0/1 failure indicator
+    load_n: int = 0
+    load_ms_ewma: float = 0.0  # only attempts that really loaded the model
+    prompt_tps_ewma: float = 0.0  # prompt tokens per second (prefill)
+    prompt_tps_n: int = 0
+    eval_tps_ewma: float = 0.0  # completion tokens per second (decode)
+    eval_tps_n: int = 0
+    completion_tokens_ewma: float = 0.0
+    prompt_tokens_ewma: float = 0.0
+    ttft_ms_ewma: float = 0.0
+    ttft_n: int = 0
+    total_ms_ewma: float = 0.0
+    total_ms_var: float = 0.0  # EW variance of total_ms
+    service_ms_ewma: float = 0.0  # total minus load: the part a queue waits behind
+    total_n: int = 0
+    total_p: float = 0.0  # streaming quantile estimate of total_ms
+    total_max: float = 0.0  # largest total_ms seen (bounds the quantile)
+
+    @property
+    def ok_count(self) -> int:
+        return self.count - self.failures
+
+
+def _ewma(old: float, n: int, x: float, alpha: float) -> float:
+    """EWMA whose first sample is taken as is (no bias toward 0)."""
+    if n <= 0:
+        return x
+    # early samples weigh 1/n so the estimate converges fast, then settle at alpha
+    a = max(alpha, 1.0 / (n + 1))
+    return old + a * (x - old)
+
+
+def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> ServiceStats:
+    """Fold one attempt into the statistics (pure; O(1) time and space)."""
+    s = stats if stats is not None else ServiceStats()
+    a = policy.ewma_alpha
+    s = replace(
+        s,
+        count=s.count + 1,
+        failures=s.failures + (0 if obs.ok else 1),
+        failure_rate=_ewma(s.failure_rate, s.count, 0.0 if obs.ok else 1.0, a),
+    )
+    if not obs.ok:
+        return s
+    ok_n = s.count - 1 - (s.failures)
+    load_ms = max(0.0, obs.load_ms)
+    loaded = load_ms >= policy.load_observed_min_ms
+    if loaded:
+        s = replace(
+            s, load_ms_ewma=_ewma(s.load_ms_ewma, s.load_n, load_ms, a), load_n=s.load_n + 1
+        )
+    if obs.prompt_tokens > 0 and obs.prompt_eval_ms > 0:
+        tps = obs.prompt_tokens / (obs.prompt_eval_ms / 1000.0)
+        s = replace(
+            s,
+            prompt_tps_ewma=_ewma(s.prompt_tps_ewma, s.prompt_tps_n, tps, a),
+            prompt_tps_n=s.prompt_tps_n + 1,
+        )
+    if obs.completion_tokens > 0 and obs.eval_ms > 0:
+        tps = obs.completion_tokens / (obs.eval_ms / 1000.0)
+        s = replace(
+            s,
+            eval_tps_ewma=_ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a),
+            eval_tps_n=s.eval_tps_n + 1,
+        )
+    s = replace(
+        s,
+        completion_tokens_ewma=_ewma(
+            s.completion_tokens_ewma, ok_n, float(max(0, obs.completion_tokens)), a
+        ),
+        prompt_tokens_ewma=_ewma(s.prompt_tokens_ewma, ok_n, float(max(0, obs.prompt_tokens)), a),
+    )
+    if obs.ttft_ms is not None and obs.ttft_ms >= 0:
+        s = replace(
+            s, ttft_ms_ewma=_ewma(s.ttft_ms_ewma, s.ttft_n, obs.ttft_ms, a), ttft_n=s.ttft_n + 1
+        )
+    total = max(0.0, obs.total_ms)
+    if total > 0:
+        n = s.total_n
+        mean = _ewma(s.total_ms_ewma, n, total, a)
+        var = 0.0 if n == 0 else (1 - a) * (s.total_ms_var + a * (total - s.total_ms_ewma) ** 2)
+        service = max(0.0, total - (load_ms if loaded else 0.0))
+        tmax = max(s.total_max, total)
+        if n == 0:
+            q = total
+        else:
+            # stochastic-approximation quantile; the step scales with the spread seen so far
+            step = a * max(var**0.5, 0.05 * mean, 1.0)
+            tau = policy.quantile
+            q = s.total_p + step * (tau if total > s.total_p else -(1.0 - tau))
+        s = replace(
+            s,
+            total_ms_ewma=mean,
+            total_ms_var=var,
+            service_ms_ewma=_ewma(s.service_ms_ewma, n, service, a),
+            total_n=n + 1,
+            total_max=tmax,
+            total_p=min(max(q, 0.0), tmax),
+        )
+    return s
+
+
+def _decode_tps(
+    stats: ServiceStats | None, model_bytes: int, node_bw: float, policy: Policy
+) -> float:
+    if stats is not None and stats.eval_tps_ewma > 0:
+        return stats.eval_tps_ewma
+    bw = node_bw if node_bw > 0 else policy.prior_bandwidth_bytes_per_s
+    if model_bytes > 0:
+        return max(0.5, bw / model_bytes)
+    return policy.default_tokens_per_s
+
+
+def _load_s(
+    stats: ServiceStats | None, model_bytes: int, node_load_bps: float, policy: Policy
+) -> float:
+    if stats is not None and stats.load_n > 0:
+        return stats.load_ms_ewma / 1000.0
+    if model_bytes > 0:
+        bps = node_load_bps if node_load_bps > 0 else policy.load_bytes_per_s
+        return policy.load_overhead_s + model_bytes / bps
+    return policy.default_load_s
+
+
+def expected_service_s(
+    stats: ServiceStats | None,
+    req: RouteRequest,
+    cold: bool,
+    policy: Policy,
+    *,
+    model_bytes: int = 0,
+    node_bandwidth: float = 0.0,
+    node_load_bps: float = 0.0,
+    warm: bool = False,
+) -> float:
+    """Seconds one request is expected to take on a node: (load) + prefill + decode.
+
+    Learned rates win; without history the priors come from the model size (decode speed
+    ~ memory bandwidth / size, load time ~ size / disk speed) or, lacking a size, from the
+    fixed defaults. ``node_bandwidth`` / ``node_load_bps`` are per-node rates learned from
+    other models on the same node (see ``node_rates``).
+    """
+    load = 0.0
+    if cold:
+        load = _load_s(stats, model_bytes, node_load_bps, policy)
+        if warm:
+            load *= policy.warm_load_factor
+    if req.kind == "embed":
+        if stats is not None and stats.service_ms_ewma > 0:
+            return load + stats.service_ms_ewma / 1000.0
+        return load + policy.default_embed_s + req.est_tokens / policy.default_prompt_tokens_per_s
+    if req.kind in ("image", "stt"):
+        if stats is not None and stats.service_ms_ewma > 0:
+            return load + stats.service_ms_ewma / 1000.0
+        return load + policy.default_load_s
+    decode_tps = _decode_tps(stats, model_bytes, node_bandwidth, policy)
+    if stats is not None and stats.prompt_tps_ewma > 0:
+        prompt_tps = stats.prompt_tps_ewma
+    elif model_bytes > 0 or node_bandwidth > 0:
+        prompt_tps = decode_tps * policy.prompt_speedup
+    else:
+        prompt_tps = policy.default_prompt_tokens_per_s
+    if stats is not None and stats.eval_tps_ewma > 0:
+        completion = stats.completion_tokens_ewma
+    elif stats is not None and stats.service_ms_ewma > 0:
+        # history without token metrics (e.g. a proxy that hides them): use it as is
+        return load + stats.service_ms_ewma / 1000.0
+    else:
+        completion = policy.default_completion_tokens
+    return load + max(0, req.est_tokens) / prompt_tps + completion / decode_tps
+
+
+def node_rates(
+    node_id: str,
+    available: Mapping[str, AvailableModel],
+    stats: Mapping[tuple[str, str], ServiceStats],
+) -> tuple[float, float]:
+    """(decode bytes/s, load bytes/s) learned on this node from any model it has served.
+
+    Decoding is memory-bound, so ``tokens/s x model bytes`` is roughly constant per machine:
+    a model never served on a node still gets a node-specific prior.
+    """
+    bw_sum = bw_n = ld_sum = ld_n = 0.0
+    for (n, m), st in stats.items():
+        if n != node_id:
+            continue
+        am = available.get(m)
+        if am is None or am.size <= 0:
+            continue
+        if st.eval_tps_ewma > 0:
+            bw_sum += st.eval_tps_ewma * am.size
+            bw_n += 1
+        if st.load_n > 0 and st.load_ms_ewma > 0:
+            ld_sum += am.size / (st.load_ms_ewma / 1000.0)
+            ld_n += 1
+    return (bw_sum / bw_n if bw_n else 0.0, ld_sum / ld_n if ld_n else 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Circuit breaker (per node, and per node:model under the key f"{node}:{model}")
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    state: str = "closed"  # "closed" | "open" | "half_open"
+    consecutive_failures: int = 0
+    trips: int = 0  # how many times it opened (recently): back-off grows with it
+    open_until: float = 0.0  # epoch s: no traffic before this
+    probe_in_flight: bool = False
+    opened_at: float = 0.0  # epoch s of the last trip
+    probe_deadline: float = 0.0  # a probe not reported by then no longer blocks the next
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "consecutive_failures": self.consecutive_failures,
+            "trips": self.trips,
+            "open_until": self.open_until,
+            "probe_in_flight": self.probe_in_flight,
+        }
+
+
+def breaker_key(node_id: str, model: str | None = None) -> str:
+    return node_id if model is None else f"{node_id}:{model}"
+
+
+def breaker_backoff_s(trips: int, policy: Policy) -> float:
+    """Ejection time for the ``trips``-th trip (1-based): base x 2^(trips-1), capped."""
+    exp = min(max(trips - 1, 0), 30)
+    return float(min(policy.breaker_max_backoff_s, policy.breaker_base_backoff_s * (2**exp)))
+
+
+def breaker_on_failure(
+    state: BreakerState | None,
+    now: float,
+    policy: Policy,
+    ejected_share: float,
+    kind: str = "error",
+) -> BreakerState:
+    """Record a failure. Opens after ``breaker_threshold`` consecutive failures, or at once
+    when ``kind`` is ``"connect"``/``"unreachable"`` (the node's Ollama cannot be reached, so
+    every request sent there would pay a failed connect). A failed half-open probe re-opens
+    with a longer back-off. ``ejected_share`` is the share of the fleet that would be ejected
+    if this breaker opened (router: (open breakers + 1) / nodes); above
+    ``breaker_max_ejected_share`` the breaker stays closed (panic mode: better a flaky node
+    than no node), except after a failed probe, which was already ejected.
+    """
+    s = state if state is not None else BreakerState()
+    failures = s.consecutive_failures + 1
+    immediate = kind in ("connect", "unreachable")
+    trips = s.trips
+    if s.opened_at and now - s.opened_at > policy.breaker_reset_after_s:
+        trips = 0  # an old trip no longer counts toward the back-off
+    if s.state == "open" and now < s.open_until:
+        return replace(s, consecutive_failures=failures)  # a straggler: stays open
+    if s.state != "closed":
+        # the probe (half-open, or open with its back-off over) failed: re-open, longer
+        trips += 1
+        return BreakerState(
+            state="open",
+            consecutive_failures=failures,
+            trips=trips,
+            open_until=now + breaker_backoff_s(trips, policy),
+            opened_at=now,
+        )
+    if (immediate or failures >= policy.breaker_threshold) and (
+        ejected_share <= policy.breaker_max_ejected_share + 1e-9
+    ):
+        trips += 1
+        return BreakerState(
+            state="open",
+            consecutive_failures=failures,
+            trips=trips,
+            open_until=now + breaker_backoff_s(trips, policy),
+            opened_at=now,
+        )
+    return replace(s, state="closed", consecutive_failures=failures, probe_in_flight=False)
+
+
+def breaker_on_success(state: BreakerState | None, now: float, policy: Policy) -> BreakerState:
+    """A success closes the breaker and clears the failure streak; the trip count is kept
+    (a flapping node backs off longer) until ``breaker_reset_after_s`` has passed."""
+    s = state if state is not None else BreakerState()
+    trips = s.trips
+    if s.opened_at and now - s.opened_at > policy.breaker_reset_after_s:
+        trips = 0
+    return BreakerState(state="closed", trips=trips, opened_at=s.opened_at if trips else 0.0)
+
+
+def breaker_allows(state: BreakerState | None, now: float) -> bool:
+    """May traffic go there now? Closed: yes. Open: only once the back-off has passed (as a
+    half-open probe). Half-open: only while no probe is in flight (or the probe is overdue)."""
+    if state is None or state.state == "closed":
+        return True
+    if state.state == "open":
+        return now >= state.open_until
+    return not state.probe_in_flight or now >= state.probe_deadline
+
+
+def breaker_begin_probe(state: BreakerState, now: float, policy: Policy) -> BreakerState:
+    """The router sends the one probe request to an open breaker whose back-off passed."""
+    if state.state == "closed":
+        return state
+    return replace(
+        state,
+        state="half_open",
+        probe_in_flight=True,
+        probe_deadline=now + policy.breaker_probe_timeout_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Retry decisions
+# ---------------------------------------------------------------------------------------
+
+RETRYABLE_FAILURES = frozenset({"connect", "reset", "timeout_first_byte", "status_5xx", "busy"})
+FAILURE_KINDS = RETRYABLE_FAILURES | {"status_4xx", "model_not_found"}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    retry: bool
+    reason: str
+
+
+def retry_decision(
+    attempt: int, failure: str, bytes_sent_to_client: bool, policy: Policy
+) -> RetryDecision:
+    """Retry on the next-best node? ``attempt`` = retries already made (0 on the first
+    failure). Never once a byte reached the client; at most ``policy.max_retries``."""
+    if bytes_sent_to_client:
+        return RetryDecision(False, "bytes already reached the client; cannot replay")
+    if failure not in FAILURE_KINDS:
+        return RetryDecision(False, f"unknown failure kind {failure!r}; not retried")
+    if failure == "status_4xx":
+        return RetryDecision(False, "client error (4xx) would fail the same way elsewhere")
+    if attempt >= policy.max_retries:
+        return RetryDecision(False, f"retry budget exhausted ({attempt}/{policy.max_retries})")
+    if failure == "model_not_found":
+        return RetryDecision(True, "model missing on that node (stale tags); trying another")
+    return RetryDecision(True, f"{failure} before the first byte; retry {attempt + 1}")
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring: eligibility, then 7 signals
+# ---------------------------------------------------------------------------------------
+
+
+def slot_count(node: NodeSnapshot, configured: int | None, policy: Policy) -> int:
+    """Real parallel slots of a node:model queue: configured > reported > policy default."""
+    if configured is not None and configured > 0:
+        n = configured
+    elif node.num_parallel is not None and node.num_parallel > 0:
+        n = node.num_parallel
+    else:
+        n = policy.default_slots
+    return max(1, min(n, policy.max_slots))
+
+
+def _gb(n: float) -> str:
+    return f"{n / _GB:.1f} GB"
+
+
+def _memory(node: NodeSnapshot) -> tuple[int, int, int]:
+    """(fast memory total, fast memory free, spill-over total) in bytes.
+
+    Discrete GPU: VRAM is the fast memory and system RAM the (slow) spill-over; unified
+    memory or CPU only: RAM is the fast memory.
+    """
+    if node.vram_total > 0:
+        return node.vram_total, node.vram_available, node.ram_total
+    return node.ram_total, node.ram_available, 0
+
+
+def resident_bytes(model_bytes: int, num_ctx: int | None, slots: int, policy: Policy) -> int:
+    """Estimated resident footprint of a model about to load: weights + KV cache for
+    ``num_ctx`` tokens in each of ``slots`` parallel sequences."""
+    ctx = num_ctx if num_ctx and num_ctx > 0 else policy.default_num_ctx
+    kv = policy.kv_bytes_per_token_per_gb * (model_bytes / _GB) * ctx * max(1, slots)
+    return int(model_bytes + kv)
+
+
+def _thermal(
+    node: NodeSnapshot, req: RouteRequest, now: float, policy: Policy
+) -> tuple[str, float, float, str]:
+    """(state, value, contribution, reason); state in hot|reload|loading|warm|cold."""
+    lm = node.loaded.get(req.model)
+    if lm is not None and (lm.expires_at is None or lm.expires_at > now):
+        ctx = lm.context_length
+        if req.num_ctx is not None and ctx is not None and req.num_ctx != ctx:
+            return (
+                "reload",
+                0.25,
+                policy.warm_bonus,
+                f"loaded with num_ctx {ctx}, request asks {req.num_ctx}: Ollama reloads",
+            )
+        return "hot", 1.0, policy.hot_bonus, "loaded in memory (hot)"
+    if req.model in node.loading:
+        return "loading", 0.75, policy.loading_bonus, "being loaded for an earlier request"
+    t = node.recently_unloaded.get(req.model)
+    if lm is not None:
+        t = max(t or 0.0, lm.expires_at or 0.0)
+    if t is not None and 0 <= now - t <= policy.warm_window_s:
+        return "warm", 0.5, policy.warm_bonus, f"unloaded {now - t:.0f}s ago (warm)"
+    return "cold", 0.0, 0.0, "on disk only (cold load)"
+
+
+def _ineligible(node_id: str, reason: str, outstanding: int = 0) -> Score:
+    return Score(node_id, 0.0, False, reason, (), outstanding, False)
+
+
+def score_nodes(
+    req: RouteRequest,
+    nodes: Sequence[NodeSnapshot],
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+    now: float,
+    policy: Policy,
+) -> tuple[Score, ...]:
+    """Score every node for ``req``: eligible nodes by total (desc; ties by fewest
+    outstanding, then node id), then ineligible nodes, each with its reason."""
+    busy: dict[str, int] = {}
+    for (nid, _m), q in queues.items():
+        busy[nid] = busy.get(nid, 0) + q.in_flight
+    eligible: list[Score] = []
+    rejected: list[Score] = []
+    for node in nodes:
+        s = _score_node(req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0))
+        (eligible if s.eligible else rejected).append(s)
+    eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
+    rejected.sort(key=lambda s: s.node_id)
+    return tuple(eligible) + tuple(rejected)
+
+
+def _score_node(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+    now: float,
+    policy: Policy,
+    node_in_flight: int,
+) -> Score:
+    nid = node.node_id
+    q = queues.get((nid, req.model))
+    if q is None:
+        q = QueueSnapshot(slots=slot_count(node, None, policy))
+    slots = max(1, q.slots)
+    outstanding = q.pending + q.in_flight
+    # -- eligibility ------------------------------------------------------------------
+    if req.pinned_node is not None and nid != req.pinned_node:
+        return _ineligible(nid, f"not the pinned node ({req.pinned_node})", outstanding)
+    if nid in req.exclude:
+        return _ineligible(nid, "already tried for this request", outstanding)
+    if node.status == "offline":
+        return _ineligible(nid, "node offline", outstanding)
+    if node.status == "draining":
+        return _ineligible(nid, "node draining", outstanding)
+    if not node.reachable:
+        return _ineligible(nid, "node's Ollama unreachable from the router", outstanding)
+    for key, what in ((nid, "node"), (breaker_key(nid, req.model), "node:model")):
+        b = breakers.get(key)
+        if not breaker_allows(b, now):
+            assert b is not None
+            if b.state == "open":
+                why = f"circuit open ({what}) for {max(0.0, b.open_until - now):.0f}s more"
+            else:
+                why = f"circuit half-open ({what}), probe in flight"
+            return _ineligible(nid, why, outstanding)
+    lm = node.loaded.get(req.model)
+    am = node.available.get(req.model)
+    if lm is None and am is None:
+        return _ineligible(nid, f"model '{req.model}' not on this node", outstanding)
+    if req.needs_vision and am is not None and am.capabilities and "vision" not in am.capabilities:
+        return _ineligible(nid, f"model '{req.model}' has no vision capability", outstanding)
+    state, t_value, t_contrib, t_reason = _thermal(node, req, now, policy)
+    resident = state == "hot" or state == "loading"
+    model_bytes = am.size if am is not None and am.size > 0 else (lm.size if lm else 0)
+    fast_total, fast_free, spill = _memory(node)
+    need = lm.size if lm is not None else resident_bytes(model_bytes, req.num_ctx, slots, policy)
+    if state == "reload" and lm is not None:
+        need = max(need, resident_bytes(model_bytes, req.num_ctx, slots, policy))
+    offload = False
+    if not resident and fast_total > 0 and need > 0:
+        if need > fast_total + spill:
+            return _ineligible(
+                nid,
+                f"does not fit: needs ~{_gb(need)}, node has {_gb(fast_total + spill)}",
+                outstanding,
+            )
+        offload = need > fast_total
+    if not resident and node.memory_pressure == "critical":
+        return _ineligible(nid, "memory pressure critical: cold load withheld", outstanding)
+
+    factors: list[Factor] = [Factor("thermal", t_value, t_contrib, t_reason)]
+
+    # -- 2. memory fit ------------------------------------------------------------------
+    if resident and state == "hot":
+        factors.append(Factor("memory", 1.0, policy.memory_weight, "already resident"))
+    elif fast_total <= 0 or need <= 0:
+        factors.append(Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown"))
+    elif state == "loading":
+        factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
+    else:
+        ratio = fast_free / need
+        if offload:
+            contrib = -policy.offload_penalty - policy.eviction_weight
+            why = f"needs ~{_gb(need)} > {_gb(fast_total)} VRAM: partial CPU offload"
+        elif ratio >= 1.0:
+            span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
+            contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
+            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
+        else:
+            contrib = -policy.eviction_weight * (1.0 - max(0.0, ratio))
+            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: evicts ~{_gb(need - fast_free)}"
+        factors.append(Factor("memory", ratio, contrib, why))
+
+    # -- 3. queue depth -----------------------------------------------------------------
+    depth = outstanding / slots
+    factors.append(
+        Factor(
+            "queue",
+            depth,
+            -policy.queue_weight * depth,
+            f"{q.in_flight} in flight + {q.pending} pending on {slots} slot(s)",
+        )
+    )
+
+    # -- 4. wait: expected seconds until this request completes ------------------------
+    st = stats.get((nid, req.model))
+    bw, load_bps = node_rates(nid, node.available, stats)
+    cold = state in ("cold", "warm", "reload")
+    svc = expected_service_s(st, req, False, policy, model_bytes=model_bytes, node_bandwidth=bw)
+    load = 0.0
+    if cold:
+        load = _load_s(st, model_bytes, load_bps, policy)
+        if state in ("warm", "reload"):
+            load *= policy.warm_load_factor
+    elif state == "loading":
+        started = node.loading.get(req.model, now)
+        load = max(0.0, _load_s(st, model_bytes, load_bps, policy) - max(0.0, now - started))
+    typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
+    ahead = max(0, outstanding - slots + 1)
+    queue_wait = ahead * typical / slots
+    concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
+    run = svc * (1.0 + policy.busy_slowdown * concurrent)
+    expected = queue_wait + load + run
+    factors.append(
+        Factor(
+            "wait",
+            expected,
+            -policy.wait_weight * expected,
+            f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
+            + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
+        )
+    )
+
+    # -- 5. role affinity ---------------------------------------------------------------
+    size = model_bytes or need
+    if fast_total <= 0 or size <= 0:
+        factors.append(Factor("affinity", 0.5, 0.0, "machine size unknown"))
+    else:
+        bigness = min(1.0, fast_total / policy.large_machine_bytes)
+        if size >= policy.large_model_bytes:
+            val, why = bigness, "large model prefers a big machine"
+        elif size <= policy.small_model_bytes:
+            val, why = 1.0 - bigness, "small model leaves big machines to big models"
+        else:
+            val, why = 0.5, "mid-size model"
+        factors.append(Factor("affinity", val, policy.affinity_weight * val, why))
+
+    # -- 6. availability ----------------------------------------------------------------
+    penalty = 0.0
+    notes: list[str] = []
+    for key in (nid, breaker_key(nid, req.model)):
+        b = breakers.get(key)
+        if b is None:
+            continue
+        if b.state != "closed":
+            penalty += 0.5
+            notes.append("probing after circuit open")
+        elif b.consecutive_failures > 0:
+            penalty += 0.25 * min(1.0, b.consecutive_failures / max(1, policy.breaker_threshold))
+            notes.append(f"{b.consecutive_failures} recent failure(s)")
+    if st is not None and st.failure_rate > 0:
+        penalty += st.failure_rate
+        notes.append(f"failure rate {st.failure_rate:.0%}")
+    if node.status == "degraded":
+        penalty += 0.5
+        notes.append("node degraded")
+    if node.memory_pressure == "warn":
+        penalty += 0.25
+        notes.append("memory pressure")
+    factors.append(
+        Factor(
+            "availability",
+            max(0.0, 1.0 - penalty),
+            -policy.availability_weight * penalty,
+            "; ".join(notes) if notes else "healthy",
+        )
+    )
+
+    # -- 7. context fit -----------------------------------------------------------------
+    ctx = lm.context_length if lm is not None else None
+    if state == "hot" and ctx is not None and req.est_tokens > 0:
+        if req.est_tokens > ctx:
+            factors.append(
+                Factor(
+                    "context",
+                    ctx / req.est_tokens,
+                    -policy.context_weight,
+                    f"prompt ~{req.est_tokens} tokens exceeds loaded context {ctx}",
+                )
+            )
+        else:
+            r = ctx / req.est_tokens
+            bonus = policy.context_headroom_bonus * min(1.0, max(0.0, r - 1.0))
+            factors.append(
+                Factor("context", r, bonus, f"prompt ~{req.est_tokens} tokens fits context {ctx}")
+            )
+    elif state == "reload":
+        factors.append(Factor("context", 0.0, 0.0, "context changes with the reload"))
+    elif state == "hot":
+        factors.append(Factor("context", 1.0, 0.0, "no prompt estimate or window unknown"))
+    else:
+        factors.append(Factor("context", 1.0, 0.0, "context set at load"))
+
+    total = sum(f.contribution for f in factors)
+    return Score(
+        nid,
+        total,
+        True,
+        f"{state}, ~{expected:.1f}s expected",
+        tuple(factors),
+        outstanding,
+        q.in_flight < slots,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------
+
+
+def _pick(cands: Sequence[Score], rand: float, policy: Policy) -> Score:
+    """Best total; ties (within tie_epsilon) -> fewest outstanding -> ``rand``."""
+    top = max(s.total for s in cands)
+    tied = [s for s in cands if s.total >= top - policy.tie_epsilon]
+    fewest = min(s.outstanding for s in tied)
+    tied = sorted((s for s in tied if s.outstanding == fewest), key=lambda s: s.node_id)
+    idx = min(int(max(0.0, rand) * len(tied)), len(tied) - 1)
+    return tied[idx]
+
+
+def _reorder(ranked: tuple[Score, ...], first: Score) -> tuple[Score, ...]:
+    """Put the chosen node first among equals so ``ranked`` reads like the decision."""
+    rest = tuple(s for s in ranked if s is not first)
+    return (first, *rest) if first.eligible else ranked
+
+
+def _slot_free_estimate_s(
+    score: Score,
+    req: RouteRequest,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    policy: Policy,
+) -> float:
+    q = queues.get((score.node_id, req.model), QueueSnapshot())
+    slots = max(1, q.slots)
+    st = stats.get((score.node_id, req.model))
+    if st is not None and st.service_ms_ewma > 0:
+        svc = st.service_ms_ewma / 1000.0
+    else:
+        svc = expected_service_s(st, req, False, policy)
+    ahead = max(1, q.pending + q.in_flight - slots + 1)
+    return ahead * svc / slots
+
+
+def choose(
+    req: RouteRequest,
+    nodes: Sequence[NodeSnapshot],
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+    now: float,
+    rand: float,
+    policy: Policy,
+    waited_s: float = 0.0,
+) -> Choice:
+    """Dispatch, wait or reject.
+
+    * dispatch: the best eligible node with a free slot (in_flight < slots) — unless a
+      *full* node scores higher (its expected finish, queue included, is still sooner, e.g.
+      it has the model hot and the free node would cold-load it) and ``wait_for_better``:
+      then wait for it, up to ``max_queue_wait_s``.
+    * wait: every eligible node is full (or a full one is worth waiting for). The router
+      waits until any slot frees, then calls ``choose`` again (re-scoring, so a waiting
+      request is never stuck behind its first choice), passing ``waited_s``.
+    * reject: no eligible node (``retry_after_s`` None, except when only open circuit
+      breakers stand in the way), or saturated for ``max_queue_wait_s`` (``retry_after_s``
+      from the measured service times).
+    """
+    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy)
+    eligible = [s for s in ranked if s.eligible]
+    if not eligible:
+        return _reject_no_eligible(req, nodes, ranked, breakers, now, policy)
+    free = [s for s in eligible if s.free_slot]
+    best_any = _pick(eligible, rand, policy)
+    out_of_time = waited_s >= policy.max_queue_wait_s
+    if free:
+        best_free = _pick(free, rand, policy)
+        full_lead = best_any.total - best_free.total
+        if (
+            not policy.wait_for_better
+            or out_of_time
+            or best_any.free_slot
+            or full_lead <= policy.wait_margin
+        ):
+            reason = f"best free node ({best_free.reason})"
+            if best_any is not best_free and not best_any.free_slot:
+                reason += f"; {best_any.node_id} scores higher but is full"
+            return Choice("dispatch", best_free.node_id, _reorder(ranked, best_free), reason)
+        return Choice(
+            "wait",
+            None,
+            _reorder(ranked, best_any),
+            f"{best_any.node_id} is full but still expected to finish sooner "
+            f"(+{full_lead:.1f} points over {best_free.node_id})",
+            wait_for=best_any.node_id,
+        )
+    if out_of_time:
+        est = min(_slot_free_estimate_s(s, req, queues, stats, policy) for s in eligible)
+        retry = min(policy.retry_after_max_s, max(policy.retry_after_min_s, est))
+        return Choice(
+            "reject",
+            None,
+            ranked,
+            f"fleet saturated for '{req.model}': no free slot after {waited_s:.0f}s",
+            retry_after_s=float(round(retry + 0.499)),
+            reject_kind="saturated",
+        )
+    return Choice(
+        "wait",
+        None,
+        _reorder(ranked, best_any),
+        f"all {len(eligible)} eligible node(s) full; waiting for a slot",
+        wait_for=best_any.node_id,
+    )
+
+
+def _reject_no_eligible(
+    req: RouteRequest,
+    nodes: Sequence[NodeSnapshot],
+    ranked: tuple[Score, ...],
+    breakers: Mapping[str, BreakerState],
+    now: float,
+    policy: Policy,
+) -> Choice:
+    if not nodes:
+        return Choice("reject", None, ranked, "no nodes registered", reject_kind="no_nodes")
+    if not any(req.model in n.loaded or req.model in n.available for n in nodes):
+        return Choice(
+            "reject",
+            None,
+            ranked,
+            f"model '{req.model}' not found on any node",
+            reject_kind="not_found",
+        )
+    if all(n.status in ("offline", "draining") or not n.reachable for n in nodes):
+        return Choice("reject", None, ranked, "all nodes offline", reject_kind="offline")
+    reasons = "; ".join(f"{s.node_id}: {s.reason}" for s in ranked)
+    retry: float | None = None
+    if all(s.reason.startswith("circuit") or "not on this node" in s.reason for s in ranked):
+        waits = [
+            b.open_until - now
+            for n in nodes
+            for k in (n.node_id, breaker_key(n.node_id, req.model))
+            if (b := breakers.get(k)) is not None and b.state == "open"
+        ]
+        if waits:
+            retry = float(
+                round(min(policy.retry_after_max_s, max(policy.retry_after_min_s, min(waits))))
+            )
+    return Choice(
+        "reject",
+        None,
+        ranked,
+        f"no eligible node for '{req.model}': {reasons}",
+        retry_after_s=retry,
+        reject_kind="ineligible",
+    )
+
+
+def prewarm_target(
+    req: RouteRequest,
+    choice: Choice,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    policy: Policy,
+) -> str | None:
+    """Runner-up node to pre-warm (load-only request) when the winner's queue is deep.
+
+    Only a runner-up that is eligible, does not have the model hot or loading, and can
+    load it without evicting anything (memory factor >= 0).
+    """
+    target = choice.node_id or choice.wait_for
+    if target is None or choice.action == "reject":
+        return None
+    q = queues.get((target, req.model), QueueSnapshot())
+    if q.pending + q.in_flight < policy.prewarm_queue_depth:
+        return None
+    for s in choice.ranked:
+        if not s.eligible or s.node_id == target:
+            continue
+        thermal = s.factor("thermal")
+        memory = s.factor("memory")
+        if thermal is not None and thermal.value >= 0.75:
+            return None  # runner-up already has it (hot or loading)
+        if memory is not None and memory.contribution < 0:
+            return None  # would evict other models
+        return s.node_id
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Model fallbacks, context protection, VRAM-aware fallback
+# ---------------------------------------------------------------------------------------
+
+
+def fallback_chain(model: str, fallback_models: Sequence[str]) -> tuple[str, ...]:
+    """``[model, *fallback_models]`` normalised, invalid names dropped, first occurrence kept."""
+    out: list[str] = []
+    for name in (model, *fallback_models):
+        if not isinstance(name, str) or not is_valid_model_name(name):
+            continue
+        n = normalize_model(name)
+        if n not in out:
+            out.append(n)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextDecision:
+    action: str  # "keep" | "drop" | "set" | "upgrade"
+    num_ctx: int | None  # the value to send (None: send none)
+    model: str  # model to send the request to (changes only on "upgrade")
+    reason: str
+
+
+def _family(name: str, nodes: Sequence[NodeSnapshot]) -> str:
+    for n in nodes:
+        am = n.available.get(name)
+        if am is not None and am.family:
+            return am.family.lower()
+    base = name.rsplit("/", 1)[-1].split(":", 1)[0]
+    return re.sub(r"[\d.]+$", "", base) or base
+
+
+def _size(name: str, nodes: Sequence[NodeSnapshot]) -> int:
+    for n in nodes:
+        am = n.available.get(name)
+        if am is not None and am.size > 0:
+            return am.size
+    for n in nodes:
+        lm = n.loaded.get(name)
+        if lm is not None:
+            return lm.size
+    return 0
+
+
+def _live(nodes: Sequence[NodeSnapshot]) -> list[NodeSnapshot]:
+    return [n for n in nodes if n.status not in ("offline", "draining") and n.reachable]
+
+
+def protect_context(
+    model: str,
+    num_ctx: int | None,
+    est_tokens: int,
+    nodes: Sequence[NodeSnapshot],
+    allow_upgrade: bool,
+) -> ContextDecision:
+    """Avoid reloads caused by ``options.num_ctx``.
+
+    Ollama reloads a model whenever a request's num_ctx differs from the resident one
+    (an absent num_ctx means the server default). So when the model is resident with a
+    context that covers both the request's num_ctx and its estimated tokens, send that
+    resident value ("set"; "keep" if it already matches). A request that needs more than
+    any resident copy may be moved ("upgrade") to a larger resident model of the same family
+    whose window is big enough, when allowed; otherwise it is kept (Ollama will reload).
+    Unknown or no resident context: keep.
+    """
+    live = _live(nodes)
+    ctxs = sorted(
+        {
+            lm.context_length
+            for n in live
+            if (lm := n.loaded.get(model)) is not None and lm.context_length
+        }
+    )
+    need = max(num_ctx or 0, max(0, est_tokens))
+    if not ctxs:
+        return ContextDecision("keep", num_ctx, model, "model not resident anywhere")
+    fitting = [c for c in ctxs if c >= need]
+    if fitting:
+        if num_ctx is None and len(ctxs) > 1:
+            return ContextDecision(
+                "keep", None, model, f"resident contexts differ ({ctxs}); left to the node"
+            )
+        c = fitting[0]
+        if num_ctx == c:
+            return ContextDecision("keep", c, model, f"num_ctx {c} matches the resident model")
+        asked = "no num_ctx" if num_ctx is None else f"num_ctx {num_ctx}"
+        return ContextDecision(
+            "set", c, model, f"{asked} -> resident {c} (fits ~{est_tokens} tokens, no reload)"
+        )
+    if allow_upgrade:
+        fam = _family(model, nodes)
+        size = _size(model, nodes)
+        best: tuple[int, str, int] | None = None
+        for n in live:
+            for name, lm in n.loaded.items():
+                if name == model or not lm.context_length or lm.context_length < need:
+                    continue
+                if _family(name, nodes) != fam:
+                    continue
+                s = _size(name, nodes) or lm.size
+                if s <= size:
+                    continue
+                cand = (s, name, lm.context_length)
+                if best is None or cand < best:
+                    best = cand
+        if best is not None:
+            return ContextDecision(
+                "upgrade",
+                best[2],
+                best[1],
+                f"needs {need} tokens of context, '{model}' resident at {ctxs[-1]}: "
+                f"upgraded to resident '{best[1]}' ({best[2]})",
+            )
+    return ContextDecision(
+        "keep",
+        num_ctx,
+        model,
+        f"needs {need} tokens, resident context {ctxs[-1]}: Ollama will reload",
+    )
+
+
+def model_category(name: str, nodes: Sequence[NodeSnapshot], kind: str = "text") -> str:
+    """ "embedding" | "vision" | "completion", from capabilities, else families, else name."""
+    caps: set[str] = set()
+    fams: set[str] = set()
+    for n in nodes:
+        am = n.available.get(name)
+        if am is not None:
+            caps.update(c.lower() for c in am.capabilities)
+            fams.update(f.lower() for f in am.families)
+            if am.family:
+                fams.add(am.family.lower())
+    low = name.lower()
+    if "embedding" in caps or (not caps and ("embed" in low or fams & {"bert", "nomic-bert"})):
+        return "embedding"
+    if "vision" in caps or fams & {"clip", "mllama"}:
+        return "vision"
+    if kind == "embed" and not caps and not fams:
+        return "embedding"
+    return "completion"
+
+
+def vram_fallback(
+    model: str,
+    nodes: Sequence[NodeSnapshot],
+    needs_vision: bool,
+    kind: str,
+) -> tuple[str, str] | None:
+    """A resident model that may serve a request for a model resident nowhere.
+
+    Same category only (embedding / vision / completion); a vision request only goes to a
+    vision model; prefers the same family, then the closest size, then the name.
+    Returns (served model, reason) or None.
+    """
+    live = _live(nodes)
+    if any(model in n.loaded for n in live):
+        return None
+    want = "embedding" if kind == "embed" else model_category(model, nodes, kind)
+    required = "vision" if needs_vision else want
+    fam = _family(model, nodes)
+    size = _size(model, nodes)
+    best: tuple[int, float, str] | None = None
+    for n in live:
+        for name in n.loaded:
+            if name == model:
+                continue
+            if model_category(name, nodes) != required:
+                continue
+            csize = _size(name, nodes)
+            dist = abs(csize - size) / max(size, 1) if size and csize else 1e9
+            cand = (0 if _family(name, nodes) == fam else 1, dist, name)
+            if best is None or cand < best:
+                best = cand
+    if best is None:
+        return None
+    same = "same family" if best[0] == 0 else "same category"
+    return best[2], f"'{model}' is not loaded anywhere; served by resident '{best[2]}' ({same})"
