@@ -1,0 +1,1554 @@
+"""SQLite persistence for herd: request traces, rollups, events, settings, benchmark runs, logs.
+
+Responsibilities:
+  * ``<data_dir>/latency.db`` (WAL); schema migrations by ``PRAGMA user_version``
+    (``MIGRATIONS`` is an ordered tuple of steps, each applied in its own transaction).
+  * One writer thread owns the only write connection. The event loop hands it work through
+    a queue and never waits for it: ``record_trace``/``record_event`` are plain enqueues,
+    and the writer commits whatever has accumulated (up to ``batch_max`` rows, or after
+    ``flush_interval_s``) in one transaction, so a burst of thousands of traces costs a few
+    commits. Pruning runs periodically on the same thread.
+  * Hourly and daily rollups (counters, sums and log-bucket latency/TTFT histograms per
+    bucket x node x model x tag) are updated in the same transaction as the traces they
+    summarise. Analytics read a few hundred rollup rows instead of scanning traces, and
+    rollups outlive the pruning of raw traces.
+  * A reader thread with its own read-only connection answers queries (WAL lets it read
+    while the writer commits); the loop awaits it through ``run_in_executor``.
+  * ``setup_jsonl_logging``: a rotated JSON-lines log file, written off the event loop.
+
+Never: import herd/scoring, run SQL on the event loop thread, or hold a transaction across
+an ``await`` (every public method is one atomic unit on one thread: a cancelled caller's
+work still runs to completion, curio's "zombie" caveat). This is the only module of the
+project that imports ``sqlite3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import copy
+import json
+import logging
+import logging.handlers
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger("herd.store")
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+DB_FILENAME = "latency.db"
+HOUR = 3600
+DAY = 86400
+HOURLY_KEEP_DAYS = 35  # hourly rollups: trends and sliding-window analytics up to a month
+DAILY_KEEP_DAYS = 400  # daily rollups: usage history long after raw traces are pruned
+MAX_QUEUE = 200_000  # pending writes; beyond this record_trace drops rather than grow memory
+PRUNE_CHUNK = 20_000  # rows per DELETE transaction, so pruning never stalls writes for long
+TRACE_LIMIT_MAX = 10_000
+MAX_TAGS = 32
+MAX_TAG_LEN = 200
+COLD_LOAD_MS = 500.0  # Ollama load_duration above this means the model was (re)loaded
+HIST_GAMMA = 1.02  # histogram bucket ratio: percentiles are exact to within ~1 %
+_LOG_GAMMA = math.log(HIST_GAMMA)
+
+STATUSES = (
+    "completed",
+    "failed",
+    "retried",
+    "incomplete",
+    "client_disconnected",
+    "reaped",
+    "rejected",
+)
+
+# ---------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TraceRecord:
+    """One request attempt, as the router saw it (ARCHITECTURE.md, "Trace record").
+
+    Mutable so the router can fill it in as the attempt progresses; ``record_trace`` copies
+    it, so reusing the object for the next attempt is safe.
+    """
+
+    request_id: str
+    timestamp: float
+    kind: str = "text"
+    endpoint: str = ""
+    model: str = ""
+    original_model: str = ""
+    node_id: str = ""
+    score: float | None = None
+    scores_breakdown: dict[str, object] | None = None
+    status: str = "completed"
+    http_status: int = 0
+    error_message: str = ""
+    latency_ms: float = 0.0
+    time_to_first_token_ms: float | None = None
+    queue_ms: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    load_ms: float | None = None
+    prompt_eval_ms: float | None = None
+    eval_ms: float | None = None
+    retry_count: int = 0
+    fallback_used: bool = False
+    tags: list[str] = field(default_factory=list)
+    client_ip: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counters for ``/metrics`` and the health page."""
+
+    queue_depth: int
+    dropped: int
+    batches_written: int
+    records_written: int
+    events_written: int
+    write_errors: int
+    db_bytes: int
+    last_prune_at: float | None
+    pruned_total: int
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    timestamp: float
+    kind: str
+    node_id: str
+    detail: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    """Work for the writer thread; ``run`` delivers its own result to a future."""
+
+    run: Callable[[sqlite3.Connection], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Shutdown:
+    done: concurrent.futures.Future[None]
+
+
+_Item = TraceRecord | _Event | _Task | _Shutdown
+
+
+class _State(Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# ---------------------------------------------------------------------------------------
+# Schema and migrations
+# ---------------------------------------------------------------------------------------
+
+TRACE_COLUMNS = (
+    "id",
+    "request_id",
+    "timestamp",
+    "kind",
+    "endpoint",
+    "model",
+    "original_model",
+    "node_id",
+    "score",
+    "scores_breakdown",
+    "status",
+    "http_status",
+    "error_message",
+    "latency_ms",
+    "time_to_first_token_ms",
+    "queue_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "load_ms",
+    "prompt_eval_ms",
+    "eval_ms",
+    "retry_count",
+    "fallback_used",
+    "tags",
+    "client_ip",
+)
+
+_SCHEMA_V1 = (
+    """CREATE TABLE request_traces (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        timestamp REAL NOT NULL,
+        kind TEXT NOT NULL DEFAULT '',
+        endpoint TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL DEFAULT '',
+        original_model TEXT NOT NULL DEFAULT '',
+        node_id TEXT NOT NULL DEFAULT '',
+        score REAL,
+        scores_breakdown TEXT,
+        status TEXT NOT NULL,
+        http_status INTEGER NOT NULL DEFAULT 0,
+        error_message TEXT NOT NULL DEFAULT '',
+        latency_ms REAL NOT NULL DEFAULT 0,
+        time_to_first_token_ms REAL,
+        queue_ms REAL NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        load_ms REAL,
+        prompt_eval_ms REAL,
+        eval_ms REAL,
+        retry_count INTEGER NOT NULL DEFAULT 0,
+        fallback_used INTEGER NOT NULL DEFAULT 0,
+        tags TEXT NOT NULL DEFAULT '[]',
+        client_ip TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX idx_traces_timestamp ON request_traces(timestamp)",
+    "CREATE INDEX idx_traces_model ON request_traces(model, timestamp)",
+    "CREATE INDEX idx_traces_node ON request_traces(node_id, timestamp)",
+    "CREATE INDEX idx_traces_status ON request_traces(status, timestamp)",
+    "CREATE INDEX idx_traces_request_id ON request_traces(request_id)",
+    # No foreign key to request_traces: pruning deletes both tables by timestamp, and an
+    # FK would make every deleted trace scan for children (or cost another index).
+    """CREATE TABLE trace_tags (
+        tag TEXT NOT NULL,
+        timestamp REAL NOT NULL,
+        request_rowid INTEGER NOT NULL,
+        PRIMARY KEY (tag, timestamp, request_rowid)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX idx_trace_tags_timestamp ON trace_tags(timestamp)",
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        timestamp REAL NOT NULL,
+        kind TEXT NOT NULL,
+        node_id TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX idx_events_timestamp ON events(timestamp)",
+    "CREATE INDEX idx_events_node ON events(node_id, timestamp)",
+    """CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE benchmark_runs (
+        run_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        params TEXT NOT NULL DEFAULT '{}',
+        progress REAL NOT NULL DEFAULT 0,
+        started_at REAL,
+        finished_at REAL,
+        duration_s REAL,
+        requests INTEGER,
+        failures INTEGER,
+        rps REAL,
+        tokens_per_s REAL,
+        latency_p50_ms REAL,
+        latency_p95_ms REAL,
+        latency_p99_ms REAL,
+        ttft_p50_ms REAL,
+        ttft_p95_ms REAL,
+        ttft_p99_ms REAL,
+        results TEXT,
+        error TEXT NOT NULL DEFAULT ''
+    )""",
+)
+
+# Additive rollup columns, in the order of _Agg.sums.
+ROLLUP_SUMS = (
+    "completed",
+    "failed",
+    "retried",
+    "incomplete",
+    "disconnected",
+    "reaped",
+    "rejected",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_sum",
+    "latency_n",
+    "ttft_sum",
+    "ttft_n",
+    "eval_tokens",
+    "eval_ms",
+    "load_ms_sum",
+    "load_n",
+    "cold_loads",
+    "queue_ms_sum",
+    "fallbacks",
+)
+_I = {name: i for i, name in enumerate(ROLLUP_SUMS)}
+_STATUS_INDEX = {
+    "completed": _I["completed"],
+    "failed": _I["failed"],
+    "retried": _I["retried"],
+    "incomplete": _I["incomplete"],
+    "client_disconnected": _I["disconnected"],
+    "reaped": _I["reaped"],
+    "rejected": _I["rejected"],
+}
+_ROLLUP_KEY = ("span", "bucket", "node_id", "model", "tag")
+
+_SCHEMA_V2 = (
+    # One row per (bucket of `span` seconds, node, model, tag); tag '' = all requests, any
+    # other tag = only the requests carrying it. Histograms are JSON {bin: count}.
+    "CREATE TABLE rollups (\n"
+    "    span INTEGER NOT NULL, bucket INTEGER NOT NULL,\n"
+    "    node_id TEXT NOT NULL, model TEXT NOT NULL, tag TEXT NOT NULL,\n"
+    + "".join(f"    {c} REAL NOT NULL DEFAULT 0,\n" for c in ROLLUP_SUMS)
+    + "    first_ts REAL NOT NULL, last_ts REAL NOT NULL,\n"
+    "    latency_hist TEXT NOT NULL DEFAULT '{}', ttft_hist TEXT NOT NULL DEFAULT '{}',\n"
+    "    PRIMARY KEY (span, bucket, node_id, model, tag)\n"
+    ") WITHOUT ROWID",
+)
+
+
+def _create_schema_v1(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1:
+        conn.execute(statement)
+
+
+def _create_rollups_v2(conn: sqlite3.Connection) -> None:
+    """Add rollups and backfill them from the traces already stored."""
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+    last_id = 0
+    while True:
+        rows = conn.execute(
+            "SELECT * FROM request_traces WHERE id > ? ORDER BY id LIMIT 10000", (last_id,)
+        ).fetchall()
+        if not rows:
+            return
+        records = [_record_from_row(row) for row in rows]
+        _add_to_rollups(conn, records, [r.tags for r in records])
+        last_id = rows[-1]["id"]
+
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: tuple[Migration, ...] = (_create_schema_v1, _create_rollups_v2)
+
+
+def _migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Apply the missing steps, one transaction each; return the resulting user_version."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise RuntimeError(
+            f"latency.db has schema version {version}, newer than this herd "
+            f"({len(migrations)}); upgrade herd or use another --data-dir"
+        )
+    for number, step in enumerate(migrations[version:], start=version + 1):
+        with _atomic(conn):
+            step(conn)
+            conn.execute(f"PRAGMA user_version = {number:d}")
+        log.info("store.migrated", extra={"schema_version": number})
+    return max(version, len(migrations))
+
+
+# ---------------------------------------------------------------------------------------
+# Connections and transactions (sync, run on the store threads)
+# ---------------------------------------------------------------------------------------
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last
+    # commits, which for traces is the right trade against an fsync per batch.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=30.0
+    )
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+@contextlib.contextmanager
+def _atomic(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception (sqlite-utils' ``atomic``)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        # Roll back even on KeyboardInterrupt: half a batch must never be committed, and
+        # the connection must be usable for the next batch.
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _db_bytes(conn: sqlite3.Connection) -> int:
+    pages: int = conn.execute("PRAGMA page_count").fetchone()[0]
+    size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+    return pages * size
+
+
+# ---------------------------------------------------------------------------------------
+# Writes
+# ---------------------------------------------------------------------------------------
+
+_INSERT_TRACE = (
+    f"INSERT INTO request_traces ({', '.join(TRACE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(TRACE_COLUMNS))})"
+)
+_INSERT_TAG = "INSERT OR IGNORE INTO trace_tags (tag, timestamp, request_rowid) VALUES (?, ?, ?)"
+_INSERT_EVENT = "INSERT INTO events (timestamp, kind, node_id, detail) VALUES (?, ?, ?, ?)"
+_SELECT_ROLLUP_HISTS = (
+    "SELECT latency_hist, ttft_hist FROM rollups "
+    "WHERE span = ? AND bucket = ? AND node_id = ? AND model = ? AND tag = ?"
+)
+_UPSERT_ROLLUP = (
+    f"INSERT INTO rollups ({', '.join((*_ROLLUP_KEY, *ROLLUP_SUMS))}, "
+    "first_ts, last_ts, latency_hist, ttft_hist) "
+    f"VALUES ({', '.join('?' * (len(_ROLLUP_KEY) + len(ROLLUP_SUMS) + 4))}) "
+    f"ON CONFLICT ({', '.join(_ROLLUP_KEY)}) DO UPDATE SET "
+    + "".join(f"{c} = {c} + excluded.{c}, " for c in ROLLUP_SUMS)
+    + "first_ts = MIN(first_ts, excluded.first_ts), last_ts = MAX(last_ts, excluded.last_ts), "
+    "latency_hist = excluded.latency_hist, ttft_hist = excluded.ttft_hist"
+)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _clean_tags(tags: Iterable[object]) -> list[str]:
+    """Stripped, non-empty, de-duplicated (first wins), bounded in count and length."""
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            continue
+        tag = tag.strip()[:MAX_TAG_LEN]
+        if tag and tag not in out:
+            out.append(tag)
+            if len(out) >= MAX_TAGS:
+                break
+    return out
+
+
+def _trace_row(rowid: int, r: TraceRecord, tags: list[str]) -> tuple[object, ...]:
+    breakdown = None if r.scores_breakdown is None else _dumps(r.scores_breakdown)
+    return (
+        rowid,
+        str(r.request_id),
+        float(r.timestamp),
+        r.kind,
+        r.endpoint,
+        r.model,
+        r.original_model,
+        r.node_id,
+        r.score,
+        breakdown,
+        r.status,
+        int(r.http_status),
+        r.error_message,
+        float(r.latency_ms),
+        r.time_to_first_token_ms,
+        float(r.queue_ms),
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.load_ms,
+        r.prompt_eval_ms,
+        r.eval_ms,
+        int(r.retry_count),
+        int(bool(r.fallback_used)),
+        _dumps(tags),
+        r.client_ip,
+    )
+
+
+def _write_batch(
+    conn: sqlite3.Connection, traces: Sequence[TraceRecord], events: Sequence[_Event]
+) -> None:
+    """Insert traces (with their tags and rollups) and events in one transaction."""
+    with _atomic(conn):
+        if traces:
+            # Explicit row ids, so trace_tags can reference them without a round trip per
+            # row; safe because BEGIN IMMEDIATE makes this the only writer.
+            first_id: int = conn.execute(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM request_traces"
+            ).fetchone()[0]
+            tags = [_clean_tags(r.tags) for r in traces]
+            conn.executemany(
+                _INSERT_TRACE,
+                [_trace_row(first_id + i, r, tags[i]) for i, r in enumerate(traces)],
+            )
+            conn.executemany(
+                _INSERT_TAG,
+                [
+                    (tag, float(r.timestamp), first_id + i)
+                    for i, r in enumerate(traces)
+                    for tag in tags[i]
+                ],
+            )
+            _add_to_rollups(conn, traces, tags)
+        if events:
+            conn.executemany(
+                _INSERT_EVENT,
+                [(e.timestamp, e.kind, e.node_id, _dumps(dict(e.detail))) for e in events],
+            )
+
+
+def _add_to_rollups(
+    conn: sqlite3.Connection, traces: Sequence[TraceRecord], tags: Sequence[list[str]]
+) -> None:
+    """Fold traces into their hourly and daily rollup rows (read-merge-upsert per key)."""
+    aggs: dict[tuple[int, int, str, str, str], _Agg] = {}
+    for r, record_tags in zip(traces, tags, strict=True):
+        for span in (HOUR, DAY):
+            bucket = _floor(r.timestamp, span)
+            for tag in ("", *record_tags):
+                key = (span, bucket, r.node_id, r.model, tag)
+                agg = aggs.get(key)
+                if agg is None:
+                    agg = aggs[key] = _Agg()
+                agg.add(r)
+    params: list[tuple[object, ...]] = []
+    for key, agg in aggs.items():
+        existing = conn.execute(_SELECT_ROLLUP_HISTS, key).fetchone()
+        if existing is not None:
+            _merge_hist(agg.latency_hist, _load_hist(existing["latency_hist"]))
+            _merge_hist(agg.ttft_hist, _load_hist(existing["ttft_hist"]))
+        params.append(
+            (
+                *key,
+                *agg.sums,
+                agg.first_ts,
+                agg.last_ts,
+                _dumps(agg.latency_hist),
+                _dumps(agg.ttft_hist),
+            )
+        )
+    conn.executemany(_UPSERT_ROLLUP, params)
+
+
+def _prune(
+    conn: sqlite3.Connection, *, now: float, retention_days: float, hourly_keep_days: float
+) -> int:
+    """Delete raw traces/tags/events past retention and expired rollups; return traces deleted.
+
+    Traces go in chunks of PRUNE_CHUNK, one transaction each, so queued trace batches are
+    never held up behind one huge DELETE.
+    """
+    cutoff = now - retention_days * DAY
+    deleted = 0
+    while True:
+        with _atomic(conn):
+            n = conn.execute(
+                "DELETE FROM request_traces WHERE id IN "
+                "(SELECT id FROM request_traces WHERE timestamp < ? LIMIT ?)",
+                (cutoff, PRUNE_CHUNK),
+            ).rowcount
+        deleted += n
+        if n < PRUNE_CHUNK:
+            break
+    with _atomic(conn):
+        conn.execute("DELETE FROM trace_tags WHERE timestamp < ?", (cutoff,))
+        conn.execute("DELETE FROM events WHERE timestamp < ?", (cutoff,))
+        daily_keep = max(DAILY_KEEP_DAYS, retention_days)
+        for span, keep_days in ((HOUR, hourly_keep_days), (DAY, daily_keep)):
+            # A bucket goes once its whole span is older than the horizon.
+            conn.execute(
+                "DELETE FROM rollups WHERE span = ? AND bucket < ?",
+                (span, now - keep_days * DAY - span),
+            )
+    return deleted
+
+
+def _select_settings(conn: sqlite3.Connection) -> dict[str, object]:
+    rows = conn.execute("SELECT key, value FROM settings ORDER BY key").fetchall()
+    return {row["key"]: json.loads(row["value"]) for row in rows}
+
+
+def _write_settings(
+    conn: sqlite3.Connection, encoded: Mapping[str, str | None], now: float
+) -> dict[str, object]:
+    with _atomic(conn):
+        for key, value in encoded.items():
+            if value is None:
+                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                    "updated_at = excluded.updated_at",
+                    (key, value, now),
+                )
+    return _select_settings(conn)
+
+
+BENCHMARK_FIELDS = frozenset(
+    {
+        "status",
+        "progress",
+        "started_at",
+        "finished_at",
+        "duration_s",
+        "requests",
+        "failures",
+        "rps",
+        "tokens_per_s",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "latency_p99_ms",
+        "ttft_p50_ms",
+        "ttft_p95_ms",
+        "ttft_p99_ms",
+        "results",
+        "error",
+        "updated_at",
+    }
+)
+
+
+def _insert_benchmark(conn: sqlite3.Connection, params: str, now: float) -> int:
+    with _atomic(conn):
+        cur = conn.execute(
+            "INSERT INTO benchmark_runs (created_at, updated_at, params) VALUES (?, ?, ?)",
+            (now, now, params),
+        )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _update_benchmark(
+    conn: sqlite3.Connection, run_id: int, values: Mapping[str, object]
+) -> dict[str, object]:
+    assignments = ", ".join(f"{name} = ?" for name in values)  # names checked by the caller
+    with _atomic(conn):
+        cur = conn.execute(
+            f"UPDATE benchmark_runs SET {assignments} WHERE run_id = ?",
+            (*values.values(), run_id),
+        )
+        if cur.rowcount == 0:
+            raise KeyError(f"no benchmark run {run_id}")
+    found = _select_benchmarks(conn, run_id=run_id)
+    return found[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Reads
+# ---------------------------------------------------------------------------------------
+
+
+def _trace_dict(row: sqlite3.Row) -> dict[str, object]:
+    out: dict[str, object] = {name: row[name] for name in TRACE_COLUMNS}
+    out["scores_breakdown"] = (
+        None if row["scores_breakdown"] is None else json.loads(row["scores_breakdown"])
+    )
+    out["tags"] = json.loads(row["tags"])
+    out["fallback_used"] = bool(row["fallback_used"])
+    return out
+
+
+def _record_from_row(row: sqlite3.Row) -> TraceRecord:
+    d = _trace_dict(row)
+    del d["id"]
+    return TraceRecord(**d)  # type: ignore[arg-type]  # columns mirror the fields 1:1
+
+
+def _select_traces(
+    conn: sqlite3.Connection,
+    limit: int,
+    *,
+    status: str | None,
+    model: str | None,
+    node_id: str | None,
+    tag: str | None,
+    since: float | None,
+) -> list[dict[str, object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    source, ts = "request_traces t", "t.timestamp"
+    if tag is not None:
+        # trace_tags' key (tag, timestamp) serves both the filter and the ordering.
+        source = "trace_tags g JOIN request_traces t ON t.id = g.request_rowid"
+        ts = "g.timestamp"
+        clauses.append("g.tag = ?")
+        params.append(tag)
+    for column, value in (("status", status), ("model", model), ("node_id", node_id)):
+        if value is not None:
+            clauses.append(f"t.{column} = ?")
+            params.append(value)
+    if since is not None:
+        clauses.append(f"{ts} >= ?")
+        params.append(since)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT t.* FROM {source} {where} ORDER BY {ts} DESC, t.id DESC LIMIT ?",
+        (*params, max(0, min(limit, TRACE_LIMIT_MAX))),
+    ).fetchall()
+    return [_trace_dict(row) for row in rows]
+
+
+def _select_events(
+    conn: sqlite3.Connection,
+    limit: int,
+    *,
+    kind: str | None,
+    node_id: str | None,
+    since: float | None,
+) -> list[dict[str, object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    for clause, value in (("kind = ?", kind), ("node_id = ?", node_id), ("timestamp >= ?", since)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT * FROM events {where} ORDER BY timestamp DESC, id DESC LIMIT ?",
+        (*params, max(0, min(limit, TRACE_LIMIT_MAX))),
+    ).fetchall()
+    return [
+        {
+            "id": row["id"],
+            "timestamp": row["timestamp"],
+            "kind": row["kind"],
+            "node_id": row["node_id"],
+            "detail": json.loads(row["detail"]),
+        }
+        for row in rows
+    ]
+
+
+def _select_benchmarks(
+    conn: sqlite3.Connection, *, limit: int = 1, run_id: int | None = None
+) -> list[dict[str, object]]:
+    if run_id is None:
+        rows = conn.execute(
+            "SELECT * FROM benchmark_runs ORDER BY run_id DESC LIMIT ?", (limit,)
+        ).fetchall()
+    else:
+        rows = conn.execute("SELECT * FROM benchmark_runs WHERE run_id = ?", (run_id,)).fetchall()
+    out = []
+    for row in rows:
+        d: dict[str, object] = dict(zip(row.keys(), tuple(row), strict=True))
+        d["params"] = json.loads(row["params"])
+        d["results"] = None if row["results"] is None else json.loads(row["results"])
+        out.append(d)
+    return out
+
+
+def _select_rollups(
+    conn: sqlite3.Connection, span: int, first: int, last: int, *, tagged: bool
+) -> list[sqlite3.Row]:
+    op = "!=" if tagged else "="
+    return conn.execute(
+        f"SELECT * FROM rollups WHERE span = ? AND bucket BETWEEN ? AND ? AND tag {op} ''",
+        (span, first, last),
+    ).fetchall()
+
+
+def _window(now: float, days: float, hourly_keep_days: float) -> tuple[int, int, int]:
+    """(span, first bucket, last bucket) covering the last ``days`` up to ``now``.
+
+    Hour-grained (a sliding window, to the hour) while hourly rollups still cover it;
+    beyond that whole UTC days, ending with today.
+    """
+    if days <= hourly_keep_days - 1:
+        last = _floor(now, HOUR)
+        return HOUR, last - (max(1, math.ceil(days * 24)) - 1) * HOUR, last
+    last = _floor(now, DAY)
+    return DAY, last - (max(1, math.ceil(days)) - 1) * DAY, last
+
+
+def _group(
+    aggs: Iterable[tuple[sqlite3.Row, _Agg]], key: Callable[[sqlite3.Row], K]
+) -> dict[K, _Agg]:
+    out: dict[K, _Agg] = {}
+    for row, agg in aggs:
+        k = key(row)
+        total = out.get(k)
+        if total is None:
+            total = out[k] = _Agg()
+        total.merge(agg)
+    return out
+
+
+def _parsed(rows: Iterable[sqlite3.Row]) -> list[tuple[sqlite3.Row, _Agg]]:
+    return [(row, _Agg.from_row(row)) for row in rows]
+
+
+def _by_requests(items: Iterable[dict[str, object]]) -> list[dict[str, object]]:
+    return sorted(items, key=lambda d: (-_num(d["requests"]), -_num(d["attempts"])))
+
+
+def _select_usage(conn: sqlite3.Connection, days: int, now: float) -> dict[str, object]:
+    last = _floor(now, DAY)
+    first = last - (max(1, days) - 1) * DAY
+    rows = _parsed(_select_rollups(conn, DAY, first, last, tagged=False))
+    total = _Agg()
+    for _row, agg in rows:
+        total.merge(agg)
+    by_day = _group(rows, lambda r: int(r["bucket"]))
+    by_node = _group(rows, lambda r: str(r["node_id"]))
+    by_model = _group(rows, lambda r: str(r["model"]))
+    cells = _group(rows, lambda r: (int(r["bucket"]), str(r["node_id"]), str(r["model"])))
+    return {
+        "days": max(1, days),
+        "from": first,
+        "to": now,
+        "totals": _metrics(total),
+        "by_day": [
+            {"day": _day_name(b), "bucket": b, **_metrics(by_day.get(b, _Agg()))}
+            for b in range(first, last + 1, DAY)
+        ],
+        "by_node": _by_requests({"node_id": k, **_metrics(a)} for k, a in by_node.items()),
+        "by_model": _by_requests({"model": k, **_metrics(a)} for k, a in by_model.items()),
+        "rows": [
+            {"day": _day_name(b), "bucket": b, "node_id": n, "model": m, **_metrics(a)}
+            for (b, n, m), a in sorted(cells.items())
+        ],
+    }
+
+
+def _select_models(
+    conn: sqlite3.Connection, days: float, now: float, hourly_keep_days: float
+) -> list[dict[str, object]]:
+    rows = _parsed(_select_rollups(conn, *_window(now, days, hourly_keep_days), tagged=False))
+    nodes: dict[str, set[str]] = {}
+    for row, agg in rows:
+        if row["node_id"] and agg.attempts():
+            nodes.setdefault(row["model"], set()).add(row["node_id"])
+    groups = _group(rows, lambda r: str(r["model"]))
+    return _by_requests(
+        {"model": m, "nodes": sorted(nodes.get(m, ())), **_metrics(a)} for m, a in groups.items()
+    )
+
+
+def _select_apps(
+    conn: sqlite3.Connection, days: float, now: float, hourly_keep_days: float
+) -> list[dict[str, object]]:
+    rows = _parsed(_select_rollups(conn, *_window(now, days, hourly_keep_days), tagged=True))
+    models: dict[str, set[str]] = {}
+    for row, _agg in rows:
+        if row["model"]:
+            models.setdefault(row["tag"], set()).add(row["model"])
+    groups = _group(rows, lambda r: str(r["tag"]))
+    return _by_requests(
+        {"tag": t, "models": sorted(models.get(t, ())), **_metrics(a)} for t, a in groups.items()
+    )
+
+
+def _select_trends(
+    conn: sqlite3.Connection, hours: int, now: float, hourly_keep_days: float
+) -> list[dict[str, object]]:
+    hours = max(1, min(hours, math.ceil(hourly_keep_days * 24)))
+    last = _floor(now, HOUR)
+    first = last - (hours - 1) * HOUR
+    groups = _group(
+        _parsed(_select_rollups(conn, HOUR, first, last, tagged=False)),
+        lambda r: int(r["bucket"]),
+    )
+    return [
+        {"hour": b, "time": _iso(b), **_metrics(groups.get(b, _Agg()))}
+        for b in range(first, last + 1, HOUR)
+    ]
+
+
+def _select_node_model_stats(
+    conn: sqlite3.Connection, days: float, now: float, hourly_keep_days: float
+) -> list[dict[str, object]]:
+    rows = _parsed(_select_rollups(conn, *_window(now, days, hourly_keep_days), tagged=False))
+    groups = _group((ra for ra in rows if ra[0]["node_id"]), lambda r: (r["node_id"], r["model"]))
+    out = []
+    for (node_id, model), a in sorted(groups.items()):
+        errors = a.count("failed") + a.count("retried") + a.count("incomplete") + a.count("reaped")
+        attempts = a.attempts()
+        out.append(
+            {
+                "node_id": node_id,
+                "model": model,
+                "errors": int(errors),
+                "attempt_error_rate": _r(errors / attempts) if attempts else 0.0,
+                **_metrics(a),
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation arithmetic
+# ---------------------------------------------------------------------------------------
+
+
+def _floor(ts: float, span: int) -> int:
+    return int(ts // span) * span
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _r(x: float) -> float:
+    return round(x, 3)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _day_name(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).date().isoformat()
+
+
+def _bin(value: float) -> int:
+    """Histogram bin of a non-negative duration (log scale, ratio HIST_GAMMA on value+1)."""
+    return round(math.log1p(max(value, 0.0)) / _LOG_GAMMA)
+
+
+def _bin_value(b: int) -> float:
+    return math.expm1(b * _LOG_GAMMA)
+
+
+def _load_hist(text: str) -> dict[int, int]:
+    return {int(k): int(v) for k, v in json.loads(text).items()}
+
+
+def _merge_hist(into: dict[int, int], other: Mapping[int, int]) -> None:
+    for b, n in other.items():
+        into[b] = into.get(b, 0) + n
+
+
+def _quantile(hist: Mapping[int, int], q: float) -> float | None:
+    """Nearest-rank quantile of a histogram, as the representative value of its bin."""
+    total = sum(hist.values())
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for b in sorted(hist):
+        seen += hist[b]
+        if seen >= rank:
+            return _r(_bin_value(b))
+    return _r(_bin_value(max(hist)))  # unreachable: seen reaches total
+
+
+class _Agg:
+    """Additive summary of traces: the in-memory twin of one rollup row."""
+
+    __slots__ = ("first_ts", "last_ts", "latency_hist", "sums", "ttft_hist")
+
+    def __init__(self) -> None:
+        self.sums = [0.0] * len(ROLLUP_SUMS)
+        self.first_ts = math.inf
+        self.last_ts = -math.inf
+        self.latency_hist: dict[int, int] = {}
+        self.ttft_hist: dict[int, int] = {}
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> _Agg:
+        agg = cls()
+        agg.sums = [float(row[c]) for c in ROLLUP_SUMS]
+        agg.first_ts, agg.last_ts = row["first_ts"], row["last_ts"]
+        agg.latency_hist = _load_hist(row["latency_hist"])
+        agg.ttft_hist = _load_hist(row["ttft_hist"])
+        return agg
+
+    def add(self, r: TraceRecord) -> None:
+        s = self.sums
+        s[_STATUS_INDEX.get(r.status, _I["failed"])] += 1
+        if r.prompt_tokens is not None:
+            s[_I["prompt_tokens"]] += int(r.prompt_tokens)
+        if r.completion_tokens is not None:
+            s[_I["completion_tokens"]] += int(r.completion_tokens)
+            if r.eval_ms is not None and r.eval_ms > 0:
+                s[_I["eval_tokens"]] += int(r.completion_tokens)
+                s[_I["eval_ms"]] += float(r.eval_ms)
+        if r.status == "completed":
+            # Latency and TTFT describe served requests; failures would skew them both ways.
+            s[_I["latency_sum"]] += float(r.latency_ms)
+            s[_I["latency_n"]] += 1
+            b = _bin(float(r.latency_ms))
+            self.latency_hist[b] = self.latency_hist.get(b, 0) + 1
+            if r.time_to_first_token_ms is not None:
+                s[_I["ttft_sum"]] += float(r.time_to_first_token_ms)
+                s[_I["ttft_n"]] += 1
+                b = _bin(float(r.time_to_first_token_ms))
+                self.ttft_hist[b] = self.ttft_hist.get(b, 0) + 1
+        if r.load_ms is not None:
+            s[_I["load_ms_sum"]] += float(r.load_ms)
+            s[_I["load_n"]] += 1
+            s[_I["cold_loads"]] += float(r.load_ms) >= COLD_LOAD_MS
+        s[_I["queue_ms_sum"]] += float(r.queue_ms)
+        s[_I["fallbacks"]] += bool(r.fallback_used)
+        self.first_ts = min(self.first_ts, float(r.timestamp))
+        self.last_ts = max(self.last_ts, float(r.timestamp))
+
+    def merge(self, other: _Agg) -> None:
+        self.sums = [a + b for a, b in zip(self.sums, other.sums, strict=True)]
+        self.first_ts = min(self.first_ts, other.first_ts)
+        self.last_ts = max(self.last_ts, other.last_ts)
+        _merge_hist(self.latency_hist, other.latency_hist)
+        _merge_hist(self.ttft_hist, other.ttft_hist)
+
+    def count(self, name: str) -> float:
+        return self.sums[_I[name]]
+
+    def attempts(self) -> float:
+        return sum(self.sums[i] for i in _STATUS_INDEX.values())
+
+
+def _ratio(num: float, den: float, scale: float = 1.0) -> float | None:
+    return _r(num * scale / den) if den else None
+
+
+def _metrics(a: _Agg) -> dict[str, object]:
+    """The metric block every analytics row carries (see Store's docstring)."""
+    c = a.count
+    attempts = a.attempts()
+    requests = attempts - c("retried")
+    failures = c("failed") + c("incomplete") + c("reaped") + c("rejected")
+    return {
+        "requests": int(requests),
+        "attempts": int(attempts),
+        "completed": int(c("completed")),
+        "failures": int(failures),
+        "retried": int(c("retried")),
+        "client_disconnected": int(c("disconnected")),
+        "error_rate": _ratio(failures, requests) or 0.0,
+        "prompt_tokens": int(c("prompt_tokens")),
+        "completion_tokens": int(c("completion_tokens")),
+        "latency_avg_ms": _ratio(c("latency_sum"), c("latency_n")),
+        "latency_p50_ms": _quantile(a.latency_hist, 0.50),
+        "latency_p95_ms": _quantile(a.latency_hist, 0.95),
+        "latency_p99_ms": _quantile(a.latency_hist, 0.99),
+        "ttft_avg_ms": _ratio(c("ttft_sum"), c("ttft_n")),
+        "ttft_p50_ms": _quantile(a.ttft_hist, 0.50),
+        "ttft_p95_ms": _quantile(a.ttft_hist, 0.95),
+        "tokens_per_s": _ratio(c("eval_tokens"), c("eval_ms"), 1000.0),
+        "queue_ms_avg": _ratio(c("queue_ms_sum"), attempts),
+        "load_ms_avg": _ratio(c("load_ms_sum"), c("load_n")),
+        "cold_loads": int(c("cold_loads")),
+        "fallbacks": int(c("fallbacks")),
+        "first_used": a.first_ts if attempts else None,
+        "last_used": a.last_ts if attempts else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------
+
+
+class Store:
+    """``latency.db`` behind an async API: one writer thread, one reader thread.
+
+    Analytics rows (``usage``, ``models``, ``apps``, ``trends``, ``node_model_stats``) all
+    carry the same metric block (``_metrics``): ``requests`` (client requests = attempts
+    that were not retried), ``attempts``, ``completed``, ``failures`` (failed, incomplete,
+    reaped, rejected), ``retried``, ``client_disconnected``, ``error_rate`` (failures /
+    requests), token sums, ``latency_{avg,p50,p95,p99}_ms`` and ``ttft_{avg,p50,p95}_ms``
+    over completed requests (percentiles from log histograms, within ~1 %),
+    ``tokens_per_s`` (completion tokens / Ollama eval time), ``queue_ms_avg``,
+    ``load_ms_avg``, ``cold_loads``, ``fallbacks``, ``first_used``/``last_used``.
+    Buckets are UTC hours and days.
+    """
+
+    __slots__ = (
+        "_batches_written",
+        "_closed",
+        "_db_bytes",
+        "_drop_logged",
+        "_dropped",
+        "_events_written",
+        "_last_prune_at",
+        "_pruned_total",
+        "_queue",
+        "_reader",
+        "_reader_conn",
+        "_records_written",
+        "_settings",
+        "_state",
+        "_write_errors",
+        "_writer",
+        "batch_max",
+        "data_dir",
+        "db_path",
+        "flush_interval_s",
+        "hourly_keep_days",
+        "max_queue",
+        "prune_interval_s",
+        "retention_days",
+    )
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        retention_days: float = 30.0,
+        batch_max: int = 500,
+        flush_interval_s: float = 0.25,
+        prune_interval_s: float | None = 3600.0,
+        max_queue: int = MAX_QUEUE,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.db_path = self.data_dir / DB_FILENAME
+        self.retention_days = retention_days
+        self.hourly_keep_days = max(float(HOURLY_KEEP_DAYS), retention_days)
+        self.batch_max = max(1, batch_max)
+        self.flush_interval_s = flush_interval_s
+        self.prune_interval_s = prune_interval_s
+        self.max_queue = max_queue
+        self._queue: queue.Queue[_Item] = queue.Queue()
+        self._state = _State.NEW
+        self._writer: threading.Thread | None = None
+        self._closed: concurrent.futures.Future[None] | None = None
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+        self._settings: dict[str, object] = {}
+        self._dropped = 0
+        self._drop_logged = False
+        self._batches_written = 0
+        self._records_written = 0
+        self._events_written = 0
+        self._write_errors = 0
+        self._db_bytes = 0
+        self._last_prune_at: float | None = None
+        self._pruned_total = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the data dir and database, migrate, start both threads, load settings."""
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"store is {self._state.value}, cannot open")
+        ready: concurrent.futures.Future[dict[str, object]] = concurrent.futures.Future()
+        self._writer = threading.Thread(
+            target=self._writer_main, args=(ready,), name="herd-store-writer", daemon=True
+        )
+        self._writer.start()
+        self._settings = await asyncio.wrap_future(ready)
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="herd-store-reader"
+        )
+        loop = asyncio.get_running_loop()
+        self._reader_conn = await loop.run_in_executor(self._reader, _connect_reader, self.db_path)
+        self._state = _State.OPEN
+
+    async def close(self) -> None:
+        """Commit everything queued, stop both threads. Safe to call twice."""
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
+        if self._closed is not None:
+            await asyncio.wrap_future(self._closed)
+            return
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED  # from here on record_* drop
+        self._closed = concurrent.futures.Future()
+        self._queue.put(_Shutdown(self._closed))
+        await asyncio.wrap_future(self._closed)
+        if self._reader is not None and self._reader_conn is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._reader, self._reader_conn.close)
+            self._reader.shutdown(wait=False)
+        if self._dropped:
+            log.warning("store.dropped_total", extra={"dropped": self._dropped})
+
+    # -- non-blocking writes --------------------------------------------------------------
+
+    def record_trace(self, rec: TraceRecord) -> None:
+        """Queue one trace for the writer; never blocks or raises (drops when full)."""
+        try:
+            if self._state is _State.CLOSED or self._queue.qsize() >= self.max_queue:
+                self._note_drop()
+                return
+            item = copy.copy(rec)
+            item.tags = list(rec.tags)
+            self._queue.put_nowait(item)
+        except Exception:
+            log.exception("store.record_failed")
+
+    def record_event(
+        self,
+        kind: str,
+        node_id: str,
+        detail: Mapping[str, object],
+        *,
+        timestamp: float | None = None,
+    ) -> None:
+        """Queue a fleet event (node online/offline, breaker opened, ...); never raises."""
+        try:
+            if self._state is _State.CLOSED or self._queue.qsize() >= self.max_queue:
+                self._note_drop()
+                return
+            ts = time.time() if timestamp is None else timestamp
+            self._queue.put_nowait(_Event(ts, kind, node_id, dict(detail)))
+        except Exception:
+            log.exception("store.record_failed")
+
+    def _note_drop(self) -> None:
+        self._dropped += 1
+        if not self._drop_logged:
+            self._drop_logged = True
+            log.warning(
+                "store.dropping",
+                extra={"queue_depth": self._queue.qsize(), "closed": self._state is _State.CLOSED},
+            )
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed."""
+        await self._write(lambda conn: None)
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            queue_depth=self._queue.qsize(),
+            dropped=self._dropped,
+            batches_written=self._batches_written,
+            records_written=self._records_written,
+            events_written=self._events_written,
+            write_errors=self._write_errors,
+            db_bytes=self._db_bytes,
+            last_prune_at=self._last_prune_at,
+            pruned_total=self._pruned_total,
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def traces(
+        self,
+        limit: int = 100,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        node_id: str | None = None,
+        tag: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, object]]:
+        """Newest first; every TraceRecord field plus ``id`` (JSON fields decoded)."""
+        return await self._read(
+            lambda c: _select_traces(
+                c, limit, status=status, model=model, node_id=node_id, tag=tag, since=since
+            )
+        )
+
+    async def events(
+        self,
+        limit: int = 100,
+        *,
+        kind: str | None = None,
+        node_id: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, object]]:
+        """Newest first: ``{id, timestamp, kind, node_id, detail}``."""
+        return await self._read(
+            lambda c: _select_events(c, limit, kind=kind, node_id=node_id, since=since)
+        )
+
+    async def usage(self, days: int = 7, *, now: float) -> dict[str, object]:
+        """Per UTC day x node x model (``rows``), plus ``totals``, ``by_day`` (every day),
+        ``by_node`` and ``by_model``; read from daily rollups, so pruning does not affect it."""
+        return await self._read(lambda c: _select_usage(c, days, now))
+
+    async def models(self, days: float = 7, *, now: float) -> list[dict[str, object]]:
+        """Per model: ``model``, ``nodes`` it ran on, metrics; busiest first."""
+        keep = self.hourly_keep_days
+        return await self._read(lambda c: _select_models(c, days, now, keep))
+
+    async def apps(self, days: float = 7, *, now: float) -> list[dict[str, object]]:
+        """Per tag: ``tag``, ``models`` used, metrics; busiest first."""
+        keep = self.hourly_keep_days
+        return await self._read(lambda c: _select_apps(c, days, now, keep))
+
+    async def trends(self, hours: int = 24, *, now: float) -> list[dict[str, object]]:
+        """One row per UTC hour, oldest first, every hour present: ``hour``, ``time``, metrics."""
+        keep = self.hourly_keep_days
+        return await self._read(lambda c: _select_trends(c, hours, now, keep))
+
+    async def node_model_stats(self, days: float = 7, *, now: float) -> list[dict[str, object]]:
+        """Per node x model: metrics plus ``errors`` (failed, retried, incomplete, reaped
+        attempts: what the node got wrong) and ``attempt_error_rate``."""
+        keep = self.hourly_keep_days
+        return await self._read(lambda c: _select_node_model_stats(c, days, now, keep))
+
+    async def get_settings(self) -> dict[str, object]:
+        return copy.deepcopy(self._settings)
+
+    async def benchmarks(self, limit: int = 20) -> list[dict[str, object]]:
+        """Newest first; every column of ``benchmark_runs``, ``params``/``results`` decoded."""
+        return await self._read(lambda c: _select_benchmarks(c, limit=limit))
+
+    # -- writes that answer ---------------------------------------------------------------
+
+    async def set_settings(self, changes: Mapping[str, object]) -> dict[str, object]:
+        """Persist ``key → JSON value`` (``None`` deletes the key); return all settings."""
+        encoded = {str(k): None if v is None else json.dumps(v) for k, v in changes.items()}
+        now = time.time()
+        self._settings = await self._write(lambda c: _write_settings(c, encoded, now))
+        return copy.deepcopy(self._settings)
+
+    async def create_benchmark(self, params: Mapping[str, object], *, now: float) -> int:
+        """A new run in status ``pending``; returns its ``run_id``."""
+        encoded = json.dumps(dict(params))
+        return await self._write(lambda c: _insert_benchmark(c, encoded, now))
+
+    async def update_benchmark(self, run_id: int, **fields: object) -> dict[str, object]:
+        """Set any of BENCHMARK_FIELDS; returns the updated run. Raises KeyError if unknown."""
+        unknown = set(fields) - BENCHMARK_FIELDS
+        if unknown:
+            raise ValueError(f"unknown benchmark fields: {sorted(unknown)}")
+        values = {"updated_at": time.time(), **fields}
+        if "results" in values and values["results"] is not None:
+            values["results"] = json.dumps(values["results"])
+        return await self._write(lambda c: _update_benchmark(c, run_id, values))
+
+    async def prune(self, *, now: float) -> int:
+        """Delete raw traces/events older than retention; rollups stay. Returns traces deleted."""
+        return await self._write(lambda c: self._prune_now(c, now))
+
+    # -- threads --------------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._state is _State.CLOSED:
+            raise RuntimeError("store is closed")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run(conn: sqlite3.Connection) -> None:
+            if not fut.set_running_or_notify_cancel():
+                return  # the caller gave up before the writer got here
+            try:
+                fut.set_result(fn(conn))
+            except Exception as exc:  # noqa: BLE001 - delivered to the awaiting caller
+                fut.set_exception(exc)
+
+        self._queue.put(_Task(run))
+        return await asyncio.wrap_future(fut)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._state is not _State.OPEN or self._reader is None:
+            raise RuntimeError(f"store is {self._state.value}")
+        conn = self._reader_conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, fn, conn)
+
+    def _writer_main(self, ready: concurrent.futures.Future[dict[str, object]]) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            conn = _connect_writer(self.db_path)
+            _migrate(conn)
+            settings = _select_settings(conn)
+            self._db_bytes = _db_bytes(conn)
+        except Exception as exc:  # noqa: BLE001 - delivered to open()
+            ready.set_exception(exc)
+            return
+        ready.set_result(settings)
+        shutdown: _Shutdown | None = None
+        try:
+            shutdown = self._write_until_shutdown(conn)
+        finally:
+            conn.close()
+            if shutdown is not None:
+                shutdown.done.set_result(None)
+
+    def _write_until_shutdown(self, conn: sqlite3.Connection) -> _Shutdown:
+        """The writer loop: batch traces/events, run tasks in queue order, prune on schedule.
+
+        Happy path: the first record of a batch starts a ``flush_interval_s`` clock; the batch
+        is committed when it holds ``batch_max`` rows, when the clock runs out, or when a task
+        (flush, settings, shutdown) arrives, so tasks see every earlier record committed.
+        """
+        traces: list[TraceRecord] = []
+        events: list[_Event] = []
+        deadline = math.inf
+        interval = self.prune_interval_s
+        next_prune = time.monotonic() if interval is not None else math.inf
+        while True:
+            timeout = min(deadline, next_prune) - time.monotonic()
+            try:
+                item: _Item | None = self._queue.get(
+                    timeout=None if math.isinf(timeout) else max(timeout, 0.0)
+                )
+            except queue.Empty:
+                item = None
+            if isinstance(item, TraceRecord | _Event):
+                (traces if isinstance(item, TraceRecord) else events).append(item)  # type: ignore[arg-type]  # split by the isinstance above
+                if math.isinf(deadline):
+                    deadline = time.monotonic() + self.flush_interval_s
+            elif item is not None:
+                self._commit(conn, traces, events)
+                deadline = math.inf
+                if isinstance(item, _Shutdown):
+                    return item
+                item.run(conn)
+            if len(traces) + len(events) >= self.batch_max or time.monotonic() >= deadline:
+                self._commit(conn, traces, events)
+                deadline = math.inf
+            if (
+                interval is not None
+                and not traces
+                and not events
+                and time.monotonic() >= next_prune
+            ):
+                self._maybe_prune(conn)
+                next_prune = time.monotonic() + interval
+
+    def _commit(
+        self, conn: sqlite3.Connection, traces: list[TraceRecord], events: list[_Event]
+    ) -> None:
+        """Write and clear the pending lists. One bad record must not cost the batch: on
+        failure, retry record by record and drop only the ones that still fail."""
+        if not traces and not events:
+            return
+        try:
+            _write_batch(conn, traces, events)
+            self._batches_written += 1
+            self._records_written += len(traces)
+            self._events_written += len(events)
+        except Exception:
+            log.exception(
+                "store.batch_failed", extra={"traces": len(traces), "events": len(events)}
+            )
+            for single_t, single_e in [([t], []) for t in traces] + [([], [e]) for e in events]:
+                try:
+                    _write_batch(conn, single_t, single_e)
+                    self._records_written += len(single_t)
+                    self._events_written += len(single_e)
+                except Exception:
+                    self._write_errors += 1
+                    log.exception("store.record_dropped")
+        traces.clear()
+        events.clear()
+        self._db_bytes = _db_bytes(conn)
+
+    def _prune_now(self, conn: sqlite3.Connection, now: float) -> int:
+        deleted = _prune(
+            conn,
+            now=now,
+            retention_days=self.retention_days,
+            hourly_keep_days=self.hourly_keep_days,
+        )
+        self._last_prune_at = now
+        self._pruned_total += deleted
+        self._db_bytes = _db_bytes(conn)
+        if deleted:
+            log.info("store.pruned", extra={"traces": deleted})
+        return deleted
+
+    def _maybe_prune(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._prune_now(conn, time.time())
+        except Exception:
+            log.exception("store.prune_failed")
+
+
+# ---------------------------------------------------------------------------------------
+# JSON-lines logging
+# ---------------------------------------------------------------------------------------
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+class JsonlFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, extras, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return _dumps(out)
+
+
+class _JsonlQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to a listener thread that owns the rotating file, so logging on the
+    event loop never waits for the disk. ``close()`` drains the queue and closes the file."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        super().__init__(records)
+        self._target = target
+        self._listener: logging.handlers.QueueListener | None = logging.handlers.QueueListener(
+            records, target, respect_handler_level=True
+        )
+        self._listener.start()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Render message and traceback now (args may be mutated later, exc_info holds
+        # frames), but keep the extras as attributes for the JSON formatter.
+        prepared = copy.copy(record)
+        prepared.msg = record.getMessage()
+        prepared.args = None
+        if record.exc_info:
+            prepared.exc_text = logging.Formatter().formatException(record.exc_info)
+        prepared.exc_info = None
+        return prepared
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+            self._target.close()
+        super().close()
+
+
+def setup_jsonl_logging(
+    log_path: Path,
+    *,
+    logger_name: str = "herd",
+    max_bytes: int = 10_000_000,
+    backups: int = 5,
+    level: int = logging.INFO,
+) -> logging.Handler:
+    """Attach a rotating JSON-lines file handler to ``logger_name``; return it.
+
+    Fields: ts, level, logger, msg, plus whatever the call passed in ``extra=``
+    (``request_id``, ``node``, ``model``, ...). Remove and ``close()`` the handler at
+    shutdown to flush it.
+    """
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    target = logging.handlers.RotatingFileHandler(
+        log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
+    target.setFormatter(JsonlFormatter())
+    target.setLevel(level)
+    handler = _JsonlQueueHandler(target)
+    handler.setLevel(level)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    return handler
