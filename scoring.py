@@ -13,6 +13,7 @@ statistics, circuit breaker, retry decisions, context protection, VRAM fallback.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -128,7 +129,10 @@ class Policy:
     # -- 2. memory fit ----------------------------------------------------------------
     memory_weight: float = 10.0  # full headroom (or already resident) earns this much
     memory_comfort_ratio: float = 2.0  # free / needed at which headroom counts in full
-    eviction_weight: float = 20.0  # points lost when the whole footprint must be evicted
+    eviction_weight: float = 30.0  # per evicted model that was just used (less if idle long)
+    eviction_floor: float = 0.25  # share of eviction_weight even for a long-idle model
+    eviction_recency_s: float = 300.0  # a model whose keep-alive ends later counts as in use
+    eviction_blocked_penalty: float = 60.0  # memory held by busy models: the load must wait
     offload_penalty: float = 40.0  # does not fit in VRAM, would run partly on the CPU
     kv_bytes_per_token_per_gb: float = 16_384.0  # KV-cache prior: bytes/token per GB weights
     default_num_ctx: int = 4096  # context Ollama allocates when the request sets none
@@ -714,6 +718,52 @@ def _thermal(
     return "cold", 0.0, 0.0, "on disk only (cold load)"
 
 
+def _eviction_cost(
+    node: NodeSnapshot,
+    model: str,
+    deficit: int,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    now: float,
+    policy: Policy,
+) -> tuple[float, str]:
+    """(negative contribution, reason) for freeing ``deficit`` bytes the way Ollama does:
+    idle models are evicted least-recently-used first (by ``expires_at``); models with
+    requests in flight cannot be evicted, so the load would wait for them. Evicting a model
+    used moments ago costs ``eviction_weight`` (its next request reloads it); one about to
+    expire anyway costs ``eviction_floor`` of that."""
+    idle: list[tuple[float, str, int]] = []
+    busy_bytes = 0
+    for name, lm in node.loaded.items():
+        if name == model:
+            continue
+        q = queues.get((node.node_id, name))
+        if q is not None and q.in_flight + q.pending > 0:
+            busy_bytes += lm.size
+            continue
+        exp = lm.expires_at if lm.expires_at is not None else math.inf
+        idle.append((exp, name, lm.size))
+    idle.sort()
+    freed = 0
+    cost = 0.0
+    names: list[str] = []
+    for exp, name, size in idle:
+        if freed >= deficit:
+            break
+        recency = 1.0
+        if exp != math.inf:
+            recency = min(1.0, max(0.0, (exp - now) / max(policy.eviction_recency_s, 1e-9)))
+        cost += policy.eviction_weight * (
+            policy.eviction_floor + (1.0 - policy.eviction_floor) * recency
+        )
+        freed += size
+        names.append(name)
+    why = f"evicts {', '.join(names)}" if names else ""
+    if freed < deficit:
+        cost += policy.eviction_blocked_penalty
+        why = (why + "; " if why else "") + "not enough idle memory to evict: the load waits"
+    return -cost, why or "evicts idle memory"
+
+
 def _ineligible(node_id: str, reason: str, outstanding: int = 0) -> Score:
     return Score(node_id, 0.0, False, reason, (), outstanding, False)
 
@@ -822,8 +872,8 @@ def _score_node(
             contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
         else:
-            contrib = -policy.eviction_weight * (1.0 - max(0.0, ratio))
-            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: evicts ~{_gb(need - fast_free)}"
+            contrib, why = _eviction_cost(node, req.model, need - fast_free, queues, now, policy)
+            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
         factors.append(Factor("memory", ratio, contrib, why))
 
     # -- 3. queue depth -----------------------------------------------------------------
