@@ -399,7 +399,12 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
             # stochastic-approximation quantile; the step scales with the spread seen so far
             step = a * max(var**0.5, 0.05 * mean, 1.0)
             tau = policy.quantile
-            q = s.total_p + step * (tau if total > s.total_p else -(1.0 - tau))
+            if total > s.total_p:
+                q = s.total_p + step * tau
+            elif total < s.total_p:
+                q = s.total_p - step * (1.0 - tau)
+            else:
+                q = s.total_p
         s = replace(
             s,
             total_ms_ewma=mean,
