@@ -1,0 +1,3275 @@
+"""herd — one endpoint for a fleet of Ollama machines.
+
+``python herd.py`` starts the router on ``0.0.0.0:11435``. It speaks the Ollama API and
+Ollama's OpenAI-compatible ``/v1`` API, and sends every request to the node that will
+finish it soonest (``scoring.py`` decides; this module moves bytes and keeps state).
+
+Sections: errors and small helpers · HttpStream (the only code that moves HTTP bytes) ·
+HTTP server · backend client pool · relays · fleet model · queues · the Router (routes,
+handlers, proxying, retries) · heartbeats and discovery · metrics · lifecycle and CLI.
+See ARCHITECTURE.md for the contracts between modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import http
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
+import store
+
+import scoring
+
+__version__ = "0.1.0"
+log = logging.getLogger("herd")
+
+JSON = dict[str, Any]
+Headers = list[tuple[bytes, bytes]]
+Framing = Literal["ndjson", "sse", "raw"]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
+HERD_FIELDS = ("metadata", "fallback_models", "fallback", "node_id")
+OLLAMA_RUNNING = b"Ollama is running"
+MiB = 1024 * 1024
+
+
+# =======================================================================================
+# Errors and small helpers
+# =======================================================================================
+
+
+class HttpError(Exception):
+    """An error that already knows its HTTP meaning; rendered in the client's dialect."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+        self.kind = kind
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (or it broke) while we were using it."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was being served."""
+
+
+class UpstreamFailure(Exception):
+    """An attempt on a node failed before any byte reached the client."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int = 502,
+        body: bytes = b"",
+        headers: Headers | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind  # see scoring.retry_decision: connect/reset/timeout_first_byte/...
+        self.message = message
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_body(path: str, status: int, message: str) -> bytes:
+    """The error object in the dialect of the path (Ollama or OpenAI)."""
+    if is_openai_path(path):
+        etype = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            403: "permission_error",
+            404: "invalid_request_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+        }.get(status, "api_error")
+        obj: JSON = {"error": {"message": message, "type": etype, "param": None, "code": None}}
+    else:
+        obj = {"error": message}
+    return json.dumps(obj).encode()
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for k, v in headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def parse_rfc3339(value: object) -> float | None:
+    """Epoch seconds of an Ollama timestamp (RFC 3339 with nanoseconds); None if unparsable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        stamp = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if stamp.year < 1970:  # Go's zero time "0001-01-01T00:00:00Z"
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return stamp.timestamp()
+
+
+def rfc3339(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def split_url(url: str) -> tuple[str, int, str]:
+    """``http://host:port`` → (host, port, netloc). Only plain HTTP is spoken to nodes."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", ""):
+        raise ValueError(f"unsupported scheme in {url!r} (nodes speak plain HTTP)")
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or 11434
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host, port, netloc
+
+
+def normalize_url(url: str) -> str:
+    _, _, netloc = split_url(url)
+    return f"http://{netloc}"
+
+
+def sign(key: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_signature(
+    key: str, header: str | None, body: bytes, now: float, max_skew_s: float = 60.0
+) -> bool:
+    if not header:
+        return False
+    try:
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        stamp = int(fields["t"])
+        given = fields["v1"]
+    except (ValueError, KeyError):
+        return False
+    if abs(now - stamp) > max_skew_s:
+        return False
+    expected = sign(key, stamp, body).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, given)
+
+
+# =======================================================================================
+# HttpStream: one h11 connection over one asyncio stream pair
+# =======================================================================================
+
+
+class HttpStream:
+    """The only code that moves HTTP bytes, for the server and the client side alike."""
+
+    __slots__ = ("conn", "peer", "reader", "writer")
+    READ_SIZE = 256 * 1024
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        role: type[h11.CLIENT] | type[h11.SERVER],
+        *,
+        max_head_bytes: int = 64 * 1024,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
+        peer = writer.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+    async def _read(self) -> bytes:
+        try:
+            return await self.reader.read(self.READ_SIZE)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def receive(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:
+        """Next h11 event; reads as needed. ``timeout`` bounds the whole wait."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    self.conn.receive_data(await self._read())
+                    continue
+                return cast("h11.Event | type[h11.PAUSED]", event)
+
+    async def send(self, event: h11.Event) -> None:
+        try:
+            data = self.conn.send_with_data_passthrough(event)
+        except h11.LocalProtocolError:
+            self.conn.send_failed()
+            raise
+        if data:
+            if self.writer.is_closing():
+                raise ConnectionClosed("connection closed")
+            self.writer.writelines(data)
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionClosed(str(exc)) from exc
+
+    async def watch_eof(self, max_buffer: int = MiB) -> None:
+        """Return when the peer closes its side (used to notice clients that hang up).
+
+        Bytes that arrive meanwhile (a pipelined next request) are handed to h11 so nothing
+        is lost; after ``max_buffer`` bytes we stop looking.
+        """
+        buffered = 0
+        while buffered < max_buffer:
+            data = await self._read()
+            if not data:
+                return
+            buffered += len(data)
+            self.conn.receive_data(data)
+        await asyncio.Event().wait()  # stopped looking: wait to be cancelled
+
+    def at_eof(self) -> bool:
+        return self.reader.at_eof() or self.writer.is_closing()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+# =======================================================================================
+# HTTP server
+# =======================================================================================
+
+
+@dataclass(slots=True)
+class Limits:
+    max_connections: int = 1024
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+    max_json_bytes: int = 512 * MiB  # base64 images can be large; see README
+    max_upload_bytes: int = 64 * 1024 * MiB  # blobs / audio uploads (streamed)
+    header_timeout_s: float = 30.0  # the request head must be complete within this
+    body_idle_timeout_s: float = 60.0  # no body byte for this long → 408
+    keepalive_idle_s: float = 75.0  # idle keep-alive connection is closed after this
+
+
+class Request:
+    """One parsed request. The body is read on demand (streamed or whole, with limits)."""
+
+    __slots__ = (
+        "_body_done",
+        "client_ip",
+        "disconnected",
+        "headers",
+        "http",
+        "limits",
+        "method",
+        "path",
+        "query",
+        "received_at",
+        "request_id",
+        "target",
+    )
+
+    def __init__(self, event: h11.Request, stream: HttpStream, limits: Limits) -> None:
+        self.method = event.method.decode("ascii", "replace").upper()
+        self.target = event.target.decode("latin-1")
+        parts = urlsplit(self.target)
+        self.path = unquote(parts.path) or "/"
+        self.query = dict(parse_qsl(parts.query))
+        self.headers: Headers = list(event.headers)
+        self.http = stream
+        self.limits = limits
+        self.client_ip = stream.peer
+        self.received_at = time.time()
+        self.request_id = self.header("x-request-id") or uuid.uuid4().hex[:16]
+        self.disconnected = False
+        self._body_done = False
+
+    def header(self, name: str) -> str | None:
+        return header_value(self.headers, name.lower().encode())
+
+    @property
+    def content_length(self) -> int | None:
+        raw = self.header("content-length")
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            return None
+
+    @property
+    def body_consumed(self) -> bool:
+        return self._body_done
+
+    async def body_chunks(self, limit: int) -> AsyncIterator[bytes]:
+        """Yield the request body as it arrives; 413 past ``limit``, 408 when it stalls."""
+        if self._body_done:
+            return
+        length = self.content_length
+        if length is not None and length > limit:
+            raise HttpError(413, f"request body too large: {length} bytes (limit {limit})")
+        total = 0
+        while True:
+            try:
+                event = await self.http.receive(self.limits.body_idle_timeout_s)
+            except TimeoutError:
+                raise HttpError(408, "request body not received in time") from None
+            if isinstance(event, h11.Data):
+                total += len(event.data)
+                if total > limit:
+                    raise HttpError(413, f"request body too large (limit {limit} bytes)")
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._body_done = True
+                return
+            else:  # ConnectionClosed
+                raise ClientGone("client closed the connection while sending the body")
+
+    async def read_body(self, limit: int) -> bytes:
+        parts = [chunk async for chunk in self.body_chunks(limit)]
+        return b"".join(parts)
+
+    async def json(self, limit: int) -> JSON:
+        """The body as a JSON object, or 400 in Ollama's words."""
+        body = await self.read_body(limit)
+        return await parse_json_body(body)
+
+
+async def parse_json_body(body: bytes) -> JSON:
+    if not body.strip():
+        raise HttpError(400, "missing request body")
+    try:
+        if len(body) > MiB:  # large base64 payloads: keep the event loop free
+            data = await asyncio.to_thread(json.loads, body)
+        else:
+            data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise HttpError(400, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "request body must be a JSON object")
+    return cast(JSON, data)
+
+
+class Response:
+    """Writes one response on the server side; knows whether anything was sent yet."""
+
+    __slots__ = ("bytes_sent", "ended", "headers_sent", "http", "is_head", "status")
+
+    def __init__(self, stream: HttpStream, method: str) -> None:
+        self.http = stream
+        self.is_head = method == "HEAD"
+        self.headers_sent = False
+        self.ended = False
+        self.status = 0
+        self.bytes_sent = 0
+
+    async def start(self, status: int, headers: Sequence[tuple[str | bytes, str | bytes]]) -> None:
+        encoded: Headers = []
+        for k, v in headers:
+            kb = k.encode("latin-1") if isinstance(k, str) else k
+            vb = v.encode("latin-1") if isinstance(v, str) else v
+            encoded.append((kb, vb))
+        try:
+            reason = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b""
+        self.status = status
+        self.headers_sent = True
+        await self.http.send(h11.Response(status_code=status, headers=encoded, reason=reason))
+
+    async def write(self, data: bytes) -> None:
+        if data and not self.is_head:
+            self.bytes_sent += len(data)
+            try:
+                await self.http.send(h11.Data(data=data))
+            except ConnectionClosed as exc:
+                raise ClientGone(str(exc)) from None
+
+    async def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            try:
+                await self.http.send(h11.EndOfMessage())
+            except ConnectionClosed as exc:
+                raise ClientGone(str(exc)) from None
+
+    async def send(
+        self, status: int, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        hdrs: list[tuple[str | bytes, str | bytes]] = [
+            ("content-type", content_type),
+            ("content-length", str(len(body))),
+            *headers,
+        ]
+        await self.start(status, hdrs)
+        await self.write(body)
+        await self.end()
+
+    async def json(
+        self, obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        await self.send(status, dumps(obj), "application/json; charset=utf-8", headers)
+
+
+Handler = Callable[[Request, Response], Awaitable[None]]
+
+
+class HttpServer:
+    """asyncio + h11 server: keep-alive, limits, deadlines, graceful shutdown."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits,
+        on_error: Callable[[Request | None, Response | None, HttpError], Awaitable[None]],
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.on_error = on_error
+        self.server: asyncio.Server | None = None
+        self.connections: set[asyncio.Task[None]] = set()
+        self.busy: set[HttpStream] = set()
+        self.idle: set[HttpStream] = set()
+        self.closing = False
+        self.rejected_connections = 0
+        self.all_idle = asyncio.Event()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(
+            self._serve, host or None, port, limit=self.limits.max_header_bytes, backlog=1024
+        )
+        sock = self.server.sockets[0]
+        addr = sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            if len(self.connections) > self.limits.max_connections or self.closing:
+                self.rejected_connections += 1
+                await self._reject_busy(writer)
+                return
+            await self._connection(
+                HttpStream(reader, writer, h11.SERVER, max_head_bytes=self.limits.max_header_bytes)
+            )
+        except asyncio.CancelledError:
+            pass  # shutdown: asyncio logs cancelled connection tasks as errors otherwise
+        finally:
+            self.connections.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _reject_busy(self, writer: asyncio.StreamWriter) -> None:
+        body = b'{"error":"too many connections to herd, retry shortly"}'
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await writer.drain()
+
+    async def _connection(self, stream: HttpStream) -> None:
+        first = True
+        while not self.closing or first:
+            self.idle.add(stream)
+            try:
+                timeout = self.limits.header_timeout_s if first else self.limits.keepalive_idle_s
+                event = await stream.receive(timeout)
+            except TimeoutError:
+                if first or stream.conn.their_state is not h11.IDLE:
+                    await self._protocol_error(stream, 408, "request header not received in time")
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                await self._protocol_error(
+                    stream,
+                    431
+                    if "too long" in str(exc).lower() or "exceeds" in str(exc).lower()
+                    else status,
+                    str(exc),
+                )
+                return
+            finally:
+                self.idle.discard(stream)
+            first = False
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed or garbage after close
+            if len(event.headers) > self.limits.max_header_count:
+                await self._protocol_error(stream, 431, "too many request headers")
+                return
+            self.busy.add(stream)
+            try:
+                keep = await self._one_request(event, stream)
+            finally:
+                self.busy.discard(stream)
+                if not self.busy:
+                    self.all_idle.set()
+            if not keep or self.closing:
+                return
+
+    async def _protocol_error(self, stream: HttpStream, status: int, message: str) -> None:
+        if stream.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = dumps({"error": message})
+        with contextlib.suppress(Exception):
+            await stream.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        (b"content-type", b"application/json; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                    reason=http.HTTPStatus(status).phrase.encode(),
+                )
+            )
+            await stream.send(h11.Data(data=body))
+            await stream.send(h11.EndOfMessage())
+
+    async def _one_request(self, event: h11.Request, stream: HttpStream) -> bool:
+        """Serve one request; True when the connection may be reused."""
+        request = Request(event, stream, self.limits)
+        response = Response(stream, request.method)
+        work = asyncio.ensure_future(self._run_handler(request, response))
+        watcher: asyncio.Task[None] | None = None
+        try:
+            while not work.done():
+                if watcher is None and stream.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
+                    watcher = asyncio.ensure_future(stream.watch_eof())
+                    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    if watcher.done() and not work.done():
+                        request.disconnected = True
+                        work.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await work
+                        return False
+                else:
+                    # body still being read by the handler: poll until it is consumed
+                    await asyncio.wait({work}, timeout=0.05 if watcher is None else None)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watcher
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+        if work.cancelled() or work.exception() is not None or not work.result():
+            return False
+        conn = stream.conn
+        if conn.their_state is h11.SEND_BODY:
+            # The handler answered without reading the body: drain a bounded amount.
+            try:
+                async for _ in request.body_chunks(limit=8 * MiB):
+                    pass
+            except (HttpError, ClientGone, TimeoutError, h11.RemoteProtocolError):
+                return False
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return False
+            return True
+        return False
+
+    async def _run_handler(self, request: Request, response: Response) -> bool:
+        try:
+            await self.handler(request, response)
+            if not response.headers_sent:
+                raise HttpError(500, "handler sent no response")
+            await response.end()
+            return True
+        except HttpError as exc:
+            if response.headers_sent:
+                return False
+            try:
+                await self.on_error(request, response, exc)
+                return True
+            except (ConnectionClosed, h11.LocalProtocolError):
+                return False
+        except (ConnectionClosed, ClientGone):
+            request.disconnected = True
+            return False
+        except h11.RemoteProtocolError as exc:
+            if not response.headers_sent:
+                with contextlib.suppress(Exception):
+                    await self.on_error(request, response, HttpError(400, str(exc)))
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            if not response.headers_sent:
+                with contextlib.suppress(Exception):
+                    await self.on_error(request, response, HttpError(500, f"internal error: {exc}"))
+                    return True
+            return False
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight requests finish up to ``grace_s``, then close."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for stream in list(self.idle):
+            stream.close()
+        if self.busy:
+            self.all_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self.all_idle.wait()
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=2)
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.server.wait_closed()
+
+
+# =======================================================================================
+# Backend client: h11 over a per-node keep-alive pool
+# =======================================================================================
+
+
+class UpstreamResponse:
+    """A node's response head plus its body as a stream; returns the connection to the pool."""
+
+    __slots__ = ("_done", "_pool", "_stream", "headers", "key", "status")
+
+    def __init__(
+        self, status: int, headers: Headers, stream: HttpStream, pool: Pool, key: tuple[str, int]
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._stream = stream
+        self._pool = pool
+        self.key = key
+        self._done = False
+
+    def header(self, name: str) -> str | None:
+        return header_value(self.headers, name.encode())
+
+    async def chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk."""
+        if self._done:
+            return
+        try:
+            while True:
+                try:
+                    event = await self._stream.receive(idle_timeout)
+                except h11.RemoteProtocolError as exc:
+                    raise ConnectionClosed(f"node broke the response: {exc}") from None
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._done = True
+                    self._pool.release(self.key, self._stream)
+                    return
+                else:
+                    raise ConnectionClosed("node closed the connection mid-response")
+        finally:
+            if not self._done:
+                self.close()
+
+    async def read(self, limit: int = 64 * MiB, idle_timeout: float | None = 60.0) -> bytes:
+        out = bytearray()
+        async for chunk in self.chunks(idle_timeout):
+            out += chunk
+            if len(out) > limit:
+                self.close()
+                raise ConnectionClosed("node response too large")
+        return bytes(out)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._stream.close()
+
+
+class Pool:
+    """Keep-alive connections per node address; bounded idle set; stale ones discarded."""
+
+    def __init__(
+        self,
+        *,
+        max_idle_per_node: int = 32,
+        connect_timeout_s: float = 3.0,
+        max_head_bytes: int = 256 * 1024,
+    ) -> None:
+        self.idle: dict[tuple[str, int], deque[HttpStream]] = {}
+        self.max_idle = max_idle_per_node
+        self.connect_timeout_s = connect_timeout_s
+        self.max_head_bytes = max_head_bytes
+        self.opened = 0
+        self.reused = 0
+
+    def release(self, key: tuple[str, int], stream: HttpStream) -> None:
+        conn = stream.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not stream.at_eof():
+            conn.start_next_cycle()
+            idle = self.idle.setdefault(key, deque())
+            if len(idle) < self.max_idle:
+                idle.append(stream)
+                return
+        stream.close()
+
+    async def _connect(self, host: str, port: int) -> HttpStream:
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=self.max_head_bytes
+                )
+        except TimeoutError:
+            raise UpstreamFailure("connect", f"connect to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise UpstreamFailure("connect", f"cannot connect to {host}:{port}: {exc}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.opened += 1
+        return HttpStream(reader, writer, h11.CLIENT, max_head_bytes=self.max_head_bytes)
+
+    def _take_idle(self, key: tuple[str, int]) -> HttpStream | None:
+        idle = self.idle.get(key)
+        while idle:
+            stream = idle.pop()
+            if not stream.at_eof():
+                self.reused += 1
+                return stream
+            stream.close()
+        return None
+
+    async def request(
+        self,
+        base_url: str,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        body: bytes | AsyncIterator[bytes] | None = None,
+        *,
+        head_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request; returns once the response head arrived.
+
+        Failures raise UpstreamFailure with a kind: ``connect`` (nothing reached the node),
+        ``reset`` (the connection broke), ``timeout_first_byte`` (no response head in time).
+        """
+        host, port, netloc = split_url(base_url)
+        key = (host, port)
+        hdrs: Headers = [(b"host", netloc.encode())]
+        hdrs += [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+        if isinstance(body, bytes):
+            hdrs.append((b"content-length", str(len(body)).encode()))
+        elif body is not None:
+            hdrs.append((b"transfer-encoding", b"chunked"))
+        elif method in ("POST", "PUT", "DELETE", "PATCH"):
+            hdrs.append((b"content-length", b"0"))
+        req = h11.Request(method=method.encode(), target=path.encode(), headers=hdrs)
+        for attempt in range(2):
+            stream = self._take_idle(key) if attempt == 0 else None
+            reused = stream is not None
+            if stream is None:
+                stream = await self._connect(host, port)
+            try:
+                await stream.send(req)
+                if isinstance(body, bytes):
+                    if body:
+                        await stream.send(h11.Data(data=body))
+                elif body is not None:
+                    async for chunk in body:
+                        if chunk:
+                            await stream.send(h11.Data(data=chunk))
+                await stream.send(h11.EndOfMessage())
+                event = await stream.receive(head_timeout)
+                while isinstance(event, h11.InformationalResponse):
+                    event = await stream.receive(head_timeout)
+            except TimeoutError:
+                stream.close()
+                raise UpstreamFailure(
+                    "timeout_first_byte", f"no response from {netloc} within {head_timeout:g}s"
+                ) from None
+            except (
+                ConnectionClosed,
+                h11.RemoteProtocolError,
+                h11.LocalProtocolError,
+                OSError,
+            ) as exc:
+                stream.close()
+                if reused and not isinstance(body, AsyncIterator):
+                    continue  # stale keep-alive connection: one fresh try
+                raise UpstreamFailure("reset", f"connection to {netloc} failed: {exc}") from None
+            except BaseException:
+                stream.close()
+                raise
+            if isinstance(event, h11.Response):
+                return UpstreamResponse(event.status_code, list(event.headers), stream, self, key)
+            stream.close()
+            if reused and not isinstance(body, AsyncIterator):
+                continue
+            raise UpstreamFailure("reset", f"{netloc} closed the connection without a response")
+        raise UpstreamFailure("reset", f"connection to {netloc} failed twice")
+
+    async def get_json(
+        self, base_url: str, path: str, timeout: float, body: JSON | None = None
+    ) -> Any:
+        """Small JSON request/response (polling, fan-out); raises UpstreamFailure or ValueError."""
+        async with asyncio.timeout(timeout):
+            payload = dumps(body) if body is not None else None
+            method = "POST" if body is not None else "GET"
+            hdrs = [(b"content-type", b"application/json")] if body is not None else []
+            resp = await self.request(base_url, method, path, hdrs, payload)
+            data = await resp.read(limit=64 * MiB, idle_timeout=timeout)
+        if resp.status != 200:
+            raise UpstreamFailure(
+                "status_5xx" if resp.status >= 500 else "status_4xx",
+                f"{path} answered {resp.status}",
+                status=resp.status,
+                body=data,
+            )
+        return json.loads(data)
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for stream in idle:
+                stream.close()
+        self.idle.clear()
+
+
+# =======================================================================================
+# Relays: NDJSON / SSE line-exact, raw passthrough
+# =======================================================================================
+
+
+@dataclass(slots=True)
+class RelayResult:
+    ok: bool = True
+    error: str = ""
+    status: str = "completed"  # or incomplete / client_disconnected / reaped
+    first_byte_at: float | None = None
+    final: JSON | None = None  # the last done:true NDJSON object, or the SSE usage chunk
+    bytes: int = 0
+    lines: int = 0
+
+
+class LineRelay:
+    """Splits a byte stream into whole records (NDJSON lines or SSE events).
+
+    A partial record is held back until its terminator arrives, so a node that dies in the
+    middle of a record never leaves half a JSON object on the client's stream.
+    """
+
+    __slots__ = ("buf", "framing", "last_final", "records", "sep")
+
+    def __init__(self, framing: Framing) -> None:
+        self.framing = framing
+        self.sep = b"\n\n" if framing == "sse" else b"\n"
+        self.buf = bytearray()
+        self.records = 0
+        self.last_final: bytes | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Append a chunk; return the bytes that now form complete records."""
+        if self.framing == "raw":
+            return chunk
+        self.buf += chunk
+        cut = self.buf.rfind(self.sep)
+        if cut < 0:
+            return b""
+        cut += len(self.sep)
+        out = bytes(self.buf[:cut])
+        del self.buf[:cut]
+        self._note(out)
+        return out
+
+    def _note(self, out: bytes) -> None:
+        if self.framing == "ndjson":
+            self.records += out.count(b"\n")
+            if b'"done":true' in out or b'"done": true' in out:
+                start = out.rfind(b"\n", 0, len(out) - 1) + 1
+                self.last_final = out[start:]
+        else:
+            self.records += out.count(b"\n\n")
+            if b'"usage"' in out:
+                end = out.rfind(b"\n\n")
+                start = out.rfind(b"data: ", 0, end)
+                if start >= 0:
+                    self.last_final = out[start + 6 : end]
+
+    def tail(self) -> bytes:
+        """Whatever is left at a clean end of stream (a last line without newline)."""
+        out = bytes(self.buf)
+        self.buf.clear()
+        if out and self.framing == "ndjson" and b'"done"' in out:
+            self.last_final = out
+        return out
+
+    def final_object(self) -> JSON | None:
+        if self.last_final is None:
+            return None
+        try:
+            obj = json.loads(self.last_final)
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None
+
+
+def midstream_error_record(framing: Framing, message: str) -> bytes:
+    if framing == "sse":
+        return (
+            b"data: "
+            + dumps(
+                {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+            )
+            + b"\n\n"
+        )
+    if framing == "ndjson":
+        return dumps({"error": message}) + b"\n"
+    return b""
+
+
+def framing_of(content_type: str | None, path: str) -> Framing:
+    ct = (content_type or "").lower()
+    if "ndjson" in ct:
+        return "ndjson"
+    if "event-stream" in ct:
+        return "sse"
+    return "raw"
+
+
+# =======================================================================================
+# Fleet model
+# =======================================================================================
+
+
+@dataclass(slots=True)
+class Node:
+    """What the router knows about one node; fed by polling (static) or heartbeats (agent)."""
+
+    node_id: str
+    url: str  # the node's Ollama, e.g. http://10.0.0.5:11434
+    source: str  # "static" | "local" | "agent"
+    status: str = "offline"  # online | degraded | offline | draining
+    first_seen: float = 0.0
+    last_seen: float = 0.0  # last successful poll / heartbeat
+    last_change: float = 0.0
+    poll_failures: int = 0
+    last_error: str = ""
+    version: str = ""
+    reachable: bool = False
+    loaded: list[JSON] = field(default_factory=list)  # /api/ps entries as reported
+    available: list[JSON] = field(default_factory=list)  # /api/tags entries as reported
+    available_hash: str = ""
+    recently_unloaded: dict[str, float] = field(default_factory=dict)
+    hardware: JSON = field(default_factory=dict)
+    num_parallel: int | None = None
+    max_loaded_models: int | None = None
+    capabilities: JSON = field(default_factory=dict)
+    errors: list[JSON] = field(default_factory=list)
+    agent_addr: str = ""  # address heartbeats come from
+    agent_version: str = ""
+    interval_s: float = 5.0
+
+    def loaded_names(self) -> set[str]:
+        return {
+            scoring.normalize_model(str(m.get("name") or m.get("model") or "")) for m in self.loaded
+        }
+
+    def available_names(self) -> set[str]:
+        return {
+            scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+            for m in self.available
+        }
+
+    def has_model(self, model: str) -> bool:
+        return model in self.available_names() or model in self.loaded_names()
+
+    def set_loaded(self, entries: list[JSON], now: float) -> None:
+        before = self.loaded_names()
+        self.loaded = entries
+        after = self.loaded_names()
+        for gone in before - after:
+            self.recently_unloaded[gone] = now
+        for back in after:
+            self.recently_unloaded.pop(back, None)
+        for name, when in list(self.recently_unloaded.items()):
+            if now - when > 3600:
+                del self.recently_unloaded[name]
+
+    def snapshot(self, now: float) -> scoring.NodeSnapshot:
+        loaded: dict[str, scoring.LoadedModel] = {}
+        for m in self.loaded:
+            name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+            expires = parse_rfc3339(m.get("expires_at"))
+            if expires is not None and expires < now:
+                continue  # expired: Ollama unloads it any moment
+            ctx = m.get("context_length")
+            loaded[name] = scoring.LoadedModel(
+                name=name,
+                size=int(m.get("size") or 0),
+                size_vram=int(m.get("size_vram") or 0),
+                context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
+                expires_at=expires,
+            )
+        available: dict[str, scoring.AvailableModel] = {}
+        for m in self.available:
+            name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+            details = m.get("details") if isinstance(m.get("details"), dict) else {}
+            assert isinstance(details, dict)
+            families = details.get("families") or []
+            caps = m.get("capabilities") or []
+            available[name] = scoring.AvailableModel(
+                name=name,
+                size=int(m.get("size") or 0),
+                family=str(details.get("family") or ""),
+                families=tuple(str(f) for f in families if isinstance(f, str)),
+                parameter_size=str(details.get("parameter_size") or ""),
+                capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
+            )
+        for kind in ("image", "stt"):
+            for entry in self.capabilities.get(kind) or []:
+                if isinstance(entry, dict) and entry.get("name"):
+                    cname = scoring.normalize_model(str(entry["name"]))
+                    available.setdefault(
+                        cname, scoring.AvailableModel(name=cname, size=0, capabilities=(kind,))
+                    )
+        mem = self.hardware.get("memory") or {}
+        gpu = self.hardware.get("gpu") or {}
+        vram_total = vram_used = 0
+        if isinstance(gpu, dict) and not gpu.get("unified"):
+            for dev in gpu.get("devices") or []:
+                if isinstance(dev, dict):
+                    vram_total += int(dev.get("memory_total_bytes") or 0)
+                    vram_used += int(dev.get("memory_used_bytes") or 0)
+        cpu = self.hardware.get("cpu") or {}
+        return scoring.NodeSnapshot(
+            node_id=self.node_id,
+            status=self.status,
+            ram_total=int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
+            ram_available=int(mem.get("available_bytes") or 0) if isinstance(mem, dict) else 0,
+            vram_total=vram_total,
+            vram_available=max(0, vram_total - vram_used),
+            memory_pressure=str(mem.get("pressure") or "normal")
+            if isinstance(mem, dict)
+            else "normal",
+            loaded=loaded,
+            available=available,
+            recently_unloaded=dict(self.recently_unloaded),
+            num_parallel=self.num_parallel,
+            cpu_load=float(cpu.get("utilization_pct") or 0.0) / 100.0
+            if isinstance(cpu, dict)
+            else 0.0,
+            reachable=self.reachable,
+        )
+
+    def public(self, now: float) -> JSON:
+        """The node as /fleet/status shows it."""
+        return {
+            "node_id": self.node_id,
+            "url": self.url,
+            "source": self.source,
+            "status": self.status,
+            "last_seen": self.last_seen,
+            "seconds_since_seen": round(now - self.last_seen, 3) if self.last_seen else None,
+            "last_error": self.last_error,
+            "version": self.version,
+            "reachable": self.reachable,
+            "agent_version": self.agent_version,
+            "num_parallel": self.num_parallel,
+            "max_loaded_models": self.max_loaded_models,
+            "hardware": self.hardware,
+            "memory": self.hardware.get("memory"),
+            "cpu": self.hardware.get("cpu"),
+            "disk": self.hardware.get("disk"),
+            "loaded_models": [
+                {
+                    "name": m.get("name"),
+                    "size": m.get("size"),
+                    "size_vram": m.get("size_vram"),
+                    "context_length": m.get("context_length"),
+                    "expires_at": m.get("expires_at"),
+                }
+                for m in self.loaded
+            ],
+            "available_models": [
+                {
+                    "name": m.get("name"),
+                    "size": m.get("size"),
+                    "modified_at": m.get("modified_at"),
+                    "details": m.get("details"),
+                }
+                for m in self.available
+            ],
+            "capabilities": self.capabilities,
+            "errors": self.errors,
+        }
+
+
+NODE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def valid_node_id(value: object) -> bool:
+    return (
+        isinstance(value, str) and 0 < len(value) <= 64 and all(c in NODE_ID_CHARS for c in value)
+    )
+
+
+def node_id_from_url(url: str) -> str:
+    host, port, _ = split_url(url)
+    base = host.replace(":", "-").strip("[]")
+    return base if port == 11434 else f"{base}-{port}"
+
+
+# =======================================================================================
+# Queues (router-side, per node:model, capacity = the node's real parallel slots)
+# =======================================================================================
+
+
+@dataclass(slots=True)
+class SlotQueue:
+    node_id: str
+    model: str
+    kind: str = "text"
+    slots: int = 1
+    pending: int = 0
+    in_flight: int = 0
+    done: int = 0
+    failed: int = 0
+    last_used: float = 0.0
+
+    def snapshot(self) -> scoring.QueueSnapshot:
+        return scoring.QueueSnapshot(
+            pending=self.pending, in_flight=self.in_flight, slots=self.slots
+        )
+
+    def public(self) -> JSON:
+        return {
+            "node_id": self.node_id,
+            "model": self.model,
+            "kind": self.kind,
+            "pending": self.pending,
+            "in_flight": self.in_flight,
+            "done": self.done,
+            "failed": self.failed,
+            "slots": self.slots,
+        }
+
+
+class Rejected(Exception):
+    def __init__(self, choice: scoring.Choice, status: int, message: str) -> None:
+        super().__init__(message)
+        self.choice = choice
+        self.status = status
+        self.message = message
+
+
+# =======================================================================================
+# Configuration
+# =======================================================================================
+
+
+@dataclass(slots=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 11435
+    nodes: list[str] = field(default_factory=list)  # static node URLs (agentless)
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".fleet-manager")
+    local_ollama: str | None = "http://127.0.0.1:11434"  # probed at start; None = off
+    poll_interval_s: float = 5.0
+    poll_timeout_s: float = 3.0
+    heartbeat_interval_s: float = 5.0
+    first_byte_timeout_s: float = 300.0  # no response head / first byte → retry elsewhere
+    stall_timeout_s: float = 300.0  # zombie reaper: no progress mid-stream for this long
+    connect_timeout_s: float = 3.0
+    grace_s: float = 10.0
+    retention_days: float = 30.0
+    fleet_key: str | None = None
+    fleet_id: str = "default"
+    mdns: bool = True
+    slots: dict[str, int] = field(default_factory=dict)  # node_id → configured parallel slots
+    limits: Limits = field(default_factory=Limits)
+    policy: scoring.Policy = field(default_factory=scoring.Policy)
+    log_level: str = "INFO"
+
+
+DEFAULT_SETTINGS: dict[str, object] = {
+    "auto_pull": False,  # downloads can be 100 GB: opt in
+    "vram_fallback": False,  # serving another model than asked is opt in, never silent
+    "context_protection": True,
+    "image_generation": True,
+    "transcription": True,
+}
+
+
+# =======================================================================================
+# Metrics (Prometheus text exposition, no dependency)
+# =======================================================================================
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}  # (endpoint, kind, status)
+        self.latency: dict[str, list[int]] = {}  # kind → bucket counts (+Inf last)
+        self.latency_sum: dict[str, float] = {}
+        self.retries = 0
+        self.fallbacks = 0
+        self.rejected = 0
+        self.reaped = 0
+
+    def observe(self, endpoint: str, kind: str, status: str, latency_s: float) -> None:
+        key = (endpoint, kind, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        buckets = self.latency.setdefault(kind, [0] * (len(LATENCY_BUCKETS) + 1))
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if latency_s <= bound:
+                buckets[i] += 1
+        buckets[-1] += 1
+        self.latency_sum[kind] = self.latency_sum.get(kind, 0.0) + latency_s
+
+
+def prom_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# =======================================================================================
+# Request bookkeeping
+# =======================================================================================
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one routed client request carries through its attempts."""
+
+    request_id: str
+    kind: str
+    endpoint: str
+    original_model: str
+    tags: list[str]
+    client_ip: str
+    received_at: float
+    started: float  # monotonic
+    retries: int = 0
+    fallback_used: bool = False
+    served_model: str = ""
+    node_id: str = ""
+    queue_ms: float = 0.0
+
+
+INFERENCE_PATHS: dict[str, tuple[str, str]] = {
+    # path → (kind, dialect)
+    "/api/generate": ("text", "native"),
+    "/api/chat": ("text", "native"),
+    "/api/embed": ("embed", "native"),
+    "/api/embeddings": ("embed", "native"),
+    "/v1/chat/completions": ("text", "openai"),
+    "/v1/completions": ("text", "openai"),
+    "/v1/embeddings": ("embed", "openai"),
+    "/v1/responses": ("text", "openai"),
+    "/v1/messages": ("text", "openai"),
+}
+
+
+def is_zero_keep_alive(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return value == 0
+    if isinstance(value, str):
+        v = value.strip()
+        return v in ("0", "0s", "0m", "0h", "0ms") or (
+            v.replace(".", "", 1).isdigit() and float(v) == 0
+        )
+    return False
+
+
+def extract_tags(body: JSON, request: Request) -> list[str]:
+    """Tags from ``metadata.tags``, ``X-Herd-Tags`` and OpenAI ``user``; removed from body."""
+    tags: list[str] = []
+    meta = body.get("metadata")
+    if isinstance(meta, dict):
+        raw = meta.pop("tags", None)
+        if isinstance(raw, list):
+            tags += [str(t) for t in raw if isinstance(t, str | int | float)]
+        elif isinstance(raw, str):
+            tags += [t for t in raw.split(",")]
+        if not meta:
+            body.pop("metadata", None)
+    header = request.header("x-herd-tags")
+    if header:
+        tags += header.split(",")
+    user = body.get("user")
+    if isinstance(user, str) and user and request.path.startswith("/v1/"):
+        tags.append(f"user:{user}")
+    seen: dict[str, None] = {}
+    for t in tags:
+        t = t.strip()[:64]
+        if t:
+            seen.setdefault(t, None)
+    return list(seen)[:32]
+
+
+def estimate_tokens(body: JSON, raw_len: int) -> int:
+    """Rough prompt size: ~4 bytes a token of the text fields (images excluded)."""
+    text = 0
+    for key in ("prompt", "system", "suffix", "input"):
+        v = body.get(key)
+        if isinstance(v, str):
+            text += len(v)
+        elif isinstance(v, list):
+            text += sum(len(x) for x in v if isinstance(x, str))
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict):
+                c = m.get("content")
+                if isinstance(c, str):
+                    text += len(c)
+                elif isinstance(c, list):
+                    text += sum(len(str(p.get("text", ""))) for p in c if isinstance(p, dict))
+    if not text:
+        text = min(raw_len, 1_000_000)
+    return max(1, text // 4)
+
+
+def needs_vision(body: JSON) -> bool:
+    if body.get("images"):
+        return True
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if not isinstance(m, dict):
+                continue
+            if m.get("images"):
+                return True
+            c = m.get("content")
+            if isinstance(c, list) and any(
+                isinstance(p, dict) and p.get("type") == "image_url" for p in c
+            ):
+                return True
+    return False
+
+
+def requested_num_ctx(body: JSON) -> int | None:
+    opts = body.get("options")
+    if isinstance(opts, dict):
+        v = opts.get("num_ctx")
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def upstream_headers(request: Request) -> Headers:
+    """Client headers to forward: hop-by-hop, herd's own and credentials for herd removed."""
+    out: Headers = []
+    for k, v in request.headers:
+        if k in HOP_BY_HOP or k.startswith(b"x-herd-") or k == b"expect":
+            continue
+        out.append((k, v))
+    out.append((b"x-request-id", request.request_id.encode()))
+    return out
+
+
+RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
+
+
+# =======================================================================================
+# The router
+# =======================================================================================
+
+
+class Router:
+    """Owns the fleet model, the queues and every handler. Built once in ``serve()``."""
+
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.limits = config.limits
+        self.router_id = uuid.uuid4().hex[:12]
+        self.rng = rng or random.Random()
+        self.pool = Pool(connect_timeout_s=config.connect_timeout_s)
+        self.store = store.Store(config.data_dir, retention_days=config.retention_days)
+        self.nodes: dict[str, Node] = {}
+        self.queues: dict[tuple[str, str], SlotQueue] = {}
+        self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
+        self.breakers: dict[str, scoring.BreakerState] = {}
+        self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
+        self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
+        self.metrics = Metrics()
+        self.slot_freed = asyncio.Event()
+        self.active_requests = 0
+        self.server = HttpServer(self.dispatch, self.limits, self.render_error)
+        self.address: tuple[str, int] = ("", 0)
+        self.started_at = time.time()
+        self.background: set[asyncio.Task[Any]] = set()
+        self.routes: dict[str, dict[str, Handler]] = self._route_table()
+
+    # ---------------------------------------------------------------- lifecycle ----------
+
+    async def start(self) -> tuple[str, int]:
+        await self.store.open()
+        stored = await self.store.get_settings()
+        for key, value in stored.items():
+            if key in DEFAULT_SETTINGS:
+                self.settings[key] = value
+        now = time.time()
+        for url in self.config.nodes:
+            self.add_static_node(url, "static", now)
+        self.address = await self.server.start(self.config.host, self.config.port)
+        self._spawn(self._poll_loop(), "poller")
+        self._spawn(self._monitor_loop(), "monitor")
+        if self.config.local_ollama:
+            self._spawn(self._probe_local(self.config.local_ollama), "local-probe")
+        if self.config.mdns:
+            self._spawn(self._advertise(), "mdns")
+        return self.address
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(f"herd-{name}")
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed: %r", task.get_name(), task.exception())
+
+    async def stop(self) -> None:
+        await self.server.stop(self.config.grace_s)
+        for task in list(self.background):
+            task.cancel()
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=3)
+        self.pool.close()
+        await self.store.close()
+
+    def add_static_node(self, url: str, source: str, now: float) -> Node:
+        url = normalize_url(url)
+        for node in self.nodes.values():
+            if node.url == url:
+                return node
+        node_id = node_id_from_url(url)
+        if source == "local":
+            node_id = socket.gethostname().split(".")[0] or "local"
+        base, n = node_id, 2
+        while node_id in self.nodes:
+            node_id, n = f"{base}-{n}", n + 1
+        node = Node(node_id=node_id, url=url, source=source, first_seen=now, last_change=now)
+        self.nodes[node_id] = node
+        log.info("node %s added (%s, %s)", node_id, source, url)
+        self.store.record_event("node_added", node_id, {"url": url, "source": source})
+        return node
+
+    # ---------------------------------------------------------------- polling -------------
+
+    async def _probe_local(self, url: str) -> None:
+        """Add a local Ollama as a node when one answers (checked again every minute)."""
+        while True:
+            if not any(n.url == normalize_url(url) for n in self.nodes.values()):
+                try:
+                    await self.pool.get_json(url, "/api/version", self.config.poll_timeout_s)
+                except (UpstreamFailure, ValueError, TimeoutError, OSError):
+                    pass
+                else:
+                    node = self.add_static_node(url, "local", time.time())
+                    await self.refresh_node(node)
+            await asyncio.sleep(60)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            targets = [n for n in self.nodes.values() if n.source in ("static", "local")]
+            if targets:
+                await asyncio.gather(*(self.refresh_node(n) for n in targets))
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def refresh_node(self, node: Node) -> bool:
+        """Poll a node's Ollama (/api/ps, /api/tags, /api/version) concurrently."""
+        timeout = self.config.poll_timeout_s
+        results = await asyncio.gather(
+            self.pool.get_json(node.url, "/api/ps", timeout),
+            self.pool.get_json(node.url, "/api/tags", timeout),
+            self.pool.get_json(node.url, "/api/version", timeout),
+            return_exceptions=True,
+        )
+        now = time.time()
+        ps, tags, version = results
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for err in errors:
+                if isinstance(err, asyncio.CancelledError):
+                    raise err
+            if node.source == "agent":
+                node.reachable = False
+                node.last_error = f"router cannot reach Ollama: {errors[0]}"
+                return False
+            node.poll_failures += 1
+            node.last_error = str(errors[0]) or type(errors[0]).__name__
+            node.reachable = False
+            new = "degraded" if node.poll_failures < 3 else "offline"
+            self._set_status(node, new, now)
+            return False
+        node.poll_failures = 0
+        node.reachable = True
+        node.last_seen = now
+        node.last_error = ""
+        if isinstance(ps, dict) and isinstance(ps.get("models"), list):
+            node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
+        if isinstance(tags, dict) and isinstance(tags.get("models"), list):
+            node.available = [m for m in tags["models"] if isinstance(m, dict)]
+        if isinstance(version, dict):
+            node.version = str(version.get("version") or "")
+        if node.status != "draining":
+            self._set_status(node, "online", now)
+        self._wake_waiters()
+        return True
+
+    def _set_status(self, node: Node, status: str, now: float) -> None:
+        if node.status != status:
+            log.info("node %s: %s -> %s", node.node_id, node.status, status)
+            self.store.record_event(
+                f"node_{status}", node.node_id, {"from": node.status, "error": node.last_error}
+            )
+            node.status = status
+            node.last_change = now
+            self._wake_waiters()
+
+    async def _monitor_loop(self) -> None:
+        """Agent nodes: degraded after a missed beat, offline within three."""
+        while True:
+            now = time.time()
+            for node in list(self.nodes.values()):
+                if node.source != "agent" or node.status in ("offline", "draining"):
+                    continue
+                silence = now - node.last_seen
+                if silence > 3 * node.interval_s:
+                    self._set_status(node, "offline", now)
+                elif silence > 1.5 * node.interval_s:
+                    self._set_status(node, "degraded", now)
+            await asyncio.sleep(min(1.0, self.config.heartbeat_interval_s / 4))
+
+    # ---------------------------------------------------------------- queues --------------
+
+    def _wake_waiters(self) -> None:
+        self.slot_freed.set()
+        self.slot_freed = asyncio.Event()
+
+    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
+        key = (node_id, model)
+        q = self.queues.get(key)
+        node = self.nodes.get(node_id)
+        slots = 1
+        if node is not None:
+            snap = node.snapshot(time.time())
+            slots = scoring.slot_count(snap, self.config.slots.get(node_id), self.policy)
+        if q is None:
+            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
+        else:
+            q.slots = slots
+        return q
+
+    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
+        return [n.snapshot(now) for n in self.nodes.values()]
+
+    def _queue_snapshots(
+        self, model: str, kind: str
+    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
+        for node in self.nodes.values():
+            if node.has_model(model) or kind in ("image", "stt"):
+                self.queue_for(node.node_id, model, kind)
+        return {k: q.snapshot() for k, q in self.queues.items()}
+
+    async def acquire(
+        self, rreq: scoring.RouteRequest
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        """Wait for a slot on the best node; re-scores every time any slot frees."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            now = time.time()
+            snaps = self._snapshots(now)
+            queues = self._queue_snapshots(rreq.model, rreq.kind)
+            choice = scoring.choose(
+                rreq,
+                snaps,
+                queues,
+                self.stats,
+                self.breakers,
+                now,
+                self.rng.random(),
+                self.policy,
+                waited_s=loop.time() - start,
+            )
+            if choice.action == "dispatch" and choice.node_id in self.nodes:
+                node = self.nodes[choice.node_id]
+                q = self.queue_for(node.node_id, rreq.model, rreq.kind)
+                q.in_flight += 1
+                q.last_used = now
+                self.breakers_probe(node.node_id, rreq.model, now)
+                return node, q, choice, (loop.time() - start) * 1000
+            if choice.action != "wait":
+                raise Rejected(choice, 503, choice.reason)
+            waiting_on = choice.winner.node_id if choice.winner else None
+            q_wait = self.queue_for(waiting_on, rreq.model, rreq.kind) if waiting_on else None
+            if q_wait is not None:
+                q_wait.pending += 1
+            event = self.slot_freed
+            try:
+                remaining = self.policy.max_queue_wait_s - (loop.time() - start)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.01, min(1.0, remaining))):
+                        await event.wait()
+            finally:
+                if q_wait is not None:
+                    q_wait.pending -= 1
+
+    def release(self, q: SlotQueue, ok: bool) -> None:
+        q.in_flight -= 1
+        if ok:
+            q.done += 1
+        else:
+            q.failed += 1
+        self._wake_waiters()
+
+    def breakers_probe(self, node_id: str, model: str, now: float) -> None:
+        """Taking a half-open breaker's single probe marks it in flight."""
+        for key in (node_id, f"{node_id}:{model}"):
+            state = self.breakers.get(key)
+            if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
+                self.breakers[key] = dataclasses.replace(
+                    state, state="half_open", probe_in_flight=True
+                )
+
+    def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
+        total = max(1, len(self.nodes))
+        ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
+        share = ejected / total
+        node_key_kinds = ("connect", "reset", "timeout_first_byte")
+        keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
+        for key in keys:
+            state = self.breakers.get(key, scoring.BreakerState())
+            new = scoring.breaker_on_failure(state, now, self.policy, share)
+            if new.state == "open" and state.state != "open":
+                log.warning(
+                    "breaker open for %s after %s failure(s)", key, new.consecutive_failures
+                )
+                self.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
+            self.breakers[key] = new
+        node = self.nodes.get(node_id)
+        if node is not None and kind == "connect":
+            node.reachable = False
+
+    def breaker_success(self, node_id: str, model: str, now: float) -> None:
+        for key in (node_id, f"{node_id}:{model}"):
+            state = self.breakers.get(key)
+            if state is not None:
+                self.breakers[key] = scoring.breaker_on_success(state, now, self.policy)
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.reachable = True
+
+    # ---------------------------------------------------------------- routes --------------
+
+    def _route_table(self) -> dict[str, dict[str, Handler]]:
+        r: dict[str, dict[str, Handler]] = {
+            "/": {"GET": self.h_root, "HEAD": self.h_root},
+            "/api/version": {"GET": self.h_version, "HEAD": self.h_version},
+            "/api/tags": {"GET": self.h_tags, "HEAD": self.h_tags},
+            "/api/ps": {"GET": self.h_ps},
+            "/api/show": {"POST": self.h_show},
+            "/api/pull": {"POST": self.h_pull},
+            "/api/push": {"POST": self.h_push},
+            "/api/create": {"POST": self.h_create},
+            "/api/copy": {"POST": self.h_copy},
+            "/api/delete": {"DELETE": self.h_delete},
+            "/v1/models": {"GET": self.h_v1_models},
+            "/fleet/status": {"GET": self.h_fleet_status},
+            "/heartbeat": {"POST": self.h_heartbeat},
+            "/metrics": {"GET": self.h_metrics},
+        }
+        for path in INFERENCE_PATHS:
+            r[path] = {"POST": self.h_inference}
+        return r
+
+    async def dispatch(self, request: Request, response: Response) -> None:
+        path = request.path
+        if request.method == "OPTIONS":
+            await self.h_options(request, response)
+            return
+        methods = self.routes.get(path)
+        if methods is None and len(path) > 1 and path.endswith("/"):
+            methods = self.routes.get(path.rstrip("/"))
+        if methods is None:
+            if path.startswith("/api/blobs/"):
+                methods = {"HEAD": self.h_blob_head, "POST": self.h_blob_post}
+            elif path.startswith("/v1/models/"):
+                methods = {"GET": self.h_v1_model}
+        if methods is None:
+            methods = self.extra_route(path)
+        if methods is None:
+            await response.send(404, b"404 page not found", "text/plain")
+            return
+        handler = methods.get(request.method)
+        if handler is None:
+            await response.send(
+                405,
+                b"405 method not allowed",
+                "text/plain",
+                [("allow", ", ".join(sorted(methods)))],
+            )
+            return
+        await handler(request, response)
+
+    def extra_route(self, path: str) -> dict[str, Handler] | None:
+        """Hook for routes added by later sections (dashboard, multimodal)."""
+        return None
+
+    async def render_error(
+        self, request: Request | None, response: Response | None, exc: HttpError
+    ) -> None:
+        if response is None:
+            return
+        path = request.path if request is not None else "/"
+        headers = list(exc.headers)
+        if is_openai_path(path) and exc.status in (429, 503):
+            headers.append(("x-should-retry", "true"))
+        await response.send(
+            exc.status,
+            error_body(path, exc.status, exc.message),
+            "application/json; charset=utf-8",
+            headers,
+        )
+
+    async def h_options(self, request: Request, response: Response) -> None:
+        origin = request.header("origin")
+        headers = [
+            ("access-control-allow-methods", "GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+            (
+                "access-control-allow-headers",
+                request.header("access-control-request-headers")
+                or "Authorization, Content-Type, User-Agent, Accept, X-Requested-With",
+            ),
+            ("access-control-max-age", "43200"),
+        ]
+        if origin and origin_allowed(origin):
+            headers.append(("access-control-allow-origin", origin))
+            headers.append(("vary", "Origin"))
+        await response.send(204, b"", "text/plain", headers)
+
+    # ---------------------------------------------------------------- local answers -------
+
+    async def h_root(self, request: Request, response: Response) -> None:
+        await response.send(200, OLLAMA_RUNNING, "text/plain; charset=utf-8")
+
+    def healthy_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
+
+    async def h_version(self, request: Request, response: Response) -> None:
+        versions = [n.version for n in self.healthy_nodes() if n.version]
+        if not versions:
+            versions = [n.version for n in self.nodes.values() if n.version]
+        if not versions:
+            raise HttpError(503, "no Ollama node has reported its version yet")
+        lowest = min(versions, key=version_key)
+        await response.json({"version": lowest})
+
+    def merged_tags(self) -> list[JSON]:
+        """Union of /api/tags over healthy nodes, one entry per model name."""
+        by_name: dict[str, list[JSON]] = {}
+        for node in self.healthy_nodes():
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+                by_name.setdefault(name, []).append(m)
+        merged: list[JSON] = []
+        for entries in by_name.values():
+            digests: dict[str, int] = {}
+            for e in entries:
+                d = str(e.get("digest") or "")
+                digests[d] = digests.get(d, 0) + 1
+            best = max(
+                entries,
+                key=lambda e: (
+                    digests[str(e.get("digest") or "")],
+                    str(e.get("modified_at") or ""),
+                ),
+            )
+            merged.append(best)
+        merged.sort(key=lambda e: str(e.get("modified_at") or ""), reverse=True)
+        return merged
+
+    async def h_tags(self, request: Request, response: Response) -> None:
+        await response.json({"models": self.merged_tags()})
+
+    async def h_ps(self, request: Request, response: Response) -> None:
+        nodes = self.healthy_nodes()
+
+        async def one(node: Node) -> list[JSON]:
+            try:
+                data = await self.pool.get_json(node.url, "/api/ps", 2.0)
+                if isinstance(data, dict) and isinstance(data.get("models"), list):
+                    node.set_loaded([m for m in data["models"] if isinstance(m, dict)], time.time())
+            except (UpstreamFailure, ValueError, TimeoutError, OSError):
+                pass  # the last known state is the best answer we have
+            return [{**m, "node": node.node_id} for m in node.loaded]
+
+        parts = await asyncio.gather(*(one(n) for n in nodes))
+        await response.json({"models": [m for part in parts for m in part]})
+
+    def v1_model_entry(self, m: JSON) -> JSON:
+        name = str(m.get("name") or m.get("model") or "")
+        created = parse_rfc3339(m.get("modified_at")) or 0.0
+        owner = name.split("/")[-2] if "/" in name else "library"
+        return {"id": name, "object": "model", "created": int(created), "owned_by": owner}
+
+    async def h_v1_models(self, request: Request, response: Response) -> None:
+        await response.json(
+            {"object": "list", "data": [self.v1_model_entry(m) for m in self.merged_tags()]}
+        )
+
+    async def h_v1_model(self, request: Request, response: Response) -> None:
+        wanted = request.path[len("/v1/models/") :]
+        key = scoring.normalize_model(wanted)
+        for m in self.merged_tags():
+            if scoring.normalize_model(str(m.get("name") or m.get("model") or "")) == key:
+                await response.json(self.v1_model_entry(m))
+                return
+        raise HttpError(404, f'model "{wanted}" not found')
+
+    # ---------------------------------------------------------------- model admin ---------
+
+    def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
+        pool = self.healthy_nodes() if healthy else list(self.nodes.values())
+        hot = [n for n in pool if model in n.loaded_names()]
+        cold = [n for n in pool if n not in hot and model in n.available_names()]
+        return hot + cold
+
+    def pick_node(self, request: Request, body: JSON | None) -> Node | None:
+        """Explicit target: ``node_id`` in the body or ``X-Herd-Node``."""
+        wanted = (body or {}).get("node_id") if body else None
+        wanted = wanted or request.header("x-herd-node")
+        if not wanted:
+            return None
+        node = self.nodes.get(str(wanted))
+        if node is None:
+            raise HttpError(404, f"node '{wanted}' is not in the fleet")
+        if node.status not in ("online", "degraded"):
+            raise HttpError(503, f"node '{wanted}' is {node.status}")
+        return node
+
+    def model_of(self, body: JSON) -> str:
+        raw = body.get("model") or body.get("name")
+        if not isinstance(raw, str) or not raw.strip():
+            raise HttpError(400, "model is required")
+        if not scoring.is_valid_model_name(raw):
+            raise HttpError(400, f"invalid model name {raw!r}")
+        return raw
+
+    def roomiest(self, candidates: Sequence[Node]) -> Node | None:
+        def room(n: Node) -> tuple[int, int]:
+            disk = n.hardware.get("disk") or {}
+            mem = n.hardware.get("memory") or {}
+            return (
+                int(disk.get("free_bytes") or 0) if isinstance(disk, dict) else 0,
+                int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
+            )
+
+        return max(candidates, key=room) if candidates else None
+
+    async def h_show(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model = scoring.normalize_model(self.model_of(body))
+        candidates = self.nodes_with(model)
+        if not candidates:
+            raise HttpError(404, f"model '{self.model_of(body)}' not found")
+        await self.forward_simple(request, response, candidates, raw)
+
+    async def forward_simple(
+        self,
+        request: Request,
+        response: Response,
+        candidates: Sequence[Node],
+        raw: bytes | None,
+        framing_hint: Framing | None = None,
+    ) -> Node:
+        """Proxy to the first candidate that answers (connect failures move on)."""
+        last: UpstreamFailure | None = None
+        for node in candidates:
+            try:
+                up = await self.pool.request(
+                    node.url,
+                    request.method,
+                    request.target,
+                    upstream_headers(request),
+                    raw,
+                    head_timeout=self.config.first_byte_timeout_s,
+                )
+            except UpstreamFailure as exc:
+                last = exc
+                self.breaker_failure(node.node_id, "", exc.kind, time.time())
+                continue
+            await self.relay_plain(up, response, node, framing_hint)
+            return node
+        raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
+
+    async def relay_plain(
+        self,
+        up: UpstreamResponse,
+        response: Response,
+        node: Node,
+        framing_hint: Framing | None = None,
+        model: str = "",
+    ) -> RelayResult:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        headers.append((b"x-herd-node", node.node_id.encode()))
+        if model:
+            headers.append((b"x-herd-model", model.encode()))
+        await response.start(up.status, headers)
+        framing = framing_hint or framing_of(up.header("content-type"), "")
+        relay = LineRelay(framing)
+        result = RelayResult()
+        try:
+            async for chunk in up.chunks(self.config.stall_timeout_s):
+                out = relay.feed(chunk)
+                if out:
+                    await response.write(out)
+            tail = relay.tail()
+            if tail:
+                await response.write(tail)
+        except (ConnectionClosed, TimeoutError) as exc:
+            up.close()
+            result.ok = False
+            result.status = "incomplete"
+            result.error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
+            record = midstream_error_record(relay.framing, result.error)
+            if not record or response.status != 200 or up.header("content-length"):
+                raise ClientGone(result.error) from None  # cannot end this body cleanly
+            await response.write(record)
+        except BaseException:
+            up.close()
+            raise
+        return result
+
+    async def h_pull(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model_raw = self.model_of(body)
+        target = self.pick_node(request, body)
+        if target is None:
+            healthy = self.healthy_nodes()
+            missing = [
+                n for n in healthy if scoring.normalize_model(model_raw) not in n.available_names()
+            ]
+            target = self.roomiest(missing or healthy)
+        if target is None:
+            raise HttpError(503, "no node is online to pull to")
+        body.pop("node_id", None)
+        node = await self.forward_simple(request, response, [target], dumps(body))
+        self._spawn(self.refresh_node(node), "refresh")
+
+    async def h_push(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model = scoring.normalize_model(self.model_of(body))
+        candidates = self.nodes_with(model)
+        if not candidates:
+            raise HttpError(404, f"model '{self.model_of(body)}' not found")
+        await self.forward_simple(request, response, candidates, raw)
+
+    async def h_create(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        self.model_of(body)
+        target = self.pick_node(request, body)
+        files = body.get("files")
+        if target is None and isinstance(files, dict):
+            for digest in files.values():
+                pinned = self.blob_pins.get(str(digest))
+                if pinned in self.nodes:
+                    target = self.nodes[pinned]
+                    break
+        if target is None and isinstance(body.get("from"), str):
+            holders = self.nodes_with(scoring.normalize_model(body["from"]))
+            target = holders[0] if holders else None
+        if target is None:
+            target = self.roomiest(self.healthy_nodes())
+        if target is None:
+            raise HttpError(503, "no node is online")
+        body.pop("node_id", None)
+        node = await self.forward_simple(request, response, [target], dumps(body))
+        self._spawn(self.refresh_node(node), "refresh")
+
+    async def h_blob_head(self, request: Request, response: Response) -> None:
+        digest = request.path[len("/api/blobs/") :]
+        pinned = self.blob_pins.get(digest)
+        candidates = [self.nodes[pinned]] if pinned in self.nodes else self.healthy_nodes()
+
+        async def has(node: Node) -> bool:
+            try:
+                async with asyncio.timeout(self.config.poll_timeout_s):
+                    up = await self.pool.request(node.url, "HEAD", request.target)
+                    await up.read()
+                return up.status == 200
+            except (UpstreamFailure, ConnectionClosed, TimeoutError):
+                return False
+
+        found = await asyncio.gather(*(has(n) for n in candidates))
+        for node, ok in zip(candidates, found, strict=True):
+            if ok:
+                self.blob_pins[digest] = node.node_id
+                await response.send(
+                    200, b"", "text/plain", [("x-herd-node", node.node_id), ("content-length", "0")]
+                )
+                return
+        await response.send(404, b"", "text/plain")
+
+    async def h_blob_post(self, request: Request, response: Response) -> None:
+        digest = request.path[len("/api/blobs/") :]
+        target = self.pick_node(request, None)
+        if target is None and self.blob_pins.get(digest) in self.nodes:
+            target = self.nodes[self.blob_pins[digest]]
+        if target is None:
+            target = self.roomiest(self.healthy_nodes())
+        if target is None:
+            raise HttpError(503, "no node is online to receive the blob")
+        body = request.body_chunks(self.limits.max_upload_bytes)
+        headers = upstream_headers(request)
+        try:
+            up = await self.pool.request(
+                target.url,
+                "POST",
+                request.target,
+                headers,
+                body,
+                head_timeout=self.config.first_byte_timeout_s,
+            )
+        except UpstreamFailure as exc:
+            raise HttpError(502, f"blob upload to {target.node_id} failed: {exc.message}") from None
+        if up.status < 300:
+            self.blob_pins[digest] = target.node_id
+        await self.relay_plain(up, response, target)
+
+    async def broadcast(
+        self, request: Request, response: Response, model_raw: str, raw: bytes
+    ) -> None:
+        """Send a model admin request to every healthy node holding the model."""
+        model = scoring.normalize_model(model_raw)
+        holders = self.nodes_with(model)
+        if not holders:
+            raise HttpError(404, f"model '{model_raw}' not found")
+
+        async def one(node: Node) -> tuple[Node, int, bytes]:
+            try:
+                async with asyncio.timeout(60):
+                    up = await self.pool.request(
+                        node.url, request.method, request.target, upstream_headers(request), raw
+                    )
+                    data = await up.read()
+                return node, up.status, data
+            except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+                return node, 502, dumps({"error": str(exc)})
+
+        results = await asyncio.gather(*(one(n) for n in holders))
+        for node, _, _ in results:
+            self._spawn(self.refresh_node(node), "refresh")
+        ok = [r for r in results if r[1] < 300]
+        served = ",".join(r[0].node_id for r in ok)
+        if ok:
+            await response.send(
+                200, b"", "application/json; charset=utf-8", [("x-herd-node", served)]
+            )
+            return
+        status, data = results[0][1], results[0][2]
+        await response.send(status, data, "application/json; charset=utf-8")
+
+    async def h_copy(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        source = body.get("source")
+        if not isinstance(source, str) or not isinstance(body.get("destination"), str):
+            raise HttpError(400, "source and destination are required")
+        await self.broadcast(request, response, source, raw)
+
+    async def h_delete(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        await self.broadcast(request, response, self.model_of(body), raw)
+
+    # ---------------------------------------------------------------- inference -----------
+
+    async def h_inference(self, request: Request, response: Response) -> None:
+        kind, dialect = INFERENCE_PATHS[request.path]
+        raw = await request.read_body(self.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model_raw = self.model_of(body)
+        tags = extract_tags(body, request)
+        fallbacks = body.pop("fallback_models", None)
+        fallback_models = (
+            [f for f in fallbacks if isinstance(f, str)] if isinstance(fallbacks, list) else []
+        )
+        opt_out = body.pop("fallback", True) is False or (
+            request.header("x-herd-no-fallback") or ""
+        ).lower() in ("1", "true", "yes")
+        pinned = body.pop("node_id", None) or request.header("x-herd-node")
+        if pinned is not None and not isinstance(pinned, str):
+            raise HttpError(400, "node_id must be a string")
+        attempt = Attempt(
+            request_id=request.request_id,
+            kind=kind,
+            endpoint=request.path,
+            original_model=model_raw,
+            tags=tags,
+            client_ip=request.client_ip,
+            received_at=request.received_at,
+            started=time.monotonic(),
+        )
+        self.active_requests += 1
+        try:
+            if (
+                dialect == "native"
+                and request.path in ("/api/generate", "/api/chat")
+                and is_zero_keep_alive(body.get("keep_alive"))
+                and not body.get("prompt")
+                and not body.get("messages")
+            ):
+                await self.unload_everywhere(request, response, body, attempt)
+                return
+            await self.serve_routed(
+                request,
+                response,
+                body,
+                attempt,
+                fallback_models,
+                allow_vram_fallback=not opt_out,
+                pinned=pinned,
+                raw_len=len(raw),
+            )
+        finally:
+            self.active_requests -= 1
+
+    async def unload_everywhere(
+        self, request: Request, response: Response, body: JSON, attempt: Attempt
+    ) -> None:
+        model = scoring.normalize_model(str(body["model"]))
+        holders = [n for n in self.healthy_nodes() if model in n.loaded_names()]
+        if not any(n.has_model(model) for n in self.healthy_nodes()):
+            raise HttpError(404, f"model '{body['model']}' not found")
+        payload = dumps(body)
+
+        async def one(node: Node) -> None:
+            with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):
+                async with asyncio.timeout(30):
+                    up = await self.pool.request(
+                        node.url, "POST", request.path, upstream_headers(request), payload
+                    )
+                    await up.read()
+            await self.refresh_node(node)
+
+        await asyncio.gather(*(one(n) for n in holders))
+        out: JSON = {"model": body["model"], "created_at": rfc3339(time.time())}
+        if request.path == "/api/chat":
+            out["message"] = {"role": "assistant", "content": ""}
+        else:
+            out["response"] = ""
+        out.update({"done": True, "done_reason": "unload"})
+        await response.json(
+            out,
+            headers=[
+                ("x-herd-node", ",".join(n.node_id for n in holders)),
+                ("x-herd-model", str(body["model"])),
+                ("x-herd-retries", "0"),
+            ],
+        )
+        self.trace(attempt, status="completed", http_status=200, model=model)
+
+    async def serve_routed(
+        self,
+        request: Request,
+        response: Response,
+        body: JSON,
+        attempt: Attempt,
+        fallback_models: Sequence[str],
+        *,
+        allow_vram_fallback: bool,
+        pinned: str | None,
+        raw_len: int,
+    ) -> None:
+        """Route across the model chain (primary, then ``fallback_models``) with retries."""
+        chain = scoring.fallback_chain(attempt.original_model, fallback_models)
+        est = estimate_tokens(body, raw_len)
+        vision = needs_vision(body)
+        first_error: HttpError | None = None
+        for index, model in enumerate(chain):
+            served_model = model
+            send_body = body
+            if allow_vram_fallback and self.settings.get("vram_fallback") and not pinned:
+                alt = scoring.vram_fallback(
+                    model, self._snapshots(time.time()), vision, attempt.kind
+                )
+                if alt is not None:
+                    served_model, why = alt
+                    log.info(
+                        "request %s: vram fallback %s -> %s (%s)",
+                        attempt.request_id,
+                        model,
+                        served_model,
+                        why,
+                    )
+            if self.settings.get("context_protection"):
+                decision = scoring.protect_context(
+                    served_model,
+                    requested_num_ctx(body),
+                    est,
+                    self._snapshots(time.time()),
+                    allow_upgrade=allow_vram_fallback,
+                )
+                if decision.action != "keep":
+                    log.info(
+                        "request %s: context protection %s (%s)",
+                        attempt.request_id,
+                        decision.action,
+                        decision.reason,
+                    )
+                    send_body = apply_context_decision(send_body, decision)
+                    served_model = decision.model
+            if served_model != model or send_body is not body or index > 0:
+                send_body = dict(send_body)
+                send_body["model"] = (
+                    served_model if served_model != model or index > 0 else send_body.get("model")
+                )
+            attempt.fallback_used = index > 0 or served_model != model
+            payload = dumps(send_body)
+            rreq = scoring.RouteRequest(
+                model=scoring.normalize_model(served_model),
+                kind=attempt.kind,
+                est_tokens=est,
+                num_ctx=requested_num_ctx(send_body),
+                needs_vision=vision,
+                pinned_node=pinned,
+            )
+            try:
+                await self.route_with_retries(
+                    request, response, rreq, payload, attempt, served_model
+                )
+                return
+            except HttpError as exc:
+                if exc.kind != "unservable":
+                    raise
+                first_error = first_error or exc
+                continue
+        assert first_error is not None
+        self.trace(
+            attempt,
+            status="rejected" if first_error.status == 503 else "failed",
+            http_status=first_error.status,
+            error=first_error.message,
+        )
+        self.metrics.rejected += 1
+        raise first_error
+
+    def _unservable(
+        self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
+    ) -> HttpError:
+        anywhere = any(n.has_model(rreq.model) for n in self.nodes.values())
+        if rreq.kind in ("image", "stt") or not anywhere:
+            return HttpError(404, f"model '{display}' not found", kind="unservable")
+        return HttpError(
+            503,
+            f"no node can serve '{display}' right now: {choice.reason}",
+            headers=[("retry-after", "5")],
+            kind="unservable",
+        )
+
+    async def route_with_retries(
+        self,
+        request: Request,
+        response: Response,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        served_model: str,
+    ) -> None:
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        base_retries = attempt.retries  # retries spent on earlier models of the chain
+        while True:
+            rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
+            try:
+                node, queue, choice, queue_ms = await self.acquire(rreq)
+            except Rejected as rej:
+                if last is not None:  # every candidate failed: the client gets the last failure
+                    self.trace(
+                        attempt,
+                        status="failed",
+                        http_status=last.status,
+                        error=f"no node left to try: {last.message}",
+                        model=served_model,
+                        node_id="",
+                    )
+                    await self._send_failure(request, response, last, attempt)
+                    return
+                if rej.choice.retry_after_s is not None:
+                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
+                    self.trace(
+                        attempt,
+                        status="rejected",
+                        http_status=503,
+                        error=rej.message,
+                        choice=rej.choice,
+                        model=served_model,
+                    )
+                    self.metrics.rejected += 1
+                    raise HttpError(
+                        503,
+                        f"all nodes are busy: {rej.message}",
+                        headers=[("retry-after", str(retry_after))],
+                    ) from None
+                raise self._unservable(rreq, rej.choice, served_model) from None
+            attempt.queue_ms += queue_ms
+            attempt.node_id = node.node_id
+            attempt.served_model = served_model
+            attempt.retries = base_retries + len(tried)  # one failed node per attempt
+            if tried:
+                self.metrics.retries += 1
+            ok = False
+            try:
+                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+                ok = True
+                return
+            except UpstreamFailure as fail:
+                now = time.time()
+                self.breaker_failure(node.node_id, rreq.model, fail.kind, now)
+                decision = scoring.retry_decision(len(tried), fail.kind, False, self.policy)
+                tried.add(node.node_id)
+                last = fail
+                self.trace(
+                    attempt,
+                    status="retried" if decision.retry else "failed",
+                    http_status=fail.status if not decision.retry else 0,
+                    error=fail.message,
+                    choice=choice,
+                    model=served_model,
+                    node_id=node.node_id,
+                )
+                if not decision.retry:
+                    await self._send_failure(request, response, fail, attempt)
+                    return
+                log.warning(
+                    "request %s: %s failed before first byte (%s); retrying",
+                    attempt.request_id,
+                    node.node_id,
+                    fail.message,
+                )
+            finally:
+                self.release(queue, ok)
+
+    async def _send_failure(
+        self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt
+    ) -> None:
+        headers = [
+            ("x-herd-node", attempt.node_id),
+            ("x-herd-retries", str(attempt.retries)),
+            ("x-herd-model", attempt.served_model),
+        ]
+        if fail.body and fail.status >= 400:
+            ctype = header_value(fail.headers, b"content-type") or "application/json"
+            await response.send(fail.status, fail.body, ctype, headers)
+            return
+        status = 504 if fail.kind == "timeout_first_byte" else 502
+        raise HttpError(status, fail.message, headers=headers)
+
+    def upstream_request_headers(self, request: Request) -> Headers:
+        hdrs = upstream_headers(request)
+        return [(k, v) for k, v in hdrs if k not in (b"content-type",)] + [
+            (b"content-type", b"application/json")
+        ]
+
+    async def attempt_on(
+        self,
+        request: Request,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        choice: scoring.Choice,
+    ) -> None:
+        """One attempt: raises UpstreamFailure when nothing reached the client yet."""
+        timeout = self.config.first_byte_timeout_s
+        up = await self.pool.request(
+            node.url,
+            "POST",
+            request.target,
+            self.upstream_request_headers(request),
+            payload,
+            head_timeout=timeout,
+        )
+        if up.status >= 500 or up.status == 429:
+            try:
+                data = await up.read(limit=MiB, idle_timeout=10)
+            except (ConnectionClosed, TimeoutError):
+                data = b""
+            busy = b"server busy" in data or up.status in (429, 503)
+            raise UpstreamFailure(
+                "busy" if busy else "status_5xx",
+                f"node {node.node_id} answered {up.status}: "
+                f"{data[:200].decode('utf-8', 'replace')}",
+                status=up.status,
+                body=data,
+                headers=up.headers,
+            )
+        if up.status == 404:
+            data = await up.read(limit=MiB, idle_timeout=10)
+            if b"not found" in data and node.has_model(rreq.model):
+                # the node lost the model since its last report: refresh it, try elsewhere
+                self._spawn(self.refresh_node(node), "refresh")
+                raise UpstreamFailure(
+                    "model_not_found",
+                    f"node {node.node_id} no longer has {rreq.model}",
+                    status=404,
+                    body=data,
+                    headers=up.headers,
+                )
+            await self._relay_response(
+                up, response, node, rreq, attempt, choice, first=data, complete=True
+            )
+            return
+        chunks = up.chunks(self.config.stall_timeout_s)
+        try:
+            async with asyncio.timeout(timeout):
+                first = await anext(chunks, b"")
+        except TimeoutError:
+            up.close()
+            raise UpstreamFailure(
+                "timeout_first_byte",
+                f"node {node.node_id} sent no body within {timeout:g}s",
+                status=504,
+            ) from None
+        except ConnectionClosed as exc:
+            raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
+        await self._relay_response(
+            up, response, node, rreq, attempt, choice, first=first, chunks=chunks
+        )
+
+    async def _relay_response(
+        self,
+        up: UpstreamResponse,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        attempt: Attempt,
+        choice: scoring.Choice,
+        *,
+        first: bytes,
+        chunks: AsyncIterator[bytes] | None = None,
+        complete: bool = False,
+    ) -> None:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        if complete:
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(len(first)).encode()))
+        headers += [
+            (b"x-herd-node", node.node_id.encode()),
+            (b"x-herd-model", attempt.served_model.encode()),
+            (b"x-herd-retries", str(attempt.retries).encode()),
+            (b"x-request-id", attempt.request_id.encode()),
+        ]
+        framing = framing_of(up.header("content-type"), rreq.model)
+        relay = LineRelay(framing)
+        raw_body = bytearray()
+        first_at: float | None = None
+        status, error = "completed", ""
+        try:
+            await response.start(up.status, headers)
+            out = relay.feed(first)
+            if framing == "raw" and len(raw_body) < 4 * MiB:
+                raw_body += first
+            if out:
+                await response.write(out)
+                first_at = time.monotonic()
+            if chunks is not None:
+                try:
+                    async for chunk in chunks:
+                        out = relay.feed(chunk)
+                        if framing == "raw" and len(raw_body) < 4 * MiB:
+                            raw_body += chunk
+                        if out:
+                            await response.write(out)
+                            if first_at is None:
+                                first_at = time.monotonic()
+                    tail = relay.tail()
+                    if tail:
+                        await response.write(tail)
+                except TimeoutError:
+                    up.close()
+                    status = "reaped"
+                    error = (
+                        f"node {node.node_id} made no progress for "
+                        f"{self.config.stall_timeout_s:g}s; request reaped"
+                    )
+                    self.metrics.reaped += 1
+                except ConnectionClosed as exc:
+                    status = "incomplete"
+                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
+                if status != "completed":
+                    record = midstream_error_record(framing, error)
+                    if not record or up.header("content-length"):
+                        raise ClientGone(error)  # a sized body cannot be ended cleanly
+                    await response.write(record)
+        except ClientGone:
+            up.close()
+            if status == "completed":
+                status, error = "client_disconnected", "client disconnected"
+            self._finish(
+                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
+            )
+            raise
+        except asyncio.CancelledError:
+            up.close()
+            self._finish(
+                attempt,
+                node,
+                rreq,
+                choice,
+                "client_disconnected",
+                up.status,
+                "client disconnected",
+                first_at,
+                relay,
+                raw_body,
+            )
+            raise
+        self._finish(
+            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
+        )
+
+    def _finish(
+        self,
+        attempt: Attempt,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        choice: scoring.Choice,
+        status: str,
+        http_status: int,
+        error: str,
+        first_at: float | None,
+        relay: LineRelay,
+        raw_body: bytearray,
+    ) -> None:
+        now = time.time()
+        final = relay.final_object()
+        if final is None and raw_body:
+            with contextlib.suppress(ValueError):
+                obj = json.loads(bytes(raw_body))
+                final = obj if isinstance(obj, dict) else None
+        m = metrics_from_final(final)
+        ok = status == "completed" and http_status < 400
+        total_ms = (time.monotonic() - attempt.started) * 1000
+        ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
+        if ok:
+            self.breaker_success(node.node_id, rreq.model, now)
+            self.mark_loaded(node, rreq.model, rreq.num_ctx, now)
+        elif status in ("incomplete", "reaped"):
+            self.breaker_failure(node.node_id, rreq.model, "reset", now)
+        if status != "client_disconnected" and http_status < 400:
+            obs = scoring.Observation(
+                ok=ok,
+                load_ms=m["load_ms"] or 0.0,
+                prompt_tokens=m["prompt_tokens"] or 0,
+                prompt_eval_ms=m["prompt_eval_ms"] or 0.0,
+                completion_tokens=m["completion_tokens"] or 0,
+                eval_ms=m["eval_ms"] or 0.0,
+                ttft_ms=ttft_ms,
+                total_ms=total_ms,
+            )
+            key = (node.node_id, rreq.model)
+            self.stats[key] = scoring.observe(self.stats.get(key), obs, self.policy)
+        final_status = status if status != "completed" or http_status < 400 else "failed"
+        self.trace(
+            attempt,
+            status=final_status,
+            http_status=http_status,
+            error=error,
+            choice=choice,
+            model=attempt.served_model,
+            node_id=node.node_id,
+            ttft_ms=ttft_ms,
+            metrics=m,
+        )
+
+    def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
+        """After serving, the model is resident: say so before the next poll confirms it."""
+        if model in node.loaded_names():
+            return
+        size = 0
+        for m in node.available:
+            if scoring.normalize_model(str(m.get("name") or "")) == model:
+                size = int(m.get("size") or 0)
+        node.set_loaded(
+            [
+                *node.loaded,
+                {
+                    "name": model,
+                    "model": model,
+                    "size": size,
+                    "size_vram": 0,
+                    "context_length": num_ctx,
+                    "expires_at": rfc3339(now + 300),
+                    "herd_assumed": True,
+                },
+            ],
+            now,
+        )
+
+    def trace(
+        self,
+        attempt: Attempt,
+        *,
+        status: str,
+        http_status: int,
+        error: str = "",
+        choice: scoring.Choice | None = None,
+        model: str | None = None,
+        node_id: str | None = None,
+        ttft_ms: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        latency_ms = (time.monotonic() - attempt.started) * 1000
+        m = metrics or {}
+        winner = choice.winner if choice is not None else None
+        rec = store.TraceRecord(
+            request_id=attempt.request_id,
+            timestamp=attempt.received_at,
+            kind=attempt.kind,
+            endpoint=attempt.endpoint,
+            model=scoring.normalize_model(model or attempt.served_model or attempt.original_model),
+            original_model=attempt.original_model,
+            node_id=node_id if node_id is not None else attempt.node_id,
+            score=winner.total if winner is not None else None,
+            scores_breakdown=choice.breakdown() if choice is not None else None,
+            status=status,
+            http_status=http_status,
+            error_message=error,
+            latency_ms=latency_ms,
+            time_to_first_token_ms=ttft_ms,
+            queue_ms=attempt.queue_ms,
+            prompt_tokens=m.get("prompt_tokens"),
+            completion_tokens=m.get("completion_tokens"),
+            load_ms=m.get("load_ms"),
+            prompt_eval_ms=m.get("prompt_eval_ms"),
+            eval_ms=m.get("eval_ms"),
+            retry_count=attempt.retries,
+            fallback_used=attempt.fallback_used,
+            tags=list(attempt.tags),
+            client_ip=attempt.client_ip,
+        )
+        self.store.record_trace(rec)
+        if status != "retried":
+            self.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
+            if attempt.fallback_used:
+                self.metrics.fallbacks += 1
+        log.info(
+            "%s %s %s model=%s node=%s status=%s http=%s retries=%d %.0fms%s",
+            attempt.request_id,
+            attempt.kind,
+            attempt.endpoint,
+            rec.model,
+            rec.node_id,
+            status,
+            http_status,
+            attempt.retries,
+            latency_ms,
+            f" error={error}" if error else "",
+            extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
+        )
+
+    # ---------------------------------------------------------------- fleet endpoints -----
+
+    async def h_fleet_status(self, request: Request, response: Response) -> None:
+        await response.json(self.fleet_status(time.time()))
+
+    def fleet_status(self, now: float) -> JSON:
+        nodes = [n.public(now) for n in self.nodes.values()]
+        for entry in nodes:
+            br = self.breakers.get(entry["node_id"])
+            entry["breaker"] = dataclasses.asdict(br) if br is not None else None
+        return {
+            "router_id": self.router_id,
+            "version": __version__,
+            "uptime_s": round(now - self.started_at, 1),
+            "fleet": {
+                "nodes_total": len(self.nodes),
+                "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
+                "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
+                "requests_active": self.active_requests,
+            },
+            "nodes": nodes,
+            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
+            "settings": dict(self.settings),
+        }
+
+    async def h_heartbeat(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(4 * MiB)
+        now = time.time()
+        key = self.config.fleet_key
+        if key and not verify_signature(key, request.header("x-herd-signature"), raw, now):
+            raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
+        body = await parse_json_body(raw)
+        reply = self.apply_heartbeat(body, request.client_ip, now, signed=bool(key))
+        payload = dumps(reply)
+        headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
+        await response.send(200, payload, "application/json; charset=utf-8", headers)
+
+    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
+        """Register or refresh an agent node; 400 on a malformed beat, 409 on a takeover."""
+        node_id = beat.get("node_id")
+        if not valid_node_id(node_id):
+            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
+        assert isinstance(node_id, str)
+        url = beat.get("ollama_url")
+        if not isinstance(url, str):
+            raise HttpError(400, "ollama_url is required")
+        try:
+            url = normalize_url(url)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        ollama = beat.get("ollama") or {}
+        hardware = beat.get("hardware") or {}
+        if not isinstance(ollama, dict) or not isinstance(hardware, dict):
+            raise HttpError(400, "ollama and hardware must be objects")
+        loaded = ollama.get("loaded")
+        available = ollama.get("available")
+        if loaded is not None and not isinstance(loaded, list):
+            raise HttpError(400, "ollama.loaded must be a list")
+        if available is not None and not isinstance(available, list):
+            raise HttpError(400, "ollama.available must be a list or null")
+        interval = beat.get("interval_s", self.config.heartbeat_interval_s)
+        if not isinstance(interval, int | float) or not 0.05 <= interval <= 300:
+            raise HttpError(400, "interval_s must be a number between 0.05 and 300")
+        node = self.nodes.get(node_id)
+        if node is not None and node.source != "agent":
+            raise HttpError(409, f"node id '{node_id}' is taken by a static node")
+        if (
+            node is not None
+            and node.status in ("online", "degraded")
+            and not signed
+            and node.agent_addr
+            and node.agent_addr != addr
+        ):
+            raise HttpError(409, f"node '{node_id}' is online from another address")
+        if node is None:
+            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
+            self.nodes[node_id] = node
+            log.info("node %s joined from %s (%s)", node_id, addr, url)
+            self.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
+        need_full = False
+        node.url = url
+        node.agent_addr = addr
+        node.last_seen = now
+        node.interval_s = float(interval)
+        node.hardware = hardware
+        node.agent_version = str(beat.get("agent_version") or "")
+        node.version = str(ollama.get("version") or node.version)
+        node.reachable = bool(ollama.get("reachable", True))
+        np_ = ollama.get("num_parallel")
+        node.num_parallel = int(np_) if isinstance(np_, int) and np_ > 0 else None
+        ml = ollama.get("max_loaded_models")
+        node.max_loaded_models = int(ml) if isinstance(ml, int) and ml > 0 else None
+        if isinstance(loaded, list):
+            node.set_loaded([m for m in loaded if isinstance(m, dict)], now)
+        digest = str(ollama.get("available_hash") or "")
+        if isinstance(available, list):
+            node.available = [m for m in available if isinstance(m, dict)]
+            node.available_hash = digest
+        elif digest != node.available_hash:
+            need_full = True
+        caps = beat.get("capabilities")
+        node.capabilities = caps if isinstance(caps, dict) else {}
+        errs = beat.get("errors")
+        node.errors = [e for e in errs if isinstance(e, dict)] if isinstance(errs, list) else []
+        if beat.get("draining"):
+            self._set_status(node, "draining", now)
+        elif not node.reachable:
+            node.last_error = "agent reports its Ollama unreachable"
+            self._set_status(node, "degraded", now)
+        else:
+            self._set_status(node, "online", now)
+        self._wake_waiters()
+        return {
+            "ok": True,
+            "router_id": self.router_id,
+            "fleet_id": self.config.fleet_id,
+            "interval_s": node.interval_s,
+            "need_full": need_full,
+        }
+
+    async def h_metrics(self, request: Request, response: Response) -> None:
+        await response.send(
+            200,
+            self.render_metrics(time.time()).encode(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    def render_metrics(self, now: float) -> str:
+        out: list[str] = []
+        m = self.metrics
+
+        def metric(name: str, kind: str, help_: str) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+
+        metric("herd_requests_total", "counter", "Client requests by endpoint, kind and outcome")
+        for (endpoint, kind, status), n in sorted(m.requests.items()):
+            out.append(
+                f'herd_requests_total{{endpoint="{prom_escape(endpoint)}",'
+                f'kind="{kind}",status="{status}"}} {n}'
+            )
+        metric("herd_request_duration_seconds", "histogram", "Request latency")
+        for kind, buckets in sorted(m.latency.items()):
+            for bound, count in zip(LATENCY_BUCKETS, buckets, strict=False):
+                out.append(
+                    f'herd_request_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {count}'
+                )
+            out.append(
+                f'herd_request_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {buckets[-1]}'
+            )
+            out.append(
+                f'herd_request_duration_seconds_sum{{kind="{kind}"}} '
+                f"{m.latency_sum.get(kind, 0.0):.6f}"
+            )
+            out.append(f'herd_request_duration_seconds_count{{kind="{kind}"}} {buckets[-1]}')
+        metric("herd_retries_total", "counter", "Attempts retried on another node")
+        out.append(f"herd_retries_total {m.retries}")
+        metric("herd_fallbacks_total", "counter", "Requests served by a fallback model")
+        out.append(f"herd_fallbacks_total {m.fallbacks}")
+        metric("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)")
+        out.append(f"herd_rejected_total {m.rejected}")
+        metric("herd_reaped_total", "counter", "Streams cancelled for making no progress")
+        out.append(f"herd_reaped_total {m.reaped}")
+        metric("herd_requests_active", "gauge", "Requests being served now")
+        out.append(f"herd_requests_active {self.active_requests}")
+        metric("herd_node_up", "gauge", "1 when the node is online")
+        for node in self.nodes.values():
+            up = 1 if node.status == "online" else 0
+            out.append(
+                f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
+            )
+        metric("herd_queue_in_flight", "gauge", "In-flight requests per node:model")
+        for q in self.queues.values():
+            out.append(
+                f'herd_queue_in_flight{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.in_flight}'
+            )
+        metric("herd_queue_pending", "gauge", "Requests waiting for a slot per node:model")
+        for q in self.queues.values():
+            out.append(
+                f'herd_queue_pending{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.pending}'
+            )
+        metric("herd_queue_slots", "gauge", "Parallel slots per node:model")
+        for q in self.queues.values():
+            out.append(
+                f'herd_queue_slots{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.slots}'
+            )
+        return "\n".join(out) + "\n"
+
+    # ---------------------------------------------------------------- discovery -----------
+
+    async def _advertise(self) -> None:
+        """Announce ``_herd._tcp.local.`` so node agents find the router by mDNS."""
+        try:
+            from zeroconf import IPVersion
+            from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+        except ImportError:
+            log.warning(
+                "zeroconf is not installed: no mDNS advertisement; start agents with --router-url"
+            )
+            return
+        host, port = self.address
+        addresses = [host] if host not in ("0.0.0.0", "::", "") else local_addresses()
+        info = AsyncServiceInfo(
+            MDNS_TYPE,
+            f"herd-{self.router_id}.{MDNS_TYPE}",
+            port=port,
+            parsed_addresses=addresses,
+            properties={
+                "fleet_id": self.config.fleet_id,
+                "router_id": self.router_id,
+                "version": __version__,
+            },
+            server=f"herd-{self.router_id}.local.",
+        )
+        interfaces: Any = addresses if host not in ("0.0.0.0", "::", "") else "all"
+        azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        try:
+            await azc.async_register_service(info)
+            log.info("advertising %s on port %d (mDNS)", MDNS_TYPE, port)
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await azc.async_unregister_service(info)
+            await azc.async_close()
+
+
+MDNS_TYPE = "_herd._tcp.local."
+
+
+def local_addresses() -> list[str]:
+    addrs: set[str] = set()
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            addrs.add(str(info[4][0]))
+    return sorted(addrs) or ["127.0.0.1"]
+
+
+def version_key(v: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in v.split("-")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def origin_allowed(origin: str) -> bool:
+    """Ollama's default CORS origins: local hosts and app-like schemes."""
+    parts = urlsplit(origin)
+    if parts.scheme in ("app", "file", "tauri", "vscode-webview", "vscode-file"):
+        return True
+    return parts.scheme in ("http", "https") and (parts.hostname or "") in (
+        "localhost",
+        "127.0.0.1",
+        "0.0.0.0",
+        "::1",
+    )
+
+
+def apply_context_decision(body: JSON, decision: scoring.ContextDecision) -> JSON:
+    out = dict(body)
+    opts = dict(out.get("options") or {})
+    if decision.action == "drop":
+        opts.pop("num_ctx", None)
+    elif decision.action in ("set", "upgrade") and decision.num_ctx:
+        opts["num_ctx"] = decision.num_ctx
+    if opts:
+        out["options"] = opts
+    else:
+        out.pop("options", None)
+    if decision.action == "upgrade":
+        out["model"] = decision.model
+    return out
+
+
+def metrics_from_final(final: JSON | None) -> dict[str, Any]:
+    """Token counts and durations (ms) from Ollama's final chunk or an OpenAI usage object."""
+    out: dict[str, Any] = {
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "load_ms": None,
+        "prompt_eval_ms": None,
+        "eval_ms": None,
+    }
+    if not final:
+        return out
+
+    def ms(v: object) -> float | None:
+        return v / 1e6 if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    def count(v: object) -> int | None:
+        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    if "eval_count" in final or "prompt_eval_count" in final or "load_duration" in final:
+        out["prompt_tokens"] = count(final.get("prompt_eval_count"))
+        out["completion_tokens"] = count(final.get("eval_count"))
+        out["load_ms"] = ms(final.get("load_duration"))
+        out["prompt_eval_ms"] = ms(final.get("prompt_eval_duration"))
+        out["eval_ms"] = ms(final.get("eval_duration"))
+    usage = final.get("usage")
+    if isinstance(usage, dict):
+        out["prompt_tokens"] = count(usage.get("prompt_tokens") or usage.get("input_tokens"))
+        out["completion_tokens"] = count(
+            usage.get("completion_tokens") or usage.get("output_tokens")
+        )
+    return out
+
+
+# =======================================================================================
+# Lifecycle and CLI
+# =======================================================================================
+
+
+def env_default(name: str, default: str | None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="herd",
+        description="One endpoint (Ollama + OpenAI API) for a fleet of Ollama machines. "
+        "Every flag has an environment twin, shown in brackets.",
+    )
+    p.add_argument(
+        "--host",
+        default=env_default("HERD_HOST", "0.0.0.0"),
+        help="address to listen on [HERD_HOST] (default 0.0.0.0)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(env_default("HERD_PORT", "11435") or 11435),
+        help="port; 0 picks a free one [HERD_PORT] (default 11435)",
+    )
+    p.add_argument(
+        "--node",
+        action="append",
+        default=None,
+        help="static node URL, repeatable [HERD_NODES, comma separated]",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=env_default("HERD_DATA_DIR", str(Path.home() / ".fleet-manager")),
+        help="database and logs [HERD_DATA_DIR] (default ~/.fleet-manager)",
+    )
+    p.add_argument(
+        "--local-ollama",
+        default=env_default("HERD_LOCAL_OLLAMA", "http://127.0.0.1:11434"),
+        help="local Ollama added as a node when it answers; 'off' to disable [HERD_LOCAL_OLLAMA]",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=float(env_default("HERD_POLL_INTERVAL", "5") or 5),
+        help="seconds between polls of static nodes [HERD_POLL_INTERVAL]",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=float(env_default("HERD_HEARTBEAT_INTERVAL", "5") or 5),
+        help="expected agent heartbeat interval [HERD_HEARTBEAT_INTERVAL]",
+    )
+    p.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=float(env_default("HERD_FIRST_BYTE_TIMEOUT", "300") or 300),
+        help="seconds to wait for a node's first byte before retrying elsewhere "
+        "[HERD_FIRST_BYTE_TIMEOUT]",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=float(env_default("HERD_STALL_TIMEOUT", "300") or 300),
+        help="reap streams with no progress for this long [HERD_STALL_TIMEOUT]",
+    )
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=float(env_default("HERD_MAX_QUEUE_WAIT", "30") or 30),
+        help="seconds a request may wait for a slot before 503 [HERD_MAX_QUEUE_WAIT]",
+    )
+    p.add_argument(
+        "--retention-days",
+        type=float,
+        default=float(env_default("HERD_RETENTION_DAYS", "30") or 30),
+        help="keep raw traces this long [HERD_RETENTION_DAYS]",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=float(env_default("HERD_MAX_BODY_MB", "512") or 512),
+        help="JSON request body limit in MiB [HERD_MAX_BODY_MB]",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(env_default("HERD_MAX_CONNECTIONS", "1024") or 1024),
+        help="concurrent client connections [HERD_MAX_CONNECTIONS]",
+    )
+    p.add_argument(
+        "--fleet-key",
+        default=env_default("HERD_FLEET_KEY", None),
+        help="shared secret that signs heartbeats [HERD_FLEET_KEY]",
+    )
+    p.add_argument(
+        "--fleet-id",
+        default=env_default("HERD_FLEET_ID", "default"),
+        help="fleet name advertised by mDNS [HERD_FLEET_ID]",
+    )
+    p.add_argument(
+        "--no-mdns",
+        action="store_true",
+        default=env_default("HERD_MDNS", "1") in ("0", "false", "off"),
+        help="do not advertise by mDNS [HERD_MDNS=0]",
+    )
+    p.add_argument(
+        "--slots",
+        action="append",
+        default=[],
+        help="NODE=N parallel slots for a node, repeatable [HERD_SLOTS]",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env_default("HERD_LOG_LEVEL", "INFO"),
+        help="console log level [HERD_LOG_LEVEL]",
+    )
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    nodes = list(args.node or [])
+    if not nodes and os.environ.get("HERD_NODES"):
+        nodes = [u.strip() for u in os.environ["HERD_NODES"].split(",") if u.strip()]
+    slots: dict[str, int] = {}
+    for item in list(args.slots) + [s for s in os.environ.get("HERD_SLOTS", "").split(",") if s]:
+        name, _, n = item.partition("=")
+        if n.isdigit() and int(n) > 0:
+            slots[name.strip()] = int(n)
+    limits = Limits(
+        max_json_bytes=int(args.max_body_mb * MiB), max_connections=args.max_connections
+    )
+    policy = dataclasses.replace(scoring.Policy(), max_queue_wait_s=args.max_queue_wait)
+    local = (
+        None if str(args.local_ollama).lower() in ("", "off", "none", "0") else args.local_ollama
+    )
+    return Config(
+        host=args.host,
+        port=args.port,
+        nodes=nodes,
+        data_dir=Path(args.data_dir).expanduser(),
+        local_ollama=local,
+        poll_interval_s=args.poll_interval,
+        heartbeat_interval_s=args.heartbeat_interval,
+        first_byte_timeout_s=args.first_byte_timeout,
+        stall_timeout_s=args.stall_timeout,
+        retention_days=args.retention_days,
+        fleet_key=args.fleet_key or None,
+        fleet_id=args.fleet_id,
+        mdns=not args.no_mdns,
+        slots=slots,
+        limits=limits,
+        policy=policy,
+        log_level=args.log_level,
+    )
+
+
+def setup_logging(config: Config) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(config.log_level.upper())
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root.addHandler(console)
+    try:
+        handler = store.setup_jsonl_logging(
+            config.data_dir / "logs" / "herd.jsonl", logger_name="herd"
+        )
+        handler.setLevel(logging.INFO)
+    except OSError as exc:
+        log.warning("JSONL log disabled: %s", exc)
+
+
+async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
+    router = Router(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    host, port = await router.start()
+    shown = config.host if config.host not in ("", "0.0.0.0", "::") else host
+    print(f"herd listening on {shown}:{port}", flush=True)
+    if ready is not None:
+        ready(host, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: finishing in-flight requests (grace %.0fs)", config.grace_s)
+        await router.stop()
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: using the standard asyncio event loop")
+        return False
+    uvloop.install() if sys.version_info < (3, 12) else None
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(argv)
+    setup_logging(config)
+    install_uvloop()
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
