@@ -38,9 +38,9 @@ from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
-import store
 
 import scoring
+import store
 
 __version__ = "0.1.0"
 log = logging.getLogger("herd")
@@ -314,6 +314,7 @@ class Request:
         "disconnected",
         "headers",
         "http",
+        "key_id",
         "limits",
         "method",
         "path",
@@ -336,6 +337,7 @@ class Request:
         self.received_at = time.time()
         self.request_id = self.header("x-request-id") or uuid.uuid4().hex[:16]
         self.disconnected = False
+        self.key_id = ""  # set when an API key authenticated the request
         self._body_done = False
 
     def header(self, name: str) -> str | None:
@@ -1252,6 +1254,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     policy: scoring.Policy = field(default_factory=scoring.Policy)
     log_level: str = "INFO"
+    admin_token: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    trusted_hosts: list[str] = field(default_factory=list)  # extra Host names for admin calls
 
 
 DEFAULT_SETTINGS: dict[str, object] = {
@@ -1465,6 +1470,9 @@ class Router:
         self.address: tuple[str, int] = ("", 0)
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
+        self.pull_jobs: dict[str, JSON] = {}
+        self.benchmark_task: asyncio.Task[None] | None = None
+        self.benchmark_run: int | None = None
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
 
     # ---------------------------------------------------------------- lifecycle ----------
@@ -1773,6 +1781,8 @@ class Router:
             await response.send(404, b"404 page not found", "text/plain")
             return
         handler = methods.get(request.method)
+        if self.config.api_keys and handler is not None:
+            self.check_api_key(request)
         if handler is None:
             await response.send(
                 405,
@@ -1783,8 +1793,25 @@ class Router:
             return
         await handler(request, response)
 
+    def check_api_key(self, request: Request) -> None:
+        """With ``--api-key`` set, everything but liveness, heartbeats (fleet key) and the
+        dashboard page itself needs ``Authorization: Bearer <key>``."""
+        if request.path in ("/", "/heartbeat", "/dashboard"):
+            return
+        auth = request.header("authorization") or ""
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        given = given or (request.header("x-api-key") or "")
+        for key in self.config.api_keys:
+            if given and hmac.compare_digest(given.encode(), key.encode()):
+                request.key_id = "key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+                return
+        raise HttpError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                        headers=[("www-authenticate", 'Bearer realm="herd"')])
+
     def extra_route(self, path: str) -> dict[str, Handler] | None:
-        """Hook for routes added by later sections (dashboard, multimodal)."""
+        """Routes outside the Ollama surface: dashboard and its API."""
+        if path == "/dashboard" or path.startswith("/dashboard/"):
+            return self.dashboard_routes(path)
         return None
 
     async def render_error(
@@ -2014,6 +2041,7 @@ class Router:
         return result
 
     async def h_pull(self, request: Request, response: Response) -> None:
+        self.guard_browser_mutation(request)
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
         model_raw = self.model_of(body)
@@ -2031,6 +2059,7 @@ class Router:
         self._spawn(self.refresh_node(node), "refresh")
 
     async def h_push(self, request: Request, response: Response) -> None:
+        self.guard_browser_mutation(request)
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
         model = scoring.normalize_model(self.model_of(body))
@@ -2040,6 +2069,7 @@ class Router:
         await self.forward_simple(request, response, candidates, raw)
 
     async def h_create(self, request: Request, response: Response) -> None:
+        self.guard_browser_mutation(request)
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
         self.model_of(body)
@@ -2087,6 +2117,7 @@ class Router:
         await response.send(404, b"", "text/plain")
 
     async def h_blob_post(self, request: Request, response: Response) -> None:
+        self.guard_browser_mutation(request)
         digest = request.path[len("/api/blobs/") :]
         target = self.pick_node(request, None)
         if target is None and self.blob_pins.get(digest) in self.nodes:
@@ -2146,6 +2177,7 @@ class Router:
         await response.send(status, data, "application/json; charset=utf-8")
 
     async def h_copy(self, request: Request, response: Response) -> None:
+        self.guard_browser_mutation(request)
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
         source = body.get("source")
@@ -2154,6 +2186,7 @@ class Router:
         await self.broadcast(request, response, source, raw)
 
     async def h_delete(self, request: Request, response: Response) -> None:
+        self.guard_browser_mutation(request)
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
         await self.broadcast(request, response, self.model_of(body), raw)
@@ -2166,6 +2199,8 @@ class Router:
         body = await parse_json_body(raw)
         model_raw = self.model_of(body)
         tags = extract_tags(body, request)
+        if request.key_id:
+            tags.append(request.key_id)
         fallbacks = body.pop("fallback_models", None)
         fallback_models = (
             [f for f in fallbacks if isinstance(f, str)] if isinstance(fallbacks, list) else []
@@ -2443,6 +2478,8 @@ class Router:
 
     def upstream_request_headers(self, request: Request) -> Headers:
         hdrs = upstream_headers(request)
+        if self.config.api_keys:  # herd's own keys are never forwarded to nodes
+            hdrs = [(k, v) for k, v in hdrs if k not in (b"authorization", b"x-api-key")]
         return [(k, v) for k, v in hdrs if k not in (b"content-type",)] + [
             (b"content-type", b"application/json")
         ]
@@ -2746,6 +2783,416 @@ class Router:
             extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
         )
 
+    # ---------------------------------------------------------------- admin protection ----
+
+    def require_admin(self, request: Request) -> None:
+        """Mutations must not be forgeable by a foreign web page (CSRF, DNS rebinding).
+
+        JSON content type (forces a CORS preflight that foreign origins fail), an
+        ``Origin`` that is the router itself or a local page, a ``Host`` that is not a
+        rebinding name, and the admin token when one is configured.
+        """
+        token = self.config.admin_token
+        if token:
+            given = request.header("x-herd-admin-token") or ""
+            auth = request.header("authorization") or ""
+            if auth.lower().startswith("bearer "):
+                given = given or auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise HttpError(401, "admin token required for this endpoint")
+        ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise HttpError(415, "this endpoint changes the fleet: send Content-Type: "
+                                 "application/json")
+        origin = request.header("origin")
+        host = request.header("host") or ""
+        if origin and origin != "null":
+            parts = urlsplit(origin)
+            if parts.netloc != host and not origin_allowed(origin):
+                raise HttpError(403, f"cross-origin request from {origin} refused")
+        elif origin == "null":
+            raise HttpError(403, "requests from opaque origins are refused")
+        if not token and not host_is_trusted(host, self.config.trusted_hosts):
+            raise HttpError(403, f"Host {host!r} is not trusted for admin requests "
+                                 "(DNS rebinding guard; use --trusted-host or --admin-token)")
+
+    def guard_browser_mutation(self, request: Request) -> None:
+        """Ollama's own mutating endpoints (pull, delete, copy, create, push, blobs).
+
+        Browsers send ``Origin`` on every cross-site POST/DELETE, so a request with a
+        foreign or opaque Origin, or one whose Host is a rebinding name, is refused. Requests
+        without Origin (curl, the CLI, SDKs) pass unchanged: ``curl -d`` sends a form
+        content type and real Ollama accepts it, so requiring JSON here would break the
+        documented usage. The dashboard's own admin endpoints use ``require_admin``.
+        """
+        token = self.config.admin_token
+        if token and request.header("origin") is not None:
+            self.require_admin(request)
+            return
+        origin = request.header("origin")
+        if origin is None:
+            return
+        host = request.header("host") or ""
+        if origin == "null" or (urlsplit(origin).netloc != host and not origin_allowed(origin)):
+            raise HttpError(403, f"cross-origin request from {origin} refused")
+        if not host_is_trusted(host, self.config.trusted_hosts):
+            raise HttpError(403, f"Host {host!r} is not trusted (DNS rebinding guard)")
+
+    # ---------------------------------------------------------------- dashboard -----------
+
+    def dashboard_routes(self, path: str) -> dict[str, Handler] | None:
+        table: dict[str, dict[str, Handler]] = {
+            "/dashboard": {"GET": self.h_dashboard},
+            "/dashboard/api/traces": {"GET": self.h_dash_traces},
+            "/dashboard/api/usage": {"GET": self.h_dash_usage},
+            "/dashboard/api/models": {"GET": self.h_dash_models},
+            "/dashboard/api/apps": {"GET": self.h_dash_apps},
+            "/dashboard/api/trends": {"GET": self.h_dash_trends},
+            "/dashboard/api/settings": {"GET": self.h_dash_settings,
+                                        "POST": self.h_dash_settings_post},
+            "/dashboard/api/model-management": {"GET": self.h_dash_model_management},
+            "/dashboard/api/pull": {"GET": self.h_dash_pull_jobs, "POST": self.h_dash_pull},
+            "/dashboard/api/delete": {"POST": self.h_dash_delete},
+            "/dashboard/api/benchmarks": {"GET": self.h_dash_benchmarks,
+                                          "POST": self.h_dash_benchmark_start,
+                                          "DELETE": self.h_dash_benchmark_cancel},
+            "/dashboard/api/events": {"GET": self.h_dash_events},
+        }
+        table.update(self.analytics_routes())
+        return table.get(path.rstrip("/") if path != "/" else path)
+
+    def analytics_routes(self) -> dict[str, dict[str, Handler]]:
+        """Health and recommendations endpoints (see the analytics section)."""
+        return {}
+
+    def query_number(self, request: Request, name: str, default: float, lo: float,
+                     hi: float) -> float:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name} must be a number") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name} must be between {lo:g} and {hi:g}")
+        return value
+
+    async def h_dashboard(self, request: Request, response: Response) -> None:
+        page = find_dashboard()
+        if page is None:
+            raise HttpError(404, "dashboard.html is not installed next to herd.py")
+        data = await asyncio.to_thread(page.read_bytes)
+        await response.send(200, data, "text/html; charset=utf-8", [
+            ("cache-control", "no-cache"),
+            ("content-security-policy",
+             "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+             "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "no-referrer"),
+        ])
+
+    async def h_dash_traces(self, request: Request, response: Response) -> None:
+        limit = int(self.query_number(request, "limit", 100, 1, 5000))
+        q = request.query
+        rows = await self.store.traces(limit, status=q.get("status") or None,
+                                       model=q.get("model") or None,
+                                       node_id=q.get("node") or q.get("node_id") or None,
+                                       tag=q.get("tag") or None)
+        await response.json({"traces": rows})
+
+    async def h_dash_usage(self, request: Request, response: Response) -> None:
+        days = int(self.query_number(request, "days", 7, 1, 3650))
+        await response.json(await self.store.usage(days, now=time.time()))
+
+    async def h_dash_models(self, request: Request, response: Response) -> None:
+        days = self.query_number(request, "days", 7, 0.01, 3650)
+        rows = await self.store.models(days, now=time.time())
+        by_model = {str(r.get("model")): r for r in rows}
+        out: list[JSON] = []
+        names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.merged_tags()}
+        for name in sorted(names | set(by_model)):
+            entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
+            entry["loaded_on"] = sorted(n.node_id for n in self.healthy_nodes()
+                                        if name in n.loaded_names())
+            entry["available_on"] = sorted(n.node_id for n in self.healthy_nodes()
+                                           if name in n.available_names())
+            out.append(entry)
+        out.sort(key=lambda e: -float(e.get("requests") or 0))
+        await response.json({"models": out, "days": days})
+
+    async def h_dash_apps(self, request: Request, response: Response) -> None:
+        days = self.query_number(request, "days", 7, 0.01, 3650)
+        await response.json({"apps": await self.store.apps(days, now=time.time()), "days": days})
+
+    async def h_dash_trends(self, request: Request, response: Response) -> None:
+        hours = int(self.query_number(request, "hours", 24, 1, 24 * 90))
+        await response.json({"hours": hours,
+                             "buckets": await self.store.trends(hours, now=time.time())})
+
+    async def h_dash_events(self, request: Request, response: Response) -> None:
+        limit = int(self.query_number(request, "limit", 100, 1, 5000))
+        await response.json({"events": await self.store.events(limit)})
+
+    async def h_dash_settings(self, request: Request, response: Response) -> None:
+        await response.json(self.settings_view())
+
+    def settings_view(self) -> JSON:
+        cfg = self.config
+        return {
+            "settings": dict(self.settings),
+            "config": {
+                "host": cfg.host, "port": self.address[1], "data_dir": str(cfg.data_dir),
+                "static_nodes": list(cfg.nodes), "poll_interval_s": cfg.poll_interval_s,
+                "heartbeat_interval_s": cfg.heartbeat_interval_s,
+                "first_byte_timeout_s": cfg.first_byte_timeout_s,
+                "stall_timeout_s": cfg.stall_timeout_s, "retention_days": cfg.retention_days,
+                "fleet_id": cfg.fleet_id, "fleet_key_set": bool(cfg.fleet_key),
+                "admin_token_set": bool(cfg.admin_token), "api_keys": len(cfg.api_keys),
+                "mdns": cfg.mdns, "max_queue_wait_s": self.policy.max_queue_wait_s,
+                "max_retries": self.policy.max_retries,
+            },
+            "versions": {"herd": __version__,
+                         "nodes": {n.node_id: {"ollama": n.version, "agent": n.agent_version}
+                                   for n in self.nodes.values()}},
+        }
+
+    async def h_dash_settings_post(self, request: Request, response: Response) -> None:
+        self.require_admin(request)
+        body = await request.json(64 * 1024)
+        changes: dict[str, object] = {}
+        for key, value in body.items():
+            if key not in DEFAULT_SETTINGS:
+                raise HttpError(400, f"unknown setting {key!r}; known: "
+                                     f"{', '.join(sorted(DEFAULT_SETTINGS))}")
+            if not isinstance(value, bool):
+                raise HttpError(400, f"setting {key!r} must be true or false")
+            changes[key] = value
+        if not changes:
+            raise HttpError(400, "no settings given")
+        await self.store.set_settings(changes)
+        self.settings.update(changes)
+        log.info("settings changed: %s", changes)
+        self.store.record_event("settings", "", {"changes": changes})
+        await response.json(self.settings_view())
+
+    async def h_dash_model_management(self, request: Request, response: Response) -> None:
+        usage = await self.store.node_model_stats(30, now=time.time())
+        last_used = {(str(u.get("node_id")), str(u.get("model"))): u for u in usage}
+        nodes: list[JSON] = []
+        for node in self.nodes.values():
+            loaded = node.loaded_names()
+            models: list[JSON] = []
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or ""))
+                stats = last_used.get((node.node_id, name)) or {}
+                models.append({"name": m.get("name"), "size": m.get("size"),
+                               "modified_at": m.get("modified_at"), "loaded": name in loaded,
+                               "last_used": stats.get("last_used"),
+                               "requests_30d": stats.get("requests", 0)})
+            models.sort(key=lambda e: -int(e.get("size") or 0))
+            disk = node.hardware.get("disk") or {}
+            nodes.append({"node_id": node.node_id, "status": node.status, "models": models,
+                          "disk_free_bytes": disk.get("free_bytes")
+                          if isinstance(disk, dict) else None,
+                          "models_bytes": sum(int(m.get("size") or 0) for m in node.available)})
+        await response.json({"nodes": nodes, "pulls": list(self.pull_jobs.values())})
+
+    def admin_target(self, body: JSON) -> tuple[Node, str]:
+        node_id, model = body.get("node_id"), body.get("model")
+        if not isinstance(node_id, str) or node_id not in self.nodes:
+            raise HttpError(404, f"node {node_id!r} is not in the fleet")
+        if not isinstance(model, str) or not scoring.is_valid_model_name(model):
+            raise HttpError(400, "a valid model name is required")
+        return self.nodes[node_id], model
+
+    async def h_dash_pull_jobs(self, request: Request, response: Response) -> None:
+        await response.json({"pulls": list(self.pull_jobs.values())})
+
+    async def h_dash_pull(self, request: Request, response: Response) -> None:
+        self.require_admin(request)
+        node, model = self.admin_target(await request.json(64 * 1024))
+        key = f"{node.node_id}:{scoring.normalize_model(model)}"
+        job = self.pull_jobs.get(key)
+        if job is not None and job["status"] == "pulling":
+            await response.json(job, status=202)
+            return
+        job = {"id": key, "node_id": node.node_id, "model": model, "status": "pulling",
+               "completed": 0, "total": 0, "detail": "", "started_at": time.time(),
+               "error": ""}
+        self.pull_jobs[key] = job
+        self._spawn(self.run_pull(node, model, job), f"pull-{key}")
+        self.store.record_event("pull", node.node_id, {"model": model})
+        await response.json(job, status=202)
+
+    async def run_pull(self, node: Node, model: str, job: JSON) -> None:
+        """Pull on one node and keep the latest progress for the dashboard."""
+        try:
+            up = await self.pool.request(node.url, "POST", "/api/pull",
+                                         [(b"content-type", b"application/json")],
+                                         dumps({"model": model, "stream": True}),
+                                         head_timeout=self.config.first_byte_timeout_s)
+            relay = LineRelay("ndjson")
+            async for chunk in up.chunks(self.config.stall_timeout_s):
+                for line in relay.feed(chunk).splitlines():
+                    with contextlib.suppress(ValueError):
+                        obj = json.loads(line)
+                        if isinstance(obj, dict):
+                            if obj.get("error"):
+                                job["error"] = str(obj["error"])
+                            job["detail"] = str(obj.get("status") or "")
+                            if isinstance(obj.get("total"), int):
+                                job["total"] = obj["total"]
+                                job["completed"] = int(obj.get("completed") or 0)
+            if up.status >= 400 and not job["error"]:
+                job["error"] = f"node answered {up.status}"
+            job["status"] = "failed" if job["error"] else "done"
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            job["status"], job["error"] = "failed", str(exc)
+        job["finished_at"] = time.time()
+        await self.refresh_node(node)
+
+    async def h_dash_delete(self, request: Request, response: Response) -> None:
+        self.require_admin(request)
+        node, model = self.admin_target(await request.json(64 * 1024))
+        try:
+            up = await self.pool.request(node.url, "DELETE", "/api/delete",
+                                         [(b"content-type", b"application/json")],
+                                         dumps({"model": model}), head_timeout=60)
+            data = await up.read()
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            raise HttpError(502, f"delete on {node.node_id} failed: {exc}") from None
+        await self.refresh_node(node)
+        self.store.record_event("delete", node.node_id, {"model": model, "status": up.status})
+        if up.status >= 400:
+            await response.send(up.status, data or dumps({"error": "delete failed"}),
+                                "application/json; charset=utf-8")
+            return
+        await response.json({"ok": True, "node_id": node.node_id, "model": model})
+
+    async def h_dash_benchmarks(self, request: Request, response: Response) -> None:
+        runs = await self.store.benchmarks(int(self.query_number(request, "limit", 20, 1, 500)))
+        await response.json({"runs": runs, "active": self.benchmark_run})
+
+    async def h_dash_benchmark_start(self, request: Request, response: Response) -> None:
+        self.require_admin(request)
+        body = await request.json(64 * 1024)
+        if self.benchmark_task is not None and not self.benchmark_task.done():
+            raise HttpError(409, "a benchmark is already running; cancel it first")
+        models = body.get("models")
+        if models is None:
+            models = [str(m.get("name")) for m in self.merged_tags()
+                      if "embedding" not in (m.get("capabilities") or [])]
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models) \
+                or not models:
+            raise HttpError(400, "models must be a non-empty list of model names")
+        per_model = body.get("requests_per_model", 6)
+        concurrency = body.get("concurrency", 2)
+        max_tokens = body.get("max_tokens", 64)
+        for name, value, hi in (("requests_per_model", per_model, 1000),
+                                ("concurrency", concurrency, 64), ("max_tokens", max_tokens, 4096)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise HttpError(400, f"{name} must be an integer between 1 and {hi}")
+        params: JSON = {"models": models, "requests_per_model": per_model,
+                        "concurrency": concurrency, "max_tokens": max_tokens,
+                        "prompt": str(body.get("prompt") or
+                                      "Write a short paragraph about the sea.")[:4000]}
+        run_id = await self.store.create_benchmark(params, now=time.time())
+        self.benchmark_run = run_id
+        self.benchmark_task = asyncio.ensure_future(self.run_benchmark(run_id, params))
+        self.background.add(self.benchmark_task)
+        self.benchmark_task.add_done_callback(self._background_done)
+        await response.json({"run_id": run_id, "status": "running", "params": params},
+                            status=202)
+
+    async def h_dash_benchmark_cancel(self, request: Request, response: Response) -> None:
+        self.require_admin(request)
+        task = self.benchmark_task
+        if task is None or task.done():
+            raise HttpError(404, "no benchmark is running")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await response.json({"run_id": self.benchmark_run, "status": "cancelled"})
+
+    async def run_benchmark(self, run_id: int, params: JSON) -> None:
+        """Send the requests through the router itself, so routing is part of the figure."""
+        models = list(params["models"])
+        total = len(models) * int(params["requests_per_model"])
+        started = time.time()
+        await self.store.update_benchmark(run_id, status="running", started_at=started,
+                                          progress=0.0)
+        lat: list[float] = []
+        ttft: list[float] = []
+        tokens = 0
+        eval_s = 0.0
+        failures = 0
+        done = 0
+        per: dict[str, JSON] = {}
+        sem = asyncio.Semaphore(int(params["concurrency"]))
+        base = f"http://127.0.0.1:{self.address[1]}"
+
+        async def one(model: str) -> None:
+            nonlocal tokens, eval_s, failures, done
+            async with sem:
+                t0 = time.monotonic()
+                body = dumps({"model": model, "prompt": params["prompt"], "stream": False,
+                              "options": {"num_predict": params["max_tokens"]},
+                              "metadata": {"tags": ["benchmark"]}})
+                node = "?"
+                try:
+                    up = await self.pool.request(base, "POST", "/api/generate",
+                                                 [(b"content-type", b"application/json")], body,
+                                                 head_timeout=self.config.first_byte_timeout_s)
+                    data = await up.read(idle_timeout=self.config.stall_timeout_s)
+                    node = up.header("x-herd-node") or "?"
+                    obj = json.loads(data) if up.status == 200 else {}
+                    if up.status != 200:
+                        raise ValueError(f"status {up.status}")
+                    n = int(obj.get("eval_count") or 0)
+                    secs = float(obj.get("eval_duration") or 0) / 1e9
+                    tokens += n
+                    eval_s += secs
+                    lat.append((time.monotonic() - t0) * 1000)
+                    ttft.append(float(obj.get("load_duration") or 0) / 1e6 +
+                                float(obj.get("prompt_eval_duration") or 0) / 1e6)
+                    key = f"{node}:{model}"
+                    entry = per.setdefault(key, {"node_id": node, "model": model,
+                                                 "requests": 0, "tokens": 0, "eval_s": 0.0})
+                    entry["requests"] += 1
+                    entry["tokens"] += n
+                    entry["eval_s"] += secs
+                except (UpstreamFailure, ConnectionClosed, TimeoutError, ValueError):
+                    failures += 1
+                done += 1
+
+        try:
+            tasks = [one(m) for m in models for _ in range(int(params["requests_per_model"]))]
+            for chunk_start in range(0, len(tasks), 8):
+                await asyncio.gather(*tasks[chunk_start:chunk_start + 8])
+                await self.store.update_benchmark(run_id, progress=round(done / total, 3),
+                                                  requests=done, failures=failures)
+            status = "done"
+        except asyncio.CancelledError:
+            status = "cancelled"
+        duration = time.time() - started
+        results = [{**e, "tokens_per_s": round(e["tokens"] / e["eval_s"], 2)
+                    if e["eval_s"] else None} for e in per.values()]
+        await self.store.update_benchmark(
+            run_id, status=status, finished_at=time.time(), duration_s=round(duration, 3),
+            requests=done, failures=failures, progress=round(done / total, 3) if total else 1,
+            rps=round(done / duration, 3) if duration else None,
+            tokens_per_s=round(tokens / eval_s, 2) if eval_s else None,
+            latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
+            latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(ttft, 50),
+            ttft_p95_ms=percentile(ttft, 95), ttft_p99_ms=percentile(ttft, 99),
+            results={"per_node_model": results},
+        )
+        self.benchmark_run = None
+        if status == "cancelled":
+            raise asyncio.CancelledError
+
     # ---------------------------------------------------------------- fleet endpoints -----
 
     async def h_fleet_status(self, request: Request, response: Response) -> None:
@@ -2806,6 +3253,68 @@ class Router:
             raise HttpError(400, "ollama.loaded must be a list")
         if available is not None and not isinstance(available, list):
             raise HttpError(400, "ollama.available must be a list or null")
+
+        # Everything Node.snapshot() turns into numbers is checked here, before any state
+        # changes: one bad beat must get a 400, not break routing for the whole fleet later.
+        def bad_fields(obj: object, where: str, *numbers: str) -> str | None:
+            if obj is None:
+                return None
+            if not isinstance(obj, dict):
+                return f"{where} must be an object"
+            for k in numbers:
+                v = obj.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                    return f"{where}.{k} must be a number"
+            return None
+
+        gpu = hardware.get("gpu")
+        devices = gpu.get("devices") if isinstance(gpu, dict) else None
+        caps_in = beat.get("capabilities")
+        problems = [
+            bad_fields(hardware.get("memory"), "hardware.memory", "total_bytes", "available_bytes"),
+            bad_fields(hardware.get("cpu"), "hardware.cpu", "cores", "utilization_pct"),
+            bad_fields(hardware.get("disk"), "hardware.disk", "total_bytes", "free_bytes"),
+            bad_fields(gpu, "hardware.gpu"),
+            None if devices is None or isinstance(devices, list) else "gpu.devices must be a list",
+            *(
+                bad_fields(d, "gpu.devices[]", "memory_total_bytes", "memory_used_bytes")
+                for d in (devices if isinstance(devices, list) else [])
+            ),
+            *(
+                bad_fields(m, "ollama.loaded[]", "size", "size_vram", "context_length")
+                for m in (loaded or [])
+            ),
+            *(bad_fields(m, "ollama.available[]", "size") for m in (available or [])),
+            *(
+                bad_fields(m.get("details"), "ollama.available[].details")
+                for m in (available or [])
+                if isinstance(m, dict)
+            ),
+            *(
+                f"ollama.available[].{k} must be a list"
+                for m in (available or [])
+                if isinstance(m, dict)
+                for k, v in (
+                    ("capabilities", m.get("capabilities")),
+                    (
+                        "details.families",
+                        m["details"].get("families") if isinstance(m.get("details"), dict) else None,
+                    ),
+                )
+                if v is not None and not isinstance(v, list)
+            ),
+            None if caps_in is None or isinstance(caps_in, dict) else "capabilities: object",
+            *(
+                f"capabilities.{k} must be a list"
+                for k in ("image", "stt")
+                if isinstance(caps_in, dict)
+                and caps_in.get(k) is not None
+                and not isinstance(caps_in.get(k), list)
+            ),
+        ]
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise HttpError(400, f"malformed heartbeat: {problem}")
         interval = beat.get("interval_s", self.config.heartbeat_interval_s)
         if not isinstance(interval, int | float) or not 0.05 <= interval <= 300:
             raise HttpError(400, "interval_s must be a number between 0.05 and 300")
@@ -2819,6 +3328,15 @@ class Router:
             and node.agent_addr
             and node.agent_addr != addr
         ):
+            log.warning(
+                "heartbeat for node %s from %s refused: it is online from %s (no fleet key)",
+                node_id,
+                addr,
+                node.agent_addr,
+            )
+            self.store.record_event(
+                "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
+            )
             raise HttpError(409, f"node '{node_id}' is online from another address")
         if node is None:
             node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
@@ -2976,6 +3494,42 @@ class Router:
 
 
 MDNS_TYPE = "_herd._tcp.local."
+
+
+def find_dashboard() -> Path | None:
+    """dashboard.html beside herd.py (checkout) or in ``share/herd`` (pip install)."""
+    for candidate in (Path(__file__).with_name("dashboard.html"),
+                      Path(sys.prefix) / "share" / "herd" / "dashboard.html"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def host_is_trusted(host: str, extra: Sequence[str]) -> bool:
+    """A Host header that cannot be an attacker's rebinding name: an IP, localhost, the
+    machine's own names, ``*.local``, or one configured with ``--trusted-host``."""
+    name = host.rsplit(":", 1)[0].strip("[]").lower() if host else ""
+    if not name:
+        return True
+    if name in ("localhost", socket.gethostname().lower(), socket.getfqdn().lower()):
+        return True
+    if name.endswith((".localhost", ".local")) or name in (h.lower() for h in extra):
+        return True
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
+        return True
+    except OSError:
+        return False
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * pct / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 3)
 
 
 def local_addresses() -> list[str]:
@@ -3169,6 +3723,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="NODE=N parallel slots for a node, repeatable [HERD_SLOTS]",
     )
+    p.add_argument("--admin-token", default=env_default("HERD_ADMIN_TOKEN", None),
+                   help="token required by endpoints that change the fleet [HERD_ADMIN_TOKEN]")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="client API key (Bearer), repeatable [HERD_API_KEYS, comma separated]")
+    p.add_argument("--api-keys-file", default=env_default("HERD_API_KEYS_FILE", None),
+                   help="file with one API key per line [HERD_API_KEYS_FILE]")
+    p.add_argument("--trusted-host", action="append", default=[],
+                   help="extra Host name trusted for admin requests [HERD_TRUSTED_HOSTS]")
     p.add_argument(
         "--log-level",
         default=env_default("HERD_LOG_LEVEL", "INFO"),
@@ -3187,6 +3749,15 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         name, _, n = item.partition("=")
         if n.isdigit() and int(n) > 0:
             slots[name.strip()] = int(n)
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("HERD_API_KEYS"):
+        keys = [k.strip() for k in os.environ["HERD_API_KEYS"].split(",") if k.strip()]
+    if args.api_keys_file:
+        lines = Path(args.api_keys_file).read_text().splitlines()
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    trusted = list(args.trusted_host) + [
+        h for h in os.environ.get("HERD_TRUSTED_HOSTS", "").split(",") if h
+    ]
     limits = Limits(
         max_json_bytes=int(args.max_body_mb * MiB), max_connections=args.max_connections
     )
@@ -3212,6 +3783,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         limits=limits,
         policy=policy,
         log_level=args.log_level,
+        admin_token=args.admin_token or None,
+        api_keys=keys,
+        trusted_hosts=trusted,
     )
 
 
