@@ -686,7 +686,32 @@ LoadDelay = float | Callable[[FakeModel], float]
 
 
 class FakeOllama:
-    """Fake Ollama node. See module docstring; knobs are plain attributes (runtime-settable)."""
+    """Fake Ollama node. Every knob is a plain attribute and may be changed at runtime.
+
+    Constructor knobs: ``models`` (default one ``llama3.2:3b``), ``version``,
+    ``num_parallel`` (slots per loaded model; embedding-only models get 1 unless
+    ``FakeModel.num_parallel`` overrides), ``max_loaded_models`` (LRU-idle eviction beyond it;
+    <=0 means 3), ``max_queue`` (requests waiting for a slot/load; beyond → 503 BUSY_ERROR),
+    ``load_delay_s`` (seconds, or ``callable(FakeModel) -> seconds``), ``tokens_per_s`` and
+    ``prompt_tokens_per_s`` (0 = no sleeping), ``default_keep_alive_s``, ``default_num_ctx``
+    (capped at the model's ``context_length``), ``response_tokens`` (natural answer length;
+    ``options.num_predict`` / ``max_tokens`` bound it → ``done_reason "length"``),
+    ``thinking_tokens``, ``pullable`` (registry for ``/api/pull``), ``pull_step_delay_s``,
+    ``vram_bytes`` (None = everything fits; else ``size_vram`` < ``size`` once exceeded),
+    ``host``, ``port`` (0 = pick), ``loopback_host_check``.
+
+    Faults: :meth:`fail_next`, :meth:`fail_mid_stream`, ``die_after_chunks`` (next stream: abort
+    the TCP connection after N lines, no terminating chunk), ``stall_s`` (inference: hold the
+    slot this long before the first byte), ``stall_mid_stream_s`` (pause after the first
+    line), :meth:`refuse_connections` / :meth:`revive` (same port).
+
+    Observation: ``requests`` (:class:`RecordedRequest`), ``loaded`` (:class:`LoadedState`
+    by model name), ``active``, ``max_active_seen``, ``max_in_flight_seen`` (per model),
+    ``queued``, ``cancelled`` (inference requests stopped because the client went away,
+    queued or generating), ``dropped`` (die_after_chunks), ``rejected_busy``,
+    ``load_events`` [(model, num_ctx)], ``unload_events`` [(model, reason)], ``blobs``,
+    ``errors`` (exceptions inside the fake; should stay empty). :meth:`reset_stats` clears them.
+    """
 
     def __init__(
         self,
@@ -708,6 +733,7 @@ class FakeOllama:
         host: str = "127.0.0.1",
         port: int = 0,
         loopback_host_check: bool = True,
+        vram_bytes: int | None = None,
     ) -> None:
         if models is None:
             models = [FakeModel("llama3.2:3b")]
@@ -730,6 +756,7 @@ class FakeOllama:
         self.host = host
         self.port = port
         self.loopback_host_check = loopback_host_check
+        self.vram_bytes = vram_bytes
         # fault knobs
         self.die_after_chunks: int | None = None
         self.stall_s: float = 0.0
@@ -919,6 +946,12 @@ class FakeOllama:
             n = self.default_num_ctx
         return max(1, min(n, m.context_length))
 
+    def _vram_for(self, size: int) -> int:
+        if self.vram_bytes is None:
+            return size
+        used = sum(s.size_vram for s in self.loaded.values())
+        return max(0, min(size, self.vram_bytes - used))
+
     def _load_delay(self, m: FakeModel) -> float:
         d = self.load_delay_s
         return float(d(m)) if callable(d) else float(d)
@@ -994,7 +1027,7 @@ class FakeOllama:
             name=key,
             model=m,
             size=size,
-            size_vram=size,
+            size_vram=self._vram_for(size),
             context_length=num_ctx,
             expires_at=now + keep_alive,
             in_flight=1,
@@ -1580,6 +1613,12 @@ class FakeOllama:
         m = self._require(name)
         return m, name, options, keep_alive
 
+    @staticmethod
+    def _check_logprobs(req: dict[str, Any]) -> None:
+        top = req.get("top_logprobs")
+        if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
+            raise _HTTPError(400, "top_logprobs must be between 0 and 20")
+
     def _check_think(self, m: FakeModel, name: str, think: Any) -> bool:
         if think is None or think is False:
             return False
@@ -1733,6 +1772,7 @@ class FakeOllama:
         if "completion" not in m.capabilities:
             raise _HTTPError(400, f"{json.dumps(name)} does not support generate")
         think = self._check_think(m, name, req.get("think"))
+        self._check_logprobs(req)
         prompt = req.get("prompt") or ""
         if not isinstance(prompt, str):
             raise _HTTPError(
@@ -1842,6 +1882,7 @@ class FakeOllama:
         if "completion" not in m.capabilities:
             raise _HTTPError(400, f"{json.dumps(name)} does not support chat")
         think = self._check_think(m, name, req.get("think"))
+        self._check_logprobs(req)
         tool_call = self._tool_call_for(m, name, messages, req.get("tools"))
         if not messages:
             await self._load_or_unload(ex, m, name, options, keep_alive, chat=True)

@@ -35,6 +35,9 @@ from tests.fake_ollama import (
     run_in_thread,
 )
 
+# The project's conftest runs marked async tests under both asyncio and uvloop.
+pytestmark = pytest.mark.both_loops
+
 RFC3339_NS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
 CHAT = "llama3.2:3b"
 SMART = "qwen3:0.6b"
@@ -1313,3 +1316,62 @@ def test_timestamps_and_helpers() -> None:
     assert ".123456789" in s
     assert ".5" in rfc3339(1_700_000_000_500_000_000)
     assert "." not in rfc3339(1_700_000_000_000_000_000)
+
+
+async def test_partial_offload_and_logprobs_validation() -> None:
+    async with make_fake(vram_bytes=2_500_000_000) as fake:
+        await raw_request(fake, "POST", "/api/generate", {"model": CHAT})
+        await raw_request(fake, "POST", "/api/generate", {"model": SMART})
+        ps = {p["name"]: p for p in (await raw_request(fake, "GET", "/api/ps")).json()["models"]}
+        assert ps[CHAT]["size_vram"] == ps[CHAT]["size"]
+        assert 0 < ps[SMART]["size_vram"] < ps[SMART]["size"]
+        body = {"model": CHAT, "prompt": "x", "top_logprobs": 21}
+        r = await raw_request(fake, "POST", "/api/generate", body)
+        assert r.status == 400 and "top_logprobs" in r.json()["error"]
+
+
+async def test_keep_alive_last_writer_wins_and_reload_waits_for_in_flight() -> None:
+    async with make_fake(tokens_per_s=100) as fake:
+        await raw_request(fake, "POST", "/api/generate", {"model": CHAT, "keep_alive": -1})
+        assert fake.loaded[CHAT].expires_at == math.inf
+        await raw_request(fake, "POST", "/api/generate", {"model": CHAT, "keep_alive": "1m"})
+        assert fake.loaded[CHAT].expires_at < time.time() + 61
+        # a num_ctx change waits for the running request, then reloads
+        body = {"model": CHAT, "prompt": "x", "stream": False}
+        first = asyncio.ensure_future(raw_request(fake, "POST", "/api/generate", body))
+        await wait_for(lambda: fake.active == 1)
+        second = asyncio.ensure_future(
+            raw_request(fake, "POST", "/api/generate", {**body, "options": {"num_ctx": 1024}})
+        )
+        a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert a.status == b.status == 200
+        assert fake.max_in_flight_seen[CHAT] == 1
+        assert fake.load_events[-1] == (CHAT, 1024)
+        assert (CHAT, "reload") in fake.unload_events
+
+
+async def test_expect_100_continue_blob_upload_and_head_tags() -> None:
+    async with make_fake() as fake:
+        data = b"x" * 50_000
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+        writer.write(
+            (
+                f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: localhost\r\n"
+                f"Content-Length: {len(data)}\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(data)
+        await writer.drain()
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert final.startswith(b"HTTP/1.1 201")
+        writer.close()
+        await writer.wait_closed()
+        assert fake.blobs[digest] == len(data)
+        rec = fake.requests_to(f"/api/blobs/{digest}")[-1]
+        assert rec.body == b"" and rec.body_size == len(data)
+        h = await raw_request(fake, "HEAD", "/api/tags")
+        assert h.status == 200 and h.body == b"" and int(h.header("content-length") or 0) > 0
