@@ -388,11 +388,11 @@ async def test_apps_known_answers(open_store: OpenStore) -> None:
     apps = {a["tag"]: a for a in await s.apps(days=7, now=NOW)}
     assert set(apps) == {"app:chat", "app:batch", "user:bob"}
     chat = apps["app:chat"]
-    assert (chat["requests"], chat["models"], chat["failures"]) == (4, ["llama3:8b"], 0)
+    assert (chat["requests"], chat["failures"]) == (4, 0)
     assert chat["latency_avg_ms"] == pytest.approx(250.0)
     assert approx(chat["latency_p95_ms"], 400)
     assert (chat["prompt_tokens"], chat["completion_tokens"]) == (40, 80)
-    assert (apps["user:bob"]["requests"], apps["user:bob"]["models"]) == (2, ["qwen:0.5b"])
+    assert (apps["user:bob"]["requests"], apps["user:bob"]["cold_loads"]) == (2, 1)
     assert (await s.apps(days=7, now=NOW))[0]["tag"] == "app:chat"  # busiest first
     assert {a["tag"] for a in await s.apps(days=1, now=NOW)} == {"app:chat"}
 
