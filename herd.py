@@ -1471,6 +1471,7 @@ class Router:
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
         self.pull_jobs: dict[str, JSON] = {}
+        self.prewarming: set[tuple[str, str]] = set()
         self.benchmark_task: asyncio.Task[None] | None = None
         self.benchmark_run: int | None = None
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -1671,6 +1672,7 @@ class Router:
                 self.policy,
                 waited_s=loop.time() - start,
             )
+            self.maybe_prewarm(rreq, choice, queues)
             if choice.action == "dispatch" and choice.node_id in self.nodes:
                 node = self.nodes[choice.node_id]
                 q = self.queue_for(node.node_id, rreq.model, rreq.kind)
@@ -1680,7 +1682,7 @@ class Router:
                 return node, q, choice, (loop.time() - start) * 1000
             if choice.action != "wait":
                 raise Rejected(choice, 503, choice.reason)
-            waiting_on = choice.winner.node_id if choice.winner else None
+            waiting_on = choice.wait_for
             q_wait = self.queue_for(waiting_on, rreq.model, rreq.kind) if waiting_on else None
             if q_wait is not None:
                 q_wait.pending += 1
@@ -1707,9 +1709,40 @@ class Router:
         for key in (node_id, f"{node_id}:{model}"):
             state = self.breakers.get(key)
             if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
-                self.breakers[key] = dataclasses.replace(
-                    state, state="half_open", probe_in_flight=True
-                )
+                self.breakers[key] = scoring.breaker_begin_probe(state, now, self.policy)
+
+    def maybe_prewarm(self, rreq: scoring.RouteRequest, choice: scoring.Choice,
+                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot]) -> None:
+        """A deep queue on the winner: load the model on the runner-up before it is needed."""
+        if rreq.kind not in ("text", "embed"):
+            return
+        target = scoring.prewarm_target(rreq, choice, queues, self.policy)
+        if target is None or target not in self.nodes:
+            return
+        key = (target, rreq.model)
+        if key in self.prewarming:
+            return
+        self.prewarming.add(key)
+        self._spawn(self.prewarm(self.nodes[target], rreq.model, rreq.kind), "prewarm")
+
+    async def prewarm(self, node: Node, model: str, kind: str) -> None:
+        path = "/api/embed" if kind == "embed" else "/api/generate"
+        body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
+        log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
+        try:
+            async with asyncio.timeout(self.config.first_byte_timeout_s):
+                up = await self.pool.request(node.url, "POST", path,
+                                             [(b"content-type", b"application/json")],
+                                             dumps(body))
+                await up.read()
+            if up.status == 200:
+                self.mark_loaded(node, model, None, time.time())
+                self.store.record_event("prewarm", node.node_id, {"model": model})
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
+        finally:
+            self.prewarming.discard((node.node_id, model))
+            self._wake_waiters()
 
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
         total = max(1, len(self.nodes))
@@ -2353,6 +2386,15 @@ class Router:
             except HttpError as exc:
                 if exc.kind != "unservable":
                     raise
+                if exc.status == 404 and self.settings.get("auto_pull") and not pinned \
+                        and await self.auto_pull(served_model, attempt):
+                    try:
+                        await self.route_with_retries(request, response, rreq, payload,
+                                                      attempt, served_model)
+                        return
+                    except HttpError as again:
+                        if again.kind != "unservable":
+                            raise
                 first_error = first_error or exc
                 continue
         assert first_error is not None
@@ -2364,6 +2406,25 @@ class Router:
         )
         self.metrics.rejected += 1
         raise first_error
+
+    async def auto_pull(self, model: str, attempt: Attempt) -> bool:
+        """``auto_pull`` on: a model no node has is pulled to the node with most room."""
+        if attempt.kind not in ("text", "embed") or not scoring.is_valid_model_name(model):
+            return False
+        target = self.roomiest(self.healthy_nodes())
+        if target is None:
+            return False
+        log.info("request %s: auto-pulling %s to %s", attempt.request_id, model, target.node_id)
+        self.store.record_event("auto_pull", target.node_id, {"model": model})
+        job: JSON = {"id": f"{target.node_id}:{model}", "node_id": target.node_id,
+                     "model": model, "status": "pulling", "completed": 0, "total": 0,
+                     "detail": "", "started_at": time.time(), "error": ""}
+        self.pull_jobs[job["id"]] = job
+        await self.run_pull(target, model, job)
+        ok = job["status"] == "done" and target.has_model(scoring.normalize_model(model))
+        if not ok:
+            log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
+        return ok
 
     def _unservable(
         self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
@@ -3298,7 +3359,9 @@ class Router:
                     ("capabilities", m.get("capabilities")),
                     (
                         "details.families",
-                        m["details"].get("families") if isinstance(m.get("details"), dict) else None,
+                        m["details"].get("families")
+                        if isinstance(m.get("details"), dict)
+                        else None,
                     ),
                 )
                 if v is not None and not isinstance(v, list)
@@ -3533,10 +3596,25 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
 
 
 def local_addresses() -> list[str]:
+    """IPv4 addresses of this host's up interfaces, loopback only when there is nothing else.
+
+    The interfaces are asked (ifaddr comes with zeroconf), not the hostname: Debian maps the
+    hostname to 127.0.1.1 and a network namespace does not own the addresses /etc/hosts lists,
+    and advertising either would send every agent to an address it cannot reach.
+    """
     addrs: set[str] = set()
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            addrs.add(str(info[4][0]))
+    try:
+        import ifaddr
+
+        for adapter in ifaddr.get_adapters():
+            for ip in adapter.ips:
+                if isinstance(ip.ip, str) and not ip.ip.startswith(("127.", "169.254.")):
+                    addrs.add(ip.ip)
+    except (ImportError, OSError):
+        with contextlib.suppress(OSError):
+            for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+                if not str(info[4][0]).startswith("127."):
+                    addrs.add(str(info[4][0]))
     return sorted(addrs) or ["127.0.0.1"]
 
 
