@@ -116,7 +116,7 @@ async def test_root_head_version_and_unknown_paths(fleet: Any) -> None:
 
 async def test_tags_union_and_v1_models(fleet: Any) -> None:
     r, _, _ = fleet
-    status, _, body = await raw_request(r.port, "GET", "/api/tags")
+    _status, _, body = await raw_request(r.port, "GET", "/api/tags")
     names = [m["name"] for m in json.loads(body)["models"]]
     assert sorted(names) == sorted(["llama3.2:3b", "qwen2.5:7b", "nomic-embed-text:latest"])
     entry = next(m for m in json.loads(body)["models"] if m["name"] == "llama3.2:3b")
@@ -211,7 +211,7 @@ async def test_openai_client_end_to_end(fleet: Any) -> None:
 
 
 async def test_ndjson_stream_lines_and_headers(fleet: Any) -> None:
-    r, a, b = fleet
+    r, _a, b = fleet
     body = json.dumps({"model": "qwen2.5:7b", "prompt": "tell me a story"}).encode()
     status, headers, data = await raw_request(r.port, "POST", "/api/generate", body)
     assert status == 200
@@ -273,7 +273,7 @@ async def test_native_errors(
     fleet: Any, path: str, body: bytes, status: int, fragment: str
 ) -> None:
     r, _, _ = fleet
-    got, headers, data = await raw_request(r.port, "POST", path, body)
+    got, _headers, data = await raw_request(r.port, "POST", path, body)
     assert got == status
     assert fragment in json.loads(data)["error"]
 
@@ -306,7 +306,7 @@ async def test_body_limit_gives_413(make_router: RouterFactory) -> None:
 
 
 async def test_hot_model_wins_and_headers_name_the_node(fleet: Any) -> None:
-    r, a, b = fleet
+    r, _a, b = fleet
     # Warm llama on B only (direct), then let the router's poll see it.
     _, _, _ = await raw_request(
         b.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"warm"}'
@@ -327,7 +327,7 @@ async def test_hot_model_wins_and_headers_name_the_node(fleet: Any) -> None:
 async def test_retry_on_5xx_before_first_byte(fleet: Any) -> None:
     r, a, b = fleet
     b.fail_next(500, "boom", count=5)
-    status, headers, data = await raw_request(
+    status, _headers, data = await raw_request(
         r.port,
         "POST",
         "/api/chat",
@@ -351,7 +351,7 @@ async def test_retry_moves_to_next_node(make_router: RouterFactory) -> None:
         b.fail_next(
             503, "server busy, please try again.  maximum pending requests exceeded", count=100
         )
-        status, headers, data = await raw_request(
+        status, headers, _data = await raw_request(
             r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"x"}'
         )
         assert status in (500, 503)
@@ -541,7 +541,7 @@ async def test_fleet_status_and_metrics(fleet: Any) -> None:
     assert status["fleet"]["nodes_total"] == 2 and status["fleet"]["nodes_online"] == 2
     assert {"node_id", "status", "loaded_models", "available_models"} <= set(status["nodes"][0])
     assert any(q["done"] == 1 for q in status["queues"].values())
-    _, headers, data = await raw_request(r.port, "GET", "/metrics")
+    _, _headers, data = await raw_request(r.port, "GET", "/metrics")
     text = data.decode()
     assert 'herd_requests_total{endpoint="/api/generate",kind="text",status="completed"} 1' in text
     assert "herd_node_up" in text
