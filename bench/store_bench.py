@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import store  # noqa: E402 - after the path tweak, so the bench runs from a checkout
-from store import Store, TraceRecord  # noqa: E402
+import store
+from store import Store, TraceRecord
 
 MODELS = [f"model-{i}:latest" for i in range(8)]
 NODES = [f"node-{i}" for i in range(5)]
