@@ -194,9 +194,7 @@ async def main() -> None:
         tmp = Path(d)
         ours = await bench_store(tmp, records, now)
         naive = await bench_naive(tmp, records[: args.naive_rows], "NORMAL", args.naive_budget_s)
-        naive_full = await bench_naive(
-            tmp, records[: args.naive_rows], "FULL", args.naive_budget_s
-        )
+        naive_full = await bench_naive(tmp, records[: args.naive_rows], "FULL", args.naive_budget_s)
 
     print(f"\nstore (batched writer thread), {args.rows} records")
     for key, value in ours.items():
