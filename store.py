@@ -833,8 +833,8 @@ def _by_requests(items: Iterable[dict[str, object]]) -> list[dict[str, object]]:
     return sorted(items, key=lambda d: (-_num(d["requests"]), -_num(d["attempts"])))
 
 
-def _select_usage(conn: sqlite3.Connection, days: int, now: float) -> dict[str, object]:
-    days = max(1, days)
+def _select_usage(conn: sqlite3.Connection, days: float, now: float) -> dict[str, object]:
+    days = max(1, math.ceil(days))  # whole UTC days; a float from a query string is fine
     last = _floor(now, DAY)
     first = last - (days - 1) * DAY
     # One SQL pass for the finest grouping; the coarser ones are merged from its cells.
@@ -891,9 +891,9 @@ def _select_apps(
 
 
 def _select_trends(
-    conn: sqlite3.Connection, hours: int, now: float, hourly_keep_days: float
+    conn: sqlite3.Connection, hours: float, now: float, hourly_keep_days: float
 ) -> list[dict[str, object]]:
-    hours = max(1, min(hours, math.ceil(hourly_keep_days * 24)))
+    hours = max(1, min(math.ceil(hours), math.ceil(hourly_keep_days * 24)))
     last = _floor(now, HOUR)
     first = last - (hours - 1) * HOUR
     groups = _aggregate(conn, HOUR, first, last, tagged=False, by=("bucket",))
@@ -1316,7 +1316,7 @@ class Store:
             lambda c: _select_events(c, limit, kind=kind, node_id=node_id, since=since)
         )
 
-    async def usage(self, days: int = 7, *, now: float) -> dict[str, object]:
+    async def usage(self, days: float = 7, *, now: float) -> dict[str, object]:
         """Per UTC day x node x model (``rows``), plus ``totals``, ``by_day`` (every day),
         ``by_node`` and ``by_model``; read from daily rollups, so pruning does not affect it."""
         return await self._read(lambda c: _select_usage(c, days, now))
@@ -1331,7 +1331,7 @@ class Store:
         keep = self.hourly_keep_days
         return await self._read(lambda c: _select_apps(c, days, now, keep))
 
-    async def trends(self, hours: int = 24, *, now: float) -> list[dict[str, object]]:
+    async def trends(self, hours: float = 24, *, now: float) -> list[dict[str, object]]:
         """One row per UTC hour, oldest first, every hour present: ``hour``, ``time``, metrics."""
         keep = self.hourly_keep_days
         return await self._read(lambda c: _select_trends(c, hours, now, keep))

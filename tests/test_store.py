@@ -441,6 +441,8 @@ async def test_usage_per_node_model_day(open_store: OpenStore) -> None:
     by_node = u["by_node"]
     assert isinstance(by_node, list)
     assert [(n["node_id"], n["requests"]) for n in by_node] == [("a", 10), ("b", 4), ("", 1)]
+    assert (await s.usage(days=1.5, now=NOW))["days"] == 2  # float days round up
+    assert len(await s.trends(hours=2.5, now=NOW)) == 3
     # Days with no traffic are present with zeros.
     empty = await s.usage(days=5, now=NOW + 3 * store.DAY)
     assert [d["requests"] for d in empty["by_day"]] == [2, 13, 0, 0, 0]  # type: ignore[union-attr,index]
