@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1631,7 +1632,9 @@ class Router:
         q = self.queues.get(key)
         node = self.nodes.get(node_id)
         slots = 1
-        if node is not None:
+        if node is not None and kind in ("image", "stt"):
+            slots = self.capability_slots(node, kind, model)
+        elif node is not None:
             snap = node.snapshot(time.time())
             slots = scoring.slot_count(snap, self.config.slots.get(node_id), self.policy)
         if q is None:
@@ -1646,9 +1649,13 @@ class Router:
     def _queue_snapshots(
         self, model: str, kind: str
     ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
-        for node in self.nodes.values():
-            if node.has_model(model) or kind in ("image", "stt"):
+        if kind in ("image", "stt"):
+            for node in self.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
+        else:
+            for node in self.nodes.values():
+                if node.has_model(model):
+                    self.queue_for(node.node_id, model, kind)
         return {k: q.snapshot() for k, q in self.queues.items()}
 
     async def acquire(
@@ -1793,6 +1800,10 @@ class Router:
         }
         for path in INFERENCE_PATHS:
             r[path] = {"POST": self.h_inference}
+        r["/api/generate-image"] = {"POST": self.h_generate_image}
+        r["/v1/images/generations"] = {"POST": self.h_v1_images}
+        r["/api/transcribe"] = {"POST": self.h_transcribe}
+        r["/v1/audio/transcriptions"] = {"POST": self.h_v1_transcriptions}
         return r
 
     async def dispatch(self, request: Request, response: Response) -> None:
@@ -2844,6 +2855,277 @@ class Router:
             extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
         )
 
+    # ---------------------------------------------------------------- image and speech ----
+
+    def capability_models(self, kind: str) -> dict[str, list[Node]]:
+        """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
+        out: dict[str, list[Node]] = {}
+        for node in self.healthy_nodes():
+            url = node.capabilities.get("service_url")
+            if not isinstance(url, str) or not url:
+                continue
+            for entry in node.capabilities.get(kind) or []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    out.setdefault(scoring.normalize_model(entry["name"]), []).append(node)
+        return out
+
+    def capability_slots(self, node: Node, kind: str, model: str) -> int:
+        for entry in node.capabilities.get(kind) or []:
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
+                    and scoring.normalize_model(entry["name"]) == model:
+                slots = entry.get("slots")
+                if isinstance(slots, int) and 0 < slots <= 64:
+                    return slots
+        return 1  # agents run one job per backend at a time
+
+    def resolve_capability_model(self, kind: str, requested: str | None) -> str:
+        toggle = "image_generation" if kind == "image" else "transcription"
+        if not self.settings.get(toggle):
+            raise HttpError(503, f"{toggle.replace('_', ' ')} is disabled on this router; enable "
+                                 f"it with POST /dashboard/api/settings {{\"{toggle}\": true}}")
+        models = self.capability_models(kind)
+        if not models:
+            what = "image generation" if kind == "image" else "speech-to-text"
+            raise HttpError(503, f"no online node offers {what}; run herd-node with a "
+                                 f"{'image' if kind == 'image' else 'transcription'} backend")
+        if not requested:
+            return sorted(models, key=lambda m: -len(models[m]))[0]
+        name = scoring.normalize_model(requested)
+        if name not in models:
+            raise HttpError(404, f"model '{requested}' not found; available "
+                                 f"{'image' if kind == 'image' else 'speech-to-text'} models: "
+                                 f"{', '.join(sorted(models))}")
+        return name
+
+    async def capability_call(
+        self, request: Request, kind: str, model: str, path: str,
+        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
+    ) -> tuple[UpstreamResponse, Node]:
+        """Route an image/STT job; retries before any byte of a streamed body is spent."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        while True:
+            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
+            try:
+                node, queue, choice, queue_ms = await self.acquire(rreq)
+            except Rejected as rej:
+                if last is not None:
+                    raise HttpError(502, last.message) from None
+                retry = rej.choice.retry_after_s
+                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
+                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
+                                ) from None
+            attempt.queue_ms += queue_ms
+            attempt.node_id, attempt.served_model = node.node_id, model
+            attempt.retries = len(tried)
+            base = str(node.capabilities.get("service_url"))
+            ok = False
+            try:
+                up = await self.pool.request(base, "POST", path, headers, body,
+                                             head_timeout=self.config.first_byte_timeout_s)
+                if up.status >= 500:
+                    data = await up.read(limit=MiB, idle_timeout=10)
+                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
+                                          f"{up.status}: {data[:200].decode('utf-8', 'replace')}",
+                                          status=up.status, body=data, headers=up.headers)
+                ok = up.status < 400
+                self.breaker_success(node.node_id, model, time.time())
+                return up, node
+            except UpstreamFailure as fail:
+                self.breaker_failure(node.node_id, model, fail.kind, time.time())
+                streamed = not isinstance(body, bytes) and fail.kind != "connect"
+                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.policy)
+                self.trace(attempt, status="retried" if decision.retry else "failed",
+                           http_status=0 if decision.retry else fail.status,
+                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
+                if not decision.retry:
+                    raise HttpError(fail.status if fail.status >= 400 else 502,
+                                    fail.message) from None
+                tried.add(node.node_id)
+                last = fail
+            finally:
+                self.release(queue, ok)
+
+    def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
+        return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
+                       original_model=model, tags=[t for t in [request.key_id] if t],
+                       client_ip=request.client_ip, received_at=request.received_at,
+                       started=time.monotonic())
+
+    async def h_generate_image(self, request: Request, response: Response) -> None:
+        body = await request.json(4 * MiB)
+        requested = body.get("model")
+        if requested is not None and not isinstance(requested, str):
+            raise HttpError(400, "model must be a string")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HttpError(400, "prompt is required")
+        for key in ("width", "height", "steps", "seed"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 1 << 31):
+                raise HttpError(400, f"{key} must be a non-negative integer")
+        model = self.resolve_capability_model("image", requested)
+        attempt = self.capability_attempt(request, "image", model)
+        body["model"] = model
+        up, node = await self.capability_call(
+            request, "image", model, "/api/generate-image", dumps(body),
+            [(b"content-type", b"application/json")], attempt)
+        await self.finish_capability(up, node, response, attempt, model)
+
+    async def h_v1_images(self, request: Request, response: Response) -> None:
+        body = await request.json(4 * MiB)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HttpError(400, "prompt is required")
+        requested = body.get("model")
+        model = self.resolve_capability_model(
+            "image", requested if isinstance(requested, str) else None)
+        size = str(body.get("size") or "1024x1024")
+        try:
+            width, height = (int(x) for x in size.lower().split("x", 1))
+        except ValueError:
+            raise HttpError(400, f"size must look like 1024x1024, got {size!r}") from None
+        if body.get("response_format") == "url":
+            raise HttpError(400, "response_format 'url' is not supported; use 'b64_json'")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or not 1 <= n <= 4:
+            raise HttpError(400, "n must be between 1 and 4")
+        attempt = self.capability_attempt(request, "image", model)
+        images: list[JSON] = []
+        node_ids: list[str] = []
+        for i in range(n):
+            job = {"model": model, "prompt": prompt, "width": width, "height": height}
+            if isinstance(body.get("seed"), int):
+                job["seed"] = int(body["seed"]) + i
+            up, node = await self.capability_call(
+                request, "image", model, "/api/generate-image", dumps(job),
+                [(b"content-type", b"application/json")], attempt)
+            data = await up.read(limit=256 * MiB, idle_timeout=self.config.stall_timeout_s)
+            if up.status >= 400:
+                await response.send(up.status, error_body(request.path, up.status,
+                                                          data.decode("utf-8", "replace")[:500]),
+                                    "application/json")
+                self.trace(attempt, status="failed", http_status=up.status, model=model)
+                return
+            images.append({"b64_json": base64.b64encode(data).decode(),
+                           "revised_prompt": prompt})
+            node_ids.append(node.node_id)
+        await response.json({"created": int(time.time()), "data": images},
+                            headers=[("x-herd-node", ",".join(node_ids)),
+                                     ("x-herd-model", model),
+                                     ("x-herd-retries", str(attempt.retries))])
+        self.trace(attempt, status="completed", http_status=200, model=model)
+
+    async def multipart_prefix(self, request: Request, limit: int
+                               ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
+        """Read just enough of a multipart body to learn its small fields (model, language,
+        response_format…) that clients send before the file; the rest stays a stream."""
+        ctype = request.header("content-type") or ""
+        if "multipart/form-data" not in ctype.lower() or "boundary=" not in ctype:
+            raise HttpError(400, "expected multipart/form-data with an 'audio' (or 'file') part")
+        boundary = ctype.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
+        chunks = request.body_chunks(limit)
+        prefix = bytearray()
+        async for chunk in chunks:
+            prefix += chunk
+            if b"filename=" in prefix or len(prefix) > 256 * 1024:
+                break
+        fields: dict[str, str] = {}
+        has_file = False
+        for part in bytes(prefix).split(b"--" + boundary):
+            head, sep, value = part.partition(b"\r\n\r\n")
+            if not sep:
+                continue
+            head_text = head.decode("utf-8", "replace")
+            if "filename=" in head_text:
+                has_file = has_file or 'name="audio"' in head_text or 'name="file"' in head_text
+                continue
+            if 'name="' in head_text and value.endswith(b"\r\n"):
+                name = head_text.split('name="', 1)[1].split('"', 1)[0]
+                fields[name] = value[:-2].decode("utf-8", "replace")[:256]
+        if not has_file and request.body_consumed:
+            raise HttpError(400, "multipart body has no 'audio' (or 'file') part")
+
+        async def rest() -> AsyncIterator[bytes]:
+            yield bytes(prefix)
+            async for chunk in chunks:
+                yield chunk
+
+        return fields, bytes(prefix), rest()
+
+    async def h_transcribe(self, request: Request, response: Response) -> None:
+        fields, _, body = await self.multipart_prefix(request, self.limits.max_upload_bytes)
+        requested = request.query.get("model") or fields.get("model")
+        model = self.resolve_capability_model("stt", requested)
+        attempt = self.capability_attempt(request, "stt", model)
+        headers = [(b"content-type", (request.header("content-type") or "").encode())]
+        up, node = await self.capability_call(request, "stt", model,
+                                              f"/api/transcribe?model={model}", body, headers,
+                                              attempt)
+        await self.finish_capability(up, node, response, attempt, model)
+
+    async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
+        fields, _, body = await self.multipart_prefix(request, self.limits.max_upload_bytes)
+        model = self.resolve_capability_model("stt", fields.get("model") or None)
+        fmt = fields.get("response_format", "json")
+        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
+            raise HttpError(400, f"unsupported response_format {fmt!r}")
+        attempt = self.capability_attempt(request, "stt", model)
+        headers = [(b"content-type", (request.header("content-type") or "").encode())]
+        up, node = await self.capability_call(request, "stt", model,
+                                              f"/api/transcribe?model={model}", body, headers,
+                                              attempt)
+        data = await up.read(limit=64 * MiB, idle_timeout=self.config.stall_timeout_s)
+        herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
+                        ("x-herd-retries", str(attempt.retries))]
+        if up.status >= 400:
+            self.trace(attempt, status="failed", http_status=up.status, model=model)
+            await response.send(up.status, error_body(request.path, up.status,
+                                                      data.decode("utf-8", "replace")[:500]),
+                                "application/json", herd_headers)
+            return
+        result = json.loads(data)
+        text = str(result.get("text") or "")
+        chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
+        self.trace(attempt, status="completed", http_status=200, model=model)
+        if fmt == "text":
+            await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
+        elif fmt in ("srt", "vtt"):
+            await response.send(200, subtitles(chunks, fmt).encode(), "text/plain; charset=utf-8",
+                                herd_headers)
+        elif fmt == "verbose_json":
+            end = max((float(c.get("end") or 0) for c in chunks), default=0.0)
+            await response.json({"task": "transcribe", "language": result.get("language"),
+                                 "duration": end, "text": text,
+                                 "segments": [{"id": i, "start": c.get("start"),
+                                               "end": c.get("end"), "text": c.get("text")}
+                                              for i, c in enumerate(chunks)]},
+                                headers=herd_headers)
+        else:
+            await response.json({"text": text}, headers=herd_headers)
+
+    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
+                                attempt: Attempt, model: str) -> None:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
+                    (b"x-herd-retries", str(attempt.retries).encode())]
+        await response.start(up.status, headers)
+        try:
+            async for chunk in up.chunks(self.config.stall_timeout_s):
+                await response.write(chunk)
+        except (ConnectionClosed, TimeoutError) as exc:
+            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
+                       model=model)
+            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
+        except ClientGone:
+            up.close()
+            self.trace(attempt, status="client_disconnected", http_status=up.status,
+                       model=model)
+            raise
+        self.trace(attempt, status="completed" if up.status < 400 else "failed",
+                   http_status=up.status, model=model)
+
     # ---------------------------------------------------------------- admin protection ----
 
     def require_admin(self, request: Request) -> None:
@@ -3557,6 +3839,25 @@ class Router:
 
 
 MDNS_TYPE = "_herd._tcp.local."
+
+
+def subtitles(chunks: Sequence[JSON], fmt: str) -> str:
+    """SRT or WebVTT from transcription chunks ``{text, start, end}``."""
+
+    def stamp(t: object) -> str:
+        secs = float(t) if isinstance(t, int | float) else 0.0
+        h, rem = divmod(secs, 3600)
+        m, s = divmod(rem, 60)
+        sep = "," if fmt == "srt" else "."
+        return f"{int(h):02d}:{int(m):02d}:{int(s):02d}{sep}{int((s % 1) * 1000):03d}"
+
+    lines = ["WEBVTT", ""] if fmt == "vtt" else []
+    for i, c in enumerate(chunks, 1):
+        if fmt == "srt":
+            lines.append(str(i))
+        lines += [f"{stamp(c.get('start'))} --> {stamp(c.get('end'))}",
+                  str(c.get("text") or "").strip(), ""]
+    return "\n".join(lines)
 
 
 def find_dashboard() -> Path | None:
