@@ -122,7 +122,8 @@ class Policy:
 
     # -- 1. thermal -------------------------------------------------------------------
     hot_bonus: float = 50.0  # model resident on the node (no load, no eviction)
-    warm_bonus: float = 20.0  # unloaded from this node less than warm_window_s ago
+    warm_bonus: float = 5.0  # unloaded from this node less than warm_window_s ago (small:
+    # a bigger one lures evicted models back onto the node that just evicted them)
     warm_window_s: float = 600.0  # how long an unloaded model counts as warm (page cache)
     warm_load_factor: float = 0.5  # a warm load takes this share of a cold load's time
     loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
@@ -139,8 +140,8 @@ class Policy:
     # -- 3. queue depth ---------------------------------------------------------------
     queue_weight: float = 4.0  # points per outstanding request per slot
     # -- 4. wait (expected time to finish, from measured history) ---------------------
-    wait_weight: float = 5.0  # points per expected second until the response completes
-    busy_slowdown: float = 0.3  # each concurrent stream on a node slows a new one by this
+    wait_weight: float = 3.0  # points per expected second until the response completes
+    busy_slowdown: float = 0.15  # each concurrent stream on a node slows a new one by this
     # -- 5. role affinity -------------------------------------------------------------
     affinity_weight: float = 5.0
     large_model_bytes: int = 20 * _GB  # at or above: a "large" model, prefers big machines
