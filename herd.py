@@ -3805,7 +3805,7 @@ class Router:
     async def _advertise(self) -> None:
         """Announce ``_herd._tcp.local.`` so node agents find the router by mDNS."""
         try:
-            from zeroconf import IPVersion
+            from zeroconf import InterfaceChoice, IPVersion
             from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
         except ImportError:
             log.warning(
@@ -3826,7 +3826,7 @@ class Router:
             },
             server=f"herd-{self.router_id}.local.",
         )
-        interfaces: Any = addresses if host not in ("0.0.0.0", "::", "") else "all"
+        interfaces: Any = addresses if host not in ("0.0.0.0", "::", "") else InterfaceChoice.All
         azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         try:
             await azc.async_register_service(info)

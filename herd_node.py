@@ -286,6 +286,7 @@ class AgentConfig:
     log_level: str = "INFO"
     ollama_timeout_s: float = 3.0
     router_timeout_s: float = 10.0
+    command_timeout_s: float = 5.0  # nvidia-smi / sysctl
     models_dir: Path | None = None  # disk free is measured here; default OLLAMA_MODELS
 
 
@@ -424,10 +425,12 @@ class Collectors:
     async def gpu(self, errors: list[JSON]) -> JSON | None:
         try:
             if shutil.which("nvidia-smi"):
-                out = await run_command(NVIDIA_QUERY, timeout=5.0)
+                out = await run_command(NVIDIA_QUERY, self.config.command_timeout_s)
                 return {"vendor": "nvidia", "unified": False, "devices": parse_nvidia_smi(out)}
             if platform.system() == "Darwin" and platform.machine() == "arm64":
-                out = await run_command(["sysctl", "-n", "hw.memsize"], timeout=2.0)
+                out = await run_command(
+                    ["sysctl", "-n", "hw.memsize"], self.config.command_timeout_s
+                )
                 return {
                     "vendor": "apple",
                     "unified": True,  # GPU memory is the system RAM reported above
