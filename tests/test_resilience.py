@@ -83,11 +83,10 @@ async def test_first_byte_timeout_retries(make_router: RouterFactory) -> None:
     try:
         r = await make_router([a.url, b.url], first_byte_timeout_s=0.5)
         await r.wait_ready(nodes=2)
-        a.stall_s = 5.0
-        b.stall_s = 5.0
+        await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+        await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: A wins
+        a.stall_s = 5.0  # ...and hangs before its first byte; after 0.5 s B is tried
         served = []
-        # whichever node is picked first hangs; after 0.5 s the other one is tried
-        b.stall_s = 0.0
         for _ in range(2):
             status, headers, _ = await raw_request(r.port, "POST", "/api/generate", GEN)
             assert status == 200
