@@ -785,7 +785,7 @@ def fleets(draw) -> tuple[list[NodeSnapshot], dict[tuple[str, str], QueueSnapsho
                 models=(avail(size=size),) if has else (),
                 status=status,
                 num_parallel=draw(st.integers(1, 4)),
-                reachable=draw(st.booleans()) or True,
+                reachable=draw(st.sampled_from([True, True, True, False])),
             )
         )
         if draw(st.booleans()):
@@ -794,18 +794,41 @@ def fleets(draw) -> tuple[list[NodeSnapshot], dict[tuple[str, str], QueueSnapsho
     return nodes, queues
 
 
+breaker_st = st.builds(
+    BreakerState,
+    state=st.sampled_from(["closed", "open", "half_open"]),
+    consecutive_failures=st.integers(0, 5),
+    trips=st.integers(0, 4),
+    open_until=st.sampled_from([NOW - 5, NOW + 5]),
+    probe_in_flight=st.booleans(),
+    probe_deadline=st.sampled_from([NOW - 5, NOW + 5]),
+)
+
+
 @settings(max_examples=150, deadline=None)
-@given(fleets(), st.floats(0, 0.999), st.floats(0, 60))
-def test_choose_never_picks_ineligible_or_full_nodes(fleet, rand: float, waited: float) -> None:
+@given(
+    fleets(),
+    st.floats(0, 0.999),
+    st.floats(0, 60),
+    st.dictionaries(st.sampled_from(["n0", "n1", "n2", f"n0:{M}"]), breaker_st, max_size=3),
+    st.booleans(),
+)
+def test_choose_never_picks_ineligible_or_full_nodes(
+    fleet, rand: float, waited: float, breakers, wait_for_better: bool
+) -> None:
     nodes, queues = fleet
-    ch = choose(req(est_tokens=300), nodes, queues, {}, {}, NOW, rand, P, waited)
+    policy = replace(P, wait_for_better=wait_for_better)
+    ch = choose(req(est_tokens=300), nodes, queues, {}, breakers, NOW, rand, policy, waited)
     assert isinstance(ch, Choice)
     assert ch.action in {"dispatch", "wait", "reject"}
     elig = [s for s in ch.ranked if s.eligible]
     assert ch.ranked == tuple(sorted(ch.ranked, key=lambda s: not s.eligible))  # eligible first
     if ch.action == "dispatch":
         w = ch.winner
-        assert w is not None and w.eligible
+        assert w is not None and w.eligible and w.free_slot
+        assert breaker_allows(breakers.get(w.node_id), NOW)
+        assert breaker_allows(breakers.get(f"{w.node_id}:{M}"), NOW)
+        assert next(n for n in nodes if n.node_id == w.node_id).status in ("online", "degraded")
         q = queues.get((w.node_id, M))
         if q is not None:
             assert q.in_flight < q.slots
@@ -813,6 +836,8 @@ def test_choose_never_picks_ineligible_or_full_nodes(fleet, rand: float, waited:
         assert ch.node_id is None
         if ch.action == "wait":
             assert elig and waited < P.max_queue_wait_s
+            if not wait_for_better:
+                assert not any(s.free_slot for s in elig)
         if ch.action == "reject" and elig:
             assert waited >= P.max_queue_wait_s
             assert not any(s.free_slot for s in elig)
