@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import ollama
@@ -566,3 +568,55 @@ async def test_traces_are_queryable_with_sqlite(fleet: Any) -> None:
         ).fetchall()
     assert rows[0][2] == "completed" and rows[0][4] and "app:test" in rows[0][5]
     assert rows[1][1] == "ghost:1b" and rows[1][2] == "failed" and "not found" in rows[1][3]
+
+
+async def test_pull_goes_to_the_named_node_with_progress(make_router: RouterFactory) -> None:
+    gemma = FakeModel(name="gemma3:1b", size=800_000_000, family="gemma3")
+    a = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
+    b = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
+    await start_fakes(a, b)
+    try:
+        r = await make_router([a.url, b.url])
+        await r.wait_ready(nodes=2)
+        client = ollama.AsyncClient(host=r.url, headers={"X-Herd-Node": node_id(r, b)})
+        progress = [p async for p in await client.pull("gemma3:1b", stream=True)]
+        assert progress[-1].status == "success"
+        assert any(p.total for p in progress)
+        assert "gemma3:1b" in b.models and "gemma3:1b" not in a.models
+        await client._client.aclose()
+        async with asyncio.timeout(5):
+            while "gemma3:1b" not in {m["name"] for m in r.router.merged_tags()}:
+                await asyncio.sleep(0.05)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_blob_and_create_land_on_the_same_node(fleet: Any, tmp_path: Path) -> None:
+    r, a, b = fleet
+    client = ollama.AsyncClient(host=r.url)
+    blob = b"GGUF" + bytes(range(256)) * 64
+    path = tmp_path / "model.gguf"
+    path.write_bytes(blob)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert await client.create_blob(path) == digest
+    holder = r.router.blob_pins[digest]
+    await client.create(model="custom:1b", files={"model.gguf": digest})
+    fake = a if holder == node_id(r, a) else b
+    other = b if fake is a else a
+    assert "custom:1b" in fake.models and "custom:1b" not in other.models
+    status, _, _ = await raw_request(r.port, "HEAD", f"/api/blobs/{digest}")
+    assert status == 200
+    await client._client.aclose()
+
+
+async def test_ps_has_one_entry_per_node_and_model(fleet: Any) -> None:
+    r, a, b = fleet
+    for fake in (a, b):
+        await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    status, _, data = await raw_request(r.port, "GET", "/api/ps")
+    assert status == 200
+    models = json.loads(data)["models"]
+    assert sorted(m["node"] for m in models) == sorted([node_id(r, a), node_id(r, b)])
+    for m in models:
+        assert {"expires_at", "size_vram", "context_length"} <= set(m)
