@@ -1034,6 +1034,7 @@ class Node:
     agent_addr: str = ""  # address heartbeats come from
     agent_version: str = ""
     interval_s: float = 5.0
+    last_beat_stamp: float = 0.0  # agent clock of the last accepted signed beat
 
     def loaded_names(self) -> set[str]:
         return {
@@ -3568,7 +3569,18 @@ class Router:
         if key and not verify_signature(key, request.header("x-herd-signature"), raw, now):
             raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
         body = await parse_json_body(raw)
+        if key:
+            # a signed beat is valid for 60 s; beats carry the agent's timestamp, so a
+            # recorded beat replayed later (e.g. to drain a node) is refused
+            stamp = body.get("timestamp")
+            node = self.nodes.get(str(body.get("node_id")))
+            if not isinstance(stamp, int | float) or isinstance(stamp, bool):
+                raise HttpError(400, "a signed heartbeat needs a numeric timestamp")
+            if node is not None and stamp <= node.last_beat_stamp:
+                raise HttpError(409, "heartbeat replayed (timestamp not newer than the last)")
         reply = self.apply_heartbeat(body, request.client_ip, now, signed=bool(key))
+        if key:
+            self.nodes[str(body["node_id"])].last_beat_stamp = float(body["timestamp"])
         payload = dumps(reply)
         headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
         await response.send(200, payload, "application/json; charset=utf-8", headers)
