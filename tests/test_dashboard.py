@@ -27,8 +27,13 @@ from tests.fake_ollama import FakeModel, FakeOllama
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--no-first-run",
 ]
 XSS = "<img src=x onerror=alert(1)>"
@@ -38,6 +43,7 @@ DASHBOARD = Path(herd.__file__).with_name("dashboard.html")
 # Optional endpoints: the page must cope with their absence (404 → "not available").
 OPTIONAL_PATHS = {"/dashboard/api/health", "/dashboard/api/recommendations"}
 WAIT_MS = 10_000
+NO_VALUE = "\u2013"  # what the page shows for a missing figure
 
 
 def require_browser() -> Any:
@@ -65,15 +71,27 @@ def test_every_api_path_in_the_page_is_routed(tmp_path: Path) -> None:
     paths = set(re.findall(r'"((?:dashboard/api|fleet)/[a-z-]+)', page))
     assert {"fleet/status", "dashboard/api/settings", "dashboard/api/benchmarks"} <= paths
     router = herd.Router(router_config(tmp_path, []))
-    missing = {p for p in paths if "/" + p not in OPTIONAL_PATHS
-               and router.dashboard_routes("/" + p) is None and p != "fleet/status"}
+    missing = {
+        p
+        for p in paths
+        if "/" + p not in OPTIONAL_PATHS
+        and router.dashboard_routes("/" + p) is None
+        and p != "fleet/status"
+    }
     assert not missing, f"dashboard.html calls endpoints the router does not serve: {missing}"
 
 
 def test_page_has_no_html_sinks_and_no_external_resources() -> None:
     page = DASHBOARD.read_text()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
-                 "new Function", "setInterval"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        "setInterval",
+    ):
         assert sink not in page, f"dashboard.html must not use {sink}"
     external = re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)
     assert not external, "no CDN or external resources: the page must work air-gapped"
@@ -126,8 +144,19 @@ class PageWatch:
         return [d for d in self.dialogs if d[0] not in ("confirm", "prompt")]
 
 
-async def open_page(browser: Any, url: str, width: int = 1280) -> tuple[Any, PageWatch]:
-    context = await browser.new_context(viewport={"width": width, "height": 900})
+def stub(status: int, body: object) -> Any:
+    """A Playwright route handler answering with fixed JSON (or text)."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    ctype = "text/plain" if isinstance(body, str) else "application/json"
+    return lambda route: route.fulfill(status=status, content_type=ctype, body=text)
+
+
+async def open_page(
+    browser: Any, url: str, width: int = 1280, scheme: str = "light"
+) -> tuple[Any, PageWatch]:
+    context = await browser.new_context(
+        viewport={"width": width, "height": 900}, color_scheme=scheme
+    )
     page = await context.new_page()
     page.set_default_timeout(WAIT_MS)
     watch = PageWatch()
@@ -139,8 +168,11 @@ async def open_page(browser: Any, url: str, width: int = 1280) -> tuple[Any, Pag
 async def send_traffic(base: str) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         for model in ("llama3.2:3b", "qwen2.5:7b", "llama3.2:3b"):
-            res = await client.post("/api/generate", headers={"X-Herd-Tags": "billing-bot"},
-                                    json={"model": model, "prompt": "hello", "stream": False})
+            res = await client.post(
+                "/api/generate",
+                headers={"X-Herd-Tags": "billing-bot"},
+                json={"model": model, "prompt": "hello", "stream": False},
+            )
             assert res.status_code == 200, res.text
         res = await client.post("/api/embed", json={"model": "nomic-embed-text", "input": "x"})
         assert res.status_code == 200, res.text
@@ -149,16 +181,29 @@ async def send_traffic(base: str) -> None:
 async def inject_hostile_node(base: str) -> None:
     """An agent heartbeat whose free-text fields all carry markup (node ids cannot)."""
     beat = {
-        "node_id": "evil-node", "ollama_url": "http://127.0.0.1:9", "interval_s": 300,
+        "node_id": "evil-node",
+        "ollama_url": "http://127.0.0.1:9",
+        "interval_s": 300,
         "agent_version": XSS,
-        "hardware": {"memory": {"total_bytes": 16 * 2**30, "available_bytes": 6 * 2**30,
-                                "pressure": XSS},
-                     "cpu": {"cores": 8, "utilization_pct": 37.5, "load_1m": 2.5},
-                     "disk": {"total_bytes": 500 * 2**30, "free_bytes": 120 * 2**30}},
-        "ollama": {"version": XSS, "reachable": True,
-                   "loaded": [{"name": XSS, "size": 2**30, "size_vram": 2**29,
-                               "context_length": 8192, "expires_at": "2099-01-01T00:00:00Z"}],
-                   "available": [{"name": XSS, "size": 2**30, "details": {"parameter_size": XSS}}]},
+        "hardware": {
+            "memory": {"total_bytes": 16 * 2**30, "available_bytes": 6 * 2**30, "pressure": XSS},
+            "cpu": {"cores": 8, "utilization_pct": 37.5, "load_1m": 2.5},
+            "disk": {"total_bytes": 500 * 2**30, "free_bytes": 120 * 2**30},
+        },
+        "ollama": {
+            "version": XSS,
+            "reachable": True,
+            "loaded": [
+                {
+                    "name": XSS,
+                    "size": 2**30,
+                    "size_vram": 2**29,
+                    "context_length": 8192,
+                    "expires_at": "2099-01-01T00:00:00Z",
+                }
+            ],
+            "available": [{"name": XSS, "size": 2**30, "details": {"parameter_size": XSS}}],
+        },
         "capabilities": {"image": [XSS], "stt": [XSS]},
         "errors": [{"collector": "gpu", "error": XSS}],
     }
@@ -171,11 +216,14 @@ async def inject_hostile_node(base: str) -> None:
 async def fleet(
     make_router: RouterFactory,
 ) -> AsyncIterator[tuple[RunningRouter, FakeOllama, FakeOllama]]:
-    a = FakeOllama([FakeModel("llama3.2:3b"), FakeModel("nomic-embed-text",
-                                                        capabilities=["embedding"])],
-                   tokens_per_s=0, pullable={"phi3:mini": FakeModel("phi3:mini")})
-    b = FakeOllama([FakeModel("llama3.2:3b"), FakeModel("qwen2.5:7b")], tokens_per_s=0,
-                   version="0.11.10")
+    a = FakeOllama(
+        [FakeModel("llama3.2:3b"), FakeModel("nomic-embed-text", capabilities=["embedding"])],
+        tokens_per_s=0,
+        pullable={"phi3:mini": FakeModel("phi3:mini")},
+    )
+    b = FakeOllama(
+        [FakeModel("llama3.2:3b"), FakeModel("qwen2.5:7b")], tokens_per_s=0, version="0.11.10"
+    )
     await a.start()
     await b.start()
     r = await make_router([a.url, b.url], admin_token=ADMIN_TOKEN)
@@ -237,12 +285,15 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
 
     # Trends: SVG paths drawn from the hourly buckets; the range switch refetches.
     await page.wait_for_function(
-        "() => document.querySelector('#trend-totals [data-f=requests]').textContent === '4'")
+        "() => document.querySelector('#trend-totals [data-f=requests]').textContent === '4'"
+    )
     d = await page.get_attribute("#chart-requests path.s0:not(.area)", "d")
     assert d and d.startswith("M") and "L" in d
     assert await page.locator("#chart-latency path").count() >= 3
     await page.click('#trend-hours [data-hours="72"]')
-    await page.wait_for_function("() => /72 hours/.test(document.querySelector('#trends-range').textContent)")
+    await page.wait_for_function(
+        "() => /72 hours/.test(document.querySelector('#trends-range').textContent)"
+    )
     await page.screenshot(path=str(shots / "2-trends.png"), full_page=True)
 
     # Model Insights: every model, with where it lives.
@@ -256,7 +307,8 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
     # Apps: the tag from X-Herd-Tags, and recent requests.
     await select_tab(page, "apps")
     await page.wait_for_selector('#app-rows > [data-key="billing-bot"]')
-    assert (await text_of(page, '#app-rows > [data-key="billing-bot"]')).split("\t")[1].strip() == "3"
+    app = await text_of(page, '#app-rows > [data-key="billing-bot"]')
+    assert app.split("\t")[1].strip() == "3"
     await page.wait_for_function("() => document.querySelectorAll('#trace-rows tr').length >= 4")
     await page.screenshot(path=str(shots / "4-apps.png"), full_page=True)
 
@@ -270,7 +322,7 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
     run = await text_of(page, '#bench-rows > [data-key="1"]')
     assert "done" in run and "llama3.2:3b" in run and "tok/s" in run
     cells = run.split("\t")
-    assert cells[4].strip() == "3" and cells[5].strip() == "0" and cells[6].strip() != "–"
+    assert cells[4].strip() == "3" and cells[5].strip() == "0" and cells[6].strip() != NO_VALUE
     assert await page.get_attribute("#chart-bench-rps path.s0:not(.area)", "d")
     assert watch.dialogs[0][0] == "confirm"
     assert any(t == "prompt" for t, _ in watch.dialogs), "the admin token was asked for"
@@ -279,14 +331,37 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
     # Health: the checks with a score, or "not available" while the endpoint is missing.
     await select_tab(page, "health")
     await page.wait_for_function(
-        "() => document.querySelector('#score').textContent !== '–' || "
-        "!document.querySelector('[data-notice=health]').hidden")
+        "() => document.querySelector('#score').textContent !== '\\u2013' || "
+        "!document.querySelector('[data-notice=health]').hidden"
+    )
     if await page.locator('[data-notice="health"]').is_visible():
         assert "Not available" in await text_of(page, '[data-notice="health"]')
     else:
         assert await page.locator("#health-checks > li").count() > 0
     await page.wait_for_function("() => document.querySelectorAll('#event-rows tr').length > 0")
+    # The rendering of checks, whatever the real endpoint answers today.
+    health = {
+        "score": 72,
+        "checks": [
+            {
+                "id": "node_down",
+                "name": "Node offline",
+                "severity": "critical",
+                "reason": XSS,
+                "fix": "Start herd-node on it",
+                "node_id": ids[0],
+            },
+            {"id": "disk", "name": "Disk space", "severity": "ok", "reason": "plenty", "fix": ""},
+        ],
+    }
+    await page.route("**/dashboard/api/health", stub(200, health))
+    await page.wait_for_selector('#health-checks > li[data-key^="disk"]')
+    assert await text_of(page, "#score") == "72"
+    checks = await text_of(page, "#health-checks")
+    assert XSS in checks and "Fix: Start herd-node on it" in checks and ids[0] in checks
+    assert await page.locator('[data-notice="health"]').is_hidden()
     await page.screenshot(path=str(shots / "6-health.png"), full_page=True)
+    await page.unroute("**/dashboard/api/health")
 
     # Recommendations: real endpoint (data or "not available"), then a one-click pull on a
     # recommendation served by a route stub so the flow is tested either way.
@@ -294,12 +369,21 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
     await page.wait_for_selector(f'#mm-cards > [data-key="{ids[0]}"]')
     await page.wait_for_function(
         "() => document.querySelector('#rec-cards').children.length > 0 || "
-        "!document.querySelector('[data-notice=recommendations]').hidden")
-    recs = {"nodes": [{"node_id": ids[0], "memory_total_bytes": 32 * 2**30, "recommendations": [
-        {"model": "phi3:mini", "action": "pull", "reason": XSS},
-        {"model": "llama3.2:3b", "action": "keep", "reason": "used every day"}]}]}
-    await page.route("**/dashboard/api/recommendations", lambda route: route.fulfill(
-        status=200, content_type="application/json", body=json.dumps(recs)))
+        "!document.querySelector('[data-notice=recommendations]').hidden"
+    )
+    recs = {
+        "nodes": [
+            {
+                "node_id": ids[0],
+                "memory_total_bytes": 32 * 2**30,
+                "recommendations": [
+                    {"model": "phi3:mini", "action": "pull", "reason": XSS},
+                    {"model": "llama3.2:3b", "action": "keep", "reason": "used every day"},
+                ],
+            }
+        ]
+    }
+    await page.route("**/dashboard/api/recommendations", stub(200, recs))
     button = f'#rec-cards > [data-key="{ids[0]}"] [data-key^="phi3:mini"] button'
     await page.wait_for_selector(button)
     await page.click(button)
@@ -331,15 +415,26 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
 
 
 @pytest.mark.browser
-async def test_phone_width_has_no_horizontal_overflow(fleet: Any, browser: Any,
-                                                     tmp_path: Path) -> None:
+async def test_phone_width_has_no_horizontal_overflow(
+    fleet: Any, browser: Any, tmp_path: Path
+) -> None:
     r, _, _ = fleet
-    page, watch = await open_page(browser, r.url + "/dashboard" + POLL, width=390)
+    page, watch = await open_page(browser, r.url + "/dashboard" + POLL, width=390, scheme="dark")
     await page.wait_for_selector('#node-cards > [data-key="evil-node"]')
-    for tab in ("overview", "trends", "models", "apps", "benchmarks", "health",
-                "recommendations", "settings"):
+    for tab in (
+        "overview",
+        "trends",
+        "models",
+        "apps",
+        "benchmarks",
+        "health",
+        "recommendations",
+        "settings",
+    ):
         await select_tab(page, tab)
-        await page.wait_for_function("() => document.querySelector('#freshness').dataset.state === 'fresh'")
+        await page.wait_for_function(
+            "() => document.querySelector('#freshness').dataset.state === 'fresh'"
+        )
         await asyncio.sleep(0.35)  # one poll: the tab's own data is rendered
         width = await page.evaluate("document.scrollingElement.scrollWidth")
         assert width <= 390, f"{tab}: page is {width}px wide at a 390px viewport"
@@ -380,10 +475,8 @@ async def test_page_survives_router_restart_and_endpoint_errors(
         assert await page.locator("#banner").is_hidden()
 
         # One endpoint failing or missing: its panel says so, the rest keeps updating.
-        await page.route("**/dashboard/api/models*", lambda route: route.fulfill(
-            status=500, content_type="application/json", body='{"error": "store broke"}'))
-        await page.route("**/dashboard/api/health", lambda route: route.fulfill(
-            status=404, content_type="text/plain", body="404 page not found"))
+        await page.route("**/dashboard/api/models*", stub(500, {"error": "store broke"}))
+        await page.route("**/dashboard/api/health", stub(404, "404 page not found"))
         await select_tab(page, "models")
         await page.wait_for_selector('[data-notice="models"]:not([hidden])')
         assert "store broke" in await text_of(page, '[data-notice="models"]')
