@@ -148,7 +148,11 @@ class Policy:
     small_model_bytes: int = 8 * _GB  # at or below: a "small" model, prefers small machines
     large_machine_bytes: int = 96 * _GB  # a machine this big (or bigger) is "big"
     # -- 6. availability --------------------------------------------------------------
-    availability_weight: float = 20.0  # x recent failure rate, half-open probe, degraded
+    availability_weight: float = 20.0  # x (failure rate + the shares below)
+    probe_penalty: float = 0.5  # breaker half-open / probing
+    streak_penalty: float = 0.25  # x consecutive failures / breaker_threshold (closed breaker)
+    degraded_penalty: float = 0.5  # node status "degraded"
+    pressure_penalty: float = 0.25  # memory pressure "warn"
     # -- 7. context fit ---------------------------------------------------------------
     context_weight: float = 15.0  # penalty when the prompt exceeds the loaded window
     context_headroom_bonus: float = 3.0  # bonus when the loaded window has 2x headroom
@@ -944,19 +948,21 @@ def _score_node(
         if b is None:
             continue
         if b.state != "closed":
-            penalty += 0.5
+            penalty += policy.probe_penalty
             notes.append("probing after circuit open")
         elif b.consecutive_failures > 0:
-            penalty += 0.25 * min(1.0, b.consecutive_failures / max(1, policy.breaker_threshold))
+            penalty += policy.streak_penalty * min(
+                1.0, b.consecutive_failures / max(1, policy.breaker_threshold)
+            )
             notes.append(f"{b.consecutive_failures} recent failure(s)")
     if st is not None and st.failure_rate > 0:
         penalty += st.failure_rate
         notes.append(f"failure rate {st.failure_rate:.0%}")
     if node.status == "degraded":
-        penalty += 0.5
+        penalty += policy.degraded_penalty
         notes.append("node degraded")
     if node.memory_pressure == "warn":
-        penalty += 0.25
+        penalty += policy.pressure_penalty
         notes.append("memory pressure")
     factors.append(
         Factor(
@@ -1097,6 +1103,8 @@ def choose(
         )
     if out_of_time:
         est = min(_slot_free_estimate_s(s, req, queues, stats, policy) for s in eligible)
+        if not est > 0 or not math.isfinite(est):
+            est = policy.retry_after_s
         retry = min(policy.retry_after_max_s, max(policy.retry_after_min_s, est))
         return Choice(
             "reject",

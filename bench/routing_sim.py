@@ -18,6 +18,17 @@ The workload: Poisson arrivals, a realistic mix (small chat models dominate, emb
 some coder / 27B / 70B traffic), log-normal completion lengths, 20 % long prompts.
 Each model is pulled only on nodes that can hold it, so every policy sees the same
 eligible set.
+
+Fairness: baselines dispatch on arrival into Ollama's own queue (what nginx-style
+balancers do); herd keeps its own queue capped at the real slots and re-scores waiting
+requests whenever a slot frees, rejecting with 503 + Retry-After after
+``Policy.max_queue_wait_s`` (the client retries up to 3 times; a request's latency counts
+from its first arrival, and one that finally fails counts too). The anchor is given the
+benefit of the doubt: its memory check counts idle models Ollama could evict as available
+(as reported, its ``available_gb`` would eliminate every node whose memory is full of idle
+models), its queue concurrency equals the node's slots, and its pre-warm and rebalancer run
+every 5 s. Herd learns service times only from the observations it makes during the run
+(``scoring.observe``); it is told nothing about node speeds up front.
 """
 
 from __future__ import annotations
