@@ -1035,6 +1035,7 @@ class Node:
     agent_version: str = ""
     interval_s: float = 5.0
     last_beat_stamp: float = 0.0  # agent clock of the last accepted signed beat
+    loading: dict[str, float] = field(default_factory=dict)  # model → when a load was sent
 
     def loaded_names(self) -> set[str]:
         return {
@@ -1058,6 +1059,7 @@ class Node:
             self.recently_unloaded[gone] = now
         for back in after:
             self.recently_unloaded.pop(back, None)
+            self.loading.pop(back, None)
         for name, when in list(self.recently_unloaded.items()):
             if now - when > 3600:
                 del self.recently_unloaded[name]
@@ -1121,6 +1123,7 @@ class Node:
             loaded=loaded,
             available=available,
             recently_unloaded=dict(self.recently_unloaded),
+            loading={m: t for m, t in self.loading.items() if now - t < 900},
             num_parallel=self.num_parallel,
             cpu_load=float(cpu.get("utilization_pct") or 0.0) / 100.0
             if isinstance(cpu, dict)
@@ -1686,6 +1689,8 @@ class Router:
                 q = self.queue_for(node.node_id, rreq.model, rreq.kind)
                 q.in_flight += 1
                 q.last_used = now
+                if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
+                    node.loading.setdefault(rreq.model, now)
                 self.breakers_probe(node.node_id, rreq.model, now)
                 return node, q, choice, (loop.time() - start) * 1000
             if choice.action != "wait":
@@ -1755,12 +1760,12 @@ class Router:
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
         total = max(1, len(self.nodes))
         ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
-        share = ejected / total
+        share = (ejected + 1) / total  # the share ejected if this breaker opened too
         node_key_kinds = ("connect", "reset", "timeout_first_byte")
         keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
         for key in keys:
             state = self.breakers.get(key, scoring.BreakerState())
-            new = scoring.breaker_on_failure(state, now, self.policy, share)
+            new = scoring.breaker_on_failure(state, now, self.policy, share, kind)
             if new.state == "open" and state.state != "open":
                 log.warning(
                     "breaker open for %s after %s failure(s)", key, new.consecutive_failures
@@ -1768,8 +1773,10 @@ class Router:
                 self.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
             self.breakers[key] = new
         node = self.nodes.get(node_id)
-        if node is not None and kind == "connect":
-            node.reachable = False
+        if node is not None:
+            node.loading.pop(model, None)
+            if kind == "connect":
+                node.reachable = False
 
     def breaker_success(self, node_id: str, model: str, now: float) -> None:
         for key in (node_id, f"{node_id}:{model}"):
@@ -2442,7 +2449,7 @@ class Router:
         self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
     ) -> HttpError:
         anywhere = any(n.has_model(rreq.model) for n in self.nodes.values())
-        if rreq.kind in ("image", "stt") or not anywhere:
+        if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
             return HttpError(404, f"model '{display}' not found", kind="unservable")
         return HttpError(
             503,
