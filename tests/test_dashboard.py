@@ -38,6 +38,7 @@ CHROMIUM_ARGS = [
 ]
 XSS = "<img src=x onerror=alert(1)>"
 ADMIN_TOKEN = "dash-admin-token"
+API_KEY = "dash-client-key"
 POLL = "?poll=300"  # fast polling keeps the file well under a minute
 DASHBOARD = Path(herd.__file__).with_name("dashboard.html")
 # Optional endpoints: the page must cope with their absence (404 → "not available").
@@ -137,6 +138,8 @@ class PageWatch:
             await dialog.accept()
         elif dialog.type == "prompt" and "admin token" in dialog.message.lower():
             await dialog.accept(ADMIN_TOKEN)
+        elif dialog.type == "prompt" and "api key" in dialog.message.lower():
+            await dialog.accept(API_KEY)
         else:  # an alert() here would be injected script: record it, never run more
             await dialog.dismiss()
 
@@ -501,6 +504,27 @@ async def test_page_survives_router_restart_and_endpoint_errors(
         await page.evaluate(hide, False)
         await asyncio.sleep(0.5)
         assert len(watch.requests) > before
+        assert not watch.errors, watch.errors
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.browser
+async def test_api_key_is_asked_once_and_sent_as_bearer(
+    make_router: RouterFactory, browser: Any
+) -> None:
+    fake = FakeOllama([FakeModel("llama3.2:3b")], tokens_per_s=0)
+    await fake.start()
+    try:
+        r = await make_router([fake.url], api_keys=[API_KEY])
+        await r.wait_ready()
+        page, watch = await open_page(browser, r.url + "/dashboard" + POLL + "#models")
+        await page.wait_for_selector(
+            f'#node-cards > [data-key="{id_of(r, fake)}"]', state="attached"
+        )
+        await page.wait_for_selector('#model-rows > [data-key="llama3.2:3b"]')
+        await page.wait_for_selector('#freshness[data-state="fresh"]')
+        assert [t for t, _ in watch.dialogs] == ["prompt"], watch.dialogs
         assert not watch.errors, watch.errors
     finally:
         await fake.stop()
