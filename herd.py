@@ -1477,6 +1477,7 @@ class Router:
         self.background: set[asyncio.Task[Any]] = set()
         self.pull_jobs: dict[str, JSON] = {}
         self.prewarming: set[tuple[str, str]] = set()
+        self.auto_pulls: dict[str, asyncio.Future[None]] = {}
         self.benchmark_task: asyncio.Task[None] | None = None
         self.benchmark_run: int | None = None
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -2433,14 +2434,25 @@ class Router:
         target = self.roomiest(self.healthy_nodes())
         if target is None:
             return False
-        log.info("request %s: auto-pulling %s to %s", attempt.request_id, model, target.node_id)
-        self.store.record_event("auto_pull", target.node_id, {"model": model})
-        job: JSON = {"id": f"{target.node_id}:{model}", "node_id": target.node_id,
-                     "model": model, "status": "pulling", "completed": 0, "total": 0,
-                     "detail": "", "started_at": time.time(), "error": ""}
-        self.pull_jobs[job["id"]] = job
-        await self.run_pull(target, model, job)
-        ok = job["status"] == "done" and target.has_model(scoring.normalize_model(model))
+        key = scoring.normalize_model(model)
+        task = self.auto_pulls.get(key)
+        if task is None:  # one pull per model at a time; concurrent callers wait on it
+            log.info("request %s: auto-pulling %s to %s", attempt.request_id, model,
+                     target.node_id)
+            self.store.record_event("auto_pull", target.node_id, {"model": model})
+            job: JSON = {"id": f"{target.node_id}:{key}", "node_id": target.node_id,
+                         "model": model, "status": "pulling", "completed": 0, "total": 0,
+                         "detail": "", "started_at": time.time(), "error": "", "auto": True}
+            self.pull_jobs[job["id"]] = job
+            task = asyncio.ensure_future(self.run_pull(target, model, job))
+            self.auto_pulls[key] = task
+            task.add_done_callback(lambda _t: self.auto_pulls.pop(key, None))
+        else:
+            job = next(j for j in self.pull_jobs.values()
+                       if scoring.normalize_model(str(j["model"])) == key)
+            target = self.nodes.get(str(job["node_id"]), target)
+        await asyncio.shield(task)
+        ok = job["status"] == "done" and target.has_model(key)
         if not ok:
             log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
         return ok
@@ -2474,6 +2486,11 @@ class Router:
             rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
             try:
                 node, queue, choice, queue_ms = await self.acquire(rreq)
+            except asyncio.CancelledError:
+                self.trace(attempt, status="client_disconnected", http_status=0,
+                           error="client disconnected while queued", model=served_model,
+                           node_id="")
+                raise
             except Rejected as rej:
                 if last is not None:  # every candidate failed: the client gets the last failure
                     self.trace(
@@ -3566,6 +3583,7 @@ class Router:
             },
             "nodes": nodes,
             "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
+            "pulls": list(self.pull_jobs.values()),
             "settings": dict(self.settings),
         }
 

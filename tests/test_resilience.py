@@ -266,3 +266,52 @@ async def test_runner_up_is_prewarmed_when_queue_is_deep(make_router: RouterFact
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_concurrent_callers_share_one_auto_pull(make_router: RouterFactory) -> None:
+    gemma = FakeModel(name="gemma3:1b", size=800_000_000, family="gemma3")
+    fake = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma},
+                      pull_step_delay_s=0.05)
+    await fake.start()
+    try:
+        r = await make_router([fake.url])
+        await r.wait_ready()
+        r.router.settings["auto_pull"] = True
+        body = b'{"model":"gemma3:1b","prompt":"x","stream":false}'
+        results = await asyncio.gather(*(raw_request(r.port, "POST", "/api/generate", body)
+                                         for _ in range(3)))
+        assert [s for s, _, _ in results] == [200, 200, 200]
+        assert len(fake.requests_to("/api/pull")) == 1
+        _, _, data = await raw_request(r.port, "GET", "/fleet/status")
+        assert json.loads(data)["pulls"][0]["status"] == "done"
+    finally:
+        await fake.stop()
+
+
+async def test_client_gone_while_queued_frees_everything(make_router: RouterFactory) -> None:
+    fake = FakeOllama([LLAMA], tokens_per_s=20, num_parallel=1, response_tokens=40)
+    await fake.start()
+    try:
+        r = await make_router([fake.url])
+        await r.wait_ready()
+        busy = asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", GEN))
+        async with asyncio.timeout(5):
+            while not any(q.in_flight for q in r.router.queues.values()):
+                await asyncio.sleep(0.01)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+        writer.write(b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: "
+                     + str(len(GEN)).encode() + b"\r\n\r\n" + GEN)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while not any(q.pending for q in r.router.queues.values()):
+                await asyncio.sleep(0.01)
+        writer.close()
+        async with asyncio.timeout(5):
+            while any(q.pending for q in r.router.queues.values()):
+                await asyncio.sleep(0.01)
+        assert (await busy)[0] == 200
+        rows = await traces(r, status="client_disconnected")
+        assert rows and "queued" in rows[0]["error_message"]
+        assert len([q for q in fake.requests if q.path == "/api/generate"]) == 1
+    finally:
+        await fake.stop()
