@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 # ---------------------------------------------------------------------------------------
@@ -1375,3 +1375,1351 @@ def vram_fallback(
         return None
     same = "same family" if best[0] == 0 else "same category"
     return best[2], f"'{model}' is not loaded anywhere; served by resident '{best[2]}' ({same})"
+
+
+# ---------------------------------------------------------------------------------------
+# Health checks
+# ---------------------------------------------------------------------------------------
+#
+# ``health_checks`` turns one frozen ``HealthInput`` (fleet facts + store analytics, all
+# gathered by the router) into cards: ``{id, name, severity, reason, fix, node_id, model}``.
+# Every threshold lives in ``HealthPolicy``. Two windows:
+#
+# * "24 h": ``HealthInput.usage_24h`` (Store.node_model_stats over 24 hourly buckets) and
+#   incidents/events whose timestamp is within ``window_s`` of ``now``.
+# * "recent": ``usage_recent`` (Store.node_model_stats over the current and the previous UTC
+#   hour, i.e. the last 60-120 min) and incidents/events within ``recent_s`` of ``now``. A
+#   trace-based finding is *active* (WARNING or worse) only while it also shows in the
+#   recent window; otherwise it is reported as resolved (INFO) so it stops costing score
+#   points an hour after the cause is gone.
+#
+# Rules that keep the checks from firing on correct behaviour: sample floors before any
+# rate is judged (a 1-of-3 failure is not a 33 % error rate); the first load of a model on
+# a node is never a "cold-load" problem; idle memory on an idle fleet is not a finding
+# (underutilisation needs unmet demand); KV-cache size is only a problem when it costs
+# something (memory pressure, thrashing, or a context nobody uses); offline / draining
+# nodes are reported once (node status) and not again by every other check.
+
+SEVERITIES = ("critical", "warning", "info", "ok")
+_SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    """Every health threshold, in one place (the router may ``replace`` any of them)."""
+
+    # -- score ------------------------------------------------------------------------
+    critical_points: int = 20
+    warning_points: int = 10
+    info_points: int = 3
+    # -- windows ----------------------------------------------------------------------
+    window_s: float = 86_400.0  # "24 h"
+    recent_s: float = 3_600.0  # "recent" for incidents / events (usage_recent: 1-2 h)
+    # -- node status / reachability ----------------------------------------------------
+    degraded_after_s: float = 15.0  # informational: silence shown in the reason
+    unreachable_min_errors: int = 3  # recent failed attempts with nothing served → unreachable
+    # -- memory -----------------------------------------------------------------------
+    low_memory_share: float = 0.05  # available / total below this → WARNING even if "normal"
+    swap_warn_share: float = 0.25  # swap used / RAM
+    swap_min_bytes: int = 2 * _GB
+    underused_free_share: float = 0.5  # > this share of memory free ...
+    underused_min_free_bytes: int = 8 * _GB  # ... and at least this much ...
+    underused_min_demand: int = 10  # ... while models with >= this many requests go cold
+    kv_bloat_ratio: float = 1.5  # resident / weights above this = KV cache dominates
+    kv_share_warning: float = 0.3  # KV bytes / node memory → WARNING (when it costs)
+    kv_share_critical: float = 0.5
+    context_used_share: float = 0.25  # avg tokens / context below this = context unused
+    context_min_requests: int = 10
+    context_full_share: float = 0.9  # avg prompt tokens / context above: prompts truncated
+    offload_min_share: float = 0.02  # part of a model not in VRAM above this → offload card
+    disk_min_free_bytes: int = 10 * _GB
+    disk_min_free_share: float = 0.05
+    # -- traffic ----------------------------------------------------------------------
+    reaper_critical: int = 10  # reaped streams in 24 h
+    load_timeout_ms: float = 120_000.0  # failed/retried attempt slower than this = load timeout
+    load_timeout_min: int = 3  # per node:model in 24 h
+    wedged_free_share: float = 0.4  # >= 2 models time out while this much memory is free
+    thrash_min_reloads: int = 4  # loads beyond the first per node:model in 24 h ...
+    thrash_reload_share: float = 0.2  # ... and at least this share of its requests
+    thrash_recent_reloads: int = 2  # reloads in the recent window → WARNING
+    error_rate: float = 0.05  # attempt error rate (failed + retried + incomplete + reaped)
+    error_rate_critical: float = 0.25
+    error_min_attempts: int = 21  # floor(1 / error_rate) + 1: one error alone never fires
+    error_min_errors: int = 3
+    retry_info: float = 0.3  # retried attempts per request
+    retry_warning: float = 0.5
+    retry_min_requests: int = 10
+    disconnect_min: int = 3
+    disconnect_rate: float = 0.01
+    incomplete_min: int = 2
+    incomplete_rate: float = 0.005
+    capability_min_completed: int = 3  # image/stt requests before suggesting expansion
+    image_free_bytes: int = 8 * _GB
+    stt_free_bytes: int = 4 * _GB
+    store_errors_critical: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class DiskModel:
+    """One model on a node's disk (``/api/tags``)."""
+
+    name: str  # normalised
+    size: int
+    modified_at: float | None = None  # epoch s
+    family: str = ""
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What the router knows about one node, for health and recommendations."""
+
+    node_id: str
+    status: str = "online"  # online | degraded | offline | draining
+    source: str = "agent"  # agent | static | local
+    url: str = ""
+    seconds_since_seen: float | None = None
+    last_error: str = ""
+    ram_total: int = 0
+    ram_available: int = 0
+    vram_total: int = 0  # discrete GPU memory (0 = none / unified)
+    vram_available: int = 0
+    memory_pressure: str = "normal"
+    swap_total: int = 0
+    swap_used: int = 0
+    disk_total: int | None = None
+    disk_free: int | None = None
+    loaded: tuple[LoadedModel, ...] = ()
+    on_disk: tuple[DiskModel, ...] = ()
+    agent_version: str = ""
+    ollama_version: str = ""
+    reachable: bool = True  # the router's own view
+    errors: tuple[str, ...] = ()  # collector errors reported by the agent
+    image_models: tuple[str, ...] = ()
+    stt_models: tuple[str, ...] = ()
+    num_parallel: int | None = None
+    max_loaded_models: int | None = None
+    breaker: BreakerState | None = None  # node-level breaker
+    model_breakers: Mapping[str, BreakerState] = field(default_factory=dict)
+
+    @property
+    def fast_total(self) -> int:
+        return self.vram_total if self.vram_total > 0 else self.ram_total
+
+    @property
+    def fast_free(self) -> int:
+        return self.vram_available if self.vram_total > 0 else self.ram_available
+
+    @property
+    def live(self) -> bool:
+        return self.status in ("online", "degraded")
+
+    def disk_size(self, model: str) -> int:
+        for d in self.on_disk:
+            if d.name == model:
+                return d.size
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUse:
+    """One node x model row of ``Store.node_model_stats`` (a window of traffic)."""
+
+    node_id: str
+    model: str
+    requests: int = 0
+    attempts: int = 0
+    completed: int = 0
+    failures: int = 0  # failed + incomplete + reaped (+ rejected)
+    errors: int = 0  # failed + retried + incomplete + reaped attempts
+    retried: int = 0
+    client_disconnected: int = 0
+    cold_loads: int = 0
+    fallbacks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_p95_ms: float | None = None
+    latency_p95_ms: float | None = None
+    tokens_per_s: float | None = None
+    last_used: float | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, object]) -> ModelUse:
+        def i(k: str) -> int:
+            v = row.get(k)
+            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+        def f(k: str) -> float | None:
+            v = row.get(k)
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+        return cls(
+            node_id=str(row.get("node_id") or ""),
+            model=str(row.get("model") or ""),
+            requests=i("requests"),
+            attempts=i("attempts"),
+            completed=i("completed"),
+            failures=i("failures"),
+            errors=i("errors"),
+            retried=i("retried"),
+            client_disconnected=i("client_disconnected"),
+            cold_loads=i("cold_loads"),
+            fallbacks=i("fallbacks"),
+            prompt_tokens=i("prompt_tokens"),
+            completion_tokens=i("completion_tokens"),
+            ttft_p95_ms=f("ttft_p95_ms"),
+            latency_p95_ms=f("latency_p95_ms"),
+            tokens_per_s=f("tokens_per_s"),
+            last_used=f("last_used"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """One non-completed trace row (failed, retried, incomplete, reaped, rejected, ...)."""
+
+    timestamp: float
+    node_id: str
+    model: str
+    status: str
+    http_status: int = 0
+    latency_ms: float = 0.0
+    error: str = ""
+    kind: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEvent:
+    """One row of ``Store.events`` (breaker_open, node_offline, auto_pull, settings, ...)."""
+
+    timestamp: float
+    kind: str
+    node_id: str = ""
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInput:
+    now: float
+    nodes: tuple[NodeFacts, ...] = ()
+    router_version: str = ""
+    usage_24h: tuple[ModelUse, ...] = ()
+    usage_recent: tuple[ModelUse, ...] = ()
+    incidents: tuple[Incident, ...] = ()  # last 24 h, newest first (bounded by the router)
+    events: tuple[FleetEvent, ...] = ()  # last 24 h
+    store_dropped: int = 0
+    store_write_errors: int = 0
+    store_queue_depth: int = 0
+    settings: Mapping[str, object] = field(default_factory=dict)
+    stall_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    id: str
+    name: str
+    severity: str  # critical | warning | info | ok
+    reason: str
+    fix: str = ""
+    node_id: str | None = None
+    model: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "severity": self.severity,
+            "reason": self.reason,
+            "fix": self.fix,
+            "node_id": self.node_id,
+            "model": self.model,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    score: int
+    checks: tuple[HealthCheck, ...]  # critical → warning → info → ok
+    vitals: Mapping[str, object]
+    generated_at: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "score": self.score,
+            "checks": [c.to_dict() for c in self.checks],
+            "vitals": dict(self.vitals),
+            "generated_at": self.generated_at,
+        }
+
+
+def health_score(checks: Sequence[HealthCheck], policy: HealthPolicy = HealthPolicy()) -> int:
+    """100 - 20*critical - 10*warning - 3*info, floored at 0 (points from ``policy``)."""
+    pts = {
+        "critical": policy.critical_points,
+        "warning": policy.warning_points,
+        "info": policy.info_points,
+    }
+    return max(0, 100 - sum(pts.get(c.severity, 0) for c in checks))
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f}%"
+
+
+def _recent_ts(inp: HealthInput, pol: HealthPolicy) -> float:
+    return inp.now - pol.recent_s
+
+
+def _in_window(ts: float, inp: HealthInput, pol: HealthPolicy) -> bool:
+    return inp.now - pol.window_s <= ts <= inp.now + 60.0
+
+
+def _node_usage(usage: Sequence[ModelUse]) -> dict[str, ModelUse]:
+    """Per node sums of a window (models folded together)."""
+    out: dict[str, ModelUse] = {}
+    for u in usage:
+        o = out.get(u.node_id)
+        if o is None:
+            out[u.node_id] = replace(u, model="")
+            continue
+        out[u.node_id] = replace(
+            o,
+            requests=o.requests + u.requests,
+            attempts=o.attempts + u.attempts,
+            completed=o.completed + u.completed,
+            failures=o.failures + u.failures,
+            errors=o.errors + u.errors,
+            retried=o.retried + u.retried,
+            client_disconnected=o.client_disconnected + u.client_disconnected,
+            cold_loads=o.cold_loads + u.cold_loads,
+            fallbacks=o.fallbacks + u.fallbacks,
+            prompt_tokens=o.prompt_tokens + u.prompt_tokens,
+            completion_tokens=o.completion_tokens + u.completion_tokens,
+        )
+    return out
+
+
+def _model_usage(usage: Sequence[ModelUse]) -> dict[str, ModelUse]:
+    """Per model sums of a window (nodes folded together)."""
+    out: dict[str, ModelUse] = {}
+    for u in usage:
+        o = out.get(u.model)
+        if o is None:
+            out[u.model] = replace(u, node_id="")
+            continue
+        out[u.model] = replace(
+            o,
+            requests=o.requests + u.requests,
+            attempts=o.attempts + u.attempts,
+            completed=o.completed + u.completed,
+            failures=o.failures + u.failures,
+            errors=o.errors + u.errors,
+            retried=o.retried + u.retried,
+            client_disconnected=o.client_disconnected + u.client_disconnected,
+            cold_loads=o.cold_loads + u.cold_loads,
+            fallbacks=o.fallbacks + u.fallbacks,
+            prompt_tokens=o.prompt_tokens + u.prompt_tokens,
+            completion_tokens=o.completion_tokens + u.completion_tokens,
+        )
+    return out
+
+
+def _fleet_usage(usage: Sequence[ModelUse]) -> ModelUse:
+    total = ModelUse(node_id="", model="")
+    for u in _node_usage(usage).values():
+        total = replace(
+            total,
+            requests=total.requests + u.requests,
+            attempts=total.attempts + u.attempts,
+            completed=total.completed + u.completed,
+            failures=total.failures + u.failures,
+            errors=total.errors + u.errors,
+            retried=total.retried + u.retried,
+            client_disconnected=total.client_disconnected + u.client_disconnected,
+            cold_loads=total.cold_loads + u.cold_loads,
+            fallbacks=total.fallbacks + u.fallbacks,
+        )
+    return total
+
+
+def _count(
+    incidents: Sequence[Incident], status: str, since: float, node_id: str | None = None
+) -> int:
+    return sum(
+        1
+        for x in incidents
+        if x.status == status and x.timestamp >= since and (node_id is None or x.node_id == node_id)
+    )
+
+
+# -- the checks: each returns the cards of one family (empty list = family is ok) -------
+
+
+def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    for n in inp.nodes:
+        silent = (
+            f"{n.seconds_since_seen:.0f}s since last contact"
+            if n.seconds_since_seen is not None
+            else "never seen"
+        )
+        err = f"; last error: {n.last_error}" if n.last_error else ""
+        where = n.url or n.node_id
+        if n.status == "offline":
+            fix = (
+                f"Check the node: is Ollama running (`systemctl status ollama` / `ollama ps` on "
+                f"{n.node_id}) and reachable from the router (`curl {where}/api/version`)?"
+            )
+            if n.source == "agent":
+                fix += " Is the herd-node agent running (`herd-node` / its service) and "
+                fix += "pointed at this router?"
+            out.append(
+                HealthCheck(
+                    "node_offline",
+                    "Node offline",
+                    "critical",
+                    f"{n.node_id} is offline ({silent}){err}; its requests go elsewhere.",
+                    fix,
+                    n.node_id,
+                )
+            )
+        elif n.status == "degraded":
+            out.append(
+                HealthCheck(
+                    "node_degraded",
+                    "Node degraded",
+                    "warning",
+                    f"{n.node_id} is degraded ({silent}, heartbeats/polls missed){err}; it only "
+                    "gets traffic when no healthy node can serve.",
+                    f"Check network and load on {n.node_id}; `curl {where}/api/version` from the "
+                    "router host. It turns offline after three missed beats/polls.",
+                    n.node_id,
+                )
+            )
+        elif n.status == "draining":
+            out.append(
+                HealthCheck(
+                    "node_draining",
+                    "Node draining",
+                    "info",
+                    f"{n.node_id} is draining (its agent is shutting down): no new requests.",
+                    "Expected during a restart; restart the herd-node agent if it stays so.",
+                    n.node_id,
+                )
+            )
+    return out
+
+
+def _check_unreachable(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    """A node that heartbeats (online/degraded) while the router cannot reach its Ollama."""
+    out: list[HealthCheck] = []
+    recent = _node_usage(inp.usage_recent)
+    since = _recent_ts(inp, pol)
+    for n in inp.nodes:
+        if not n.live:
+            continue
+        if n.source != "agent" and n.status == "degraded":
+            continue  # a polled node that fails polls: node status already says so
+        signals: list[str] = []
+        if not n.reachable:
+            signals.append("the router's last connection attempt failed")
+        conn_events = [
+            e
+            for e in inp.events
+            if e.kind == "breaker_open"
+            and e.node_id == n.node_id
+            and e.timestamp >= since
+            and str(e.detail.get("kind", "")) in ("connect", "reset", "timeout_first_byte")
+        ]
+        if n.breaker is not None and n.breaker.state != "closed" and conn_events:
+            signals.append(
+                f"its circuit breaker opened {len(conn_events)}x in the last "
+                f"{pol.recent_s / 60:.0f} min on {conn_events[0].detail.get('kind')} failures"
+            )
+        u = recent.get(n.node_id)
+        if u is not None and u.errors >= pol.unreachable_min_errors and u.completed == 0:
+            signals.append(f"{u.errors} failed/retried attempts and none completed recently")
+        if not signals:
+            continue
+        sev = "critical" if n.status == "online" else "warning"
+        out.append(
+            HealthCheck(
+                "node_unreachable",
+                "Ollama unreachable from the router",
+                sev,
+                f"{n.node_id} reports {n.status} but "
+                + "; ".join(signals)
+                + (f" ({n.last_error})" if n.last_error else "")
+                + ". Requests routed there fail and are retried elsewhere.",
+                f"Make Ollama listen on the network on {n.node_id}: set OLLAMA_HOST=0.0.0.0:11434 "
+                '(systemd: `systemctl edit ollama` → Environment="OLLAMA_HOST=0.0.0.0:11434"; '
+                "macOS: `launchctl setenv OLLAMA_HOST 0.0.0.0:11434`), restart Ollama, open TCP "
+                f"11434 in the firewall, then `curl {n.url or '<node>:11434'}/api/version` from "
+                "the router host.",
+                n.node_id,
+            )
+        )
+    return out
+
+
+def _check_memory_pressure(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    for n in inp.nodes:
+        if not n.live or n.ram_total <= 0:
+            continue
+        free = n.ram_available / n.ram_total
+        sev = {"warn": "warning", "critical": "critical"}.get(n.memory_pressure)
+        if sev is None and free < pol.low_memory_share:
+            sev = "warning"
+        if sev is None:
+            continue
+        biggest = sorted(n.loaded, key=lambda m: -m.size)[:3]
+        models = ", ".join(f"{m.name} {_gb(m.size)}" for m in biggest) or "none loaded"
+        out.append(
+            HealthCheck(
+                "memory_pressure",
+                "Memory pressure",
+                sev,
+                f"{n.node_id}: pressure '{n.memory_pressure}', {_gb(n.ram_available)} of "
+                f"{_gb(n.ram_total)} RAM available ({_pct(free)}); resident: {models}.",
+                "Free memory: unload idle models (`ollama stop <model>`), lower "
+                "OLLAMA_MAX_LOADED_MODELS or OLLAMA_NUM_PARALLEL / context length on this node, "
+                "or close other memory-hungry apps.",
+                n.node_id,
+            )
+        )
+    return out
+
+
+def _check_swap(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    for n in inp.nodes:
+        if not n.live or n.ram_total <= 0 or n.swap_used < pol.swap_min_bytes:
+            continue
+        share = n.swap_used / n.ram_total
+        if share < pol.swap_warn_share:
+            continue
+        out.append(
+            HealthCheck(
+                "swap_usage",
+                "Swap in use",
+                "warning",
+                f"{n.node_id}: {_gb(n.swap_used)} swapped ({_pct(share)} of "
+                f"{_gb(n.ram_total)} RAM); model weights paged to disk make inference crawl.",
+                "Load fewer/smaller models on this node (lower OLLAMA_MAX_LOADED_MODELS, a "
+                "smaller quantisation) or add RAM; `ollama ps` shows what is resident.",
+                n.node_id,
+            )
+        )
+    return out
+
+
+def _cold_models(inp: HealthInput, pol: HealthPolicy) -> dict[str, int]:
+    """Models with real demand (24 h) that paid reloads beyond their first load somewhere."""
+    reloads: dict[str, int] = {}
+    demand = _model_usage(inp.usage_24h)
+    for u in inp.usage_24h:
+        extra = max(0, u.cold_loads - 1)
+        if extra and demand[u.model].requests >= pol.underused_min_demand:
+            reloads[u.model] = reloads.get(u.model, 0) + extra
+    return reloads
+
+
+def _thrash_rows(inp: HealthInput, pol: HealthPolicy) -> list[ModelUse]:
+    return [
+        u
+        for u in inp.usage_24h
+        if u.cold_loads - 1 >= pol.thrash_min_reloads
+        and (u.cold_loads - 1) >= pol.thrash_reload_share * max(1, u.requests)
+    ]
+
+
+def _load_timeouts(inp: HealthInput, pol: HealthPolicy) -> list[Incident]:
+    return [
+        x
+        for x in inp.incidents
+        if x.status in ("failed", "retried")
+        and x.node_id
+        and _in_window(x.timestamp, inp, pol)
+        and (
+            x.latency_ms >= pol.load_timeout_ms
+            or ("within" in x.error and "no response" in x.error)
+        )
+    ]
+
+
+def _check_underutilized(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    """Free memory while demanded models keep going cold. Idle memory alone is not a finding."""
+    out: list[HealthCheck] = []
+    cold = _cold_models(inp, pol)
+    thrashing = {u.node_id for u in _thrash_rows(inp, pol)}
+    timeouts = {x.node_id for x in _load_timeouts(inp, pol)}
+    for n in inp.nodes:
+        if n.status != "online" or not n.reachable or n.fast_total <= 0:
+            continue
+        if n.node_id in thrashing or n.node_id in timeouts or n.memory_pressure != "normal":
+            continue  # its memory is not idle in any useful sense: other checks explain why
+        free = n.fast_free
+        if free < pol.underused_min_free_bytes or free / n.fast_total <= pol.underused_free_share:
+            continue
+        loaded = {m.name for m in n.loaded}
+        on_disk = {d.name: d.size for d in n.on_disk}
+        fitting = sorted(
+            (m for m in cold if m not in loaded and 0 < on_disk.get(m, 0) <= free),
+            key=lambda m: -cold[m],
+        )
+        at_cap = n.max_loaded_models is not None and len(loaded) >= n.max_loaded_models
+        if not fitting and not (at_cap and cold):
+            continue
+        parts = [
+            f"{n.node_id} has {_gb(free)} of {_gb(n.fast_total)} free "
+            f"({_pct(free / n.fast_total)}) with {len(loaded)} model(s) resident"
+        ]
+        if fitting:
+            parts.append(
+                "while "
+                + ", ".join(f"{m} ({cold[m]} reloads in 24 h)" for m in fitting[:3])
+                + " keep being loaded again on the fleet"
+            )
+        fix = []
+        if at_cap:
+            fix.append(
+                f"raise OLLAMA_MAX_LOADED_MODELS on {n.node_id} (now {n.max_loaded_models}) to "
+                f"{(n.max_loaded_models or 0) + 2} — a positive number; -1 is not a valid value"
+            )
+        fix.append("set OLLAMA_KEEP_ALIVE=30m (or -1 to keep models until evicted) on the node")
+        if fitting:
+            fix.append(f'preload: `ollama run {fitting[0]} ""` on {n.node_id}')
+        out.append(
+            HealthCheck(
+                "underutilized_memory",
+                "Underutilised memory",
+                "info",
+                "; ".join(parts) + ".",
+                "; ".join(fix) + ".",
+                n.node_id,
+            )
+        )
+    return out
+
+
+def _check_kv_bloat(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    usage = {(u.node_id, u.model): u for u in inp.usage_24h}
+    thrashing = {u.node_id for u in _thrash_rows(inp, pol)}
+    for n in inp.nodes:
+        if not n.live or n.fast_total <= 0:
+            continue
+        for lm in n.loaded:
+            weights = n.disk_size(lm.name)
+            if weights <= 0 or lm.size <= pol.kv_bloat_ratio * weights:
+                continue
+            kv = lm.size - weights
+            share = kv / n.fast_total
+            u = usage.get((n.node_id, lm.name))
+            ctx = lm.context_length or 0
+            used = ""
+            unused = False
+            if u is not None and u.completed >= pol.context_min_requests and ctx:
+                avg = (u.prompt_tokens + u.completion_tokens) / u.completed
+                unused = avg < pol.context_used_share * ctx
+                used = f"; requests use ~{avg:.0f} tokens on average"
+            costly = n.memory_pressure != "normal" or n.node_id in thrashing
+            if share >= pol.kv_share_critical and costly:
+                sev = "critical"
+            elif (share >= pol.kv_share_warning and (costly or unused)) or (costly and unused):
+                sev = "warning"
+            else:
+                sev = "info"
+            par = f", OLLAMA_NUM_PARALLEL={n.num_parallel}" if n.num_parallel else ""
+            out.append(
+                HealthCheck(
+                    "kv_cache_bloat",
+                    "KV cache larger than the weights",
+                    sev,
+                    f"{lm.name} on {n.node_id} holds {_gb(lm.size)} for {_gb(weights)} of "
+                    f"weights: {_gb(kv)} of KV cache ({_pct(share)} of the node's memory) for "
+                    f"context {ctx or 'unknown'}{par}{used}.",
+                    "Size the context to what clients use: OLLAMA_CONTEXT_LENGTH=<tokens> (or "
+                    "options.num_ctx), fewer parallel slots (OLLAMA_NUM_PARALLEL=1..2), and "
+                    "OLLAMA_FLASH_ATTENTION=1 with OLLAMA_KV_CACHE_TYPE=q8_0 to halve the cache.",
+                    n.node_id,
+                    lm.name,
+                )
+            )
+    return out
+
+
+def _check_vram(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    fallbacks = sorted(
+        ((m, u.fallbacks) for m, u in _model_usage(inp.usage_24h).items() if u.fallbacks),
+        key=lambda kv: -kv[1],
+    )
+    if fallbacks:
+        total = sum(c for _, c in fallbacks)
+        out.append(
+            HealthCheck(
+                "vram_fallback_active",
+                "Fallbacks served requests",
+                "info",
+                f"{total} request(s) in 24 h were served by another model than asked; top: "
+                + ", ".join(f"{m} ({c})" for m, c in fallbacks[:5])
+                + ".",
+                "Keep the asked-for models resident where memory allows (see Recommendations), "
+                "or turn fallbacks off (settings: vram_fallback=false) if exact models matter.",
+            )
+        )
+    for n in inp.nodes:
+        if not n.live or n.vram_total <= 0:
+            continue  # CPU-only / unified memory: size_vram says nothing about offload
+        for lm in n.loaded:
+            if lm.size <= 0:
+                continue
+            cpu = (lm.size - lm.size_vram) / lm.size
+            if cpu <= pol.offload_min_share:
+                continue
+            out.append(
+                HealthCheck(
+                    "gpu_offload",
+                    "Model partly on CPU",
+                    "warning",
+                    f"{lm.name} on {n.node_id}: {_pct(cpu)} of its {_gb(lm.size)} runs from "
+                    f"system RAM (only {_gb(lm.size_vram)} in VRAM of {_gb(n.vram_total)}); "
+                    "decoding is several times slower.",
+                    "Unload other models from this GPU, shrink the context (OLLAMA_CONTEXT_LENGTH) "
+                    "or use a smaller quantisation / a node with more VRAM.",
+                    n.node_id,
+                    lm.name,
+                )
+            )
+    return out
+
+
+def _vkey(v: str) -> tuple[int, ...]:
+    nums = re.findall(r"\d+", v)
+    return tuple(int(x) for x in nums[:3])
+
+
+def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    for n in inp.nodes:
+        if n.source != "agent" or n.status == "offline":
+            continue
+        if not n.agent_version:
+            out.append(
+                HealthCheck(
+                    "version_unknown",
+                    "Agent version unknown",
+                    "info",
+                    f"{n.node_id}'s agent does not report its version.",
+                    f"Upgrade herd-node on {n.node_id} to {inp.router_version or 'the router'}'s "
+                    "version (`pip install -U herd`) and restart it.",
+                    n.node_id,
+                )
+            )
+        elif inp.router_version and n.agent_version != inp.router_version:
+            out.append(
+                HealthCheck(
+                    "version_mismatch",
+                    "Agent version differs from the router",
+                    "warning",
+                    f"{n.node_id} runs herd-node {n.agent_version}, router is "
+                    f"{inp.router_version}.",
+                    f"Run the same version everywhere: `pip install herd=={inp.router_version}` "
+                    f"on {n.node_id} (or upgrade the router), then restart the agent.",
+                    n.node_id,
+                )
+            )
+    live = [n for n in inp.nodes if n.live and n.reachable]
+    versions = {n.ollama_version for n in live if n.ollama_version}
+    if len(versions) > 1:
+        newest = max(versions, key=_vkey)
+        old = [
+            f"{n.node_id} {n.ollama_version}"
+            for n in live
+            if n.ollama_version and n.ollama_version != newest
+        ]
+        out.append(
+            HealthCheck(
+                "ollama_version_mismatch",
+                "Ollama versions differ",
+                "info",
+                f"Nodes run different Ollama versions (newest {newest}; older: "
+                + ", ".join(old)
+                + "): model support and memory estimates may differ.",
+                "Upgrade Ollama on the older nodes (`curl -fsSL https://ollama.com/install.sh | "
+                "sh`, or the macOS app) so every node behaves the same.",
+            )
+        )
+    for n in live:
+        if not n.ollama_version and n.status == "online":
+            out.append(
+                HealthCheck(
+                    "ollama_version_unknown",
+                    "Ollama version unknown",
+                    "info",
+                    f"{n.node_id} did not report its Ollama version.",
+                    f"`curl {n.url or '<node>:11434'}/api/version` on {n.node_id}; upgrade Ollama "
+                    "if the endpoint is missing.",
+                    n.node_id,
+                )
+            )
+    return out
+
+
+def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    usage = {(u.node_id, u.model): u for u in inp.usage_24h}
+    for n in inp.nodes:
+        if not n.live:
+            continue
+        for lm in n.loaded:
+            u = usage.get((n.node_id, lm.name))
+            ctx = lm.context_length or 0
+            if u is None or not ctx or u.completed < pol.context_min_requests:
+                continue
+            avg_prompt = u.prompt_tokens / u.completed
+            if avg_prompt < pol.context_full_share * ctx:
+                continue
+            out.append(
+                HealthCheck(
+                    "context_protection_insufficient",
+                    "Prompts fill the context window",
+                    "warning",
+                    f"{lm.name} on {n.node_id} runs with context {ctx} and prompts average "
+                    f"{avg_prompt:.0f} tokens over {u.completed} requests "
+                    f"({_pct(avg_prompt / ctx)}): Ollama silently truncates longer prompts.",
+                    f"Give it a larger window: OLLAMA_CONTEXT_LENGTH={ctx * 2} on the node, or "
+                    f"options.num_ctx >= {ctx * 2} in the clients (context protection then keeps "
+                    "that window resident).",
+                    n.node_id,
+                    lm.name,
+                )
+            )
+    if inp.settings.get("context_protection") is False:
+        out.append(
+            HealthCheck(
+                "context_protection_disabled",
+                "Context protection off",
+                "info",
+                "Context protection is off: a request with a different options.num_ctx than "
+                "the resident model reloads it (seconds to minutes each time).",
+                'Turn it on: POST /dashboard/api/settings {"context_protection": true}.',
+            )
+        )
+    acts = [
+        e for e in inp.events if e.kind.startswith("context") and _in_window(e.timestamp, inp, pol)
+    ]
+    if acts:
+        out.append(
+            HealthCheck(
+                "context_protection_active",
+                "Context protection at work",
+                "info",
+                f"{len(acts)} context adjustment(s) in 24 h kept resident models from reloading.",
+                "Nothing to do; to avoid them, send the resident num_ctx from the clients.",
+            )
+        )
+    return out
+
+
+def _check_reaper(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    day = [x for x in inp.incidents if x.status == "reaped" and _in_window(x.timestamp, inp, pol)]
+    if not day:
+        return out
+    recent = [x for x in day if x.timestamp >= _recent_ts(inp, pol)]
+    by_node: dict[str, int] = {}
+    for x in day:
+        by_node[x.node_id] = by_node.get(x.node_id, 0) + 1
+    if len(day) > pol.reaper_critical and recent:
+        sev = "critical"
+    elif recent:
+        sev = "warning"
+    else:
+        sev = "info"
+    worst = max(by_node, key=lambda k: by_node[k])
+    out.append(
+        HealthCheck(
+            "zombie_reaper_active",
+            "Stalled streams reaped",
+            sev,
+            f"{len(day)} stream(s) in 24 h ({len(recent)} in the last hour) made no progress "
+            f"for {inp.stall_timeout_s:g}s and were cut; by node: "
+            + ", ".join(f"{k or '?'} {v}" for k, v in sorted(by_node.items()))
+            + ".",
+            f"Look at the Ollama log on {worst or 'the node'} (`journalctl -u ollama` / "
+            "~/.ollama/logs/server.log) for a stuck runner and restart Ollama there; raise "
+            "--stall-timeout if long CPU prompt evaluations are legitimate.",
+            worst or None,
+        )
+    )
+    return out
+
+
+def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[HealthCheck]:
+    label = "Image generation" if kind == "image" else "Transcription"
+    cid = "image_generation" if kind == "image" else "transcription_activity"
+    setting = "image_generation" if kind == "image" else "transcription"
+    need_free = pol.image_free_bytes if kind == "image" else pol.stt_free_bytes
+    names = {m for n in inp.nodes for m in (n.image_models if kind == "image" else n.stt_models)}
+    out: list[HealthCheck] = []
+    if not names:
+        return out
+    if inp.settings.get(setting) is False:
+        out.append(
+            HealthCheck(
+                f"{setting}_disabled",
+                f"{label} disabled",
+                "info",
+                f"Nodes offer {kind} models ({', '.join(sorted(names)[:5])}) but the "
+                f"{setting} setting is off: those requests are refused.",
+                f'POST /dashboard/api/settings {{"{setting}": true}} to serve them.',
+            )
+        )
+    rows = [u for u in inp.usage_24h if u.model in names]
+    if not rows:
+        return out
+    completed = sum(u.completed for u in rows)
+    failed = sum(u.failures for u in rows)
+    sev = "warning" if failed else "info"
+    out.append(
+        HealthCheck(
+            cid,
+            f"{label} activity",
+            sev,
+            f"{completed} {kind} request(s) completed and {failed} failed in 24 h.",
+            "Nothing to do."
+            if not failed
+            else "Open Traces filtered by the model for the errors; check the node's herd-node log "
+            f"(~/.fleet-manager/logs/herd-node.jsonl) for the {kind} backend.",
+        )
+    )
+    if completed >= pol.capability_min_completed:
+        holders = {
+            n.node_id for n in inp.nodes if (n.image_models if kind == "image" else n.stt_models)
+        }
+        spare = [
+            n.node_id
+            for n in inp.nodes
+            if n.status == "online" and n.node_id not in holders and n.fast_free >= need_free
+        ]
+        if spare:
+            out.append(
+                HealthCheck(
+                    "mflux_expansion" if kind == "image" else "stt_expansion",
+                    f"{label} could use more nodes",
+                    "info",
+                    f"{completed} {kind} requests in 24 h run on {len(holders)} node(s); "
+                    f"{', '.join(spare[:3])} ha{'s' if len(spare) == 1 else 've'} "
+                    f">= {_gb(need_free)} free and no {kind} backend.",
+                    f"Install a {kind} backend on {spare[0]} and restart its herd-node "
+                    f"(see README: herd-node --{'image' if kind == 'image' else 'stt'}-backend).",
+                )
+            )
+    return out
+
+
+def _check_image(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    return _check_capability(inp, pol, "image")
+
+
+def _check_stt(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    return _check_capability(inp, pol, "stt")
+
+
+def _check_load_timeouts(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    rows = _load_timeouts(inp, pol)
+    groups: dict[tuple[str, str], list[Incident]] = {}
+    for x in rows:
+        groups.setdefault((x.node_id, x.model), []).append(x)
+    facts = {n.node_id: n for n in inp.nodes}
+    models_per_node: dict[str, int] = {}
+    for (nid, _), xs in groups.items():
+        if len(xs) >= pol.load_timeout_min:
+            models_per_node[nid] = models_per_node.get(nid, 0) + 1
+    for (nid, model), xs in sorted(groups.items()):
+        if len(xs) < pol.load_timeout_min:
+            continue
+        recent = [x for x in xs if x.timestamp >= _recent_ts(inp, pol)]
+        n = facts.get(nid)
+        wedged = (
+            n is not None
+            and models_per_node.get(nid, 0) >= 2
+            and n.fast_total > 0
+            and n.fast_free / n.fast_total >= pol.wedged_free_share
+        )
+        slowest = max(x.latency_ms for x in xs) / 1000.0
+        reason = (
+            f"{len(xs)} attempt(s) of {model} on {nid} timed out in 24 h "
+            f"({len(recent)} in the last hour; slowest {slowest:.0f}s)"
+        )
+        if wedged and n is not None:
+            reason += (
+                f"; {models_per_node[nid]} models time out while {_gb(n.fast_free)} is free: "
+                "Ollama looks wedged, not short of memory"
+            )
+            fix = f"Restart Ollama on {nid} (`systemctl restart ollama` / quit and reopen the app)."
+        else:
+            fix = (
+                f"The model loads too slowly on {nid}: keep it resident (OLLAMA_KEEP_ALIVE=30m), "
+                "use faster storage or a smaller quantisation, or raise --first-byte-timeout."
+            )
+        out.append(
+            HealthCheck(
+                "model_load_timeout",
+                "Model load timeouts",
+                "warning" if recent else "info",
+                reason + ".",
+                fix,
+                nid,
+                model,
+            )
+        )
+    return out
+
+
+def _check_thrashing(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    recent = {(u.node_id, u.model): u for u in inp.usage_recent}
+    facts = {n.node_id: n for n in inp.nodes}
+    for u in _thrash_rows(inp, pol):
+        reloads = u.cold_loads - 1
+        r = recent.get((u.node_id, u.model))
+        active = r is not None and r.cold_loads >= pol.thrash_recent_reloads
+        n = facts.get(u.node_id)
+        mem = ""
+        if n is not None and n.fast_total > 0:
+            mem = f"; {_gb(n.fast_free)} of {_gb(n.fast_total)} free now"
+        others = sorted(
+            x.model
+            for x in inp.usage_24h
+            if x.node_id == u.node_id and x.model != u.model and x.cold_loads > 1
+        )
+        out.append(
+            HealthCheck(
+                "model_thrashing",
+                "Models keep reloading",
+                "warning" if active else "info",
+                f"{u.model} on {u.node_id} was loaded {u.cold_loads}x for {u.requests} requests "
+                f"in 24 h ({reloads} reloads"
+                + (f", {r.cold_loads} recently" if r is not None and r.cold_loads else "")
+                + ")"
+                + (f"; also reloading: {', '.join(others[:3])}" if others else "")
+                + mem
+                + ".",
+                "Models evict each other: raise OLLAMA_MAX_LOADED_MODELS if memory allows, set "
+                "OLLAMA_KEEP_ALIVE=30m, keep clients on one num_ctx, or spread the models over "
+                "more nodes (see Recommendations).",
+                u.node_id,
+                u.model,
+            )
+        )
+    return out
+
+
+def _check_error_rate(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    """Per node, every attempt that went wrong counts: failed, retried, incomplete, reaped."""
+    out: list[HealthCheck] = []
+    day = _node_usage(inp.usage_24h)
+    recent = _node_usage(inp.usage_recent)
+    for nid, u in sorted(day.items()):
+        if u.attempts <= 0 or u.errors <= 0:
+            continue
+        rate = u.errors / u.attempts
+        r = recent.get(nid)
+        r_rate = r.errors / r.attempts if r is not None and r.attempts else 0.0
+        active = r is not None and r.errors >= 1 and r_rate >= pol.error_rate
+        if u.attempts < pol.error_min_attempts:
+            if u.errors < pol.error_min_errors or rate < 0.5:
+                continue
+            sev = "info"
+            note = f" (only {u.attempts} attempts: below the {pol.error_min_attempts} floor)"
+        elif rate < pol.error_rate:
+            continue
+        else:
+            if active and rate >= pol.error_rate_critical:
+                sev = "critical"
+            elif active:
+                sev = "warning"
+            else:
+                sev = "info"
+            note = "" if active else " (none or few recently: resolved?)"
+        out.append(
+            HealthCheck(
+                "high_error_rate",
+                "High error rate",
+                sev,
+                f"{nid}: {u.errors} of {u.attempts} attempts went wrong in 24 h "
+                f"({_pct(rate)}: {u.retried} retried elsewhere, {u.failures} failed/incomplete)"
+                + (
+                    f"; last hour {_pct(r_rate)} of {r.attempts}"
+                    if r is not None and r.attempts
+                    else ""
+                )
+                + note
+                + ".",
+                f"Open Traces for node {nid} (status failed/retried) for the error messages; "
+                "common causes: Ollama out of memory (lower OLLAMA_NUM_PARALLEL / context), "
+                "model files missing (`ollama pull`), or the network to the node.",
+                nid,
+            )
+        )
+    return out
+
+
+def _check_retry_rate(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    recent = _model_usage(inp.usage_recent)
+    for model, u in sorted(_model_usage(inp.usage_24h).items()):
+        if u.requests < pol.retry_min_requests or u.retried <= 0:
+            continue
+        per = u.retried / u.requests
+        if per < pol.retry_info:
+            continue
+        r = recent.get(model)
+        active = r is not None and r.retried > 0
+        sev = "warning" if per >= pol.retry_warning and active else "info"
+        nodes = sorted({x.node_id for x in inp.usage_24h if x.model == model and x.retried})
+        out.append(
+            HealthCheck(
+                "high_retry_rate",
+                "Many retries",
+                sev,
+                f"{model}: {u.retried} retries for {u.requests} requests in 24 h "
+                f"({per:.2f} per request); failing attempts on {', '.join(nodes)}.",
+                "Retries hide a failing node: fix the node(s) named (see High error rate), or "
+                f"remove {model} from them (`ollama rm {model}`) so they stop being chosen.",
+                model=model,
+            )
+        )
+    return out
+
+
+def _check_streams(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    fleet = _fleet_usage(inp.usage_24h)
+    recent_fleet = _fleet_usage(inp.usage_recent)
+    if fleet.client_disconnected >= pol.disconnect_min and fleet.requests:
+        rate = fleet.client_disconnected / fleet.requests
+        active = recent_fleet.client_disconnected > 0 and rate > pol.disconnect_rate
+        out.append(
+            HealthCheck(
+                "client_disconnects",
+                "Clients hang up",
+                "warning" if active else "info",
+                f"{fleet.client_disconnected} of {fleet.requests} requests in 24 h ended with "
+                f"the client gone ({_pct(rate)}; {recent_fleet.client_disconnected} recently).",
+                "Clients give up before the answer: raise their timeout (e.g. the OpenAI SDK "
+                "`timeout=`), or cut the wait — keep models resident, more nodes for busy models.",
+            )
+        )
+    since_day = inp.now - pol.window_s
+    incomplete = _count(inp.incidents, "incomplete", since_day)
+    if incomplete >= pol.incomplete_min and fleet.requests:
+        rate = incomplete / fleet.requests
+        recent = _count(inp.incidents, "incomplete", _recent_ts(inp, pol))
+        by_node: dict[str, int] = {}
+        for x in inp.incidents:
+            if x.status == "incomplete" and x.timestamp >= since_day:
+                by_node[x.node_id] = by_node.get(x.node_id, 0) + 1
+        worst = max(by_node, key=lambda k: by_node[k]) if by_node else ""
+        active = recent > 0 and rate > pol.incomplete_rate
+        out.append(
+            HealthCheck(
+                "incomplete_streams",
+                "Streams cut mid-answer",
+                "warning" if active else "info",
+                f"{incomplete} stream(s) in 24 h ended without Ollama's final chunk "
+                f"({_pct(rate)}; {recent} in the last hour); by node: "
+                + ", ".join(f"{k or '?'} {v}" for k, v in sorted(by_node.items()))
+                + ".",
+                f"The node dropped the connection mid-answer: check {worst or 'the node'}'s Ollama "
+                "log for crashes / out-of-memory kills (`journalctl -u ollama`, `dmesg | grep -i "
+                "oom`).",
+                worst or None,
+            )
+        )
+    return out
+
+
+def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    unreachable = {c.node_id for c in _check_unreachable(inp, pol)}
+    for n in inp.nodes:
+        if n.status == "offline":
+            continue
+        b = n.breaker
+        if b is not None and b.state != "closed" and n.node_id not in unreachable:
+            wait = max(0.0, b.open_until - inp.now)
+            out.append(
+                HealthCheck(
+                    "breaker_open",
+                    "Circuit breaker open",
+                    "warning",
+                    f"{n.node_id}: breaker {b.state} after {b.consecutive_failures} consecutive "
+                    f"failure(s) (trip {b.trips}); next probe in {wait:.0f}s.",
+                    f"Find the failures in Traces (node {n.node_id}); the breaker closes by itself "
+                    "after a successful probe.",
+                    n.node_id,
+                )
+            )
+        for model, mb in sorted(n.model_breakers.items()):
+            if mb.state == "closed":
+                continue
+            wait = max(0.0, mb.open_until - inp.now)
+            out.append(
+                HealthCheck(
+                    "breaker_open",
+                    "Circuit breaker open",
+                    "warning",
+                    f"{model} on {n.node_id}: breaker {mb.state} after {mb.consecutive_failures} "
+                    f"consecutive failure(s); next probe in {wait:.0f}s.",
+                    f"Try it on the node: `ollama run {model} hi` on {n.node_id}; re-pull it "
+                    f"(`ollama pull {model}`) if it fails to load.",
+                    n.node_id,
+                    model,
+                )
+            )
+    return out
+
+
+def _check_store(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    if inp.store_write_errors:
+        sev = "critical" if inp.store_write_errors >= pol.store_errors_critical else "warning"
+        out.append(
+            HealthCheck(
+                "trace_store_write_failures",
+                "Trace store write failures",
+                sev,
+                f"{inp.store_write_errors} batch write(s) to latency.db failed since start: "
+                "those traces and analytics are lost.",
+                "Check disk space and permissions of the data dir (~/.fleet-manager) and the "
+                "router log (logs/herd.jsonl, 'store.' messages).",
+            )
+        )
+    if inp.store_dropped:
+        out.append(
+            HealthCheck(
+                "trace_store_dropped",
+                "Traces dropped",
+                "warning",
+                f"{inp.store_dropped} trace/event record(s) dropped since start (write queue "
+                f"full or store closed; queue depth now {inp.store_queue_depth}).",
+                "The disk cannot keep up: put the data dir on faster storage, or lower "
+                "--retention-days so pruning is cheaper.",
+            )
+        )
+    return out
+
+
+def _check_node_resources(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    out: list[HealthCheck] = []
+    for n in inp.nodes:
+        if n.status == "offline":
+            continue
+        if n.disk_free is not None and n.disk_total:
+            share = n.disk_free / n.disk_total
+            if n.disk_free < pol.disk_min_free_bytes or share < pol.disk_min_free_share:
+                out.append(
+                    HealthCheck(
+                        "disk_space_low",
+                        "Disk space low",
+                        "warning",
+                        f"{n.node_id}: {_gb(n.disk_free)} free of {_gb(n.disk_total)} "
+                        f"({_pct(share)}): pulls will fail.",
+                        "Remove unused models (`ollama rm <model>`; see Recommendations → remove) "
+                        "or move OLLAMA_MODELS to a bigger disk.",
+                        n.node_id,
+                    )
+                )
+        if n.errors:
+            out.append(
+                HealthCheck(
+                    "agent_collector_errors",
+                    "Node agent cannot read some facts",
+                    "info",
+                    f"{n.node_id}: " + "; ".join(n.errors[:3]) + ".",
+                    "Install the missing tool (e.g. nvidia-smi with the NVIDIA driver) or psutil "
+                    "on the node; memory/GPU-based routing uses defaults meanwhile.",
+                    n.node_id,
+                )
+            )
+    return out
+
+
+# (family id, name when healthy, check) — the anchor's 15 first, then the extras
+_CheckFn = Callable[[HealthInput, HealthPolicy], list[HealthCheck]]
+HEALTH_CHECKS: tuple[tuple[str, str, _CheckFn], ...] = (
+    ("node_status", "Node status", _check_node_status),
+    ("memory_pressure", "Memory pressure", _check_memory_pressure),
+    ("underutilized_memory", "Memory use", _check_underutilized),
+    ("kv_cache_bloat", "KV cache size", _check_kv_bloat),
+    ("vram", "VRAM fallback and offload", _check_vram),
+    ("versions", "Versions", _check_versions),
+    ("context_protection", "Context protection", _check_context),
+    ("zombie_reaper", "Stalled streams", _check_reaper),
+    ("image_generation", "Image generation", _check_image),
+    ("transcription", "Transcription", _check_stt),
+    ("model_load_timeout", "Model load timeouts", _check_load_timeouts),
+    ("model_thrashing", "Model reloads", _check_thrashing),
+    ("high_error_rate", "Error rate", _check_error_rate),
+    ("high_retry_rate", "Retry rate", _check_retry_rate),
+    ("stream_reliability", "Stream reliability", _check_streams),
+    ("node_unreachable", "Ollama reachability", _check_unreachable),
+    ("breaker_open", "Circuit breakers", _check_breakers),
+    ("swap_usage", "Swap", _check_swap),
+    ("trace_store", "Trace store", _check_store),
+    ("node_resources", "Node disk and collectors", _check_node_resources),
+)
+
+
+def health_vitals(inp: HealthInput, pol: HealthPolicy = HealthPolicy()) -> dict[str, object]:
+    day = _fleet_usage(inp.usage_24h)
+    since = inp.now - pol.window_s
+    ttfts = [u.ttft_p95_ms for u in inp.usage_24h if u.ttft_p95_ms is not None and u.completed]
+    status = [n.status for n in inp.nodes]
+    return {
+        "nodes_total": len(inp.nodes),
+        "nodes_online": status.count("online"),
+        "nodes_degraded": status.count("degraded"),
+        "nodes_offline": status.count("offline"),
+        "nodes_draining": status.count("draining"),
+        "models_loaded": sum(len(n.loaded) for n in inp.nodes if n.live),
+        "total_requests_24h": day.requests,
+        "total_attempts_24h": day.attempts,
+        "errors_24h": day.errors,
+        "overall_error_rate_pct": round(100.0 * day.errors / day.attempts, 2)
+        if day.attempts
+        else 0.0,
+        "total_retries_24h": day.retried,
+        "cold_loads_24h": day.cold_loads,
+        "fallbacks_24h": day.fallbacks,
+        "client_disconnects_24h": day.client_disconnected,
+        "incomplete_streams_24h": _count(inp.incidents, "incomplete", since),
+        "reaped_24h": _count(inp.incidents, "reaped", since),
+        "worst_ttft_p95_ms": max(ttfts) if ttfts else None,
+        "store_dropped": inp.store_dropped,
+        "store_write_errors": inp.store_write_errors,
+    }
+
+
+def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> HealthReport:
+    """Run every check; one ``ok`` card per family that found nothing; score and vitals."""
+    cards: list[HealthCheck] = []
+    for fid, name, fn in HEALTH_CHECKS:
+        found = fn(inp, policy)
+        if found:
+            cards.extend(found)
+        else:
+            cards.append(HealthCheck(fid, name, "ok", "No problem found."))
+    cards.sort(key=lambda c: (_SEV_RANK.get(c.severity, 9), c.id, c.node_id or "", c.model or ""))
+    score = health_score(cards, policy)
+    vitals = health_vitals(inp, policy)
+    vitals["health_score"] = score
+    for sev in SEVERITIES:
+        vitals[f"checks_{sev}"] = sum(1 for c in cards if c.severity == sev)
+    return HealthReport(score, tuple(cards), vitals, inp.now)
