@@ -1401,7 +1401,6 @@ def vram_fallback(
 # nodes are reported once (node status) and not again by every other check.
 
 SEVERITIES = ("critical", "warning", "info", "ok")
-_SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -2716,7 +2715,14 @@ def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> He
             cards.extend(found)
         else:
             cards.append(HealthCheck(fid, name, "ok", "No problem found."))
-    cards.sort(key=lambda c: (_SEV_RANK.get(c.severity, 9), c.id, c.node_id or "", c.model or ""))
+    cards.sort(
+        key=lambda c: (
+            SEVERITIES.index(c.severity) if c.severity in SEVERITIES else 9,
+            c.id,
+            c.node_id or "",
+            c.model or "",
+        )
+    )
     score = health_score(cards, policy)
     vitals = health_vitals(inp, policy)
     vitals["health_score"] = score
