@@ -969,6 +969,11 @@ class WhisperWorker:
         try:
             async with asyncio.timeout(WHISPER_LOAD_TIMEOUT_S):
                 line = await self._read(proc)
+        except TimeoutError:
+            _kill_group(proc)
+            raise herd.HttpError(
+                503, f"whisper model {self.model} did not load within {WHISPER_LOAD_TIMEOUT_S:g}s"
+            ) from None
         except BaseException:
             _kill_group(proc)
             raise
@@ -987,7 +992,7 @@ class WhisperWorker:
         assert proc.stdout is not None
         raw = await proc.stdout.readline()
         if not raw:
-            return {"error": "the whisper worker exited"}
+            return {"error": "the whisper worker exited", "kind": "exit"}
         try:
             value = json.loads(raw)
         except ValueError:
@@ -995,11 +1000,11 @@ class WhisperWorker:
         return value if isinstance(value, dict) else {"error": "unexpected worker output"}
 
     async def transcribe(self, audio: Path, language: str | None, timeout: float) -> JSON:
-        started = time.monotonic()
         try:
             if self.proc is None or self.proc.returncode is not None:
                 self.proc = None
-                self.proc = await self._start()
+                self.proc = await self._start()  # the load has its own (longer) timeout
+            started = time.monotonic()
             proc = self.proc
             assert proc.stdin is not None
             proc.stdin.write(herd.dumps({"audio": str(audio), "language": language}) + b"\n")
@@ -1019,8 +1024,8 @@ class WhisperWorker:
         if "error" in reply:
             if reply.get("kind") == "input":
                 raise herd.HttpError(400, f"could not decode the audio: {reply['error']}")
-            if self.proc is not None and self.proc.returncode is not None:
-                self.proc = None
+            if reply.get("kind") == "exit":
+                self.kill()  # restarted on the next job
             raise herd.HttpError(500, f"transcription failed: {reply['error']}")
         return reply
 
