@@ -620,3 +620,24 @@ async def test_ps_has_one_entry_per_node_and_model(fleet: Any) -> None:
     assert sorted(m["node"] for m in models) == sorted([node_id(r, a), node_id(r, b)])
     for m in models:
         assert {"expires_at", "size_vram", "context_length"} <= set(m)
+
+
+async def test_trace_explains_the_choice_and_metrics_parse(fleet: Any) -> None:
+    r, _, _ = fleet
+    await raw_request(r.port, "POST", "/api/generate",
+                      b'{"model":"llama3.2:3b","prompt":"x","stream":false}')
+    await r.router.store.flush()
+    row = (await r.router.store.traces(limit=1))[0]
+    breakdown = row["scores_breakdown"]
+    assert breakdown["winner"]["node_id"] == row["node_id"]
+    assert breakdown["runner_up"] is not None  # both nodes hold llama
+    names = {f["name"] for f in breakdown["winner"]["factors"]}
+    assert len(names) >= 7 and {"thermal", "memory"} <= names
+    assert all({"name", "value", "contribution", "reason"} <= set(f)
+               for f in breakdown["winner"]["factors"])
+    assert row["score"] == pytest.approx(breakdown["winner"]["total"], abs=1e-6)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, _, data = await raw_request(r.port, "GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(data.decode())}
+    assert {"herd_requests", "herd_request_duration_seconds", "herd_node_up"} <= set(families)
