@@ -566,6 +566,17 @@ async def test_oversize_streamed_upload_is_cut_at_the_limit(
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"limit" in reply
     assert s.leftovers() == []
+    # through the router (no limit of its own here): the node's 413 reaches the client
+    await wait_capability(s.router, s.node_id, "stt", STT_MODEL)
+    status, _, data = await raw_request(
+        s.router.port,
+        "POST",
+        "/api/transcribe",
+        multipart({}, b"x" * 3_000_000),
+        headers=MP_HEADERS,
+    )
+    assert status == 413 and "limit" in json.loads(data)["error"], data
+    assert s.leftovers() == []
     # through the router with its own upload limit: 413 before anything reaches the node
     r = s.router
     r.router.limits.max_upload_bytes = 200_000
