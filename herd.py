@@ -3231,7 +3231,141 @@ class Router:
 
     def analytics_routes(self) -> dict[str, dict[str, Handler]]:
         """Health and recommendations endpoints (see the analytics section)."""
-        return {}
+        return {
+            "/dashboard/api/health": {"GET": self.h_dash_health},
+            "/dashboard/api/recommendations": {"GET": self.h_dash_recommendations},
+        }
+
+    # Analytics: the router gathers facts (fleet model + store reads) into frozen inputs;
+    # scoring.health_checks / scoring.recommendations decide. Answers are cached 10 s.
+
+    def node_facts(self, now: float) -> tuple[scoring.NodeFacts, ...]:
+        """Every node as ``scoring.NodeFacts`` (memory, disk, models, versions, breakers)."""
+        out: list[scoring.NodeFacts] = []
+
+        def num(obj: object, key: str) -> int:
+            v = obj.get(key) if isinstance(obj, dict) else None
+            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+        for node in self.nodes.values():
+            snap = node.snapshot(now)
+            mem = node.hardware.get("memory") or {}
+            disk = node.hardware.get("disk")
+            swap_total = num(mem, "swap_total_bytes")
+            swap_free = num(mem, "swap_free_bytes")
+            on_disk: list[scoring.DiskModel] = []
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+                am = snap.available.get(name)
+                on_disk.append(scoring.DiskModel(
+                    name=name, size=int(m.get("size") or 0),
+                    modified_at=parse_rfc3339(m.get("modified_at")),
+                    family=am.family if am is not None else "",
+                    capabilities=am.capabilities if am is not None else ()))
+            caps: dict[str, tuple[str, ...]] = {}
+            for kind in ("image", "stt"):
+                caps[kind] = tuple(
+                    scoring.normalize_model(str(e["name"]))
+                    for e in node.capabilities.get(kind) or []
+                    if isinstance(e, dict) and e.get("name"))
+            prefix = f"{node.node_id}:"
+            model_breakers = {k[len(prefix):]: b for k, b in self.breakers.items()
+                              if k.startswith(prefix)}
+            out.append(scoring.NodeFacts(
+                node_id=node.node_id, status=node.status, source=node.source, url=node.url,
+                seconds_since_seen=(now - node.last_seen) if node.last_seen else None,
+                last_error=node.last_error,
+                ram_total=snap.ram_total, ram_available=snap.ram_available,
+                vram_total=snap.vram_total, vram_available=snap.vram_available,
+                memory_pressure=snap.memory_pressure,
+                swap_total=swap_total,
+                swap_used=max(0, swap_total - swap_free) if swap_total else 0,
+                disk_total=num(disk, "total_bytes") if isinstance(disk, dict) else None,
+                disk_free=num(disk, "free_bytes") if isinstance(disk, dict) else None,
+                loaded=tuple(snap.loaded.values()), on_disk=tuple(on_disk),
+                agent_version=node.agent_version, ollama_version=node.version,
+                reachable=node.reachable,
+                errors=tuple(f"{e.get('collector', '?')}: {e.get('error', '')}"
+                             for e in node.errors),
+                image_models=caps["image"], stt_models=caps["stt"],
+                num_parallel=node.num_parallel, max_loaded_models=node.max_loaded_models,
+                breaker=self.breakers.get(node.node_id), model_breakers=model_breakers))
+        return tuple(out)
+
+    async def analytics_inputs(self, now: float) -> dict[str, Any]:
+        """Store reads behind health and recommendations (bounded; rollups, not raw scans)."""
+        day = 86400.0
+        st = self.store
+
+        def fnum(v: object) -> float:
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+        use = scoring.ModelUse.from_row
+        usage_24h = tuple(use(r) for r in await st.node_model_stats(1, now=now))
+        # "recent": the current and the previous UTC hour (60-120 minutes of traffic)
+        usage_recent = tuple(use(r) for r in await st.node_model_stats(2 / 24, now=now))
+        usage_7d = tuple(use(r) for r in await st.node_model_stats(7, now=now))
+        incidents: list[scoring.Incident] = []
+        for status in ("failed", "retried", "incomplete", "reaped"):
+            for t in await st.traces(2000, status=status, since=now - day):
+                incidents.append(scoring.Incident(
+                    timestamp=fnum(t.get("timestamp")),
+                    node_id=str(t.get("node_id") or ""), model=str(t.get("model") or ""),
+                    status=status, http_status=int(fnum(t.get("http_status"))),
+                    latency_ms=fnum(t.get("latency_ms")),
+                    error=str(t.get("error_message") or ""), kind=str(t.get("kind") or "")))
+        not_found: dict[str, int] = {}
+        for t in await st.traces(5000, status="failed", since=now - 7 * day):
+            if t.get("http_status") == 404 and not t.get("node_id"):
+                name = scoring.normalize_model(str(t.get("original_model") or t.get("model")))
+                not_found[name] = not_found.get(name, 0) + 1
+        events = tuple(
+            scoring.FleetEvent(fnum(e.get("timestamp")), str(e.get("kind") or ""),
+                               str(e.get("node_id") or ""),
+                               cast(JSON, d) if isinstance(d := e.get("detail"), dict) else {})
+            for e in await st.events(2000, since=now - day))
+        firsts = [fnum(r.get("first_used")) for r in await st.models(30, now=now)
+                  if isinstance(r.get("first_used"), int | float)]
+        return {"usage_24h": usage_24h, "usage_recent": usage_recent, "usage_7d": usage_7d,
+                "incidents": tuple(incidents), "events": events, "not_found_7d": not_found,
+                "history_s": now - min(firsts) if firsts else 0.0}
+
+    async def _analytics_cached(self, key: str, build: Callable[[float], Awaitable[JSON]]
+                                ) -> JSON:
+        cache: dict[str, tuple[float, JSON]] = self.__dict__.setdefault("_analytics_cache", {})
+        now = time.time()
+        hit = cache.get(key)
+        if hit is not None and 0 <= now - hit[0] < 10.0:
+            return hit[1]
+        payload = await build(now)
+        cache[key] = (now, payload)
+        return payload
+
+    async def _build_health(self, now: float) -> JSON:
+        data = await self.analytics_inputs(now)
+        stats = self.store.stats()
+        inp = scoring.HealthInput(
+            now=now, nodes=self.node_facts(now), router_version=__version__,
+            usage_24h=data["usage_24h"], usage_recent=data["usage_recent"],
+            incidents=data["incidents"], events=data["events"],
+            store_dropped=stats.dropped, store_write_errors=stats.write_errors,
+            store_queue_depth=stats.queue_depth, settings=dict(self.settings),
+            stall_timeout_s=self.config.stall_timeout_s)
+        return scoring.health_checks(inp).to_dict()
+
+    async def _build_recommendations(self, now: float) -> JSON:
+        data = await self.analytics_inputs(now)
+        report = scoring.recommendations(
+            now, self.node_facts(now), data["usage_24h"], data["usage_7d"],
+            data["not_found_7d"], history_s=data["history_s"], scoring_policy=self.policy)
+        return report.to_dict()
+
+    async def h_dash_health(self, request: Request, response: Response) -> None:
+        await response.json(await self._analytics_cached("health", self._build_health))
+
+    async def h_dash_recommendations(self, request: Request, response: Response) -> None:
+        await response.json(
+            await self._analytics_cached("recommendations", self._build_recommendations))
 
     def query_number(self, request: Request, name: str, default: float, lo: float,
                      hi: float) -> float:

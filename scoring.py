@@ -2729,3 +2729,316 @@ def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> He
     for sev in SEVERITIES:
         vitals[f"checks_{sev}"] = sum(1 for c in cards if c.severity == sev)
     return HealthReport(score, tuple(cards), vitals, inp.now)
+
+
+# ---------------------------------------------------------------------------------------
+# Recommendations
+# ---------------------------------------------------------------------------------------
+#
+# Which models each node should hold, from measured facts only (no quality catalog):
+#
+# 1. usable memory per node = fast memory (VRAM on a discrete GPU, else RAM) minus a
+#    headroom of max(headroom_bytes, headroom_share x total) for the OS and apps;
+# 2. a resident estimate per model and node: the size Ollama reports for it where it is
+#    loaded (weights + KV cache at the context in use), else weights + KV cache for the
+#    default context x the node's parallel slots (``resident_bytes``);
+# 3. demand per model: requests in 24 h and 7 d (Store.node_model_stats), plus 404
+#    "not found" requests (unmet demand);
+# 4. placement, busiest model first: one copy for any demand, a second when the 24 h demand
+#    reaches ``hot_requests_24h`` (a third at ``very_hot_requests_24h``) on as many nodes as
+#    exist; each copy goes to the node that already has it resident (keep), else on disk
+#    (load), else has the most room left and the disk space (pull);
+# 5. remove: copies on disk nobody asked for on this node for ``idle_days`` that the plan
+#    does not need (no demand fleet-wide, or enough copies elsewhere), older than the idle
+#    window and only once the history covers it (a fresh router knows nothing yet).
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendPolicy:
+    headroom_bytes: int = 4 * _GB  # kept free for the OS and other apps ...
+    headroom_share: float = 0.15  # ... or this share of memory, whichever is larger
+    hot_requests_24h: int = 500  # demand that earns a second copy
+    very_hot_requests_24h: int = 2500  # and a third
+    idle_days: float = 7.0
+    disk_reserve_bytes: int = 10 * _GB  # never plan a pull that leaves less than this free
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    model: str
+    action: str  # keep | load | pull | remove
+    reason: str
+    bytes: int  # resident estimate (keep/load/pull) or disk freed (remove)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "action": self.action,
+            "reason": self.reason,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecommendations:
+    node_id: str
+    status: str
+    memory_total_bytes: int
+    usable_bytes: int
+    planned_bytes: int  # sum of the resident estimates of keep/load/pull
+    disk_free_bytes: int | None
+    recommendations: tuple[Recommendation, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "node_id": self.node_id,
+            "status": self.status,
+            "memory_total_bytes": self.memory_total_bytes,
+            "usable_bytes": self.usable_bytes,
+            "planned_bytes": self.planned_bytes,
+            "disk_free_bytes": self.disk_free_bytes,
+            "recommendations": [r.to_dict() for r in self.recommendations],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UnmetDemand:
+    model: str
+    requests_7d: int
+    not_found_7d: int
+    reason: str
+    suggested_node: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "requests_7d": self.requests_7d,
+            "not_found_7d": self.not_found_7d,
+            "reason": self.reason,
+            "suggested_node": self.suggested_node,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendationReport:
+    nodes: tuple[NodeRecommendations, ...]
+    unmet_demand: tuple[UnmetDemand, ...]
+    generated_at: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "nodes": [n.to_dict() for n in self.nodes],
+            "unmet_demand": [u.to_dict() for u in self.unmet_demand],
+            "generated_at": self.generated_at,
+        }
+
+
+def usable_bytes(node: NodeFacts, policy: RecommendPolicy = RecommendPolicy()) -> int:
+    total = node.fast_total
+    if total <= 0:
+        return 0
+    return max(0, total - max(policy.headroom_bytes, int(policy.headroom_share * total)))
+
+
+def _resident_estimate(
+    model: str, node: NodeFacts, nodes: Sequence[NodeFacts], weights: int, sp: Policy
+) -> int:
+    for lm in node.loaded:
+        if lm.name == model and lm.size > 0:
+            return lm.size
+    seen = [lm.size for n in nodes for lm in n.loaded if lm.name == model and lm.size > 0]
+    if seen:
+        return max(seen)
+    slots = node.num_parallel if node.num_parallel and node.num_parallel > 0 else 1
+    return resident_bytes(weights, None, slots, sp)
+
+
+def recommendations(
+    now: float,
+    nodes: Sequence[NodeFacts],
+    usage_24h: Sequence[ModelUse],
+    usage_7d: Sequence[ModelUse],
+    not_found_7d: Mapping[str, int] | None = None,
+    *,
+    history_s: float = 0.0,
+    policy: RecommendPolicy = RecommendPolicy(),
+    scoring_policy: Policy = Policy(),
+) -> RecommendationReport:
+    """Per node keep / load / pull / remove, with the numbers behind each (see above)."""
+    nf = dict(not_found_7d or {})
+    capability = {m for n in nodes for m in (*n.image_models, *n.stt_models)}
+    d24: dict[str, int] = {}
+    d7: dict[str, int] = {}
+    node7: dict[tuple[str, str], int] = {}
+    for u in usage_24h:
+        d24[u.model] = d24.get(u.model, 0) + u.requests
+    for u in usage_7d:
+        d7[u.model] = d7.get(u.model, 0) + u.requests
+        node7[(u.node_id, u.model)] = node7.get((u.node_id, u.model), 0) + u.requests
+    weights: dict[str, int] = {}
+    for n in nodes:
+        for d in n.on_disk:
+            weights[d.name] = max(weights.get(d.name, 0), d.size)
+        for lm in n.loaded:
+            weights.setdefault(lm.name, 0)
+    universe = (set(weights) | set(d7) | set(d24) | set(nf)) - capability - {""}
+
+    live = [n for n in nodes if n.live and (n.fast_total > 0 or n.loaded or n.on_disk)]
+    # A node without memory facts (polled, no agent) is planned with what it demonstrably
+    # runs: what it holds now, or else its largest model on disk (someone pulled it there).
+    usable = {
+        n.node_id: usable_bytes(n, policy)
+        if n.fast_total > 0
+        else max(
+            sum(m.size for m in n.loaded),
+            max((resident_bytes(d.size, None, 1, scoring_policy) for d in n.on_disk), default=0),
+        )
+        for n in live
+    }
+    room = dict(usable)
+    disk_left = {
+        n.node_id: (None if n.disk_free is None else n.disk_free - policy.disk_reserve_bytes)
+        for n in live
+    }
+    plan: dict[str, list[Recommendation]] = {n.node_id: [] for n in nodes}
+    placed: dict[str, list[str]] = {}
+    unmet: list[UnmetDemand] = []
+
+    def demand_key(m: str) -> tuple[int, int, str]:
+        return (-d24.get(m, 0), -(d7.get(m, 0) + nf.get(m, 0)), m)
+
+    for model in sorted(universe, key=demand_key):
+        r24, r7, miss = d24.get(model, 0), d7.get(model, 0), nf.get(model, 0)
+        if r7 + miss + r24 <= 0:
+            continue
+        want = 1
+        if r24 >= policy.hot_requests_24h:
+            want = 2
+        if r24 >= policy.very_hot_requests_24h:
+            want = 3
+        want = min(want, max(1, len(live)))
+        w = weights.get(model, 0)
+        if w <= 0 and not any(lm.name == model for n in nodes for lm in n.loaded):
+            roomiest = max(live, key=lambda n: (room[n.node_id], n.node_id), default=None)
+            unmet.append(
+                UnmetDemand(
+                    model,
+                    r7,
+                    miss,
+                    f"requested {r7 + miss}x in 7 d ({miss} answered 404 'not found') but on no "
+                    "node: size unknown until pulled; `ollama pull` it where the room is, or "
+                    "fix the clients if the name is a typo",
+                    roomiest.node_id if roomiest is not None else None,
+                )
+            )
+            continue
+        demand_txt = f"{r24} requests in 24 h, {r7} in 7 d" + (
+            f", {miss} not found" if miss else ""
+        )
+        for copy_no in range(want):
+            best: tuple[tuple[int, int, int, str], NodeFacts, str, int] | None = None
+            for n in live:
+                if n.node_id in placed.get(model, []):
+                    continue
+                est = _resident_estimate(model, n, nodes, w, scoring_policy)
+                if est > room[n.node_id]:
+                    continue
+                loaded = any(lm.name == model for lm in n.loaded)
+                disk = n.disk_size(model) > 0
+                action = "keep" if loaded else "load" if disk else "pull"
+                left = disk_left[n.node_id]
+                if action == "pull" and left is not None and left < w:
+                    continue
+                key = (
+                    {"keep": 0, "load": 1, "pull": 2}[action],
+                    -node7.get((n.node_id, model), 0),
+                    -room[n.node_id],
+                    n.node_id,
+                )
+                if best is None or key < best[0]:
+                    best = (key, n, action, est)
+            if best is None:
+                if copy_no == 0:
+                    biggest = max(usable.values(), default=0)
+                    need = _resident_estimate(model, NodeFacts(""), nodes, w, scoring_policy)
+                    why = (
+                        f"needs ~{_gb(need)} resident, more than any node's usable memory "
+                        f"({_gb(biggest)})"
+                        if need > biggest
+                        else "no node has room left after busier models (or disk for a pull)"
+                    )
+                    unmet.append(UnmetDemand(model, r7, miss, f"{demand_txt}: {why}"))
+                break
+            _, n, action, est = best
+            room[n.node_id] -= est
+            if action == "pull" and disk_left[n.node_id] is not None:
+                disk_left[n.node_id] = (disk_left[n.node_id] or 0) - w
+            placed.setdefault(model, []).append(n.node_id)
+            copies = f"copy {copy_no + 1} of {want}" + (
+                f" (hot: >= {policy.hot_requests_24h} requests/24 h)" if want > 1 else ""
+            )
+            verb = {
+                "keep": f"resident ({_gb(est)})",
+                "load": f"on disk, not resident: load it (~{_gb(est)} resident, `ollama run "
+                f'{model} ""`)',
+                "pull": f"pull {_gb(w)} (`ollama pull {model}`; ~{_gb(est)} resident)",
+            }[action]
+            plan[n.node_id].append(
+                Recommendation(
+                    model,
+                    action,
+                    f"{demand_txt}; {copies}; {verb}; {_gb(room[n.node_id])} of "
+                    f"{_gb(usable[n.node_id])} usable left after it",
+                    est,
+                )
+            )
+
+    idle_s = policy.idle_days * 86_400.0
+    covered = history_s >= idle_s
+    for n in live:
+        kept = {r.model for r in plan[n.node_id]}
+        for d in sorted(n.on_disk, key=lambda d: -d.size):
+            if d.name in kept or d.name in capability or d.size <= 0:
+                continue
+            if any(lm.name == d.name for lm in n.loaded):
+                continue  # in use right now; it is not idle
+            if node7.get((n.node_id, d.name), 0) > 0 or not covered:
+                continue
+            if d.modified_at is not None and now - d.modified_at < idle_s:
+                continue  # pulled recently: give it a chance
+            fleet = d7.get(d.name, 0) + nf.get(d.name, 0)
+            elsewhere = [x for x in placed.get(d.name, []) if x != n.node_id]
+            if fleet > 0 and not elsewhere:
+                continue  # the only copy of a model someone uses
+            why = (
+                f"no requests anywhere in {policy.idle_days:g} d"
+                if fleet == 0
+                else f"served from {', '.join(elsewhere)}; no requests here in "
+                f"{policy.idle_days:g} d"
+            )
+            plan[n.node_id].append(
+                Recommendation(
+                    d.name,
+                    "remove",
+                    f"{why}: `ollama rm {d.name}` frees {_gb(d.size)} of disk",
+                    d.size,
+                )
+            )
+
+    order = {"keep": 0, "load": 1, "pull": 2, "remove": 3}
+    out = []
+    for n in nodes:
+        recs = tuple(sorted(plan[n.node_id], key=lambda r: (order[r.action], -r.bytes, r.model)))
+        out.append(
+            NodeRecommendations(
+                node_id=n.node_id,
+                status=n.status,
+                memory_total_bytes=n.fast_total,
+                usable_bytes=usable.get(n.node_id, usable_bytes(n, policy)),
+                planned_bytes=sum(r.bytes for r in recs if r.action != "remove"),
+                disk_free_bytes=n.disk_free,
+                recommendations=recs,
+            )
+        )
+    unmet.sort(key=lambda u: (-(u.requests_7d + u.not_found_7d), u.model))
+    return RecommendationReport(tuple(out), tuple(unmet), now)
