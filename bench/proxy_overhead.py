@@ -433,11 +433,11 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class Proc:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, stderr: Any = None) -> None:
         self.p = subprocess.Popen(
             [sys.executable, __file__, *args],
             stdout=subprocess.PIPE,
-            stderr=None,
+            stderr=stderr,
             text=True,
             cwd=ROOT,
         )
