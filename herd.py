@@ -303,6 +303,7 @@ class Limits:
     max_upload_bytes: int = 64 * 1024 * MiB  # blobs / audio uploads (streamed)
     header_timeout_s: float = 30.0  # the request head must be complete within this
     body_idle_timeout_s: float = 60.0  # no body byte for this long → 408
+    min_body_rate: float = 16 * 1024  # bytes/s a body must average after 4 idle timeouts
     keepalive_idle_s: float = 75.0  # idle keep-alive connection is closed after this
 
 
@@ -311,6 +312,7 @@ class Request:
 
     __slots__ = (
         "_body_done",
+        "body_error",
         "client_ip",
         "disconnected",
         "headers",
@@ -339,6 +341,7 @@ class Request:
         self.request_id = self.header("x-request-id") or uuid.uuid4().hex[:16]
         self.disconnected = False
         self.key_id = ""  # set when an API key authenticated the request
+        self.body_error = False  # the body was refused (408/413): the connection must close
         self._body_done = False
 
     def header(self, name: str) -> str | None:
@@ -364,16 +367,29 @@ class Request:
             return
         length = self.content_length
         if length is not None and length > limit:
+            self.body_error = True
             raise HttpError(413, f"request body too large: {length} bytes (limit {limit})")
         total = 0
+        started = time.monotonic()
+        grace = 4 * self.limits.body_idle_timeout_s
         while True:
+            # Idle timeout per read, plus an absolute deadline that only grows with the data
+            # (grace + bytes / min rate): a client trickling a byte at a time cannot hold a
+            # connection, a large upload at a sane rate is never cut.
+            expected = max(length or 0, total)
+            deadline = started + grace + expected / self.limits.min_body_rate
+            wait = min(self.limits.body_idle_timeout_s, deadline - time.monotonic())
             try:
-                event = await self.http.receive(self.limits.body_idle_timeout_s)
+                if wait <= 0:
+                    raise TimeoutError
+                event = await self.http.receive(wait)
             except TimeoutError:
+                self.body_error = True
                 raise HttpError(408, "request body not received in time") from None
             if isinstance(event, h11.Data):
                 total += len(event.data)
                 if total > limit:
+                    self.body_error = True
                     raise HttpError(413, f"request body too large (limit {limit} bytes)")
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -392,14 +408,48 @@ class Request:
         return await parse_json_body(body)
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _json_depth_ok(obj: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return True
+
+
+def _strict_loads(body: bytes) -> Any:
+    data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    if not _json_depth_ok(data):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
 async def parse_json_body(body: bytes) -> JSON:
     if not body.strip():
         raise HttpError(400, "missing request body")
     try:
         if len(body) > MiB:  # large base64 payloads: keep the event loop free
-            data = await asyncio.to_thread(json.loads, body)
+            data = await asyncio.to_thread(_strict_loads, body)
         else:
-            data = json.loads(body)
+            data = _strict_loads(body)
     except (ValueError, RecursionError) as exc:
         raise HttpError(400, f"invalid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -536,10 +586,16 @@ class HttpServer:
         while not self.closing or first:
             self.idle.add(stream)
             try:
-                timeout = self.limits.header_timeout_s if first else self.limits.keepalive_idle_s
-                event = await stream.receive(timeout)
+                if not first and not stream.conn.trailing_data[0]:
+                    # idle keep-alive: wait for the next request's first byte...
+                    async with asyncio.timeout(self.limits.keepalive_idle_s):
+                        data = await stream._read()
+                    stream.conn.receive_data(data)
+                # ...then the whole head must arrive within the header deadline
+                event = await stream.receive(self.limits.header_timeout_s)
             except TimeoutError:
-                if first or stream.conn.their_state is not h11.IDLE:
+                started_head = bool(stream.conn.trailing_data[0])
+                if first or started_head or stream.conn.their_state is not h11.IDLE:
                     await self._protocol_error(stream, 408, "request header not received in time")
                 return
             except h11.RemoteProtocolError as exc:
@@ -559,6 +615,17 @@ class HttpServer:
                 return  # ConnectionClosed or garbage after close
             if len(event.headers) > self.limits.max_header_count:
                 await self._protocol_error(stream, 431, "too many request headers")
+                return
+            head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if head_bytes > self.limits.max_header_bytes:
+                await self._protocol_error(stream, 431, "request header fields too large")
+                return
+            names = [k for k, _ in event.headers]
+            if b"transfer-encoding" in names and b"content-length" in names:
+                # RFC 9112 §6.3: ambiguous framing (request smuggling); refuse and close
+                await self._protocol_error(
+                    stream, 400, "both Content-Length and Transfer-Encoding given"
+                )
                 return
             self.busy.add(stream)
             try:
@@ -621,6 +688,8 @@ class HttpServer:
         if work.cancelled() or work.exception() is not None or not work.result():
             return False
         conn = stream.conn
+        if conn.their_state is h11.SEND_BODY and request.body_error:
+            return False  # a refused body is not drained: close the connection
         if conn.their_state is h11.SEND_BODY:
             # The handler answered without reading the body: drain a bounded amount.
             try:
@@ -956,10 +1025,14 @@ class LineRelay:
         else:
             self.records += out.count(b"\n\n")
             if b'"usage"' in out:
-                end = out.rfind(b"\n\n")
-                start = out.rfind(b"data: ", 0, end)
-                if start >= 0:
-                    self.last_final = out[start + 6 : end]
+                for record in out.split(b"\n\n"):
+                    if b'"usage"' in record and record.startswith(b"data: "):
+                        try:
+                            obj = json.loads(record[6:])
+                        except ValueError:
+                            continue
+                        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                            self.last_final = record[6:]
 
     def tail(self) -> bytes:
         """Whatever is left at a clean end of stream (a last line without newline)."""
@@ -1405,15 +1478,23 @@ def estimate_tokens(body: JSON, raw_len: int) -> int:
     return max(1, text // 4)
 
 
+def _check_images(value: object, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+        raise HttpError(400, f"{where} must be a list of base64-encoded images")
+    return bool(value)
+
+
 def needs_vision(body: JSON) -> bool:
-    if body.get("images"):
+    if _check_images(body.get("images"), "images"):
         return True
     msgs = body.get("messages")
     if isinstance(msgs, list):
         for m in msgs:
             if not isinstance(m, dict):
                 continue
-            if m.get("images"):
+            if _check_images(m.get("images"), "messages[].images"):
                 return True
             c = m.get("content")
             if isinstance(c, list) and any(
@@ -1831,6 +1912,8 @@ class Router:
         if methods is None:
             methods = self.extra_route(path)
         if methods is None:
+            if path.startswith(("/dashboard/api/", "/fleet/")):
+                raise HttpError(404, f"no such endpoint: {path}")
             await response.send(404, b"404 page not found", "text/plain")
             return
         handler = methods.get(request.method)
@@ -1874,6 +1957,8 @@ class Router:
             return
         path = request.path if request is not None else "/"
         headers = list(exc.headers)
+        if request is not None and request.body_error:
+            headers.append(("connection", "close"))
         if is_openai_path(path) and exc.status in (429, 503):
             headers.append(("x-should-retry", "true"))
         await response.send(
@@ -3708,6 +3793,7 @@ class Router:
         return {
             "router_id": self.router_id,
             "version": __version__,
+            "generated_at": now,
             "uptime_s": round(now - self.started_at, 1),
             "fleet": {
                 "nodes_total": len(self.nodes),

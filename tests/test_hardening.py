@@ -285,14 +285,6 @@ async def test_malformed_http_gets_4xx_and_router_stays_healthy(
     await assert_healthy(r, herd_errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py HttpServer: a request with both Content-Length and Transfer-Encoding is "
-    "served (h11 lets TE win) and the connection is kept alive, so a pipelined request "
-    "behind it is answered too. RFC 9112 section 6.3: such a request ought to be handled as "
-    "an error, and a server that processes it MUST close the connection afterwards "
-    "(request smuggling when herd sits behind a CL-framing proxy). Reject with 400 + close.",
-)
 async def test_content_length_with_transfer_encoding_is_rejected_or_closed(
     make_router: RouterFactory, fake: FakeOllama, herd_errors: ErrorLog
 ) -> None:
@@ -316,14 +308,6 @@ async def test_content_length_with_transfer_encoding_is_rejected_or_closed(
     await assert_healthy(r, herd_errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py HttpStream/HttpServer: max_header_bytes is only h11's "
-    "max_incomplete_event_size, which h11 checks only while the head is still incomplete. "
-    "A 70 KB head (limit 64 KB) that arrives in one 256 KB read is accepted and served; the "
-    "real cap is READ_SIZE-dependent. Check the size of the parsed head (or read at most "
-    "max_header_bytes + 1 before the head is complete).",
-)
 async def test_header_over_limit_in_one_read_is_431(
     make_router: RouterFactory, fake: FakeOllama
 ) -> None:
@@ -428,12 +412,6 @@ async def test_unknown_typed_fields_never_give_a_500(
     await assert_healthy(r, herd_errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py needs_vision treats any truthy 'images' as a vision request: "
-    "'images': 3 (or \"x\") gives 503 'no node can serve ... has no vision capability' "
-    "instead of a 400 naming the field (Ollama: images must be a list of base64 strings).",
-)
 async def test_images_of_the_wrong_type_is_a_400(
     make_router: RouterFactory, fake: FakeOllama
 ) -> None:
@@ -443,13 +421,6 @@ async def test_images_of_the_wrong_type_is_a_400(
     assert reply.status == 400, reply.raw[:300]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py parse_json_body uses json.loads defaults: NaN, Infinity and 1e999 (→ inf) "
-    "are accepted and dumps() forwards the non-JSON tokens NaN/Infinity to the node (Ollama's "
-    "Go decoder then fails with a confusing 'invalid character' error). Reject them with a "
-    "clear 400 (parse_constant / a float hook that refuses non-finite values).",
-)
 @pytest.mark.parametrize(
     "number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"], ids=["nan", "inf", "-inf", "1e999"]
 )
@@ -462,13 +433,6 @@ async def test_non_finite_numbers_are_a_400(
     assert reply.status == 400, reply.raw[:300]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py parse_json_body parses bodies > 1 MiB in a worker thread (shallow stack) "
-    "but the handler re-serialises them with dumps() on the deep event-loop stack: JSON "
-    "nested ~900 deep parses fine, then json.dumps raises RecursionError → 500 "
-    "'internal error' instead of 400. Bound the nesting depth (or parse inline).",
-)
 async def test_nested_json_just_under_the_parser_limit_is_not_a_500(
     make_router: RouterFactory, fake: FakeOllama, herd_errors: ErrorLog
 ) -> None:
@@ -534,13 +498,6 @@ async def test_body_that_stops_gets_408(
     await assert_healthy(r, herd_errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py Limits has only body_idle_timeout_s (reset by every byte): a client "
-    "trickling one body byte per interval < the idle timeout holds the connection and a "
-    "handler forever. Spec (peers.md §5, issue 9 §4) asks for an absolute header+body "
-    "receipt deadline, disarmed once the request is complete.",
-)
 async def test_body_trickle_gets_408_within_an_absolute_deadline(
     make_router: RouterFactory, fake: FakeOllama
 ) -> None:
@@ -555,13 +512,6 @@ async def test_body_trickle_gets_408_within_an_absolute_deadline(
     assert reply.status == 408 and reply.elapsed < 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="herd.py HttpServer._connection: on a kept-alive connection the whole next "
-    "request head may take keepalive_idle_s (75 s by default) instead of header_timeout_s "
-    "once its first byte arrived, so a slowloris that first sends one honest request gets "
-    "the longer deadline.",
-)
 async def test_header_deadline_applies_to_the_second_request_on_a_connection(
     make_router: RouterFactory, fake: FakeOllama
 ) -> None:
