@@ -1109,17 +1109,37 @@ class Node:
     interval_s: float = 5.0
     last_beat_stamp: float = 0.0  # agent clock of the last accepted signed beat
     loading: dict[str, float] = field(default_factory=dict)  # model → when a load was sent
+    parsed: dict[str, tuple[tuple[int, int], Any, list[JSON]]] = field(
+        default_factory=dict, repr=False)
 
-    def loaded_names(self) -> set[str]:
-        return {
-            scoring.normalize_model(str(m.get("name") or m.get("model") or "")) for m in self.loaded
-        }
+    def _cached(self, key: str, source: list[JSON], build: Callable[[], Any]) -> Any:
+        """Parsed views of ``loaded``/``available``, rebuilt only when the list changes.
 
-    def available_names(self) -> set[str]:
-        return {
+        The lists are replaced wholesale by polls and heartbeats, never edited in place, so
+        (identity, length) is a reliable version stamp.
+        """
+        stamp = (id(source), len(source))
+        hit = self.parsed.get(key)
+        if hit is not None and hit[0] == stamp and hit[2] is source:
+            return hit[1]
+        value = build()
+        self.parsed[key] = (stamp, value, source)
+        return value
+
+    def loaded_names(self) -> frozenset[str]:
+        names: frozenset[str] = self._cached("loaded_names", self.loaded, lambda: frozenset(
+            scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+            for m in self.loaded
+        ))
+        return names
+
+    def available_names(self) -> frozenset[str]:
+        names: frozenset[str] = self._cached("available_names", self.available,
+                                             lambda: frozenset(
             scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
             for m in self.available
-        }
+        ))
+        return names
 
     def has_model(self, model: str) -> bool:
         return model in self.available_names() or model in self.loaded_names()
@@ -1138,12 +1158,19 @@ class Node:
                 del self.recently_unloaded[name]
 
     def snapshot(self, now: float) -> scoring.NodeSnapshot:
+        parsed_loaded: dict[str, scoring.LoadedModel] = self._cached(
+            "loaded", self.loaded, self._parse_loaded)
+        loaded = {name: lm for name, lm in parsed_loaded.items()
+                  if lm.expires_at is None or lm.expires_at >= now}  # expired: unloading
+        available: dict[str, scoring.AvailableModel] = dict(
+            self._cached("available", self.available, self._parse_available))
+        return self._snapshot_rest(now, loaded, available)
+
+    def _parse_loaded(self) -> dict[str, scoring.LoadedModel]:
         loaded: dict[str, scoring.LoadedModel] = {}
         for m in self.loaded:
             name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
             expires = parse_rfc3339(m.get("expires_at"))
-            if expires is not None and expires < now:
-                continue  # expired: Ollama unloads it any moment
             ctx = m.get("context_length")
             loaded[name] = scoring.LoadedModel(
                 name=name,
@@ -1152,6 +1179,9 @@ class Node:
                 context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
                 expires_at=expires,
             )
+        return loaded
+
+    def _parse_available(self) -> dict[str, scoring.AvailableModel]:
         available: dict[str, scoring.AvailableModel] = {}
         for m in self.available:
             name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
@@ -1167,6 +1197,10 @@ class Node:
                 parameter_size=str(details.get("parameter_size") or ""),
                 capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
             )
+        return available
+
+    def _snapshot_rest(self, now: float, loaded: dict[str, scoring.LoadedModel],
+                       available: dict[str, scoring.AvailableModel]) -> scoring.NodeSnapshot:
         for kind in ("image", "stt"):
             for entry in self.capabilities.get(kind) or []:
                 if isinstance(entry, dict) and entry.get("name"):
@@ -1550,7 +1584,7 @@ class Router:
         self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
-        self.slot_freed = asyncio.Event()
+        self.waiters: dict[str, deque[asyncio.Future[int]]] = {}  # model → FIFO of waiters
         self.active_requests = 0
         self.server = HttpServer(self.dispatch, self.limits, self.render_error)
         self.address: tuple[str, int] = ("", 0)
@@ -1710,8 +1744,25 @@ class Router:
     # ---------------------------------------------------------------- queues --------------
 
     def _wake_waiters(self) -> None:
-        self.slot_freed.set()
-        self.slot_freed = asyncio.Event()
+        """The fleet changed (node state, models, memory): every waiter re-scores."""
+        for waiting in self.waiters.values():
+            while waiting:
+                fut = waiting.popleft()
+                if not fut.done():
+                    fut.set_result(NO_PASS_ON)
+
+    def _wake_one(self, model: str, hops: int = 0) -> None:
+        """A slot for ``model`` freed: wake the longest-waiting request for it (FIFO).
+
+        Waking one waiter instead of all keeps a release O(1) under a deep queue; a woken
+        waiter that still decides to wait passes the wake on (at most once round the queue).
+        """
+        waiting = self.waiters.get(model)
+        while waiting:
+            fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(hops)
+                return
 
     def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
         key = (node_id, model)
@@ -1750,6 +1801,7 @@ class Router:
         """Wait for a slot on the best node; re-scores every time any slot frees."""
         loop = asyncio.get_running_loop()
         start = loop.time()
+        woken: int | None = None  # set when a released slot woke us (hops passed on so far)
         while True:
             now = time.time()
             snaps = self._snapshots(now)
@@ -1777,17 +1829,24 @@ class Router:
                 return node, q, choice, (loop.time() - start) * 1000
             if choice.action != "wait":
                 raise Rejected(choice, 503, choice.reason)
+            waiting = self.waiters.setdefault(rreq.model, deque())
+            if woken is not None and woken < len(waiting):
+                self._wake_one(rreq.model, woken + 1)  # the slot may suit someone behind us
             waiting_on = choice.wait_for
             q_wait = self.queue_for(waiting_on, rreq.model, rreq.kind) if waiting_on else None
             if q_wait is not None:
                 q_wait.pending += 1
-            event = self.slot_freed
+            fut: asyncio.Future[int] = loop.create_future()
+            waiting.append(fut)
+            woken = None
             try:
                 remaining = self.policy.max_queue_wait_s - (loop.time() - start)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.01, min(1.0, remaining))):
-                        await event.wait()
+                        woken = await fut
             finally:
+                if not fut.done():
+                    fut.cancel()
                 if q_wait is not None:
                     q_wait.pending -= 1
 
@@ -1797,7 +1856,7 @@ class Router:
             q.done += 1
         else:
             q.failed += 1
-        self._wake_waiters()
+        self._wake_one(q.model)
 
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
@@ -2798,6 +2857,7 @@ class Router:
                     if not record or up.header("content-length"):
                         raise ClientGone(error)  # a sized body cannot be ended cleanly
                     await response.write(record)
+            await response.end()  # the client has everything; bookkeeping comes after
         except ClientGone:
             up.close()
             if status == "completed":
@@ -4096,6 +4156,7 @@ class Router:
 
 
 MDNS_TYPE = "_herd._tcp.local."
+NO_PASS_ON = 1 << 30  # wake-up value for fleet changes: everyone re-scores, nobody passes on
 
 
 def subtitles(chunks: Sequence[JSON], fmt: str) -> str:
