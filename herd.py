@@ -218,7 +218,7 @@ def verify_signature(
 class HttpStream:
     """The only code that moves HTTP bytes, for the server and the client side alike."""
 
-    __slots__ = ("conn", "peer", "reader", "writer")
+    __slots__ = ("conn", "corked", "peer", "reader", "writer")
     READ_SIZE = 256 * 1024
 
     def __init__(
@@ -232,6 +232,7 @@ class HttpStream:
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
+        self.corked: list[bytes | bytearray | memoryview] = []
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
@@ -243,28 +244,37 @@ class HttpStream:
 
     async def receive(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:
         """Next h11 event; reads as needed. ``timeout`` bounds the whole wait."""
+        event = self.conn.next_event()
+        if event is not h11.NEED_DATA:  # already buffered: no timer needed
+            return cast("h11.Event | type[h11.PAUSED]", event)
         async with asyncio.timeout(timeout):
             while True:
+                self.conn.receive_data(await self._read())
                 event = self.conn.next_event()
-                if event is h11.NEED_DATA:
-                    self.conn.receive_data(await self._read())
-                    continue
-                return cast("h11.Event | type[h11.PAUSED]", event)
+                if event is not h11.NEED_DATA:
+                    return cast("h11.Event | type[h11.PAUSED]", event)
 
-    async def send(self, event: h11.Event) -> None:
+    async def send(self, event: h11.Event, *, flush: bool = True) -> None:
+        """Send one event. ``flush=False`` corks it: it goes out with the next flushed send,
+        so a response head and its first bytes (or a small request) leave in one write."""
         try:
             data = self.conn.send_with_data_passthrough(event)
         except h11.LocalProtocolError:
             self.conn.send_failed()
             raise
         if data:
-            if self.writer.is_closing():
-                raise ConnectionClosed("connection closed")
-            self.writer.writelines(data)
-            try:
-                await self.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise ConnectionClosed(str(exc)) from exc
+            self.corked.extend(data)
+        if not flush or not self.corked:
+            return
+        if self.writer.is_closing():
+            self.corked.clear()
+            raise ConnectionClosed("connection closed")
+        self.writer.writelines(self.corked)
+        self.corked.clear()
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionClosed(str(exc)) from exc
 
     async def watch_eof(self, max_buffer: int = MiB) -> None:
         """Return when the peer closes its side (used to notice clients that hang up).
@@ -482,7 +492,9 @@ class Response:
             reason = b""
         self.status = status
         self.headers_sent = True
-        await self.http.send(h11.Response(status_code=status, headers=encoded, reason=reason))
+        # corked: the head leaves with the first body bytes (or the end)
+        await self.http.send(h11.Response(status_code=status, headers=encoded, reason=reason),
+                             flush=False)
 
     async def write(self, data: bytes) -> None:
         if data and not self.is_head:
@@ -906,10 +918,10 @@ class Pool:
             if stream is None:
                 stream = await self._connect(host, port)
             try:
-                await stream.send(req)
+                await stream.send(req, flush=False)
                 if isinstance(body, bytes):
                     if body:
-                        await stream.send(h11.Data(data=body))
+                        await stream.send(h11.Data(data=body), flush=False)
                 elif body is not None:
                     async for chunk in body:
                         if chunk:
@@ -1771,8 +1783,9 @@ class Router:
         slots = 1
         if node is not None and kind in ("image", "stt"):
             slots = self.capability_slots(node, kind, model)
-        elif node is not None:
-            snap = node.snapshot(time.time())
+        elif node is not None:  # slots depend only on the reported parallelism
+            snap = scoring.NodeSnapshot(node_id=node_id, status=node.status, ram_total=0,
+                                        ram_available=0, num_parallel=node.num_parallel)
             slots = scoring.slot_count(snap, self.config.slots.get(node_id), self.policy)
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)

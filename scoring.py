@@ -348,49 +348,44 @@ def _ewma(old: float, n: int, x: float, alpha: float) -> float:
 
 
 def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> ServiceStats:
-    """Fold one attempt into the statistics (pure; O(1) time and space)."""
+    """Fold one attempt into the statistics (pure; O(1) time and space).
+
+    Built with one ``replace`` (the router calls this for every request it serves).
+    """
     s = stats if stats is not None else ServiceStats()
     a = policy.ewma_alpha
-    s = replace(
-        s,
-        count=s.count + 1,
-        failures=s.failures + (0 if obs.ok else 1),
-        failure_rate=_ewma(s.failure_rate, s.count, 0.0 if obs.ok else 1.0, a),
-    )
+    count = s.count + 1
+    failures = s.failures + (0 if obs.ok else 1)
+    ch: dict[str, float | int] = {
+        "count": count,
+        "failures": failures,
+        "failure_rate": _ewma(s.failure_rate, s.count, 0.0 if obs.ok else 1.0, a),
+    }
     if not obs.ok:
-        return s
-    ok_n = s.count - 1 - (s.failures)
+        return replace(s, **ch)  # type: ignore[arg-type]
+    ok_n = count - 1 - failures
     load_ms = max(0.0, obs.load_ms)
     loaded = load_ms >= policy.load_observed_min_ms
     if loaded:
-        s = replace(
-            s, load_ms_ewma=_ewma(s.load_ms_ewma, s.load_n, load_ms, a), load_n=s.load_n + 1
-        )
+        ch["load_ms_ewma"] = _ewma(s.load_ms_ewma, s.load_n, load_ms, a)
+        ch["load_n"] = s.load_n + 1
     if obs.prompt_tokens > 0 and obs.prompt_eval_ms > 0:
         tps = obs.prompt_tokens / (obs.prompt_eval_ms / 1000.0)
-        s = replace(
-            s,
-            prompt_tps_ewma=_ewma(s.prompt_tps_ewma, s.prompt_tps_n, tps, a),
-            prompt_tps_n=s.prompt_tps_n + 1,
-        )
+        ch["prompt_tps_ewma"] = _ewma(s.prompt_tps_ewma, s.prompt_tps_n, tps, a)
+        ch["prompt_tps_n"] = s.prompt_tps_n + 1
     if obs.completion_tokens > 0 and obs.eval_ms > 0:
         tps = obs.completion_tokens / (obs.eval_ms / 1000.0)
-        s = replace(
-            s,
-            eval_tps_ewma=_ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a),
-            eval_tps_n=s.eval_tps_n + 1,
-        )
-    s = replace(
-        s,
-        completion_tokens_ewma=_ewma(
-            s.completion_tokens_ewma, ok_n, float(max(0, obs.completion_tokens)), a
-        ),
-        prompt_tokens_ewma=_ewma(s.prompt_tokens_ewma, ok_n, float(max(0, obs.prompt_tokens)), a),
+        ch["eval_tps_ewma"] = _ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a)
+        ch["eval_tps_n"] = s.eval_tps_n + 1
+    ch["completion_tokens_ewma"] = _ewma(
+        s.completion_tokens_ewma, ok_n, float(max(0, obs.completion_tokens)), a
+    )
+    ch["prompt_tokens_ewma"] = _ewma(
+        s.prompt_tokens_ewma, ok_n, float(max(0, obs.prompt_tokens)), a
     )
     if obs.ttft_ms is not None and obs.ttft_ms >= 0:
-        s = replace(
-            s, ttft_ms_ewma=_ewma(s.ttft_ms_ewma, s.ttft_n, obs.ttft_ms, a), ttft_n=s.ttft_n + 1
-        )
+        ch["ttft_ms_ewma"] = _ewma(s.ttft_ms_ewma, s.ttft_n, obs.ttft_ms, a)
+        ch["ttft_n"] = s.ttft_n + 1
     total = max(0.0, obs.total_ms)
     if total > 0:
         n = s.total_n
@@ -410,8 +405,7 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
                 q = s.total_p - step * (1.0 - tau)
             else:
                 q = s.total_p
-        s = replace(
-            s,
+        ch.update(
             total_ms_ewma=mean,
             total_ms_var=var,
             service_ms_ewma=_ewma(s.service_ms_ewma, n, service, a),
@@ -419,7 +413,7 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
             total_max=tmax,
             total_p=min(max(q, 0.0), tmax),
         )
-    return s
+    return replace(s, **ch)  # type: ignore[arg-type]
 
 
 def _decode_tps(
