@@ -552,6 +552,7 @@ class HttpServer:
         self.closing = False
         self.rejected_connections = 0
         self.all_idle = asyncio.Event()
+        self.lingering: set[HttpStream] = set()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await asyncio.start_server(
@@ -565,17 +566,21 @@ class HttpServer:
         task = asyncio.current_task()
         assert task is not None
         self.connections.add(task)
+        stream: HttpStream | None = None
         try:
             if len(self.connections) > self.limits.max_connections or self.closing:
                 self.rejected_connections += 1
                 await self._reject_busy(writer)
                 return
-            await self._connection(
-                HttpStream(reader, writer, h11.SERVER, max_head_bytes=self.limits.max_header_bytes)
-            )
+            stream = HttpStream(reader, writer, h11.SERVER,
+                                max_head_bytes=self.limits.max_header_bytes)
+            await self._connection(stream)
         except asyncio.CancelledError:
             pass  # shutdown: asyncio logs cancelled connection tasks as errors otherwise
         finally:
+            if stream is not None and stream in self.lingering:
+                self.lingering.discard(stream)
+                await linger_close(writer, reader)
             self.connections.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
@@ -701,7 +706,10 @@ class HttpServer:
             return False
         conn = stream.conn
         if conn.their_state is h11.SEND_BODY and request.body_error:
-            return False  # a refused body is not drained: close the connection
+            # a refused body is not drained: close, but linger so the client (still
+            # sending) reads our answer instead of a reset
+            self.lingering.add(stream)
+            return False
         if conn.their_state is h11.SEND_BODY:
             # The handler answered without reading the body: drain a bounded amount.
             try:
@@ -775,6 +783,23 @@ class HttpServer:
 # =======================================================================================
 # Backend client: h11 over a per-node keep-alive pool
 # =======================================================================================
+
+
+async def linger_close(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                       *, seconds: float = 2.0, max_bytes: int = 64 * MiB) -> None:
+    """Half-close, then read and drop what the client is still sending for a moment, so
+    the error response it has not read yet is not destroyed by a TCP reset."""
+    with contextlib.suppress(OSError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+    dropped = 0
+    with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+        async with asyncio.timeout(seconds):
+            while dropped < max_bytes:
+                data = await reader.read(256 * 1024)
+                if not data:
+                    break
+                dropped += len(data)
 
 
 class UpstreamResponse:
@@ -4329,123 +4354,74 @@ def env_default(name: str, default: str | None) -> str | None:
     return os.environ.get(name, default)
 
 
+# (flag, environment twin, type, default, help): every value option of the router, in one
+# table so that each flag and its twin are defined once.
+ROUTER_OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
+    ("--host", "HERD_HOST", str, "0.0.0.0", "address to listen on"),
+    ("--port", "HERD_PORT", int, 11435, "port; 0 picks a free one and prints it"),
+    ("--data-dir", "HERD_DATA_DIR", str, str(Path.home() / ".fleet-manager"),
+     "database and logs"),
+    ("--local-ollama", "HERD_LOCAL_OLLAMA", str, "http://127.0.0.1:11434",
+     "local Ollama added as a node when it answers; 'off' to disable"),
+    ("--poll-interval", "HERD_POLL_INTERVAL", float, 5.0,
+     "seconds between polls of static nodes"),
+    ("--heartbeat-interval", "HERD_HEARTBEAT_INTERVAL", float, 5.0,
+     "expected agent heartbeat interval, seconds"),
+    ("--first-byte-timeout", "HERD_FIRST_BYTE_TIMEOUT", float, 300.0,
+     "seconds to wait for a node's first byte before retrying elsewhere"),
+    ("--stall-timeout", "HERD_STALL_TIMEOUT", float, 300.0,
+     "reap streams with no progress for this many seconds"),
+    ("--max-queue-wait", "HERD_MAX_QUEUE_WAIT", float, 30.0,
+     "seconds a request may wait for a slot before 503"),
+    ("--retention-days", "HERD_RETENTION_DAYS", float, 30.0, "keep raw traces this long"),
+    ("--max-body-mb", "HERD_MAX_BODY_MB", float, 512.0, "JSON request body limit in MiB"),
+    ("--max-connections", "HERD_MAX_CONNECTIONS", int, 1024, "concurrent client connections"),
+    ("--fleet-key", "HERD_FLEET_KEY", str, None, "shared secret that signs heartbeats"),
+    ("--fleet-id", "HERD_FLEET_ID", str, "default", "fleet name advertised by mDNS"),
+    ("--admin-token", "HERD_ADMIN_TOKEN", str, None,
+     "token required by endpoints that change the fleet"),
+    ("--api-keys-file", "HERD_API_KEYS_FILE", str, None, "file with one API key per line"),
+    ("--log-level", "HERD_LOG_LEVEL", str, "INFO", "console log level"),
+)
+
+
+def add_env_options(
+    p: argparse.ArgumentParser,
+    options: Iterable[tuple[str, str, type, object, str]],
+    group: argparse._ArgumentGroup | None = None,
+) -> None:
+    """Add ``--flag`` options whose default comes from an environment twin when it is set
+    (to ``group`` when given). Used by the router and the node agent alike."""
+    for flag, env, kind, default, text in options:
+        raw = os.environ.get(env)
+        value: object = default
+        if raw not in (None, ""):
+            try:
+                value = kind(raw)
+            except ValueError:
+                p.error(f"{env}={raw!r} is not a valid {kind.__name__}")
+        shown = "" if default is None else f" (default {default})"
+        (group or p).add_argument(flag, type=kind, default=value, help=f"{text} [{env}]{shown}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="herd",
         description="One endpoint (Ollama + OpenAI API) for a fleet of Ollama machines. "
         "Every flag has an environment twin, shown in brackets.",
     )
-    p.add_argument(
-        "--host",
-        default=env_default("HERD_HOST", "0.0.0.0"),
-        help="address to listen on [HERD_HOST] (default 0.0.0.0)",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=int(env_default("HERD_PORT", "11435") or 11435),
-        help="port; 0 picks a free one [HERD_PORT] (default 11435)",
-    )
-    p.add_argument(
-        "--node",
-        action="append",
-        default=None,
-        help="static node URL, repeatable [HERD_NODES, comma separated]",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=env_default("HERD_DATA_DIR", str(Path.home() / ".fleet-manager")),
-        help="database and logs [HERD_DATA_DIR] (default ~/.fleet-manager)",
-    )
-    p.add_argument(
-        "--local-ollama",
-        default=env_default("HERD_LOCAL_OLLAMA", "http://127.0.0.1:11434"),
-        help="local Ollama added as a node when it answers; 'off' to disable [HERD_LOCAL_OLLAMA]",
-    )
-    p.add_argument(
-        "--poll-interval",
-        type=float,
-        default=float(env_default("HERD_POLL_INTERVAL", "5") or 5),
-        help="seconds between polls of static nodes [HERD_POLL_INTERVAL]",
-    )
-    p.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=float(env_default("HERD_HEARTBEAT_INTERVAL", "5") or 5),
-        help="expected agent heartbeat interval [HERD_HEARTBEAT_INTERVAL]",
-    )
-    p.add_argument(
-        "--first-byte-timeout",
-        type=float,
-        default=float(env_default("HERD_FIRST_BYTE_TIMEOUT", "300") or 300),
-        help="seconds to wait for a node's first byte before retrying elsewhere "
-        "[HERD_FIRST_BYTE_TIMEOUT]",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=float(env_default("HERD_STALL_TIMEOUT", "300") or 300),
-        help="reap streams with no progress for this long [HERD_STALL_TIMEOUT]",
-    )
-    p.add_argument(
-        "--max-queue-wait",
-        type=float,
-        default=float(env_default("HERD_MAX_QUEUE_WAIT", "30") or 30),
-        help="seconds a request may wait for a slot before 503 [HERD_MAX_QUEUE_WAIT]",
-    )
-    p.add_argument(
-        "--retention-days",
-        type=float,
-        default=float(env_default("HERD_RETENTION_DAYS", "30") or 30),
-        help="keep raw traces this long [HERD_RETENTION_DAYS]",
-    )
-    p.add_argument(
-        "--max-body-mb",
-        type=float,
-        default=float(env_default("HERD_MAX_BODY_MB", "512") or 512),
-        help="JSON request body limit in MiB [HERD_MAX_BODY_MB]",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=int(env_default("HERD_MAX_CONNECTIONS", "1024") or 1024),
-        help="concurrent client connections [HERD_MAX_CONNECTIONS]",
-    )
-    p.add_argument(
-        "--fleet-key",
-        default=env_default("HERD_FLEET_KEY", None),
-        help="shared secret that signs heartbeats [HERD_FLEET_KEY]",
-    )
-    p.add_argument(
-        "--fleet-id",
-        default=env_default("HERD_FLEET_ID", "default"),
-        help="fleet name advertised by mDNS [HERD_FLEET_ID]",
-    )
-    p.add_argument(
-        "--no-mdns",
-        action="store_true",
-        default=env_default("HERD_MDNS", "1") in ("0", "false", "off"),
-        help="do not advertise by mDNS [HERD_MDNS=0]",
-    )
-    p.add_argument(
-        "--slots",
-        action="append",
-        default=[],
-        help="NODE=N parallel slots for a node, repeatable [HERD_SLOTS]",
-    )
-    p.add_argument("--admin-token", default=env_default("HERD_ADMIN_TOKEN", None),
-                   help="token required by endpoints that change the fleet [HERD_ADMIN_TOKEN]")
+    add_env_options(p, ROUTER_OPTIONS)
+    p.add_argument("--node", action="append", default=None,
+                   help="static node URL, repeatable [HERD_NODES, comma separated]")
+    p.add_argument("--no-mdns", action="store_true",
+                   default=env_default("HERD_MDNS", "1") in ("0", "false", "off"),
+                   help="do not advertise by mDNS [HERD_MDNS=0]")
+    p.add_argument("--slots", action="append", default=[],
+                   help="NODE=N parallel slots for a node, repeatable [HERD_SLOTS]")
     p.add_argument("--api-key", action="append", default=None,
                    help="client API key (Bearer), repeatable [HERD_API_KEYS, comma separated]")
-    p.add_argument("--api-keys-file", default=env_default("HERD_API_KEYS_FILE", None),
-                   help="file with one API key per line [HERD_API_KEYS_FILE]")
     p.add_argument("--trusted-host", action="append", default=[],
                    help="extra Host name trusted for admin requests [HERD_TRUSTED_HOSTS]")
-    p.add_argument(
-        "--log-level",
-        default=env_default("HERD_LOG_LEVEL", "INFO"),
-        help="console log level [HERD_LOG_LEVEL]",
-    )
     return p
 
 

