@@ -2201,6 +2201,10 @@ class Router:
         return max(candidates, key=room) if candidates else None
 
     async def h_show(self, request: Request, response: Response) -> None:
+        await self.forward_to_holders(request, response)
+
+    async def forward_to_holders(self, request: Request, response: Response) -> None:
+        """Proxy to a healthy node that holds the body's model (hot first); 404 if none."""
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
         model = scoring.normalize_model(self.model_of(body))
@@ -2295,13 +2299,7 @@ class Router:
 
     async def h_push(self, request: Request, response: Response) -> None:
         self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        model = scoring.normalize_model(self.model_of(body))
-        candidates = self.nodes_with(model)
-        if not candidates:
-            raise HttpError(404, f"model '{self.model_of(body)}' not found")
-        await self.forward_simple(request, response, candidates, raw)
+        await self.forward_to_holders(request, response)
 
     async def h_create(self, request: Request, response: Response) -> None:
         self.guard_browser_mutation(request)
@@ -4475,20 +4473,24 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
     )
 
 
-def setup_logging(config: Config) -> None:
+def configure_logging(level: str, jsonl_path: Path, logger_name: str) -> None:
+    """Human-readable console log at ``level``; JSON lines (INFO and up) in ``jsonl_path``.
+    Shared by the router and the node agent."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(config.log_level.upper())
+    console.setLevel(level.upper())
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(console)
     try:
-        handler = store.setup_jsonl_logging(
-            config.data_dir / "logs" / "herd.jsonl", logger_name="herd"
-        )
+        handler = store.setup_jsonl_logging(jsonl_path, logger_name=logger_name)
         handler.setLevel(logging.INFO)
     except OSError as exc:
-        log.warning("JSONL log disabled: %s", exc)
+        logging.getLogger(logger_name).warning("JSONL log disabled: %s", exc)
+
+
+def setup_logging(config: Config) -> None:
+    configure_logging(config.log_level, config.data_dir / "logs" / "herd.jsonl", "herd")
 
 
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:

@@ -47,7 +47,6 @@ from types import ModuleType
 from typing import Any
 
 import herd
-import store
 
 __version__ = herd.__version__
 log = logging.getLogger("herd.node")
@@ -2305,19 +2304,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> AgentConfig:
 
 
 def setup_logging(config: AgentConfig) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(config.log_level.upper())
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root.addHandler(console)
-    try:
-        handler = store.setup_jsonl_logging(
-            config.data_dir / "logs" / "herd-node.jsonl", logger_name="herd.node"
-        )
-        handler.setLevel(logging.INFO)
-    except OSError as exc:
-        log.warning("JSONL log disabled: %s", exc)
+    herd.configure_logging(config.log_level, config.data_dir / "logs" / "herd-node.jsonl",
+                           "herd.node")
 
 
 def zeroconf_available() -> bool:

@@ -1667,28 +1667,29 @@ def _in_window(ts: float, inp: HealthInput, pol: HealthPolicy) -> bool:
     return inp.now - pol.window_s <= ts <= inp.now + 60.0
 
 
+def _add_use(o: ModelUse, u: ModelUse) -> ModelUse:
+    return replace(
+        o,
+        requests=o.requests + u.requests,
+        attempts=o.attempts + u.attempts,
+        completed=o.completed + u.completed,
+        failures=o.failures + u.failures,
+        errors=o.errors + u.errors,
+        retried=o.retried + u.retried,
+        client_disconnected=o.client_disconnected + u.client_disconnected,
+        cold_loads=o.cold_loads + u.cold_loads,
+        fallbacks=o.fallbacks + u.fallbacks,
+        prompt_tokens=o.prompt_tokens + u.prompt_tokens,
+        completion_tokens=o.completion_tokens + u.completion_tokens,
+    )
+
+
 def _node_usage(usage: Sequence[ModelUse]) -> dict[str, ModelUse]:
     """Per node sums of a window (models folded together)."""
     out: dict[str, ModelUse] = {}
     for u in usage:
         o = out.get(u.node_id)
-        if o is None:
-            out[u.node_id] = replace(u, model="")
-            continue
-        out[u.node_id] = replace(
-            o,
-            requests=o.requests + u.requests,
-            attempts=o.attempts + u.attempts,
-            completed=o.completed + u.completed,
-            failures=o.failures + u.failures,
-            errors=o.errors + u.errors,
-            retried=o.retried + u.retried,
-            client_disconnected=o.client_disconnected + u.client_disconnected,
-            cold_loads=o.cold_loads + u.cold_loads,
-            fallbacks=o.fallbacks + u.fallbacks,
-            prompt_tokens=o.prompt_tokens + u.prompt_tokens,
-            completion_tokens=o.completion_tokens + u.completion_tokens,
-        )
+        out[u.node_id] = replace(u, model="") if o is None else _add_use(o, u)
     return out
 
 
@@ -1697,23 +1698,7 @@ def _model_usage(usage: Sequence[ModelUse]) -> dict[str, ModelUse]:
     out: dict[str, ModelUse] = {}
     for u in usage:
         o = out.get(u.model)
-        if o is None:
-            out[u.model] = replace(u, node_id="")
-            continue
-        out[u.model] = replace(
-            o,
-            requests=o.requests + u.requests,
-            attempts=o.attempts + u.attempts,
-            completed=o.completed + u.completed,
-            failures=o.failures + u.failures,
-            errors=o.errors + u.errors,
-            retried=o.retried + u.retried,
-            client_disconnected=o.client_disconnected + u.client_disconnected,
-            cold_loads=o.cold_loads + u.cold_loads,
-            fallbacks=o.fallbacks + u.fallbacks,
-            prompt_tokens=o.prompt_tokens + u.prompt_tokens,
-            completion_tokens=o.completion_tokens + u.completion_tokens,
-        )
+        out[u.model] = replace(u, node_id="") if o is None else _add_use(o, u)
     return out
 
 
