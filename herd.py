@@ -1103,7 +1103,7 @@ def midstream_error_record(framing: Framing, message: str) -> bytes:
     return b""
 
 
-def framing_of(content_type: str | None, path: str) -> Framing:
+def framing_of(content_type: str | None) -> Framing:
     ct = (content_type or "").lower()
     if "ndjson" in ct:
         return "ndjson"
@@ -2254,7 +2254,7 @@ class Router:
         if model:
             headers.append((b"x-herd-model", model.encode()))
         await response.start(up.status, headers)
-        framing = framing_hint or framing_of(up.header("content-type"), "")
+        framing = framing_hint or framing_of(up.header("content-type"))
         relay = LineRelay(framing)
         result = RelayResult()
         try:
@@ -2851,7 +2851,7 @@ class Router:
             (b"x-herd-retries", str(attempt.retries).encode()),
             (b"x-request-id", attempt.request_id.encode()),
         ]
-        framing = framing_of(up.header("content-type"), rreq.model)
+        framing = framing_of(up.header("content-type"))
         relay = LineRelay(framing)
         raw_body = bytearray()
         first_at: float | None = None
