@@ -2533,10 +2533,14 @@ class Router:
         for index, model in enumerate(chain):
             served_model = model
             send_body = body
-            if allow_vram_fallback and self.settings.get("vram_fallback") and not pinned:
-                alt = scoring.vram_fallback(
-                    model, self._snapshots(time.time()), vision, attempt.kind
-                )
+            vram_fallback = bool(
+                allow_vram_fallback and self.settings.get("vram_fallback") and not pinned
+            )
+            protect = bool(self.settings.get("context_protection"))
+            # one fleet snapshot serves both pre-routing decisions for this model
+            snaps = self._snapshots(time.time()) if vram_fallback or protect else []
+            if vram_fallback:
+                alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
                 if alt is not None:
                     served_model, why = alt
                     log.info(
@@ -2546,12 +2550,12 @@ class Router:
                         served_model,
                         why,
                     )
-            if self.settings.get("context_protection"):
+            if protect:
                 decision = scoring.protect_context(
                     served_model,
                     requested_num_ctx(body),
                     est,
-                    self._snapshots(time.time()),
+                    snaps,
                     allow_upgrade=allow_vram_fallback,
                 )
                 if decision.action != "keep":
