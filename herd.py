@@ -1043,6 +1043,9 @@ class LineRelay:
         """Append a chunk; return the bytes that now form complete records."""
         if self.framing == "raw":
             return chunk
+        if not self.buf and chunk.endswith(self.sep):  # whole records, nothing held: no copy
+            self._note(chunk)
+            return chunk
         self.buf += chunk
         cut = self.buf.rfind(self.sep)
         if cut < 0:
