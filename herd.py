@@ -2901,27 +2901,12 @@ class Router:
                         raise ClientGone(error)  # a sized body cannot be ended cleanly
                     await response.write(record)
             await response.end()  # the client has everything; bookkeeping comes after
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError) as exc:
             up.close()
-            if status == "completed":
+            if status == "completed" or isinstance(exc, asyncio.CancelledError):
                 status, error = "client_disconnected", "client disconnected"
             self._finish(
                 attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-            )
-            raise
-        except asyncio.CancelledError:
-            up.close()
-            self._finish(
-                attempt,
-                node,
-                rreq,
-                choice,
-                "client_disconnected",
-                up.status,
-                "client disconnected",
-                first_at,
-                relay,
-                raw_body,
             )
             raise
         self._finish(
