@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 import herd
 from tests.conftest import RouterFactory, RunningRouter, router_config
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.test_router import dechunk
 
 MODEL = "llama3.2:3b"
 MiB = 1024 * 1024
@@ -600,18 +601,6 @@ async def test_long_slow_stream_is_not_cut_by_any_deadline(
         await assert_healthy(r, herd_errors)
     finally:
         await node.stop()
-
-
-def dechunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2 :]
-    return out
 
 
 # =======================================================================================
