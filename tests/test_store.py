@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -116,6 +117,63 @@ async def test_migrates_from_previous_version_and_backfills_rollups(tmp_path: Pa
     finally:
         await s.close()
     assert user_version(data / "latency.db") == len(MIGRATIONS)
+
+
+async def test_v3_rewrites_old_histograms_dense_with_the_same_analytics(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = store._connect_writer(data / "latency.db")
+    assert store._migrate(conn, MIGRATIONS[:2]) == 2
+    store._write_batch(
+        conn,
+        [
+            rec(
+                f"r{i}",
+                NOW - i * 900,
+                model=f"m{i % 3}",
+                node_id=f"n{i % 2}",
+                latency_ms=50 + 37 * i,
+                time_to_first_token_ms=5 + i,
+                tags=["app:x"],
+            )
+            for i in range(200)
+        ],
+        [],
+    )
+    # What v2 wrote: {"bin": count} (the dense form did not exist yet).
+    for key, latency, ttft in conn.execute(
+        "SELECT span || '/' || bucket || '/' || node_id || '/' || model || '/' || tag, "
+        "latency_hist, ttft_hist FROM rollups"
+    ).fetchall():
+        old = [
+            json.dumps({str(h.lo + i): n for i, n in enumerate(h.counts) if n})
+            for h in map(store._Hist.from_json, (latency, ttft))
+        ]
+        conn.execute(
+            "UPDATE rollups SET latency_hist = ?, ttft_hist = ? WHERE "
+            "span || '/' || bucket || '/' || node_id || '/' || model || '/' || tag = ?",
+            (*old, key),
+        )
+    assert (
+        conn.execute("SELECT COUNT(*) FROM rollups WHERE latency_hist LIKE '[%'").fetchone()[0] == 0
+    )
+
+    def analytics() -> list[object]:
+        return [
+            store._select_usage(conn, 7, NOW),
+            store._select_models(conn, 7, NOW, 35),
+            store._select_models(conn, 1, NOW, 35),
+            store._select_apps(conn, 7, NOW, 35),
+            store._select_trends(conn, 48, NOW, 35),
+            store._select_node_model_stats(conn, 7, NOW, 35),
+        ]
+
+    before = analytics()
+    assert store._migrate(conn) == len(MIGRATIONS)
+    dense = conn.execute("SELECT COUNT(*) FROM rollups WHERE latency_hist LIKE '[%'").fetchone()
+    assert dense[0] > 0
+    assert analytics() == before
+    conn.close()
 
 
 async def test_migrations_are_idempotent_and_refuse_newer_schema(tmp_path: Path) -> None:
@@ -660,10 +718,9 @@ async def test_event_loop_keeps_ticking_during_burst_and_big_query(open_store: O
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200), st.floats(0, 1))
 def test_histogram_quantile_within_one_percent(values: list[float], q: float) -> None:
-    hist: dict[int, int] = {}
+    hist = store._Hist()
     for v in values:
-        b = store._bin(v)
-        hist[b] = hist.get(b, 0) + 1
+        hist.add(store._bin(v))
     exact = sorted(values)[max(1, -(-int(q * 1e9) * len(values) // int(1e9))) - 1]
     got = store._quantile(hist, q)
     assert got is not None
@@ -671,7 +728,67 @@ def test_histogram_quantile_within_one_percent(values: list[float], q: float) ->
 
 
 def test_quantile_of_empty_histogram_is_none() -> None:
-    assert store._quantile({}, 0.5) is None
+    assert store._quantile(store._Hist(), 0.5) is None
+    assert store._Hist.from_json("{}").quantiles((0.5, 0.99)) == [None, None]
+    assert store._Hist().to_json() == "{}"
+
+
+def dict_quantile(hist: dict[str, int], q: float) -> float | None:
+    """The pre-v3 percentile path: ``{"bin": count}`` dicts, one sort per quantile."""
+    total = sum(hist.values())
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for b in sorted(hist, key=int):
+        seen += hist[b]
+        if seen >= rank:
+            return round(math.expm1(int(b) * store._LOG_GAMMA), 3)
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(min_value=0, max_value=1e7), max_size=60)
+        | st.lists(st.sampled_from([0.0, 3.0, 9e6]), max_size=5),  # sparse: wide, few
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.floats(0, 1), min_size=1, max_size=5),
+)
+def test_dense_histograms_match_the_dict_path(parts: list[list[float]], qs: list[float]) -> None:
+    """Parts are recorded, stored (either JSON form), parsed and merged in any order: the
+    dense path gives exactly the percentiles the old dict merge + sort gave."""
+    old: dict[str, int] = {}
+    merged = store._Hist()
+    for n, values in enumerate(parts):
+        part = store._Hist()
+        for v in values:
+            b = store._bin(v)
+            part.add(b)
+            old[str(b)] = old.get(str(b), 0) + 1
+        text = part.to_json()
+        parsed = store._Hist.from_json(text)
+        assert (parsed.lo, parsed.counts) == (part.lo, part.counts) or not part.counts
+        sparse = json.dumps({str(part.lo + i): n for i, n in enumerate(part.counts) if n})
+        merged.merge(store._Hist.from_json(sparse) if n % 2 else parsed)
+    assert merged.quantiles(qs) == [dict_quantile(old, q) for q in qs]
+    assert sum(merged.counts) == sum(old.values())
+
+
+def test_histogram_json_picks_the_smaller_form() -> None:
+    dense = store._Hist()
+    for b in (100, 101, 101, 103):
+        dense.add(b)
+    assert dense.to_json() == "[100,1,2,0,1]"
+    sparse = store._Hist()
+    for b in (5, 700):
+        sparse.add(b)
+    assert sparse.to_json() == '{"5":1,"700":1}'
+    for h in (dense, sparse):
+        back = store._Hist.from_json(h.to_json())
+        assert (back.lo, back.counts) == (h.lo, h.counts)
 
 
 def test_clean_tags() -> None:
