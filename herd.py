@@ -3016,7 +3016,7 @@ class Router:
             original_model=attempt.original_model,
             node_id=node_id if node_id is not None else attempt.node_id,
             score=winner.total if winner is not None else None,
-            scores_breakdown=choice.breakdown() if choice is not None else None,
+            scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
             status=status,
             http_status=http_status,
             error_message=error,

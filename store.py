@@ -97,7 +97,9 @@ class TraceRecord:
     original_model: str = ""
     node_id: str = ""
     score: float | None = None
-    scores_breakdown: dict[str, object] | None = None
+    # a dict, or a callable returning one: the router passes its frozen choice's
+    # ``breakdown`` unevaluated, so building it happens on the writer thread
+    scores_breakdown: dict[str, object] | Callable[[], dict[str, object]] | None = None
     status: str = "completed"
     http_status: int = 0
     error_message: str = ""
@@ -491,7 +493,8 @@ def _clean_tags(tags: Iterable[object]) -> list[str]:
 
 
 def _trace_row(rowid: int, r: TraceRecord, tags: list[str]) -> tuple[object, ...]:
-    breakdown = None if r.scores_breakdown is None else _dumps(r.scores_breakdown)
+    sb = r.scores_breakdown
+    breakdown = None if sb is None else _dumps(sb() if callable(sb) else sb)
     return (
         rowid,
         str(r.request_id),
