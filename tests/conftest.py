@@ -17,6 +17,7 @@ import pytest
 
 import herd
 import scoring
+from tests.fake_ollama import FakeOllama
 
 try:
     import uvloop
@@ -78,6 +79,24 @@ class RunningRouter:
 
 
 RouterFactory = Callable[..., Awaitable[RunningRouter]]
+FakeFactory = Callable[..., Awaitable[FakeOllama]]
+
+
+@pytest.fixture
+async def make_fake() -> AsyncIterator[FakeFactory]:
+    """Started fake Ollama nodes (``FakeOllama`` arguments), stopped after the test."""
+    started: list[FakeOllama] = []
+
+    async def factory(*args: Any, **kwargs: Any) -> FakeOllama:
+        fake = FakeOllama(*args, **kwargs)
+        await fake.start()
+        started.append(fake)
+        return fake
+
+    yield factory
+    for fake in started:
+        with contextlib.suppress(Exception):
+            await fake.stop()
 
 
 @pytest.fixture
@@ -98,4 +117,4 @@ async def make_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
             await router.stop()
 
 
-__all__ = ["RouterFactory", "RunningRouter", "router_config", "scoring"]
+__all__ = ["FakeFactory", "RouterFactory", "RunningRouter", "router_config", "scoring"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RouterFactory, RunningRouter
+from tests.conftest import FakeFactory, RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.test_router import raw_request
 
@@ -35,16 +35,12 @@ async def traces(r: RunningRouter, **filters: Any) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def two_nodes(make_router: RouterFactory) -> Any:
-    a = FakeOllama([LLAMA, QWEN], tokens_per_s=0)
-    b = FakeOllama([LLAMA], tokens_per_s=0)
-    await a.start()
-    await b.start()
+async def two_nodes(make_router: RouterFactory, make_fake: FakeFactory) -> Any:
+    a = await make_fake([LLAMA, QWEN], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
     r = await make_router([a.url, b.url])
     await r.wait_ready(models=2, nodes=2)
     yield r, a, b
-    await a.stop()
-    await b.stop()
 
 
 async def test_5xx_before_first_byte_is_retried_elsewhere(two_nodes: Any) -> None:
@@ -75,58 +71,56 @@ async def test_server_busy_is_retried(two_nodes: Any) -> None:
     assert status == 200
 
 
-async def test_first_byte_timeout_retries(make_router: RouterFactory) -> None:
-    a = FakeOllama([LLAMA], tokens_per_s=0)
-    b = FakeOllama([LLAMA], tokens_per_s=0)
-    await a.start()
-    await b.start()
-    try:
-        r = await make_router([a.url, b.url], first_byte_timeout_s=0.5)
-        await r.wait_ready(nodes=2)
-        await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-        await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: A wins
-        a.stall_s = 5.0  # ...and hangs before its first byte; after 0.5 s B is tried
-        served = []
-        for _ in range(2):
-            status, headers, _ = await raw_request(r.port, "POST", "/api/generate", GEN)
-            assert status == 200
-            served.append(headers["x-herd-node"])
-        assert set(served) == {node_of(r, b)}
-        rows = await traces(r, status="retried")
-        assert rows and "0.5s" in rows[0]["error_message"]
-    finally:
-        await a.stop()
-        await b.stop()
+async def test_first_byte_timeout_retries(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url], first_byte_timeout_s=0.5)
+    await r.wait_ready(nodes=2)
+    await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: A wins
+    a.stall_s = 5.0  # ...and hangs before its first byte; after 0.5 s B is tried
+    served = []
+    for _ in range(2):
+        status, headers, _ = await raw_request(r.port, "POST", "/api/generate", GEN)
+        assert status == 200
+        served.append(headers["x-herd-node"])
+    assert set(served) == {node_of(r, b)}
+    rows = await traces(r, status="retried")
+    assert rows and "0.5s" in rows[0]["error_message"]
 
 
-async def test_breaker_ejects_unreachable_node(make_router: RouterFactory) -> None:
-    a = FakeOllama([LLAMA], tokens_per_s=0)
-    b = FakeOllama([LLAMA], tokens_per_s=0)
-    await a.start()
-    await b.start()
-    try:
-        r = await make_router([a.url, b.url], poll_interval_s=60.0)
-        await r.wait_ready(nodes=2)
-        await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-        await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: it would win
-        a.refuse_connections()
-        for _ in range(6):
-            status, headers, _ = await raw_request(r.port, "POST", "/api/generate", GEN)
-            assert status == 200 and headers["x-herd-node"] == node_of(r, b)
-        attempts_on_a = [row for row in await traces(r) if row["node_id"] == node_of(r, a)]
-        assert len(attempts_on_a) == 1  # it stopped winning after its first failure
-        _, _, data = await raw_request(r.port, "GET", "/fleet/status")
-        node_a = next(n for n in json.loads(data)["nodes"] if n["node_id"] == node_of(r, a))
-        assert node_a["reachable"] is False
-    finally:
-        await a.stop()
-        await b.stop()
+async def test_breaker_ejects_unreachable_node(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url], poll_interval_s=60.0)
+    await r.wait_ready(nodes=2)
+    await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: it would win
+    a.refuse_connections()
+    for _ in range(6):
+        status, headers, _ = await raw_request(r.port, "POST", "/api/generate", GEN)
+        assert status == 200 and headers["x-herd-node"] == node_of(r, b)
+    attempts_on_a = [row for row in await traces(r) if row["node_id"] == node_of(r, a)]
+    assert len(attempts_on_a) == 1  # it stopped winning after its first failure
+    _, _, data = await raw_request(r.port, "GET", "/fleet/status")
+    node_a = next(n for n in json.loads(data)["nodes"] if n["node_id"] == node_of(r, a))
+    assert node_a["reachable"] is False
 
 
 async def test_fallback_models_in_order(two_nodes: Any) -> None:
     r, _, _ = two_nodes
-    body = json.dumps({"model": "ghost:70b", "prompt": "x", "stream": False,
-                       "fallback_models": ["phantom:1b", "qwen2.5:7b"]}).encode()
+    body = json.dumps(
+        {
+            "model": "ghost:70b",
+            "prompt": "x",
+            "stream": False,
+            "fallback_models": ["phantom:1b", "qwen2.5:7b"],
+        }
+    ).encode()
     status, headers, data = await raw_request(r.port, "POST", "/api/generate", body)
     assert status == 200
     assert headers["x-herd-model"] == "qwen2.5:7b" and json.loads(data)["model"] == "qwen2.5:7b"
@@ -134,17 +128,29 @@ async def test_fallback_models_in_order(two_nodes: Any) -> None:
     assert row["fallback_used"] and row["original_model"] == "ghost:70b"
     assert row["model"] == "qwen2.5:7b"
     # OpenAI body too, and herd's fields never reach the node
-    body = json.dumps({"model": "ghost:70b", "messages": [{"role": "user", "content": "x"}],
-                       "fallback_models": ["llama3.2:3b"]}).encode()
+    body = json.dumps(
+        {
+            "model": "ghost:70b",
+            "messages": [{"role": "user", "content": "x"}],
+            "fallback_models": ["llama3.2:3b"],
+        }
+    ).encode()
     status, headers, data = await raw_request(r.port, "POST", "/v1/chat/completions", body)
     assert status == 200 and json.loads(data)["model"] == "llama3.2:3b"
 
 
 async def test_herd_fields_are_stripped(two_nodes: Any) -> None:
     r, a, _b = two_nodes
-    body = json.dumps({"model": "qwen2.5:7b", "prompt": "x", "stream": False,
-                       "metadata": {"tags": ["app:x"]}, "fallback": False,
-                       "fallback_models": []}).encode()
+    body = json.dumps(
+        {
+            "model": "qwen2.5:7b",
+            "prompt": "x",
+            "stream": False,
+            "metadata": {"tags": ["app:x"]},
+            "fallback": False,
+            "fallback_models": [],
+        }
+    ).encode()
     status, _, _ = await raw_request(r.port, "POST", "/api/generate", body)
     assert status == 200
     sent = [q for q in a.requests if q.path == "/api/generate"][-1].json()
@@ -152,166 +158,152 @@ async def test_herd_fields_are_stripped(two_nodes: Any) -> None:
 
 
 async def test_vram_fallback_serves_loaded_model_and_can_be_refused(
-    make_router: RouterFactory,
+    make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
-    fake = FakeOllama([LLAMA, LLAMA_BIG], tokens_per_s=0)
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready(models=2)
-        await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-        await r.router.refresh_node(next(iter(r.router.nodes.values())))
-        r.router.settings["vram_fallback"] = True
-        body = b'{"model":"llama3.1:8b","prompt":"x","stream":false}'
-        status, headers, data = await raw_request(r.port, "POST", "/api/generate", body)
-        assert status == 200 and headers["x-herd-model"] == "llama3.2:3b"
-        assert json.loads(data)["model"] == "llama3.2:3b"  # the body names the served model
-        status, headers, _ = await raw_request(
-            r.port, "POST", "/api/generate", body, headers={"x-herd-no-fallback": "true"}
-        )
-        assert status == 200 and headers["x-herd-model"] == "llama3.1:8b"
-    finally:
-        await fake.stop()
+    fake = await make_fake([LLAMA, LLAMA_BIG], tokens_per_s=0)
+    r = await make_router([fake.url])
+    await r.wait_ready(models=2)
+    await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    await r.router.refresh_node(next(iter(r.router.nodes.values())))
+    r.router.settings["vram_fallback"] = True
+    body = b'{"model":"llama3.1:8b","prompt":"x","stream":false}'
+    status, headers, data = await raw_request(r.port, "POST", "/api/generate", body)
+    assert status == 200 and headers["x-herd-model"] == "llama3.2:3b"
+    assert json.loads(data)["model"] == "llama3.2:3b"  # the body names the served model
+    status, headers, _ = await raw_request(
+        r.port, "POST", "/api/generate", body, headers={"x-herd-no-fallback": "true"}
+    )
+    assert status == 200 and headers["x-herd-model"] == "llama3.1:8b"
 
 
-async def test_context_protection_avoids_reload(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=0, default_num_ctx=8192)
+async def test_context_protection_avoids_reload(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=0, default_num_ctx=8192)
     fake.models["llama3.2:3b"].context_length = 32768
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-        await r.router.refresh_node(next(iter(r.router.nodes.values())))
-        loads_before = len(fake.load_events)
-        body = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_ctx":4096}}'
-        status, _, _ = await raw_request(r.port, "POST", "/api/generate", body)
-        assert status == 200
-        assert len(fake.load_events) == loads_before  # no reload for a smaller window
-        sent = [q for q in fake.requests if q.path == "/api/generate"][-1].json()
-        assert sent.get("options", {}).get("num_ctx") in (None, 8192)
-    finally:
-        await fake.stop()
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    await r.router.refresh_node(next(iter(r.router.nodes.values())))
+    loads_before = len(fake.load_events)
+    body = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_ctx":4096}}'
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", body)
+    assert status == 200
+    assert len(fake.load_events) == loads_before  # no reload for a smaller window
+    sent = [q for q in fake.requests if q.path == "/api/generate"][-1].json()
+    assert sent.get("options", {}).get("num_ctx") in (None, 8192)
 
 
-async def test_reaper_cancels_stalled_stream(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=0)
-    await fake.start()
-    try:
-        r = await make_router([fake.url], stall_timeout_s=0.4)
-        await r.wait_ready()
-        fake.stall_mid_stream_s = 5.0
-        status, _, data = await raw_request(
-            r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"x"}'
-        )
-        assert status == 200
-        last = json.loads(data.splitlines()[-1])
-        assert "reaped" in last["error"]
-        assert all(q.in_flight == 0 for q in r.router.queues.values())
-        rows = await traces(r, status="reaped")
-        assert rows and rows[0]["node_id"]
-    finally:
-        await fake.stop()
+async def test_reaper_cancels_stalled_stream(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([fake.url], stall_timeout_s=0.4)
+    await r.wait_ready()
+    fake.stall_mid_stream_s = 5.0
+    status, _, data = await raw_request(
+        r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"x"}'
+    )
+    assert status == 200
+    last = json.loads(data.splitlines()[-1])
+    assert "reaped" in last["error"]
+    assert all(q.in_flight == 0 for q in r.router.queues.values())
+    rows = await traces(r, status="reaped")
+    assert rows and rows[0]["node_id"]
 
 
-async def test_auto_pull_when_enabled(make_router: RouterFactory) -> None:
+async def test_auto_pull_when_enabled(make_router: RouterFactory, make_fake: FakeFactory) -> None:
     gemma = FakeModel(name="gemma3:1b", size=800_000_000, family="gemma3")
-    fake = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        body = b'{"model":"gemma3:1b","prompt":"x","stream":false}'
-        status, _, _ = await raw_request(r.port, "POST", "/api/generate", body)
-        assert status == 404  # off by default: downloads can be huge
-        r.router.settings["auto_pull"] = True
-        status, _headers, data = await raw_request(r.port, "POST", "/api/generate", body)
-        assert status == 200 and json.loads(data)["model"] == "gemma3:1b"
-        assert "gemma3:1b" in fake.models
-    finally:
-        await fake.stop()
+    fake = await make_fake([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    body = b'{"model":"gemma3:1b","prompt":"x","stream":false}'
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", body)
+    assert status == 404  # off by default: downloads can be huge
+    r.router.settings["auto_pull"] = True
+    status, _headers, data = await raw_request(r.port, "POST", "/api/generate", body)
+    assert status == 200 and json.loads(data)["model"] == "gemma3:1b"
+    assert "gemma3:1b" in fake.models
 
 
-async def test_queue_waits_for_a_slot_then_serves(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=200, num_parallel=1, response_tokens=10)
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        results = await asyncio.gather(*(raw_request(r.port, "POST", "/api/generate", GEN)
-                                         for _ in range(5)))
-        assert [s for s, _, _ in results] == [200] * 5
-        assert fake.max_active_seen == 1  # nothing piled up inside Ollama
-        rows = await traces(r, status="completed")
-        assert max(row["queue_ms"] for row in rows) > 0
-    finally:
-        await fake.stop()
+async def test_queue_waits_for_a_slot_then_serves(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=200, num_parallel=1, response_tokens=10)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    results = await asyncio.gather(
+        *(raw_request(r.port, "POST", "/api/generate", GEN) for _ in range(5))
+    )
+    assert [s for s, _, _ in results] == [200] * 5
+    assert fake.max_active_seen == 1  # nothing piled up inside Ollama
+    rows = await traces(r, status="completed")
+    assert max(row["queue_ms"] for row in rows) > 0
 
 
-async def test_runner_up_is_prewarmed_when_queue_is_deep(make_router: RouterFactory) -> None:
-    a = FakeOllama([LLAMA], tokens_per_s=50, num_parallel=1, response_tokens=10)
-    b = FakeOllama([LLAMA], tokens_per_s=50, num_parallel=1, response_tokens=10)
-    await a.start()
-    await b.start()
-    try:
-        r = await make_router([a.url, b.url])
-        await r.wait_ready(nodes=2)
-        await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-        await r.router.refresh_node(r.router.nodes[node_of(r, a)])
-        results = await asyncio.gather(*(raw_request(r.port, "POST", "/api/generate", GEN)
-                                         for _ in range(8)))
-        assert all(s == 200 for s, _, _ in results)
-        served = {h["x-herd-node"] for _, h, _ in results}
-        assert served == {node_of(r, a), node_of(r, b)}  # the cold node took overflow
-    finally:
-        await a.stop()
-        await b.stop()
+async def test_runner_up_is_prewarmed_when_queue_is_deep(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=50, num_parallel=1, response_tokens=10)
+    b = await make_fake([LLAMA], tokens_per_s=50, num_parallel=1, response_tokens=10)
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    await r.router.refresh_node(r.router.nodes[node_of(r, a)])
+    results = await asyncio.gather(
+        *(raw_request(r.port, "POST", "/api/generate", GEN) for _ in range(8))
+    )
+    assert all(s == 200 for s, _, _ in results)
+    served = {h["x-herd-node"] for _, h, _ in results}
+    assert served == {node_of(r, a), node_of(r, b)}  # the cold node took overflow
 
 
-async def test_concurrent_callers_share_one_auto_pull(make_router: RouterFactory) -> None:
+async def test_concurrent_callers_share_one_auto_pull(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
     gemma = FakeModel(name="gemma3:1b", size=800_000_000, family="gemma3")
-    fake = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma},
-                      pull_step_delay_s=0.05)
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        r.router.settings["auto_pull"] = True
-        body = b'{"model":"gemma3:1b","prompt":"x","stream":false}'
-        results = await asyncio.gather(*(raw_request(r.port, "POST", "/api/generate", body)
-                                         for _ in range(3)))
-        assert [s for s, _, _ in results] == [200, 200, 200]
-        assert len(fake.requests_to("/api/pull")) == 1
-        _, _, data = await raw_request(r.port, "GET", "/fleet/status")
-        assert json.loads(data)["pulls"][0]["status"] == "done"
-    finally:
-        await fake.stop()
+    fake = await make_fake(
+        [LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma}, pull_step_delay_s=0.05
+    )
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    r.router.settings["auto_pull"] = True
+    body = b'{"model":"gemma3:1b","prompt":"x","stream":false}'
+    results = await asyncio.gather(
+        *(raw_request(r.port, "POST", "/api/generate", body) for _ in range(3))
+    )
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    assert len(fake.requests_to("/api/pull")) == 1
+    _, _, data = await raw_request(r.port, "GET", "/fleet/status")
+    assert json.loads(data)["pulls"][0]["status"] == "done"
 
 
-async def test_client_gone_while_queued_frees_everything(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=20, num_parallel=1, response_tokens=40)
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        busy = asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", GEN))
-        async with asyncio.timeout(5):
-            while not any(q.in_flight for q in r.router.queues.values()):
-                await asyncio.sleep(0.01)
-        _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-        writer.write(b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: "
-                     + str(len(GEN)).encode() + b"\r\n\r\n" + GEN)
-        await writer.drain()
-        async with asyncio.timeout(5):
-            while not any(q.pending for q in r.router.queues.values()):
-                await asyncio.sleep(0.01)
-        writer.close()
-        async with asyncio.timeout(5):
-            while any(q.pending for q in r.router.queues.values()):
-                await asyncio.sleep(0.01)
-        assert (await busy)[0] == 200
-        rows = await traces(r, status="client_disconnected")
-        assert rows and "queued" in rows[0]["error_message"]
-        assert len([q for q in fake.requests if q.path == "/api/generate"]) == 1
-    finally:
-        await fake.stop()
+async def test_client_gone_while_queued_frees_everything(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=20, num_parallel=1, response_tokens=40)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    busy = asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", GEN))
+    async with asyncio.timeout(5):
+        while not any(q.in_flight for q in r.router.queues.values()):
+            await asyncio.sleep(0.01)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: "
+        + str(len(GEN)).encode()
+        + b"\r\n\r\n"
+        + GEN
+    )
+    await writer.drain()
+    async with asyncio.timeout(5):
+        while not any(q.pending for q in r.router.queues.values()):
+            await asyncio.sleep(0.01)
+    writer.close()
+    async with asyncio.timeout(5):
+        while any(q.pending for q in r.router.queues.values()):
+            await asyncio.sleep(0.01)
+    assert (await busy)[0] == 200
+    rows = await traces(r, status="client_disconnected")
+    assert rows and "queued" in rows[0]["error_message"]
+    assert len([q for q in fake.requests if q.path == "/api/generate"]) == 1

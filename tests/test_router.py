@@ -13,7 +13,7 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import RouterFactory, RunningRouter
+from tests.conftest import FakeFactory, RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
 
 pytestmark = pytest.mark.both_loops
@@ -73,22 +73,14 @@ def dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-async def start_fakes(*fakes: FakeOllama) -> None:
-    for f in fakes:
-        await f.start()
-
-
 @pytest.fixture
-async def fleet(make_router: RouterFactory) -> Any:
+async def fleet(make_router: RouterFactory, make_fake: FakeFactory) -> Any:
     """Two fake nodes: A has llama + embed, B has llama + qwen; a router in front."""
-    a = FakeOllama([LLAMA, EMBED], version="0.12.6", tokens_per_s=0)
-    b = FakeOllama([LLAMA, QWEN], version="0.11.10", tokens_per_s=0)
-    await start_fakes(a, b)
+    a = await make_fake([LLAMA, EMBED], version="0.12.6", tokens_per_s=0)
+    b = await make_fake([LLAMA, QWEN], version="0.11.10", tokens_per_s=0)
     r = await make_router([a.url, b.url])
     await r.wait_ready(models=3, nodes=2)
     yield r, a, b
-    await a.stop()
-    await b.stop()
 
 
 def node_id(r: RunningRouter, fake: FakeOllama) -> str:
@@ -291,17 +283,13 @@ async def test_openai_error_shape(fleet: Any) -> None:
     assert got == 404 and json.loads(data)["error"]["type"] == "invalid_request_error"
 
 
-async def test_body_limit_gives_413(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=0)
-    await fake.start()
-    try:
-        r = await make_router([fake.url], limits={"max_json_bytes": 1000})
-        await r.wait_ready()
-        body = json.dumps({"model": "llama3.2:3b", "prompt": "x" * 5000}).encode()
-        status, _, data = await raw_request(r.port, "POST", "/api/generate", body)
-        assert status == 413 and "too large" in json.loads(data)["error"]
-    finally:
-        await fake.stop()
+async def test_body_limit_gives_413(make_router: RouterFactory, make_fake: FakeFactory) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([fake.url], limits={"max_json_bytes": 1000})
+    await r.wait_ready()
+    body = json.dumps({"model": "llama3.2:3b", "prompt": "x" * 5000}).encode()
+    status, _, data = await raw_request(r.port, "POST", "/api/generate", body)
+    assert status == 413 and "too large" in json.loads(data)["error"]
 
 
 # ------------------------------------------------------------------ routing -------------
@@ -342,150 +330,134 @@ async def test_retry_on_5xx_before_first_byte(fleet: Any) -> None:
     b.reset_faults() if hasattr(b, "reset_faults") else None
 
 
-async def test_retry_moves_to_next_node(make_router: RouterFactory) -> None:
-    a = FakeOllama([LLAMA], tokens_per_s=0)
-    b = FakeOllama([LLAMA], tokens_per_s=0)
-    await start_fakes(a, b)
-    try:
-        r = await make_router([a.url, b.url])
-        await r.wait_ready(nodes=2)
-        a.fail_next(500, "a is broken", count=100)
-        b.fail_next(
-            503, "server busy, please try again.  maximum pending requests exceeded", count=100
-        )
-        status, headers, _data = await raw_request(
-            r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"x"}'
-        )
-        assert status in (500, 503)
-        assert headers["x-herd-retries"] == "1"
-        a.fail_next(500, "reset", count=0) if False else None
-    finally:
-        await a.stop()
-        await b.stop()
+async def test_retry_moves_to_next_node(make_router: RouterFactory, make_fake: FakeFactory) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    a.fail_next(500, "a is broken", count=100)
+    b.fail_next(503, "server busy, please try again.  maximum pending requests exceeded", count=100)
+    status, headers, _data = await raw_request(
+        r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"x"}'
+    )
+    assert status in (500, 503)
+    assert headers["x-herd-retries"] == "1"
+    a.fail_next(500, "reset", count=0) if False else None
 
 
-async def test_dead_node_is_retried_transparently(make_router: RouterFactory) -> None:
-    a = FakeOllama([LLAMA], tokens_per_s=0)
-    b = FakeOllama([LLAMA], tokens_per_s=0)
-    await start_fakes(a, b)
-    try:
-        r = await make_router([a.url, b.url], poll_interval_s=30.0)
-        await r.wait_ready(nodes=2)
-        a.refuse_connections()
-        served = set()
-        for _ in range(4):
-            status, headers, _ = await raw_request(
-                r.port,
-                "POST",
-                "/api/generate",
-                b'{"model":"llama3.2:3b","prompt":"x","stream":false}',
-            )
-            assert status == 200
-            served.add(headers["x-herd-node"])
-        assert served == {node_id(r, b)}
-    finally:
-        await a.stop()
-        await b.stop()
-
-
-async def test_midstream_death_ends_with_error_line(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=0)
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        fake.die_after_chunks = 3
-        status, _, data = await raw_request(
+async def test_dead_node_is_retried_transparently(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url], poll_interval_s=30.0)
+    await r.wait_ready(nodes=2)
+    a.refuse_connections()
+    served = set()
+    for _ in range(4):
+        status, headers, _ = await raw_request(
             r.port,
             "POST",
             "/api/generate",
-            b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":50}}',
+            b'{"model":"llama3.2:3b","prompt":"x","stream":false}',
         )
         assert status == 200
-        lines = [json.loads(x) for x in data.splitlines()]
-        assert "error" in lines[-1] and "disconnected" in lines[-1]["error"]
-        assert all("error" not in x for x in lines[:-1])
-        fake.die_after_chunks = 3
-        status, _, data = await raw_request(
+        served.add(headers["x-herd-node"])
+    assert served == {node_id(r, b)}
+
+
+async def test_midstream_death_ends_with_error_line(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    fake.die_after_chunks = 3
+    status, _, data = await raw_request(
+        r.port,
+        "POST",
+        "/api/generate",
+        b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":50}}',
+    )
+    assert status == 200
+    lines = [json.loads(x) for x in data.splitlines()]
+    assert "error" in lines[-1] and "disconnected" in lines[-1]["error"]
+    assert all("error" not in x for x in lines[:-1])
+    fake.die_after_chunks = 3
+    status, _, data = await raw_request(
+        r.port,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(
+            {
+                "model": "llama3.2:3b",
+                "stream": True,
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+        ).encode(),
+    )
+    events = [e for e in data.split(b"\n\n") if e]
+    assert json.loads(events[-1][6:])["error"]["message"]
+    await r.router.store.flush()
+    rows = await r.router.store.traces(limit=10, status="incomplete")
+    assert len(rows) == 2
+
+
+async def test_client_disconnect_cancels_upstream(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=20)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    body = b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":1000}}'
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    await reader.readuntil(b'"done":false')
+    writer.close()
+    async with asyncio.timeout(5):
+        while fake.cancelled < 1:
+            await asyncio.sleep(0.02)
+    async with asyncio.timeout(5):
+        while any(q.in_flight for q in r.router.queues.values()):
+            await asyncio.sleep(0.02)
+    await r.router.store.flush()
+    rows = await r.router.store.traces(limit=5, status="client_disconnected")
+    assert rows
+
+
+async def test_saturation_gives_503_with_retry_after(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=10, num_parallel=1)
+    r = await make_router([fake.url], policy={"max_queue_wait_s": 0.3})
+    await r.wait_ready()
+    slow = asyncio.ensure_future(
+        raw_request(
             r.port,
             "POST",
-            "/v1/chat/completions",
-            json.dumps(
-                {
-                    "model": "llama3.2:3b",
-                    "stream": True,
-                    "max_tokens": 50,
-                    "messages": [{"role": "user", "content": "x"}],
-                }
-            ).encode(),
+            "/api/generate",
+            b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":20}}',
         )
-        events = [e for e in data.split(b"\n\n") if e]
-        assert json.loads(events[-1][6:])["error"]["message"]
-        await r.router.store.flush()
-        rows = await r.router.store.traces(limit=10, status="incomplete")
-        assert len(rows) == 2
-    finally:
-        await fake.stop()
-
-
-async def test_client_disconnect_cancels_upstream(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=20)
-    await fake.start()
-    try:
-        r = await make_router([fake.url])
-        await r.wait_ready()
-        reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-        body = b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":1000}}'
-        writer.write(
-            b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        await writer.drain()
-        await reader.readuntil(b'"done":false')
-        writer.close()
-        async with asyncio.timeout(5):
-            while fake.cancelled < 1:
-                await asyncio.sleep(0.02)
-        async with asyncio.timeout(5):
-            while any(q.in_flight for q in r.router.queues.values()):
-                await asyncio.sleep(0.02)
-        await r.router.store.flush()
-        rows = await r.router.store.traces(limit=5, status="client_disconnected")
-        assert rows
-    finally:
-        await fake.stop()
-
-
-async def test_saturation_gives_503_with_retry_after(make_router: RouterFactory) -> None:
-    fake = FakeOllama([LLAMA], tokens_per_s=10, num_parallel=1)
-    await fake.start()
-    try:
-        r = await make_router([fake.url], policy={"max_queue_wait_s": 0.3})
-        await r.wait_ready()
-        slow = asyncio.ensure_future(
-            raw_request(
-                r.port,
-                "POST",
-                "/api/generate",
-                b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":20}}',
-            )
-        )
-        async with asyncio.timeout(5):
-            while not any(q.in_flight for q in r.router.queues.values()):
-                await asyncio.sleep(0.01)
-        status, headers, data = await raw_request(
-            r.port,
-            "POST",
-            "/v1/chat/completions",
-            b'{"model":"llama3.2:3b","messages":[{"role":"user","content":"x"}]}',
-        )
-        assert status == 503 and int(headers["retry-after"]) >= 1
-        assert headers.get("x-should-retry") == "true"
-        assert json.loads(data)["error"]["message"]
-        assert (await slow)[0] == 200
-        assert fake.max_active_seen == 1
-    finally:
-        await fake.stop()
+    )
+    async with asyncio.timeout(5):
+        while not any(q.in_flight for q in r.router.queues.values()):
+            await asyncio.sleep(0.01)
+    status, headers, data = await raw_request(
+        r.port,
+        "POST",
+        "/v1/chat/completions",
+        b'{"model":"llama3.2:3b","messages":[{"role":"user","content":"x"}]}',
+    )
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert headers.get("x-should-retry") == "true"
+    assert json.loads(data)["error"]["message"]
+    assert (await slow)[0] == 200
+    assert fake.max_active_seen == 1
 
 
 async def test_loopback_host_check_is_satisfied(fleet: Any) -> None:
@@ -570,26 +542,23 @@ async def test_traces_are_queryable_with_sqlite(fleet: Any) -> None:
     assert rows[1][1] == "ghost:1b" and rows[1][2] == "failed" and "not found" in rows[1][3]
 
 
-async def test_pull_goes_to_the_named_node_with_progress(make_router: RouterFactory) -> None:
+async def test_pull_goes_to_the_named_node_with_progress(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
     gemma = FakeModel(name="gemma3:1b", size=800_000_000, family="gemma3")
-    a = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
-    b = FakeOllama([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
-    await start_fakes(a, b)
-    try:
-        r = await make_router([a.url, b.url])
-        await r.wait_ready(nodes=2)
-        client = ollama.AsyncClient(host=r.url, headers={"X-Herd-Node": node_id(r, b)})
-        progress = [p async for p in await client.pull("gemma3:1b", stream=True)]
-        assert progress[-1].status == "success"
-        assert any(p.total for p in progress)
-        assert "gemma3:1b" in b.models and "gemma3:1b" not in a.models
-        await client._client.aclose()
-        async with asyncio.timeout(5):
-            while "gemma3:1b" not in {m["name"] for m in r.router.merged_tags()}:
-                await asyncio.sleep(0.05)
-    finally:
-        await a.stop()
-        await b.stop()
+    a = await make_fake([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
+    b = await make_fake([LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma})
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    client = ollama.AsyncClient(host=r.url, headers={"X-Herd-Node": node_id(r, b)})
+    progress = [p async for p in await client.pull("gemma3:1b", stream=True)]
+    assert progress[-1].status == "success"
+    assert any(p.total for p in progress)
+    assert "gemma3:1b" in b.models and "gemma3:1b" not in a.models
+    await client._client.aclose()
+    async with asyncio.timeout(5):
+        while "gemma3:1b" not in {m["name"] for m in r.router.merged_tags()}:
+            await asyncio.sleep(0.05)
 
 
 async def test_blob_and_create_land_on_the_same_node(fleet: Any, tmp_path: Path) -> None:
@@ -624,8 +593,9 @@ async def test_ps_has_one_entry_per_node_and_model(fleet: Any) -> None:
 
 async def test_trace_explains_the_choice_and_metrics_parse(fleet: Any) -> None:
     r, _, _ = fleet
-    await raw_request(r.port, "POST", "/api/generate",
-                      b'{"model":"llama3.2:3b","prompt":"x","stream":false}')
+    await raw_request(
+        r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"x","stream":false}'
+    )
     await r.router.store.flush()
     row = (await r.router.store.traces(limit=1))[0]
     breakdown = row["scores_breakdown"]
@@ -633,8 +603,10 @@ async def test_trace_explains_the_choice_and_metrics_parse(fleet: Any) -> None:
     assert breakdown["runner_up"] is not None  # both nodes hold llama
     names = {f["name"] for f in breakdown["winner"]["factors"]}
     assert len(names) >= 7 and {"thermal", "memory"} <= names
-    assert all({"name", "value", "contribution", "reason"} <= set(f)
-               for f in breakdown["winner"]["factors"])
+    assert all(
+        {"name", "value", "contribution", "reason"} <= set(f)
+        for f in breakdown["winner"]["factors"]
+    )
     assert row["score"] == pytest.approx(breakdown["winner"]["total"], abs=1e-6)
     from prometheus_client.parser import text_string_to_metric_families
 
