@@ -181,7 +181,7 @@ class RealNode:
 
     async def start(self) -> RealNode:
         self._spawn()
-        while not self._poll_ready():  # noqa: ASYNC110 - polling a child process, no event
+        while not self._poll_ready():
             await asyncio.sleep(0.05)
         return self
 
@@ -222,7 +222,7 @@ class RealNode:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 5.0
-            while proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+            while proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         self.stop_sync(keep_log=keep_log)  # kills if still alive, reaps, closes pipes
 
