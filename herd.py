@@ -65,7 +65,6 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
-HERD_FIELDS = ("metadata", "fallback_models", "fallback", "node_id")
 OLLAMA_RUNNING = b"Ollama is running"
 MiB = 1024 * 1024
 
@@ -1010,17 +1009,6 @@ class Pool:
 # =======================================================================================
 # Relays: NDJSON / SSE line-exact, raw passthrough
 # =======================================================================================
-
-
-@dataclass(slots=True)
-class RelayResult:
-    ok: bool = True
-    error: str = ""
-    status: str = "completed"  # or incomplete / client_disconnected / reaped
-    first_byte_at: float | None = None
-    final: JSON | None = None  # the last done:true NDJSON object, or the SSE usage chunk
-    bytes: int = 0
-    lines: int = 0
 
 
 class LineRelay:
@@ -2222,7 +2210,6 @@ class Router:
         response: Response,
         candidates: Sequence[Node],
         raw: bytes | None,
-        framing_hint: Framing | None = None,
     ) -> Node:
         """Proxy to the first candidate that answers (connect failures move on)."""
         last: UpstreamFailure | None = None
@@ -2240,7 +2227,7 @@ class Router:
                 last = exc
                 self.breaker_failure(node.node_id, "", exc.kind, time.time())
                 continue
-            await self.relay_plain(up, response, node, framing_hint)
+            await self.relay_plain(up, response, node)
             return node
         raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
 
@@ -2249,17 +2236,12 @@ class Router:
         up: UpstreamResponse,
         response: Response,
         node: Node,
-        framing_hint: Framing | None = None,
-        model: str = "",
-    ) -> RelayResult:
+    ) -> None:
+        """Relay a node's answer as it is (admin and metadata endpoints)."""
         headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
         headers.append((b"x-herd-node", node.node_id.encode()))
-        if model:
-            headers.append((b"x-herd-model", model.encode()))
         await response.start(up.status, headers)
-        framing = framing_hint or framing_of(up.header("content-type"))
-        relay = LineRelay(framing)
-        result = RelayResult()
+        relay = LineRelay(framing_of(up.header("content-type")))
         try:
             async for chunk in up.chunks(self.config.stall_timeout_s):
                 out = relay.feed(chunk)
@@ -2270,17 +2252,14 @@ class Router:
                 await response.write(tail)
         except (ConnectionClosed, TimeoutError) as exc:
             up.close()
-            result.ok = False
-            result.status = "incomplete"
-            result.error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
-            record = midstream_error_record(relay.framing, result.error)
+            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
+            record = midstream_error_record(relay.framing, error)
             if not record or response.status != 200 or up.header("content-length"):
-                raise ClientGone(result.error) from None  # cannot end this body cleanly
+                raise ClientGone(error) from None  # cannot end this body cleanly
             await response.write(record)
         except BaseException:
             up.close()
             raise
-        return result
 
     async def h_pull(self, request: Request, response: Response) -> None:
         self.guard_browser_mutation(request)
