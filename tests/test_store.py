@@ -306,7 +306,7 @@ async def test_sqlite_cli_query_from_the_issue_works(open_store: OpenStore) -> N
 
 async def test_traces_filters_and_round_trip(open_store: OpenStore) -> None:
     s = await open_store()
-    breakdown = {"winner": {"node_id": "a", "total": 81.5}, "runner_up": None, "all": []}
+    breakdown = {"winner": {"node_id": "a", "total": 81.5}, "runner_up": None, "others": []}
     s.record_trace(
         rec(
             "r1",
