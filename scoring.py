@@ -278,11 +278,13 @@ class Choice:
         return None
 
     def breakdown(self) -> dict[str, object]:
+        """Winner, runner-up and every other node scored, each once (one row per request
+        is stored, so repeating the winner in a list of all nodes would double its size)."""
         w, r = self.winner, self.runner_up
         return {
             "winner": w.to_dict() if w else None,
             "runner_up": r.to_dict() if r else None,
-            "all": [s.to_dict() for s in self.ranked],
+            "others": [s.to_dict() for s in self.ranked if s is not w and s is not r],
         }
 
 

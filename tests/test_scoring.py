@@ -450,10 +450,10 @@ def test_breakdown_is_json_and_names_winner_and_runner_up() -> None:
     ch = pick([node("a", hot=True), node("b"), node("c", status="offline")])
     bd = ch.breakdown()
     json.dumps(bd, allow_nan=False)
-    assert set(bd) == {"winner", "runner_up", "all"}
+    assert set(bd) == {"winner", "runner_up", "others"}
     assert bd["winner"]["node_id"] == "a"  # type: ignore[index]
     assert bd["runner_up"]["node_id"] == "b"  # type: ignore[index]
-    assert len(bd["all"]) == 3  # type: ignore[arg-type]
+    assert [s["node_id"] for s in bd["others"]] == ["c"]  # type: ignore[attr-defined]
     names = {f["name"] for f in bd["winner"]["factors"]}  # type: ignore[index]
     assert names == {"thermal", "memory", "queue", "wait", "affinity", "availability", "context"}
     assert ch.winner is not None and ch.winner.total == sum(
