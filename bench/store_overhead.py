@@ -249,7 +249,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=300.0, help="paced requests per second")
-    ap.add_argument("--blocks", type=int, default=6, help="alternating blocks per round")
+    ap.add_argument("--blocks", type=int, default=30, help="alternating blocks per round")
     args = ap.parse_args()
     po.use_uvloop()
     if args.role == "herd":

@@ -7,7 +7,10 @@ import asyncio
 import json
 import logging
 import math
+import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -208,6 +211,41 @@ async def test_burst_of_5000_commits_in_few_transactions(open_store: OpenStore) 
     assert rows[0]["request_id"] == "r0"  # newest first
     (m,) = await s.models(days=1, now=NOW)
     assert m["requests"] == 5000
+
+
+async def test_loop_records_reach_the_writer_as_one_batch_per_interval(
+    open_store: OpenStore,
+) -> None:
+    s = await open_store(batch_max=500, flush_interval_s=0.2)
+    for i in range(120):
+        s.record_trace(rec(f"r{i}", NOW, model="m", node_id="a"))
+        if i % 10 == 0:
+            await asyncio.sleep(0)  # the loop runs between records, as under real load
+    s.record_event("node_online", "a", {}, timestamp=NOW)
+    assert s.stats().queue_depth == 121  # pending on the loop, not yet with the writer
+    deadline = time.monotonic() + 5
+    while s.stats().records_written < 120 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # no flush(): the hand-over timer alone delivers them
+    st_ = s.stats()
+    assert (st_.records_written, st_.events_written, st_.batches_written) == (120, 1, 1)
+    assert st_.queue_depth == 0 and st_.writer_cpu_s > 0
+
+
+async def test_records_from_another_thread_are_queued_directly(open_store: OpenStore) -> None:
+    s = await open_store(flush_interval_s=0.05)
+    await asyncio.to_thread(lambda: [s.record_trace(rec(f"t{i}", NOW)) for i in range(50)])
+    s.record_trace(rec("loop", NOW))
+    await s.flush()
+    assert len(await s.traces(limit=100)) == 51
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+async def test_writer_thread_runs_nicer_than_the_loop(open_store: OpenStore) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    s = await open_store(writer_nice=5)
+    assert s._writer is not None and s._writer.native_id is not None
+    assert os.getpriority(os.PRIO_PROCESS, s._writer.native_id) == min(19, base + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # loop unchanged
 
 
 async def test_concurrent_producers_lose_nothing(open_store: OpenStore) -> None:
