@@ -275,21 +275,6 @@ class HttpStream:
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(str(exc)) from exc
 
-    async def watch_eof(self, max_buffer: int = MiB) -> None:
-        """Return when the peer closes its side (used to notice clients that hang up).
-
-        Bytes that arrive meanwhile (a pipelined next request) are handed to h11 so nothing
-        is lost; after ``max_buffer`` bytes we stop looking.
-        """
-        buffered = 0
-        while buffered < max_buffer:
-            data = await self._read()
-            if not data:
-                return
-            buffered += len(data)
-            self.conn.receive_data(data)
-        await asyncio.Event().wait()  # stopped looking: wait to be cancelled
-
     def at_eof(self) -> bool:
         return self.reader.at_eof() or self.writer.is_closing()
 
@@ -532,6 +517,27 @@ class Response:
 Handler = Callable[[Request, Response], Awaitable[None]]
 
 
+class _ServerProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol plus a hook for the peer going away (EOF or a lost
+    connection): a request in progress is cancelled the moment its client hangs up, with
+    no reader task per request to notice it."""
+
+    on_gone: Callable[[], None] | None = None
+
+    def eof_received(self) -> bool:
+        self._gone()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+        super().connection_lost(exc)
+
+    def _gone(self) -> None:
+        hook, self.on_gone = self.on_gone, None
+        if hook is not None:
+            hook()
+
+
 class HttpServer:
     """asyncio + h11 server: keep-alive, limits, deadlines, graceful shutdown."""
 
@@ -554,9 +560,13 @@ class HttpServer:
         self.lingering: set[HttpStream] = set()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.server = await asyncio.start_server(
-            self._serve, host or None, port, limit=self.limits.max_header_bytes, backlog=1024
-        )
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> _ServerProtocol:
+            reader = asyncio.StreamReader(limit=self.limits.max_header_bytes, loop=loop)
+            return _ServerProtocol(reader, self._serve, loop=loop)
+
+        self.server = await loop.create_server(protocol, host or None, port, backlog=1024)
         sock = self.server.sockets[0]
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
@@ -673,35 +683,35 @@ class HttpServer:
             await stream.send(h11.EndOfMessage())
 
     async def _one_request(self, event: h11.Request, stream: HttpStream) -> bool:
-        """Serve one request; True when the connection may be reused."""
+        """Serve one request; True when the connection may be reused.
+
+        The handler runs in this connection's task; if the client hangs up meanwhile (EOF
+        or reset, seen by ``_ServerProtocol``), the task is cancelled, so the handler stops
+        waiting on its node (which closes the upstream request) and records it.
+        """
         request = Request(event, stream, self.limits)
         response = Response(stream, request.method)
-        work = asyncio.ensure_future(self._run_handler(request, response))
-        watcher: asyncio.Task[None] | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        protocol = stream.writer.transport.get_protocol()
+        watch = protocol if isinstance(protocol, _ServerProtocol) else None
+
+        def client_gone() -> None:
+            request.disconnected = True
+            task.cancel()
+
+        if watch is not None:
+            watch.on_gone = client_gone
         try:
-            while not work.done():
-                if watcher is None and stream.conn.their_state in (h11.DONE, h11.MUST_CLOSE):
-                    watcher = asyncio.ensure_future(stream.watch_eof())
-                    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                    if watcher.done() and not work.done():
-                        request.disconnected = True
-                        work.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await work
-                        return False
-                else:
-                    # body still being read by the handler: poll until it is consumed
-                    await asyncio.wait({work}, timeout=0.05 if watcher is None else None)
+            keep = await self._run_handler(request, response)
+        except asyncio.CancelledError:
+            if request.disconnected and task.uncancel() == 0:
+                return False  # our own cancel: the client is gone
+            raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await watcher
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-        if work.cancelled() or work.exception() is not None or not work.result():
+            if watch is not None:
+                watch.on_gone = None
+        if not keep or request.disconnected:
             return False
         conn = stream.conn
         if conn.their_state is h11.SEND_BODY and request.body_error:
