@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -67,6 +68,9 @@ HOP_BY_HOP = frozenset(
 )
 OLLAMA_RUNNING = b"Ollama is running"
 MiB = 1024 * 1024
+# Body fields herd reads and strips before forwarding an inference request
+# ("metadata" only loses its "tags", and only when it has them).
+HERD_BODY_FIELDS = ("metadata", "fallback_models", "fallback", "node_id")
 
 
 # =======================================================================================
@@ -321,18 +325,23 @@ class Request:
         "target",
     )
 
-    def __init__(self, event: h11.Request, stream: HttpStream, limits: Limits) -> None:
+    def __init__(
+        self, event: h11.Request, stream: HttpStream, limits: Limits, request_id: str = ""
+    ) -> None:
         self.method = event.method.decode("ascii", "replace").upper()
-        self.target = event.target.decode("latin-1")
-        parts = urlsplit(self.target)
-        self.path = unquote(parts.path) or "/"
-        self.query = dict(parse_qsl(parts.query))
+        self.target = target = event.target.decode("latin-1")
+        if target.startswith("/") and not any(c in target for c in "?%#"):
+            self.path, self.query = target, {}  # the usual case: a plain path
+        else:
+            parts = urlsplit(target)
+            self.path = unquote(parts.path) or "/"
+            self.query = dict(parse_qsl(parts.query))
         self.headers: Headers = list(event.headers)
         self.http = stream
         self.limits = limits
         self.client_ip = stream.peer
         self.received_at = time.time()
-        self.request_id = self.header("x-request-id") or uuid.uuid4().hex[:16]
+        self.request_id = self.header("x-request-id") or request_id or uuid.uuid4().hex[:16]
         self.disconnected = False
         self.key_id = ""  # set when an API key authenticated the request
         self.body_error = False  # the body was refused (408/413): the connection must close
@@ -558,6 +567,9 @@ class HttpServer:
         self.rejected_connections = 0
         self.all_idle = asyncio.Event()
         self.lingering: set[HttpStream] = set()
+        # request ids: random per process, then counted (16 hex digits, like a uuid4's)
+        self.id_prefix = secrets.token_hex(4)
+        self.request_count = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -689,7 +701,9 @@ class HttpServer:
         or reset, seen by ``_ServerProtocol``), the task is cancelled, so the handler stops
         waiting on its node (which closes the upstream request) and records it.
         """
-        request = Request(event, stream, self.limits)
+        self.request_count += 1
+        request = Request(event, stream, self.limits,
+                          f"{self.id_prefix}{self.request_count & 0xFFFFFFFF:08x}")
         response = Response(stream, request.method)
         task = asyncio.current_task()
         assert task is not None
@@ -1835,15 +1849,19 @@ class Router:
         return {k: q.snapshot() for k, q in self.queues.items()}
 
     async def acquire(
-        self, rreq: scoring.RouteRequest
+        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
     ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        """Wait for a slot on the best node; re-scores every time any slot frees."""
+        """Wait for a slot on the best node; re-scores every time any slot frees.
+
+        ``snaps``: a fleet snapshot taken a moment ago, for the first choice only.
+        """
         loop = asyncio.get_running_loop()
         start = loop.time()
         woken: int | None = None  # set when a released slot woke us (hops passed on so far)
         while True:
             now = time.time()
-            snaps = self._snapshots(now)
+            if snaps is None:
+                snaps = self._snapshots(now)
             queues = self._queue_snapshots(rreq.model, rreq.kind)
             choice = scoring.choose(
                 rreq,
@@ -1856,6 +1874,7 @@ class Router:
                 self.policy,
                 waited_s=loop.time() - start,
             )
+            snaps = None  # after a wait, the next round takes a fresh snapshot
             self.maybe_prewarm(rreq, choice, queues)
             if choice.action == "dispatch" and choice.node_id in self.nodes:
                 node = self.nodes[choice.node_id]
@@ -2422,6 +2441,10 @@ class Router:
         kind, dialect = INFERENCE_PATHS[request.path]
         raw = await request.read_body(self.limits.max_json_bytes)
         body = await parse_json_body(raw)
+        # Forward the client's own bytes when herd changes nothing in the body (no herd
+        # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
+        pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
+                    and not any(k in body for k in HERD_BODY_FIELDS))
         model_raw = self.model_of(body)
         tags = extract_tags(body, request)
         if request.key_id:
@@ -2465,6 +2488,7 @@ class Router:
                 fallback_models,
                 allow_vram_fallback=not opt_out,
                 pinned=pinned,
+                raw=raw if pristine else None,
                 raw_len=len(raw),
             )
         finally:
@@ -2515,9 +2539,13 @@ class Router:
         *,
         allow_vram_fallback: bool,
         pinned: str | None,
+        raw: bytes | None,
         raw_len: int,
     ) -> None:
-        """Route across the model chain (primary, then ``fallback_models``) with retries."""
+        """Route across the model chain (primary, then ``fallback_models``) with retries.
+
+        ``raw``: the client's body bytes, forwarded as they are while ``body`` is unchanged.
+        """
         chain = scoring.fallback_chain(attempt.original_model, fallback_models)
         est = estimate_tokens(body, raw_len)
         vision = needs_vision(body)
@@ -2565,7 +2593,7 @@ class Router:
                     served_model if served_model != model or index > 0 else send_body.get("model")
                 )
             attempt.fallback_used = index > 0 or served_model != model
-            payload = dumps(send_body)
+            payload = raw if raw is not None and send_body is body else dumps(send_body)
             rreq = scoring.RouteRequest(
                 model=scoring.normalize_model(served_model),
                 kind=attempt.kind,
@@ -2576,7 +2604,7 @@ class Router:
             )
             try:
                 await self.route_with_retries(
-                    request, response, rreq, payload, attempt, served_model
+                    request, response, rreq, payload, attempt, served_model, snaps
                 )
                 return
             except HttpError as exc:
@@ -2654,14 +2682,18 @@ class Router:
         payload: bytes,
         attempt: Attempt,
         served_model: str,
+        snaps: list[scoring.NodeSnapshot] | None = None,
     ) -> None:
+        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         base_retries = attempt.retries  # retries spent on earlier models of the chain
         while True:
-            rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
+            if tried:
+                rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
             try:
-                node, queue, choice, queue_ms = await self.acquire(rreq)
+                node, queue, choice, queue_ms = await self.acquire(rreq, snaps or None)
+                snaps = None
             except asyncio.CancelledError:
                 self.trace(attempt, status="client_disconnected", http_status=0,
                            error="client disconnected while queued", model=served_model,

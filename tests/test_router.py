@@ -253,6 +253,28 @@ async def test_stream_false_gives_one_object(fleet: Any) -> None:
 # ------------------------------------------------------------------ errors --------------
 
 
+async def test_body_bytes_forwarded_as_sent_unless_herd_strips_fields(fleet: Any) -> None:
+    r, _, b = fleet
+    # Spacing and number spelling a re-serialisation would change ("1e0" -> 1.0).
+    sent = (b'{ "model" : "qwen2.5:7b", "prompt": "x", "stream": false,\n'
+            b' "options": {"temperature": 1e0} }')
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", sent)
+    assert status == 200
+    assert b.requests_to("/api/generate")[-1].body == sent
+    tagged = (b'{"model": "qwen2.5:7b", "prompt": "x", "stream": false,'
+              b' "metadata": {"tags": ["app:x"], "keep": 1}}')
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", tagged)
+    assert status == 200
+    forwarded = b.requests_to("/api/generate")[-1].body
+    assert json.loads(forwarded) == {"model": "qwen2.5:7b", "prompt": "x", "stream": False,
+                                     "metadata": {"keep": 1}}
+    # UTF-16 is valid JSON for herd's parser but not for Ollama's: re-encoded as UTF-8
+    utf16 = json.dumps({"model": "qwen2.5:7b", "prompt": "x", "stream": False}).encode("utf-16-le")
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", utf16)
+    assert status == 200
+    assert b.requests_to("/api/generate")[-1].body.startswith(b'{"model"')
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "fragment"),
     [
