@@ -10,6 +10,9 @@ Processes (2 cores here, so keep the client's CPU away from the servers'):
 * node C: a "blaster" node (below) that streams a prebuilt NDJSON body in 64 KiB writes, so
   the relay figure measures herd, not the fake's ~20 µs per line;
 * herd: ``herd.Router`` with all three as static nodes, uvloop;
+* the floor: a bare h11 relay to node A (``run_relay``: no routing, pool, limits or
+  traces), measured in the same interleaved blocks, so the table shows what the h11 hop
+  itself costs on this machine and how much herd adds on top of it;
 * this process: the load generator, a raw asyncio + h11 keep-alive client on uvloop.
 
 Figures (issue 2 targets): added latency p50/p99 at concurrency 1 for a small non-stream
@@ -245,6 +248,69 @@ async def run_herd(
     await serve_until_signal(port, stop)
 
 
+async def run_relay(node_url: str) -> None:
+    """The floor: the least an h11 proxy can do per request. One upstream connection per
+    client connection, no routing, no pool, no limits, no traces; each response is read
+    whole and sent back with one write. Whatever herd adds beyond this relay is herd's
+    own work; what this relay adds over going direct is the h11-on-both-sides hop itself."""
+    up_host, _, up_port = node_url.removeprefix("http://").partition(":")
+    host_header = f"{up_host}:{up_port}".encode()
+
+    async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(await reader.read(262144))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = h11.Connection(h11.SERVER)
+        up_reader, up_writer = await asyncio.open_connection(up_host, int(up_port))
+        client = h11.Connection(h11.CLIENT)
+        try:
+            while True:
+                req = await next_event(server, reader)
+                if not isinstance(req, h11.Request):
+                    return
+                body = bytearray()
+                while isinstance(ev := await next_event(server, reader), h11.Data):
+                    body += ev.data
+                headers = [(b"host", host_header), (b"content-type", b"application/json"),
+                           (b"content-length", str(len(body)).encode())]
+                up_writer.write(b"".join((
+                    client.send(h11.Request(method=req.method, target=req.target,
+                                            headers=headers)) or b"",
+                    client.send(h11.Data(data=bytes(body))) or b"",
+                    client.send(h11.EndOfMessage()) or b"",
+                )))
+                resp = await next_event(client, up_reader)
+                out = bytearray()
+                while isinstance(ev := await next_event(client, up_reader), h11.Data):
+                    out += ev.data
+                client.start_next_cycle()
+                resp_headers = [(k, v) for k, v in resp.headers if k != b"content-length"]
+                resp_headers.append((b"content-length", str(len(out)).encode()))
+                writer.write(b"".join((
+                    server.send(h11.Response(status_code=resp.status_code,
+                                             headers=resp_headers)) or b"",
+                    server.send(h11.Data(data=bytes(out))) or b"",
+                    server.send(h11.EndOfMessage()) or b"",
+                )))
+                server.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            return
+        finally:
+            up_writer.close()
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+
+    async def stop() -> None:
+        srv.close()
+
+    await serve_until_signal(srv.sockets[0].getsockname()[1], stop)
+
+
 async def serve_until_signal(port: int, stop: Callable[[], Any]) -> None:
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -263,6 +329,8 @@ def role_main(args: argparse.Namespace) -> None:
         asyncio.run(run_fake(LONG_MODEL, LONG_TOKENS))
     elif args.role == "blaster":
         asyncio.run(run_blaster())
+    elif args.role == "relay":
+        asyncio.run(run_relay(args.node[0]))
     elif args.role == "herd":
         slots = {}
         for spec in args.slots:
@@ -489,7 +557,8 @@ def progress(msg: str) -> None:
 
 
 async def measure(
-    herd: Proc, herd1: Proc, node: Proc, longnode: Proc, blaster: Proc, quick: bool
+    herd: Proc, herd1: Proc, node: Proc, longnode: Proc, blaster: Proc, relay: Proc,
+    quick: bool,
 ) -> dict:
     res: dict[str, Any] = {}
     n_lat = 600 if quick else 2000
@@ -498,19 +567,26 @@ async def measure(
     progress("herd routable")
     # warm up: connections, model load, pools, JIT-less caches
     await latency_run(node.port, 100)
+    await latency_run(relay.port, 100)
     await latency_run(herd.port, 200)
     await throughput_run(herd.port, 64, 500)
-    # (a) latency at concurrency 1, interleaved in blocks so drift hits both sides alike
+    # (a) latency at concurrency 1, interleaved in blocks so drift hits all three alike
     direct: list[float] = []
     via: list[float] = []
-    herd_cpu = 0.0
-    for _ in range(4):
-        direct += await latency_run(node.port, n_lat // 4)
+    floor: list[float] = []
+    herd_cpu = relay_cpu = 0.0
+    for _ in range(8):
+        direct += await latency_run(node.port, n_lat // 8)
+        c0 = cpu_s(relay.p.pid)
+        floor += await latency_run(relay.port, n_lat // 8)
+        relay_cpu += cpu_s(relay.p.pid) - c0
         c0 = cpu_s(herd.p.pid)
-        via += await latency_run(herd.port, n_lat // 4)
+        via += await latency_run(herd.port, n_lat // 8)
         herd_cpu += cpu_s(herd.p.pid) - c0
     res["lat"] = (direct, via)
+    res["floor"] = floor
     res["herd_cpu_per_req"] = herd_cpu / len(via)
+    res["relay_cpu_per_req"] = relay_cpu / len(floor)
     progress("latency done")
     # (b) throughput at concurrency 16 and 64
     for conc in (16, 64):
@@ -552,6 +628,16 @@ def report(res: dict, loop_name: str, elapsed: float) -> bool:
         )
     )
     rows.append(("c=1 latency p99 (ms)", f"{d99:.3f}", f"{h99:.3f}", f"+{add99:.3f} ms", ""))
+    f50 = pct(res["floor"], 0.5) * ms
+    rows.append(
+        (
+            "  the floor: bare h11 relay, p50 (ms)",
+            f"{d50:.3f}",
+            f"{f50:.3f}",
+            f"+{f50 - d50:.3f} ms",
+            f"herd adds {h50 - f50:+.3f} ms over the relay",
+        )
+    )
     rows.append(
         (
             "herd CPU per request at c=1 (ms)",
@@ -559,6 +645,15 @@ def report(res: dict, loop_name: str, elapsed: float) -> bool:
             f"{res['herd_cpu_per_req'] * ms:.3f}",
             "",
             "user+sys of the herd process",
+        )
+    )
+    rows.append(
+        (
+            "  bare h11 relay CPU per request (ms)",
+            "",
+            f"{res['relay_cpu_per_req'] * ms:.3f}",
+            "",
+            "",
         )
     )
     rows.append(
@@ -663,7 +758,7 @@ def print_profile(path: str, top: int = 30) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--role", choices=["node", "longnode", "blaster", "herd"])
+    ap.add_argument("--role", choices=["node", "longnode", "blaster", "herd", "relay"])
     ap.add_argument("--node", action="append", default=[])
     ap.add_argument("--data-dir")
     ap.add_argument("--slots", action="append", default=[])
@@ -706,9 +801,13 @@ def main() -> int:
                 "--role", "herd", "--data-dir", os.path.join(tmp, "h1"), "--node", node.url
             )
             procs.append(herd1)
+            relay = Proc("--role", "relay", "--node", node.url)
+            procs.append(relay)
             if prof_path:
                 herd.signal(signal.SIGUSR1)  # start profiling
-            res = asyncio.run(measure(herd, herd1, node, longnode, blaster, args.quick))
+            res = asyncio.run(
+                measure(herd, herd1, node, longnode, blaster, relay, args.quick)
+            )
         finally:
             for p in reversed(procs):
                 p.stop()
