@@ -2,6 +2,8 @@
 
     python bench/store_bench.py [--rows 100000] [--naive-rows 3000]
 
+``--naive-rows 0`` skips the naive baselines (e.g. for query timings on ``--rows 1000000``).
+
 Writes ``--rows`` synthetic traces (8 models x 5 nodes, spread over 7 days, 0-2 tags each)
 through ``Store.record_trace`` while a 1 ms heartbeat coroutine measures the event loop's
 longest stall, then times the dashboard queries on the result. The baseline is what the
@@ -139,6 +141,7 @@ async def bench_store(tmp: Path, records: list[TraceRecord], now: float) -> dict
     out["q_models_7d_ms"] = await timed(lambda: s.models(days=7, now=now))
     out["q_apps_7d_ms"] = await timed(lambda: s.apps(days=7, now=now))
     out["q_trends_24h_ms"] = await timed(lambda: s.trends(hours=24, now=now))
+    out["q_trends_168h_ms"] = await timed(lambda: s.trends(hours=168, now=now))
     out["q_usage_7d_ms"] = await timed(lambda: s.usage(days=7, now=now))
     out["q_node_model_7d_ms"] = await timed(lambda: s.node_model_stats(days=7, now=now))
     await beat.stop()
@@ -195,13 +198,15 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         ours = await bench_store(tmp, records, now)
-        naive = await bench_naive(tmp, records[: args.naive_rows], "NORMAL", args.naive_budget_s)
-        naive_full = await bench_naive(tmp, records[: args.naive_rows], "FULL", args.naive_budget_s)
+        naives = [
+            (sync, await bench_naive(tmp, records[: args.naive_rows], sync, args.naive_budget_s))
+            for sync in (("NORMAL", "FULL") if args.naive_rows > 0 else ())
+        ]
 
     print(f"\nstore (batched writer thread), {args.rows} records")
     for key, value in ours.items():
         print(f"  {key:<22} {value:12.2f}")
-    for name, result in (("NORMAL", naive), ("FULL", naive_full)):
+    for name, result in naives:
         print(f"\nnaive baseline (commit per record on the loop, synchronous={name})")
         for key, value in result.items():
             print(f"  {key:<22} {value:12.2f}")
