@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -68,6 +69,7 @@ HOP_BY_HOP = frozenset(
 )
 OLLAMA_RUNNING = b"Ollama is running"
 MiB = 1024 * 1024
+REASON_PHRASES = MappingProxyType({s.value: s.phrase.encode() for s in http.HTTPStatus})
 # Body fields herd reads and strips before forwarding an inference request
 # ("metadata" only loses its "tags", and only when it has them).
 HERD_BODY_FIELDS = ("metadata", "fallback_models", "fallback", "node_id")
@@ -440,7 +442,8 @@ def _json_depth_ok(obj: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 
 def _strict_loads(body: bytes) -> Any:
     data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    if not _json_depth_ok(data):
+    # nesting needs an opening bracket per level: most bodies cannot be too deep at all
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and not _json_depth_ok(data):
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
     return data
 
@@ -479,10 +482,7 @@ class Response:
             kb = k.encode("latin-1") if isinstance(k, str) else k
             vb = v.encode("latin-1") if isinstance(v, str) else v
             encoded.append((kb, vb))
-        try:
-            reason = http.HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b""
+        reason = REASON_PHRASES.get(status, b"")
         self.status = status
         self.headers_sent = True
         # corked: the head leaves with the first body bytes (or the end)
@@ -843,14 +843,19 @@ class UpstreamResponse:
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name.encode())
 
-    async def chunks(self, idle_timeout: float | None = None) -> AsyncIterator[bytes]:
-        """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk."""
+    async def chunks(
+        self, idle_timeout: float | None = None, first_timeout: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk, and
+        ``first_timeout`` (when given) the wait for the first one instead."""
         if self._done:
             return
+        timeout = first_timeout if first_timeout is not None else idle_timeout
         try:
             while True:
                 try:
-                    event = await self._stream.receive(idle_timeout)
+                    event = await self._stream.receive(timeout)
+                    timeout = idle_timeout
                 except h11.RemoteProtocolError as exc:
                     raise ConnectionClosed(f"node broke the response: {exc}") from None
                 if isinstance(event, h11.Data):
@@ -896,6 +901,7 @@ class Pool:
         self.max_head_bytes = max_head_bytes
         self.opened = 0
         self.reused = 0
+        self.addresses: dict[str, tuple[str, int, str]] = {}  # base URL -> split_url()
 
     def release(self, key: tuple[str, int], stream: HttpStream) -> None:
         conn = stream.conn
@@ -949,7 +955,10 @@ class Pool:
         Failures raise UpstreamFailure with a kind: ``connect`` (nothing reached the node),
         ``reset`` (the connection broke), ``timeout_first_byte`` (no response head in time).
         """
-        host, port, netloc = split_url(base_url)
+        address = self.addresses.get(base_url)
+        if address is None:
+            address = self.addresses[base_url] = split_url(base_url)
+        host, port, netloc = address
         key = (host, port)
         hdrs: Headers = [(b"host", netloc.encode())]
         hdrs += [(k, v) for k, v in headers if k not in HOP_BY_HOP]
@@ -2839,10 +2848,9 @@ class Router:
                 up, response, node, rreq, attempt, choice, first=data, complete=True
             )
             return
-        chunks = up.chunks(self.config.stall_timeout_s)
+        chunks = up.chunks(self.config.stall_timeout_s, first_timeout=timeout)
         try:
-            async with asyncio.timeout(timeout):
-                first = await anext(chunks, b"")
+            first = await anext(chunks, b"")
         except TimeoutError:
             up.close()
             raise UpstreamFailure(
