@@ -1833,9 +1833,8 @@ class Router:
         if node is not None and kind in ("image", "stt"):
             slots = self.capability_slots(node, kind, model)
         elif node is not None:  # slots depend only on the reported parallelism
-            snap = scoring.NodeSnapshot(node_id=node_id, status=node.status, ram_total=0,
-                                        ram_available=0, num_parallel=node.num_parallel)
-            slots = scoring.slot_count(snap, self.config.slots.get(node_id), self.policy)
+            slots = scoring.slots_for(node.num_parallel, self.config.slots.get(node_id),
+                                      self.policy)
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
         else:

@@ -667,10 +667,15 @@ def retry_decision(
 
 def slot_count(node: NodeSnapshot, configured: int | None, policy: Policy) -> int:
     """Real parallel slots of a node:model queue: configured > reported > policy default."""
+    return slots_for(node.num_parallel, configured, policy)
+
+
+def slots_for(num_parallel: int | None, configured: int | None, policy: Policy) -> int:
+    """``slot_count`` from the node's reported parallelism alone (no snapshot needed)."""
     if configured is not None and configured > 0:
         n = configured
-    elif node.num_parallel is not None and node.num_parallel > 0:
-        n = node.num_parallel
+    elif num_parallel is not None and num_parallel > 0:
+        n = num_parallel
     else:
         n = policy.default_slots
     return max(1, min(n, policy.max_slots))
