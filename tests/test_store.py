@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -72,6 +73,65 @@ def user_version(path: Path) -> int:
         conn.close()
 
 
+def write_before_v4(conn: sqlite3.Connection, records: list[TraceRecord]) -> None:
+    """What ``_write_batch`` did before v4: traces, tags and ``rollups`` (no fleet rows)."""
+    tags = [store._clean_tags(r.tags) for r in records]
+    with store._atomic(conn):
+        (first,) = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM request_traces").fetchone()
+        rows = [
+            (first + i, *store._trace_values(r, t))
+            for i, (r, t) in enumerate(zip(records, tags, strict=True))
+        ]
+        store._insert_many(conn, store._INSERT_TRACE, len(store.TRACE_COLUMNS), rows)
+        store._add_to_rollups(conn, records, tags)
+
+
+def trends_from_node_rows(
+    conn: sqlite3.Connection, hours: float, now: float, keep: float = 35
+) -> list[dict[str, object]]:
+    """Trends as computed before v4: every node x model row of each hour merged per query.
+    The oracle the fleet-wide rows must reproduce."""
+    hours = max(1, min(math.ceil(hours), math.ceil(keep * 24)))
+    last = store._floor(now, store.HOUR)
+    first = last - (hours - 1) * store.HOUR
+    groups = store._aggregate(conn, store.HOUR, first, last, tagged=False, by=("bucket",))
+    return [
+        {"hour": b, "time": store._iso(b), **store._metrics(groups.get((b,), store._Agg()))}
+        for b in range(first, last + 1, store.HOUR)
+    ]
+
+
+def fleet_dataset(n: int, *, span_days: float = 7.0, seed: int = 0) -> list[TraceRecord]:
+    """``n`` traces spread (unsorted) over ``span_days`` before NOW on 5 nodes x 8 models, some
+    rejected (no node), some tagged. Every float is a multiple of 1/4 and small, so sums are
+    exact in any order and results can be compared with ==."""
+    out = []
+    statuses = ["completed"] * 6 + ["failed", "retried", "client_disconnected", "reaped"]
+    for i in range(n):
+        j = i * 7919 + seed
+        rejected = i % 23 == 0
+        latency = float(5 + j % 4000)
+        out.append(
+            rec(
+                f"r{seed}-{i}",
+                NOW - (j * 37 % int(span_days * store.DAY)),
+                model=f"m{j % 8}" if i % 31 else "",
+                node_id="" if rejected else f"n{j % 5}",
+                status="rejected" if rejected else statuses[j % len(statuses)],
+                latency_ms=latency,
+                time_to_first_token_ms=None if i % 4 == 0 else latency / 4,
+                queue_ms=(j % 9) * 0.25,
+                prompt_tokens=j % 300,
+                completion_tokens=None if i % 5 == 0 else j % 200,
+                eval_ms=float(1 + j % 700),
+                load_ms=None if i % 3 else float(j % 3000),
+                fallback_used=i % 11 == 0,
+                tags=[f"app:{j % 3}"] if i % 2 else [],
+            )
+        )
+    return out
+
+
 async def test_open_creates_and_migrates_from_empty(tmp_path: Path) -> None:
     s = Store(tmp_path / "new" / "dir", prune_interval_s=None)
     await s.open()
@@ -86,9 +146,15 @@ async def test_open_creates_and_migrates_from_empty(tmp_path: Path) -> None:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     finally:
         conn.close()
-    assert {"request_traces", "trace_tags", "events", "settings", "benchmark_runs", "rollups"} <= (
-        tables
-    )
+    assert {
+        "request_traces",
+        "trace_tags",
+        "events",
+        "settings",
+        "benchmark_runs",
+        "rollups",
+        "fleet_rollups",
+    } <= tables
     assert {
         "idx_traces_timestamp",
         "idx_traces_model",
@@ -127,7 +193,7 @@ async def test_v3_rewrites_old_histograms_dense_with_the_same_analytics(tmp_path
     data.mkdir()
     conn = store._connect_writer(data / "latency.db")
     assert store._migrate(conn, MIGRATIONS[:2]) == 2
-    store._write_batch(
+    write_before_v4(
         conn,
         [
             rec(
@@ -141,7 +207,6 @@ async def test_v3_rewrites_old_histograms_dense_with_the_same_analytics(tmp_path
             )
             for i in range(200)
         ],
-        [],
     )
     # What v2 wrote: {"bin": count} (the dense form did not exist yet).
     for key, latency, ttft in conn.execute(
@@ -167,7 +232,7 @@ async def test_v3_rewrites_old_histograms_dense_with_the_same_analytics(tmp_path
             store._select_models(conn, 7, NOW, 35),
             store._select_models(conn, 1, NOW, 35),
             store._select_apps(conn, 7, NOW, 35),
-            store._select_trends(conn, 48, NOW, 35),
+            trends_from_node_rows(conn, 48, NOW),  # no fleet rows before v4
             store._select_node_model_stats(conn, 7, NOW, 35),
         ]
 
@@ -176,7 +241,65 @@ async def test_v3_rewrites_old_histograms_dense_with_the_same_analytics(tmp_path
     dense = conn.execute("SELECT COUNT(*) FROM rollups WHERE latency_hist LIKE '[%'").fetchone()
     assert dense[0] > 0
     assert analytics() == before
+    assert store._select_trends(conn, 48, NOW, 35) == before[4]  # v4's fleet rows
     conn.close()
+
+
+@pytest.mark.parametrize("chunk_hours", [None, 7])
+async def test_v4_backfills_fleet_rollups_with_the_same_trends(
+    tmp_path: Path, chunk_hours: int | None
+) -> None:
+    """From v3 (through ``_migrate``, or the step alone in chunks of 7 hours)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = store._connect_writer(data / "latency.db")
+    assert store._migrate(conn, MIGRATIONS[:3]) == 3
+    # 40 days: more than the hourly retention (the backfill copies whatever hours exist).
+    old = fleet_dataset(3000, span_days=40)
+    for start in range(0, len(old), 250):
+        write_before_v4(conn, old[start : start + 250])
+    windows = (1, 24, 168, 35 * 24)
+    before = {h: trends_from_node_rows(conn, h, NOW) for h in windows}
+    hourly_buckets = {
+        b for (b,) in conn.execute("SELECT DISTINCT bucket FROM rollups WHERE span = 3600")
+    }
+    if chunk_hours is None:
+        assert store._migrate(conn) == len(MIGRATIONS) == 4
+    else:
+        with store._atomic(conn):
+            store._fleet_rollups_v4(conn, chunk_hours=chunk_hours)
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
+    # One hourly row per bucket that had node x model rows, none daily; counters equal the
+    # SQL sums of those rows; trends read from them exactly what the old merge gave.
+    fleet = conn.execute("SELECT span, bucket FROM fleet_rollups").fetchall()
+    assert {span for span, _ in fleet} == {store.HOUR}
+    assert {b for _, b in fleet} == hourly_buckets and len(fleet) == len(hourly_buckets)
+    sums = ", ".join(f"SUM({c})" for c in store.ROLLUP_SUMS)
+    assert (
+        conn.execute(f"SELECT {sums} FROM fleet_rollups").fetchone()
+        == conn.execute(f"SELECT {sums} FROM rollups WHERE span = 3600 AND tag = ''").fetchone()
+    )
+    for h in windows:
+        assert store._select_trends(conn, h, NOW, 35) == before[h]
+    assert sum(t["requests"] for t in before[35 * 24]) > 2000  # the data is really there
+    conn.close()
+
+    # The store goes on from there: new traces merge into the backfilled rows.
+    s = Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        new = fleet_dataset(500, span_days=3, seed=1)
+        for r in new:
+            s.record_trace(r)
+        await s.flush()
+        for h in windows:
+            assert await s.trends(hours=h, now=NOW) == await s._read(
+                lambda c, h=h: trends_from_node_rows(c, h, NOW)
+            )
+    finally:
+        await s.close()
+    assert user_version(data / "latency.db") == len(MIGRATIONS)
 
 
 async def test_migrations_are_idempotent_and_refuse_newer_schema(tmp_path: Path) -> None:
@@ -512,6 +635,84 @@ async def test_trends_every_hour_present(open_store: OpenStore) -> None:
     assert sum(t["requests"] for t in await s.trends(hours=48, now=NOW)) == 15
 
 
+async def test_trends_from_fleet_rows_equal_the_node_model_merge(open_store: OpenStore) -> None:
+    """Trends read one fleet-wide row per hour; written batch by batch (many batches hit the
+    same hours, rejected requests without node or model included), they give exactly what
+    merging every node x model row of each hour gives."""
+    s = await open_store(batch_max=97)
+    for i, r in enumerate(fleet_dataset(4000)):
+        s.record_trace(r)
+        if i % 500 == 0:
+            await s.flush()
+    await s.flush()
+    for hours in (1, 2.5, 24, 48, 168, 35 * 24):
+        fleet = await s.trends(hours=hours, now=NOW)
+        assert fleet == await s._read(lambda c, h=hours: trends_from_node_rows(c, h, NOW))
+    month = await s.trends(hours=35 * 24, now=NOW)
+    assert sum(t["attempts"] for t in month) == 4000
+    assert sum(t["failures"] for t in month) > 0 and sum(t["retried"] for t in month) > 0
+
+
+async def test_trends_known_answers_in_one_hour(open_store: OpenStore) -> None:
+    """One hour, two nodes x two models and a rejected request, in separate batches."""
+    s = await open_store()
+    latencies = {("a", "m1"): [100.0, 300.0], ("a", "m2"): [200.0], ("b", "m1"): [400.0]}
+    for (node, model), values in latencies.items():
+        for i, lat in enumerate(values):
+            s.record_trace(
+                rec(
+                    f"{node}{model}{i}",
+                    H0 + 60 * i,
+                    model=model,
+                    node_id=node,
+                    latency_ms=lat,
+                    time_to_first_token_ms=lat / 10,
+                    queue_ms=2.0,
+                )
+            )
+        await s.flush()  # one batch per node x model: the fleet row is merged in steps
+    s.record_trace(rec("x", H0 + 900, model="m3", status="rejected"))
+    await s.flush()
+    (hour,) = await s.trends(hours=1, now=NOW)
+    assert hour["hour"] == H0
+    assert (hour["requests"], hour["completed"], hour["failures"]) == (5, 4, 1)
+    assert hour["latency_avg_ms"] == 250.0 and hour["ttft_avg_ms"] == 25.0
+    assert approx(hour["latency_p50_ms"], 200) and approx(hour["latency_p99_ms"], 400)
+    assert hour["queue_ms_avg"] == pytest.approx(8.0 / 5)
+    assert (hour["first_used"], hour["last_used"]) == (H0, H0 + 900)
+
+
+async def test_fleet_rows_never_count_in_other_analytics(open_store: OpenStore) -> None:
+    """usage, models, apps and node_model_stats read nothing of ``fleet_rollups``: inflating
+    every fleet row changes trends and none of them."""
+    s = await open_store()
+    await crafted(s)
+
+    async def others() -> list[object]:
+        return [
+            await s.usage(days=7, now=NOW),
+            await s.models(days=1, now=NOW),  # hourly rows
+            await s.models(days=7, now=NOW),  # daily rows
+            await s.apps(days=1, now=NOW),
+            await s.apps(days=7, now=NOW),
+            await s.node_model_stats(days=1, now=NOW),
+            await s.node_model_stats(days=7, now=NOW),
+        ]
+
+    before, trends = await others(), await s.trends(hours=48, now=NOW)
+    usage, models = before[0], before[2]
+    assert isinstance(usage, dict) and usage["totals"]["requests"] == 15
+    assert isinstance(models, list) and sum(m["requests"] for m in models) == 15
+    assert [m["model"] for m in models] == ["llama3:8b", "qwen:0.5b", "ghost:1b"]
+    await s._write(
+        lambda c: c.execute(
+            "UPDATE fleet_rollups SET completed = completed + 1000, latency_n = latency_n + 1000"
+        )
+    )
+    assert await others() == before
+    assert await s.trends(hours=48, now=NOW) != trends
+
+
 async def test_usage_per_node_model_day(open_store: OpenStore) -> None:
     s = await open_store()
     await crafted(s)
@@ -614,6 +815,32 @@ async def test_hourly_rollups_expire_daily_ones_stay(open_store: OpenStore) -> N
     await s.prune(now=later)
     assert sum(t["requests"] for t in await s.trends(hours=24 * 35, now=later)) == 0
     assert (await s.usage(days=90, now=later))["totals"]["requests"] == 1  # type: ignore[index]
+
+
+async def test_fleet_rows_expire_with_the_hourly_rollups(open_store: OpenStore) -> None:
+    s = await open_store(retention_days=1.0)  # hourly rollups: the default 35 days
+    horizon = H0 - 35 * store.DAY  # the oldest hour prune(now=NOW) keeps
+    for i, ts in enumerate((horizon - store.HOUR + 10, horizon + 10, H0 - 3 * store.DAY, NOW)):
+        s.record_trace(rec(f"r{i}", ts, model="m", node_id="a", latency_ms=10.0, tags=["t"]))
+    await s.flush()
+
+    async def buckets(table: str) -> set[tuple[int, int]]:
+        rows = await s._read(
+            lambda c: c.execute(f"SELECT DISTINCT span, bucket FROM {table}").fetchall()
+        )
+        return {(r[0], r[1]) for r in rows}
+
+    hours = {horizon - store.HOUR, horizon, H0 - 3 * store.DAY, H0}
+    assert await buckets("fleet_rollups") == {(store.HOUR, b) for b in hours}
+    await s.prune(now=NOW)
+    kept = {(store.HOUR, b) for b in hours - {horizon - store.HOUR}}
+    assert await buckets("fleet_rollups") == kept
+    hourly = {(span, b) for span, b in await buckets("rollups") if span == store.HOUR}
+    assert hourly == kept  # the same hours as the node x model and tag rows
+    await s.prune(now=NOW + 60 * store.DAY)
+    assert await buckets("fleet_rollups") == set()
+    later = await s.usage(days=120, now=NOW + 60 * store.DAY)
+    assert later["totals"]["requests"] == 4  # type: ignore[index]  # daily rows stay
 
 
 async def test_background_prune_runs_on_writer(tmp_path: Path) -> None:
