@@ -11,7 +11,9 @@ has two parts:
   requests start on a fixed schedule (``--rate`` per second, open loop, a connection per
   request in flight), and each latency is measured from its scheduled start, so a stall
   in herd shows up in every request that queued behind it. This is the router as a fleet
-  sees it: busy, not saturated.
+  sees it: busy, not saturated. The verdict compares the median over blocks of each
+  block's p99 (robust to a hiccup of the shared machine landing in one block); the p99
+  pooled over the whole run is printed too.
 * **saturated** (information): ``--concurrency`` clients back to back, as fast as herd
   answers. Here herd's CPU is the bottleneck, so anything the store spends shows up as
   lost throughput; the table gives herd's CPU per request with the store on and off.
@@ -174,12 +176,15 @@ async def bench(args: argparse.Namespace) -> int:
                         await po.wait_routable(h.port, [po.SMALL_MODEL])
                         await load(h.port, args.concurrency, 200)  # warm-up
                     got: dict[str, dict[str, Any]] = {
-                        m: {"paced": [], "sat": [], "elapsed": 0.0, "cpu": 0.0} for m in herds
+                        m: {"paced": [], "block_p99": [], "sat": [], "elapsed": 0.0, "cpu": 0.0}
+                        for m in herds
                     }
                     for b in range(args.requests // block):
                         order = ("on", "off") if b % 2 == 0 else ("off", "on")
                         for mode in order:
-                            got[mode]["paced"] += await paced(herds[mode].port, args.rate, block)
+                            lat = await paced(herds[mode].port, args.rate, block)
+                            got[mode]["paced"] += lat
+                            got[mode]["block_p99"].append(po.pct(lat, 0.99))
                     for b in range(args.requests // block):
                         order = ("on", "off") if b % 2 == 0 else ("off", "on")
                         for mode in order:
@@ -206,6 +211,7 @@ async def bench(args: argparse.Namespace) -> int:
         return {
             "p50": po.pct(paced_all, 0.5) * 1000,
             "p99": po.pct(paced_all, 0.99) * 1000,
+            "block_p99": statistics.median(x for run in rs for x in run["block_p99"]) * 1000,
             "sat_p99": po.pct(sat_all, 0.99) * 1000,
             "rps": statistics.mean(n_run / run["elapsed"] for run in rs),
             "cpu_ms": statistics.mean(run["cpu"] for run in rs) / n_run * 1000,
@@ -217,15 +223,19 @@ async def bench(args: argparse.Namespace) -> int:
           f"cores")
     print(f"paced: {n_run} requests per round and router at {args.rate:g}/s (open loop); "
           f"saturated: {n_run} per round and router at concurrency {args.concurrency}")
-    head = (f"{'store':<6} {'paced p50':>10} {'paced p99':>10} {'sat. p99':>9} {'sat. req/s':>11}"
-            f" {'herd CPU/req':>13}")
+    head = (f"{'store':<6} {'paced p50':>10} {'block p99':>10} {'paced p99':>10} {'sat. p99':>9}"
+            f" {'sat. req/s':>11} {'herd CPU/req':>13}")
     print(head)
     for name, f in (("off", off), ("on", on)):
-        print(f"{name:<6} {f['p50']:>8.2f}ms {f['p99']:>8.2f}ms {f['sat_p99']:>7.2f}ms "
-              f"{f['rps']:>11.0f} {f['cpu_ms']:>11.3f}ms")
-    ratio = on["p99"] / off["p99"]
+        print(f"{name:<6} {f['p50']:>8.2f}ms {f['block_p99']:>8.2f}ms {f['p99']:>8.2f}ms "
+              f"{f['sat_p99']:>7.2f}ms {f['rps']:>11.0f} {f['cpu_ms']:>11.3f}ms")
+    ratio = on["block_p99"] / off["block_p99"]
     verdict = "PASS" if ratio <= 1.05 else "MISS"
-    print(f"\npaced p99 with store / without: {ratio:.3f}x (target <= 1.05x: {verdict})")
+    print(f"\npaced p99 with store / without: {ratio:.3f}x (target <= 1.05x: {verdict}); "
+          f"pooled over the whole run: {on['p99'] / off['p99']:.3f}x")
+    print("(block p99: the p99 of each block, median over blocks; both routers take the same "
+          "alternating blocks, so a machine hiccup moves one block, not the verdict; the "
+          "pooled p99 is dominated by such hiccups on a shared VM)")
     print(f"saturated: p99 {on['sat_p99'] / off['sat_p99']:.3f}x, throughput "
           f"{on['rps'] / off['rps']:.3f}x, store CPU per request "
           f"{(on['cpu_ms'] - off['cpu_ms']) * 1000:.0f} us")
