@@ -2808,6 +2808,25 @@ class Router:
         choice: scoring.Choice,
     ) -> None:
         """One attempt: raises UpstreamFailure when nothing reached the client yet."""
+        try:
+            await self._attempt(request, response, node, rreq, payload, attempt, choice)
+        except asyncio.CancelledError:
+            if not response.headers_sent:  # (once relaying, the relay traces it)
+                self.trace(attempt, status="client_disconnected", http_status=0,
+                           error="client disconnected before the node answered",
+                           choice=choice, model=attempt.served_model, node_id=node.node_id)
+            raise
+
+    async def _attempt(
+        self,
+        request: Request,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        choice: scoring.Choice,
+    ) -> None:
         timeout = self.config.first_byte_timeout_s
         up = await self.pool.request(
             node.url,

@@ -454,6 +454,52 @@ async def test_client_disconnect_cancels_upstream(
     assert rows
 
 
+async def test_client_hanging_up_before_any_byte_cancels_the_node_request(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Non-streaming: herd has written nothing to the client yet, so only the hang-up
+    itself (EOF on the socket) can tell herd to stop waiting on the node."""
+    fake = await make_fake([LLAMA], tokens_per_s=20)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    body = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_predict":1000}}'
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    async with asyncio.timeout(5):
+        while not fake.requests_to("/api/generate"):
+            await asyncio.sleep(0.02)
+    writer.close()
+    async with asyncio.timeout(5):  # the answer would take ~50 s at 20 tokens/s
+        while fake.cancelled < 1 or any(q.in_flight for q in r.router.queues.values()):
+            await asyncio.sleep(0.02)
+    await r.router.store.flush()
+    (row,) = await r.router.store.traces(limit=5, status="client_disconnected")
+    assert row["model"] == "llama3.2:3b"
+
+
+async def test_pipelined_requests_are_answered_in_order(fleet: Any) -> None:
+    r, _, _ = fleet
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    gen = b'{"model":"qwen2.5:7b","prompt":"x","stream":false}'
+    writer.write(
+        b"GET /api/version HTTP/1.1\r\nhost: x\r\n\r\n"
+        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(gen)).encode() + b"\r\n\r\n" + gen
+        + b"GET /api/tags HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        data = await reader.read(-1)
+    writer.close()
+    heads = data.split(b"HTTP/1.1 ")[1:]
+    assert [h[:3] for h in heads] == [b"200", b"200", b"200"]
+    assert b'"version"' in heads[0] and b'"done":true' in heads[1] and b'"models"' in heads[2]
+
+
 async def test_saturation_gives_503_with_retry_after(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
