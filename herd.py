@@ -2809,78 +2809,66 @@ class Router:
     ) -> None:
         """One attempt: raises UpstreamFailure when nothing reached the client yet."""
         try:
-            await self._attempt(request, response, node, rreq, payload, attempt, choice)
+            timeout = self.config.first_byte_timeout_s
+            up = await self.pool.request(
+                node.url,
+                "POST",
+                request.target,
+                self.upstream_request_headers(request),
+                payload,
+                head_timeout=timeout,
+            )
+            if up.status >= 500 or up.status == 429:
+                try:
+                    data = await up.read(limit=MiB, idle_timeout=10)
+                except (ConnectionClosed, TimeoutError):
+                    data = b""
+                busy = b"server busy" in data or up.status in (429, 503)
+                raise UpstreamFailure(
+                    "busy" if busy else "status_5xx",
+                    f"node {node.node_id} answered {up.status}: "
+                    f"{data[:200].decode('utf-8', 'replace')}",
+                    status=up.status,
+                    body=data,
+                    headers=up.headers,
+                )
+            if up.status == 404:
+                data = await up.read(limit=MiB, idle_timeout=10)
+                if b"not found" in data and node.has_model(rreq.model):
+                    # the node lost the model since its last report: refresh it, try elsewhere
+                    self._spawn(self.refresh_node(node), "refresh")
+                    raise UpstreamFailure(
+                        "model_not_found",
+                        f"node {node.node_id} no longer has {rreq.model}",
+                        status=404,
+                        body=data,
+                        headers=up.headers,
+                    )
+                await self._relay_response(
+                    up, response, node, rreq, attempt, choice, first=data, complete=True
+                )
+                return
+            chunks = up.chunks(self.config.stall_timeout_s, first_timeout=timeout)
+            try:
+                first = await anext(chunks, b"")
+            except TimeoutError:
+                up.close()
+                raise UpstreamFailure(
+                    "timeout_first_byte",
+                    f"node {node.node_id} sent no body within {timeout:g}s",
+                    status=504,
+                ) from None
+            except ConnectionClosed as exc:
+                raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
+            await self._relay_response(
+                up, response, node, rreq, attempt, choice, first=first, chunks=chunks
+            )
         except asyncio.CancelledError:
             if not response.headers_sent:  # (once relaying, the relay traces it)
                 self.trace(attempt, status="client_disconnected", http_status=0,
                            error="client disconnected before the node answered",
                            choice=choice, model=attempt.served_model, node_id=node.node_id)
             raise
-
-    async def _attempt(
-        self,
-        request: Request,
-        response: Response,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        payload: bytes,
-        attempt: Attempt,
-        choice: scoring.Choice,
-    ) -> None:
-        timeout = self.config.first_byte_timeout_s
-        up = await self.pool.request(
-            node.url,
-            "POST",
-            request.target,
-            self.upstream_request_headers(request),
-            payload,
-            head_timeout=timeout,
-        )
-        if up.status >= 500 or up.status == 429:
-            try:
-                data = await up.read(limit=MiB, idle_timeout=10)
-            except (ConnectionClosed, TimeoutError):
-                data = b""
-            busy = b"server busy" in data or up.status in (429, 503)
-            raise UpstreamFailure(
-                "busy" if busy else "status_5xx",
-                f"node {node.node_id} answered {up.status}: "
-                f"{data[:200].decode('utf-8', 'replace')}",
-                status=up.status,
-                body=data,
-                headers=up.headers,
-            )
-        if up.status == 404:
-            data = await up.read(limit=MiB, idle_timeout=10)
-            if b"not found" in data and node.has_model(rreq.model):
-                # the node lost the model since its last report: refresh it, try elsewhere
-                self._spawn(self.refresh_node(node), "refresh")
-                raise UpstreamFailure(
-                    "model_not_found",
-                    f"node {node.node_id} no longer has {rreq.model}",
-                    status=404,
-                    body=data,
-                    headers=up.headers,
-                )
-            await self._relay_response(
-                up, response, node, rreq, attempt, choice, first=data, complete=True
-            )
-            return
-        chunks = up.chunks(self.config.stall_timeout_s, first_timeout=timeout)
-        try:
-            first = await anext(chunks, b"")
-        except TimeoutError:
-            up.close()
-            raise UpstreamFailure(
-                "timeout_first_byte",
-                f"node {node.node_id} sent no body within {timeout:g}s",
-                status=504,
-            ) from None
-        except ConnectionClosed as exc:
-            raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
-        await self._relay_response(
-            up, response, node, rreq, attempt, choice, first=first, chunks=chunks
-        )
 
     async def _relay_response(
         self,

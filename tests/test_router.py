@@ -428,19 +428,28 @@ async def test_midstream_death_ends_with_error_line(
     assert len(rows) == 2
 
 
+async def open_generate(
+    port: int, body: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """POST /api/generate on a raw keep-alive connection, left open for the caller."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    return reader, writer
+
+
 async def test_client_disconnect_cancels_upstream(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
     fake = await make_fake([LLAMA], tokens_per_s=20)
     r = await make_router([fake.url])
     await r.wait_ready()
-    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-    body = b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":1000}}'
-    writer.write(
-        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    reader, writer = await open_generate(
+        r.port, b'{"model":"llama3.2:3b","prompt":"x","options":{"num_predict":1000}}'
     )
-    await writer.drain()
     await reader.readuntil(b'"done":false')
     writer.close()
     async with asyncio.timeout(5):
@@ -462,13 +471,10 @@ async def test_client_hanging_up_before_any_byte_cancels_the_node_request(
     fake = await make_fake([LLAMA], tokens_per_s=20)
     r = await make_router([fake.url])
     await r.wait_ready()
-    _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-    body = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_predict":1000}}'
-    writer.write(
-        b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    _reader, writer = await open_generate(
+        r.port,
+        b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_predict":1000}}',
     )
-    await writer.drain()
     async with asyncio.timeout(5):
         while not fake.requests_to("/api/generate"):
             await asyncio.sleep(0.02)
