@@ -643,6 +643,13 @@ class _Exchange:
     async def end_stream(self) -> None:
         await self._send(h11.EndOfMessage())
 
+    async def end_stream_with(self, content_type: str, last: bytes) -> None:
+        """Start the stream if it is not yet, send one last line (the final chunk, or the
+        error of a mid-stream failure) and end it."""
+        await self.start_stream(content_type)
+        await self.send_line(last)
+        await self.end_stream()
+
     def drop(self) -> None:
         self.server.dropped += 1
         self.writer.transport.abort()
@@ -1424,9 +1431,7 @@ class FakeOllama:
             if "error" in item:
                 status = int(item.pop("_status", 500))
                 if stream:
-                    await ex.start_stream("application/x-ndjson")
-                    await ex.send_line(_dumps(item) + b"\n")
-                    await ex.end_stream()
+                    await ex.end_stream_with("application/x-ndjson", _dumps(item) + b"\n")
                 else:
                     await ex.respond_json(status, {"error": item["error"]})
                 return
@@ -1801,9 +1806,7 @@ class FakeOllama:
         try:
             out = await self._run_plan(ex, plan, emit, streaming=stream)
         except _MidStreamError as e:
-            await ex.start_stream("application/x-ndjson")
-            await ex.send_line(_dumps({"error": e.message}) + b"\n")
-            await ex.end_stream()
+            await ex.end_stream_with("application/x-ndjson", _dumps({"error": e.message}) + b"\n")
             return
         final: dict[str, Any] = {"model": name, "created_at": rfc3339()}
         final["response"] = "" if stream else out.content
@@ -1815,9 +1818,7 @@ class FakeOllama:
             final["context"] = plan.context
         final.update(out.metrics)
         if stream:
-            await ex.start_stream("application/x-ndjson")
-            await ex.send_line(_dumps(final) + b"\n")
-            await ex.end_stream()
+            await ex.end_stream_with("application/x-ndjson", _dumps(final) + b"\n")
         else:
             await ex.respond_json(200, final)
 
@@ -1915,9 +1916,7 @@ class FakeOllama:
         try:
             out = await self._run_plan(ex, plan, emit, streaming=stream)
         except _MidStreamError as e:
-            await ex.start_stream("application/x-ndjson")
-            await ex.send_line(_dumps({"error": e.message}) + b"\n")
-            await ex.end_stream()
+            await ex.end_stream_with("application/x-ndjson", _dumps({"error": e.message}) + b"\n")
             return
         msg: dict[str, Any] = {"role": "assistant", "content": "" if stream else out.content}
         if not stream and out.thinking:
@@ -1933,9 +1932,7 @@ class FakeOllama:
             **out.metrics,
         }
         if stream:
-            await ex.start_stream("application/x-ndjson")
-            await ex.send_line(_dumps(final) + b"\n")
-            await ex.end_stream()
+            await ex.end_stream_with("application/x-ndjson", _dumps(final) + b"\n")
         else:
             await ex.respond_json(200, final)
 
@@ -2094,9 +2091,9 @@ class FakeOllama:
         try:
             out = await self._run_plan(ex, plan, emit, streaming=stream)
         except _MidStreamError:
-            await ex.start_stream("text/event-stream")
-            await ex.send_line(chunk({"role": "assistant", "content": ""}, None))
-            await ex.end_stream()
+            await ex.end_stream_with(
+                "text/event-stream", chunk({"role": "assistant", "content": ""}, None)
+            )
             return
         finish = "tool_calls" if out.tool_calls else out.done_reason
         usage = {
@@ -2183,9 +2180,9 @@ class FakeOllama:
         try:
             out = await self._run_plan(ex, plan, emit, streaming=stream)
         except _MidStreamError:
-            await ex.start_stream("text/event-stream")
-            await ex.send_line(chunk([{"text": "", "index": 0, "finish_reason": None}], None))
-            await ex.end_stream()
+            await ex.end_stream_with(
+                "text/event-stream", chunk([{"text": "", "index": 0, "finish_reason": None}], None)
+            )
             return
         usage = {
             "prompt_tokens": out.metrics.get("prompt_eval_count", 0),
