@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import h11
 import ollama
 import pytest
 
@@ -30,6 +29,7 @@ import herd
 import herd_node
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.test_router import raw_request
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = 0.3  # heartbeat interval in these tests (seconds)
@@ -40,41 +40,6 @@ QWEN = FakeModel(name="qwen2.5:7b", size=4_700_000_000, family="qwen2")
 # =======================================================================================
 # helpers
 # =======================================================================================
-
-
-async def http(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-    *,
-    local_addr: tuple[str, int] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request over a fresh connection, parsed by h11; ``local_addr`` picks the source."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local_addr)
-    conn = h11.Connection(h11.CLIENT)
-    hdrs = {"host": f"127.0.0.1:{port}", "content-length": str(len(body)), **(headers or {})}
-    writer.write(conn.send(h11.Request(method=method, target=path, headers=list(hdrs.items()))))
-    writer.write(conn.send(h11.Data(data=body)) or b"")
-    writer.write(conn.send(h11.EndOfMessage()))
-    status, out_headers, data = 0, {}, bytearray()
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    out_headers = {k.decode(): v.decode() for k, v in event.headers}
-                elif isinstance(event, h11.Data):
-                    data += event.data
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-    finally:
-        writer.close()
-    return status, out_headers, bytes(data)
 
 
 async def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -216,7 +181,7 @@ async def test_agent_joins_and_requests_are_routed_to_it(
         agent = agents(router.url, fake.url, "studio", env={"OLLAMA_NUM_PARALLEL": "3"})
         await agent.start()
         await wait_until(lambda: status_of(router, "studio") == "online", 10, "agent online")
-        _, _, raw = await http(router.port, "GET", "/fleet/status")
+        _, _, raw = await raw_request(router.port, "GET", "/fleet/status")
         status = json.loads(raw)
         node = next(n for n in status["nodes"] if n["node_id"] == "studio")
         assert node["source"] == "agent"
@@ -246,7 +211,7 @@ async def test_agent_joins_and_requests_are_routed_to_it(
         assert len(fake.requests_to("/api/chat")) == 1
 
         # the agent's own health endpoint
-        code, _, raw = await http(agent.port, "GET", "/healthz")
+        code, _, raw = await raw_request(agent.port, "GET", "/healthz")
         health = json.loads(raw)
         assert code == 200
         assert health["node_id"] == "studio" and health["connected"] is True
@@ -316,7 +281,7 @@ async def test_sigterm_drains_sigkill_goes_offline_restart_rejoins(
         assert "draining" in a.log()
         body = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
         for _ in range(3):
-            code, hdrs, _ = await http(router.port, "POST", "/api/generate", body)
+            code, hdrs, _ = await raw_request(router.port, "POST", "/api/generate", body)
             assert code == 200 and hdrs["x-herd-node"] == "node-b"
         assert not fake_a.requests_to("/api/generate")
 
@@ -343,17 +308,21 @@ async def test_fleet_key_signs_both_ways(make_router: RouterFactory) -> None:
     key = "s3cret"
     router = await make_router([], heartbeat_interval_s=INTERVAL, fleet_key=key)
     body = herd.dumps(beat("keyed", "http://127.0.0.1:1"))
-    code, _, raw = await http(router.port, "POST", "/heartbeat", body)
+    code, _, raw = await raw_request(router.port, "POST", "/heartbeat", body)
     assert code == 401, raw
     bad = herd.sign("wrong", int(time.time()), body)
-    code, _, _ = await http(router.port, "POST", "/heartbeat", body, {"x-herd-signature": bad})
+    code, _, _ = await raw_request(
+        router.port, "POST", "/heartbeat", body, {"x-herd-signature": bad}
+    )
     assert code == 401
     stale = herd.sign(key, int(time.time()) - 600, body)
-    code, _, _ = await http(router.port, "POST", "/heartbeat", body, {"x-herd-signature": stale})
+    code, _, _ = await raw_request(
+        router.port, "POST", "/heartbeat", body, {"x-herd-signature": stale}
+    )
     assert code == 401
     assert "keyed" not in router.router.nodes
     good = herd.sign(key, int(time.time()), body)
-    code, hdrs, raw = await http(
+    code, hdrs, raw = await raw_request(
         router.port, "POST", "/heartbeat", body, {"x-herd-signature": good}
     )
     assert code == 200
@@ -400,15 +369,19 @@ async def test_agent_refuses_router_without_our_key(make_router: RouterFactory) 
 async def test_takeover_from_another_address_is_refused(make_router: RouterFactory) -> None:
     router = await make_router([], heartbeat_interval_s=INTERVAL)
     body = herd.dumps(beat("victim", "http://127.0.0.1:11111"))
-    code, _, _ = await http(router.port, "POST", "/heartbeat", body)
+    code, _, _ = await raw_request(router.port, "POST", "/heartbeat", body)
     assert code == 200
     thief = herd.dumps(beat("victim", "http://127.0.0.2:6666"))
-    code, _, raw = await http(router.port, "POST", "/heartbeat", thief, local_addr=("127.0.0.2", 0))
+    code, _, raw = await raw_request(
+        router.port, "POST", "/heartbeat", thief, local_addr=("127.0.0.2", 0)
+    )
     assert code == 409, raw
     assert router.router.nodes["victim"].url == "http://127.0.0.1:11111"
     # once the real node is offline, the id may be reused from elsewhere
     router.router.nodes["victim"].status = "offline"
-    code, _, _ = await http(router.port, "POST", "/heartbeat", thief, local_addr=("127.0.0.2", 0))
+    code, _, _ = await raw_request(
+        router.port, "POST", "/heartbeat", thief, local_addr=("127.0.0.2", 0)
+    )
     assert code == 200
     assert router.router.nodes["victim"].url == "http://127.0.0.2:6666"
 
@@ -417,10 +390,10 @@ async def test_signed_beat_may_move_a_node(make_router: RouterFactory) -> None:
     router = await make_router([], heartbeat_interval_s=INTERVAL, fleet_key="k")
     body = herd.dumps(beat("mover", "http://127.0.0.1:11111"))
     sig = {"x-herd-signature": herd.sign("k", int(time.time()), body)}
-    assert (await http(router.port, "POST", "/heartbeat", body, sig))[0] == 200
+    assert (await raw_request(router.port, "POST", "/heartbeat", body, sig))[0] == 200
     moved = herd.dumps(beat("mover", "http://127.0.0.2:11111"))
     sig = {"x-herd-signature": herd.sign("k", int(time.time()), moved)}
-    code, _, _ = await http(
+    code, _, _ = await raw_request(
         router.port, "POST", "/heartbeat", moved, sig, local_addr=("127.0.0.2", 0)
     )
     assert code == 200
@@ -446,10 +419,10 @@ async def test_malformed_beat_is_400_and_changes_nothing(
 ) -> None:
     router = await make_router([], heartbeat_interval_s=INTERVAL)
     good = beat("steady", "http://127.0.0.1:11111")
-    assert (await http(router.port, "POST", "/heartbeat", herd.dumps(good)))[0] == 200
+    assert (await raw_request(router.port, "POST", "/heartbeat", herd.dumps(good)))[0] == 200
     before = router.router.nodes["steady"].public(0.0)
     broken = {**good, "node_id": "steady", **change}
-    code, _, raw = await http(router.port, "POST", "/heartbeat", herd.dumps(broken))
+    code, _, raw = await raw_request(router.port, "POST", "/heartbeat", herd.dumps(broken))
     assert code == 400, raw
     assert reason in json.loads(raw)["error"]
     assert router.router.nodes["steady"].public(0.0) == before

@@ -36,9 +36,11 @@ async def raw_request(
     headers: dict[str, str] | None = None,
     *,
     read_timeout: float = 10.0,
+    local_addr: tuple[str, int] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """A minimal HTTP/1.1 client on a raw socket (Connection: close) to see exact bytes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    """A minimal HTTP/1.1 client on a raw socket (Connection: close) to see exact bytes;
+    ``local_addr`` picks the source address."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local_addr)
     hdrs = {"host": f"127.0.0.1:{port}", "connection": "close", **(headers or {})}
     if body or method in ("POST", "PUT", "DELETE"):
         hdrs.setdefault("content-length", str(len(body)))
