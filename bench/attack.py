@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -279,21 +280,9 @@ async def parser_fuzz(port: int, target: int, budget_s: float) -> ParserStats:
 
 
 async def normal_clients(port: int, n: int, concurrency: int = 4) -> list[float]:
-    lat: list[float] = []
-    clients = [await po.Client(port).open() for _ in range(concurrency)]
-    counter = iter(range(n))
-
-    async def worker(c: po.Client) -> None:
-        for i in counter:
-            t0 = time.perf_counter()
-            status, body, _ = await c.post("/api/generate", po.small_body(i))
-            lat.append(time.perf_counter() - t0)
-            if status != 200:
-                raise RuntimeError(f"normal request failed: {status} {body[:200]!r}")
-
-    await asyncio.gather(*(worker(c) for c in clients))
-    for c in clients:
-        c.close()
+    lat, _, errors = await po.closed_loop(port, concurrency, n)
+    if errors:
+        raise RuntimeError(f"normal request failed: {errors[0]}")
     return lat
 
 
@@ -342,8 +331,8 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def main_async(herd_p: subprocess.Popen[str], port: int) -> dict:
-    res: dict = {}
+async def main_async(herd_p: subprocess.Popen[str], port: int) -> dict[str, Any]:
+    res: dict[str, Any] = {}
     pid = herd_p.pid
     await po.wait_routable(port, [po.SMALL_MODEL])
     await normal_clients(port, 300)  # warm up
@@ -430,7 +419,7 @@ def main() -> int:
     return report(res, log_text, time.time() - t_start)
 
 
-def report(res: dict, log_text: str, elapsed: float) -> int:
+def report(res: dict[str, Any], log_text: str, elapsed: float) -> int:
     r_inputs, r_fail, r_first = res["relay"]
     p: ParserStats = res["parser"]
     total = r_inputs + p.inputs

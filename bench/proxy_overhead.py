@@ -169,7 +169,7 @@ async def run_blaster() -> None:
                         )
                         view = memoryview(body)
                         for i in range(0, len(body), 65536):
-                            writer.write(h.send(h11.Data(data=view[i : i + 65536])))
+                            writer.write(h.send(h11.Data(data=bytes(view[i : i + 65536]))))
                             await writer.drain()
                         writer.write(h.send(h11.EndOfMessage()))
                     else:
@@ -240,7 +240,7 @@ async def run_herd(
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, toggle)
 
     async def stop() -> None:
-        if prof is not None:
+        if prof is not None and profile:
             prof.disable()
             prof.dump_stats(profile)
         await router.stop()
@@ -432,24 +432,35 @@ async def latency_run(port: int, n: int) -> list[float]:
     return out
 
 
-async def throughput_run(port: int, concurrency: int, total: int) -> tuple[float, int]:
+async def closed_loop(
+    port: int, concurrency: int, total: int
+) -> tuple[list[float], float, list[str]]:
+    """``concurrency`` keep-alive clients send ``total`` small /api/generate requests back
+    to back. Returns each latency (s), the elapsed time (s) and a line per non-200 answer."""
     clients = [await Client(port).open() for _ in range(concurrency)]
     counter = iter(range(total))
-    errors = 0
+    lat: list[float] = []
+    errors: list[str] = []
 
     async def worker(c: Client) -> None:
-        nonlocal errors
         for i in counter:
-            status, _, _ = await c.post("/api/generate", small_body(i))
+            t0 = time.perf_counter()
+            status, body, _ = await c.post("/api/generate", small_body(i))
+            lat.append(time.perf_counter() - t0)
             if status != 200:
-                errors += 1
+                errors.append(f"status {status}: {body[:200]!r}")
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in clients))
     elapsed = time.perf_counter() - t0
     for c in clients:
         c.close()
-    return total / elapsed, errors
+    return lat, elapsed, errors
+
+
+async def throughput_run(port: int, concurrency: int, total: int) -> tuple[float, int]:
+    _, elapsed, errors = await closed_loop(port, concurrency, total)
+    return total / elapsed, len(errors)
 
 
 async def stream_run(port: int, model: str, num_predict: int) -> tuple[float, int, float]:
@@ -559,7 +570,7 @@ def progress(msg: str) -> None:
 async def measure(
     herd: Proc, herd1: Proc, node: Proc, longnode: Proc, blaster: Proc, relay: Proc,
     quick: bool,
-) -> dict:
+) -> dict[str, Any]:
     res: dict[str, Any] = {}
     n_lat = 600 if quick else 2000
     n_tp = 1000 if quick else 4000
@@ -611,7 +622,7 @@ async def measure(
     return res
 
 
-def report(res: dict, loop_name: str, elapsed: float) -> bool:
+def report(res: dict[str, Any], loop_name: str, elapsed: float) -> bool:
     ms = 1000.0
     direct, via = res["lat"]
     d50, d99 = pct(direct, 0.5) * ms, pct(direct, 0.99) * ms

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def null_store_class() -> type:
         def record_trace(self, rec: store.TraceRecord) -> None:
             return None
 
-        def record_event(self, kind: str, node_id: str, detail: dict[str, Any],
+        def record_event(self, kind: str, node_id: str, detail: Mapping[str, object],
                          *, timestamp: float | None = None) -> None:
             return None
 
@@ -111,23 +112,9 @@ class Herd:
 
 
 async def load(port: int, concurrency: int, total: int) -> tuple[list[float], float]:
-    clients = [await po.Client(port).open() for _ in range(concurrency)]
-    counter = iter(range(total))
-    lat: list[float] = []
-
-    async def worker(c: po.Client) -> None:
-        for i in counter:
-            t0 = time.perf_counter()
-            status, body, _ = await c.post("/api/generate", po.small_body(i))
-            lat.append(time.perf_counter() - t0)
-            if status != 200:
-                raise RuntimeError(f"status {status}: {body[:200]!r}")
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in clients))
-    elapsed = time.perf_counter() - t0
-    for c in clients:
-        c.close()
+    lat, elapsed, errors = await po.closed_loop(port, concurrency, total)
+    if errors:
+        raise RuntimeError(errors[0])
     return lat, elapsed
 
 
