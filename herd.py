@@ -328,7 +328,7 @@ class Request:
     )
 
     def __init__(
-        self, event: h11.Request, stream: HttpStream, limits: Limits, request_id: str = ""
+        self, event: h11.Request, stream: HttpStream, limits: Limits, request_id: str
     ) -> None:
         self.method = event.method.decode("ascii", "replace").upper()
         self.target = target = event.target.decode("latin-1")
@@ -343,7 +343,7 @@ class Request:
         self.limits = limits
         self.client_ip = stream.peer
         self.received_at = time.time()
-        self.request_id = self.header("x-request-id") or request_id or uuid.uuid4().hex[:16]
+        self.request_id = self.header("x-request-id") or request_id
         self.disconnected = False
         self.key_id = ""  # set when an API key authenticated the request
         self.body_error = False  # the body was refused (408/413): the connection must close
@@ -957,6 +957,8 @@ class Pool:
         """
         address = self.addresses.get(base_url)
         if address is None:
+            if len(self.addresses) >= 1024:  # node URLs change rarely; never grow unbounded
+                self.addresses.clear()
             address = self.addresses[base_url] = split_url(base_url)
         host, port, netloc = address
         key = (host, port)
@@ -2566,8 +2568,8 @@ class Router:
             )
             protect = bool(self.settings.get("context_protection"))
             # one fleet snapshot serves both pre-routing decisions for this model
-            snaps = self._snapshots(time.time()) if vram_fallback or protect else []
-            if vram_fallback:
+            snaps = self._snapshots(time.time()) if vram_fallback or protect else None
+            if snaps is not None and vram_fallback:
                 alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
                 if alt is not None:
                     served_model, why = alt
@@ -2578,7 +2580,7 @@ class Router:
                         served_model,
                         why,
                     )
-            if protect:
+            if snaps is not None and protect:
                 decision = scoring.protect_context(
                     served_model,
                     requested_num_ctx(body),
@@ -2700,7 +2702,7 @@ class Router:
             if tried:
                 rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
             try:
-                node, queue, choice, queue_ms = await self.acquire(rreq, snaps or None)
+                node, queue, choice, queue_ms = await self.acquire(rreq, snaps)
                 snaps = None
             except asyncio.CancelledError:
                 self.trace(attempt, status="client_disconnected", http_status=0,
