@@ -1803,24 +1803,39 @@ class FakeOllama:
             await ex.start_stream("application/x-ndjson")
             await ex.send_line(_dumps(chunk) + b"\n")
 
+        def final(out: _Outcome) -> dict[str, Any]:
+            last: dict[str, Any] = {"model": name, "created_at": rfc3339()}
+            last["response"] = "" if stream else out.content
+            if not stream and out.thinking:
+                last["thinking"] = out.thinking
+            last["done"] = True
+            last["done_reason"] = out.done_reason
+            if plan.context is not None:
+                last["context"] = plan.context
+            last.update(out.metrics)
+            return last
+
+        await self._native_reply(ex, plan, emit, stream, final)
+
+    async def _native_reply(
+        self,
+        ex: _Exchange,
+        plan: _Plan,
+        emit: Callable[[str, Any], Awaitable[None]],
+        stream: bool,
+        final: Callable[[_Outcome], dict[str, Any]],
+    ) -> None:
+        """Run the plan, then send the final object (the last NDJSON line, or the whole
+        answer), or an error line when the plan fails mid-stream."""
         try:
             out = await self._run_plan(ex, plan, emit, streaming=stream)
         except _MidStreamError as e:
             await ex.end_stream_with("application/x-ndjson", _dumps({"error": e.message}) + b"\n")
             return
-        final: dict[str, Any] = {"model": name, "created_at": rfc3339()}
-        final["response"] = "" if stream else out.content
-        if not stream and out.thinking:
-            final["thinking"] = out.thinking
-        final["done"] = True
-        final["done_reason"] = out.done_reason
-        if plan.context is not None:
-            final["context"] = plan.context
-        final.update(out.metrics)
         if stream:
-            await ex.end_stream_with("application/x-ndjson", _dumps(final) + b"\n")
+            await ex.end_stream_with("application/x-ndjson", _dumps(final(out)) + b"\n")
         else:
-            await ex.respond_json(200, final)
+            await ex.respond_json(200, final(out))
 
     # ---- /api/chat ------------------------------------------------------------------------
     def _tool_call_for(
@@ -1913,28 +1928,22 @@ class FakeOllama:
             await ex.start_stream("application/x-ndjson")
             await ex.send_line(_dumps(chunk) + b"\n")
 
-        try:
-            out = await self._run_plan(ex, plan, emit, streaming=stream)
-        except _MidStreamError as e:
-            await ex.end_stream_with("application/x-ndjson", _dumps({"error": e.message}) + b"\n")
-            return
-        msg: dict[str, Any] = {"role": "assistant", "content": "" if stream else out.content}
-        if not stream and out.thinking:
-            msg["thinking"] = out.thinking
-        if not stream and out.tool_calls:
-            msg["tool_calls"] = out.tool_calls
-        final: dict[str, Any] = {
-            "model": name,
-            "created_at": rfc3339(),
-            "message": msg,
-            "done": True,
-            "done_reason": out.done_reason,
-            **out.metrics,
-        }
-        if stream:
-            await ex.end_stream_with("application/x-ndjson", _dumps(final) + b"\n")
-        else:
-            await ex.respond_json(200, final)
+        def final(out: _Outcome) -> dict[str, Any]:
+            msg: dict[str, Any] = {"role": "assistant", "content": "" if stream else out.content}
+            if not stream and out.thinking:
+                msg["thinking"] = out.thinking
+            if not stream and out.tool_calls:
+                msg["tool_calls"] = out.tool_calls
+            return {
+                "model": name,
+                "created_at": rfc3339(),
+                "message": msg,
+                "done": True,
+                "done_reason": out.done_reason,
+                **out.metrics,
+            }
+
+        await self._native_reply(ex, plan, emit, stream, final)
 
     # ---- embeddings -------------------------------------------------------------------------
     async def _embed_texts(
