@@ -34,7 +34,7 @@ import pytest
 import herd_node
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_node_agent import AgentProcess, http, wait_until
+from tests.test_node_agent import AgentProcess, wait_until
 from tests.test_router import raw_request
 
 INTERVAL = 0.3
@@ -175,7 +175,7 @@ class Stack:
 
 
 async def fleet_node(router: RunningRouter, node_id: str) -> dict[str, Any] | None:
-    _, _, raw = await http(router.port, "GET", "/fleet/status")
+    _, _, raw = await raw_request(router.port, "GET", "/fleet/status")
     for node in json.loads(raw)["nodes"]:
         if node["node_id"] == node_id:
             return node  # type: ignore[no-any-return]
@@ -360,12 +360,12 @@ async def test_image_bad_input_gets_clear_4xx(make_stack: Callable[..., Any]) ->
         ({"prompt": ""}, 400, "prompt"),
         ({"model": "sdxl", "prompt": "x"}, 404, IMAGE_MODEL),
     ):
-        status, _, data = await http(agent, "POST", "/api/generate-image",
+        status, _, data = await raw_request(agent, "POST", "/api/generate-image",
                                      json.dumps(body).encode(),
                                      {"content-type": "application/json"})  # fmt: skip
         assert status == status_want, (body, data)
         assert words in json.loads(data)["error"]
-    status, _, data = await http(
+    status, _, data = await raw_request(
         agent,
         "POST",
         "/api/generate-image",
@@ -374,7 +374,7 @@ async def test_image_bad_input_gets_clear_4xx(make_stack: Callable[..., Any]) ->
     )
     assert status == 415
     # a backend that fails says so, with its stderr
-    status, _, data = await http(
+    status, _, data = await raw_request(
         agent,
         "POST",
         "/api/generate-image",
@@ -429,7 +429,7 @@ async def test_hung_job_is_killed_at_its_timeout(make_stack: Callable[..., Any])
         s.router.port, "POST", "/api/generate-image", b'{"prompt":"ok","width":16,"height":16}'
     )
     assert status == 200 and png_ihdr(data) == (16, 16)
-    _, _, raw = await http(s.agent.port, "GET", "/healthz")
+    _, _, raw = await raw_request(s.agent.port, "GET", "/healthz")
     assert json.loads(raw)["jobs"]["timed_out"] == 1
 
 
@@ -457,7 +457,7 @@ async def test_one_job_at_a_time_and_bounded_queue(make_stack: Callable[..., Any
     agent = s.agent.port
 
     async def job(prompt: str) -> tuple[int, bytes]:
-        status, _, data = await http(agent, "POST", "/api/generate-image",
+        status, _, data = await raw_request(agent, "POST", "/api/generate-image",
                                      json.dumps({"prompt": prompt, "width": 16,
                                                  "height": 16}).encode(),
                                      {"content-type": "application/json"})  # fmt: skip
@@ -490,7 +490,8 @@ async def test_heartbeats_flow_during_a_long_job(make_stack: Callable[..., Any])
         seen.add(node.last_seen)
         entries = node.capabilities.get("image") or []
         busy_seen = busy_seen or any(e.get("busy") for e in entries)
-        _, _, raw = await http(s.agent.port, "GET", "/healthz")  # the agent answers meanwhile
+        # the agent answers meanwhile
+        _, _, raw = await raw_request(s.agent.port, "GET", "/healthz")
         assert json.loads(raw)["ok"] is True
         await asyncio.sleep(0.05)
     status, _, data = await task
@@ -516,7 +517,7 @@ async def test_stt_command_and_bad_uploads(make_stack: Callable[..., Any]) -> No
     assert out["text"] == f"{len(audio)} bytes" and out["chunks"][0]["end"] == 1.25
     agent = s.agent.port
     # field "file" works as well
-    status, _, data = await http(
+    status, _, data = await raw_request(
         agent, "POST", "/api/transcribe", multipart({}, b"abc", name="file"), MP_HEADERS
     )
     assert status == 200 and json.loads(data)["text"] == "3 bytes"
@@ -530,7 +531,7 @@ async def test_stt_command_and_bad_uploads(make_stack: Callable[..., Any]) -> No
         (multipart({}, b"x" * (1024 * 1024 + 10)), MP_HEADERS, 413, "limit"),
     ]
     for body, headers, want, words in cases:
-        status, _, data = await http(agent, "POST", "/api/transcribe", body, headers)
+        status, _, data = await raw_request(agent, "POST", "/api/transcribe", body, headers)
         assert status == want, (want, data)
         assert words in json.loads(data)["error"], data
     assert s.leftovers() == []
