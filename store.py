@@ -434,12 +434,32 @@ def _fleet_rollups_v4(conn: sqlite3.Connection, chunk_hours: int = 1000) -> None
         )
 
 
+_SCHEMA_V5 = (
+    # The operator's decision per agent node id (issue 18, nodes join with consent):
+    # 'approved' binds the id to the source address and Ollama URL that were approved;
+    # 'rejected' keeps the id out. Pending nodes are not stored (they beat again).
+    """CREATE TABLE node_admissions (
+        node_id TEXT PRIMARY KEY,
+        decision TEXT NOT NULL CHECK (decision IN ('approved', 'rejected')),
+        addr TEXT NOT NULL DEFAULT '',
+        ollama_url TEXT NOT NULL DEFAULT '',
+        decided_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+)
+
+
+def _node_admissions_v5(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V5:
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _create_schema_v1,
     _create_rollups_v2,
     _dense_hists_v3,
     _fleet_rollups_v4,
+    _node_admissions_v5,
 )
 
 
@@ -823,6 +843,27 @@ def _write_settings(
                     (key, value, now),
                 )
     return _select_settings(conn)
+
+
+def _select_admissions(conn: sqlite3.Connection) -> dict[str, dict[str, object]]:
+    rows = conn.execute(
+        "SELECT node_id, decision, addr, ollama_url, decided_at FROM node_admissions "
+        "ORDER BY node_id"
+    ).fetchall()
+    return {row["node_id"]: dict(row) for row in rows}
+
+
+def _write_admission(
+    conn: sqlite3.Connection, node_id: str, decision: str, addr: str, url: str, now: float
+) -> None:
+    with _atomic(conn):
+        conn.execute(
+            "INSERT INTO node_admissions (node_id, decision, addr, ollama_url, decided_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+            "decision = excluded.decision, addr = excluded.addr, "
+            "ollama_url = excluded.ollama_url, decided_at = excluded.decided_at",
+            (node_id, decision, addr, url, now),
+        )
 
 
 BENCHMARK_FIELDS = frozenset(
@@ -1738,6 +1779,10 @@ class Store:
     async def get_settings(self) -> dict[str, object]:
         return copy.deepcopy(self._settings)
 
+    async def node_admissions(self) -> dict[str, dict[str, object]]:
+        """node_id → ``{node_id, decision, addr, ollama_url, decided_at}`` (every row)."""
+        return await self._read(_select_admissions)
+
     async def benchmarks(self, limit: int = 20) -> list[dict[str, object]]:
         """Newest first; every column of ``benchmark_runs``, ``params``/``results`` decoded."""
         return await self._read(lambda c: _select_benchmarks(c, limit=limit))
@@ -1750,6 +1795,16 @@ class Store:
         now = time.time()
         self._settings = await self._write(lambda c: _write_settings(c, encoded, now))
         return copy.deepcopy(self._settings)
+
+    async def set_node_admission(
+        self, node_id: str, decision: str, *, addr: str, ollama_url: str, now: float
+    ) -> None:
+        """Persist the operator's ``approved`` / ``rejected`` decision about a node id."""
+        if decision not in ("approved", "rejected"):
+            raise ValueError(f"unknown admission decision {decision!r}")
+        await self._write(
+            lambda c: _write_admission(c, node_id, decision, addr, ollama_url, now)
+        )
 
     async def create_benchmark(self, params: Mapping[str, object], *, now: float) -> int:
         """A new run in status ``pending``; returns its ``run_id``."""

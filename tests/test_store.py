@@ -264,11 +264,11 @@ async def test_v4_backfills_fleet_rollups_with_the_same_trends(
         b for (b,) in conn.execute("SELECT DISTINCT bucket FROM rollups WHERE span = 3600")
     }
     if chunk_hours is None:
-        assert store._migrate(conn) == len(MIGRATIONS) == 4
+        assert store._migrate(conn, MIGRATIONS[:4]) == 4
     else:
         with store._atomic(conn):
             store._fleet_rollups_v4(conn, chunk_hours=chunk_hours)
-            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            conn.execute("PRAGMA user_version = 4")
 
     # One hourly row per bucket that had node x model rows, none daily; counters equal the
     # SQL sums of those rows; trends read from them exactly what the old merge gave.
@@ -300,6 +300,49 @@ async def test_v4_backfills_fleet_rollups_with_the_same_trends(
     finally:
         await s.close()
     assert user_version(data / "latency.db") == len(MIGRATIONS)
+
+
+async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) -> None:
+    """A v4 database gains ``node_admissions`` (traces kept); decisions survive a reopen and
+    the last decision about a node id wins."""
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = store._connect_writer(data / "latency.db")
+    assert store._migrate(conn, MIGRATIONS[:4]) == 4
+    conn.execute(
+        "INSERT INTO request_traces (request_id, timestamp, model, node_id, status, latency_ms) "
+        "VALUES ('kept', ?, 'm', 'a', 'completed', 1)",
+        (NOW,),
+    )
+    conn.close()
+    s = Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        assert await s.node_admissions() == {}
+        await s.set_node_admission(
+            "studio", "approved", addr="10.0.0.7", ollama_url="http://10.0.0.7:11434", now=NOW
+        )
+        await s.set_node_admission("stranger", "rejected", addr="10.0.0.66", ollama_url="", now=NOW)
+        await s.set_node_admission(
+            "studio", "approved", addr="10.0.0.8", ollama_url="http://10.0.0.8:11434", now=NOW + 1
+        )
+        with pytest.raises(ValueError, match="decision"):
+            await s.set_node_admission("x", "maybe", addr="", ollama_url="", now=NOW)
+    finally:
+        await s.close()
+    assert user_version(data / "latency.db") == len(MIGRATIONS) == 5
+    s = Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        assert [t["request_id"] for t in await s.traces()] == ["kept"]
+        assert await s.node_admissions() == {
+            "stranger": {"node_id": "stranger", "decision": "rejected", "addr": "10.0.0.66",
+                         "ollama_url": "", "decided_at": NOW},
+            "studio": {"node_id": "studio", "decision": "approved", "addr": "10.0.0.8",
+                       "ollama_url": "http://10.0.0.8:11434", "decided_at": NOW + 1},
+        }
+    finally:
+        await s.close()
 
 
 async def test_migrations_are_idempotent_and_refuse_newer_schema(tmp_path: Path) -> None:
