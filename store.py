@@ -1802,9 +1802,7 @@ class Store:
         """Persist the operator's ``approved`` / ``rejected`` decision about a node id."""
         if decision not in ("approved", "rejected"):
             raise ValueError(f"unknown admission decision {decision!r}")
-        await self._write(
-            lambda c: _write_admission(c, node_id, decision, addr, ollama_url, now)
-        )
+        await self._write(lambda c: _write_admission(c, node_id, decision, addr, ollama_url, now))
 
     async def create_benchmark(self, params: Mapping[str, object], *, now: float) -> int:
         """A new run in status ``pending``; returns its ``run_id``."""

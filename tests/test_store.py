@@ -336,10 +336,20 @@ async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) ->
     try:
         assert [t["request_id"] for t in await s.traces()] == ["kept"]
         assert await s.node_admissions() == {
-            "stranger": {"node_id": "stranger", "decision": "rejected", "addr": "10.0.0.66",
-                         "ollama_url": "", "decided_at": NOW},
-            "studio": {"node_id": "studio", "decision": "approved", "addr": "10.0.0.8",
-                       "ollama_url": "http://10.0.0.8:11434", "decided_at": NOW + 1},
+            "stranger": {
+                "node_id": "stranger",
+                "decision": "rejected",
+                "addr": "10.0.0.66",
+                "ollama_url": "",
+                "decided_at": NOW,
+            },
+            "studio": {
+                "node_id": "studio",
+                "decision": "approved",
+                "addr": "10.0.0.8",
+                "ollama_url": "http://10.0.0.8:11434",
+                "decided_at": NOW + 1,
+            },
         }
     finally:
         await s.close()
