@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import hmac
 import http
+import ipaddress
 import json
 import logging
 import math
@@ -69,6 +70,7 @@ HOP_BY_HOP = frozenset(
 )
 OLLAMA_RUNNING = b"Ollama is running"
 MiB = 1024 * 1024
+MAX_HELD_NODES = 256  # pending/rejected agent nodes kept in memory (consent)
 REASON_PHRASES = MappingProxyType({s.value: s.phrase.encode() for s in http.HTTPStatus})
 # Body fields herd reads and strips before forwarding an inference request
 # ("metadata" only loses its "tags", and only when it has them).
@@ -1172,6 +1174,8 @@ class Node:
     interval_s: float = 5.0
     last_beat_stamp: float = 0.0  # agent clock of the last accepted signed beat
     loading: dict[str, float] = field(default_factory=dict)  # model → when a load was sent
+    held_since: float = 0.0  # pending / rejected (consent): since when, and why
+    held_reason: str = ""
     parsed: dict[str, tuple[tuple[int, int], Any, list[JSON]]] = field(
         default_factory=dict, repr=False)
 
@@ -1424,6 +1428,7 @@ class Config:
     retention_days: float = 30.0
     fleet_key: str | None = None
     fleet_id: str = "default"
+    open_fleet: bool = False  # unsigned agents from other machines join without approval
     mdns: bool = True
     slots: dict[str, int] = field(default_factory=dict)  # node_id → configured parallel slots
     limits: Limits = field(default_factory=Limits)
@@ -1641,6 +1646,12 @@ class Router:
         self.pool = Pool(connect_timeout_s=config.connect_timeout_s)
         self.store = store.Store(config.data_dir, retention_days=config.retention_days)
         self.nodes: dict[str, Node] = {}
+        # consent (issue 18): agent nodes waiting for approval or rejected, never routed to;
+        # the operator's decisions (store table node_admissions); this machine's addresses
+        self.held_nodes: dict[str, Node] = {}
+        self.admissions: dict[str, JSON] = {}
+        self.own_addrs: frozenset[str] = frozenset()
+        self.own_addrs_at = 0.0
         self.queues: dict[tuple[str, str], SlotQueue] = {}
         self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
         self.breakers: dict[str, scoring.BreakerState] = {}
@@ -1668,6 +1679,7 @@ class Router:
         for key, value in stored.items():
             if key in DEFAULT_SETTINGS:
                 self.settings[key] = value
+        await self.load_admissions()
         now = time.time()
         for url in self.config.nodes:
             self.add_static_node(url, "static", now)
@@ -3437,6 +3449,7 @@ class Router:
             "/dashboard/api/events": {"GET": self.h_dash_events},
         }
         table.update(self.analytics_routes())
+        table.update(self.consent_routes())
         return table.get(path.rstrip("/") if path != "/" else path)
 
     def analytics_routes(self) -> dict[str, dict[str, Handler]]:
@@ -3560,7 +3573,10 @@ class Router:
             incidents=data["incidents"], events=data["events"],
             store_dropped=stats.dropped, store_write_errors=stats.write_errors,
             store_queue_depth=stats.queue_depth, settings=dict(self.settings),
-            stall_timeout_s=self.config.stall_timeout_s)
+            stall_timeout_s=self.config.stall_timeout_s,
+            pending_nodes=tuple(
+                scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
+                for n in self.held_nodes.values() if n.status == "pending"))
         return scoring.health_checks(inp).to_dict()
 
     async def _build_recommendations(self, now: float) -> JSON:
@@ -3661,6 +3677,7 @@ class Router:
                 "first_byte_timeout_s": cfg.first_byte_timeout_s,
                 "stall_timeout_s": cfg.stall_timeout_s, "retention_days": cfg.retention_days,
                 "fleet_id": cfg.fleet_id, "fleet_key_set": bool(cfg.fleet_key),
+                "open_fleet": cfg.open_fleet,
                 "admin_token_set": bool(cfg.admin_token), "api_keys": len(cfg.api_keys),
                 "mdns": cfg.mdns, "max_queue_wait_s": self.policy.max_queue_wait_s,
                 "max_retries": self.policy.max_retries,
@@ -3923,10 +3940,12 @@ class Router:
             "fleet": {
                 "nodes_total": len(self.nodes),
                 "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
+                "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
                 "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
                 "requests_active": self.active_requests,
             },
             "nodes": nodes,
+            "pending_nodes": self.held_public(now),
             "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
             "pulls": list(self.pull_jobs.values()),
             "settings": dict(self.settings),
@@ -3935,11 +3954,19 @@ class Router:
     async def h_heartbeat(self, request: Request, response: Response) -> None:
         raw = await request.read_body(4 * MiB)
         now = time.time()
+        await self.refresh_own_addresses(now)
         key = self.config.fleet_key
-        if key and not verify_signature(key, request.header("x-herd-signature"), raw, now):
+        signature = request.header("x-herd-signature")
+        # with a fleet key, only an agent on this machine may beat unsigned (consent rules)
+        if (
+            key
+            and (signature is not None or not self.local_beat(raw, request.client_ip))
+            and not verify_signature(key, signature, raw, now)
+        ):
             raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
+        signed = bool(key) and signature is not None
         body = await parse_json_body(raw)
-        if key:
+        if signed:
             # a signed beat is valid for 60 s; beats carry the agent's timestamp, so a
             # recorded beat replayed later (e.g. to drain a node) is refused
             stamp = body.get("timestamp")
@@ -3948,8 +3975,8 @@ class Router:
                 raise HttpError(400, "a signed heartbeat needs a numeric timestamp")
             if node is not None and stamp <= node.last_beat_stamp:
                 raise HttpError(409, "heartbeat replayed (timestamp not newer than the last)")
-        reply = self.apply_heartbeat(body, request.client_ip, now, signed=bool(key))
-        if key:
+        reply = self.apply_heartbeat(body, request.client_ip, now, signed=signed)
+        if signed:
             self.nodes[str(body["node_id"])].last_beat_stamp = float(body["timestamp"])
         payload = dumps(reply)
         headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
@@ -4065,8 +4092,13 @@ class Router:
                 "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
             )
             raise HttpError(409, f"node '{node_id}' is online from another address")
-        if node is None:
-            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
+        admission, why = self.admission_of(node_id, addr, url, signed=signed)
+        if admission != "approved":
+            node = self.hold_node(node_id, addr, url, now, admission, why)
+        elif node is None:
+            # a held node that is now approved joins with the facts of its last beat
+            node = self.held_nodes.pop(node_id, None) or Node(
+                node_id=node_id, url=url, source="agent", first_seen=now)
             self.nodes[node_id] = node
             log.info("node %s joined from %s (%s)", node_id, addr, url)
             self.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
@@ -4095,7 +4127,9 @@ class Router:
         node.capabilities = caps if isinstance(caps, dict) else {}
         errs = beat.get("errors")
         node.errors = [e for e in errs if isinstance(e, dict)] if isinstance(errs, list) else []
-        if beat.get("draining"):
+        if admission != "approved":
+            node.status = admission  # pending | rejected: held, never routed to
+        elif beat.get("draining"):
             self._set_status(node, "draining", now)
         elif not node.reachable:
             node.last_error = "agent reports its Ollama unreachable"
@@ -4109,7 +4143,223 @@ class Router:
             "fleet_id": self.config.fleet_id,
             "interval_s": node.interval_s,
             "need_full": need_full,
+            "admission": admission,
+            "admission_reason": why,
         }
+
+    # ---------------------------------------------------------------- consent (issue 18) -
+    # An unsigned beat from another machine joins only with the operator's approval, which
+    # binds the node id to the source address and Ollama URL approved; anything else is
+    # held (pending or rejected) and never routed to. Trusted without a click: --node
+    # nodes (never beat), agents on this machine (own source address and Ollama URL),
+    # beats signed with the fleet key, and everyone with --open-fleet.
+
+    async def load_admissions(self) -> None:
+        self.admissions = await self.store.node_admissions()
+        await self.refresh_own_addresses(time.time())
+        if self.config.open_fleet:
+            log.warning(
+                "open fleet (--open-fleet): any host that can reach this router may join as a "
+                "node and receive prompts, without approval"
+            )
+
+    async def refresh_own_addresses(self, now: float) -> None:
+        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
+            return
+        self.own_addrs_at = now
+        self.own_addrs = await asyncio.to_thread(own_addresses)
+
+    def is_own_address(self, host: str) -> bool:
+        """A loopback address or one of this machine's own (no DNS: names never are, but
+        ``localhost``)."""
+        if host == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback or str(ip) in self.own_addrs
+
+    def is_local_agent(self, addr: str, url: str) -> bool:
+        """An agent on the router's own machine: it beats from here and its Ollama is here."""
+        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
+
+    def local_beat(self, raw: bytes, addr: str) -> bool:
+        try:
+            beat = json.loads(raw)
+            return isinstance(beat, dict) and self.is_local_agent(
+                addr, normalize_url(str(beat.get("ollama_url"))))
+        except ValueError:
+            return False
+
+    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
+        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
+        if signed:
+            return "approved", "signed with the fleet key"
+        if self.is_local_agent(addr, url):
+            return "approved", "agent on the router's own machine"
+        if self.config.open_fleet:
+            return "approved", "open fleet (--open-fleet)"
+        record = self.admissions.get(node_id)
+        if record is None:
+            return "pending", "new node: an operator has to approve it"
+        if record.get("decision") == "rejected":
+            return "rejected", "rejected by an operator"
+        if record.get("addr") != addr:
+            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
+        if record.get("ollama_url") != url:
+            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
+                               "since approval")
+        return "approved", "approved by an operator"
+
+    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
+                  why: str) -> Node:
+        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.store.record_event("node_left", node_id, {"reason": why})
+            self._wake_waiters()
+        else:
+            node = self.held_nodes.get(node_id)
+        if node is None:
+            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
+            for k in stale:
+                del self.held_nodes[k]
+            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
+                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
+                del self.held_nodes[quiet.node_id]
+            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
+        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
+                state, addr, url):
+            node.held_since, node.held_reason = now, why
+            if state == "pending":
+                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
+                            "requests until approved (dashboard, or POST "
+                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
+            else:
+                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
+            self.store.record_event(f"node_{state}", node_id,
+                                    {"addr": addr, "url": url, "reason": why})
+        self.held_nodes[node_id] = node
+        return node
+
+    def held_public(self, now: float) -> list[JSON]:
+        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
+        rejected node ids that have not beaten since the router started."""
+        out: list[JSON] = []
+        for n in self.held_nodes.values():
+            gpu = n.hardware.get("gpu")
+            devices = gpu.get("devices") if isinstance(gpu, dict) else None
+            out.append({
+                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
+                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
+                "waiting_since": n.held_since, "last_seen": n.last_seen,
+                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
+                "agent_version": n.agent_version, "ollama_version": n.version,
+                "hardware": {
+                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
+                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
+                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
+                    if isinstance(devices, list) else [],
+                },
+                "models": sorted(n.available_names()),
+                "loaded_models": sorted(n.loaded_names()),
+            })
+        for node_id, record in self.admissions.items():
+            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
+                    and node_id not in self.nodes:
+                out.append({
+                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
+                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
+                    "first_seen": None, "waiting_since": record.get("decided_at"),
+                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
+                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
+                })
+        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
+        return out
+
+    def consent_routes(self) -> dict[str, dict[str, Handler]]:
+        return {
+            "/dashboard/api/nodes/approve": {"POST": self.h_node_approve},
+            "/dashboard/api/nodes/reject": {"POST": self.h_node_reject},
+        }
+
+    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
+        """Admin guard and body of approve/reject: the node id and the binding decided."""
+        self.require_admin(request)
+        body = await request.json(64 * 1024)
+        node_id = body.get("node_id")
+        if not valid_node_id(node_id):
+            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
+        assert isinstance(node_id, str)
+        held = self.held_nodes.get(node_id)
+        record = self.admissions.get(node_id)
+        live = self.nodes.get(node_id)
+        if held is not None:
+            addr, url = held.agent_addr, held.url
+        elif live is not None and decision == "rejected":
+            if live.source != "agent":
+                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
+                                     "the router's configuration instead")
+            if record is None or record.get("decision") != "approved":
+                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
+                                     "machine or open fleet): stop its agent instead")
+            addr, url = live.agent_addr, live.url
+        elif record is not None and record.get("decision") == "rejected":
+            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
+        else:
+            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
+        if decision == "approved":
+            # what the operator saw is what gets approved: a stranger that took over the
+            # pending id in the meantime is not approved by a stale click
+            for key, have in (("addr", addr), ("ollama_url", url)):
+                given = body.get(key)
+                if not isinstance(given, str):
+                    raise HttpError(400, f"{key} is required: the {key} you are approving "
+                                         "(see pending_nodes in /fleet/status)")
+                if given != have:
+                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
+                                         "check it again before approving")
+        now = time.time()
+        await self.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
+        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
+                                    "ollama_url": url, "decided_at": now}
+        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
+        self.store.record_event(f"node_{decision}", node_id,
+                                {"addr": addr, "url": url, "client": request.client_ip})
+        return node_id, addr, url
+
+    async def h_node_approve(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "approved")
+        node = self.held_nodes.get(node_id)
+        joined = False
+        if node is not None and (node.agent_addr, node.url) == (addr, url) \
+                and node_id not in self.nodes:
+            # it joins now with the facts of its last beat; its next beat refreshes them
+            del self.held_nodes[node_id]
+            self.nodes[node_id] = node
+            now = time.time()
+            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
+            new = ("online" if node.reachable else "degraded") if fresh else "offline"
+            self._set_status(node, new, now)
+            joined = True
+        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
+                             "addr": addr, "ollama_url": url, "joined": joined})
+
+    async def h_node_reject(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "rejected")
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.held_nodes[node_id] = node
+            self._wake_waiters()
+        node = node or self.held_nodes.get(node_id)
+        if node is not None:
+            node.status, node.held_since = "rejected", time.time()
+            node.held_reason = "rejected by an operator"
+        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
+                             "addr": addr, "ollama_url": url})
 
     async def h_metrics(self, request: Request, response: Response) -> None:
         await response.send(
@@ -4279,6 +4529,19 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
     return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 3)
 
 
+def own_addresses() -> frozenset[str]:
+    """Every address of this host's interfaces (loopback included), as the kernel lists
+    them (ifaddr); blocking: called through a thread."""
+    addrs: set[str] = set()
+    with contextlib.suppress(ImportError, OSError):
+        import ifaddr
+
+        for adapter in ifaddr.get_adapters():
+            for ip in adapter.ips:
+                addrs.add(ip.ip if isinstance(ip.ip, str) else str(ip.ip[0]))
+    return frozenset(addrs)
+
+
 def local_addresses() -> list[str]:
     """IPv4 addresses of this host's up interfaces, loopback only when there is nothing else.
 
@@ -4440,6 +4703,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_options(p, ROUTER_OPTIONS)
     p.add_argument("--node", action="append", default=None,
                    help="static node URL, repeatable [HERD_NODES, comma separated]")
+    p.add_argument("--open-fleet", action="store_true",
+                   default=env_default("HERD_OPEN_FLEET", "0") in ("1", "true", "on"),
+                   help="let unsigned agents from other machines join without approval, as "
+                   "before consent (one warning at start) [HERD_OPEN_FLEET=1]")
     p.add_argument("--no-mdns", action="store_true",
                    default=env_default("HERD_MDNS", "1") in ("0", "false", "off"),
                    help="do not advertise by mDNS [HERD_MDNS=0]")
@@ -4490,6 +4757,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         stall_timeout_s=args.stall_timeout,
         retention_days=args.retention_days,
         fleet_key=args.fleet_key or None,
+        open_fleet=args.open_fleet,
         fleet_id=args.fleet_id,
         mdns=not args.no_mdns,
         slots=slots,

@@ -1599,6 +1599,17 @@ class FleetEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingNode:
+    """An agent node waiting for the operator's approval (consent): never routed to."""
+
+    node_id: str
+    addr: str
+    url: str
+    waiting_since: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class HealthInput:
     now: float
     nodes: tuple[NodeFacts, ...] = ()
@@ -1612,6 +1623,7 @@ class HealthInput:
     store_queue_depth: int = 0
     settings: Mapping[str, object] = field(default_factory=dict)
     stall_timeout_s: float = 300.0
+    pending_nodes: tuple[PendingNode, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -2636,6 +2648,32 @@ def _check_node_resources(inp: HealthInput, pol: HealthPolicy) -> list[HealthChe
     return out
 
 
+def _check_pending(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    """One card for every node waiting for approval (a burst of strangers is one card)."""
+    if not inp.pending_nodes:
+        return []
+    waiting = sorted(inp.pending_nodes, key=lambda p: p.waiting_since)
+    shown = "; ".join(
+        f"{p.node_id} from {p.addr} (Ollama {p.url}, waiting "
+        f"{max(0.0, inp.now - p.waiting_since) / 60:.0f} min)"
+        for p in waiting[:5]
+    )
+    more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+    return [
+        HealthCheck(
+            "nodes_pending",
+            "Nodes waiting for approval",
+            "warning",
+            f"{len(waiting)} node(s) asked to join and get no requests until approved: "
+            f"{shown}{more}.",
+            "If you know the machine, approve it (Fleet Overview → Waiting for approval → "
+            "Approve, or POST /dashboard/api/nodes/approve); otherwise reject it. To let your own "
+            "machines join without a click, give router and agents the same --fleet-key.",
+            waiting[0].node_id if len(waiting) == 1 else None,
+        )
+    ]
+
+
 # (family id, name when healthy, check) — the anchor's 15 first, then the extras
 _CheckFn = Callable[[HealthInput, HealthPolicy], list[HealthCheck]]
 HEALTH_CHECKS: tuple[tuple[str, str, _CheckFn], ...] = (
@@ -2659,6 +2697,7 @@ HEALTH_CHECKS: tuple[tuple[str, str, _CheckFn], ...] = (
     ("swap_usage", "Swap", _check_swap),
     ("trace_store", "Trace store", _check_store),
     ("node_resources", "Node disk and collectors", _check_node_resources),
+    ("nodes_pending", "Nodes waiting for approval", _check_pending),
 )
 
 

@@ -97,6 +97,29 @@ def test_healthy_fleet_is_all_ok_and_scores_100() -> None:
     }
 
 
+def test_nodes_waiting_for_approval_make_one_warning_card() -> None:
+    one = s.PendingNode("studio", "10.0.0.7", "http://10.0.0.7:11434", NOW - 600, "new node")
+    assert sev(inp(), "nodes_pending") == []
+    (card,) = cards(inp(pending_nodes=(one,)), "nodes_pending")
+    assert (card.severity, card.name, card.node_id) == (
+        "warning",
+        "Nodes waiting for approval",
+        "studio",
+    )
+    assert "studio from 10.0.0.7" in card.reason and "10 min" in card.reason
+    assert "Approve" in card.fix and "--fleet-key" in card.fix
+    # a burst of strangers is still one card (the score drops once), the oldest named first
+    crowd = tuple(
+        s.PendingNode(f"n{i}", f"10.0.1.{i}", f"http://10.0.1.{i}:11434", NOW - i)
+        for i in range(40)
+    )
+    report = s.health_checks(inp(pending_nodes=crowd))
+    (card,) = [c for c in report.checks if c.id == "nodes_pending"]
+    assert card.reason.startswith("40 node(s)") and "and 35 more" in card.reason
+    assert card.reason.index("n39 from") < card.reason.index("n38 from")
+    assert card.node_id is None and report.score == 90
+
+
 def test_score_formula_and_floor() -> None:
     def c(sev_: str) -> s.HealthCheck:
         return s.HealthCheck("x", "x", sev_, "")
