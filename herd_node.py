@@ -1801,6 +1801,7 @@ class Agent:
         self.router_id = ""
         self.sent_hash: str | None = None  # available list the router has
         self.need_full = True
+        self.admission: dict[str, str] = {}  # router URL → approved | pending | rejected
         self.failures = 0
         self.beats_ok = 0
         self.beats_failed = 0
@@ -1904,7 +1905,34 @@ class Agent:
         if self.router_id and reply.get("router_id") != self.router_id:
             log.info("router changed identity (%s -> %s)", self.router_id, reply.get("router_id"))
         self.router_id = str(reply.get("router_id") or "")
+        self._note_admission(router_url, reply)
         return reply
+
+    def _note_admission(self, router_url: str, reply: JSON) -> None:
+        """The router's consent decision (``admission`` in the reply), logged on change only:
+        a held agent keeps beating, so an approval takes effect on its next beat."""
+        state = str(reply.get("admission") or "approved")  # routers before consent: approved
+        before = self.admission.get(router_url, "")
+        if state == before:
+            return
+        self.admission[router_url] = state
+        why = str(reply.get("admission_reason") or "")
+        node = self.config.node_id
+        if state == "pending":
+            log.warning(
+                "node %s is WAITING FOR APPROVAL at the router %s (%s): it gets no requests until "
+                "an operator approves it on the router's dashboard; or give router and agent the "
+                "same --fleet-key, or start the router with --open-fleet. Still reporting.",
+                node, router_url, why,
+            )
+        elif state == "rejected":
+            log.error(
+                "node %s was REJECTED by the router %s: it gets no requests. An operator can still "
+                "approve it on the router's dashboard. Still reporting.", node, router_url,
+            )
+        elif before:
+            log.info("node %s was approved by the router %s (%s): it now gets requests",
+                     node, router_url, why)
 
     def _note_advertise(self, url: str, router_url: str) -> None:
         if url == self.advertised:
@@ -2210,11 +2238,36 @@ BACKEND_OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
 )
 
 
+JOINING_HELP = """joining the fleet (the router decides; this agent reports either way):
+  approve       a new node from another machine waits for approval: an operator clicks
+                Approve on the router's dashboard (Fleet Overview), or POSTs
+                /dashboard/api/nodes/approve. The approval is for this node id at this
+                address and Ollama URL; if either changes, the node waits again.
+  fleet key     give the router and every agent the same --fleet-key (HERD_FLEET_KEY):
+                signed heartbeats join at once, no click (unattended fleets).
+  open fleet    start the router with --open-fleet (HERD_OPEN_FLEET=1): every agent
+                joins, as before consent. Only on a network you trust.
+  An agent on the router's own machine joins without any of these. Until it is approved,
+  the agent logs one line saying so and keeps reporting.
+"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps text as usual, except the joining table (laid out by hand)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text == JOINING_HELP:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="herd-node",
         description="herd node agent: reports this machine and its Ollama to the herd router. "
         "Every flag has an environment twin, shown in brackets.",
+        epilog=JOINING_HELP,
+        formatter_class=_HelpFormatter,
     )
     herd.add_env_options(p, AGENT_OPTIONS)
     p.add_argument("--num-parallel", type=int,
