@@ -31,6 +31,7 @@ import pytest
 
 import herd
 import herd_node
+from tests import test_dashboard as dash
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.test_node_agent import NsProcess
@@ -612,3 +613,59 @@ async def test_netns_open_fleet_lets_everyone_join(net: Net) -> None:
     )
     assert res.status_code == 200 and res.headers["x-herd-node"] == "far"
     assert router.log_path.read_text().count("open fleet (--open-fleet)") == 1
+
+
+# =======================================================================================
+# dashboard (real Chromium)
+# =======================================================================================
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Debian's Chromium through Playwright, as tests/test_dashboard.py drives it."""
+    async_playwright = dash.require_browser()
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(
+            executable_path=str(dash.CHROMIUM), args=dash.CHROMIUM_ARGS
+        )
+        yield chromium
+        await chromium.close()
+
+
+@pytest.mark.browser
+async def test_dashboard_approve_button_and_health_card(
+    make_router: RouterFactory, browser: Any
+) -> None:
+    r = await make_router([], admin_token=dash.ADMIN_TOKEN)
+    async with FakeOllama([FakeModel("llama3.2:3b")]) as fake:
+        hostile = beat("studio", fake.url)
+        hostile["hardware"]["chip"] = dash.XSS
+        r.router.apply_heartbeat(hostile, STRANGER, time.time(), signed=False)
+        page, watch = await dash.open_page(browser, r.url + "/dashboard" + dash.POLL)
+        row = '#pending-rows > [data-key="studio"]'
+        await page.wait_for_selector(row)
+        shown = await dash.text_of(page, row)
+        for part in (STRANGER, fake.url, "llama3.2:3b", "12 cores", "RTX Test", dash.XSS):
+            assert part in shown, shown  # the chip's markup is text, not HTML
+        assert "pending" in shown and await page.locator(f"{row} img").count() == 0
+        assert await page.locator("#node-cards > *").count() == 0
+
+        await dash.select_tab(page, "health")
+        await page.wait_for_function(
+            "() => /Nodes waiting for approval/.test(document.querySelector('#health-checks')"
+            ".textContent)"
+        )
+        health = await dash.text_of(page, "#health-checks")
+        assert f"studio from {STRANGER}" in health
+
+        await dash.select_tab(page, "overview")
+        await page.click(f'{row} [data-f="approve"]')
+        await page.wait_for_selector('#node-cards > [data-key="studio"]')
+        await page.wait_for_selector("#pending-wrap", state="hidden")
+        kinds = [kind for kind, _ in watch.dialogs]
+        assert kinds == ["confirm", "prompt"], watch.dialogs  # are you sure; the admin token
+        assert STRANGER in watch.dialogs[0][1] and fake.url in watch.dialogs[0][1]
+        assert r.router.nodes["studio"].status == "online"
+        assert r.router.admissions["studio"]["addr"] == STRANGER
+        assert await generate(r) == (200, "studio")
+        assert watch.errors == [] and watch.unexpected_dialogs() == []
