@@ -28,7 +28,8 @@ def beat(node_id: str = "studio", **extra: Any) -> dict[str, Any]:
 
 async def test_signed_beats_and_replay(make_router: RouterFactory) -> None:
     r = await make_router([], fleet_key=KEY)
-    raw = json.dumps(beat()).encode()
+    # an Ollama on another machine: not this machine's agent, so it must sign (consent)
+    raw = json.dumps(beat(ollama_url="http://10.0.0.9:11434")).encode()
     status, _, _ = await raw_request(r.port, "POST", "/heartbeat", raw)
     assert status == 401  # unsigned
     bad = {"x-herd-signature": herd.sign("other-key", int(time.time()), raw)}

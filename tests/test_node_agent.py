@@ -307,7 +307,8 @@ async def test_sigterm_drains_sigkill_goes_offline_restart_rejoins(
 async def test_fleet_key_signs_both_ways(make_router: RouterFactory) -> None:
     key = "s3cret"
     router = await make_router([], heartbeat_interval_s=INTERVAL, fleet_key=key)
-    body = herd.dumps(beat("keyed", "http://127.0.0.1:1"))
+    # an Ollama on another machine: not this machine's agent, so it must sign (consent)
+    body = herd.dumps(beat("keyed", "http://10.0.0.9:1"))
     code, _, raw = await raw_request(router.port, "POST", "/heartbeat", body)
     assert code == 401, raw
     bad = herd.sign("wrong", int(time.time()), body)
