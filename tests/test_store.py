@@ -264,11 +264,11 @@ async def test_v4_backfills_fleet_rollups_with_the_same_trends(
         b for (b,) in conn.execute("SELECT DISTINCT bucket FROM rollups WHERE span = 3600")
     }
     if chunk_hours is None:
-        assert store._migrate(conn) == len(MIGRATIONS) == 4
+        assert store._migrate(conn, MIGRATIONS[:4]) == 4
     else:
         with store._atomic(conn):
             store._fleet_rollups_v4(conn, chunk_hours=chunk_hours)
-            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+            conn.execute("PRAGMA user_version = 4")
 
     # One hourly row per bucket that had node x model rows, none daily; counters equal the
     # SQL sums of those rows; trends read from them exactly what the old merge gave.

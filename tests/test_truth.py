@@ -1,0 +1,352 @@
+"""Issue 13, "tell the truth": failures blamed on the right party, error texts kept,
+an empty fleet said out loud, the OpenAI dialect's not-found and retry hints.
+
+Pure tables for the classification; the rest through a real router on loopback in front of
+fake Ollama nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import openai
+import pytest
+
+import herd
+import scoring
+from tests.conftest import FakeFactory, RouterFactory, RunningRouter
+from tests.fake_ollama import FakeModel
+from tests.test_router import raw_request
+
+LLAMA = FakeModel(name="llama3.2:3b", size=2_000_000_000, family="llama")
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+# ------------------------------------------------------------ 1. one classification ----
+
+# (status, body, node lists the model, no answer) -> (kind, node's fault, trace status)
+CLASSIFY = [
+    (200, b"", True, "", ("ok", False, "completed")),
+    (204, b"", True, "", ("ok", False, "completed")),
+    (304, b"", True, "", ("ok", False, "completed")),
+    (400, b'{"error":"\\"llama3.2:3b\\" does not support tools"}', True, "",
+     ("status_4xx", False, "client_error")),
+    (401, b"", True, "", ("status_4xx", False, "client_error")),
+    (413, b"", True, "", ("status_4xx", False, "client_error")),
+    (422, b"{}", True, "", ("status_4xx", False, "client_error")),
+    (404, b'{"error":"model \\"x\\" not found, try pulling it first"}', True, "",
+     ("model_not_found", True, "failed")),
+    (404, b'{"error":"model \\"x\\" not found"}', False, "", ("status_4xx", False, "client_error")),
+    (404, b"404 page not found", True, "", ("model_not_found", True, "failed")),
+    (404, b"", True, "", ("status_4xx", False, "client_error")),
+    (408, b"", True, "", ("status_5xx", True, "failed")),
+    (429, b"", True, "", ("busy", True, "failed")),
+    (503, b'{"error":"server busy, please try again.  maximum pending requests exceeded"}',
+     True, "", ("busy", True, "failed")),
+    (503, b"", True, "", ("busy", True, "failed")),
+    (500, b'{"error":"server busy"}', True, "", ("busy", True, "failed")),
+    (500, b'{"error":"llama runner process has terminated"}', True, "",
+     ("status_5xx", True, "failed")),
+    (502, b"", True, "", ("status_5xx", True, "failed")),
+    (101, b"", True, "", ("status_5xx", True, "failed")),
+    (0, b"", True, "connect", ("connect", True, "failed")),
+    (0, b"", True, "reset", ("reset", True, "failed")),
+    (0, b"", True, "timeout_first_byte", ("timeout_first_byte", True, "failed")),
+    (0, b"", True, "", ("reset", True, "failed")),
+    (0, b"", True, "gremlins", ("reset", True, "failed")),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "listed", "no_answer", "want"), CLASSIFY)
+def test_classify_answer_table(
+    status: int, body: bytes, listed: bool, no_answer: str, want: tuple[str, bool, str]
+) -> None:
+    got = scoring.classify_answer(status, body, node_lists_model=listed, no_answer=no_answer)
+    assert (got.kind, got.node_fault, got.trace_status) == want
+    assert got.kind == "ok" or got.kind in scoring.FAILURE_KINDS
+    # retried exactly when it is the node's failure (and budget remains)
+    if got.kind != "ok":
+        retry = scoring.retry_decision(0, got.kind, False, scoring.Policy()).retry
+        assert retry == got.node_fault
+
+
+def test_every_trace_status_is_documented() -> None:
+    """The trace status set in store.STATUSES is the one ARCHITECTURE.md lists."""
+    import store
+
+    text = (herd.Path(herd.__file__).with_name("ARCHITECTURE.md")).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `status` |"))
+    documented = {w.strip("`") for w in row.split("|")[3].split() if w.startswith("`")}
+    assert documented == set(store.STATUSES)
+
+
+async def chat(r: RunningRouter, body: dict[str, Any], path: str = "/api/chat") -> Any:
+    return await raw_request(r.port, "POST", path, json.dumps(body).encode())
+
+
+async def test_client_4xx_is_not_the_nodes_failure(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Five requests the node refuses with 400 (tools on a model without them) and four good
+    ones: health shows no error rate, no breaker moves, the node's failures stay 0, and each
+    trace says it was the client's error with the node's own text."""
+    fake = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    msg = [{"role": "user", "content": "hi"}]
+    for _ in range(5):
+        status, headers, body = await chat(
+            r, {"model": "llama3.2:3b", "messages": msg, "tools": TOOLS, "stream": False}
+        )
+        assert status == 400
+        assert json.loads(body) == {"error": '"llama3.2:3b" does not support tools'}
+        assert headers["x-herd-retries"] == "0"
+    for _ in range(4):
+        status, _, _ = await chat(r, {"model": "llama3.2:3b", "messages": msg, "stream": False})
+        assert status == 200
+    (nid,) = r.router.nodes
+    assert len(fake.requests_to("/api/chat")) == 9  # a client error is never retried
+    assert all(b.state == "closed" and b.consecutive_failures == 0
+               for b in r.router.breakers.values())
+    stats = r.router.stats.get((nid, "llama3.2:3b"))
+    assert stats is not None and stats.failures == 0
+
+    await r.router.store.flush()
+    traces = await r.router.store.traces(50)
+    refused = [t for t in traces if t["http_status"] == 400]
+    assert len(refused) == 5
+    for t in refused:
+        assert t["status"] == "client_error" and t["node_id"] == nid
+        assert t["error_message"] == '"llama3.2:3b" does not support tools'
+
+    (row,) = await r.router.store.node_model_stats(days=1, now=time.time())
+    assert (row["errors"], row["failures"], row["client_errors"]) == (0, 0, 5)
+    assert (row["requests"], row["attempts"]) == (9, 9)
+
+    r.router.__dict__.pop("_analytics_cache", None)
+    status, _, body = await raw_request(r.port, "GET", "/dashboard/api/health")
+    health = json.loads(body)
+    assert status == 200
+    assert health["vitals"]["errors_24h"] == 0
+    bad = [c for c in health["checks"] if c["severity"] != "ok"]
+    assert not [c for c in bad if c["id"] in ("high_error_rate", "node_unreachable",
+                                               "breaker_open")], bad
+    for c in bad:
+        assert "out of memory" not in c["fix"] and "OLLAMA_HOST" not in c["fix"], c
+
+
+# ------------------------------------------------------------ 2. error texts kept -------
+
+
+async def test_every_non_2xx_trace_keeps_the_error_text_bounded(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    gen = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
+
+    long_error = "bad option " + "y" * 5000
+    for fake in (a, b):
+        fake.fail_next(400, long_error, path="/api/generate")
+    status, _, body = await chat(r, gen, "/api/generate")
+    assert status == 400 and json.loads(body)["error"] == long_error  # client gets it whole
+    for fake in (a, b):
+        fake._faults.clear()  # the node not chosen still holds its fault
+
+    for fake in (a, b):  # both nodes crash: retried once, then the client gets the 500
+        fake.fail_next(500, "llama runner process has terminated: exit status 2",
+                       path="/api/generate")
+    status, _, body = await chat(r, gen, "/api/generate")
+    assert status == 500
+
+    status, _, body = await chat(r, {"model": "ghost:1b", "prompt": "x"}, "/api/generate")
+    assert status == 404
+
+    await r.router.store.flush()
+    traces = await r.router.store.traces(50)
+    non_2xx = [t for t in traces if t["status"] != "completed" and t["status"] != "retried"]
+    assert len(non_2xx) == 3
+    for t in non_2xx:
+        assert t["error_message"], t
+        assert len(str(t["error_message"])) <= herd.TRACE_ERROR_MAX
+    by_status = {t["http_status"]: str(t["error_message"]) for t in non_2xx}
+    assert by_status[400].startswith("bad option yyy") and len(by_status[400]) == 1000
+    assert "llama runner process has terminated" in by_status[500]
+    assert "ghost:1b" in by_status[404] and "not found" in by_status[404]
+    retried = [t for t in traces if t["status"] == "retried"]
+    assert retried and all("llama runner" in str(t["error_message"]) for t in retried)
+
+
+def test_error_text_extracts_both_dialects_and_bounds() -> None:
+    assert herd.error_text(b'{"error":"boom"}') == "boom"
+    assert herd.error_text(b'{"error":{"message":"nope","type":"x"}}') == "nope"
+    assert herd.error_text(b"plain text\n") == "plain text"
+    assert herd.error_text(b"") == ""
+    assert herd.error_text(b'{"error": 3}') == '{"error": 3}'
+    cut = herd.error_text(b"z" * 5000, 100)
+    assert len(cut) == 100 and cut.endswith("\u2026")
+
+
+# ------------------------------------------------------------ 3. empty fleet ------------
+
+
+def test_empty_fleet_is_a_critical_card_with_the_fix() -> None:
+    for nodes in ((), (scoring.NodeFacts("a", status="offline"),)):
+        report = scoring.health_checks(scoring.HealthInput(now=1e9, nodes=nodes))
+        (card,) = [c for c in report.checks if c.id == "no_nodes_online"]
+        assert card.severity == "critical"
+        assert "herd-node" in card.fix and "--node" in card.fix
+        assert report.score < 100
+    live = scoring.health_checks(
+        scoring.HealthInput(now=1e9, nodes=(scoring.NodeFacts("a", status="degraded"),))
+    )
+    assert not [c for c in live.checks if c.id == "no_nodes_online"]
+
+
+async def test_empty_fleet_through_the_router(
+    make_router: RouterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="herd")
+    # a loopback port nothing listens on stands for "no local Ollama"
+    r = await make_router([], local_ollama="http://127.0.0.1:9")
+    async with asyncio.timeout(10):
+        while not any("no Ollama answered at http://127.0.0.1:9" in m for m in caplog.messages):
+            await asyncio.sleep(0.02)
+    line = next(m for m in caplog.messages if "no Ollama answered" in m)
+    assert "no node is configured" in line and "herd-node" in line and "--node" in line
+
+    status, _, body = await raw_request(r.port, "GET", "/dashboard/api/health")
+    health = json.loads(body)
+    assert health["score"] < 100
+    assert any(c["id"] == "no_nodes_online" and c["severity"] == "critical"
+               for c in health["checks"])
+
+    status, _, body = await chat(r, {"model": "llama3.2:3b", "prompt": "x"}, "/api/generate")
+    assert status == 404
+    assert "fleet is empty" in json.loads(body)["error"]
+    status, _, body = await chat(
+        r, {"model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]},
+        "/v1/chat/completions",
+    )
+    err = json.loads(body)["error"]
+    assert status == 404 and "fleet is empty" in err["message"]
+    assert err["type"] == "not_found_error"
+
+
+async def test_no_node_and_no_probe_says_so_at_start(
+    make_router: RouterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="herd")
+    await make_router([])  # conftest: local_ollama=None
+    assert any("no node is configured" in m and "fleet is empty" in m for m in caplog.messages)
+
+
+async def test_a_model_missing_from_a_live_fleet_is_a_plain_404(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    status, _, body = await chat(r, {"model": "ghost:1b", "prompt": "x"}, "/api/generate")
+    assert status == 404 and "fleet is empty" not in json.loads(body)["error"]
+
+
+# ------------------------------------------------------------ 4. OpenAI dialect ---------
+
+
+async def test_openai_unknown_model_is_not_found_error(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    client = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.chat.completions.create(
+            model="ghost:1b", messages=[{"role": "user", "content": "x"}]
+        )
+    assert info.value.status_code == 404
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "not_found_error"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("ghost:1b")
+    await client.close()
+
+
+async def test_openai_failure_after_herd_retried_says_do_not_retry(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    body = {"model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]}
+    for fake in (a, b):
+        fake.fail_next(500, "llama runner process has terminated", path="/v1/chat/completions")
+    status, headers, _ = await chat(r, body, "/v1/chat/completions")
+    assert status == 500 and headers["x-herd-retries"] == "1"
+    assert headers["x-should-retry"] == "false"
+
+    # the official SDK believes it: one call, no extra attempts on top of herd's own retry
+    client = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="x", max_retries=2)
+    a.reset_stats()
+    b.reset_stats()
+    for fake in (a, b):
+        fake.fail_next(500, "llama runner process has terminated", path="/v1/chat/completions")
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(**body)
+    sent = len(a.requests_to("/v1/chat/completions")) + len(b.requests_to("/v1/chat/completions"))
+    assert sent == 2
+    await client.close()
+
+
+
+async def test_v5_adds_client_errors_to_an_old_store_in_one_log_line(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A v4 latency.db (rollups without ``client_errors``) upgrades in place; a client error
+    then counts as an attempt and a client error, never as an error or a failure. The
+    upgrade is one log line that says from which version to which (point 6)."""
+    import store
+
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = store._connect_writer(data / "latency.db")
+    assert store._migrate(conn, store.MIGRATIONS[:4]) == 4
+    for table in ("rollups", "fleet_rollups"):  # the v4 schema had no such column
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN client_errors")
+    conn.close()
+
+    caplog.set_level(logging.INFO, logger="herd.store")
+    s = store.Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        now = time.time()
+        for i, (status, http) in enumerate([("client_error", 400), ("failed", 500),
+                                            ("completed", 200)]):
+            s.record_trace(store.TraceRecord(f"r{i}", now, model="m", node_id="a",
+                                             status=status, http_status=http))
+        await s.flush()
+        (row,) = await s.node_model_stats(days=1, now=now)
+        assert (row["attempts"], row["client_errors"], row["errors"], row["failures"]) == (
+            3, 1, 1, 1)
+        (trend,) = [t for t in await s.trends(hours=1, now=now) if t["attempts"]]
+        assert trend["client_errors"] == 1
+    finally:
+        await s.close()
+    migrated = [m for m in caplog.messages if m.startswith("store.migrated")]
+    assert migrated == ["store.migrated: schema v4 -> v5"]
+
+    caplog.clear()
+    fresh = store.Store(tmp_path / "fresh", prune_interval_s=None)
+    await fresh.open()
+    await fresh.close()
+    assert [m for m in caplog.messages if m.startswith("store.migrated")] == [
+        f"store.migrated: schema v0 -> v{len(store.MIGRATIONS)}"
+    ]
