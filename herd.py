@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -255,6 +256,42 @@ def verify_signature(
 # =======================================================================================
 
 
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]*")
+_TARGET = re.compile(rb"[\x21-\x7e]*")
+_REQUEST_LINE = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]{1,32} [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r?"
+)
+_VERSION_SHAPE = b"HTTP/#.#\r"  # '#': a digit
+
+
+def request_line_possible(buf: bytes) -> bool:
+    """Can ``buf``, what a client has sent so far, still become a valid request line
+    (``METHOD SP target SP HTTP/d.d``, RFC 9112 §3; empty lines before it are allowed)?
+    False as soon as its first bytes show it cannot (a TLS handshake, binary noise, a
+    32-character "method"), so the server refuses it at once instead of waiting for the
+    header deadline."""
+    data = buf.lstrip(b"\r\n")
+    line, newline, _ = data.partition(b"\n")
+    if newline:
+        return _REQUEST_LINE.fullmatch(line) is not None
+    m = _METHOD.match(line).end()  # type: ignore[union-attr]
+    if m == len(line):
+        return m <= 32
+    if m == 0 or m > 32 or line[m] != 0x20:
+        return False
+    rest = line[m + 1 :]
+    t = _TARGET.match(rest).end()  # type: ignore[union-attr]
+    if t == len(rest):
+        return True
+    if t == 0 or rest[t] != 0x20:
+        return False
+    version = rest[t + 1 :]
+    return len(version) <= len(_VERSION_SHAPE) and all(
+        (c in b"0123456789") if want == ord("#") else c == want
+        for c, want in zip(version, _VERSION_SHAPE, strict=False)
+    )
+
+
 class HttpStream:
     """The only code that moves HTTP bytes, for the server and the client side alike."""
 
@@ -282,17 +319,40 @@ class HttpStream:
         except (ConnectionError, OSError):
             return b""
 
-    async def receive(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:
-        """Next h11 event; reads as needed. ``timeout`` bounds the whole wait."""
+    async def receive(
+        self, timeout: float | None = None, *, check_request_line: bool = False
+    ) -> h11.Event | type[h11.PAUSED]:
+        """Next h11 event; reads as needed. ``timeout`` bounds the whole wait.
+        ``check_request_line`` (server, waiting for a request): bytes that cannot become a
+        request line raise ``h11.RemoteProtocolError`` (400) as soon as they arrive."""
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:  # already buffered: no timer needed
             return cast("h11.Event | type[h11.PAUSED]", event)
         async with asyncio.timeout(timeout):
             while True:
+                if check_request_line:
+                    self._refuse_impossible_request_line()
                 self.conn.receive_data(await self._read())
                 event = self.conn.next_event()
                 if event is not h11.NEED_DATA:
                     return cast("h11.Event | type[h11.PAUSED]", event)
+
+    def _refuse_impossible_request_line(self) -> None:
+        if self.conn.their_state is not h11.IDLE:
+            return
+        pending, closed = self.conn.trailing_data
+        if closed or not pending or request_line_possible(pending):
+            return
+        # End the head here so that h11 itself rejects the line: its state becomes ERROR,
+        # which lets the server still send its 400 through h11 before closing.
+        self.conn.receive_data(b"\r\n\r\n")
+        try:
+            self.conn.next_event()
+        except h11.RemoteProtocolError:
+            pass
+        raise h11.RemoteProtocolError(
+            "not an HTTP/1.x request: the request line cannot become valid", 400
+        )
 
     async def send(self, event: h11.Event, *, flush: bool = True) -> None:
         """Send one event. ``flush=False`` corks it: it goes out with the next flushed send,
@@ -665,7 +725,9 @@ class HttpServer:
                         data = await stream._read()
                     stream.conn.receive_data(data)
                 # ...then the whole head must arrive within the header deadline
-                event = await stream.receive(self.limits.header_timeout_s)
+                event = await stream.receive(
+                    self.limits.header_timeout_s, check_request_line=True
+                )
             except TimeoutError:
                 started_head = bool(stream.conn.trailing_data[0])
                 if first or started_head or stream.conn.their_state is not h11.IDLE:

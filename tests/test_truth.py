@@ -350,3 +350,79 @@ async def test_v5_adds_client_errors_to_an_old_store_in_one_log_line(
     assert [m for m in caplog.messages if m.startswith("store.migrated")] == [
         f"store.migrated: schema v0 -> v{len(store.MIGRATIONS)}"
     ]
+
+
+# ------------------------------------------------------------ 5. non-HTTP bytes ---------
+
+REQUEST_LINES = [
+    (b"", True),
+    (b"G", True),
+    (b"GET", True),
+    (b"GET ", True),
+    (b"GET /api/tags", True),
+    (b"GET /api/tags ", True),
+    (b"GET /api/tags HT", True),
+    (b"GET /api/tags HTTP/1.", True),
+    (b"GET /api/tags HTTP/1.1", True),
+    (b"GET /api/tags HTTP/1.1\r", True),
+    (b"GET /api/tags HTTP/1.1\r\nHost: x\r\n", True),
+    (b"\r\nPOST /api/chat HTTP/1.1\r\n", True),  # an empty line before it is allowed
+    (b"M-SEARCH * HTTP/1.1\r\n", True),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", False),  # a TLS ClientHello
+    (b"\x00", False),
+    (b" GET / HTTP/1.1", False),
+    (b"GET  /", False),
+    (b"GET /\x7f", False),
+    (b"GET / HTTP/2", True),  # h11 answers 505 itself once the line is complete
+    (b"GET / HTTP/2x", False),
+    (b"GET / XTTP", False),
+    (b"GET / HTTP/1.1x", False),
+    (b"A" * 32, True),
+    (b"A" * 33, False),
+    (b"hello world\n", False),  # a complete first line that is no request line
+    (b"GET /\r\n", False),  # HTTP/0.9 is not spoken here
+]
+
+
+@pytest.mark.parametrize(("buf", "ok"), REQUEST_LINES)
+def test_request_line_possible_table(buf: bytes, ok: bool) -> None:
+    assert herd.request_line_possible(buf) is ok
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    async with asyncio.timeout(timeout):
+        return await reader.read(-1)
+
+
+async def test_bytes_that_cannot_be_http_are_refused_at_once(
+    make_router: RouterFactory,
+) -> None:
+    """512 random bytes with no line end: 400 and close within a second or two, not the
+    30 s header deadline. A slow but valid request line is still waited for."""
+    import random
+
+    r = await make_router([])
+    noise = random.Random(13).randbytes(512).replace(b"\n", b"x")
+    # (h11 refuses a TLS ClientHello by itself; random noise it would hold for 30 s)
+    for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + noise[:100], noise):
+        reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+        writer.write(garbage)
+        await writer.drain()
+        data = await read_all(reader, 5.0)  # EOF: the router closed the connection
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), data[:200]
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)["error"]
+    assert "not an HTTP/1.x request" in json.loads(body)["error"] or garbage[0] == 0x16
+
+    # a valid request line arriving in pieces is not refused
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    for piece in (b"GE", b"T /api/ver", b"sion HTTP/1", b".1\r\nHost: 127.0.0.1\r\n",
+                  b"Connection: close\r\n\r\n"):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    data = await read_all(reader, 5.0)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 503 ")  # the empty fleet has no version yet: a real answer
