@@ -2702,7 +2702,7 @@ class Router:
                     allow_upgrade=allow_vram_fallback,
                 )
                 if decision.action != "keep":
-                    log.info(
+                    log.debug(
                         "request %s: context protection %s (%s)",
                         attempt.request_id,
                         decision.action,
@@ -4577,6 +4577,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag has an environment twin, shown in brackets.",
     )
     add_env_options(p, ROUTER_OPTIONS)
+    p.add_argument("--version", action="version", version=f"herd {__version__}")
     p.add_argument("--node", action="append", default=None,
                    help="static node URL, repeatable [HERD_NODES, comma separated]")
     p.add_argument("--no-mdns", action="store_true",

@@ -1303,10 +1303,11 @@ def protect_context(
     """Avoid reloads caused by ``options.num_ctx``.
 
     Ollama reloads a model whenever a request's num_ctx differs from the resident one
-    (an absent num_ctx means the server default). So when the model is resident with a
-    context that covers both the request's num_ctx and its estimated tokens, send that
-    resident value ("set"; "keep" if it already matches). A request that needs more than
-    any resident copy may be moved ("upgrade") to a larger resident model of the same family
+    (an absent num_ctx means the server default, which never reloads an auto-sized runner).
+    So when the model is resident with a context that covers both the request's num_ctx and
+    its estimated tokens, send that resident value ("set"; "keep" if it already matches or
+    the request has no num_ctx: the body is changed only when that spares a reload). A
+    request that needs more than any resident copy may be moved ("upgrade") to a larger resident model of the same family
     whose window is big enough, when allowed; otherwise it is kept (Ollama will reload).
     Unknown or no resident context: keep.
     """
@@ -1323,10 +1324,11 @@ def protect_context(
         return ContextDecision("keep", num_ctx, model, "model not resident anywhere")
     fitting = [c for c in ctxs if c >= need]
     if fitting:
-        if num_ctx is None and len(ctxs) > 1:
-            return ContextDecision(
-                "keep", None, model, f"resident contexts differ ({ctxs}); left to the node"
-            )
+        if num_ctx is None:
+            # Ollama does not reload an auto-sized runner for a request without num_ctx, and
+            # /api/ps cannot tell a pinned runner from an auto-sized one: adding a num_ctx
+            # would change the client's bytes for no proven gain.
+            return ContextDecision("keep", None, model, "no num_ctx and it fits: left as is")
         c = fitting[0]
         if num_ctx == c:
             return ContextDecision("keep", c, model, f"num_ctx {c} matches the resident model")

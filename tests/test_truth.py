@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -23,6 +25,7 @@ from tests.fake_ollama import FakeModel
 from tests.test_router import raw_request
 
 LLAMA = FakeModel(name="llama3.2:3b", size=2_000_000_000, family="llama")
+ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 
@@ -426,3 +429,71 @@ async def test_bytes_that_cannot_be_http_are_refused_at_once(
     data = await read_all(reader, 5.0)
     writer.close()
     assert data.startswith(b"HTTP/1.1 503 ")  # the empty fleet has no version yet: a real answer
+
+
+# ------------------------------------------------------------ 6. noise and small truths -
+
+
+async def test_context_protection_rewrites_only_what_spares_a_reload(
+    make_router: RouterFactory, make_fake: FakeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request without num_ctx to a resident model reaches the node byte for byte (Ollama
+    would not reload for it) and logs nothing at INFO; a smaller num_ctx that would force a
+    reload is still rewritten, and that is logged at DEBUG only."""
+    caplog.set_level(logging.DEBUG, logger="herd")
+    long_ctx = FakeModel(name="llama3.2:3b", size=2_000_000_000, context_length=32768)
+    fake = await make_fake([long_ctx], tokens_per_s=0, default_num_ctx=8192)
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')  # load
+    await r.router.refresh_node(next(iter(r.router.nodes.values())))
+
+    plain = b'{"model":"llama3.2:3b","prompt":"x","stream":false}'
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", plain)
+    assert status == 200
+    assert fake.requests_to("/api/generate")[-1].body == plain
+    assert not [x for x in caplog.records if "context protection" in x.getMessage()]
+
+    small = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_ctx":2048}}'
+    loads = len(fake.load_events)
+    status, _, _ = await raw_request(r.port, "POST", "/api/generate", small)
+    assert status == 200 and len(fake.load_events) == loads
+    assert fake.requests_to("/api/generate")[-1].json()["options"]["num_ctx"] == 8192
+    said = [x for x in caplog.records if "context protection" in x.getMessage()]
+    assert said and all(x.levelno == logging.DEBUG for x in said)
+
+
+@pytest.mark.parametrize(("program", "name"), [("herd.py", "herd"), ("herd_node.py", "herd-node")])
+async def test_version_flag(program: str, name: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / program), "--version",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(ROOT),
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.decode().strip() == f"{name} {herd.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.5.6.7", True), ("::1", True), ("[::1]", True),
+     ("localhost", True), ("0.0.0.0", False), ("::", False), ("", False),
+     ("192.168.1.5", False), ("router.lan", False)],
+)
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    assert herd.is_loopback_host(host) is loopback
+
+
+async def test_non_loopback_without_api_key_warns_once(
+    make_router: RouterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="herd")
+    # listening on every address (port 0); nothing is sent to anything but loopback
+    await make_router([], host="0.0.0.0")
+    warned = [m for m in caplog.messages if "no API key" in m]
+    assert len(warned) == 1 and "--api-key" in warned[0]
+    caplog.clear()
+    await make_router([], host="0.0.0.0", api_keys=["k"])
+    await make_router([])  # loopback
+    assert not [m for m in caplog.messages if "no API key" in m]
