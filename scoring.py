@@ -1307,8 +1307,9 @@ def protect_context(
     So when the model is resident with a context that covers both the request's num_ctx and
     its estimated tokens, send that resident value ("set"; "keep" if it already matches or
     the request has no num_ctx: the body is changed only when that spares a reload). A
-    request that needs more than any resident copy may be moved ("upgrade") to a larger resident model of the same family
-    whose window is big enough, when allowed; otherwise it is kept (Ollama will reload).
+    request that needs more than any resident copy may be moved ("upgrade") to a larger
+    resident model of the same family whose window is big enough, when allowed; otherwise
+    it is kept (Ollama will reload).
     Unknown or no resident context: keep.
     """
     live = _live(nodes)
