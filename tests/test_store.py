@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import store
 from store import MIGRATIONS, Store, TraceRecord, setup_jsonl_logging
+from tests.conftest import skip_or_fail
 
 # A fixed clock, 12:30 UTC: every analytics call in these tests passes it as `now`.
 D0 = 20717 * store.DAY  # 2026-09-21 00:00 UTC
@@ -443,7 +444,7 @@ async def test_a_bad_record_costs_only_itself(open_store: OpenStore) -> None:
 async def test_sqlite_cli_query_from_the_issue_works(open_store: OpenStore) -> None:
     cli = shutil.which("sqlite3")
     if cli is None:
-        pytest.skip("sqlite3 CLI not installed")
+        skip_or_fail("sqlite3 CLI not installed (apt-get install sqlite3; tests/setup.sh does)")
     s = await open_store()
     s.record_trace(rec("x1", NOW - 10, model="m", status="failed", error_message="boom"))
     s.record_trace(rec("x2", NOW, model="m", status="completed"))
