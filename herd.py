@@ -3297,7 +3297,7 @@ class Router:
                     raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
                                           f"{up.status}: {error_text(data)}",
                                           status=up.status, body=data, headers=up.headers)
-                ok = up.status < 400
+                ok = not scoring.classify_answer(up.status).node_fault
                 self.breaker_success(node.node_id, model, time.time())
                 return up, node
             except UpstreamFailure as fail:

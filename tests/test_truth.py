@@ -497,3 +497,30 @@ async def test_non_loopback_without_api_key_warns_once(
     await make_router([], host="0.0.0.0", api_keys=["k"])
     await make_router([])  # loopback
     assert not [m for m in caplog.messages if "no API key" in m]
+
+
+async def test_client_4xx_from_an_image_agent_is_not_its_failure(
+    make_router: RouterFactory,
+) -> None:
+    from tests.test_multimodal_router import FakeAgentService, register
+
+    agent = FakeAgentService()
+    await agent.start()
+    try:
+        r = await make_router([])
+        await register(r, "studio", agent)
+        agent.fail_status, agent.fail_body = 400, b'{"error":"width must be a multiple of 8"}'
+        agent.fail_next = 1
+        status, headers, body = await raw_request(
+            r.port, "POST", "/api/generate-image", b'{"model":"z-image-turbo","prompt":"x"}'
+        )
+        assert status == 400 and json.loads(body)["error"] == "width must be a multiple of 8"
+        assert headers["x-herd-retries"] == "0"
+        queues = [q for q in r.router.queues.values() if q.model.startswith("z-image-turbo")]
+        assert queues and all(q.failed == 0 and q.done == 1 for q in queues)
+        await r.router.store.flush()
+        (t,) = await r.router.store.traces(5)
+        assert (t["status"], t["http_status"]) == ("client_error", 400)
+        assert t["error_message"] == "width must be a multiple of 8"
+    finally:
+        await agent.stop()
