@@ -2848,7 +2848,7 @@ class Router:
                         attempt,
                         status="rejected",
                         http_status=503,
-                        error=rej.message,
+                        error=f"all nodes are busy: {rej.message}",
                         choice=rej.choice,
                         model=served_model,
                     )
@@ -3189,7 +3189,8 @@ class Router:
             scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
             status=status,
             http_status=http_status,
-            error_message=error,
+            error_message=error if len(error) <= TRACE_ERROR_MAX
+            else error[: TRACE_ERROR_MAX - 1] + "\u2026",
             latency_ms=latency_ms,
             time_to_first_token_ms=ttft_ms,
             queue_ms=attempt.queue_ms,

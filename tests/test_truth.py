@@ -162,9 +162,9 @@ async def test_every_non_2xx_trace_keeps_the_error_text_bounded(
     for fake in (a, b):
         fake._faults.clear()  # the node not chosen still holds its fault
 
+    crash = "llama runner process has terminated: " + "z" * 3000
     for fake in (a, b):  # both nodes crash: retried once, then the client gets the 500
-        fake.fail_next(500, "llama runner process has terminated: exit status 2",
-                       path="/api/generate")
+        fake.fail_next(500, crash, path="/api/generate")
     status, _, body = await chat(r, gen, "/api/generate")
     assert status == 500
 
