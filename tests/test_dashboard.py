@@ -532,3 +532,30 @@ async def test_api_key_is_asked_once_and_sent_as_bearer(
         assert not watch.errors, watch.errors
     finally:
         await fake.stop()
+
+
+@pytest.mark.browser
+async def test_a_client_error_trace_is_not_shown_as_critical(
+    make_router: RouterFactory, browser: Any
+) -> None:
+    """A request the node refused because of the request itself (issue 13): its trace row
+    says client_error with the node's text, at info level, not critical like a failure."""
+    fake = FakeOllama([FakeModel("llama3.2:3b")], tokens_per_s=0)
+    await fake.start()
+    try:
+        r = await make_router([fake.url])
+        await r.wait_ready()
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        async with httpx.AsyncClient(base_url=r.url, timeout=10) as client:
+            res = await client.post("/api/chat", json={
+                "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}],
+                "tools": tools, "stream": False})
+            assert res.status_code == 400
+        page, watch = await open_page(browser, r.url + "/dashboard" + POLL + "#apps")
+        cell = page.locator("#trace-rows tr td", has_text="client_error")
+        await cell.first.wait_for()
+        assert "does not support tools" in await cell.first.inner_text()
+        assert await cell.first.get_attribute("data-level") == "info"
+        assert not watch.errors, watch.errors
+    finally:
+        await fake.stop()
