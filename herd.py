@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -128,6 +129,40 @@ class UpstreamFailure(Exception):
         self.headers = headers or []
 
 
+EMPTY_FLEET = (
+    "no node is online (the fleet is empty): run herd-node on each Ollama machine, or start "
+    "the router with --node http://HOST:11434"
+)
+TRACE_ERROR_MAX = 1000  # characters of an error text kept in a trace row
+
+
+def error_text(body: bytes, limit: int = TRACE_ERROR_MAX) -> str:
+    """The error a client got in an answer body, bounded: the ``error`` of an Ollama
+    ``{"error": "..."}`` or the ``error.message`` of an OpenAI error object, else the
+    body's text."""
+    text = body[: 4 * limit].decode("utf-8", "replace").strip()
+    if body[:1] == b"{" and len(body) <= 64 * 1024:
+        with contextlib.suppress(ValueError):
+            obj = json.loads(body)
+            err = obj.get("error") if isinstance(obj, dict) else None
+            if isinstance(err, dict):
+                err = err.get("message")
+            if isinstance(err, str) and err:
+                text = err
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Is a listen address reachable only from this machine?"""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/")
 
@@ -139,7 +174,7 @@ def error_body(path: str, status: int, message: str) -> bytes:
             400: "invalid_request_error",
             401: "authentication_error",
             403: "permission_error",
-            404: "invalid_request_error",
+            404: "not_found_error",
             413: "invalid_request_error",
             429: "rate_limit_error",
         }.get(status, "api_error")
@@ -222,6 +257,42 @@ def verify_signature(
 # =======================================================================================
 
 
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]*")
+_TARGET = re.compile(rb"[\x21-\x7e]*")
+_REQUEST_LINE = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]{1,32} [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r?"
+)
+_VERSION_SHAPE = b"HTTP/#.#\r"  # '#': a digit
+
+
+def request_line_possible(buf: bytes) -> bool:
+    """Can ``buf``, what a client has sent so far, still become a valid request line
+    (``METHOD SP target SP HTTP/d.d``, RFC 9112 §3; empty lines before it are allowed)?
+    False as soon as its first bytes show it cannot (a TLS handshake, binary noise, a
+    32-character "method"), so the server refuses it at once instead of waiting for the
+    header deadline."""
+    data = buf.lstrip(b"\r\n")
+    line, newline, _ = data.partition(b"\n")
+    if newline:
+        return _REQUEST_LINE.fullmatch(line) is not None
+    m = _METHOD.match(line).end()  # type: ignore[union-attr]
+    if m == len(line):
+        return m <= 32
+    if m == 0 or m > 32 or line[m] != 0x20:
+        return False
+    rest = line[m + 1 :]
+    t = _TARGET.match(rest).end()  # type: ignore[union-attr]
+    if t == len(rest):
+        return True
+    if t == 0 or rest[t] != 0x20:
+        return False
+    version = rest[t + 1 :]
+    return len(version) <= len(_VERSION_SHAPE) and all(
+        (c in b"0123456789") if want == ord("#") else c == want
+        for c, want in zip(version, _VERSION_SHAPE, strict=False)
+    )
+
+
 class HttpStream:
     """The only code that moves HTTP bytes, for the server and the client side alike."""
 
@@ -249,17 +320,40 @@ class HttpStream:
         except (ConnectionError, OSError):
             return b""
 
-    async def receive(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:
-        """Next h11 event; reads as needed. ``timeout`` bounds the whole wait."""
+    async def receive(
+        self, timeout: float | None = None, *, check_request_line: bool = False
+    ) -> h11.Event | type[h11.PAUSED]:
+        """Next h11 event; reads as needed. ``timeout`` bounds the whole wait.
+        ``check_request_line`` (server, waiting for a request): bytes that cannot become a
+        request line raise ``h11.RemoteProtocolError`` (400) as soon as they arrive."""
         event = self.conn.next_event()
         if event is not h11.NEED_DATA:  # already buffered: no timer needed
             return cast("h11.Event | type[h11.PAUSED]", event)
         async with asyncio.timeout(timeout):
             while True:
+                if check_request_line:
+                    self._refuse_impossible_request_line()
                 self.conn.receive_data(await self._read())
                 event = self.conn.next_event()
                 if event is not h11.NEED_DATA:
                     return cast("h11.Event | type[h11.PAUSED]", event)
+
+    def _refuse_impossible_request_line(self) -> None:
+        if self.conn.their_state is not h11.IDLE:
+            return
+        pending, closed = self.conn.trailing_data
+        if closed or not pending or request_line_possible(pending):
+            return
+        # End the head here so that h11 itself rejects the line: its state becomes ERROR,
+        # which lets the server still send its 400 through h11 before closing.
+        self.conn.receive_data(b"\r\n\r\n")
+        try:
+            self.conn.next_event()
+        except h11.RemoteProtocolError:
+            pass
+        raise h11.RemoteProtocolError(
+            "not an HTTP/1.x request: the request line cannot become valid", 400
+        )
 
     async def send(self, event: h11.Event, *, flush: bool = True) -> None:
         """Send one event. ``flush=False`` corks it: it goes out with the next flushed send,
@@ -632,7 +726,9 @@ class HttpServer:
                         data = await stream._read()
                     stream.conn.receive_data(data)
                 # ...then the whole head must arrive within the header deadline
-                event = await stream.receive(self.limits.header_timeout_s)
+                event = await stream.receive(
+                    self.limits.header_timeout_s, check_request_line=True
+                )
             except TimeoutError:
                 started_head = bool(stream.conn.trailing_data[0])
                 if first or started_head or stream.conn.their_state is not h11.IDLE:
@@ -1684,10 +1780,19 @@ class Router:
         for url in self.config.nodes:
             self.add_static_node(url, "static", now)
         self.address = await self.server.start(self.config.host, self.config.port)
+        if not is_loopback_host(self.config.host) and not self.config.api_keys:
+            log.warning(
+                "listening on %s with no API key: anyone who can reach this address can use "
+                "the fleet; pass --api-key (or HERD_API_KEYS), or --host 127.0.0.1",
+                self.config.host or "every address",
+            )
         self._spawn(self._poll_loop(), "poller")
         self._spawn(self._monitor_loop(), "monitor")
         if self.config.local_ollama:
             self._spawn(self._probe_local(self.config.local_ollama), "local-probe")
+        elif not self.config.nodes:
+            log.warning("no node is configured (--node) and the local Ollama probe is off: %s",
+                        EMPTY_FLEET)
         if self.config.mdns:
             self._spawn(self._advertise(), "mdns")
         return self.address
@@ -1733,15 +1838,19 @@ class Router:
 
     async def _probe_local(self, url: str) -> None:
         """Add a local Ollama as a node when one answers (checked again every minute)."""
+        first = True
         while True:
             if not any(n.url == normalize_url(url) for n in self.nodes.values()):
                 try:
                     await self.pool.get_json(url, "/api/version", self.config.poll_timeout_s)
                 except (UpstreamFailure, ValueError, TimeoutError, OSError):
-                    pass
+                    if first and not self.config.nodes:
+                        log.warning("no Ollama answered at %s and no node is configured: %s",
+                                    url, EMPTY_FLEET)
                 else:
                     node = self.add_static_node(url, "local", time.time())
                     await self.refresh_node(node)
+            first = False
             await asyncio.sleep(60)
 
     async def _poll_loop(self) -> None:
@@ -1979,6 +2088,8 @@ class Router:
             self._wake_waiters()
 
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
+        if kind == "status_4xx":
+            return  # the request's own fault (scoring.classify_answer): not the node's
         total = max(1, len(self.nodes))
         ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
         share = (ejected + 1) / total  # the share ejected if this breaker opened too
@@ -2098,7 +2209,8 @@ class Router:
         headers = list(exc.headers)
         if request is not None and request.body_error:
             headers.append(("connection", "close"))
-        if is_openai_path(path) and exc.status in (429, 503):
+        if (is_openai_path(path) and exc.status in (429, 503)
+                and not any(k.lower() == "x-should-retry" for k, _ in headers)):
             headers.append(("x-should-retry", "true"))
         await response.send(
             exc.status,
@@ -2200,7 +2312,7 @@ class Router:
             if scoring.normalize_model(str(m.get("name") or m.get("model") or "")) == key:
                 await response.json(self.v1_model_entry(m))
                 return
-        raise HttpError(404, f'model "{wanted}" not found')
+        raise self.model_not_found(f'"{wanted}"')
 
     # ---------------------------------------------------------------- model admin ---------
 
@@ -2252,7 +2364,7 @@ class Router:
         model = scoring.normalize_model(self.model_of(body))
         candidates = self.nodes_with(model)
         if not candidates:
-            raise HttpError(404, f"model '{self.model_of(body)}' not found")
+            raise self.model_not_found(f"'{self.model_of(body)}'")
         await self.forward_simple(request, response, candidates, raw)
 
     async def forward_simple(
@@ -2416,7 +2528,7 @@ class Router:
         model = scoring.normalize_model(model_raw)
         holders = self.nodes_with(model)
         if not holders:
-            raise HttpError(404, f"model '{model_raw}' not found")
+            raise self.model_not_found(f"'{model_raw}'")
 
         async def one(node: Node) -> tuple[Node, int, bytes]:
             try:
@@ -2522,7 +2634,7 @@ class Router:
         model = scoring.normalize_model(str(body["model"]))
         holders = [n for n in self.healthy_nodes() if model in n.loaded_names()]
         if not any(n.has_model(model) for n in self.healthy_nodes()):
-            raise HttpError(404, f"model '{body['model']}' not found")
+            raise self.model_not_found(f"'{body['model']}'")
         payload = dumps(body)
 
         async def one(node: Node) -> None:
@@ -2601,7 +2713,7 @@ class Router:
                     allow_upgrade=allow_vram_fallback,
                 )
                 if decision.action != "keep":
-                    log.info(
+                    log.debug(
                         "request %s: context protection %s (%s)",
                         attempt.request_id,
                         decision.action,
@@ -2683,12 +2795,20 @@ class Router:
             log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
         return ok
 
+    def model_not_found(self, quoted: str, *, kind: str | None = None) -> HttpError:
+        """404 for a model no node has; with no node online, say that the fleet is empty
+        (that is why, and the fix is not a pull)."""
+        message = f"model {quoted} not found"
+        if not self.healthy_nodes():
+            message += f"; {EMPTY_FLEET}"
+        return HttpError(404, message, kind=kind)
+
     def _unservable(
         self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
     ) -> HttpError:
         anywhere = any(n.has_model(rreq.model) for n in self.nodes.values())
         if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
-            return HttpError(404, f"model '{display}' not found", kind="unservable")
+            return self.model_not_found(f"'{display}'", kind="unservable")
         return HttpError(
             503,
             f"no node can serve '{display}' right now: {choice.reason}",
@@ -2739,7 +2859,7 @@ class Router:
                         attempt,
                         status="rejected",
                         http_status=503,
-                        error=rej.message,
+                        error=f"all nodes are busy: {rej.message}",
                         choice=rej.choice,
                         model=served_model,
                     )
@@ -2796,6 +2916,9 @@ class Router:
             ("x-herd-retries", str(attempt.retries)),
             ("x-herd-model", attempt.served_model),
         ]
+        if attempt.retries and is_openai_path(request.path):
+            # herd already tried other nodes: an SDK retrying on top multiplies the attempts
+            headers.append(("x-should-retry", "false"))
         if fail.body and fail.status >= 400:
             ctype = header_value(fail.headers, b"content-type") or "application/json"
             await response.send(fail.status, fail.body, ctype, headers)
@@ -2832,23 +2955,20 @@ class Router:
                 payload,
                 head_timeout=timeout,
             )
-            if up.status >= 500 or up.status == 429:
+            if not 200 <= up.status < 400:
+                broken = ""
                 try:
                     data = await up.read(limit=MiB, idle_timeout=10)
-                except (ConnectionClosed, TimeoutError):
-                    data = b""
-                busy = b"server busy" in data or up.status in (429, 503)
-                raise UpstreamFailure(
-                    "busy" if busy else "status_5xx",
-                    f"node {node.node_id} answered {up.status}: "
-                    f"{data[:200].decode('utf-8', 'replace')}",
-                    status=up.status,
-                    body=data,
-                    headers=up.headers,
+                except (ConnectionClosed, TimeoutError) as exc:
+                    data, broken = b"", str(exc) or "no body within 10s"
+                verdict = scoring.classify_answer(
+                    up.status, data, node_lists_model=node.has_model(rreq.model)
                 )
-            if up.status == 404:
-                data = await up.read(limit=MiB, idle_timeout=10)
-                if b"not found" in data and node.has_model(rreq.model):
+                if broken and not verdict.node_fault:
+                    raise UpstreamFailure(
+                        "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
+                    )
+                if verdict.kind == "model_not_found":
                     # the node lost the model since its last report: refresh it, try elsewhere
                     self._spawn(self.refresh_node(node), "refresh")
                     raise UpstreamFailure(
@@ -2858,6 +2978,15 @@ class Router:
                         body=data,
                         headers=up.headers,
                     )
+                if verdict.node_fault:
+                    raise UpstreamFailure(
+                        verdict.kind,
+                        f"node {node.node_id} answered {up.status}: {error_text(data)}",
+                        status=up.status,
+                        body=data,
+                        headers=up.headers,
+                    )
+                # the client's own error: any node would answer the same; relay it as is
                 await self._relay_response(
                     up, response, node, rreq, attempt, choice, first=data, complete=True
                 )
@@ -3003,10 +3132,13 @@ class Router:
             )
             key = (node.node_id, rreq.model)
             self.stats[key] = scoring.observe(self.stats.get(key), obs, self.policy)
-        final_status = status if status != "completed" or http_status < 400 else "failed"
+        if status == "completed" and http_status >= 400:
+            # a relayed error answer (the client's own 4xx): keep the text the client got
+            status = scoring.classify_answer(http_status).trace_status
+            error = error or error_text(bytes(raw_body))
         self.trace(
             attempt,
-            status=final_status,
+            status=status,
             http_status=http_status,
             error=error,
             choice=choice,
@@ -3068,7 +3200,8 @@ class Router:
             scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
             status=status,
             http_status=http_status,
-            error_message=error,
+            error_message=error if len(error) <= TRACE_ERROR_MAX
+            else error[: TRACE_ERROR_MAX - 1] + "\u2026",
             latency_ms=latency_ms,
             time_to_first_token_ms=ttft_ms,
             queue_ms=attempt.queue_ms,
@@ -3156,8 +3289,9 @@ class Router:
             try:
                 node, queue, choice, queue_ms = await self.acquire(rreq)
             except Rejected as rej:
-                if last is not None:
-                    raise HttpError(502, last.message) from None
+                if last is not None:  # retried already: the SDK should not multiply it
+                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
+                    raise HttpError(502, last.message, headers=no_retry) from None
                 retry = rej.choice.retry_after_s
                 raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
                                 headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
@@ -3173,9 +3307,9 @@ class Router:
                 if up.status >= 500:
                     data = await up.read(limit=MiB, idle_timeout=10)
                     raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
-                                          f"{up.status}: {data[:200].decode('utf-8', 'replace')}",
+                                          f"{up.status}: {error_text(data)}",
                                           status=up.status, body=data, headers=up.headers)
-                ok = up.status < 400
+                ok = not scoring.classify_answer(up.status).node_fault
                 self.breaker_success(node.node_id, model, time.time())
                 return up, node
             except UpstreamFailure as fail:
@@ -3250,10 +3384,11 @@ class Router:
                 [(b"content-type", b"application/json")], attempt)
             data = await up.read(limit=256 * MiB, idle_timeout=self.config.stall_timeout_s)
             if up.status >= 400:
-                await response.send(up.status, error_body(request.path, up.status,
-                                                          data.decode("utf-8", "replace")[:500]),
+                message = error_text(data, 500)
+                await response.send(up.status, error_body(request.path, up.status, message),
                                     "application/json")
-                self.trace(attempt, status="failed", http_status=up.status, model=model)
+                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                           http_status=up.status, error=message, model=model)
                 return
             images.append({"b64_json": base64.b64encode(data).decode(),
                            "revised_prompt": prompt})
@@ -3327,9 +3462,10 @@ class Router:
         herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
                         ("x-herd-retries", str(attempt.retries))]
         if up.status >= 400:
-            self.trace(attempt, status="failed", http_status=up.status, model=model)
-            await response.send(up.status, error_body(request.path, up.status,
-                                                      data.decode("utf-8", "replace")[:500]),
+            message = error_text(data, 500)
+            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                       http_status=up.status, error=message, model=model)
+            await response.send(up.status, error_body(request.path, up.status, message),
                                 "application/json", herd_headers)
             return
         result = json.loads(data)
@@ -3358,8 +3494,11 @@ class Router:
         headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
                     (b"x-herd-retries", str(attempt.retries).encode())]
         await response.start(up.status, headers)
+        head = bytearray()  # the start of an error answer, for its trace
         try:
             async for chunk in up.chunks(self.config.stall_timeout_s):
+                if up.status >= 400 and len(head) < 64 * 1024:
+                    head += chunk
                 await response.write(chunk)
         except (ConnectionClosed, TimeoutError) as exc:
             self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
@@ -3370,8 +3509,8 @@ class Router:
             self.trace(attempt, status="client_disconnected", http_status=up.status,
                        model=model)
             raise
-        self.trace(attempt, status="completed" if up.status < 400 else "failed",
-                   http_status=up.status, model=model)
+        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                   http_status=up.status, error=error_text(bytes(head)), model=model)
 
     # ---------------------------------------------------------------- admin protection ----
 
@@ -4701,6 +4840,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag has an environment twin, shown in brackets.",
     )
     add_env_options(p, ROUTER_OPTIONS)
+    p.add_argument("--version", action="version", version=f"herd {__version__}")
     p.add_argument("--node", action="append", default=None,
                    help="static node URL, repeatable [HERD_NODES, comma separated]")
     p.add_argument("--open-fleet", action="store_true",

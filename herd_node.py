@@ -2270,6 +2270,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     herd.add_env_options(p, AGENT_OPTIONS)
+    p.add_argument("--version", action="version", version=f"herd-node {__version__}")
     p.add_argument("--num-parallel", type=int,
                    default=positive_int(env("HERD_NUM_PARALLEL", "")),
                    help="Ollama's parallel slots when neither OLLAMA_NUM_PARALLEL nor the "

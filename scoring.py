@@ -634,6 +634,52 @@ def breaker_begin_probe(state: BreakerState, now: float, policy: Policy) -> Brea
 
 RETRYABLE_FAILURES = frozenset({"connect", "reset", "timeout_first_byte", "status_5xx", "busy"})
 FAILURE_KINDS = RETRYABLE_FAILURES | {"status_4xx", "model_not_found"}
+NO_ANSWER_KINDS = frozenset({"connect", "reset", "timeout_first_byte"})
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerClass:
+    """What a node's answer (or the lack of one) means, decided in one place.
+
+    ``kind``: ``ok`` or a failure kind of ``FAILURE_KINDS`` (``status_4xx`` = the request's
+    own fault). ``node_fault``: it counts against the node (breaker, availability signal,
+    error rate, health). ``trace_status``: the attempt's status when it is not retried
+    (``completed`` | ``client_error`` | ``failed``).
+    """
+
+    kind: str
+    node_fault: bool
+    trace_status: str
+
+
+def classify_answer(
+    status: int, body: bytes = b"", *, node_lists_model: bool = True, no_answer: str = ""
+) -> AnswerClass:
+    """Classify one attempt's answer by who is to blame.
+
+    ``status``: the node's HTTP status (0 when it never answered; ``no_answer`` then says
+    why: ``connect`` | ``reset`` | ``timeout_first_byte``). ``body``: the start of the
+    answer's body (enough to see Ollama's ``server busy`` / ``not found``).
+    ``node_lists_model``: the node's last report lists the requested model.
+
+    2xx/3xx: ok. 429, 503 and any 5xx saying ``server busy``: the node is saturated. 404
+    "not found" for a model the node reported: the node lost it (stale tags). Other 5xx,
+    408 and anything outside 200..599: the node failed. Every other 4xx (400 ``does not
+    support tools``, 413, 422, a 404 for a model the node never listed, ...) is the
+    client's error: the node did its job, and any node would answer the same.
+    """
+    if status <= 0 or no_answer:
+        kind = no_answer if no_answer in NO_ANSWER_KINDS else "reset"
+        return AnswerClass(kind, True, "failed")
+    if 200 <= status < 400:
+        return AnswerClass("ok", False, "completed")
+    if status == 429 or status == 503 or (500 <= status < 600 and b"server busy" in body):
+        return AnswerClass("busy", True, "failed")
+    if status == 404 and b"not found" in body and node_lists_model:
+        return AnswerClass("model_not_found", True, "failed")
+    if 400 <= status < 500 and status != 408:
+        return AnswerClass("status_4xx", False, "client_error")
+    return AnswerClass("status_5xx", True, "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1257,11 +1303,13 @@ def protect_context(
     """Avoid reloads caused by ``options.num_ctx``.
 
     Ollama reloads a model whenever a request's num_ctx differs from the resident one
-    (an absent num_ctx means the server default). So when the model is resident with a
-    context that covers both the request's num_ctx and its estimated tokens, send that
-    resident value ("set"; "keep" if it already matches). A request that needs more than
-    any resident copy may be moved ("upgrade") to a larger resident model of the same family
-    whose window is big enough, when allowed; otherwise it is kept (Ollama will reload).
+    (an absent num_ctx means the server default, which never reloads an auto-sized runner).
+    So when the model is resident with a context that covers both the request's num_ctx and
+    its estimated tokens, send that resident value ("set"; "keep" if it already matches or
+    the request has no num_ctx: the body is changed only when that spares a reload). A
+    request that needs more than any resident copy may be moved ("upgrade") to a larger
+    resident model of the same family whose window is big enough, when allowed; otherwise
+    it is kept (Ollama will reload).
     Unknown or no resident context: keep.
     """
     live = _live(nodes)
@@ -1277,10 +1325,11 @@ def protect_context(
         return ContextDecision("keep", num_ctx, model, "model not resident anywhere")
     fitting = [c for c in ctxs if c >= need]
     if fitting:
-        if num_ctx is None and len(ctxs) > 1:
-            return ContextDecision(
-                "keep", None, model, f"resident contexts differ ({ctxs}); left to the node"
-            )
+        if num_ctx is None:
+            # Ollama does not reload an auto-sized runner for a request without num_ctx, and
+            # /api/ps cannot tell a pinned runner from an auto-sized one: adding a num_ctx
+            # would change the client's bytes for no proven gain.
+            return ContextDecision("keep", None, model, "no num_ctx and it fits: left as is")
         c = fitting[0]
         if num_ctx == c:
             return ContextDecision("keep", c, model, f"num_ctx {c} matches the resident model")
@@ -1754,6 +1803,23 @@ def _count(
 
 def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     out: list[HealthCheck] = []
+    if not any(n.live for n in inp.nodes):
+        known = (
+            f"{len(inp.nodes)} known node(s), none online or degraded"
+            if inp.nodes
+            else "no node has joined or been configured"
+        )
+        out.append(
+            HealthCheck(
+                "no_nodes_online",
+                "No node online",
+                "critical",
+                f"The fleet is empty ({known}): every request fails with 'model not found'.",
+                "Run `herd-node` on each Ollama machine (it finds this router by mDNS, or give "
+                "it `--router-url http://ROUTER:11435`), or start the router with "
+                "`--node http://HOST:11434` (repeatable) for machines without the agent.",
+            )
+        )
     for n in inp.nodes:
         silent = (
             f"{n.seconds_since_seen:.0f}s since last contact"

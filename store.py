@@ -81,6 +81,7 @@ STATUSES = (
     "client_disconnected",
     "reaped",
     "rejected",
+    "client_error",  # the node refused the request itself (a 4xx): not the node's failure
 )
 
 # ---------------------------------------------------------------------------------------
@@ -318,6 +319,7 @@ ROLLUP_SUMS = (
     "cold_loads",
     "queue_ms_sum",
     "fallbacks",
+    "client_errors",  # since schema v6
 )
 _I = {name: i for i, name in enumerate(ROLLUP_SUMS)}
 _STATUS_INDEX = {
@@ -328,6 +330,7 @@ _STATUS_INDEX = {
     "client_disconnected": _I["disconnected"],
     "reaped": _I["reaped"],
     "rejected": _I["rejected"],
+    "client_error": _I["client_errors"],
 }
 _ROLLUP_KEY = ("span", "bucket", "node_id", "model", "tag")
 _Key = tuple[object, ...]
@@ -453,6 +456,17 @@ def _node_admissions_v5(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _client_errors_v6(conn: sqlite3.Connection) -> None:
+    """Add the ``client_errors`` counter (trace status ``client_error``: a 4xx the request
+    caused) to both rollup tables; tables created by v2/v4 since then already have it."""
+    for table in ("rollups", "fleet_rollups"):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "client_errors" not in have:
+            conn.execute(
+                f"ALTER TABLE {table} ADD COLUMN client_errors REAL NOT NULL DEFAULT 0"
+            )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _create_schema_v1,
@@ -460,6 +474,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _dense_hists_v3,
     _fleet_rollups_v4,
     _node_admissions_v5,
+    _client_errors_v6,
 )
 
 
@@ -475,7 +490,13 @@ def _migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATI
         with _atomic(conn):
             step(conn)
             conn.execute(f"PRAGMA user_version = {number:d}")
-        log.info("store.migrated", extra={"schema_version": number})
+    if version < len(migrations):  # one line for the whole upgrade, saying what it did
+        log.info(
+            "store.migrated: schema v%d -> v%d",
+            version,
+            len(migrations),
+            extra={"schema_from": version, "schema_version": len(migrations)},
+        )
     return max(version, len(migrations))
 
 
@@ -1450,6 +1471,7 @@ def _metrics(a: _Agg) -> dict[str, object]:
         "failures": int(failures),
         "retried": int(c("retried")),
         "client_disconnected": int(c("disconnected")),
+        "client_errors": int(c("client_errors")),
         "error_rate": _ratio(failures, requests) or 0.0,
         "prompt_tokens": int(c("prompt_tokens")),
         "completion_tokens": int(c("completion_tokens")),
@@ -1503,8 +1525,9 @@ class Store:
     Analytics rows (``usage``, ``models``, ``apps``, ``trends``, ``node_model_stats``) all
     carry the same metric block (``_metrics``): ``requests`` (client requests = attempts
     that were not retried), ``attempts``, ``completed``, ``failures`` (failed, incomplete,
-    reaped, rejected), ``retried``, ``client_disconnected``, ``error_rate`` (failures /
-    requests), token sums, ``latency_{avg,p50,p95,p99}_ms`` and ``ttft_{avg,p50,p95}_ms``
+    reaped, rejected), ``retried``, ``client_disconnected``, ``client_errors`` (4xx the
+    request caused: neither failures nor errors), ``error_rate`` (failures / requests),
+    token sums, ``latency_{avg,p50,p95,p99}_ms`` and ``ttft_{avg,p50,p95}_ms``
     over completed requests (percentiles from log histograms, within ~1 %),
     ``tokens_per_s`` (completion tokens / Ollama eval time), ``queue_ms_avg``,
     ``load_ms_avg``, ``cold_loads``, ``fallbacks``, ``first_used``/``last_used``.

@@ -28,7 +28,13 @@ def row(name: str, r: ChaosResult) -> str:
             f"{(r.rss_after - r.rss_before) / 1e6:>+8.1f} {r.tasks_after - r.tasks_before:>+6}")
 
 
-async def main() -> None:
+def exit_code(calm: ChaosResult, chaos: ChaosResult) -> int:
+    """The target: no request lost (every one answered, or ended with a clean error in its
+    dialect), with and without faults. 0 when met, else 1."""
+    return 0 if not calm.lost and not chaos.lost else 1
+
+
+async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -44,11 +50,14 @@ async def main() -> None:
     print(row("chaos", chaos))
     added = chaos.p99() - calm.p99()
     print(f"\nadded p99 latency under chaos: {added * 1000:+.0f} ms "
-          f"({chaos.p99() / calm.p99():.2f}x); lost requests: {len(chaos.lost)} (target 0)")
+          f"({chaos.p99() / calm.p99():.2f}x); lost requests: {len(chaos.lost)} (target 0: "
+          f"{'PASS' if exit_code(calm, chaos) == 0 else 'MISS'}; without faults "
+          f"{len(calm.lost)})")
     print("faults a third of the way in: 1 node SIGKILLed, 1 SIGSTOPped, 1 answering 500, "
           "1 stalling before its first byte; 2 healthy; first-byte timeout 1.5 s, "
           "stall (reaper) timeout 2 s")
+    return exit_code(calm, chaos)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

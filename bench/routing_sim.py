@@ -696,12 +696,17 @@ def run_all(seed: int, rate: float, duration: float, policy: Policy) -> dict[str
     return out
 
 
+TARGET_RATIO = 0.70  # herd's mean latency at most 70 % of the best baseline's
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed")
     ap.add_argument("--rate", type=float, default=0.9, help="arrivals per second")
     ap.add_argument("--duration", type=float, default=3600.0, help="simulated seconds")
+    ap.add_argument("--target", type=float, default=TARGET_RATIO,
+                    help="herd mean / best baseline mean must be at most this (every seed)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     policy = Policy()
@@ -729,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = res["herd"]["mean"] / base[best]["mean"]
         ratios.append(ratio)
         print(
-            f"herd mean / best baseline mean ({best}): {ratio:.2f}  (target <= 0.70); "
+            f"herd mean / best baseline mean ({best}): {ratio:.2f}  (target <= {args.target:.2f}: "
+            f"{'PASS' if ratio <= args.target else 'MISS'}); "
             f"herd cold loads {int(res['herd']['cold'])} vs fewest baseline "
             f"{int(base[fewest]['cold'])} ({fewest})"
         )
@@ -739,6 +745,15 @@ def main(argv: list[str] | None = None) -> int:
             f"worst {max(ratios):.2f}"
         )
     print(f"(wall time {time.perf_counter() - t0:.1f}s)")
+    return exit_code(ratios, args.target)
+
+
+def exit_code(ratios: list[float], target: float) -> int:
+    """0 when herd met the target on every seed, else 1 (and say which missed)."""
+    missed = [r for r in ratios if not r <= target]
+    if missed:
+        print(f"MISS: {len(missed)} of {len(ratios)} seed(s) above the target {target:.2f}")
+        return 1
     return 0
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -23,6 +24,19 @@ try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is in the test extra
     uvloop = None  # type: ignore[assignment]
+
+
+def in_ci() -> bool:
+    """CI runs with CI=true after .ci/run installed everything the tests need."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(why: str) -> NoReturn:
+    """Skip a test whose prerequisite is missing on this machine, but fail it under CI,
+    where a silent skip would hide a missing install step."""
+    if in_ci():
+        pytest.fail(f"prerequisite missing in CI: {why}")
+    pytest.skip(why)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -117,4 +131,12 @@ async def make_router(tmp_path: Path) -> AsyncIterator[RouterFactory]:
             await router.stop()
 
 
-__all__ = ["FakeFactory", "RouterFactory", "RunningRouter", "router_config", "scoring"]
+__all__ = [
+    "FakeFactory",
+    "RouterFactory",
+    "RunningRouter",
+    "in_ci",
+    "router_config",
+    "scoring",
+    "skip_or_fail",
+]

@@ -41,8 +41,6 @@ ADMIN_TOKEN = "dash-admin-token"
 API_KEY = "dash-client-key"
 POLL = "?poll=300"  # fast polling keeps the file well under a minute
 DASHBOARD = Path(herd.__file__).with_name("dashboard.html")
-# Optional endpoints: the page must cope with their absence (404 → "not available").
-OPTIONAL_PATHS = {"/dashboard/api/health", "/dashboard/api/recommendations"}
 WAIT_MS = 10_000
 NO_VALUE = "\u2013"  # what the page shows for a missing figure
 
@@ -70,14 +68,16 @@ def require_browser() -> Any:
 def test_every_api_path_in_the_page_is_routed(tmp_path: Path) -> None:
     page = DASHBOARD.read_text()
     paths = set(re.findall(r'"((?:dashboard/api|fleet)/[a-z-]+)', page))
-    assert {"fleet/status", "dashboard/api/settings", "dashboard/api/benchmarks"} <= paths
+    assert {
+        "fleet/status",
+        "dashboard/api/settings",
+        "dashboard/api/benchmarks",
+        "dashboard/api/health",
+        "dashboard/api/recommendations",
+    } <= paths
     router = herd.Router(router_config(tmp_path, []))
     missing = {
-        p
-        for p in paths
-        if "/" + p not in OPTIONAL_PATHS
-        and router.dashboard_routes("/" + p) is None
-        and p != "fleet/status"
+        p for p in paths if router.dashboard_routes("/" + p) is None and p != "fleet/status"
     }
     assert not missing, f"dashboard.html calls endpoints the router does not serve: {missing}"
 
@@ -331,16 +331,16 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
     assert any(t == "prompt" for t, _ in watch.dialogs), "the admin token was asked for"
     await page.screenshot(path=str(shots / "5-benchmarks.png"), full_page=True)
 
-    # Health: the checks with a score, or "not available" while the endpoint is missing.
+    # Health: the real endpoint's checks with a score (a 404 "not available" is a failure).
     await select_tab(page, "health")
     await page.wait_for_function(
         "() => document.querySelector('#score').textContent !== '\\u2013' || "
         "!document.querySelector('[data-notice=health]').hidden"
     )
-    if await page.locator('[data-notice="health"]').is_visible():
-        assert "Not available" in await text_of(page, '[data-notice="health"]')
-    else:
-        assert await page.locator("#health-checks > li").count() > 0
+    assert await page.locator('[data-notice="health"]').is_hidden(), await text_of(
+        page, '[data-notice="health"]'
+    )
+    assert await page.locator("#health-checks > li").count() > 0
     await page.wait_for_function("() => document.querySelectorAll('#event-rows tr').length > 0")
     # The rendering of checks, whatever the real endpoint answers today.
     health = {
@@ -366,14 +366,18 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
     await page.screenshot(path=str(shots / "6-health.png"), full_page=True)
     await page.unroute("**/dashboard/api/health")
 
-    # Recommendations: real endpoint (data or "not available"), then a one-click pull on a
-    # recommendation served by a route stub so the flow is tested either way.
+    # Recommendations: the real endpoint's cards (a 404 "not available" is a failure), then
+    # a one-click pull on a recommendation served by a route stub.
     await select_tab(page, "recommendations")
     await page.wait_for_selector(f'#mm-cards > [data-key="{ids[0]}"]')
     await page.wait_for_function(
         "() => document.querySelector('#rec-cards').children.length > 0 || "
         "!document.querySelector('[data-notice=recommendations]').hidden"
     )
+    assert await page.locator('[data-notice="recommendations"]').is_hidden(), await text_of(
+        page, '[data-notice="recommendations"]'
+    )
+    assert await page.locator("#rec-cards > *").count() > 0
     recs = {
         "nodes": [
             {
@@ -525,6 +529,33 @@ async def test_api_key_is_asked_once_and_sent_as_bearer(
         await page.wait_for_selector('#model-rows > [data-key="llama3.2:3b"]')
         await page.wait_for_selector('#freshness[data-state="fresh"]')
         assert [t for t, _ in watch.dialogs] == ["prompt"], watch.dialogs
+        assert not watch.errors, watch.errors
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.browser
+async def test_a_client_error_trace_is_not_shown_as_critical(
+    make_router: RouterFactory, browser: Any
+) -> None:
+    """A request the node refused because of the request itself (issue 13): its trace row
+    says client_error with the node's text, at info level, not critical like a failure."""
+    fake = FakeOllama([FakeModel("llama3.2:3b")], tokens_per_s=0)
+    await fake.start()
+    try:
+        r = await make_router([fake.url])
+        await r.wait_ready()
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        async with httpx.AsyncClient(base_url=r.url, timeout=10) as client:
+            res = await client.post("/api/chat", json={
+                "model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}],
+                "tools": tools, "stream": False})
+            assert res.status_code == 400
+        page, watch = await open_page(browser, r.url + "/dashboard" + POLL + "#apps")
+        cell = page.locator("#trace-rows tr td", has_text="client_error")
+        await cell.first.wait_for()
+        assert "does not support tools" in await cell.first.inner_text()
+        assert await cell.first.get_attribute("data-level") == "info"
         assert not watch.errors, watch.errors
     finally:
         await fake.stop()

@@ -31,6 +31,7 @@ class FakeAgentService:
         self.server: asyncio.Server | None = None
         self.uploads: list[int] = []
         self.fail_next = 0
+        self.fail_status, self.fail_body = 500, b'{"error":"backend crashed"}'
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
@@ -62,7 +63,7 @@ class FakeAgentService:
                     return
                 if self.fail_next:
                     self.fail_next -= 1
-                    status, ctype, body = 500, b"application/json", b'{"error":"backend crashed"}'
+                    status, ctype, body = self.fail_status, b"application/json", self.fail_body
                 elif req.target.startswith(b"/api/generate-image"):
                     status, ctype, body = 200, b"image/png", PNG
                 else:

@@ -27,7 +27,7 @@ import pytest
 
 import herd
 import herd_node
-from tests.conftest import RouterFactory, RunningRouter
+from tests.conftest import RouterFactory, RunningRouter, skip_or_fail
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.test_router import raw_request
 
@@ -711,7 +711,7 @@ async def wait_node_in_ns(ns: str, port: int, node_id: str, timeout: float) -> f
 async def test_discovery_in_network_namespace_follows_router(tmp_path: Path) -> None:
     reason = _netns_usable()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     ns = f"herdt{os.getpid()}{uuid.uuid4().hex[:4]}"
     fleet = f"ns-{uuid.uuid4().hex[:6]}"
     procs: list[NsProcess] = []

@@ -15,6 +15,7 @@ import ollama
 import openai
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.real_node import RealNode, real_backend_available, real_node_fixture
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(90)]
@@ -287,7 +288,7 @@ async def test_openai_stream_via_v1(node: RealNode) -> None:
 async def test_lifecycle_start_stop_kill_no_orphans() -> None:
     ok, why = real_backend_available()
     if not ok:
-        pytest.skip(why)
+        skip_or_fail(why)
     async with RealNode() as n:
         pid = n.pid
         assert pid and n.running and n.startup_seconds < 30

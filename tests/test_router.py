@@ -304,7 +304,7 @@ async def test_openai_error_shape(fleet: Any) -> None:
     got, _, data = await raw_request(
         r.port, "POST", "/v1/chat/completions", b'{"model":"ghost","messages":[]}'
     )
-    assert got == 404 and json.loads(data)["error"]["type"] == "invalid_request_error"
+    assert got == 404 and json.loads(data)["error"]["type"] == "not_found_error"
 
 
 async def test_body_limit_gives_413(make_router: RouterFactory, make_fake: FakeFactory) -> None:

@@ -670,7 +670,7 @@ def ctx_nodes() -> list[NodeSnapshot]:
 @pytest.mark.parametrize(
     ("num_ctx", "est", "upgrade", "action", "model", "ctx"),
     [
-        (None, 100, False, "set", "llama3:8b", 8192),  # absent num_ctx would reload at default
+        (None, 100, False, "keep", "llama3:8b", None),  # absent: Ollama keeps an auto runner
         (2048, 100, False, "set", "llama3:8b", 8192),  # smaller than resident: no reload
         (8192, 100, False, "keep", "llama3:8b", 8192),
         (16384, 100, True, "upgrade", "llama3:70b", 32768),  # same family, bigger window

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import store
 from store import MIGRATIONS, Store, TraceRecord, setup_jsonl_logging
+from tests.conftest import skip_or_fail
 
 # A fixed clock, 12:30 UTC: every analytics call in these tests passes it as `now`.
 D0 = 20717 * store.DAY  # 2026-09-21 00:00 UTC
@@ -330,7 +331,7 @@ async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) ->
             await s.set_node_admission("x", "maybe", addr="", ollama_url="", now=NOW)
     finally:
         await s.close()
-    assert user_version(data / "latency.db") == len(MIGRATIONS) == 5
+    assert user_version(data / "latency.db") == len(MIGRATIONS) == 6
     s = Store(data, prune_interval_s=None)
     await s.open()
     try:
@@ -496,7 +497,7 @@ async def test_a_bad_record_costs_only_itself(open_store: OpenStore) -> None:
 async def test_sqlite_cli_query_from_the_issue_works(open_store: OpenStore) -> None:
     cli = shutil.which("sqlite3")
     if cli is None:
-        pytest.skip("sqlite3 CLI not installed")
+        skip_or_fail("sqlite3 CLI not installed (apt-get install sqlite3; tests/setup.sh does)")
     s = await open_store()
     s.record_trace(rec("x1", NOW - 10, model="m", status="failed", error_message="boom"))
     s.record_trace(rec("x2", NOW, model="m", status="completed"))
