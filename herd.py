@@ -4221,6 +4221,108 @@ class Router:
 
 
 MDNS_TYPE = "_herd._tcp.local."
+
+
+@dataclass(slots=True)
+class RouterCandidate:
+    """A router of our fleet seen by mDNS."""
+
+    name: str  # the mDNS service name
+    urls: list[str]
+    router_id: str
+    seen: float  # monotonic time of the last Added/Updated
+    version: str = ""
+    failures: int = 0
+
+    @property
+    def url(self) -> str:
+        """Rotates through the advertised addresses as failures accumulate."""
+        return self.urls[(self.failures // 2) % len(self.urls)]
+
+
+def rank_addresses(addresses: Sequence[str]) -> list[str]:
+    """LAN addresses first; loopback last (it only works when the router is on this host)."""
+    return sorted(addresses, key=lambda a: (a.startswith("127."), a))
+
+
+class RouterBrowser:
+    """Keeps the list of ``_herd._tcp.local.`` routers of one fleet current: Added/Updated
+    resolve the record, Removed (a goodbye or an expired record) drops it. The node agent
+    reports to every router it lists; a router lists its peers (``exclude`` = its own id).
+    Runs on a zeroconf instance the owner made (``attach``)."""
+
+    def __init__(self, fleet_id: str, exclude: str = "") -> None:
+        self.fleet_id = fleet_id
+        self.exclude = exclude
+        self.candidates: dict[str, RouterCandidate] = {}
+        self.changed = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.zc: Any = None
+        self.browser: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def attach(self, zc: Any) -> None:
+        from zeroconf.asyncio import AsyncServiceBrowser
+
+        self.loop = asyncio.get_running_loop()
+        self.zc = zc
+        self.browser = AsyncServiceBrowser(zc, MDNS_TYPE, handlers=[self._on_service_change])
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.browser is not None:
+            with contextlib.suppress(Exception):
+                await self.browser.async_cancel()
+
+    def _on_service_change(self, **kwargs: Any) -> None:
+        name = str(kwargs["name"])
+        state = str(getattr(kwargs["state_change"], "name", kwargs["state_change"]))
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._schedule, name, state)
+
+    def _schedule(self, name: str, state: str) -> None:
+        if state == "Removed":
+            gone = self.candidates.pop(name, None)
+            if gone is not None:
+                log.info("router %s (%s) left (mDNS goodbye)", gone.router_id, gone.url)
+                self.changed.set()
+            return
+        task = asyncio.ensure_future(self._resolve(name))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceInfo
+
+        info = AsyncServiceInfo(MDNS_TYPE, name)
+        if not await info.async_request(self.zc, 3000):
+            log.debug("mDNS: could not resolve %s", name)
+            return
+        props = {
+            k.decode(errors="replace"): (v or b"").decode(errors="replace")
+            for k, v in info.properties.items()
+        }
+        if props.get("fleet_id", "default") != self.fleet_id:
+            log.debug("mDNS: ignoring %s of fleet %r", name, props.get("fleet_id"))
+            return
+        router_id = props.get("router_id", "")
+        if self.exclude and router_id == self.exclude:
+            return
+        addresses = rank_addresses(info.parsed_addresses(IPVersion.V4Only))
+        if not addresses or not info.port:
+            return
+        urls = [f"http://{a}:{info.port}" for a in addresses]
+        old = self.candidates.get(name)
+        if old is None or old.urls != urls:
+            self.candidates[name] = RouterCandidate(
+                name, urls, router_id, time.monotonic(), props.get("version", "")
+            )
+            log.info("router %s found by mDNS at %s", router_id or "?", urls[0])
+            self.changed.set()
+        else:
+            old.seen = time.monotonic()
 NO_PASS_ON = 1 << 30  # wake-up value for fleet changes: everyone re-scores, nobody passes on
 
 
