@@ -1909,8 +1909,17 @@ class Agent:
             "errors": sample.errors,
         }
 
-    async def send(self, link: RouterLink, sample: Sample, *, draining: bool = False) -> JSON:
-        """One beat to one router; its reply (or failure) updates that router's link only."""
+    async def send(
+        self,
+        link: RouterLink,
+        sample: Sample,
+        *,
+        draining: bool = False,
+        started: float | None = None,
+    ) -> JSON:
+        """One beat to one router; its reply (or failure) updates that router's link only,
+        including when the next beat to it is due (``started``: when this one was due)."""
+        started = time.monotonic() if started is None else started
         payload = self.payload_for(link, sample, draining=draining)
         self._note_advertise(link, payload["ollama_url"])
         body_size = len(herd.dumps(payload))
@@ -1924,6 +1933,12 @@ class Agent:
         except BeatFailed as exc:
             link.need_full = True  # the router may have restarted meanwhile
             self._on_failure(link, exc)
+            # a router that answers but refuses is asked again less and less often; one that
+            # does not answer is tried every beat, so it is fed again as soon as it is back
+            wait = link.interval_s
+            if exc.kind != "unreachable":
+                wait = backoff_delay(link.interval_s, link.failures)
+            link.next_due = started + wait
             raise
         if payload["ollama"]["available"] is not None:
             link.sent_hash = sample.digest
@@ -1935,6 +1950,7 @@ class Agent:
         if link.router_id and new_id != link.router_id:
             log.info("router at %s changed identity (%s -> %s)", link.url, link.router_id, new_id)
         link.router_id = new_id
+        link.next_due = started + link.interval_s
         self._on_success(link)
         return reply
 
@@ -2001,10 +2017,6 @@ class Agent:
             f"heartbeat to {link.url} failed ({exc.kind}): {exc.message}; {advice}",
             level,
         )
-        if exc.kind != "unreachable":
-            # a router that answers but refuses is asked again less and less often; one that
-            # does not answer is tried every beat, so it is fed again as soon as it is back
-            link.next_due += backoff_delay(link.interval_s, link.failures) - link.interval_s
 
     # ---- loop -------------------------------------------------------------------------
 
@@ -2036,17 +2048,16 @@ class Agent:
                     if sample is None or now - sample.taken > SAMPLE_REUSE * self.config.interval_s:
                         sample = self.sample = await self.collect()
                     for link in due:
-                        link.next_due = now + link.interval_s
-                        link.task = asyncio.ensure_future(self._beat(link, sample))
+                        link.task = asyncio.ensure_future(self._beat(link, sample, now))
                 idle = [ln.next_due for ln in self.links.values() if ln.task is None]
                 next_due = min(idle, default=now + self.config.interval_s)
                 await self._sleep(next_due - time.monotonic())
         finally:
             await self._cancel_beats()
 
-    async def _beat(self, link: RouterLink, sample: Sample) -> None:
+    async def _beat(self, link: RouterLink, sample: Sample, due: float) -> None:
         try:
-            await self.send(link, sample)
+            await self.send(link, sample, started=due)
         except BeatFailed:
             pass  # noted on the link
         finally:
