@@ -202,3 +202,155 @@ async def test_agent_beats_every_router_on_its_own(make_router: RouterFactory) -
             await agent.stop()
     # the draining beat went to every router that answers
     assert status_of(r1, "multi") == status_of(r2, "multi") == "draining"
+
+
+# =======================================================================================
+# the router's readiness: GET /healthz, draining, drain delay
+# =======================================================================================
+
+
+async def test_healthz_is_ready_until_draining_and_needs_no_api_key(
+    make_router: RouterFactory, make_fake: Any
+) -> None:
+    fake = await make_fake([LLAMA])
+    r = await make_router([fake.url], api_keys=["client-key"])
+    await r.wait_ready()
+    auth = {"authorization": "Bearer client-key"}
+    code, hdrs, raw = await raw_request(r.port, "GET", "/healthz")  # no key: a health check
+    assert code == 200, raw
+    body = json.loads(raw)
+    assert body["status"] == "ok" and body["router_id"] == r.router.router_id
+    assert body["nodes_online"] == 1 and hdrs["cache-control"] == "no-store"
+    assert (await raw_request(r.port, "GET", "/api/tags"))[0] == 401  # the rest needs it
+    code, _, raw = await raw_request(r.port, "HEAD", "/healthz")
+    assert code == 200 and raw == b""
+    code, _, raw = await raw_request(r.port, "POST", "/healthz", b"{}", auth)
+    assert code == 405
+
+    r.router.begin_drain()
+    code, hdrs, raw = await raw_request(r.port, "GET", "/healthz")
+    assert code == 503 and json.loads(raw)["status"] == "draining"
+    assert hdrs["connection"] == "close"
+    assert (await raw_request(r.port, "HEAD", "/healthz"))[0] == 503
+    # still serving while the balancer moves away
+    gen = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
+    assert (await raw_request(r.port, "POST", "/api/generate", gen, auth))[0] == 200
+    _, _, raw = await raw_request(r.port, "GET", "/fleet/status", headers=auth)
+    assert json.loads(raw)["routers"]["self"]["draining"] is True
+
+
+class RouterProcess:
+    """``python herd.py`` as a subprocess; its port read from its first stdout line."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.args, self.log_path = args, log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def start(self) -> RouterProcess:
+        with self.log_path.open("ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "herd.py", *self.args, cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            )
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(20):
+            line = (await self.proc.stdout.readline()).decode()
+        assert line.startswith("herd listening on "), (line, self.log_path.read_text())
+        self.port = int(line.rsplit(":", 1)[1])
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            return await self.proc.wait()
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def test_sigterm_with_drain_delay_keeps_serving_while_healthz_says_503(
+    tmp_path: Path, make_fake: Any
+) -> None:
+    fake = await make_fake([LLAMA])
+    router = RouterProcess(
+        ["--host", "127.0.0.1", "--port", "0", "--local-ollama", "off", "--no-mdns",
+         "--node", fake.url, "--poll-interval", "0.2", "--drain-delay", "3",
+         "--data-dir", str(tmp_path / "r")],
+        tmp_path / "router.log",
+    )
+    await router.start()
+    try:
+        gen = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
+        async with asyncio.timeout(10):
+            while (await raw_request(router.port, "POST", "/api/generate", gen))[0] != 200:
+                await asyncio.sleep(0.1)
+        assert (await raw_request(router.port, "GET", "/healthz"))[0] == 200
+        router.signal(signal.SIGTERM)
+        async with asyncio.timeout(2):
+            while (await raw_request(router.port, "GET", "/healthz"))[0] != 503:
+                await asyncio.sleep(0.02)
+        # the listener is still open: new connections are served during the delay
+        code, hdrs, _ = await raw_request(router.port, "POST", "/api/generate", gen)
+        assert code == 200 and hdrs["x-herd-node"]
+        assert await router.wait() == 0
+        with pytest.raises(OSError):
+            await raw_request(router.port, "GET", "/healthz")
+        assert "drain delay" in router.log_path.read_text()
+    finally:
+        await router.close()
+
+
+# =======================================================================================
+# the other routers of the fleet, from mDNS
+# =======================================================================================
+
+
+async def test_fleet_status_lists_the_other_routers_of_the_fleet(
+    make_router: RouterFactory,
+) -> None:
+    fleet = f"t-{uuid.uuid4().hex[:8]}"
+    opts: JSON = {"mdns": True, "fleet_id": fleet, "poll_interval_s": 0.2}
+    r1 = await make_router([], **opts)
+    r2 = await make_router([], **opts)
+    stranger = await make_router([], **{**opts, "fleet_id": fleet + "-other"})
+
+    def peers() -> list[JSON]:
+        return list(r1.router.fleet_status(time.time())["routers"]["peers"])
+
+    await wait_until(lambda: [p["state"] for p in peers()] == ["ready"], 15, "r2 seen by r1")
+    (peer,) = peers()
+    assert peer["router_id"] == r2.router.router_id and peer["url"] == r2.url
+    assert peer["version"] == herd.__version__
+    status = r1.router.fleet_status(time.time())["routers"]
+    assert status["mdns"] == "on" and status["self"]["router_id"] == r1.router.router_id
+    assert stranger.router.router_id not in {p["router_id"] for p in peers()}
+    _, _, raw = await raw_request(r1.port, "GET", "/fleet/status")
+    assert json.loads(raw)["routers"]["peers"][0]["router_id"] == r2.router.router_id
+
+    r2.router.begin_drain()
+    await wait_until(lambda: [p["state"] for p in peers()] == ["draining"], 5, "r2 draining")
+    await r2.router.stop()  # a clean stop says goodbye
+    await wait_until(lambda: peers() == [], 10, "r2 gone from r1's list")
+
+
+async def test_without_zeroconf_the_router_runs_and_says_so(
+    make_router: RouterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "zeroconf", None)
+    monkeypatch.setitem(sys.modules, "zeroconf.asyncio", None)
+    r = await make_router([], mdns=True)
+    await wait_until(
+        lambda: r.router.fleet_status(time.time())["routers"]["mdns"] == "unavailable",
+        5,
+        "mdns marked unavailable",
+    )
+    assert r.router.fleet_status(time.time())["routers"]["peers"] == []
+    assert (await raw_request(r.port, "GET", "/healthz"))[0] == 200
