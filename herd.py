@@ -589,7 +589,10 @@ class HttpServer:
         self.connections.add(task)
         stream: HttpStream | None = None
         try:
-            if len(self.connections) > self.limits.max_connections or self.closing:
+            # a connection accepted just as the listener closes still gets its one request
+            # served (``_connection`` serves the first request even while closing): a 503
+            # here would be an answer a load balancer does not retry elsewhere
+            if len(self.connections) > self.limits.max_connections:
                 self.rejected_connections += 1
                 await self._reject_busy(writer)
                 return

@@ -354,3 +354,19 @@ async def test_without_zeroconf_the_router_runs_and_says_so(
     )
     assert r.router.fleet_status(time.time())["routers"]["peers"] == []
     assert (await raw_request(r.port, "GET", "/healthz"))[0] == 200
+
+
+async def test_a_connection_accepted_as_the_listener_closes_is_served(
+    make_router: RouterFactory, make_fake: Any
+) -> None:
+    """Between ``closing`` and the listener being gone, the loop may still hand over a
+    connection the kernel accepted: its request is served (then the connection closes),
+    not refused with a 503 a load balancer would pass on to the client."""
+    fake = await make_fake([LLAMA])
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    r.router.server.closing = True  # the first thing HttpServer.stop() does
+    gen = json.dumps({"model": "llama3.2:3b", "prompt": "x", "stream": False}).encode()
+    code, _, raw = await raw_request(r.port, "POST", "/api/generate", gen)
+    assert code == 200, raw
+    assert r.router.server.rejected_connections == 0
