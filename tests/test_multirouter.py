@@ -27,6 +27,7 @@ import herd
 import herd_node
 from tests.conftest import RouterFactory
 from tests.fake_ollama import FakeOllama
+from tests.test_dashboard import POLL, browser, open_page  # noqa: F401 (browser: fixture)
 from tests.test_node_agent import LLAMA, agent_config, status_of, wait_until
 from tests.test_router import raw_request
 
@@ -370,3 +371,26 @@ async def test_a_connection_accepted_as_the_listener_closes_is_served(
     code, _, raw = await raw_request(r.port, "POST", "/api/generate", gen)
     assert code == 200, raw
     assert r.router.server.rejected_connections == 0
+
+
+@pytest.mark.browser
+async def test_dashboard_lists_the_routers_of_the_fleet(
+    make_router: RouterFactory, browser: Any
+) -> None:
+    fleet = f"t-{uuid.uuid4().hex[:8]}"
+    r1 = await make_router([], mdns=True, fleet_id=fleet, poll_interval_s=0.2)
+    r2 = await make_router([], mdns=True, fleet_id=fleet, poll_interval_s=0.2)
+    page, watch = await open_page(browser, r1.url + "/dashboard" + POLL)
+    own, other = r1.router.router_id, r2.router.router_id
+    await page.wait_for_selector(f'#router-rows > [data-key="self:{own}"]')
+    await page.wait_for_selector(f'#router-rows > [data-key="{other}"] td[data-state="ready"]')
+    row = await page.locator(f'#router-rows > [data-key="{other}"]').inner_text()
+    assert r2.url in row and herd.__version__ in row
+    assert "1 other router(s) of fleet" in await page.locator("#routers-note").inner_text()
+    r2.router.begin_drain()
+    await page.wait_for_selector(
+        f'#router-rows > [data-key="{other}"] td[data-state="draining"]', timeout=8000
+    )
+    r1.router.begin_drain()
+    await page.wait_for_selector(f'#router-rows > [data-key="self:{own}"] td[data-state="draining"]')
+    assert watch.errors == []
