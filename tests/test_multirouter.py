@@ -375,7 +375,7 @@ async def test_a_connection_accepted_as_the_listener_closes_is_served(
 
 @pytest.mark.browser
 async def test_dashboard_lists_the_routers_of_the_fleet(
-    make_router: RouterFactory, browser: Any
+    make_router: RouterFactory, browser: Any  # noqa: F811 (the fixture imported above)
 ) -> None:
     fleet = f"t-{uuid.uuid4().hex[:8]}"
     r1 = await make_router([], mdns=True, fleet_id=fleet, poll_interval_s=0.2)
@@ -392,5 +392,7 @@ async def test_dashboard_lists_the_routers_of_the_fleet(
         f'#router-rows > [data-key="{other}"] td[data-state="draining"]', timeout=8000
     )
     r1.router.begin_drain()
-    await page.wait_for_selector(f'#router-rows > [data-key="self:{own}"] td[data-state="draining"]')
+    await page.wait_for_selector(
+        f'#router-rows > [data-key="self:{own}"] td[data-state="draining"]'
+    )
     assert watch.errors == []
