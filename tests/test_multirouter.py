@@ -396,3 +396,40 @@ async def test_dashboard_lists_the_routers_of_the_fleet(
         f'#router-rows > [data-key="self:{own}"] td[data-state="draining"]'
     )
     assert watch.errors == []
+
+
+async def test_agent_reports_to_every_router_mdns_lists(make_router: RouterFactory) -> None:
+    """mDNS on 127.0.0.1 only: every router of the agent's fleet gets its beats, a router
+    that appears is joined, one that leaves (goodbye) is dropped; other fleets are not fed."""
+    fleet = f"t-{uuid.uuid4().hex[:8]}"
+    opts: JSON = {"heartbeat_interval_s": INTERVAL, "mdns": True, "fleet_id": fleet}
+    r1 = await make_router([], **opts)
+    r2 = await make_router([], **opts)
+    stranger = await make_router([], **{**opts, "fleet_id": fleet + "-x"})
+    async with FakeOllama([LLAMA]) as fake:
+        config = agent_config(None, fake, "everywhere", fleet_id=fleet,
+                              mdns_interfaces=("127.0.0.1",))
+        agent = herd_node.Agent(config)
+        await agent.start()
+        run = asyncio.ensure_future(agent.run())
+        try:
+            await wait_until(
+                lambda: status_of(r1, "everywhere") == status_of(r2, "everywhere") == "online",
+                15,
+                "online on both routers",
+            )
+            r3 = await make_router([], **opts)
+            await wait_until(lambda: status_of(r3, "everywhere") == "online", 15, "r3 joined")
+            assert status_of(r1, "everywhere") == status_of(r2, "everywhere") == "online"
+            await r1.router.stop()  # goodbye: the agent stops reporting there
+            await wait_until(lambda: len(agent.links) == 2, 10, "r1 dropped")
+            assert {ln.router_id for ln in agent.links.values()} == {
+                r2.router.router_id,
+                r3.router.router_id,
+            }
+            assert all(ln.source == "mdns" for ln in agent.links.values())
+            assert "everywhere" not in stranger.router.nodes
+        finally:
+            agent.stopping.set()
+            await asyncio.wait_for(run, 10)
+            await agent.stop()

@@ -404,3 +404,15 @@ async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
             )
     finally:
         await fake.stop()
+
+
+def test_missing_nginx_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nginx test skips on a machine without nginx, but CI installs it: there, fail."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="must run in CI"):
+        nginx_binary()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        nginx_binary()
