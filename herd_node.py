@@ -2027,6 +2027,11 @@ class Agent:
         waiting_logged = False
         try:
             while not self.stopping.is_set():
+                # cleared before looking, so a beat ending or a router appearing from here on
+                # wakes the sleep below instead of being missed
+                self.wake.clear()
+                if self.finder is not None:
+                    self.finder.changed.clear()
                 self.sync_links()
                 if not self.links:
                     if not waiting_logged:
@@ -2075,13 +2080,11 @@ class Agent:
         """Until a router is due, a beat ended, the routers changed (mDNS), or we stop."""
         if delay <= 0:
             return
-        self.wake.clear()
         waits = [
             asyncio.ensure_future(self.stopping.wait()),
             asyncio.ensure_future(self.wake.wait()),
         ]
         if self.finder is not None:
-            self.finder.changed.clear()
             waits.append(asyncio.ensure_future(self.finder.changed.wait()))
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
