@@ -685,7 +685,10 @@ class HttpServer:
         self.connections.add(task)
         stream: HttpStream | None = None
         try:
-            if len(self.connections) > self.limits.max_connections or self.closing:
+            # a connection accepted just as the listener closes still gets its one request
+            # served (``_connection`` serves the first request even while closing): a 503
+            # here would be an answer a load balancer does not retry elsewhere
+            if len(self.connections) > self.limits.max_connections:
                 self.rejected_connections += 1
                 await self._reject_busy(writer)
                 return
@@ -1521,6 +1524,7 @@ class Config:
     stall_timeout_s: float = 300.0  # zombie reaper: no progress mid-stream for this long
     connect_timeout_s: float = 3.0
     grace_s: float = 10.0
+    drain_delay_s: float = 0.0  # after SIGTERM: /healthz says 503 this long before we stop
     retention_days: float = 30.0
     fleet_key: str | None = None
     fleet_id: str = "default"
@@ -1766,6 +1770,10 @@ class Router:
         self.benchmark_task: asyncio.Task[None] | None = None
         self.benchmark_run: int | None = None
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
+        self.draining = False  # SIGTERM received: /healthz answers 503
+        self.mdns_state = "starting" if config.mdns else "off"
+        self.peers: RouterBrowser | None = None  # the other routers of the fleet (mDNS)
+        self.peer_health: dict[str, JSON] = {}  # mDNS name → their /healthz, probed
 
     # ---------------------------------------------------------------- lifecycle ----------
 
@@ -1808,7 +1816,15 @@ class Router:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed: %r", task.get_name(), task.exception())
 
+    def begin_drain(self) -> None:
+        """SIGTERM: from now on /healthz answers 503, so health-checking load balancers
+        take this router out before it stops accepting connections."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: /healthz answers 503 from now on")
+
     async def stop(self) -> None:
+        self.begin_drain()
         await self.server.stop(self.config.grace_s)
         for task in list(self.background):
             task.cancel()
@@ -2135,6 +2151,7 @@ class Router:
             "/api/delete": {"DELETE": self.h_delete},
             "/v1/models": {"GET": self.h_v1_models},
             "/fleet/status": {"GET": self.h_fleet_status},
+            "/healthz": {"GET": self.h_healthz, "HEAD": self.h_healthz},
             "/heartbeat": {"POST": self.h_heartbeat},
             "/metrics": {"GET": self.h_metrics},
         }
@@ -2182,7 +2199,7 @@ class Router:
     def check_api_key(self, request: Request) -> None:
         """With ``--api-key`` set, everything but liveness, heartbeats (fleet key) and the
         dashboard page itself needs ``Authorization: Bearer <key>``."""
-        if request.path in ("/", "/heartbeat", "/dashboard"):
+        if request.path in ("/", "/healthz", "/heartbeat", "/dashboard"):
             return
         auth = request.header("authorization") or ""
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
@@ -2239,6 +2256,21 @@ class Router:
 
     async def h_root(self, request: Request, response: Response) -> None:
         await response.send(200, OLLAMA_RUNNING, "text/plain; charset=utf-8")
+
+    async def h_healthz(self, request: Request, response: Response) -> None:
+        """Readiness for load balancers: 200 while this router accepts work, 503 from the
+        moment it starts draining (SIGTERM). No API key needed, like ``/``."""
+        body = {
+            "status": "draining" if self.draining else "ok",
+            "router_id": self.router_id,
+            "fleet_id": self.config.fleet_id,
+            "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
+            "requests_active": self.active_requests,
+        }
+        headers = [("cache-control", "no-store")]
+        if self.draining:
+            headers.append(("connection", "close"))
+        await response.json(body, 503 if self.draining else 200, headers)
 
     def healthy_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
@@ -4088,6 +4120,26 @@ class Router:
             "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
             "pulls": list(self.pull_jobs.values()),
             "settings": dict(self.settings),
+            "routers": self.routers_public(now),
+        }
+
+    def routers_public(self, now: float) -> JSON:
+        """This router and the other routers of its fleet that mDNS shows (each keeps its
+        own traces and settings; the nodes report to all of them)."""
+        peers: list[JSON] = []
+        mono = time.monotonic()
+        for name, c in sorted((self.peers.candidates if self.peers else {}).items()):
+            probe = self.peer_health.get(name, {})
+            peers.append({
+                "router_id": c.router_id, "url": c.url, "urls": list(c.urls),
+                "version": c.version, "announced_at": round(now - (mono - c.seen), 1),
+                "state": probe.get("state", "unknown"), "checked_at": probe.get("checked_at"),
+            })
+        return {
+            "self": {"router_id": self.router_id, "fleet_id": self.config.fleet_id,
+                     "version": __version__, "draining": self.draining},
+            "mdns": self.mdns_state,
+            "peers": peers,
         }
 
     async def h_heartbeat(self, request: Request, response: Response) -> None:
@@ -4574,11 +4626,13 @@ class Router:
     # ---------------------------------------------------------------- discovery -----------
 
     async def _advertise(self) -> None:
-        """Announce ``_herd._tcp.local.`` so node agents find the router by mDNS."""
+        """Announce ``_herd._tcp.local.`` so node agents find the router by mDNS, and list
+        the other routers of the fleet (``/fleet/status`` → ``routers.peers``)."""
         try:
             from zeroconf import InterfaceChoice, IPVersion
             from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
         except ImportError:
+            self.mdns_state = "unavailable"
             log.warning(
                 "zeroconf is not installed: no mDNS advertisement; start agents with --router-url"
             )
@@ -4598,18 +4652,159 @@ class Router:
             server=f"herd-{self.router_id}.local.",
         )
         interfaces: Any = addresses if host not in ("0.0.0.0", "::", "") else InterfaceChoice.All
-        azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        try:
+            azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        except Exception:
+            self.mdns_state = "failed"
+            raise
+        peers = RouterBrowser(self.config.fleet_id, exclude=self.router_id)
         try:
             await azc.async_register_service(info)
             log.info("advertising %s on port %d (mDNS)", MDNS_TYPE, port)
-            await asyncio.Event().wait()
+            await peers.attach(azc.zeroconf)
+            self.peers = peers
+            self.mdns_state = "on"
+            await self._probe_peers(peers)
         finally:
+            self.peers = None
+            await peers.close()
             with contextlib.suppress(Exception):
-                await azc.async_unregister_service(info)
+                async with asyncio.timeout(2.0):
+                    # the goodbye is sent by the returned task: wait for it, so agents and
+                    # peers drop this router at once instead of at the record's expiry
+                    await (await azc.async_unregister_service(info))
             await azc.async_close()
+
+    async def _probe_peers(self, peers: RouterBrowser) -> None:
+        """Ask each peer's /healthz now and then: a router killed without a goodbye stays
+        in mDNS for a while; the operator sees it as unreachable."""
+        every = max(2.0, self.config.poll_interval_s)
+        while True:
+            names = list(peers.candidates)
+
+            async def probe(name: str) -> None:
+                url = peers.candidates[name].url
+                try:
+                    async with asyncio.timeout(2.0):
+                        resp = await self.pool.request(url, "GET", "/healthz", [], b"")
+                        await resp.read(limit=64 * 1024, idle_timeout=2.0)
+                    state = {200: "ready", 503: "draining"}.get(resp.status, f"http {resp.status}")
+                except (UpstreamFailure, ConnectionClosed, TimeoutError, OSError):
+                    state = "unreachable"
+                self.peer_health[name] = {"state": state, "checked_at": time.time()}
+
+            await asyncio.gather(*(probe(n) for n in names))
+            for gone in set(self.peer_health) - set(peers.candidates):
+                del self.peer_health[gone]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    peers.changed.clear()
+                    await peers.changed.wait()
 
 
 MDNS_TYPE = "_herd._tcp.local."
+
+
+@dataclass(slots=True)
+class RouterCandidate:
+    """A router of our fleet seen by mDNS."""
+
+    name: str  # the mDNS service name
+    urls: list[str]
+    router_id: str
+    seen: float  # monotonic time of the last Added/Updated
+    version: str = ""
+    failures: int = 0
+
+    @property
+    def url(self) -> str:
+        """Rotates through the advertised addresses as failures accumulate."""
+        return self.urls[(self.failures // 2) % len(self.urls)]
+
+
+def rank_addresses(addresses: Sequence[str]) -> list[str]:
+    """LAN addresses first; loopback last (it only works when the router is on this host)."""
+    return sorted(addresses, key=lambda a: (a.startswith("127."), a))
+
+
+class RouterBrowser:
+    """Keeps the list of ``_herd._tcp.local.`` routers of one fleet current: Added/Updated
+    resolve the record, Removed (a goodbye or an expired record) drops it. The node agent
+    reports to every router it lists; a router lists its peers (``exclude`` = its own id).
+    Runs on a zeroconf instance the owner made (``attach``)."""
+
+    def __init__(self, fleet_id: str, exclude: str = "") -> None:
+        self.fleet_id = fleet_id
+        self.exclude = exclude
+        self.candidates: dict[str, RouterCandidate] = {}
+        self.changed = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.zc: Any = None
+        self.browser: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def attach(self, zc: Any) -> None:
+        from zeroconf.asyncio import AsyncServiceBrowser
+
+        self.loop = asyncio.get_running_loop()
+        self.zc = zc
+        self.browser = AsyncServiceBrowser(zc, MDNS_TYPE, handlers=[self._on_service_change])
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.browser is not None:
+            with contextlib.suppress(Exception):
+                await self.browser.async_cancel()
+
+    def _on_service_change(self, **kwargs: Any) -> None:
+        name = str(kwargs["name"])
+        state = str(getattr(kwargs["state_change"], "name", kwargs["state_change"]))
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._schedule, name, state)
+
+    def _schedule(self, name: str, state: str) -> None:
+        if state == "Removed":
+            gone = self.candidates.pop(name, None)
+            if gone is not None:
+                log.info("router %s (%s) left (mDNS goodbye)", gone.router_id, gone.url)
+                self.changed.set()
+            return
+        task = asyncio.ensure_future(self._resolve(name))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceInfo
+
+        info = AsyncServiceInfo(MDNS_TYPE, name)
+        if not await info.async_request(self.zc, 3000):
+            log.debug("mDNS: could not resolve %s", name)
+            return
+        props = {
+            k.decode(errors="replace"): (v or b"").decode(errors="replace")
+            for k, v in info.properties.items()
+        }
+        if props.get("fleet_id", "default") != self.fleet_id:
+            log.debug("mDNS: ignoring %s of fleet %r", name, props.get("fleet_id"))
+            return
+        router_id = props.get("router_id", "")
+        if self.exclude and router_id == self.exclude:
+            return
+        addresses = rank_addresses(info.parsed_addresses(IPVersion.V4Only))
+        if not addresses or not info.port:
+            return
+        urls = [f"http://{a}:{info.port}" for a in addresses]
+        old = self.candidates.get(name)
+        if old is None or old.urls != urls:
+            self.candidates[name] = RouterCandidate(
+                name, urls, router_id, time.monotonic(), props.get("version", "")
+            )
+            log.info("router %s found by mDNS at %s", router_id or "?", urls[0])
+            self.changed.set()
+        else:
+            old.seen = time.monotonic()
 NO_PASS_ON = 1 << 30  # wake-up value for fleet changes: everyone re-scores, nobody passes on
 
 
@@ -4803,6 +4998,11 @@ ROUTER_OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
     ("--max-queue-wait", "HERD_MAX_QUEUE_WAIT", float, 30.0,
      "seconds a request may wait for a slot before 503"),
     ("--retention-days", "HERD_RETENTION_DAYS", float, 30.0, "keep raw traces this long"),
+    ("--drain-delay", "HERD_DRAIN_DELAY", float, 0.0,
+     "seconds between SIGTERM (GET /healthz turns 503) and closing the listener; set it "
+     "above your load balancer's health-check interval"),
+    ("--grace", "HERD_GRACE", float, 10.0,
+     "seconds in-flight requests (streams too) may take to finish after the listener closes"),
     ("--max-body-mb", "HERD_MAX_BODY_MB", float, 512.0, "JSON request body limit in MiB"),
     ("--max-connections", "HERD_MAX_CONNECTIONS", int, 1024, "concurrent client connections"),
     ("--fleet-key", "HERD_FLEET_KEY", str, None, "shared secret that signs heartbeats"),
@@ -4896,6 +5096,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         first_byte_timeout_s=args.first_byte_timeout,
         stall_timeout_s=args.stall_timeout,
         retention_days=args.retention_days,
+        drain_delay_s=max(0.0, args.drain_delay),
+        grace_s=max(0.0, args.grace),
         fleet_key=args.fleet_key or None,
         open_fleet=args.open_fleet,
         fleet_id=args.fleet_id,
@@ -4944,6 +5146,15 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         ready(host, port)
     try:
         await stop.wait()
+        router.begin_drain()
+        if config.drain_delay_s > 0:
+            # keep serving while load balancers see /healthz 503 and move away; a second
+            # signal skips the rest of the wait
+            log.info("drain delay: still serving for %.1fs", config.drain_delay_s)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.drain_delay_s):
+                    await stop.wait()
     finally:
         log.info("shutting down: finishing in-flight requests (grace %.0fs)", config.grace_s)
         await router.stop()

@@ -3,10 +3,12 @@
 ``python herd_node.py`` (or ``herd-node``) on each Ollama machine. It collects the machine's
 facts (psutil, or ``/proc`` without it; ``nvidia-smi``; Apple unified memory) and Ollama's
 state (``/api/ps``, ``/api/tags``, ``/api/version``: at most one call of each per beat), and
-pushes them to the router as the heartbeat of ARCHITECTURE.md ("Heartbeat protocol"), signed
-when a fleet key is set. It finds the router by mDNS (``_herd._tcp.local.``) unless
-``--router-url`` is given, and keeps browsing so it follows a router that moves. SIGTERM /
-Ctrl-C send a last beat with ``draining: true`` so the router stops routing here at once.
+pushes them to every router of the fleet as the heartbeat of ARCHITECTURE.md ("Heartbeat
+protocol"), signed when a fleet key is set: the routers given with ``--router-url``
+(repeatable), else every router of ``--fleet-id`` that mDNS (``_herd._tcp.local.``) lists,
+joining and leaving as they come and go. Each router gets its own beat task and its own
+reply handling, so a slow or dead router never delays another. SIGTERM / Ctrl-C send a
+last beat with ``draining: true`` to each, so they stop routing here at once.
 It serves ``GET /healthz`` on its own small port and can relay a loopback-only Ollama onto
 the LAN (``--relay``).
 
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import herd
 
@@ -258,6 +261,32 @@ def advertise_url_for(ollama_url: str, local_ip: str) -> str:
     return herd.normalize_url(ollama_url)
 
 
+ROUTER_PORT = 11435  # the router's default port, for a router URL given without one
+
+
+def parse_router_urls(values: Sequence[str]) -> tuple[str, ...]:
+    """``--router-url`` values (each may be a comma-separated list) → normalised URLs, in
+    order, without duplicates. ValueError names the bad entry."""
+    urls: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            parts = urlsplit(item if "://" in item else f"http://{item}")
+            try:
+                port = parts.port
+            except ValueError:
+                raise ValueError(f"{item!r} has a bad port") from None
+            if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(f"{item!r} is not a router URL like http://HOST:11435")
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            url = f"http://{host}:{port or ROUTER_PORT}"
+            if url not in urls:
+                urls.append(url)
+    return tuple(urls)
+
+
 def backoff_delay(interval_s: float, failures: int) -> float:
     """Seconds to the next beat after ``failures`` failures in a row: doubling, bounded."""
     if failures <= 1:
@@ -273,7 +302,7 @@ def backoff_delay(interval_s: float, failures: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    router_url: str | None = None  # None: discover by mDNS
+    router_urls: tuple[str, ...] = ()  # routers to report to; empty: every one mDNS finds
     ollama_url: str = "http://127.0.0.1:11434"
     node_id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
     advertise_url: str | None = None  # None: derived from the route to the router
@@ -1629,108 +1658,32 @@ class JobService:
 # =======================================================================================
 
 
-@dataclass(slots=True)
-class RouterCandidate:
-    name: str
-    urls: list[str]
-    router_id: str
-    seen: float  # monotonic time of the last Added/Updated
-    failures: int = 0
-
-    @property
-    def url(self) -> str:
-        """Rotates through the advertised addresses as failures accumulate."""
-        return self.urls[(self.failures // 2) % len(self.urls)]
-
-
-def rank_addresses(addresses: Sequence[str]) -> list[str]:
-    """LAN addresses first; loopback last (it only works when the router is on this host)."""
-    return sorted(addresses, key=lambda a: (a.startswith("127."), a))
-
-
-class RouterFinder:
-    """Browses ``_herd._tcp.local.`` for routers of our fleet and keeps doing so."""
+class RouterFinder(herd.RouterBrowser):
+    """The agent's own mDNS browser: its own zeroconf on ``interfaces``, every router of
+    ``fleet_id`` (the agent reports to all of them)."""
 
     def __init__(self, fleet_id: str, interfaces: Sequence[str] | None) -> None:
-        self.fleet_id = fleet_id
+        super().__init__(fleet_id)
         self.interfaces = list(interfaces) if interfaces else None
-        self.candidates: dict[str, RouterCandidate] = {}
-        self.changed = asyncio.Event()
-        self.tasks: set[asyncio.Task[None]] = set()
         self.azc: Any = None
-        self.browser: Any = None
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         from zeroconf import InterfaceChoice, IPVersion
-        from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
+        from zeroconf.asyncio import AsyncZeroconf
 
-        self.loop = asyncio.get_running_loop()
         interfaces: Any = self.interfaces or InterfaceChoice.All
         self.azc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-        self.browser = AsyncServiceBrowser(
-            self.azc.zeroconf, herd.MDNS_TYPE, handlers=[self._on_service_change]
-        )
+        await self.attach(self.azc.zeroconf)
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        if self.browser is not None:
-            with contextlib.suppress(Exception):
-                await self.browser.async_cancel()
+        await super().close()
         if self.azc is not None:
             with contextlib.suppress(Exception):
                 await self.azc.async_close()
 
-    def _on_service_change(self, **kwargs: Any) -> None:
-        name = str(kwargs["name"])
-        state = str(getattr(kwargs["state_change"], "name", kwargs["state_change"]))
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self._schedule, name, state)
 
-    def _schedule(self, name: str, state: str) -> None:
-        if state == "Removed":
-            gone = self.candidates.pop(name, None)
-            if gone is not None:
-                log.info("router %s (%s) left (mDNS goodbye)", gone.router_id, gone.url)
-                self.changed.set()
-            return
-        task = asyncio.ensure_future(self._resolve(name))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _resolve(self, name: str) -> None:
-        from zeroconf import IPVersion
-        from zeroconf.asyncio import AsyncServiceInfo
-
-        info = AsyncServiceInfo(herd.MDNS_TYPE, name)
-        if not await info.async_request(self.azc.zeroconf, 3000):
-            log.debug("mDNS: could not resolve %s", name)
-            return
-        props = {
-            k.decode(errors="replace"): (v or b"").decode(errors="replace")
-            for k, v in info.properties.items()
-        }
-        if props.get("fleet_id", "default") != self.fleet_id:
-            log.debug("mDNS: ignoring %s of fleet %r", name, props.get("fleet_id"))
-            return
-        addresses = rank_addresses(info.parsed_addresses(IPVersion.V4Only))
-        if not addresses or not info.port:
-            return
-        urls = [f"http://{a}:{info.port}" for a in addresses]
-        old = self.candidates.get(name)
-        if old is None or old.urls != urls:
-            self.candidates[name] = RouterCandidate(
-                name, urls, props.get("router_id", ""), time.monotonic()
-            )
-            log.info("router %s found by mDNS at %s", props.get("router_id", "?"), urls[0])
-            self.changed.set()
-
-    def best(self) -> RouterCandidate | None:
-        """The newest router that is not failing; a restarted router is the newest one."""
-        if not self.candidates:
-            return None
-        return min(self.candidates.values(), key=lambda c: (c.failures >= 3, -c.seen))
+RouterCandidate = herd.RouterCandidate
+rank_addresses = herd.rank_addresses
 
 
 # =======================================================================================
@@ -1783,8 +1736,64 @@ async def post_heartbeat(
     return reply
 
 
+@dataclass(slots=True)
+class Sample:
+    """One collection of this machine's facts, shared by the beats to every router."""
+
+    hardware: JSON
+    ollama: JSON  # Ollama's section, ``available`` still None
+    available: list[JSON] | None  # Ollama's model list; None: unknown this time
+    digest: str  # its hash ("" when unknown)
+    errors: list[JSON]
+    taken: float  # monotonic
+
+
+@dataclass(slots=True)
+class RouterLink:
+    """One router this agent reports to, and what that router has said so far. Each
+    router's reply is handled here and only here: its signature, ``need_full``, its
+    ``interval_s``, its failures and back-off."""
+
+    key: str  # the URL as given (--router-url), or the mDNS service name
+    url: str
+    source: str  # "static" | "mdns"
+    interval_s: float
+    router_id: str = ""
+    sent_hash: str | None = None  # the available list this router has
+    need_full: bool = True
+    failures: int = 0
+    beats_ok: int = 0
+    beats_failed: int = 0
+    last_ok_at: float | None = None
+    last_error: str = ""
+    state: str = ""  # logged on change only
+    advertised: str = ""  # advertise URL logged on change only
+    next_due: float = 0.0  # monotonic; 0 = at once
+    task: asyncio.Task[None] | None = None  # the beat in flight, if any
+
+    @property
+    def connected(self) -> bool:
+        return self.failures == 0 and self.last_ok_at is not None
+
+    def public(self) -> JSON:
+        return {
+            "url": self.url,
+            "source": self.source,
+            "router_id": self.router_id or None,
+            "connected": self.connected,
+            "interval_s": self.interval_s,
+            "last_beat_ok_at": self.last_ok_at,
+            "beats_ok": self.beats_ok,
+            "beats_failed": self.beats_failed,
+            "last_error": self.last_error or None,
+        }
+
+
+SAMPLE_REUSE = 0.5  # a sample younger than half an interval also serves a router due now
+
+
 class Agent:
-    """The node agent: beat loop, discovery, /healthz, optional relay, drain on stop."""
+    """The node agent: beats to every router, discovery, /healthz, optional relay, drain."""
 
     def __init__(self, config: AgentConfig, psutil_mod: ModuleType | None = None) -> None:
         self.config = config
@@ -1797,33 +1806,43 @@ class Agent:
         self.service_warned = False
         self.address: tuple[str, int] = ("", 0)
         self.stopping = asyncio.Event()
-        self.router_url: str | None = config.router_url
-        self.router_id = ""
-        self.sent_hash: str | None = None  # available list the router has
-        self.need_full = True
+        self.wake = asyncio.Event()  # a beat finished, or the set of routers changed
+        self.links: dict[str, RouterLink] = {}
+        self.sample: Sample | None = None
         self.admission: dict[str, str] = {}  # router URL → approved | pending | rejected
-        self.failures = 0
-        self.beats_ok = 0
-        self.beats_failed = 0
-        self.last_ok_at: float | None = None
-        self.last_error = ""
-        self.link_state = ""  # logged on change only
-        self.advertised = ""  # advertise URL logged on change only
         self.last_payload_bytes = 0
         self.payload_sizes: list[int] = []
         self.relay_server: asyncio.Server | None = None
         self.started_at = time.time()
 
-    # ---- target selection -------------------------------------------------------------
+    # ---- the routers to report to -----------------------------------------------------
 
-    def current_candidate(self) -> RouterCandidate | None:
-        return self.finder.best() if self.finder is not None else None
+    def link(self, url: str) -> RouterLink:
+        """The link to a router given by URL (made on first use)."""
+        key = herd.normalize_url(url)
+        found = self.links.get(key)
+        if found is None:
+            found = self.links[key] = RouterLink(key, key, "static", self.config.interval_s)
+        return found
 
-    def target(self) -> str | None:
-        if self.config.router_url:
-            return herd.normalize_url(self.config.router_url)
-        candidate = self.current_candidate()
-        return candidate.url if candidate is not None else None
+    def sync_links(self) -> None:
+        """Every ``--router-url``, plus every router of our fleet that mDNS lists now."""
+        for url in self.config.router_urls:
+            self.link(url)
+        if self.finder is None:
+            return
+        listed = self.finder.candidates
+        for name, candidate in listed.items():
+            link = self.links.get(name)
+            if link is None:
+                link = self.links[name] = RouterLink(
+                    name, candidate.url, "mdns", self.config.interval_s
+                )
+            link.url = candidate.url  # rotates through its addresses as it fails
+        for key, link in list(self.links.items()):
+            if link.source == "mdns" and key not in listed:
+                del self.links[key]
+                log.info("no longer reporting to the router at %s (it left)", link.url)
 
     def service_url(self, router_url: str) -> str | None:
         """Where the router sends image/STT jobs: this agent's own listener."""
@@ -1857,7 +1876,8 @@ class Agent:
 
     # ---- one beat ---------------------------------------------------------------------
 
-    async def build_payload(self, router_url: str, *, draining: bool = False) -> tuple[JSON, str]:
+    async def collect(self) -> Sample:
+        """This machine's facts, once for all routers."""
         errors: list[JSON] = []
         hardware, gpu, (ollama, available) = await asyncio.gather(
             asyncio.to_thread(self.collectors.hardware_sync, errors),
@@ -1867,46 +1887,78 @@ class Agent:
         hardware["gpu"] = gpu
         if available is not None:
             self.jobs.update_ollama_models(available)
-        digest = ollama["available_hash"]
-        if available is not None and (self.need_full or digest != self.sent_hash):
-            ollama["available"] = available
-        elif available is None:
-            ollama["available_hash"] = self.sent_hash  # unknown this beat: keep the router's
-        payload: JSON = {
+        digest = str(ollama["available_hash"] or "")
+        return Sample(hardware, ollama, available, digest, errors, time.monotonic())
+
+    def payload_for(self, link: RouterLink, sample: Sample, *, draining: bool = False) -> JSON:
+        """The beat for one router: the model list only when that router lacks it."""
+        ollama = dict(sample.ollama)
+        if sample.available is not None and (link.need_full or sample.digest != link.sent_hash):
+            ollama["available"] = sample.available
+        elif sample.available is None:
+            ollama["available_hash"] = link.sent_hash  # unknown this beat: keep the router's
+        return {
             "node_id": self.config.node_id,
             "agent_version": __version__,
             "timestamp": time.time(),
-            "interval_s": self.config.interval_s,
-            "ollama_url": self.advertise_url(router_url),
+            "interval_s": link.interval_s,
+            "ollama_url": self.advertise_url(link.url),
             "draining": draining,
-            "hardware": hardware,
+            "hardware": sample.hardware,
             "ollama": ollama,
-            "capabilities": self.jobs.capabilities(self.service_url(router_url)),
-            "errors": errors,
+            "capabilities": self.jobs.capabilities(self.service_url(link.url)),
+            "errors": sample.errors,
         }
-        return payload, str(digest or "")
 
-    async def beat_once(self, router_url: str, *, draining: bool = False) -> JSON:
-        payload, digest = await self.build_payload(router_url, draining=draining)
-        self._note_advertise(payload["ollama_url"], router_url)
-        self.last_payload_bytes = len(herd.dumps(payload))
-        self.payload_sizes.append(self.last_payload_bytes)
+    async def send(
+        self,
+        link: RouterLink,
+        sample: Sample,
+        *,
+        draining: bool = False,
+        started: float | None = None,
+    ) -> JSON:
+        """One beat to one router; its reply (or failure) updates that router's link only,
+        including when the next beat to it is due (``started``: when this one was due)."""
+        started = time.monotonic() if started is None else started
+        payload = self.payload_for(link, sample, draining=draining)
+        self._note_advertise(link, payload["ollama_url"])
+        body_size = len(herd.dumps(payload))
+        self.last_payload_bytes = body_size
+        self.payload_sizes.append(body_size)
         del self.payload_sizes[:-100]
         try:
             reply = await post_heartbeat(
-                self.pool, router_url, payload, self.config.fleet_key, self.config.router_timeout_s
+                self.pool, link.url, payload, self.config.fleet_key, self.config.router_timeout_s
             )
-        except BeatFailed:
-            self.need_full = True  # the router may have restarted meanwhile
+        except BeatFailed as exc:
+            link.need_full = True  # the router may have restarted meanwhile
+            self._on_failure(link, exc)
+            # a router that answers but refuses is asked again less and less often; one that
+            # does not answer is tried every beat, so it is fed again as soon as it is back
+            wait = link.interval_s
+            if exc.kind != "unreachable":
+                wait = backoff_delay(link.interval_s, link.failures)
+            link.next_due = started + wait
             raise
         if payload["ollama"]["available"] is not None:
-            self.sent_hash = digest
-        self.need_full = bool(reply.get("need_full"))
-        if self.router_id and reply.get("router_id") != self.router_id:
-            log.info("router changed identity (%s -> %s)", self.router_id, reply.get("router_id"))
-        self.router_id = str(reply.get("router_id") or "")
-        self._note_admission(router_url, reply)
+            link.sent_hash = sample.digest
+        link.need_full = bool(reply.get("need_full"))
+        asked = reply.get("interval_s")
+        if isinstance(asked, int | float) and not isinstance(asked, bool) and 0.05 <= asked <= 300:
+            link.interval_s = float(asked)
+        new_id = str(reply.get("router_id") or "")
+        if link.router_id and new_id != link.router_id:
+            log.info("router at %s changed identity (%s -> %s)", link.url, link.router_id, new_id)
+        link.router_id = new_id
+        link.next_due = started + link.interval_s
+        self._on_success(link)
+        self._note_admission(link.url, reply)
         return reply
+
+    async def beat_once(self, router_url: str, *, draining: bool = False) -> JSON:
+        """Collect, then beat the router at ``router_url`` (tests and one-off use)."""
+        return await self.send(self.link(router_url), await self.collect(), draining=draining)
 
     def _note_admission(self, router_url: str, reply: JSON) -> None:
         """The router's consent decision (``admission`` in the reply), logged on change only:
@@ -1934,12 +1986,12 @@ class Agent:
             log.info("node %s was approved by the router %s (%s): it now gets requests",
                      node, router_url, why)
 
-    def _note_advertise(self, url: str, router_url: str) -> None:
-        if url == self.advertised:
+    def _note_advertise(self, link: RouterLink, url: str) -> None:
+        if url == link.advertised:
             return
-        self.advertised = url
+        link.advertised = url
         host, _, _ = herd.split_url(self.config.ollama_url)
-        log.info("the router at %s will reach this node's Ollama at %s", router_url, url)
+        log.info("the router at %s will reach this node's Ollama at %s", link.url, url)
         if is_local_only(host) and not is_local_only(herd.split_url(url)[0]):
             hint = (
                 "relayed by this agent (--relay)"
@@ -1951,63 +2003,36 @@ class Agent:
             )
             log.info("Ollama is configured at %s (loopback): %s", self.config.ollama_url, hint)
 
-    def _set_link(self, state: str, message: str, level: int = logging.INFO) -> None:
-        if state != self.link_state:
-            self.link_state = state
+    def _set_link(self, link: RouterLink, state: str, message: str, level: int) -> None:
+        if state != link.state:
+            link.state = state
             log.log(level, "%s", message)
 
-    # ---- loop -------------------------------------------------------------------------
-
-    async def beat_loop(self) -> None:
-        waiting_logged = False
-        while not self.stopping.is_set():
-            started = time.monotonic()
-            router_url = self.target()
-            if router_url is None:
-                if not waiting_logged:
-                    waiting_logged = True
-                    ifaces = ",".join(self.config.mdns_interfaces or ()) or "all interfaces"
-                    log.info(
-                        "looking for a herd router of fleet %r by mDNS (%s on %s)",
-                        self.config.fleet_id,
-                        herd.MDNS_TYPE,
-                        ifaces,
-                    )
-                await self._sleep(self.config.interval_s, started)
-                continue
-            waiting_logged = False
-            self.router_url = router_url
-            try:
-                await self.beat_once(router_url)
-            except BeatFailed as exc:
-                self._on_failure(router_url, exc)
-            else:
-                self._on_success(router_url)
-            await self._sleep(backoff_delay(self.config.interval_s, self.failures), started)
-
-    def _on_success(self, router_url: str) -> None:
-        self.failures = 0
-        self.beats_ok += 1
-        self.last_ok_at = time.time()
-        self.last_error = ""
-        candidate = self.current_candidate()
+    def _on_success(self, link: RouterLink) -> None:
+        link.failures = 0
+        link.beats_ok += 1
+        link.last_ok_at = time.time()
+        link.last_error = ""
+        candidate = self.finder.candidates.get(link.key) if self.finder is not None else None
         if candidate is not None:
             candidate.failures = 0
         self._set_link(
-            f"ok:{router_url}",
-            f"node {self.config.node_id} joined the router at {router_url} "
-            f"(router {self.router_id}, beat every {self.config.interval_s:g}s)",
+            link,
+            "ok",
+            f"node {self.config.node_id} joined the router at {link.url} "
+            f"(router {link.router_id}, beat every {link.interval_s:g}s)",
+            logging.INFO,
         )
 
-    def _on_failure(self, router_url: str, exc: BeatFailed) -> None:
-        self.failures += 1
-        self.beats_failed += 1
-        self.last_error = exc.message
-        candidate = self.current_candidate()
+    def _on_failure(self, link: RouterLink, exc: BeatFailed) -> None:
+        link.failures += 1
+        link.beats_failed += 1
+        link.last_error = exc.message
+        candidate = self.finder.candidates.get(link.key) if self.finder is not None else None
         if candidate is not None:
             candidate.failures += 3 if exc.kind == "impostor" else 1
         advice = {
-            "unreachable": "retrying with back-off",
+            "unreachable": "retrying every beat",
             "unauthorized": "check that --fleet-key / HERD_FLEET_KEY match on both sides",
             "refused": "fix the cause; retrying with back-off",
             "impostor": "NOT following it: it does not hold our fleet key",
@@ -2015,57 +2040,134 @@ class Agent:
         }[exc.kind]
         level = logging.ERROR if exc.kind in ("impostor", "unauthorized") else logging.WARNING
         self._set_link(
-            f"{exc.kind}:{router_url}",
-            f"heartbeat to {router_url} failed ({exc.kind}): {exc.message}; {advice}",
+            link,
+            f"{exc.kind}:{link.url}",
+            f"heartbeat to {link.url} failed ({exc.kind}): {exc.message}; {advice}",
             level,
         )
 
-    async def _sleep(self, delay: float, started: float) -> None:
-        """Until the next beat is due, the router moved (mDNS), or we are stopping."""
-        remaining = delay - (time.monotonic() - started)
-        if remaining <= 0:
+    # ---- loop -------------------------------------------------------------------------
+
+    async def beat_loop(self) -> None:
+        """Beat every router on its own schedule. Each beat is its own task: a slow or dead
+        router holds only its own beat, never another router's; a router whose previous
+        beat is still in flight is skipped (beats never pile up)."""
+        waiting_logged = False
+        try:
+            while not self.stopping.is_set():
+                # cleared before looking, so a beat ending or a router appearing from here on
+                # wakes the sleep below instead of being missed
+                self.wake.clear()
+                if self.finder is not None:
+                    self.finder.changed.clear()
+                self.sync_links()
+                if not self.links:
+                    if not waiting_logged:
+                        waiting_logged = True
+                        ifaces = ",".join(self.config.mdns_interfaces or ()) or "all interfaces"
+                        log.info(
+                            "looking for herd routers of fleet %r by mDNS (%s on %s)",
+                            self.config.fleet_id,
+                            herd.MDNS_TYPE,
+                            ifaces,
+                        )
+                    await self._sleep(self.config.interval_s)
+                    continue
+                waiting_logged = False
+                now = time.monotonic()
+                due = [ln for ln in self.links.values() if ln.task is None and ln.next_due <= now]
+                if due:
+                    sample = self.sample
+                    if sample is None or now - sample.taken > SAMPLE_REUSE * self.config.interval_s:
+                        sample = self.sample = await self.collect()
+                    for link in due:
+                        link.task = asyncio.ensure_future(self._beat(link, sample, now))
+                idle = [ln.next_due for ln in self.links.values() if ln.task is None]
+                next_due = min(idle, default=now + self.config.interval_s)
+                await self._sleep(next_due - time.monotonic())
+        finally:
+            await self._cancel_beats()
+
+    async def _beat(self, link: RouterLink, sample: Sample, due: float) -> None:
+        try:
+            await self.send(link, sample, started=due)
+        except BeatFailed:
+            pass  # noted on the link
+        finally:
+            link.task = None
+            self.wake.set()
+
+    async def _cancel_beats(self) -> None:
+        tasks = [ln.task for ln in self.links.values() if ln.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+
+    async def _sleep(self, delay: float) -> None:
+        """Until a router is due, a beat ended, the routers changed (mDNS), or we stop."""
+        if delay <= 0:
             return
-        waits = [asyncio.ensure_future(self.stopping.wait())]
+        waits = [
+            asyncio.ensure_future(self.stopping.wait()),
+            asyncio.ensure_future(self.wake.wait()),
+        ]
         if self.finder is not None:
-            self.finder.changed.clear()
             waits.append(asyncio.ensure_future(self.finder.changed.wait()))
         try:
-            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
 
     async def drain(self) -> None:
-        """The last beat: ``draining: true``, so the router stops routing here at once."""
-        router_url = self.target() or self.router_url
-        if router_url is None:
+        """The last beat, to every router: ``draining: true``, so they stop routing here."""
+        self.sync_links()
+        links = list(self.links.values())
+        if not links:
             return
         try:
             async with asyncio.timeout(5.0):
-                await self.beat_once(router_url, draining=True)
-        except (BeatFailed, TimeoutError) as exc:
-            log.warning("could not tell %s that this node is draining: %s", router_url, exc)
-        else:
-            log.info(
-                "told the router at %s that node %s is draining", router_url, self.config.node_id
-            )
+                sample = await self.collect()
+        except TimeoutError:
+            log.warning("could not collect this node's state for the draining beat")
+            return
+
+        async def tell(link: RouterLink) -> None:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self.send(link, sample, draining=True)
+            except (BeatFailed, TimeoutError) as exc:
+                log.warning("could not tell %s that this node is draining: %s", link.url, exc)
+            else:
+                log.info(
+                    "told the router at %s that node %s is draining", link.url, self.config.node_id
+                )
+
+        await asyncio.gather(*(tell(link) for link in links))
 
     # ---- /healthz ---------------------------------------------------------------------
 
     def health(self) -> JSON:
+        links = list(self.links.values())
+        first = links[0] if links else None
+        oks = [ln.last_ok_at for ln in links if ln.last_ok_at is not None]
+        errors = [ln.last_error for ln in links if ln.last_error]
         return {
             "ok": True,
             "node_id": self.config.node_id,
             "agent_version": __version__,
-            "router_url": self.router_url,
-            "router_id": self.router_id or None,
-            "connected": self.failures == 0 and self.last_ok_at is not None,
-            "last_beat_ok_at": self.last_ok_at,
-            "beats_ok": self.beats_ok,
-            "beats_failed": self.beats_failed,
-            "last_error": self.last_error or None,
+            "router_url": first.url if first is not None else None,
+            "router_id": (first.router_id or None) if first is not None else None,
+            "connected": any(ln.connected for ln in links),
+            "routers_connected": sum(1 for ln in links if ln.connected),
+            "routers": [ln.public() for ln in links],
+            "last_beat_ok_at": max(oks, default=None),
+            "beats_ok": sum(ln.beats_ok for ln in links),
+            "beats_failed": sum(ln.beats_failed for ln in links),
+            "last_error": errors[0] if errors else None,
             "ollama_url": self.config.ollama_url,
-            "advertise_url": self.advertised or None,
+            "advertise_url": next((ln.advertised for ln in links if ln.advertised), None),
             "last_payload_bytes": self.last_payload_bytes,
             "uptime_s": round(time.time() - self.started_at, 1),
             "jobs": {
@@ -2137,7 +2239,7 @@ class Agent:
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        if not self.config.router_url:
+        if not self.config.router_urls:
             self.finder = RouterFinder(self.config.fleet_id, self.config.mdns_interfaces)
             await self.finder.start()
         if self.config.discover_backends:
@@ -2191,8 +2293,6 @@ def env(name: str, default: str | None = None) -> str | None:
 
 # (flag, environment twin, type, default, help) of the agent's value options.
 AGENT_OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
-    ("--router-url", "HERD_ROUTER_URL", str, None,
-     "router to report to; unset = find it by mDNS"),
     ("--ollama-url", "HERD_OLLAMA_URL", str, "http://127.0.0.1:11434", "this node's Ollama"),
     ("--node-id", "HERD_NODE_ID", str, None, "node name (default: the short hostname)"),
     ("--advertise-url", "HERD_ADVERTISE_URL", str, None,
@@ -2269,6 +2369,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=JOINING_HELP,
         formatter_class=_HelpFormatter,
     )
+    p.add_argument("--router-url", action="append", default=None,
+                   help="router to report to, repeatable: the agent reports to every one "
+                   "[HERD_ROUTER_URL, comma separated]; unset = every router of --fleet-id "
+                   "that mDNS finds")
     herd.add_env_options(p, AGENT_OPTIONS)
     p.add_argument("--version", action="version", version=f"herd-node {__version__}")
     p.add_argument("--num-parallel", type=int,
@@ -2311,6 +2415,11 @@ def check_template(flag: str, template: str | None, required: str) -> None:
 
 def config_from_args(argv: Sequence[str] | None = None) -> AgentConfig:
     args = build_parser().parse_args(argv)
+    given = args.router_url if args.router_url else [env("HERD_ROUTER_URL") or ""]
+    try:
+        router_urls = parse_router_urls(given)
+    except ValueError as exc:
+        raise SystemExit(f"herd-node: --router-url / HERD_ROUTER_URL: {exc}") from None
     ifaces = tuple(i.strip() for i in (args.mdns_interfaces or "").split(",") if i.strip())
     node_id = args.node_id or socket.gethostname().split(".")[0] or "node"
     if not herd.valid_node_id(node_id):
@@ -2326,7 +2435,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> AgentConfig:
     if not 0 < args.max_upload_mb <= 1 << 20:
         raise SystemExit("herd-node: --max-upload-mb must be positive")
     return AgentConfig(
-        router_url=args.router_url or None,
+        router_urls=router_urls,
         ollama_url=herd.normalize_url(args.ollama_url),
         node_id=node_id,
         advertise_url=args.advertise_url or None,
@@ -2390,7 +2499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return whisper_worker_main(args[1:])
     config = config_from_args(args)
     setup_logging(config)
-    if not config.router_url and not zeroconf_available():
+    if not config.router_urls and not zeroconf_available():
         log.error(
             "zeroconf is not installed, so the router cannot be found by mDNS: "
             "pass --router-url http://ROUTER:11435 (or pip install zeroconf)"

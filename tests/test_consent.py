@@ -292,7 +292,7 @@ async def test_agent_logs_its_admission_once_per_change(
     r = await make_router([])
     async with FakeOllama([FakeModel("llama3.2:3b")]) as fake:
         config = herd_node.AgentConfig(
-            router_url=r.url,
+            router_urls=(r.url,),
             ollama_url=fake.url,
             node_id="quiet",
             interval_s=0.3,

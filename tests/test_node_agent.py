@@ -158,7 +158,7 @@ def agent_config(
     router: RunningRouter | None, fake: FakeOllama, node_id: str, **overrides: Any
 ) -> herd_node.AgentConfig:
     settings: dict[str, Any] = {
-        "router_url": router.url if router else None,
+        "router_urls": (router.url,) if router else (),
         "ollama_url": fake.url,
         "node_id": node_id,
         "interval_s": INTERVAL,
@@ -226,7 +226,8 @@ async def test_available_list_is_sent_only_when_it_changes(make_router: RouterFa
             sent: list[bool] = []
             for _ in range(4):
                 await agent.beat_once(router.url)
-                sent.append(agent.sent_hash is not None and agent.need_full is False)
+                link = agent.link(router.url)
+                sent.append(link.sent_hash is not None and link.need_full is False)
             first, *rest = agent.payload_sizes
             assert all(size < first for size in rest), agent.payload_sizes
             assert len(fake.requests_to("/api/tags")) == 4  # one per beat, never more
@@ -357,7 +358,6 @@ async def test_agent_refuses_router_without_our_key(make_router: RouterFactory) 
             with pytest.raises(herd_node.BeatFailed) as info:
                 await agent.beat_once(open_router.url)
             assert info.value.kind == "impostor"
-            agent._on_failure(open_router.url, info.value)
             assert agent.health()["connected"] is False
             assert "fleet key" in (agent.health()["last_error"] or "")
             with pytest.raises(herd_node.BeatFailed) as info:
