@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -466,7 +467,8 @@ async def parse_json_body(body: bytes) -> JSON:
 class Response:
     """Writes one response on the server side; knows whether anything was sent yet."""
 
-    __slots__ = ("bytes_sent", "ended", "headers_sent", "http", "is_head", "status")
+    __slots__ = ("bytes_sent", "cors_origin", "ended", "headers_sent", "http", "is_head",
+                 "status")
 
     def __init__(self, stream: HttpStream, method: str) -> None:
         self.http = stream
@@ -475,6 +477,8 @@ class Response:
         self.ended = False
         self.status = 0
         self.bytes_sent = 0
+        # an allowed cross-origin request: every answer grants that origin, as Ollama's do
+        self.cors_origin: bytes | None = None
 
     async def start(self, status: int, headers: Sequence[tuple[str | bytes, str | bytes]]) -> None:
         encoded: Headers = []
@@ -482,6 +486,8 @@ class Response:
             kb = k.encode("latin-1") if isinstance(k, str) else k
             vb = v.encode("latin-1") if isinstance(v, str) else v
             encoded.append((kb, vb))
+        if self.cors_origin and not any(k == b"access-control-allow-origin" for k, _ in encoded):
+            encoded += [(b"vary", b"Origin"), (b"access-control-allow-origin", self.cors_origin)]
         reason = REASON_PHRASES.get(status, b"")
         self.status = status
         self.headers_sent = True
@@ -1513,17 +1519,42 @@ INFERENCE_PATHS: dict[str, tuple[str, str]] = {
 }
 
 
-def is_zero_keep_alive(value: object) -> bool:
+GO_DURATION_TERM = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+GO_DURATION_NS = MappingProxyType(
+    {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6, "s": 10**9,
+     "m": 60 * 10**9, "h": 3600 * 10**9}
+)
+
+
+def keep_alive_ns(value: object) -> int | None:
+    """``keep_alive`` as Ollama's ``api.Duration`` reads it: nanoseconds (negative = keep
+    forever), or None where Ollama answers 400. A number is whole seconds (``0.9`` is 0); a
+    string is a Go duration (``"-0s"`` and ``"0h0m"`` are 0; ``"0.0"`` and ``"10"`` lack a
+    unit)."""
     if isinstance(value, bool):
-        return False
+        return None
     if isinstance(value, int | float):
-        return value == 0
-    if isinstance(value, str):
-        v = value.strip()
-        return v in ("0", "0s", "0m", "0h", "0ms") or (
-            v.replace(".", "", 1).isdigit() and float(v) == 0
-        )
-    return False
+        return -1 if value < 0 else int(value) * 10**9
+    if not isinstance(value, str):
+        return None
+    text = value[1:] if value[:1] in ("+", "-") else value
+    if text == "0":
+        return 0
+    if not text:
+        return None
+    total, pos = 0, 0
+    while pos < len(text):
+        term = GO_DURATION_TERM.match(text, pos)
+        if term is None:
+            return None
+        total += int(float(term[1]) * GO_DURATION_NS[term[2]])
+        pos = term.end()
+    return -total if value[:1] == "-" else total
+
+
+def is_zero_keep_alive(value: object) -> bool:
+    """True when Ollama reads ``keep_alive`` as "unload now" (see :func:`keep_alive_ns`)."""
+    return keep_alive_ns(value) == 0
 
 
 def extract_tags(body: JSON, request: Request) -> list[str]:
@@ -1608,6 +1639,15 @@ def requested_num_ctx(body: JSON) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
+
+
+def without_node_id(raw: bytes, body: JSON) -> bytes:
+    """The body to forward once herd's ``node_id`` is taken out: the client's own bytes when
+    it had none (and is a plain UTF-8 JSON object), else ``body`` re-serialised without it."""
+    if "node_id" not in body and raw[:1] == b"{" and raw[1:2] != b"\x00":
+        return raw
+    body.pop("node_id", None)
+    return dumps(body)
 
 
 def upstream_headers(request: Request) -> Headers:
@@ -2025,6 +2065,9 @@ class Router:
 
     async def dispatch(self, request: Request, response: Response) -> None:
         path = request.path
+        origin = cross_origin(request)
+        if origin is not None and origin_allowed(origin):
+            response.cors_origin = origin.encode("latin-1")
         if request.method == "OPTIONS":
             await self.h_options(request, response)
             return
@@ -2096,19 +2139,20 @@ class Router:
         )
 
     async def h_options(self, request: Request, response: Response) -> None:
-        origin = request.header("origin")
+        """Preflight: Ollama's methods and headers (the openai SDKs' ``x-stainless-*`` too),
+        herd's own ``X-Herd-*``, and whatever else the page asks for; the origin grant
+        itself comes from ``dispatch`` (allowed origins only); a foreign origin is refused
+        with 403, as Ollama does."""
+        origin = cross_origin(request)
+        if origin is not None and not origin_allowed(origin):
+            raise HttpError(403, f"cross-origin request from {origin} refused")
+        asked = request.header("access-control-request-headers") or ""
+        allowed = dict.fromkeys([*CORS_ALLOW_HEADERS, *(h.strip() for h in asked.split(","))])
         headers = [
-            ("access-control-allow-methods", "GET, POST, PUT, DELETE, HEAD, OPTIONS"),
-            (
-                "access-control-allow-headers",
-                request.header("access-control-request-headers")
-                or "Authorization, Content-Type, User-Agent, Accept, X-Requested-With",
-            ),
+            ("access-control-allow-methods", "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"),
+            ("access-control-allow-headers", ",".join(h for h in allowed if h)),
             ("access-control-max-age", "43200"),
         ]
-        if origin and origin_allowed(origin):
-            headers.append(("access-control-allow-origin", origin))
-            headers.append(("vary", "Origin"))
         await response.send(204, b"", "text/plain", headers)
 
     # ---------------------------------------------------------------- local answers -------
@@ -2314,8 +2358,7 @@ class Router:
             target = self.roomiest(missing or healthy)
         if target is None:
             raise HttpError(503, "no node is online to pull to")
-        body.pop("node_id", None)
-        node = await self.forward_simple(request, response, [target], dumps(body))
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
         self._spawn(self.refresh_node(node), "refresh")
 
     async def h_push(self, request: Request, response: Response) -> None:
@@ -2342,8 +2385,7 @@ class Router:
             target = self.roomiest(self.healthy_nodes())
         if target is None:
             raise HttpError(503, "no node is online")
-        body.pop("node_id", None)
-        node = await self.forward_simple(request, response, [target], dumps(body))
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
         self._spawn(self.refresh_node(node), "refresh")
 
     async def h_blob_head(self, request: Request, response: Response) -> None:
@@ -4308,6 +4350,24 @@ def version_key(v: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
+
+
+CORS_ALLOW_HEADERS = (
+    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
+    *(f"x-stainless-{h}" for h in ("arch", "async", "custom-poll-interval", "helper-method",
+                                   "lang", "os", "package-version", "poll-helper",
+                                   "retry-count", "runtime", "runtime-version", "timeout")),
+    "X-Herd-Node", "X-Herd-Tags", "X-Herd-No-Fallback", "X-Api-Key",
+)
+
+
+def cross_origin(request: Request) -> str | None:
+    """The request's ``Origin`` when it is a CORS request (not the router's own origin)."""
+    origin = request.header("origin")
+    if not origin:
+        return None
+    host = request.header("host") or ""
+    return None if origin in (f"http://{host}", f"https://{host}") else origin
 
 
 def origin_allowed(origin: str) -> bool:
