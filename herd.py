@@ -1095,13 +1095,15 @@ class LineRelay:
             self.records += out.count(b"\n\n")
             if b'"usage"' in out:
                 for record in out.split(b"\n\n"):
-                    if b'"usage"' in record and record.startswith(b"data: "):
+                    # "data: {...}", or "event: <type>\ndata: {...}" (Responses API)
+                    at = 0 if record.startswith(b"data: ") else record.find(b"\ndata: ") + 1
+                    if b'"usage"' in record and at >= 0 and record.startswith(b"data: ", at):
                         try:
-                            obj = json.loads(record[6:])
+                            obj = json.loads(record[at + 6 :])
                         except ValueError:
                             continue
-                        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                            self.last_final = record[6:]
+                        if isinstance(obj, dict) and isinstance(usage_of(obj), dict):
+                            self.last_final = record[at + 6 :]
 
     def tail(self) -> bytes:
         """Whatever is left at a clean end of stream (a last line without newline)."""
@@ -1119,6 +1121,14 @@ class LineRelay:
         except ValueError:
             return None
         return obj if isinstance(obj, dict) else None
+
+
+def usage_of(obj: JSON) -> object:
+    """OpenAI ``usage``: top level, or inside ``response`` (Responses API stream events)."""
+    nested = obj.get("response")
+    if "usage" not in obj and isinstance(nested, dict):
+        return nested.get("usage")
+    return obj.get("usage")
 
 
 def midstream_error_record(framing: Framing, message: str) -> bytes:
@@ -4423,7 +4433,7 @@ def metrics_from_final(final: JSON | None) -> dict[str, Any]:
         out["load_ms"] = ms(final.get("load_duration"))
         out["prompt_eval_ms"] = ms(final.get("prompt_eval_duration"))
         out["eval_ms"] = ms(final.get("eval_duration"))
-    usage = final.get("usage")
+    usage = usage_of(final)
     if isinstance(usage, dict):
         out["prompt_tokens"] = count(usage.get("prompt_tokens") or usage.get("input_tokens"))
         out["completion_tokens"] = count(

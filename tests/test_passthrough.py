@@ -774,3 +774,39 @@ async def test_cors_actual_requests_carry_the_grant(
     assert status == 200
     assert got["access-control-allow-origin"] == "http://127.0.0.1:5173"
     assert "origin" in got.get("vary", "").lower()
+
+
+# ------------------------------------------------------------------ traces ----------------
+
+
+@pytest.mark.parametrize(("path", "body", "ctype"), FRAMINGS)
+async def test_trace_counts_the_tokens_of_every_framing(
+    node: Any, path: str, body: bytes, ctype: str
+) -> None:
+    """What herd relays untouched it still reads for its trace: the token counts of the
+    final chunk, the usage chunk, or the Responses API's ``response.completed`` event."""
+    r, fake = node
+    status, _, _, _ = await through(r, fake, path, body)
+    assert status == 200
+    await r.router.store.flush()
+    row = (await r.router.store.traces(limit=1))[0]
+    assert row["status"] == "completed"
+    assert row["prompt_tokens"] and row["prompt_tokens"] > 0, row
+    assert row["completion_tokens"] and row["completion_tokens"] > 0, row
+
+
+async def test_responses_stream_cut_by_the_node_ends_with_an_error_the_sdk_raises(
+    node: Any,
+) -> None:
+    r, fake = node
+    fake.die_after_chunks = 4  # the node's connection drops after four SSE events
+    oa = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="ollama", max_retries=0)
+    seen: list[str] = []
+    with pytest.raises(openai.APIError, match="disconnected mid-stream"):
+        async for event in await oa.responses.create(model=SMART, input="hi", stream=True):
+            seen.append(event.type)
+    assert seen[:2] == ["response.created", "response.in_progress"]
+    await oa.close()
+    await r.router.store.flush()
+    row = (await r.router.store.traces(limit=1))[0]
+    assert row["status"] == "incomplete" and "mid-stream" in row["error_message"]
