@@ -127,6 +127,16 @@ class UpstreamFailure(Exception):
         self.headers = headers or []
 
 
+def has_herd_fields(body: JSON) -> bool:
+    """Whether herd takes something out of this inference body before forwarding it: its
+    own fields, or ``metadata`` when it holds herd's ``tags`` (or is an empty object, which
+    goes with them). A client's own ``metadata`` (OpenAI's) is not herd's."""
+    meta = body.get("metadata")
+    if isinstance(meta, dict) and ("tags" in meta or not meta):
+        return True
+    return any(k in body for k in HERD_BODY_FIELDS if k != "metadata")
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/")
 
@@ -2506,7 +2516,7 @@ class Router:
         # Forward the client's own bytes when herd changes nothing in the body (no herd
         # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
         pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
-                    and not any(k in body for k in HERD_BODY_FIELDS))
+                    and not has_herd_fields(body))
         model_raw = self.model_of(body)
         tags = extract_tags(body, request)
         if request.key_id:

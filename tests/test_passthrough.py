@@ -810,3 +810,33 @@ async def test_responses_stream_cut_by_the_node_ends_with_an_error_the_sdk_raise
     await r.router.store.flush()
     row = (await r.router.store.traces(limit=1))[0]
     assert row["status"] == "incomplete" and "mid-stream" in row["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "verbatim"),
+    [
+        # OpenAI's own metadata (no herd tags): the client's bytes
+        (b'{"model": "smart:8b", "metadata": {"app": "notes"}, "messages": []}', True),
+        (b'{"model": "smart:8b", "metadata": "opaque", "messages": []}', True),
+        # herd's tags (or an empty metadata object herd drops): re-serialised without them
+        (b'{"model": "smart:8b", "metadata": {"tags": ["a"]}, "messages": []}', False),
+        (b'{"model": "smart:8b", "metadata": {}, "messages": []}', False),
+        (b'{"model": "smart:8b", "fallback": false, "messages": []}', False),
+    ],
+)
+async def test_metadata_without_herd_tags_is_forwarded_verbatim(
+    node: Any, body: bytes, verbatim: bool
+) -> None:
+    r, fake = node
+    status, _, _, rec = await through(r, fake, "/v1/chat/completions", body)
+    assert status == 400  # the node's own "[] is too short" (any answer will do)
+    assert (rec.body == body) is verbatim
+    sent = json.loads(body)
+    for key in ("fallback",):
+        sent.pop(key, None)
+    meta = sent.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("tags", None)
+        if not meta:
+            sent.pop("metadata")
+    assert rec.json() == sent
