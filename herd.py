@@ -2550,7 +2550,9 @@ class Router:
                 and not body.get("prompt")
                 and not body.get("messages")
             ):
-                await self.unload_everywhere(request, response, body, attempt)
+                await self.unload_everywhere(
+                    request, response, body, attempt, raw if pristine else None
+                )
                 return
             await self.serve_routed(
                 request,
@@ -2567,13 +2569,15 @@ class Router:
             self.active_requests -= 1
 
     async def unload_everywhere(
-        self, request: Request, response: Response, body: JSON, attempt: Attempt
+        self, request: Request, response: Response, body: JSON, attempt: Attempt,
+        raw: bytes | None = None,
     ) -> None:
+        """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
         model = scoring.normalize_model(str(body["model"]))
         holders = [n for n in self.healthy_nodes() if model in n.loaded_names()]
         if not any(n.has_model(model) for n in self.healthy_nodes()):
             raise HttpError(404, f"model '{body['model']}' not found")
-        payload = dumps(body)
+        payload = raw if raw is not None else dumps(body)
 
         async def one(node: Node) -> None:
             with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):

@@ -606,6 +606,7 @@ async def test_keep_alive_forms_match_ollama(
         assert json.loads(got)["done_reason"] == json.loads(want)["done_reason"]
         if expect == 0:
             assert json.loads(got)["done_reason"] == "unload" and len(served) == 2
+            assert all(f.requests_to(path)[-1].body == body for f in served)  # as sent
             assert PLAIN not in a.loaded and PLAIN not in b.loaded and PLAIN not in direct.loaded
             for fake in (a, b, direct):  # load again for the next path
                 await raw_request(fake.port, "POST", "/api/generate", b'{"model": "plain:1b"}')
