@@ -843,3 +843,22 @@ async def test_metadata_without_herd_tags_is_forwarded_verbatim(
         if not meta:
             sent.pop("metadata")
     assert rec.json() == sent
+
+
+@pytest.mark.parametrize("value", ["1h", 0, -1, "-1", 2.7])
+async def test_keep_alive_on_embeddings_is_the_nodes_business(node: Any, value: Any) -> None:
+    r, fake = node
+    expect = expected_keep_alive(value)
+    for path, body in (
+        ("/api/embed", {"model": EMBED, "input": ["a"], "keep_alive": value}),
+        ("/api/embeddings", {"model": EMBED, "prompt": "a", "keep_alive": value}),
+    ):
+        raw = json.dumps(body).encode()
+        status, hdrs, data, rec = await through(r, fake, path, raw)
+        assert_verbatim(raw, status, hdrs, data, rec)
+        if expect is None:
+            assert status == 400 and "missing unit" in json.loads(data)["error"]
+        elif expect == 0:
+            assert status == 200 and EMBED not in fake.loaded  # unloaded once answered
+        else:
+            assert status == 200 and fake.loaded[EMBED].keep_alive_s == expect
