@@ -163,6 +163,16 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def has_herd_fields(body: JSON) -> bool:
+    """Whether herd takes something out of this inference body before forwarding it: its
+    own fields, or ``metadata`` when it holds herd's ``tags`` (or is an empty object, which
+    goes with them). A client's own ``metadata`` (OpenAI's) is not herd's."""
+    meta = body.get("metadata")
+    if isinstance(meta, dict) and ("tags" in meta or not meta):
+        return True
+    return any(k in body for k in HERD_BODY_FIELDS if k != "metadata")
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/")
 
@@ -562,7 +572,8 @@ async def parse_json_body(body: bytes) -> JSON:
 class Response:
     """Writes one response on the server side; knows whether anything was sent yet."""
 
-    __slots__ = ("bytes_sent", "ended", "headers_sent", "http", "is_head", "status")
+    __slots__ = ("bytes_sent", "cors_origin", "ended", "headers_sent", "http", "is_head",
+                 "status")
 
     def __init__(self, stream: HttpStream, method: str) -> None:
         self.http = stream
@@ -571,6 +582,8 @@ class Response:
         self.ended = False
         self.status = 0
         self.bytes_sent = 0
+        # an allowed cross-origin request: every answer grants that origin, as Ollama's do
+        self.cors_origin: bytes | None = None
 
     async def start(self, status: int, headers: Sequence[tuple[str | bytes, str | bytes]]) -> None:
         encoded: Headers = []
@@ -578,6 +591,8 @@ class Response:
             kb = k.encode("latin-1") if isinstance(k, str) else k
             vb = v.encode("latin-1") if isinstance(v, str) else v
             encoded.append((kb, vb))
+        if self.cors_origin and not any(k == b"access-control-allow-origin" for k, _ in encoded):
+            encoded += [(b"vary", b"Origin"), (b"access-control-allow-origin", self.cors_origin)]
         reason = REASON_PHRASES.get(status, b"")
         self.status = status
         self.headers_sent = True
@@ -1190,13 +1205,15 @@ class LineRelay:
             self.records += out.count(b"\n\n")
             if b'"usage"' in out:
                 for record in out.split(b"\n\n"):
-                    if b'"usage"' in record and record.startswith(b"data: "):
+                    # "data: {...}", or "event: <type>\ndata: {...}" (Responses API)
+                    at = 0 if record.startswith(b"data: ") else record.find(b"\ndata: ") + 1
+                    if b'"usage"' in record and at >= 0 and record.startswith(b"data: ", at):
                         try:
-                            obj = json.loads(record[6:])
+                            obj = json.loads(record[at + 6 :])
                         except ValueError:
                             continue
-                        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                            self.last_final = record[6:]
+                        if isinstance(obj, dict) and isinstance(usage_of(obj), dict):
+                            self.last_final = record[at + 6 :]
 
     def tail(self) -> bytes:
         """Whatever is left at a clean end of stream (a last line without newline)."""
@@ -1214,6 +1231,14 @@ class LineRelay:
         except ValueError:
             return None
         return obj if isinstance(obj, dict) else None
+
+
+def usage_of(obj: JSON) -> object:
+    """OpenAI ``usage``: top level, or inside ``response`` (Responses API stream events)."""
+    nested = obj.get("response")
+    if "usage" not in obj and isinstance(nested, dict):
+        return nested.get("usage")
+    return obj.get("usage")
 
 
 def midstream_error_record(framing: Framing, message: str) -> bytes:
@@ -1618,17 +1643,42 @@ INFERENCE_PATHS: dict[str, tuple[str, str]] = {
 }
 
 
-def is_zero_keep_alive(value: object) -> bool:
+GO_DURATION_TERM = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+GO_DURATION_NS = MappingProxyType(
+    {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6, "s": 10**9,
+     "m": 60 * 10**9, "h": 3600 * 10**9}
+)
+
+
+def keep_alive_ns(value: object) -> int | None:
+    """``keep_alive`` as Ollama's ``api.Duration`` reads it: nanoseconds (negative = keep
+    forever), or None where Ollama answers 400. A number is whole seconds (``0.9`` is 0); a
+    string is a Go duration (``"-0s"`` and ``"0h0m"`` are 0; ``"0.0"`` and ``"10"`` lack a
+    unit)."""
     if isinstance(value, bool):
-        return False
+        return None
     if isinstance(value, int | float):
-        return value == 0
-    if isinstance(value, str):
-        v = value.strip()
-        return v in ("0", "0s", "0m", "0h", "0ms") or (
-            v.replace(".", "", 1).isdigit() and float(v) == 0
-        )
-    return False
+        return -1 if value < 0 else int(value) * 10**9
+    if not isinstance(value, str):
+        return None
+    text = value[1:] if value[:1] in ("+", "-") else value
+    if text == "0":
+        return 0
+    if not text:
+        return None
+    total, pos = 0, 0
+    while pos < len(text):
+        term = GO_DURATION_TERM.match(text, pos)
+        if term is None:
+            return None
+        total += int(float(term[1]) * GO_DURATION_NS[term[2]])
+        pos = term.end()
+    return -total if value[:1] == "-" else total
+
+
+def is_zero_keep_alive(value: object) -> bool:
+    """True when Ollama reads ``keep_alive`` as "unload now" (see :func:`keep_alive_ns`)."""
+    return keep_alive_ns(value) == 0
 
 
 def extract_tags(body: JSON, request: Request) -> list[str]:
@@ -1713,6 +1763,15 @@ def requested_num_ctx(body: JSON) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
+
+
+def without_node_id(raw: bytes, body: JSON) -> bytes:
+    """The body to forward once herd's ``node_id`` is taken out: the client's own bytes when
+    it had none (and is a plain UTF-8 JSON object), else ``body`` re-serialised without it."""
+    if "node_id" not in body and raw[:1] == b"{" and raw[1:2] != b"\x00":
+        return raw
+    body.pop("node_id", None)
+    return dumps(body)
 
 
 def upstream_headers(request: Request) -> Headers:
@@ -2165,6 +2224,9 @@ class Router:
 
     async def dispatch(self, request: Request, response: Response) -> None:
         path = request.path
+        origin = cross_origin(request)
+        if origin is not None and origin_allowed(origin):
+            response.cors_origin = origin.encode("latin-1")
         if request.method == "OPTIONS":
             await self.h_options(request, response)
             return
@@ -2237,19 +2299,20 @@ class Router:
         )
 
     async def h_options(self, request: Request, response: Response) -> None:
-        origin = request.header("origin")
+        """Preflight: Ollama's methods and headers (the openai SDKs' ``x-stainless-*`` too),
+        herd's own ``X-Herd-*``, and whatever else the page asks for; the origin grant
+        itself comes from ``dispatch`` (allowed origins only); a foreign origin is refused
+        with 403, as Ollama does."""
+        origin = cross_origin(request)
+        if origin is not None and not origin_allowed(origin):
+            raise HttpError(403, f"cross-origin request from {origin} refused")
+        asked = request.header("access-control-request-headers") or ""
+        allowed = dict.fromkeys([*CORS_ALLOW_HEADERS, *(h.strip() for h in asked.split(","))])
         headers = [
-            ("access-control-allow-methods", "GET, POST, PUT, DELETE, HEAD, OPTIONS"),
-            (
-                "access-control-allow-headers",
-                request.header("access-control-request-headers")
-                or "Authorization, Content-Type, User-Agent, Accept, X-Requested-With",
-            ),
+            ("access-control-allow-methods", "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"),
+            ("access-control-allow-headers", ",".join(h for h in allowed if h)),
             ("access-control-max-age", "43200"),
         ]
-        if origin and origin_allowed(origin):
-            headers.append(("access-control-allow-origin", origin))
-            headers.append(("vary", "Origin"))
         await response.send(204, b"", "text/plain", headers)
 
     # ---------------------------------------------------------------- local answers -------
@@ -2470,8 +2533,7 @@ class Router:
             target = self.roomiest(missing or healthy)
         if target is None:
             raise HttpError(503, "no node is online to pull to")
-        body.pop("node_id", None)
-        node = await self.forward_simple(request, response, [target], dumps(body))
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
         self._spawn(self.refresh_node(node), "refresh")
 
     async def h_push(self, request: Request, response: Response) -> None:
@@ -2498,8 +2560,7 @@ class Router:
             target = self.roomiest(self.healthy_nodes())
         if target is None:
             raise HttpError(503, "no node is online")
-        body.pop("node_id", None)
-        node = await self.forward_simple(request, response, [target], dumps(body))
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
         self._spawn(self.refresh_node(node), "refresh")
 
     async def h_blob_head(self, request: Request, response: Response) -> None:
@@ -2610,7 +2671,7 @@ class Router:
         # Forward the client's own bytes when herd changes nothing in the body (no herd
         # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
         pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
-                    and not any(k in body for k in HERD_BODY_FIELDS))
+                    and not has_herd_fields(body))
         model_raw = self.model_of(body)
         tags = extract_tags(body, request)
         if request.key_id:
@@ -2644,7 +2705,9 @@ class Router:
                 and not body.get("prompt")
                 and not body.get("messages")
             ):
-                await self.unload_everywhere(request, response, body, attempt)
+                await self.unload_everywhere(
+                    request, response, body, attempt, raw if pristine else None
+                )
                 return
             await self.serve_routed(
                 request,
@@ -2661,13 +2724,15 @@ class Router:
             self.active_requests -= 1
 
     async def unload_everywhere(
-        self, request: Request, response: Response, body: JSON, attempt: Attempt
+        self, request: Request, response: Response, body: JSON, attempt: Attempt,
+        raw: bytes | None = None,
     ) -> None:
+        """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
         model = scoring.normalize_model(str(body["model"]))
         holders = [n for n in self.healthy_nodes() if model in n.loaded_names()]
         if not any(n.has_model(model) for n in self.healthy_nodes()):
             raise self.model_not_found(f"'{body['model']}'")
-        payload = dumps(body)
+        payload = raw if raw is not None else dumps(body)
 
         async def one(node: Node) -> None:
             with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):
@@ -4907,6 +4972,24 @@ def version_key(v: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+CORS_ALLOW_HEADERS = (
+    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
+    *(f"x-stainless-{h}" for h in ("arch", "async", "custom-poll-interval", "helper-method",
+                                   "lang", "os", "package-version", "poll-helper",
+                                   "retry-count", "runtime", "runtime-version", "timeout")),
+    "X-Herd-Node", "X-Herd-Tags", "X-Herd-No-Fallback", "X-Api-Key",
+)
+
+
+def cross_origin(request: Request) -> str | None:
+    """The request's ``Origin`` when it is a CORS request (not the router's own origin)."""
+    origin = request.header("origin")
+    if not origin:
+        return None
+    host = request.header("host") or ""
+    return None if origin in (f"http://{host}", f"https://{host}") else origin
+
+
 def origin_allowed(origin: str) -> bool:
     """Ollama's default CORS origins: local hosts and app-like schemes."""
     parts = urlsplit(origin)
@@ -4960,7 +5043,7 @@ def metrics_from_final(final: JSON | None) -> dict[str, Any]:
         out["load_ms"] = ms(final.get("load_duration"))
         out["prompt_eval_ms"] = ms(final.get("prompt_eval_duration"))
         out["eval_ms"] = ms(final.get("eval_duration"))
-    usage = final.get("usage")
+    usage = usage_of(final)
     if isinstance(usage, dict):
         out["prompt_tokens"] = count(usage.get("prompt_tokens") or usage.get("input_tokens"))
         out["completion_tokens"] = count(

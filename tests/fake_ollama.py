@@ -36,6 +36,7 @@ import email.utils
 import hashlib
 import http
 import ipaddress
+import itertools
 import json
 import math
 import random
@@ -54,12 +55,15 @@ import h11
 
 __all__ = [
     "BUSY_ERROR",
+    "CORS_ALLOW_HEADERS",
+    "CORS_ALLOW_METHODS",
     "FakeModel",
     "FakeOllama",
     "LoadedState",
     "RecordedRequest",
     "canonical_name",
     "chat_prompt_key",
+    "cors_origin_allowed",
     "fake_embedding",
     "fake_tokens",
     "parse_go_duration",
@@ -176,8 +180,8 @@ def parse_keep_alive(value: Any, default_s: float) -> float:
         return default_s
     if isinstance(value, bool):
         raise ValueError("Unsupported type: 'bool'")
-    if isinstance(value, int | float):
-        return math.inf if value < 0 else float(value)
+    if isinstance(value, int | float):  # whole seconds: Go's int(t) * time.Second
+        return math.inf if value < 0 else float(int(value))
     if isinstance(value, str):
         secs = parse_go_duration(value)
         return math.inf if secs < 0 else secs
@@ -303,6 +307,17 @@ class RecordedRequest:
     query: str = ""
     status: int | None = None  # status of the response head sent (None: none sent)
     body_size: int = 0  # bytes received (blob uploads are not kept in ``body``)
+    #: the response exactly as this node sent it: head fields and the body payload bytes
+    #: (de-chunked), so a test can compare them with what a client got through a proxy
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_body: bytearray = field(default_factory=bytearray)
+
+    def response_header(self, name: str) -> str | None:
+        low = name.lower()
+        for k, v in self.response_headers:
+            if k.lower() == low:
+                return v
+        return None
 
     def header(self, name: str) -> str | None:
         low = name.lower()
@@ -376,6 +391,7 @@ _KNOWN_ROUTES: dict[str, set[str]] = {
     "/v1/completions": {"POST"},
     "/v1/embeddings": {"POST"},
     "/v1/models": {"GET"},
+    "/v1/responses": {"POST"},
 }
 _INFERENCE_PATHS = {
     "/api/generate",
@@ -385,6 +401,7 @@ _INFERENCE_PATHS = {
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
 }
 
 
@@ -424,6 +441,61 @@ def _host_allowed(host_header: str | None) -> bool:
     except ValueError:
         return False
     return ip.is_loopback or ip.is_private or ip.is_unspecified or ip.is_link_local
+
+
+#: Ollama's CORS set-up (gin-contrib/cors as ``server/routes.go`` configures it; header names
+#: come out in Go's canonical form, joined with ",")
+CORS_ALLOW_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
+CORS_ALLOW_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "User-Agent",
+    "Accept",
+    "X-Requested-With",
+    "Openai-Beta",
+    *(
+        "X-Stainless-" + s
+        for s in (
+            "Arch",
+            "Async",
+            "Custom-Poll-Interval",
+            "Helper-Method",
+            "Lang",
+            "Os",
+            "Package-Version",
+            "Poll-Helper",
+            "Retry-Count",
+            "Runtime",
+            "Runtime-Version",
+            "Timeout",
+        )
+    ),
+)
+_CORS_SCHEMES = (
+    "app://",
+    "file://",
+    "tauri://",
+    "vscode-webview://",
+    "vscode-file://",
+    # AllowBrowserExtensions
+    "chrome-extension://",
+    "safari-extension://",
+    "moz-extension://",
+    "ms-browser-extension://",
+)
+
+
+def cors_origin_allowed(origin: str) -> bool:
+    """Ollama's default allowed origins (no ``OLLAMA_ORIGINS``): http(s) on localhost,
+    127.0.0.1 and 0.0.0.0 with or without a port (``:*`` wildcard), and app-like schemes."""
+    if origin.startswith(_CORS_SCHEMES):
+        return True
+    for scheme in ("http://", "https://"):
+        for host in ("localhost", "127.0.0.1", "0.0.0.0"):
+            base = scheme + host
+            if origin == base or origin.startswith(base + ":"):
+                return True
+    return False
 
 
 def _dumps(obj: Any) -> bytes:
@@ -490,6 +562,7 @@ class _Exchange:
         self.head_sent = False
         self.lines_sent = 0
         self.die_after: int | None = None
+        self.cors_headers: list[tuple[str, str]] = []  # set for an allowed cross-origin request
         self.disconnected = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self.t0_ns = time.perf_counter_ns()
@@ -575,6 +648,12 @@ class _Exchange:
         if self.disconnected.is_set() or self.writer.is_closing():
             raise _ClientGone()
         for ev in events:
+            if isinstance(ev, h11.Response):
+                self.rec.response_headers = [
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers.raw_items()
+                ]
+            elif isinstance(ev, h11.Data) and self.method != "HEAD":
+                self.rec.response_body += ev.data
             data = self.conn.send(ev)
             if data:
                 self.writer.write(data)
@@ -584,7 +663,7 @@ class _Exchange:
             raise _ClientGone() from e
 
     def _base_headers(self) -> list[tuple[str, str]]:
-        return [("Date", email.utils.formatdate(usegmt=True))]
+        return [("Date", email.utils.formatdate(usegmt=True)), *self.cors_headers]
 
     async def respond(
         self,
@@ -673,6 +752,17 @@ class _Plan:
     eval_count: int
     done_reason: str
     context: list[int] | None = None
+    #: None: no logprobs asked; else how many top alternatives each token carries
+    logprobs: int | None = None
+
+    def logprobs_for(self, kind: str, val: Any) -> list[dict[str, Any]] | None:
+        """The ``logprobs`` list of one generated token's chunk (None when not asked)."""
+        if self.logprobs is None or kind not in ("thinking", "content"):
+            return None
+        return [fake_logprob(self.model.name, val, self.logprobs)]
+
+    def all_logprobs(self) -> list[dict[str, Any]]:
+        return [lp for k, v in self.events for lp in (self.logprobs_for(k, v) or [])]
 
 
 @dataclass
@@ -1198,6 +1288,28 @@ class FakeOllama:
 
     async def _dispatch(self, ex: _Exchange) -> None:
         method, path = ex.method, ex.path
+        # CORS runs first (``r.Use(cors.New(...), allowedHostsMiddleware(...))``)
+        origin = ex.rec.header("origin")
+        host = ex.rec.header("host") or ""
+        if origin and origin not in (f"http://{host}", f"https://{host}"):
+            if not cors_origin_allowed(origin):
+                await self._drain(ex)
+                await ex.respond(403)
+                return
+            if method == "OPTIONS":
+                await self._drain(ex)
+                ex.cors_headers = [
+                    ("Access-Control-Allow-Methods", CORS_ALLOW_METHODS),
+                    ("Access-Control-Allow-Headers", ",".join(CORS_ALLOW_HEADERS)),
+                    ("Access-Control-Max-Age", "43200"),
+                    ("Vary", "Origin"),
+                    ("Vary", "Access-Control-Request-Method"),
+                    ("Vary", "Access-Control-Request-Headers"),
+                    ("Access-Control-Allow-Origin", origin),
+                ]
+                await ex.respond(204)
+                return
+            ex.cors_headers = [("Vary", "Origin"), ("Access-Control-Allow-Origin", origin)]
         if self.loopback_host_check and self._host_is_loopback:
             host = ex.rec.header("host")
             if not _host_allowed(host):
@@ -1619,10 +1731,21 @@ class FakeOllama:
         return m, name, options, keep_alive
 
     @staticmethod
-    def _check_logprobs(req: dict[str, Any]) -> None:
+    def _check_logprobs(req: dict[str, Any]) -> int | None:
+        """None when logprobs are not asked for, else the number of top alternatives."""
         top = req.get("top_logprobs")
         if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
             raise _HTTPError(400, "top_logprobs must be between 0 and 20")
+        return (top or 0) if req.get("logprobs") is True else None
+
+    @staticmethod
+    def _check_format(fmt: Any) -> Any:
+        """Native ``format``: ``"json"`` or a JSON schema object; null / "" count as unset."""
+        if fmt is None or fmt == "":
+            return None
+        if fmt == "json" or isinstance(fmt, dict):
+            return fmt
+        raise _HTTPError(400, 'invalid format: expected "json" or a valid JSON schema')
 
     def _check_think(self, m: FakeModel, name: str, think: Any) -> bool:
         if think is None or think is False:
@@ -1644,6 +1767,8 @@ class FakeOllama:
         think: bool,
         tool_call: dict[str, Any] | None = None,
         with_context: bool = False,
+        fmt: Any = None,
+        logprobs: int | None = None,
     ) -> _Plan:
         num_predict = options.get("num_predict")
         limit = (
@@ -1661,6 +1786,8 @@ class FakeOllama:
             ]
         if tool_call is not None:
             events.append(("tool_calls", [tool_call]))
+        elif fmt is not None:  # output constrained to the schema: a JSON document
+            events += [("content", t) for t in format_tokens(m.name, key, fmt)]
         else:
             events += [("content", t) for t in fake_tokens(m.name, key, self.response_tokens)]
         natural = len(events)
@@ -1689,6 +1816,7 @@ class FakeOllama:
             eval_count=sum(8 if k == "tool_calls" else 1 for k, _ in events),
             done_reason=done_reason,
             context=context,
+            logprobs=logprobs,
         )
 
     async def _run_plan(
@@ -1777,7 +1905,8 @@ class FakeOllama:
         if "completion" not in m.capabilities:
             raise _HTTPError(400, f"{json.dumps(name)} does not support generate")
         think = self._check_think(m, name, req.get("think"))
-        self._check_logprobs(req)
+        logprobs = self._check_logprobs(req)
+        fmt = self._check_format(req.get("format"))
         prompt = req.get("prompt") or ""
         if not isinstance(prompt, str):
             raise _HTTPError(
@@ -1787,7 +1916,15 @@ class FakeOllama:
             await self._load_or_unload(ex, m, name, options, keep_alive, chat=False)
             return
         plan = self._make_plan(
-            m, name, prompt, options, keep_alive, think=think, with_context=not req.get("raw")
+            m,
+            name,
+            prompt,
+            options,
+            keep_alive,
+            think=think,
+            with_context=not req.get("raw"),
+            fmt=fmt,
+            logprobs=logprobs,
         )
         stream = req.get("stream") is not False
 
@@ -1800,6 +1937,9 @@ class FakeOllama:
             elif kind == "content":
                 chunk["response"] = val
             chunk["done"] = False
+            lps = plan.logprobs_for(kind, val)
+            if lps is not None:
+                chunk["logprobs"] = lps
             await ex.start_stream("application/x-ndjson")
             await ex.send_line(_dumps(chunk) + b"\n")
 
@@ -1813,6 +1953,8 @@ class FakeOllama:
             if plan.context is not None:
                 last["context"] = plan.context
             last.update(out.metrics)
+            if not stream and plan.logprobs is not None:
+                last["logprobs"] = plan.all_logprobs()
             return last
 
         await self._native_reply(ex, plan, emit, stream, final)
@@ -1898,7 +2040,8 @@ class FakeOllama:
         if "completion" not in m.capabilities:
             raise _HTTPError(400, f"{json.dumps(name)} does not support chat")
         think = self._check_think(m, name, req.get("think"))
-        self._check_logprobs(req)
+        logprobs = self._check_logprobs(req)
+        fmt = self._check_format(req.get("format"))
         tool_call = self._tool_call_for(m, name, messages, req.get("tools"))
         if not messages:
             await self._load_or_unload(ex, m, name, options, keep_alive, chat=True)
@@ -1911,6 +2054,8 @@ class FakeOllama:
             keep_alive,
             think=think,
             tool_call=tool_call,
+            fmt=fmt,
+            logprobs=logprobs,
         )
         stream = req.get("stream") is not False
 
@@ -1925,6 +2070,9 @@ class FakeOllama:
             else:
                 msg["tool_calls"] = val
             chunk = {"model": name, "created_at": rfc3339(), "message": msg, "done": False}
+            lps = plan.logprobs_for(kind, val)
+            if lps is not None:
+                chunk["logprobs"] = lps
             await ex.start_stream("application/x-ndjson")
             await ex.send_line(_dumps(chunk) + b"\n")
 
@@ -1934,7 +2082,7 @@ class FakeOllama:
                 msg["thinking"] = out.thinking
             if not stream and out.tool_calls:
                 msg["tool_calls"] = out.tool_calls
-            return {
+            last = {
                 "model": name,
                 "created_at": rfc3339(),
                 "message": msg,
@@ -1942,6 +2090,9 @@ class FakeOllama:
                 "done_reason": out.done_reason,
                 **out.metrics,
             }
+            if not stream and plan.logprobs is not None:
+                last["logprobs"] = plan.all_logprobs()
+            return last
 
         await self._native_reply(ex, plan, emit, stream, final)
 
@@ -2055,6 +2206,7 @@ class FakeOllama:
         think = self._check_think(m, name, effort)
         tool_call = self._tool_call_for(m, name, messages, req.get("tools"))
         options = self._oa_options(req)
+        logprobs = self._check_logprobs(req)
         plan = self._make_plan(
             m,
             name,
@@ -2063,6 +2215,8 @@ class FakeOllama:
             self.default_keep_alive_s,
             think=think,
             tool_call=tool_call,
+            fmt=_oa_response_format(req.get("response_format")),
+            logprobs=logprobs,
         )
         stream = req.get("stream") is True
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
@@ -2070,14 +2224,19 @@ class FakeOllama:
         created = int(time.time())
         first = True
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        def chunk(
+            delta: dict[str, Any], finish: str | None, lps: list[dict[str, Any]] | None = None
+        ) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            if lps is not None:
+                choice["logprobs"] = {"content": lps}
             obj = {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": name,
                 "system_fingerprint": "fp_ollama",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [choice],
             }
             return b"data: " + _dumps(obj) + b"\n\n"
 
@@ -2095,7 +2254,7 @@ class FakeOllama:
             else:
                 delta["tool_calls"] = [_oa_tool_call(tc, i) for i, tc in enumerate(val)]
             await ex.start_stream("text/event-stream")
-            await ex.send_line(chunk(delta, None))
+            await ex.send_line(chunk(delta, None, plan.logprobs_for(kind, val)))
 
         try:
             out = await self._run_plan(ex, plan, emit, streaming=stream)
@@ -2133,6 +2292,9 @@ class FakeOllama:
             message["reasoning"] = out.thinking
         if out.tool_calls:
             message["tool_calls"] = [_oa_tool_call(tc, i) for i, tc in enumerate(out.tool_calls)]
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if plan.logprobs is not None:
+            choice["logprobs"] = {"content": plan.all_logprobs()}
         await ex.respond_json(
             200,
             {
@@ -2141,7 +2303,7 @@ class FakeOllama:
                 "created": created,
                 "model": name,
                 "system_fingerprint": "fp_ollama",
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "choices": [choice],
                 "usage": usage,
             },
         )
@@ -2265,6 +2427,343 @@ class FakeOllama:
             },
         )
 
+    # ---- /v1/responses (Ollama's stateless Responses API: openai/responses.go) -------------
+    @staticmethod
+    def _responses_messages(req: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chat messages a Responses request becomes (instructions first)."""
+        messages: list[dict[str, Any]] = []
+        instructions = req.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            messages.append({"role": "system", "content": instructions})
+        raw = req.get("input")
+        if isinstance(raw, str):
+            if raw:
+                messages.append({"role": "user", "content": raw})
+            return messages
+        if not isinstance(raw, list):
+            raise _HTTPError(400, "input must be a string or array")
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict):
+                raise _HTTPError(400, f"input[{i}]: input item must be an object")
+            kind = item.get("type") or ("message" if item.get("role") else "")
+            if kind == "message":
+                content = item.get("content")
+                if isinstance(content, list):
+                    text = ""
+                    for j, part in enumerate(content):
+                        ptype = part.get("type") if isinstance(part, dict) else None
+                        if ptype in ("input_text", "output_text"):
+                            text += str(part.get("text", ""))
+                        elif ptype == "input_file":
+                            raise _HTTPError(400, "file inputs are not currently supported")
+                        elif ptype != "input_image":
+                            raise _HTTPError(
+                                400, f"input[{i}]: content[{j}]: unknown content type: {ptype}"
+                            )
+                    content = text
+                messages.append({"role": item.get("role", "user"), "content": content or ""})
+            elif kind == "function_call":
+                call = {"function": {"name": item.get("name", ""), "arguments": {}}}
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            elif kind == "function_call_output":
+                messages.append({"role": "tool", "content": str(item.get("output", ""))})
+            elif kind == "reasoning":
+                continue
+            elif not kind:
+                raise _HTTPError(400, f"input[{i}]: input item missing required 'type' field")
+            else:
+                raise _HTTPError(400, f"input[{i}]: unknown input item type: {json.dumps(kind)}")
+        return messages
+
+    async def _h_v1_responses(self, ex: _Exchange, body: bytes) -> None:
+        req = _decode_json_body(body, "openai.ResponsesRequest")
+        messages = self._responses_messages(req)
+        effort = (req.get("reasoning") or {}).get("effort") or ""
+        if effort and effort not in ("none", "low", "medium", "high", "max"):
+            raise _HTTPError(
+                400,
+                f'invalid reasoning value: {json.dumps(effort)} (must be "high", '
+                '"medium", "low", "max", or "none")',
+            )
+        tools = [
+            {
+                "type": t.get("type", "function"),
+                "function": {
+                    "name": t.get("name", ""),
+                    "description": t.get("description") or "",
+                    "parameters": t.get("parameters") or {},
+                },
+            }
+            for t in (req.get("tools") or [])
+            if isinstance(t, dict)
+        ]
+        fmt_spec = (req.get("text") or {}).get("format")
+        fmt = None
+        if isinstance(fmt_spec, dict) and fmt_spec.get("type") == "json_schema":
+            fmt = fmt_spec.get("schema") if isinstance(fmt_spec.get("schema"), dict) else None
+        m, name = self._oa_model(req)
+        if "completion" not in m.capabilities:
+            raise _HTTPError(400, f"{json.dumps(name)} does not support chat")
+        think = self._check_think(m, name, effort or None)
+        tool_call = self._tool_call_for(m, name, messages, tools)
+        options: dict[str, Any] = {"temperature": req.get("temperature", 1.0)}
+        if isinstance(req.get("max_output_tokens"), int):
+            options["num_predict"] = req["max_output_tokens"]
+        plan = self._make_plan(
+            m,
+            name,
+            chat_prompt_key(messages),
+            options,
+            self.default_keep_alive_s,
+            think=think,
+            tool_call=tool_call,
+            fmt=fmt,
+        )
+        stream = req.get("stream") is True
+        rid = f"resp_{random.randint(0, 999998)}"
+        item_id = f"msg_{random.randint(0, 999998)}"
+        reasoning_id = f"rs_{random.randint(0, 999998)}"
+        seq = 0
+        text = ""
+        thinking = ""
+        calls: list[dict[str, Any]] = []
+
+        def response_obj(status: str, output: list[Any], usage: Any) -> dict[str, Any]:
+            text_format: dict[str, Any] = {"type": "text"}
+            if isinstance(fmt_spec, dict):
+                text_format = {k: v for k, v in fmt_spec.items() if v is not None}
+            reasoning = None
+            if req.get("reasoning"):
+                r = req["reasoning"]
+                reasoning = {"effort": r.get("effort"), "summary": r.get("summary")}
+            return {
+                "id": rid,
+                "object": "response",
+                "created_at": int(time.time()),
+                "completed_at": int(time.time()) if status == "completed" else None,
+                "status": status,
+                "incomplete_details": None,
+                "model": name,
+                "previous_response_id": None,
+                "instructions": req.get("instructions") or None,
+                "output": output,
+                "error": None,
+                "tools": req.get("tools") or [],
+                "tool_choice": "auto",
+                "truncation": req.get("truncation") or "disabled",
+                "parallel_tool_calls": True,
+                "text": {"format": text_format},
+                "top_p": req.get("top_p", 1.0),
+                "presence_penalty": 0,
+                "frequency_penalty": 0,
+                "top_logprobs": 0,
+                "temperature": req.get("temperature", 1.0),
+                "reasoning": reasoning,
+                "usage": usage,
+                "max_output_tokens": req.get("max_output_tokens"),
+                "max_tool_calls": None,
+                "store": False,
+                "background": bool(req.get("background")),
+                "service_tier": "default",
+                "metadata": {},
+                "safety_identifier": None,
+                "prompt_cache_key": None,
+            }
+
+        def message_item(status: str) -> dict[str, Any]:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            return {
+                "id": item_id,
+                "type": "message",
+                "status": status,
+                "role": "assistant",
+                "content": [part] if status == "completed" else [],
+            }
+
+        def reasoning_item() -> dict[str, Any]:
+            return {
+                "id": reasoning_id,
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": thinking}],
+                "encrypted_content": thinking,
+            }
+
+        async def event(kind: str, data: dict[str, Any]) -> None:
+            nonlocal seq
+            data = {**data, "type": kind, "sequence_number": seq}
+            seq += 1
+            await ex.start_stream("text/event-stream")
+            await ex.send_line(b"event: " + kind.encode() + b"\ndata: " + _dumps(data) + b"\n\n")
+
+        # reasoning item: "" (none yet), "open", "done"; the message item: opened or not
+        state = {"reasoning": "", "text": "", "first": "yes"}
+        out_index = 0
+
+        async def finish_reasoning() -> None:
+            nonlocal out_index
+            if state["reasoning"] == "open":
+                await event(
+                    "response.reasoning_summary_text.done",
+                    {
+                        "item_id": reasoning_id,
+                        "output_index": out_index,
+                        "summary_index": 0,
+                        "text": thinking,
+                    },
+                )
+                await event(
+                    "response.output_item.done",
+                    {"output_index": out_index, "item": reasoning_item()},
+                )
+                state["reasoning"] = "done"
+                out_index += 1
+
+        async def emit(kind: str, val: Any) -> None:
+            nonlocal text, thinking
+            if kind == "thinking":
+                thinking += val
+            elif kind == "content":
+                text += val
+            else:
+                calls.extend(val)
+            if not stream:
+                return
+            if state["first"]:
+                state["first"] = ""
+                for k in ("response.created", "response.in_progress"):
+                    await event(k, {"response": response_obj("in_progress", [], None)})
+            if kind == "thinking":
+                if not state["reasoning"]:
+                    state["reasoning"] = "open"
+                    await event(
+                        "response.output_item.added",
+                        {
+                            "output_index": out_index,
+                            "item": {"id": reasoning_id, "type": "reasoning", "summary": []},
+                        },
+                    )
+                await event(
+                    "response.reasoning_summary_text.delta",
+                    {
+                        "item_id": reasoning_id,
+                        "output_index": out_index,
+                        "summary_index": 0,
+                        "delta": val,
+                    },
+                )
+                return
+            await finish_reasoning()
+            if kind == "tool_calls":
+                for i, tc in enumerate(val):
+                    fc = _responses_call(tc, f"fc_{random.randint(0, 999998)}_{i}")
+                    await event(
+                        "response.output_item.added",
+                        {
+                            "output_index": out_index + i,
+                            "item": {**fc, "status": "in_progress", "arguments": ""},
+                        },
+                    )
+                    await event(
+                        "response.function_call_arguments.delta",
+                        {
+                            "item_id": fc["id"],
+                            "output_index": out_index + i,
+                            "delta": fc["arguments"],
+                        },
+                    )
+                    await event(
+                        "response.function_call_arguments.done",
+                        {
+                            "item_id": fc["id"],
+                            "output_index": out_index + i,
+                            "arguments": fc["arguments"],
+                        },
+                    )
+                    await event(
+                        "response.output_item.done", {"output_index": out_index + i, "item": fc}
+                    )
+                return
+            if not state["text"]:
+                state["text"] = "open"
+                await event(
+                    "response.output_item.added",
+                    {"output_index": out_index, "item": message_item("in_progress")},
+                )
+                await event(
+                    "response.content_part.added",
+                    {
+                        "item_id": item_id,
+                        "output_index": out_index,
+                        "content_index": 0,
+                        "part": {
+                            "type": "output_text",
+                            "text": "",
+                            "annotations": [],
+                            "logprobs": [],
+                        },
+                    },
+                )
+            await event(
+                "response.output_text.delta",
+                {
+                    "item_id": item_id,
+                    "output_index": out_index,
+                    "content_index": 0,
+                    "delta": val,
+                    "logprobs": [],
+                },
+            )
+
+        try:
+            result = await self._run_plan(ex, plan, emit, streaming=stream)
+        except _MidStreamError:
+            await ex.end_stream()
+            return
+        usage = {
+            "input_tokens": result.metrics.get("prompt_eval_count", 0),
+            "output_tokens": result.metrics.get("eval_count", 0),
+            "total_tokens": result.metrics.get("prompt_eval_count", 0)
+            + result.metrics.get("eval_count", 0),
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+        output: list[Any] = [reasoning_item()] if thinking else []
+        if calls:
+            output += [_responses_call(tc, f"fc_{rid}_{i}") for i, tc in enumerate(calls)]
+        else:
+            output.append(message_item("completed"))
+        if not stream:
+            await ex.respond_json(200, response_obj("completed", output, usage))
+            return
+        await finish_reasoning()
+        if state["text"] and not calls:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            await event(
+                "response.output_text.done",
+                {
+                    "item_id": item_id,
+                    "output_index": out_index,
+                    "content_index": 0,
+                    "text": text,
+                    "logprobs": [],
+                },
+            )
+            await event(
+                "response.content_part.done",
+                {
+                    "item_id": item_id,
+                    "output_index": out_index,
+                    "content_index": 0,
+                    "part": part,
+                },
+            )
+            await event(
+                "response.output_item.done",
+                {"output_index": out_index, "item": message_item("completed")},
+            )
+        await event("response.completed", {"response": response_obj("completed", output, usage)})
+        await ex.end_stream()
+
     def _oa_model_entry(self, m: FakeModel) -> dict[str, Any]:
         owner = m.name.split("/")[-2] if "/" in m.name else "library"
         return {
@@ -2294,6 +2793,89 @@ class _MidStreamError(Exception):
         self.message = message
 
 
+def fake_logprob(model: str, token: str, top: int) -> dict[str, Any]:
+    """Deterministic log probability of ``token`` (and ``top`` alternatives, the token first)."""
+
+    def entry(tok: str, rank: int) -> dict[str, Any]:
+        h = int.from_bytes(_seed(canonical_name(model), "logprob", token)[:4], "big")
+        lp = -((h % 4000) / 1000.0) - rank * 0.75
+        return {"token": tok, "logprob": round(lp, 6), "bytes": list(tok.encode())}
+
+    out = entry(token, 0)
+    if top > 0:
+        alts = [w for w in _WORDS if w != token.strip()][: top - 1]
+        out["top_logprobs"] = [entry(token, 0)] + [
+            entry(" " + w, i + 1) for i, w in enumerate(alts)
+        ]
+    return out
+
+
+def _schema_value(schema: Any, words: Iterator[str], root: Any, depth: int = 0) -> Any:
+    """A value that satisfies a (plain) JSON schema, as a grammar-constrained model gives."""
+    if not isinstance(schema, dict) or depth > 8:
+        return next(words)
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and isinstance(root, dict):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return _schema_value(target, words, root, depth + 1)
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            pick = next((o for o in options if o != {"type": "null"}), options[0])
+            return _schema_value(pick, words, root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties")
+        if not isinstance(props, dict):
+            return {}
+        return {k: _schema_value(v, words, root, depth + 1) for k, v in props.items()}
+    if kind == "array":
+        return [_schema_value(schema.get("items"), words, root, depth + 1)]
+    if kind == "integer":
+        return len(next(words))
+    if kind == "number":
+        return len(next(words)) + 0.5
+    if kind == "boolean":
+        return len(next(words)) % 2 == 0
+    if kind == "null":
+        return None
+    return next(words)
+
+
+def format_tokens(model: str, prompt_key: str, fmt: Any) -> list[str]:
+    """The answer to a request with ``format`` (``"json"`` or a schema): a JSON document in
+    small pieces, deterministic per (model, prompt)."""
+    words = itertools.cycle([w.strip() for w in fake_tokens(model, prompt_key, 8)])
+    if isinstance(fmt, dict):
+        value = _schema_value(fmt, words, fmt)
+    else:
+        value = {"response": " ".join(next(words) for _ in range(4))}
+    text = json.dumps(value)
+    return [text[i : i + 5] for i in range(0, len(text), 5)]
+
+
+def _oa_response_format(value: Any) -> Any:
+    """OpenAI ``response_format`` → the native ``format`` it becomes (None for plain text)."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("type") == "json_object":
+        return "json"
+    if value.get("type") == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return schema if isinstance(schema, dict) else "json"
+    return None
+
+
 def _oa_tool_call(tc: dict[str, Any], i: int) -> dict[str, Any]:
     fn = tc.get("function", {})
     return {
@@ -2301,6 +2883,18 @@ def _oa_tool_call(tc: dict[str, Any], i: int) -> dict[str, Any]:
         "index": i,
         "type": "function",
         "function": {"name": fn.get("name", ""), "arguments": json.dumps(fn.get("arguments", {}))},
+    }
+
+
+def _responses_call(tc: dict[str, Any], item_id: str) -> dict[str, Any]:
+    fn = tc.get("function", {})
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": "completed",
+        "call_id": tc.get("id") or item_id,
+        "name": fn.get("name", ""),
+        "arguments": json.dumps(fn.get("arguments", {})),
     }
 
 

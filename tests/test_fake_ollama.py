@@ -477,9 +477,12 @@ async def test_keep_alive_forms_and_expiry() -> None:
         ):
             r = await raw_request(fake, "POST", "/api/generate", {"model": CHAT, "keep_alive": bad})
             assert r.status == 400 and r.json()["error"].startswith(msg)
+        # a number is whole seconds (Go: int(t) * time.Second): 0.9 unloads like 0
+        r = await raw_request(fake, "POST", "/api/generate", {"model": CHAT, "keep_alive": 0.9})
+        assert r.json()["done_reason"] == "unload" and CHAT not in fake.loaded
         # expiry: idle deadline elapses → unloaded without any further request
         await raw_request(
-            fake, "POST", "/api/generate", {"model": SMART, "prompt": "x", "keep_alive": 0.2}
+            fake, "POST", "/api/generate", {"model": SMART, "prompt": "x", "keep_alive": "200ms"}
         )
         assert SMART in fake.loaded
         await wait_for(lambda: SMART not in fake.loaded, 3)
@@ -1375,3 +1378,141 @@ async def test_expect_100_continue_blob_upload_and_head_tags() -> None:
         assert rec.body == b"" and rec.body_size == len(data)
         h = await raw_request(fake, "HEAD", "/api/tags")
         assert h.status == 200 and h.body == b"" and int(h.header("content-length") or 0) > 0
+
+
+# ----------------------------------------------------------------------------- pass-through
+# features (issue 13 point 8): what tests/test_passthrough.py compares herd against
+
+
+async def test_cors_like_ollama() -> None:
+    async with make_fake() as fake:
+        ask = [
+            ("Origin", "http://localhost:8080"),
+            ("Access-Control-Request-Method", "POST"),
+        ]
+        r = await raw_request(fake, "OPTIONS", "/api/chat", headers=ask)
+        assert r.status == 204 and r.body == b""
+        assert r.header("access-control-allow-origin") == "http://localhost:8080"
+        allowed = r.header("access-control-allow-headers") or ""
+        assert "X-Stainless-Lang" in allowed.split(",") and "Authorization" in allowed
+        assert r.header("access-control-max-age") == "43200"
+        r = await raw_request(fake, "GET", "/api/tags", headers=ask[:1])
+        assert r.status == 200 and r.header("access-control-allow-origin") == ask[0][1]
+        for origin in ("https://evil.example", "http://localhost.evil.example"):
+            r = await raw_request(fake, "GET", "/api/tags", headers=[("Origin", origin)])
+            assert (r.status, r.body) == (403, b""), origin
+        for origin in ("app://x", "chrome-extension://abc", "http://127.0.0.1"):
+            r = await raw_request(fake, "GET", "/", headers=[("Origin", origin)])
+            assert r.status == 200, origin
+        # the server's own origin is not a CORS request
+        r = await raw_request(
+            fake, "GET", "/", host="box.local:1", headers=[("Origin", "http://box.local:1")]
+        )
+        assert r.status == 200 and r.header("access-control-allow-origin") is None
+
+
+async def test_records_the_response_it_sent() -> None:
+    async with make_fake() as fake:
+        r = await raw_request(fake, "POST", "/api/chat", {"model": CHAT, "messages": []})
+        rec = fake.requests_to("/api/chat")[-1]
+        assert bytes(rec.response_body) == r.body and rec.status == 200
+        assert rec.response_header("content-type") == r.header("content-type")
+        r = await raw_request(fake, "POST", "/api/generate", {"model": CHAT, "prompt": "x"})
+        assert bytes(fake.requests_to("/api/generate")[-1].response_body) == r.body
+
+
+async def test_logprobs_native_and_openai() -> None:
+    async with make_fake() as fake:
+        body = {"model": CHAT, "prompt": "x", "logprobs": True, "top_logprobs": 2}
+        lines = ndjson(await raw_request(fake, "POST", "/api/generate", body))
+        for line in lines[:-1]:
+            (lp,) = line["logprobs"]
+            assert lp["token"] == line["response"] and lp["bytes"] == list(lp["token"].encode())
+            assert lp["top_logprobs"][0]["token"] == lp["token"]
+            assert len(lp["top_logprobs"]) == 2 and lp["logprob"] <= 0
+        assert "logprobs" not in lines[-1]
+        r = await raw_request(fake, "POST", "/api/generate", {**body, "stream": False})
+        assert "".join(t["token"] for t in r.json()["logprobs"]) == r.json()["response"]
+        r = await raw_request(fake, "POST", "/api/generate", {"model": CHAT, "prompt": "x"})
+        assert all("logprobs" not in line for line in ndjson(r))
+        oa = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "logprobs": True}
+        r = await raw_request(fake, "POST", "/v1/chat/completions", oa)
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert "".join(t["token"] for t in content) == r.json()["choices"][0]["message"]["content"]
+
+
+async def test_format_gives_json_that_fits() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "kind": {"enum": ["a", "b"]},
+            "inner": {"$ref": "#/$defs/Inner"},
+            "maybe": {"anyOf": [{"type": "null"}, {"type": "number"}]},
+        },
+        "$defs": {"Inner": {"type": "object", "properties": {"s": {"type": "string"}}}},
+    }
+    async with make_fake() as fake:
+        r = await raw_request(
+            fake, "POST", "/api/generate", {"model": CHAT, "prompt": "p", "format": schema}
+        )
+        doc = json.loads("".join(x["response"] for x in ndjson(r)))
+        assert isinstance(doc["n"], int) and doc["kind"] == "a"
+        assert isinstance(doc["inner"]["s"], str) and isinstance(doc["maybe"], float)
+        r = await raw_request(
+            fake,
+            "POST",
+            "/api/generate",
+            {"model": CHAT, "prompt": "p", "format": "json", "stream": False},
+        )
+        assert isinstance(json.loads(r.json()["response"]), dict)
+        for fmt in (None, ""):  # set but "missing": plain text
+            r = await raw_request(
+                fake, "POST", "/api/generate", {"model": CHAT, "prompt": "p", "format": fmt}
+            )
+            assert r.status == 200
+        r = await raw_request(
+            fake, "POST", "/api/generate", {"model": CHAT, "prompt": "p", "format": 3}
+        )
+        assert r.status == 400 and "invalid format" in r.json()["error"]
+
+
+async def test_responses_api_events_and_object() -> None:
+    async with make_fake() as fake:
+        r = await raw_request(
+            fake, "POST", "/v1/responses", {"model": CHAT, "input": "hi", "stream": True}
+        )
+        assert r.header("content-type") == "text/event-stream"
+        events = []
+        for record in r.body.decode().split("\n\n")[:-1]:
+            name, data = record.split("\n")
+            assert name.startswith("event: ") and data.startswith("data: ")
+            payload = json.loads(data[6:])
+            assert payload["type"] == name[7:]
+            events.append(payload)
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        types = [e["type"] for e in events]
+        assert types[:4] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ]
+        assert types[-4:] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert text == FakeOllama.expected_text(CHAT, messages=[{"role": "user", "content": "hi"}])
+        done = events[-1]["response"]
+        assert done["status"] == "completed" and done["output"][0]["content"][0]["text"] == text
+        assert done["usage"]["output_tokens"] > 0 and "[DONE]" not in r.body.decode()
+        r = await raw_request(fake, "POST", "/v1/responses", {"model": CHAT, "input": "hi"})
+        obj = r.json()
+        assert obj["object"] == "response" and obj["output"][0]["type"] == "message"
+        assert obj["output"][0]["content"][0]["text"] == text
+        bad = {"model": CHAT, "input": [{"type": "bogus"}]}
+        r = await raw_request(fake, "POST", "/v1/responses", bad)
+        assert r.status == 400 and r.json()["error"]["type"] == "invalid_request_error"
