@@ -33,7 +33,15 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -4684,24 +4692,34 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         await router.stop()
 
 
-def install_uvloop() -> bool:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop when installed, else asyncio's own — as a loop factory, which works on
+    every Python (``uvloop.install()`` is deprecated from 3.12)."""
     try:
         import uvloop
     except ImportError:
         log.warning("uvloop is not installed: using the standard asyncio event loop")
-        return False
-    uvloop.install() if sys.version_info < (3, 12) else None
-    return True
+        return asyncio.new_event_loop
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop.Loop`` or e.g. ``asyncio.unix_events._UnixSelectorEventLoop``."""
+    return f"{type(loop).__module__}.{type(loop).__qualname__}"
+
+
+def run_main(main: Coroutine[Any, Any, None], logger: logging.Logger = log) -> None:
+    """Run a program's main coroutine on the best event loop and say which one it is."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        logger.info("event loop: %s", loop_name(runner.get_loop()))
+        runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     setup_logging(config)
-    install_uvloop()
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        run_main(serve(config))
     return 0
 
 
