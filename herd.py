@@ -1324,7 +1324,8 @@ class Node:
             "agent_version": self.agent_version,
             "num_parallel": self.num_parallel,
             "max_loaded_models": self.max_loaded_models,
-            "hardware": self.hardware,
+            # memory, cpu and disk once, at the top level; the rest (arch, chip, gpu, ...)
+            "hardware": {k: v for k, v in self.hardware.items() if k not in NODE_TOP_FIELDS},
             "memory": self.hardware.get("memory"),
             "cpu": self.hardware.get("cpu"),
             "disk": self.hardware.get("disk"),
@@ -1352,6 +1353,7 @@ class Node:
         }
 
 
+NODE_TOP_FIELDS = frozenset({"memory", "cpu", "disk"})  # hardware shown at a node's top level
 NODE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
