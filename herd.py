@@ -1339,18 +1339,27 @@ class Node:
                 }
                 for m in self.loaded
             ],
-            "available_models": [
-                {
-                    "name": m.get("name"),
-                    "size": m.get("size"),
-                    "modified_at": m.get("modified_at"),
-                    "details": m.get("details"),
-                }
-                for m in self.available
-            ],
+            "available_models": self.available_public(),
             "capabilities": self.capabilities,
             "errors": self.errors,
         }
+
+    def available_public(self) -> list[JSON]:
+        """``available`` as /fleet/status shows it (built once per reported list; read-only)."""
+        return cast(list[JSON], self._cached("available_public", self.available, lambda: [
+            {
+                "name": m.get("name"),
+                "size": m.get("size"),
+                "modified_at": m.get("modified_at"),
+                "details": m.get("details"),
+            }
+            for m in self.available
+        ]))
+
+    def available_json(self) -> bytes:
+        """``available_public()`` encoded, once per reported list (most of /fleet/status)."""
+        return cast(bytes, self._cached(
+            "available_json", self.available, lambda: dumps(self.available_public())))
 
 
 NODE_TOP_FIELDS = frozenset({"memory", "cpu", "disk"})  # hardware shown at a node's top level
@@ -4062,7 +4071,23 @@ class Router:
     # ---------------------------------------------------------------- fleet endpoints -----
 
     async def h_fleet_status(self, request: Request, response: Response) -> None:
-        await response.json(self.fleet_status(time.time()))
+        doc = self.status_json(self.fleet_status(time.time()))
+        await response.send(200, doc, "application/json; charset=utf-8")
+
+    def status_json(self, doc: JSON) -> bytes:
+        """``dumps(doc)``, with each node's model list spliced in already encoded (it changes
+        only when the node reports a new one, and it is most of the document)."""
+        parts: list[bytes] = []
+        for entry in doc["nodes"]:
+            node = self.nodes.get(entry["node_id"])
+            avail = entry.get("available_models")
+            if node is None or avail is not node.available_public():
+                parts.append(dumps(entry))
+                continue
+            rest = dumps({k: v for k, v in entry.items() if k != "available_models"})
+            parts.append(rest[:-1] + b',"available_models":' + node.available_json() + b"}")
+        top = dumps({k: v for k, v in doc.items() if k != "nodes"})
+        return top[:-1] + b',"nodes":[' + b",".join(parts) + b"]}"
 
     def fleet_status(self, now: float) -> JSON:
         nodes = [n.public(now) for n in self.nodes.values()]

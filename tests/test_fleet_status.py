@@ -51,3 +51,33 @@ async def test_each_nodes_hardware_appears_once(make_router: RouterFactory) -> N
     assert node["hardware"]["gpu"]["devices"][0]["name"] == "RTX"
     assert node["hardware"]["arch"] == "x86_64"
     assert not {"memory", "cpu", "disk"} & set(node["hardware"])
+
+
+async def test_status_document_is_exactly_the_status_and_follows_new_model_lists(
+    make_router: RouterFactory,
+) -> None:
+    """/fleet/status splices each node's model list in pre-encoded: the bytes must decode
+    to the very same document, and a newly reported list must show at once."""
+    r = await make_router([])
+    router = r.router
+    for i in range(3):
+        beat = _beat(i)
+        beat["ollama"]["available"] = [
+            {"name": f"m{i}-{k}:7b", "size": k, "details": {"parameter_size": "7B"}}
+            for k in range(4)
+        ]
+        status, _, body = await raw_request(
+            r.port, "POST", "/heartbeat", json.dumps(beat).encode())
+        assert status == 200, body
+    doc = router.fleet_status(time.time())
+    assert json.loads(router.status_json(doc)) == json.loads(json.dumps(doc))
+    beat = _beat(1)
+    beat["ollama"]["available"] = [{"name": "fresh:1b", "size": 1, "details": {}}]
+    status, _, _ = await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat).encode())
+    assert status == 200
+    _, _, raw = await raw_request(r.port, "GET", "/fleet/status")
+    nodes = {n["node_id"]: n for n in json.loads(raw)["nodes"]}
+    assert [m["name"] for m in nodes["gpu1"]["available_models"]] == ["fresh:1b"]
+    assert [m["name"] for m in nodes["gpu2"]["available_models"]][0] == "m2-0:7b"
+    doc = router.fleet_status(time.time())
+    assert json.loads(router.status_json(doc)) == json.loads(json.dumps(doc))
