@@ -1879,6 +1879,7 @@ class Router:
             return_exceptions=True,
         )
         now = time.time()
+        before = self._routing_key(node, now)
         ps, tags, version = results
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -1907,7 +1908,8 @@ class Router:
             node.version = str(version.get("version") or "")
         if node.status != "draining":
             self._set_status(node, "online", now)
-        self._wake_waiters()
+        if self._routing_key(node, now) != before:
+            self._wake_waiters()
         return True
 
     def _set_status(self, node: Node, status: str, now: float) -> None:
@@ -1935,6 +1937,23 @@ class Router:
             await asyncio.sleep(min(1.0, self.config.heartbeat_interval_s / 4))
 
     # ---------------------------------------------------------------- queues --------------
+
+    def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
+        """What routing reads from a node, coarsely (memory in whole GB, no expiry times): a
+        poll or heartbeat that leaves it unchanged wakes no waiter (no periodic wake-ups)."""
+        snap = node.snapshot(now)
+        return (
+            node.url,
+            snap.status,
+            snap.reachable,
+            frozenset((m.name, m.context_length) for m in snap.loaded.values()),
+            frozenset(snap.available.values()),
+            snap.num_parallel,
+            snap.memory_pressure,
+            snap.ram_available >> 30,
+            snap.vram_available >> 30,
+            repr(node.capabilities),
+        )
 
     def _wake_waiters(self) -> None:
         """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
@@ -4244,11 +4263,14 @@ class Router:
                 "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
             )
             raise HttpError(409, f"node '{node_id}' is online from another address")
+        before: tuple[object, ...] | None = None
         if node is None:
             node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
             self.nodes[node_id] = node
             log.info("node %s joined from %s (%s)", node_id, addr, url)
             self.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
+        else:
+            before = self._routing_key(node, now)
         need_full = False
         node.url = url
         node.agent_addr = addr
@@ -4281,7 +4303,8 @@ class Router:
             self._set_status(node, "degraded", now)
         else:
             self._set_status(node, "online", now)
-        self._wake_waiters()
+        if before != self._routing_key(node, now):
+            self._wake_waiters()
         return {
             "ok": True,
             "router_id": self.router_id,

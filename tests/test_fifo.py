@@ -419,3 +419,40 @@ async def test_newcomer_does_not_take_the_slot_freed_for_a_waiter(
     _, q2, _, _ = await asyncio.wait_for(newcomer, 5)
     router.release(q2, True)
     assert first.in_flight == 0 and first.pending == 0
+
+
+async def test_polls_that_change_nothing_wake_no_waiter(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Waiters re-score on events only: a poll that finds the node as it was wakes nobody;
+    one that finds something new (another model loaded) wakes every waiter."""
+    qwen = FakeModel(name="qwen2.5:7b", size=4_700_000_000, family="qwen2")
+    fake = await make_fake([LLAMA, qwen], num_parallel=1)
+    r = await make_router([fake.url], poll_interval_s=30.0)
+    await r.wait_ready(models=2)
+    router = r.router
+    node = router.nodes[_node(r, fake)]
+    rreq = scoring.RouteRequest(model="llama3.2:3b")
+    _, held, _, _ = await router.acquire(rreq)
+    task = asyncio.ensure_future(router.acquire(rreq))
+    async with asyncio.timeout(5):
+        while not router.waiters or next(iter(router.waiters.values())).fut is None:
+            await asyncio.sleep(0.001)
+    waiter = next(iter(router.waiters.values()))
+    first = waiter.fut
+    assert first is not None
+    for _ in range(3):
+        assert await router.refresh_node(node)
+    await asyncio.sleep(0.01)
+    assert waiter.fut is first and not first.done()  # still asleep, same wait
+    status, _, _ = await raw_request(fake.port, "POST", "/api/generate",
+                                     b'{"model":"qwen2.5:7b","prompt":"x","stream":false}')
+    assert status == 200
+    assert await router.refresh_node(node)
+    assert first.done()  # the fleet changed: it re-scores (and waits again)
+    await asyncio.sleep(0.01)
+    assert not task.done() and held.pending == 1
+    router.release(held, True)
+    _, q, _, _ = await asyncio.wait_for(task, 5)
+    router.release(q, True)
+    assert held.in_flight == 0 and held.pending == 0 and not router.waiters
