@@ -78,6 +78,7 @@ async def test_status_document_is_exactly_the_status_and_follows_new_model_lists
     _, _, raw = await raw_request(r.port, "GET", "/fleet/status")
     nodes = {n["node_id"]: n for n in json.loads(raw)["nodes"]}
     assert [m["name"] for m in nodes["gpu1"]["available_models"]] == ["fresh:1b"]
-    assert [m["name"] for m in nodes["gpu2"]["available_models"]][0] == "m2-0:7b"
+    untouched = [m["name"] for m in nodes["gpu2"]["available_models"]]
+    assert untouched == [f"m2-{k}:7b" for k in range(4)]
     doc = router.fleet_status(time.time())
     assert json.loads(router.status_json(doc)) == json.loads(json.dumps(doc))
