@@ -34,8 +34,16 @@ import socket
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -1444,7 +1452,8 @@ class Node:
             "agent_version": self.agent_version,
             "num_parallel": self.num_parallel,
             "max_loaded_models": self.max_loaded_models,
-            "hardware": self.hardware,
+            # memory, cpu and disk once, at the top level; the rest (arch, chip, gpu, ...)
+            "hardware": {k: v for k, v in self.hardware.items() if k not in NODE_TOP_FIELDS},
             "memory": self.hardware.get("memory"),
             "cpu": self.hardware.get("cpu"),
             "disk": self.hardware.get("disk"),
@@ -1458,20 +1467,30 @@ class Node:
                 }
                 for m in self.loaded
             ],
-            "available_models": [
-                {
-                    "name": m.get("name"),
-                    "size": m.get("size"),
-                    "modified_at": m.get("modified_at"),
-                    "details": m.get("details"),
-                }
-                for m in self.available
-            ],
+            "available_models": self.available_public(),
             "capabilities": self.capabilities,
             "errors": self.errors,
         }
 
+    def available_public(self) -> list[JSON]:
+        """``available`` as /fleet/status shows it (built once per reported list; read-only)."""
+        return cast(list[JSON], self._cached("available_public", self.available, lambda: [
+            {
+                "name": m.get("name"),
+                "size": m.get("size"),
+                "modified_at": m.get("modified_at"),
+                "details": m.get("details"),
+            }
+            for m in self.available
+        ]))
 
+    def available_json(self) -> bytes:
+        """``available_public()`` encoded, once per reported list (most of /fleet/status)."""
+        return cast(bytes, self._cached(
+            "available_json", self.available, lambda: dumps(self.available_public())))
+
+
+NODE_TOP_FIELDS = frozenset({"memory", "cpu", "disk"})  # hardware shown at a node's top level
 NODE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -1492,8 +1511,91 @@ def node_id_from_url(url: str) -> str:
 # =======================================================================================
 
 
-@dataclass(slots=True)
+class Waiter:
+    """One request waiting for a slot of one model on any of several ``node:model`` queues.
+
+    ``seq`` is its place in arrival order. It sits in the ``waiters`` of every queue whose
+    slot it would take (keeping its place in each); a freed slot is handed to it directly
+    (``granted``) and it leaves every other queue at once, so a slot is never free while
+    someone waits for it and a newcomer cannot barge in.
+    """
+
+    __slots__ = ("expired", "fut", "granted", "queues", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.expired = False  # its deadline passed: the next choice is its last
+        self.queues: list[SlotQueue] = []
+        self.granted: SlotQueue | None = None  # a slot handed over, not yet used
+        self.fut: asyncio.Future[None] | None = None
+
+    def register(self, queues: Iterable[SlotQueue]) -> None:
+        """Wait on exactly ``queues``: keeps its place in those it already waits on, joins the
+        others at its own place (``seq``); may be granted a slot at once."""
+        new = list({id(q): q for q in queues}.values())
+        keep = {id(q) for q in new}
+        for q in self.queues:
+            if id(q) not in keep:
+                q.waiters.pop(self.seq, None)
+        had = {id(q) for q in self.queues}
+        self.queues = new
+        for q in new:
+            if self.granted is not None:
+                break
+            if id(q) not in had:
+                q.enqueue(self)
+
+    def grant(self, q: SlotQueue) -> None:
+        """``q`` hands this waiter a slot (already counted in flight); leave every queue."""
+        for other in self.queues:
+            if other is not q:
+                other.waiters.pop(self.seq, None)
+        self.queues = []
+        self.granted = q
+        self.wake()
+
+    def wake(self) -> None:
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+    def expire(self) -> None:
+        self.expired = True
+        self.wake()
+
+    def take(self) -> SlotQueue | None:
+        """The granted slot, now the caller's to release."""
+        q, self.granted = self.granted, None
+        return q
+
+    def leave(self) -> None:
+        """Stop waiting (served, rejected, cancelled): a slot granted but not taken goes to
+        the next waiter of that queue."""
+        for q in self.queues:
+            q.waiters.pop(self.seq, None)
+        self.queues = []
+        held = self.take()
+        if held is not None:
+            held.release()
+
+    async def wait(self) -> None:
+        """Until granted a slot or woken (fleet changed, deadline)."""
+        if self.granted is not None:
+            return
+        self.fut = asyncio.get_running_loop().create_future()
+        try:
+            await self.fut
+        finally:
+            self.fut = None
+
+
+@dataclass(slots=True, eq=False)
 class SlotQueue:
+    """One ``node:model``: ``slots`` (capacity, an input that may change at run time),
+    ``in_flight`` (slots taken) and the FIFO of waiters that would take a slot of it.
+
+    Invariant: a slot is never free while a waiter waits on this queue (``hand_over``
+    runs on every release, resize and enqueue), so releases are O(1) in the waiters."""
+
     node_id: str
     model: str
     kind: str = "text"
@@ -1503,6 +1605,7 @@ class SlotQueue:
     done: int = 0
     failed: int = 0
     last_used: float = 0.0
+    waiters: OrderedDict[int, Waiter] = field(default_factory=OrderedDict, repr=False)
 
     def snapshot(self) -> scoring.QueueSnapshot:
         return scoring.QueueSnapshot(
@@ -1520,6 +1623,32 @@ class SlotQueue:
             "failed": self.failed,
             "slots": self.slots,
         }
+
+    def take(self) -> None:
+        self.in_flight += 1
+
+    def release(self) -> None:
+        """A slot frees: it goes to the longest-waiting waiter of this queue, if any."""
+        self.in_flight -= 1
+        self.hand_over()
+
+    def resize(self, slots: int) -> None:
+        self.slots = slots
+        self.hand_over()
+
+    def enqueue(self, w: Waiter) -> None:
+        last = next(reversed(self.waiters), None)
+        self.waiters[w.seq] = w
+        if last is not None and last > w.seq:  # rejoining: back to its place (rare)
+            for seq in [s for s in self.waiters if s > w.seq]:
+                self.waiters.move_to_end(seq)
+        self.hand_over()
+
+    def hand_over(self) -> None:
+        while self.in_flight < max(1, self.slots) and self.waiters:
+            _, w = self.waiters.popitem(last=False)
+            self.in_flight += 1
+            w.grant(self)
 
 
 class Rejected(Exception):
@@ -1817,7 +1946,8 @@ class Router:
         self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
-        self.waiters: dict[str, deque[asyncio.Future[int]]] = {}  # model → FIFO of waiters
+        self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
+        self.waiter_seq = 0
         self.active_requests = 0
         self.server = HttpServer(self.dispatch, self.limits, self.render_error)
         self.address: tuple[str, int] = ("", 0)
@@ -1945,6 +2075,7 @@ class Router:
             return_exceptions=True,
         )
         now = time.time()
+        before = self._routing_key(node, now)
         ps, tags, version = results
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -1973,7 +2104,8 @@ class Router:
             node.version = str(version.get("version") or "")
         if node.status != "draining":
             self._set_status(node, "online", now)
-        self._wake_waiters()
+        if self._routing_key(node, now) != before:
+            self._wake_waiters()
         return True
 
     def _set_status(self, node: Node, status: str, now: float) -> None:
@@ -2002,26 +2134,28 @@ class Router:
 
     # ---------------------------------------------------------------- queues --------------
 
+    def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
+        """What routing reads from a node, coarsely (memory in whole GB, no expiry times): a
+        poll or heartbeat that leaves it unchanged wakes no waiter (no periodic wake-ups)."""
+        snap = node.snapshot(now)
+        return (
+            node.url,
+            snap.status,
+            snap.reachable,
+            frozenset((m.name, m.context_length) for m in snap.loaded.values()),
+            frozenset(snap.available.values()),
+            snap.num_parallel,
+            snap.memory_pressure,
+            snap.ram_available >> 30,
+            snap.vram_available >> 30,
+            repr(node.capabilities),
+        )
+
     def _wake_waiters(self) -> None:
-        """The fleet changed (node state, models, memory): every waiter re-scores."""
-        for waiting in self.waiters.values():
-            while waiting:
-                fut = waiting.popleft()
-                if not fut.done():
-                    fut.set_result(NO_PASS_ON)
-
-    def _wake_one(self, model: str, hops: int = 0) -> None:
-        """A slot for ``model`` freed: wake the longest-waiting request for it (FIFO).
-
-        Waking one waiter instead of all keeps a release O(1) under a deep queue; a woken
-        waiter that still decides to wait passes the wake on (at most once round the queue).
-        """
-        waiting = self.waiters.get(model)
-        while waiting:
-            fut = waiting.popleft()
-            if not fut.done():
-                fut.set_result(hops)
-                return
+        """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
+        order, keeping its place in the queues it still wants."""
+        for w in self.waiters.values():
+            w.wake()
 
     def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
         key = (node_id, model)
@@ -2035,8 +2169,8 @@ class Router:
                                       self.policy)
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
-        else:
-            q.slots = slots
+        elif q.slots != slots:
+            q.resize(slots)  # more slots: hand them to waiters at once
         return q
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
@@ -2057,70 +2191,117 @@ class Router:
     async def acquire(
         self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
     ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        """Wait for a slot on the best node; re-scores every time any slot frees.
+        """A slot on the best node, or wait in arrival order (FIFO) for one.
 
+        A waiter sits in the queues of every node it would take (``scoring.wait_targets``);
+        a freed slot is handed to the longest-waiting one there, which dispatches without
+        re-scoring. It re-scores only when the fleet changes, at its deadline, or when a
+        handed slot turns out unusable (it passes the slot on and keeps its place).
         ``snaps``: a fleet snapshot taken a moment ago, for the first choice only.
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
-        woken: int | None = None  # set when a released slot woke us (hops passed on so far)
-        while True:
-            now = time.time()
-            if snaps is None:
-                snaps = self._snapshots(now)
-            queues = self._queue_snapshots(rreq.model, rreq.kind)
-            choice = scoring.choose(
-                rreq,
-                snaps,
-                queues,
-                self.stats,
-                self.breakers,
-                now,
-                self.rng.random(),
-                self.policy,
-                waited_s=loop.time() - start,
-            )
-            snaps = None  # after a wait, the next round takes a fresh snapshot
-            self.maybe_prewarm(rreq, choice, queues)
-            if choice.action == "dispatch" and choice.node_id in self.nodes:
-                node = self.nodes[choice.node_id]
-                q = self.queue_for(node.node_id, rreq.model, rreq.kind)
-                q.in_flight += 1
-                q.last_used = now
-                if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
-                    node.loading.setdefault(rreq.model, now)
-                self.breakers_probe(node.node_id, rreq.model, now)
-                return node, q, choice, (loop.time() - start) * 1000
-            if choice.action != "wait":
-                raise Rejected(choice, 503, choice.reason)
-            waiting = self.waiters.setdefault(rreq.model, deque())
-            if woken is not None and woken < len(waiting):
-                self._wake_one(rreq.model, woken + 1)  # the slot may suit someone behind us
-            waiting_on = choice.wait_for
-            q_wait = self.queue_for(waiting_on, rreq.model, rreq.kind) if waiting_on else None
+        waiter: Waiter | None = None
+        deadline: asyncio.TimerHandle | None = None
+        q_wait: SlotQueue | None = None  # the queue counting us as pending
+        choice: scoring.Choice | None = None
+        try:
+            while True:
+                now = time.time()
+                granted = waiter.take() if waiter is not None else None
+                if granted is not None:
+                    node = self.nodes.get(granted.node_id)
+                    if (
+                        choice is not None
+                        and node is not None
+                        and self._slot_usable(node, rreq.model, now)
+                    ):
+                        picked = dataclasses.replace(
+                            choice, action="dispatch", node_id=node.node_id,
+                            reason=f"slot handed over in arrival order ({choice.reason})",
+                        )
+                        return self._dispatched(node, granted, rreq, picked, now, start)
+                    granted.release()  # not usable after all: the next waiter's
+                if snaps is None:
+                    snaps = self._snapshots(now)
+                queues = self._queue_snapshots(rreq.model, rreq.kind)
+                choice = scoring.choose(
+                    rreq,
+                    snaps,
+                    queues,
+                    self.stats,
+                    self.breakers,
+                    now,
+                    self.rng.random(),
+                    self.policy,
+                    waited_s=(
+                        self.policy.max_queue_wait_s
+                        if waiter is not None and waiter.expired
+                        else loop.time() - start
+                    ),
+                )
+                snaps = None  # after a wait, the next round takes a fresh snapshot
+                self.maybe_prewarm(rreq, choice, queues)
+                if choice.action == "dispatch" and choice.node_id in self.nodes:
+                    node = self.nodes[choice.node_id]
+                    q = self.queue_for(node.node_id, rreq.model, rreq.kind)
+                    if waiter is not None:
+                        waiter.leave()
+                    q.take()
+                    return self._dispatched(node, q, rreq, choice, now, start)
+                if choice.action != "wait":
+                    raise Rejected(choice, 503, choice.reason)
+                if waiter is None:
+                    self.waiter_seq += 1
+                    waiter = self.waiters[self.waiter_seq] = Waiter(self.waiter_seq)
+                    deadline = loop.call_at(start + self.policy.max_queue_wait_s, waiter.expire)
+                want = choice.wait_for
+                if q_wait is None or q_wait.node_id != want:
+                    if q_wait is not None:
+                        q_wait.pending -= 1
+                    q_wait = self.queue_for(want, rreq.model, rreq.kind) if want else None
+                    if q_wait is not None:
+                        q_wait.pending += 1
+                targets = scoring.wait_targets(choice, self.policy)
+                waiter.register(
+                    self.queue_for(n, rreq.model, rreq.kind) for n in targets if n in self.nodes
+                )
+                await waiter.wait()
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            if waiter is not None:
+                del self.waiters[waiter.seq]
+                waiter.leave()  # a slot handed over but not taken goes on
             if q_wait is not None:
-                q_wait.pending += 1
-            fut: asyncio.Future[int] = loop.create_future()
-            waiting.append(fut)
-            woken = None
-            try:
-                remaining = self.policy.max_queue_wait_s - (loop.time() - start)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.01, min(1.0, remaining))):
-                        woken = await fut
-            finally:
-                if not fut.done():
-                    fut.cancel()
-                if q_wait is not None:
-                    q_wait.pending -= 1
+                q_wait.pending -= 1
+
+    def _slot_usable(self, node: Node, model: str, now: float) -> bool:
+        """A handed-over slot is still worth taking (fleet changes re-score everyone; this
+        catches what changed since without scoring: status and breakers)."""
+        if node.status in ("offline", "draining") or not node.reachable:
+            return False
+        return all(
+            scoring.breaker_allows(self.breakers.get(key), now)
+            for key in (node.node_id, f"{node.node_id}:{model}")
+        )
+
+    def _dispatched(
+        self, node: Node, q: SlotQueue, rreq: scoring.RouteRequest, choice: scoring.Choice,
+        now: float, start: float,
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        q.last_used = now
+        if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
+            node.loading.setdefault(rreq.model, now)
+        self.breakers_probe(node.node_id, rreq.model, now)
+        return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
 
     def release(self, q: SlotQueue, ok: bool) -> None:
-        q.in_flight -= 1
         if ok:
             q.done += 1
         else:
             q.failed += 1
-        self._wake_one(q.model)
+        q.release()
 
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
@@ -2178,6 +2359,7 @@ class Router:
                     "breaker open for %s after %s failure(s)", key, new.consecutive_failures
                 )
                 self.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
+                self._wake_waiters()  # waiters drop the node from the queues they wait on
             self.breakers[key] = new
         node = self.nodes.get(node_id)
         if node is not None:
@@ -4161,7 +4343,23 @@ class Router:
     # ---------------------------------------------------------------- fleet endpoints -----
 
     async def h_fleet_status(self, request: Request, response: Response) -> None:
-        await response.json(self.fleet_status(time.time()))
+        doc = self.status_json(self.fleet_status(time.time()))
+        await response.send(200, doc, "application/json; charset=utf-8")
+
+    def status_json(self, doc: JSON) -> bytes:
+        """``dumps(doc)``, with each node's model list spliced in already encoded (it changes
+        only when the node reports a new one, and it is most of the document)."""
+        parts: list[bytes] = []
+        for entry in doc["nodes"]:
+            node = self.nodes.get(entry["node_id"])
+            avail = entry.get("available_models")
+            if node is None or avail is not node.available_public():
+                parts.append(dumps(entry))
+                continue
+            rest = dumps({k: v for k, v in entry.items() if k != "available_models"})
+            parts.append(rest[:-1] + b',"available_models":' + node.available_json() + b"}")
+        top = dumps({k: v for k, v in doc.items() if k != "nodes"})
+        return top[:-1] + b',"nodes":[' + b",".join(parts) + b"]}"
 
     def fleet_status(self, now: float) -> JSON:
         nodes = [n.public(now) for n in self.nodes.values()]
@@ -4348,9 +4546,14 @@ class Router:
                 "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
             )
             raise HttpError(409, f"node '{node_id}' is online from another address")
+        before: tuple[object, ...] | None = None
         admission, why = self.admission_of(node_id, addr, url, signed=signed)
         if admission != "approved":
+            # held (pending | rejected): routers see a change only when a routed node leaves
+            was_routed = node_id in self.nodes
             node = self.hold_node(node_id, addr, url, now, admission, why)
+            if not was_routed:
+                before = self._routing_key(node, now)
         elif node is None:
             # a held node that is now approved joins with the facts of its last beat
             node = self.held_nodes.pop(node_id, None) or Node(
@@ -4358,6 +4561,8 @@ class Router:
             self.nodes[node_id] = node
             log.info("node %s joined from %s (%s)", node_id, addr, url)
             self.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
+        else:
+            before = self._routing_key(node, now)
         need_full = False
         node.url = url
         node.agent_addr = addr
@@ -4392,7 +4597,8 @@ class Router:
             self._set_status(node, "degraded", now)
         else:
             self._set_status(node, "online", now)
-        self._wake_waiters()
+        if before != self._routing_key(node, now):
+            self._wake_waiters()
         return {
             "ok": True,
             "router_id": self.router_id,
@@ -4870,7 +5076,6 @@ class RouterBrowser:
             self.changed.set()
         else:
             old.seen = time.monotonic()
-NO_PASS_ON = 1 << 30  # wake-up value for fleet changes: everyone re-scores, nobody passes on
 
 
 def subtitles(chunks: Sequence[JSON], fmt: str) -> str:
@@ -5243,24 +5448,34 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         await router.stop()
 
 
-def install_uvloop() -> bool:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop when installed, else asyncio's own — as a loop factory, which works on
+    every Python (``uvloop.install()`` is deprecated from 3.12)."""
     try:
         import uvloop
     except ImportError:
         log.warning("uvloop is not installed: using the standard asyncio event loop")
-        return False
-    uvloop.install() if sys.version_info < (3, 12) else None
-    return True
+        return asyncio.new_event_loop
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop.Loop`` or e.g. ``asyncio.unix_events._UnixSelectorEventLoop``."""
+    return f"{type(loop).__module__}.{type(loop).__qualname__}"
+
+
+def run_main(main: Coroutine[Any, Any, None], logger: logging.Logger = log) -> None:
+    """Run a program's main coroutine on the best event loop and say which one it is."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        logger.info("event loop: %s", loop_name(runner.get_loop()))
+        runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     setup_logging(config)
-    install_uvloop()
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        run_main(serve(config))
     return 0
 
 

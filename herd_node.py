@@ -2506,9 +2506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     psutil_mod = load_psutil()
-    herd.install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, psutil_mod))
+        herd.run_main(serve(config, psutil_mod), log)
     return 0
 
 

@@ -1213,6 +1213,23 @@ def _reject_no_eligible(
     )
 
 
+def wait_targets(choice: Choice, policy: Policy) -> tuple[str, ...]:
+    """For a "wait" choice: the nodes whose next free slot the waiting request takes (in
+    its arrival order, without scoring the fleet again).
+
+    Every eligible node is full: any of them (a node full with this model has it loaded,
+    so none of them is a cold load). Some node is free but a full one scores higher
+    (``wait_for_better``): the full nodes that lead the best free one by more than
+    ``wait_margin`` — exactly the ones it chose to wait for.
+    """
+    eligible = [s for s in choice.ranked if s.eligible]
+    free = [s.total for s in eligible if s.free_slot]
+    if not free:
+        return tuple(s.node_id for s in eligible)
+    floor = max(free) + policy.wait_margin
+    return tuple(s.node_id for s in eligible if not s.free_slot and s.total > floor)
+
+
 def prewarm_target(
     req: RouteRequest,
     choice: Choice,

@@ -109,6 +109,7 @@ async def test_runs_without_optional_packages(tmp_path: Path, fake: FakeOllama) 
         code, err = await stop(proc)
     assert code == 0, err
     assert "uvloop is not installed" in err
+    assert "event loop: asyncio." in err
     assert "zeroconf is not installed" in err
 
 
@@ -120,3 +121,17 @@ async def test_help_lists_environment_twins() -> None:
     text = out.decode()
     for env in ("HERD_PORT", "HERD_NODES", "HERD_DATA_DIR", "HERD_FLEET_KEY", "HERD_API_KEYS"):
         assert env in text
+
+
+async def test_runs_on_uvloop_and_says_so(tmp_path: Path, fake: FakeOllama) -> None:
+    """uvloop is installed here: ``python herd.py`` must really run on it (a loop factory,
+    not the ``uvloop.install()`` that newer Pythons deprecate) and name it in the log."""
+    pytest.importorskip("uvloop")
+    proc, port = await start_herd(["--no-mdns", "--data-dir", str(tmp_path), "--node", fake.url])
+    try:
+        status, _, _ = await raw_request(port, "GET", "/api/version")
+        assert status in (200, 503)
+    finally:
+        code, err = await stop(proc)
+    assert code == 0, err
+    assert "event loop: uvloop.Loop" in err, err
