@@ -1000,8 +1000,6 @@ class Pool:
         self.max_idle = max_idle_per_node
         self.connect_timeout_s = connect_timeout_s
         self.max_head_bytes = max_head_bytes
-        self.opened = 0
-        self.reused = 0
         self.addresses: dict[str, tuple[str, int, str]] = {}  # base URL -> split_url()
 
     def release(self, key: tuple[str, int], stream: HttpStream) -> None:
@@ -1028,7 +1026,6 @@ class Pool:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.opened += 1
         return HttpStream(reader, writer, h11.CLIENT, max_head_bytes=self.max_head_bytes)
 
     def _take_idle(self, key: tuple[str, int]) -> HttpStream | None:
@@ -1036,7 +1033,6 @@ class Pool:
         while idle:
             stream = idle.pop()
             if not stream.at_eof():
-                self.reused += 1
                 return stream
             stream.close()
         return None
