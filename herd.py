@@ -5128,7 +5128,7 @@ def setup_logging(config: Config) -> None:
     configure_logging(config.log_level, config.data_dir / "logs" / "herd.jsonl", "herd")
 
 
-async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
+async def serve(config: Config) -> None:
     router = Router(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -5138,8 +5138,6 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     host, port = await router.start()
     shown = config.host if config.host not in ("", "0.0.0.0", "::") else host
     print(f"herd listening on {shown}:{port}", flush=True)
-    if ready is not None:
-        ready(host, port)
     try:
         await stop.wait()
         router.begin_drain()
