@@ -1494,10 +1494,9 @@ class SlotQueue:
 
 
 class Rejected(Exception):
-    def __init__(self, choice: scoring.Choice, status: int, message: str) -> None:
+    def __init__(self, choice: scoring.Choice, message: str) -> None:
         super().__init__(message)
         self.choice = choice
-        self.status = status
         self.message = message
 
 
@@ -2029,7 +2028,7 @@ class Router:
                 self.breakers_probe(node.node_id, rreq.model, now)
                 return node, q, choice, (loop.time() - start) * 1000
             if choice.action != "wait":
-                raise Rejected(choice, 503, choice.reason)
+                raise Rejected(choice, choice.reason)
             waiting = self.waiters.setdefault(rreq.model, deque())
             if woken is not None and woken < len(waiting):
                 self._wake_one(rreq.model, woken + 1)  # the slot may suit someone behind us
