@@ -335,10 +335,6 @@ class ServiceStats:
     total_p: float = 0.0  # streaming quantile estimate of total_ms
     total_max: float = 0.0  # largest total_ms seen (bounds the quantile)
 
-    @property
-    def ok_count(self) -> int:
-        return self.count - self.failures
-
 
 def _ewma(old: float, n: int, x: float, alpha: float) -> float:
     """EWMA whose first sample is taken as is (no bias toward 0)."""
@@ -528,15 +524,6 @@ class BreakerState:
     probe_in_flight: bool = False
     opened_at: float = 0.0  # epoch s of the last trip
     probe_deadline: float = 0.0  # a probe not reported by then no longer blocks the next
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "consecutive_failures": self.consecutive_failures,
-            "trips": self.trips,
-            "open_until": self.open_until,
-            "probe_in_flight": self.probe_in_flight,
-        }
 
 
 def breaker_key(node_id: str, model: str | None = None) -> str:
