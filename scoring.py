@@ -2931,6 +2931,304 @@ def _resident_estimate(
     return resident_bytes(weights, None, slots, sp)
 
 
+_ACTION_ORDER = ("keep", "load", "pull", "remove")  # the order of the cards
+
+
+@dataclass(slots=True)
+class _Demand:
+    """Step 3: requests per model in 24 h and 7 d, 404s per model, 7 d per node x model."""
+
+    d24: dict[str, int]
+    d7: dict[str, int]
+    node7: dict[tuple[str, str], int]
+    not_found: dict[str, int]
+
+    def order(self, model: str) -> tuple[int, int, str]:
+        """Busiest first: 24 h requests, then 7 d requests + 404s, then the name."""
+        return (
+            -self.d24.get(model, 0),
+            -(self.d7.get(model, 0) + self.not_found.get(model, 0)),
+            model,
+        )
+
+    def text(self, model: str) -> str:
+        miss = self.not_found.get(model, 0)
+        return f"{self.d24.get(model, 0)} requests in 24 h, {self.d7.get(model, 0)} in 7 d" + (
+            f", {miss} not found" if miss else ""
+        )
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The plan while it is built: what is left per node, where each model went, the cards."""
+
+    usable: dict[str, int]  # node -> usable memory (step 1)
+    room: dict[str, int]  # node -> usable memory not yet planned
+    disk_left: dict[str, int | None]  # node -> disk left above the reserve (None: unknown)
+    cards: dict[str, list[Recommendation]]  # node -> its recommendations
+    placed: dict[str, list[str]] = field(default_factory=dict)  # model -> nodes holding it
+    unmet: list[UnmetDemand] = field(default_factory=list)
+
+
+def _plannable(nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
+    """The live nodes with anything to plan with (memory facts, or models)."""
+    return [n for n in nodes if n.live and (n.fast_total > 0 or n.loaded or n.on_disk)]
+
+
+def _usable_memory(
+    live: Sequence[NodeFacts], policy: RecommendPolicy, sp: Policy
+) -> dict[str, int]:
+    """Step 1: usable memory per node. A node without memory facts (polled, no agent) is
+    planned with what it demonstrably runs: what it holds now, or else its largest model on
+    disk (someone pulled it there)."""
+    return {
+        n.node_id: usable_bytes(n, policy)
+        if n.fast_total > 0
+        else max(
+            sum(m.size for m in n.loaded),
+            max((resident_bytes(d.size, None, 1, sp) for d in n.on_disk), default=0),
+        )
+        for n in live
+    }
+
+
+def _weights(nodes: Sequence[NodeFacts]) -> dict[str, int]:
+    """Step 2's input: each model's weights (its largest size on any disk; 0 = unknown)."""
+    weights: dict[str, int] = {}
+    for n in nodes:
+        for d in n.on_disk:
+            weights[d.name] = max(weights.get(d.name, 0), d.size)
+        for lm in n.loaded:
+            weights.setdefault(lm.name, 0)
+    return weights
+
+
+def _demand(
+    usage_24h: Sequence[ModelUse], usage_7d: Sequence[ModelUse], not_found_7d: Mapping[str, int]
+) -> _Demand:
+    """Step 3: demand per model (and per node x model over 7 d)."""
+    demand = _Demand({}, {}, {}, dict(not_found_7d))
+    for u in usage_24h:
+        demand.d24[u.model] = demand.d24.get(u.model, 0) + u.requests
+    for u in usage_7d:
+        demand.d7[u.model] = demand.d7.get(u.model, 0) + u.requests
+        key = (u.node_id, u.model)
+        demand.node7[key] = demand.node7.get(key, 0) + u.requests
+    return demand
+
+
+def _copies_wanted(requests_24h: int, live: int, policy: RecommendPolicy) -> int:
+    """Step 4: one copy for any demand, two when hot, three when very hot, at most one per
+    node."""
+    want = 1
+    if requests_24h >= policy.hot_requests_24h:
+        want = 2
+    if requests_24h >= policy.very_hot_requests_24h:
+        want = 3
+    return min(want, max(1, live))
+
+
+def _best_node(
+    model: str,
+    weights: int,
+    live: Sequence[NodeFacts],
+    nodes: Sequence[NodeFacts],
+    plan: _Plan,
+    demand: _Demand,
+    sp: Policy,
+) -> tuple[NodeFacts, str, int] | None:
+    """Step 4: the node for the next copy (node, keep|load|pull, resident estimate): one
+    that has it resident, else on disk, else pulls it; among equals the one that served it
+    most in 7 d, then the most room. None when no node has room (or disk for a pull)."""
+    best: tuple[tuple[int, int, int, str], NodeFacts, str, int] | None = None
+    for n in live:
+        if n.node_id in plan.placed.get(model, []):
+            continue
+        est = _resident_estimate(model, n, nodes, weights, sp)
+        if est > plan.room[n.node_id]:
+            continue
+        loaded = any(lm.name == model for lm in n.loaded)
+        disk = n.disk_size(model) > 0
+        action = "keep" if loaded else "load" if disk else "pull"
+        left = plan.disk_left[n.node_id]
+        if action == "pull" and left is not None and left < weights:
+            continue
+        key = (
+            _ACTION_ORDER.index(action),
+            -demand.node7.get((n.node_id, model), 0),
+            -plan.room[n.node_id],
+            n.node_id,
+        )
+        if best is None or key < best[0]:
+            best = (key, n, action, est)
+    return None if best is None else best[1:]
+
+
+def _unknown_size(
+    model: str, live: Sequence[NodeFacts], plan: _Plan, demand: _Demand
+) -> UnmetDemand:
+    """A requested model no node has: its size is unknown, so suggest the roomiest node."""
+    r7, miss = demand.d7.get(model, 0), demand.not_found.get(model, 0)
+    roomiest = max(live, key=lambda n: (plan.room[n.node_id], n.node_id), default=None)
+    return UnmetDemand(
+        model,
+        r7,
+        miss,
+        f"requested {r7 + miss}x in 7 d ({miss} answered 404 'not found') but on no "
+        "node: size unknown until pulled; `ollama pull` it where the room is, or "
+        "fix the clients if the name is a typo",
+        roomiest.node_id if roomiest is not None else None,
+    )
+
+
+def _no_room(
+    model: str, weights: int, nodes: Sequence[NodeFacts], plan: _Plan, demand: _Demand, sp: Policy
+) -> UnmetDemand:
+    """A model with demand whose first copy fits nowhere: too big, or crowded out."""
+    biggest = max(plan.usable.values(), default=0)
+    need = _resident_estimate(model, NodeFacts(""), nodes, weights, sp)
+    why = (
+        f"needs ~{_gb(need)} resident, more than any node's usable memory ({_gb(biggest)})"
+        if need > biggest
+        else "no node has room left after busier models (or disk for a pull)"
+    )
+    return UnmetDemand(
+        model,
+        demand.d7.get(model, 0),
+        demand.not_found.get(model, 0),
+        f"{demand.text(model)}: {why}",
+    )
+
+
+def _place_copy(
+    model: str,
+    weights: int,
+    copy_no: int,
+    want: int,
+    chosen: tuple[NodeFacts, str, int],
+    plan: _Plan,
+    demand: _Demand,
+    policy: RecommendPolicy,
+) -> None:
+    """Step 4: book one copy on its node (memory, disk for a pull) and write its card."""
+    n, action, est = chosen
+    plan.room[n.node_id] -= est
+    if action == "pull" and plan.disk_left[n.node_id] is not None:
+        plan.disk_left[n.node_id] = (plan.disk_left[n.node_id] or 0) - weights
+    plan.placed.setdefault(model, []).append(n.node_id)
+    copies = f"copy {copy_no + 1} of {want}" + (
+        f" (hot: >= {policy.hot_requests_24h} requests/24 h)" if want > 1 else ""
+    )
+    verb = {
+        "keep": f"resident ({_gb(est)})",
+        "load": f'on disk, not resident: load it (~{_gb(est)} resident, `ollama run {model} ""`)',
+        "pull": f"pull {_gb(weights)} (`ollama pull {model}`; ~{_gb(est)} resident)",
+    }[action]
+    plan.cards[n.node_id].append(
+        Recommendation(
+            model,
+            action,
+            f"{demand.text(model)}; {copies}; {verb}; {_gb(plan.room[n.node_id])} of "
+            f"{_gb(plan.usable[n.node_id])} usable left after it",
+            est,
+        )
+    )
+
+
+def _place_model(
+    model: str,
+    weights: int,
+    live: Sequence[NodeFacts],
+    nodes: Sequence[NodeFacts],
+    plan: _Plan,
+    demand: _Demand,
+    policy: RecommendPolicy,
+    sp: Policy,
+) -> None:
+    """Step 4 for one model: its copies, or why it cannot be served (unmet demand)."""
+    if weights <= 0 and not any(lm.name == model for n in nodes for lm in n.loaded):
+        plan.unmet.append(_unknown_size(model, live, plan, demand))
+        return
+    want = _copies_wanted(demand.d24.get(model, 0), len(live), policy)
+    for copy_no in range(want):
+        chosen = _best_node(model, weights, live, nodes, plan, demand, sp)
+        if chosen is None:
+            if copy_no == 0:
+                plan.unmet.append(_no_room(model, weights, nodes, plan, demand, sp))
+            return
+        _place_copy(model, weights, copy_no, want, chosen, plan, demand, policy)
+
+
+def _removals(
+    now: float,
+    n: NodeFacts,
+    plan: _Plan,
+    demand: _Demand,
+    capability: set[str],
+    history_s: float,
+    policy: RecommendPolicy,
+) -> list[Recommendation]:
+    """Step 5: the copies on this node's disk that nobody asked for here in ``idle_days``,
+    that the plan does not need, older than the idle window, once the history covers it."""
+    idle_s = policy.idle_days * 86_400.0
+    if history_s < idle_s:
+        return []  # a fresh router knows nothing yet
+    kept = {r.model for r in plan.cards[n.node_id]}
+    out: list[Recommendation] = []
+    for d in sorted(n.on_disk, key=lambda d: -d.size):
+        if d.name in kept or d.name in capability or d.size <= 0:
+            continue
+        if any(lm.name == d.name for lm in n.loaded):
+            continue  # in use right now; it is not idle
+        if demand.node7.get((n.node_id, d.name), 0) > 0:
+            continue
+        if d.modified_at is not None and now - d.modified_at < idle_s:
+            continue  # pulled recently: give it a chance
+        fleet = demand.d7.get(d.name, 0) + demand.not_found.get(d.name, 0)
+        elsewhere = [x for x in plan.placed.get(d.name, []) if x != n.node_id]
+        if fleet > 0 and not elsewhere:
+            continue  # the only copy of a model someone uses
+        why = (
+            f"no requests anywhere in {policy.idle_days:g} d"
+            if fleet == 0
+            else f"served from {', '.join(elsewhere)}; no requests here in {policy.idle_days:g} d"
+        )
+        out.append(
+            Recommendation(
+                d.name, "remove", f"{why}: `ollama rm {d.name}` frees {_gb(d.size)} of disk", d.size
+            )
+        )
+    return out
+
+
+def _report(
+    now: float, nodes: Sequence[NodeFacts], plan: _Plan, policy: RecommendPolicy
+) -> RecommendationReport:
+    """Every node (planned or not) with its cards in action order; unmet demand, busiest
+    first."""
+    out = []
+    for n in nodes:
+        recs = tuple(
+            sorted(
+                plan.cards[n.node_id],
+                key=lambda r: (_ACTION_ORDER.index(r.action), -r.bytes, r.model),
+            )
+        )
+        out.append(
+            NodeRecommendations(
+                node_id=n.node_id,
+                status=n.status,
+                memory_total_bytes=n.fast_total,
+                usable_bytes=plan.usable.get(n.node_id, usable_bytes(n, policy)),
+                planned_bytes=sum(r.bytes for r in recs if r.action != "remove"),
+                disk_free_bytes=n.disk_free,
+                recommendations=recs,
+            )
+        )
+    unmet = sorted(plan.unmet, key=lambda u: (-(u.requests_7d + u.not_found_7d), u.model))
+    return RecommendationReport(tuple(out), tuple(unmet), now)
+
+
 def recommendations(
     now: float,
     nodes: Sequence[NodeFacts],
@@ -2942,181 +3240,34 @@ def recommendations(
     policy: RecommendPolicy = RecommendPolicy(),
     scoring_policy: Policy = Policy(),
 ) -> RecommendationReport:
-    """Per node keep / load / pull / remove, with the numbers behind each (see above)."""
-    nf = dict(not_found_7d or {})
+    """Per node keep / load / pull / remove, with the numbers behind each: the five steps
+    of the section comment, one function each."""
+    live = _plannable(nodes)
+    usable = _usable_memory(live, policy, scoring_policy)  # 1
+    weights = _weights(nodes)  # 2 (resident estimates: ``_resident_estimate``)
+    demand = _demand(usage_24h, usage_7d, not_found_7d or {})  # 3
+    plan = _Plan(
+        usable=usable,
+        room=dict(usable),
+        disk_left={
+            n.node_id: None if n.disk_free is None else n.disk_free - policy.disk_reserve_bytes
+            for n in live
+        },
+        cards={n.node_id: [] for n in nodes},
+    )
     capability = {m for n in nodes for m in (*n.image_models, *n.stt_models)}
-    d24: dict[str, int] = {}
-    d7: dict[str, int] = {}
-    node7: dict[tuple[str, str], int] = {}
-    for u in usage_24h:
-        d24[u.model] = d24.get(u.model, 0) + u.requests
-    for u in usage_7d:
-        d7[u.model] = d7.get(u.model, 0) + u.requests
-        node7[(u.node_id, u.model)] = node7.get((u.node_id, u.model), 0) + u.requests
-    weights: dict[str, int] = {}
-    for n in nodes:
-        for d in n.on_disk:
-            weights[d.name] = max(weights.get(d.name, 0), d.size)
-        for lm in n.loaded:
-            weights.setdefault(lm.name, 0)
-    universe = (set(weights) | set(d7) | set(d24) | set(nf)) - capability - {""}
-
-    live = [n for n in nodes if n.live and (n.fast_total > 0 or n.loaded or n.on_disk)]
-    # A node without memory facts (polled, no agent) is planned with what it demonstrably
-    # runs: what it holds now, or else its largest model on disk (someone pulled it there).
-    usable = {
-        n.node_id: usable_bytes(n, policy)
-        if n.fast_total > 0
-        else max(
-            sum(m.size for m in n.loaded),
-            max((resident_bytes(d.size, None, 1, scoring_policy) for d in n.on_disk), default=0),
-        )
-        for n in live
-    }
-    room = dict(usable)
-    disk_left = {
-        n.node_id: (None if n.disk_free is None else n.disk_free - policy.disk_reserve_bytes)
-        for n in live
-    }
-    plan: dict[str, list[Recommendation]] = {n.node_id: [] for n in nodes}
-    placed: dict[str, list[str]] = {}
-    unmet: list[UnmetDemand] = []
-
-    def demand_key(m: str) -> tuple[int, int, str]:
-        return (-d24.get(m, 0), -(d7.get(m, 0) + nf.get(m, 0)), m)
-
-    for model in sorted(universe, key=demand_key):
-        r24, r7, miss = d24.get(model, 0), d7.get(model, 0), nf.get(model, 0)
-        if r7 + miss + r24 <= 0:
+    universe = (
+        (set(weights) | set(demand.d7) | set(demand.d24) | set(demand.not_found))
+        - capability
+        - {""}
+    )
+    for model in sorted(universe, key=demand.order):  # 4
+        r24, r7 = demand.d24.get(model, 0), demand.d7.get(model, 0)
+        if r24 + r7 + demand.not_found.get(model, 0) <= 0:
             continue
-        want = 1
-        if r24 >= policy.hot_requests_24h:
-            want = 2
-        if r24 >= policy.very_hot_requests_24h:
-            want = 3
-        want = min(want, max(1, len(live)))
-        w = weights.get(model, 0)
-        if w <= 0 and not any(lm.name == model for n in nodes for lm in n.loaded):
-            roomiest = max(live, key=lambda n: (room[n.node_id], n.node_id), default=None)
-            unmet.append(
-                UnmetDemand(
-                    model,
-                    r7,
-                    miss,
-                    f"requested {r7 + miss}x in 7 d ({miss} answered 404 'not found') but on no "
-                    "node: size unknown until pulled; `ollama pull` it where the room is, or "
-                    "fix the clients if the name is a typo",
-                    roomiest.node_id if roomiest is not None else None,
-                )
-            )
-            continue
-        demand_txt = f"{r24} requests in 24 h, {r7} in 7 d" + (
-            f", {miss} not found" if miss else ""
+        _place_model(
+            model, weights.get(model, 0), live, nodes, plan, demand, policy, scoring_policy
         )
-        for copy_no in range(want):
-            best: tuple[tuple[int, int, int, str], NodeFacts, str, int] | None = None
-            for n in live:
-                if n.node_id in placed.get(model, []):
-                    continue
-                est = _resident_estimate(model, n, nodes, w, scoring_policy)
-                if est > room[n.node_id]:
-                    continue
-                loaded = any(lm.name == model for lm in n.loaded)
-                disk = n.disk_size(model) > 0
-                action = "keep" if loaded else "load" if disk else "pull"
-                left = disk_left[n.node_id]
-                if action == "pull" and left is not None and left < w:
-                    continue
-                key = (
-                    {"keep": 0, "load": 1, "pull": 2}[action],
-                    -node7.get((n.node_id, model), 0),
-                    -room[n.node_id],
-                    n.node_id,
-                )
-                if best is None or key < best[0]:
-                    best = (key, n, action, est)
-            if best is None:
-                if copy_no == 0:
-                    biggest = max(usable.values(), default=0)
-                    need = _resident_estimate(model, NodeFacts(""), nodes, w, scoring_policy)
-                    why = (
-                        f"needs ~{_gb(need)} resident, more than any node's usable memory "
-                        f"({_gb(biggest)})"
-                        if need > biggest
-                        else "no node has room left after busier models (or disk for a pull)"
-                    )
-                    unmet.append(UnmetDemand(model, r7, miss, f"{demand_txt}: {why}"))
-                break
-            _, n, action, est = best
-            room[n.node_id] -= est
-            if action == "pull" and disk_left[n.node_id] is not None:
-                disk_left[n.node_id] = (disk_left[n.node_id] or 0) - w
-            placed.setdefault(model, []).append(n.node_id)
-            copies = f"copy {copy_no + 1} of {want}" + (
-                f" (hot: >= {policy.hot_requests_24h} requests/24 h)" if want > 1 else ""
-            )
-            verb = {
-                "keep": f"resident ({_gb(est)})",
-                "load": f"on disk, not resident: load it (~{_gb(est)} resident, `ollama run "
-                f'{model} ""`)',
-                "pull": f"pull {_gb(w)} (`ollama pull {model}`; ~{_gb(est)} resident)",
-            }[action]
-            plan[n.node_id].append(
-                Recommendation(
-                    model,
-                    action,
-                    f"{demand_txt}; {copies}; {verb}; {_gb(room[n.node_id])} of "
-                    f"{_gb(usable[n.node_id])} usable left after it",
-                    est,
-                )
-            )
-
-    idle_s = policy.idle_days * 86_400.0
-    covered = history_s >= idle_s
-    for n in live:
-        kept = {r.model for r in plan[n.node_id]}
-        for d in sorted(n.on_disk, key=lambda d: -d.size):
-            if d.name in kept or d.name in capability or d.size <= 0:
-                continue
-            if any(lm.name == d.name for lm in n.loaded):
-                continue  # in use right now; it is not idle
-            if node7.get((n.node_id, d.name), 0) > 0 or not covered:
-                continue
-            if d.modified_at is not None and now - d.modified_at < idle_s:
-                continue  # pulled recently: give it a chance
-            fleet = d7.get(d.name, 0) + nf.get(d.name, 0)
-            elsewhere = [x for x in placed.get(d.name, []) if x != n.node_id]
-            if fleet > 0 and not elsewhere:
-                continue  # the only copy of a model someone uses
-            why = (
-                f"no requests anywhere in {policy.idle_days:g} d"
-                if fleet == 0
-                else f"served from {', '.join(elsewhere)}; no requests here in "
-                f"{policy.idle_days:g} d"
-            )
-            plan[n.node_id].append(
-                Recommendation(
-                    d.name,
-                    "remove",
-                    f"{why}: `ollama rm {d.name}` frees {_gb(d.size)} of disk",
-                    d.size,
-                )
-            )
-
-    order = {"keep": 0, "load": 1, "pull": 2, "remove": 3}
-    out = []
-    for n in nodes:
-        recs = tuple(sorted(plan[n.node_id], key=lambda r: (order[r.action], -r.bytes, r.model)))
-        out.append(
-            NodeRecommendations(
-                node_id=n.node_id,
-                status=n.status,
-                memory_total_bytes=n.fast_total,
-                usable_bytes=usable.get(n.node_id, usable_bytes(n, policy)),
-                planned_bytes=sum(r.bytes for r in recs if r.action != "remove"),
-                disk_free_bytes=n.disk_free,
-                recommendations=recs,
-            )
-        )
-    unmet.sort(key=lambda u: (-(u.requests_7d + u.not_found_7d), u.model))
-    return RecommendationReport(tuple(out), tuple(unmet), now)
+    for n in live:  # 5
+        plan.cards[n.node_id].extend(_removals(now, n, plan, demand, capability, history_s, policy))
+    return _report(now, nodes, plan, policy)
