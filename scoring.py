@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 # ---------------------------------------------------------------------------------------
 # Names
@@ -1437,7 +1438,17 @@ def vram_fallback(
 # something (memory pressure, thrashing, or a context nobody uses); offline / draining
 # nodes are reported once (node status) and not again by every other check.
 
-SEVERITIES = ("critical", "warning", "info", "ok")
+
+class Severity(StrEnum):
+    """How bad a health card is; a ``str``, so cards and JSON carry the plain word."""
+
+    CRITICAL = "critical"
+    WARNING = "warning"
+    INFO = "info"
+    OK = "ok"
+
+
+SEVERITIES = tuple(Severity)  # worst first: the order of the cards
 
 
 @dataclass(frozen=True, slots=True)
@@ -1666,7 +1677,7 @@ class HealthInput:
 class HealthCheck:
     id: str
     name: str
-    severity: str  # critical | warning | info | ok
+    severity: Severity
     reason: str
     fix: str = ""
     node_id: str | None = None
@@ -1676,7 +1687,7 @@ class HealthCheck:
         return {
             "id": self.id,
             "name": self.name,
-            "severity": self.severity,
+            "severity": str(self.severity),
             "reason": self.reason,
             "fix": self.fix,
             "node_id": self.node_id,
@@ -1703,9 +1714,9 @@ class HealthReport:
 def health_score(checks: Sequence[HealthCheck], policy: HealthPolicy = HealthPolicy()) -> int:
     """100 - 20*critical - 10*warning - 3*info, floored at 0 (points from ``policy``)."""
     pts = {
-        "critical": policy.critical_points,
-        "warning": policy.warning_points,
-        "info": policy.info_points,
+        Severity.CRITICAL: policy.critical_points,
+        Severity.WARNING: policy.warning_points,
+        Severity.INFO: policy.info_points,
     }
     return max(0, 100 - sum(pts.get(c.severity, 0) for c in checks))
 
@@ -1800,7 +1811,7 @@ def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
             HealthCheck(
                 "no_nodes_online",
                 "No node online",
-                "critical",
+                Severity.CRITICAL,
                 f"The fleet is empty ({known}): every request fails with 'model not found'.",
                 "Run `herd-node` on each Ollama machine (it finds this router by mDNS, or give "
                 "it `--router-url http://ROUTER:11435`), or start the router with "
@@ -1827,7 +1838,7 @@ def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
                 HealthCheck(
                     "node_offline",
                     "Node offline",
-                    "critical",
+                    Severity.CRITICAL,
                     f"{n.node_id} is offline ({silent}){err}; its requests go elsewhere.",
                     fix,
                     n.node_id,
@@ -1838,7 +1849,7 @@ def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
                 HealthCheck(
                     "node_degraded",
                     "Node degraded",
-                    "warning",
+                    Severity.WARNING,
                     f"{n.node_id} is degraded ({silent}, heartbeats/polls missed){err}; it only "
                     "gets traffic when no healthy node can serve.",
                     f"Check network and load on {n.node_id}; `curl {where}/api/version` from the "
@@ -1851,7 +1862,7 @@ def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
                 HealthCheck(
                     "node_draining",
                     "Node draining",
-                    "info",
+                    Severity.INFO,
                     f"{n.node_id} is draining (its agent is shutting down): no new requests.",
                     "Expected during a restart; restart the herd-node agent if it stays so.",
                     n.node_id,
@@ -1891,7 +1902,7 @@ def _check_unreachable(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
             signals.append(f"{u.errors} failed/retried attempts and none completed recently")
         if not signals:
             continue
-        sev = "critical" if n.status == "online" else "warning"
+        sev = Severity.CRITICAL if n.status == "online" else Severity.WARNING
         out.append(
             HealthCheck(
                 "node_unreachable",
@@ -1918,9 +1929,9 @@ def _check_memory_pressure(inp: HealthInput, pol: HealthPolicy) -> list[HealthCh
         if not n.live or n.ram_total <= 0:
             continue
         free = n.ram_available / n.ram_total
-        sev = {"warn": "warning", "critical": "critical"}.get(n.memory_pressure)
+        sev = {"warn": Severity.WARNING, "critical": Severity.CRITICAL}.get(n.memory_pressure)
         if sev is None and free < pol.low_memory_share:
-            sev = "warning"
+            sev = Severity.WARNING
         if sev is None:
             continue
         biggest = sorted(n.loaded, key=lambda m: -m.size)[:3]
@@ -1953,7 +1964,7 @@ def _check_swap(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "swap_usage",
                 "Swap in use",
-                "warning",
+                Severity.WARNING,
                 f"{n.node_id}: {_gb(n.swap_used)} swapped ({_pct(share)} of "
                 f"{_gb(n.ram_total)} RAM); model weights paged to disk make inference crawl.",
                 "Load fewer/smaller models on this node (lower OLLAMA_MAX_LOADED_MODELS, a "
@@ -2044,7 +2055,7 @@ def _check_underutilized(inp: HealthInput, pol: HealthPolicy) -> list[HealthChec
             HealthCheck(
                 "underutilized_memory",
                 "Underutilised memory",
-                "info",
+                Severity.INFO,
                 "; ".join(parts) + ".",
                 "; ".join(fix) + ".",
                 n.node_id,
@@ -2076,11 +2087,11 @@ def _check_kv_bloat(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 used = f"; requests use ~{avg:.0f} tokens on average"
             costly = n.memory_pressure != "normal" or n.node_id in thrashing
             if share >= pol.kv_share_critical and costly:
-                sev = "critical"
+                sev = Severity.CRITICAL
             elif (share >= pol.kv_share_warning and (costly or unused)) or (costly and unused):
-                sev = "warning"
+                sev = Severity.WARNING
             else:
-                sev = "info"
+                sev = Severity.INFO
             par = f", OLLAMA_NUM_PARALLEL={n.num_parallel}" if n.num_parallel else ""
             out.append(
                 HealthCheck(
@@ -2112,7 +2123,7 @@ def _check_vram(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "vram_fallback_active",
                 "Fallbacks served requests",
-                "info",
+                Severity.INFO,
                 f"{total} request(s) in 24 h were served by another model than asked; top: "
                 + ", ".join(f"{m} ({c})" for m, c in fallbacks[:5])
                 + ".",
@@ -2133,7 +2144,7 @@ def _check_vram(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "gpu_offload",
                     "Model partly on CPU",
-                    "warning",
+                    Severity.WARNING,
                     f"{lm.name} on {n.node_id}: {_pct(cpu)} of its {_gb(lm.size)} runs from "
                     f"system RAM (only {_gb(lm.size_vram)} in VRAM of {_gb(n.vram_total)}); "
                     "decoding is several times slower.",
@@ -2161,7 +2172,7 @@ def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "version_unknown",
                     "Agent version unknown",
-                    "info",
+                    Severity.INFO,
                     f"{n.node_id}'s agent does not report its version.",
                     f"Upgrade herd-node on {n.node_id} to {inp.router_version or 'the router'}'s "
                     "version (`pip install -U herd`) and restart it.",
@@ -2173,7 +2184,7 @@ def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "version_mismatch",
                     "Agent version differs from the router",
-                    "warning",
+                    Severity.WARNING,
                     f"{n.node_id} runs herd-node {n.agent_version}, router is "
                     f"{inp.router_version}.",
                     f"Run the same version everywhere: `pip install herd=={inp.router_version}` "
@@ -2194,7 +2205,7 @@ def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "ollama_version_mismatch",
                 "Ollama versions differ",
-                "info",
+                Severity.INFO,
                 f"Nodes run different Ollama versions (newest {newest}; older: "
                 + ", ".join(old)
                 + "): model support and memory estimates may differ.",
@@ -2208,7 +2219,7 @@ def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "ollama_version_unknown",
                     "Ollama version unknown",
-                    "info",
+                    Severity.INFO,
                     f"{n.node_id} did not report its Ollama version.",
                     f"`curl {n.url or '<node>:11434'}/api/version` on {n.node_id}; upgrade Ollama "
                     "if the endpoint is missing.",
@@ -2236,7 +2247,7 @@ def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "context_protection_insufficient",
                     "Prompts fill the context window",
-                    "warning",
+                    Severity.WARNING,
                     f"{lm.name} on {n.node_id} runs with context {ctx} and prompts average "
                     f"{avg_prompt:.0f} tokens over {u.completed} requests "
                     f"({_pct(avg_prompt / ctx)}): Ollama silently truncates longer prompts.",
@@ -2252,7 +2263,7 @@ def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "context_protection_disabled",
                 "Context protection off",
-                "info",
+                Severity.INFO,
                 "Context protection is off: a request with a different options.num_ctx than "
                 "the resident model reloads it (seconds to minutes each time).",
                 'Turn it on: POST /dashboard/api/settings {"context_protection": true}.',
@@ -2266,7 +2277,7 @@ def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "context_protection_active",
                 "Context protection at work",
-                "info",
+                Severity.INFO,
                 f"{len(acts)} context adjustment(s) in 24 h kept resident models from reloading.",
                 "Nothing to do; to avoid them, send the resident num_ctx from the clients.",
             )
@@ -2284,11 +2295,11 @@ def _check_reaper(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     for x in day:
         by_node[x.node_id] = by_node.get(x.node_id, 0) + 1
     if len(day) > pol.reaper_critical and recent:
-        sev = "critical"
+        sev = Severity.CRITICAL
     elif recent:
-        sev = "warning"
+        sev = Severity.WARNING
     else:
-        sev = "info"
+        sev = Severity.INFO
     worst = max(by_node, key=lambda k: by_node[k])
     out.append(
         HealthCheck(
@@ -2322,7 +2333,7 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
             HealthCheck(
                 f"{setting}_disabled",
                 f"{label} disabled",
-                "info",
+                Severity.INFO,
                 f"Nodes offer {kind} models ({', '.join(sorted(names)[:5])}) but the "
                 f"{setting} setting is off: those requests are refused.",
                 f'POST /dashboard/api/settings {{"{setting}": true}} to serve them.',
@@ -2333,7 +2344,7 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
         return out
     completed = sum(u.completed for u in rows)
     failed = sum(u.failures for u in rows)
-    sev = "warning" if failed else "info"
+    sev = Severity.WARNING if failed else Severity.INFO
     out.append(
         HealthCheck(
             cid,
@@ -2360,7 +2371,7 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
                 HealthCheck(
                     "mflux_expansion" if kind == "image" else "stt_expansion",
                     f"{label} could use more nodes",
-                    "info",
+                    Severity.INFO,
                     f"{completed} {kind} requests in 24 h run on {len(holders)} node(s); "
                     f"{', '.join(spare[:3])} ha{'s' if len(spare) == 1 else 've'} "
                     f">= {_gb(need_free)} free and no {kind} backend.",
@@ -2421,7 +2432,7 @@ def _check_load_timeouts(inp: HealthInput, pol: HealthPolicy) -> list[HealthChec
             HealthCheck(
                 "model_load_timeout",
                 "Model load timeouts",
-                "warning" if recent else "info",
+                Severity.WARNING if recent else Severity.INFO,
                 reason + ".",
                 fix,
                 nid,
@@ -2452,7 +2463,7 @@ def _check_thrashing(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "model_thrashing",
                 "Models keep reloading",
-                "warning" if active else "info",
+                Severity.WARNING if active else Severity.INFO,
                 f"{u.model} on {u.node_id} was loaded {u.cold_loads}x for {u.requests} requests "
                 f"in 24 h ({reloads} reloads"
                 + (f", {r.cold_loads} recently" if r is not None and r.cold_loads else "")
@@ -2485,17 +2496,17 @@ def _check_error_rate(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
         if u.attempts < pol.error_min_attempts:
             if u.errors < pol.error_min_errors or rate < 0.5:
                 continue
-            sev = "info"
+            sev = Severity.INFO
             note = f" (only {u.attempts} attempts: below the {pol.error_min_attempts} floor)"
         elif rate < pol.error_rate:
             continue
         else:
             if active and rate >= pol.error_rate_critical:
-                sev = "critical"
+                sev = Severity.CRITICAL
             elif active:
-                sev = "warning"
+                sev = Severity.WARNING
             else:
-                sev = "info"
+                sev = Severity.INFO
             note = "" if active else " (none or few recently: resolved?)"
         out.append(
             HealthCheck(
@@ -2531,7 +2542,7 @@ def _check_retry_rate(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             continue
         r = recent.get(model)
         active = r is not None and r.retried > 0
-        sev = "warning" if per >= pol.retry_warning and active else "info"
+        sev = Severity.WARNING if per >= pol.retry_warning and active else Severity.INFO
         nodes = sorted({x.node_id for x in inp.usage_24h if x.model == model and x.retried})
         out.append(
             HealthCheck(
@@ -2559,7 +2570,7 @@ def _check_streams(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "client_disconnects",
                 "Clients hang up",
-                "warning" if active else "info",
+                Severity.WARNING if active else Severity.INFO,
                 f"{fleet.client_disconnected} of {fleet.requests} requests in 24 h ended with "
                 f"the client gone ({_pct(rate)}; {recent_fleet.client_disconnected} recently).",
                 "Clients give up before the answer: raise their timeout (e.g. the OpenAI SDK "
@@ -2581,7 +2592,7 @@ def _check_streams(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "incomplete_streams",
                 "Streams cut mid-answer",
-                "warning" if active else "info",
+                Severity.WARNING if active else Severity.INFO,
                 f"{incomplete} stream(s) in 24 h ended without Ollama's final chunk "
                 f"({_pct(rate)}; {recent} in the last hour); by node: "
                 + ", ".join(f"{k or '?'} {v}" for k, v in sorted(by_node.items()))
@@ -2608,7 +2619,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "breaker_open",
                     "Circuit breaker open",
-                    "warning",
+                    Severity.WARNING,
                     f"{n.node_id}: breaker {b.state} after {b.consecutive_failures} consecutive "
                     f"failure(s) (trip {b.trips}); next probe in {wait:.0f}s.",
                     f"Find the failures in Traces (node {n.node_id}); the breaker closes by itself "
@@ -2624,7 +2635,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "breaker_open",
                     "Circuit breaker open",
-                    "warning",
+                    Severity.WARNING,
                     f"{model} on {n.node_id}: breaker {mb.state} after {mb.consecutive_failures} "
                     f"consecutive failure(s); next probe in {wait:.0f}s.",
                     f"Try it on the node: `ollama run {model} hi` on {n.node_id}; re-pull it "
@@ -2639,7 +2650,11 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
 def _check_store(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     out: list[HealthCheck] = []
     if inp.store_write_errors:
-        sev = "critical" if inp.store_write_errors >= pol.store_errors_critical else "warning"
+        sev = (
+            Severity.CRITICAL
+            if inp.store_write_errors >= pol.store_errors_critical
+            else Severity.WARNING
+        )
         out.append(
             HealthCheck(
                 "trace_store_write_failures",
@@ -2656,7 +2671,7 @@ def _check_store(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "trace_store_dropped",
                 "Traces dropped",
-                "warning",
+                Severity.WARNING,
                 f"{inp.store_dropped} trace/event record(s) dropped since start (write queue "
                 f"full or store closed; queue depth now {inp.store_queue_depth}).",
                 "The disk cannot keep up: put the data dir on faster storage, or lower "
@@ -2678,7 +2693,7 @@ def _check_node_resources(inp: HealthInput, pol: HealthPolicy) -> list[HealthChe
                     HealthCheck(
                         "disk_space_low",
                         "Disk space low",
-                        "warning",
+                        Severity.WARNING,
                         f"{n.node_id}: {_gb(n.disk_free)} free of {_gb(n.disk_total)} "
                         f"({_pct(share)}): pulls will fail.",
                         "Remove unused models (`ollama rm <model>`; see Recommendations → remove) "
@@ -2691,7 +2706,7 @@ def _check_node_resources(inp: HealthInput, pol: HealthPolicy) -> list[HealthChe
                 HealthCheck(
                     "agent_collector_errors",
                     "Node agent cannot read some facts",
-                    "info",
+                    Severity.INFO,
                     f"{n.node_id}: " + "; ".join(n.errors[:3]) + ".",
                     "Install the missing tool (e.g. nvidia-smi with the NVIDIA driver) or psutil "
                     "on the node; memory/GPU-based routing uses defaults meanwhile.",
@@ -2716,7 +2731,7 @@ def _check_pending(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
         HealthCheck(
             "nodes_pending",
             "Nodes waiting for approval",
-            "warning",
+            Severity.WARNING,
             f"{len(waiting)} node(s) asked to join and get no requests until approved: "
             f"{shown}{more}.",
             "If you know the machine, approve it (Fleet Overview → Waiting for approval → "
@@ -2792,7 +2807,7 @@ def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> He
         if found:
             cards.extend(found)
         else:
-            cards.append(HealthCheck(fid, name, "ok", "No problem found."))
+            cards.append(HealthCheck(fid, name, Severity.OK, "No problem found."))
     cards.sort(
         key=lambda c: (
             SEVERITIES.index(c.severity) if c.severity in SEVERITIES else 9,

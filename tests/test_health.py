@@ -138,6 +138,17 @@ def test_checks_sorted_by_severity() -> None:
     assert ranks == sorted(ranks) and order[0] == "critical"
 
 
+def test_severity_is_an_enum_worst_first_and_cards_carry_the_plain_word() -> None:
+    assert [str(x) for x in s.SEVERITIES] == ["critical", "warning", "info", "ok"]
+    hi = inp(
+        node("a", status="offline"), node("b", status="degraded"), node("c", status="draining")
+    )
+    checks = s.health_checks(hi).checks
+    assert {c.severity for c in checks} == set(s.Severity)  # every level occurs here
+    assert all(type(c.severity) is s.Severity for c in checks)
+    assert all(type(c.to_dict()["severity"]) is str for c in checks)
+
+
 _SEV = st.sampled_from(s.SEVERITIES)
 
 
