@@ -9,6 +9,9 @@ Rules of this module (enforced by tests/test_purity.py):
 
 Sections: names, snapshots, policy, scoring (7 signals), selection, service-time
 statistics, circuit breaker, retry decisions, context protection, VRAM fallback.
+
+The second half, fleet analytics (health checks and recommendations for the operator), sits
+under its own banner ("Fleet analytics") with the list of what it holds.
 """
 
 from __future__ import annotations
@@ -1414,6 +1417,27 @@ def vram_fallback(
     same = "same family" if best[0] == 0 else "same category"
     return best[2], f"'{model}' is not loaded anywhere; served by resident '{best[2]}' ({same})"
 
+
+# =======================================================================================
+# Fleet analytics: health checks and recommendations
+# =======================================================================================
+#
+# The second half of this module. It reads what the router has seen (fleet facts and the
+# store's traffic rollups, gathered into frozen inputs) and gives advice to the operator; it
+# takes no routing decision, and the routing half above never calls it. Same rules: pure,
+# the current time comes in as an argument. Its public names (tests/test_health.py keeps
+# this list true):
+#
+#   inputs           `NodeFacts` `DiskModel` `ModelUse` `Incident` `FleetEvent` `PendingNode`
+#                    `HealthInput`
+#   health checks    `Severity` `SEVERITIES` `HealthPolicy` `HealthCheck` `HealthReport`
+#                    `HEALTH_CHECKS` (family id, name, check function) `health_checks`
+#                    `health_score` `health_vitals`
+#   recommendations  `RecommendPolicy` `Recommendation` `NodeRecommendations` `UnmetDemand`
+#                    `RecommendationReport` `recommendations` `usable_bytes`
+#
+# Names it takes from the routing half: `Policy` `LoadedModel` `BreakerState`
+# `resident_bytes` `_gb` `_GB`.
 
 # ---------------------------------------------------------------------------------------
 # Health checks
