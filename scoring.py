@@ -1823,75 +1823,75 @@ def _count(
 # -- the checks: each returns the cards of one family (empty list = family is ok) -------
 
 
+def _empty_fleet_card(inp: HealthInput) -> HealthCheck:
+    known = (
+        f"{len(inp.nodes)} known node(s), none online or degraded"
+        if inp.nodes
+        else "no node has joined or been configured"
+    )
+    return HealthCheck(
+        "no_nodes_online",
+        "No node online",
+        Severity.CRITICAL,
+        f"The fleet is empty ({known}): every request fails with 'model not found'.",
+        "Run `herd-node` on each Ollama machine (it finds this router by mDNS, or give "
+        "it `--router-url http://ROUTER:11435`), or start the router with "
+        "`--node http://HOST:11434` (repeatable) for machines without the agent.",
+    )
+
+
+def _node_status_card(n: NodeFacts) -> HealthCheck | None:
+    """The card of an offline, degraded or draining node (None when it is online)."""
+    silent = (
+        f"{n.seconds_since_seen:.0f}s since last contact"
+        if n.seconds_since_seen is not None
+        else "never seen"
+    )
+    err = f"; last error: {n.last_error}" if n.last_error else ""
+    where = n.url or n.node_id
+    if n.status == "offline":
+        fix = (
+            f"Check the node: is Ollama running (`systemctl status ollama` / `ollama ps` on "
+            f"{n.node_id}) and reachable from the router (`curl {where}/api/version`)?"
+        )
+        if n.source == "agent":
+            fix += " Is the herd-node agent running (`herd-node` / its service) and "
+            fix += "pointed at this router?"
+        return HealthCheck(
+            "node_offline",
+            "Node offline",
+            Severity.CRITICAL,
+            f"{n.node_id} is offline ({silent}){err}; its requests go elsewhere.",
+            fix,
+            n.node_id,
+        )
+    if n.status == "degraded":
+        return HealthCheck(
+            "node_degraded",
+            "Node degraded",
+            Severity.WARNING,
+            f"{n.node_id} is degraded ({silent}, heartbeats/polls missed){err}; it only "
+            "gets traffic when no healthy node can serve.",
+            f"Check network and load on {n.node_id}; `curl {where}/api/version` from the "
+            "router host. It turns offline after three missed beats/polls.",
+            n.node_id,
+        )
+    if n.status == "draining":
+        return HealthCheck(
+            "node_draining",
+            "Node draining",
+            Severity.INFO,
+            f"{n.node_id} is draining (its agent is shutting down): no new requests.",
+            "Expected during a restart; restart the herd-node agent if it stays so.",
+            n.node_id,
+        )
+    return None
+
+
 def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
-    out: list[HealthCheck] = []
-    if not any(n.live for n in inp.nodes):
-        known = (
-            f"{len(inp.nodes)} known node(s), none online or degraded"
-            if inp.nodes
-            else "no node has joined or been configured"
-        )
-        out.append(
-            HealthCheck(
-                "no_nodes_online",
-                "No node online",
-                Severity.CRITICAL,
-                f"The fleet is empty ({known}): every request fails with 'model not found'.",
-                "Run `herd-node` on each Ollama machine (it finds this router by mDNS, or give "
-                "it `--router-url http://ROUTER:11435`), or start the router with "
-                "`--node http://HOST:11434` (repeatable) for machines without the agent.",
-            )
-        )
-    for n in inp.nodes:
-        silent = (
-            f"{n.seconds_since_seen:.0f}s since last contact"
-            if n.seconds_since_seen is not None
-            else "never seen"
-        )
-        err = f"; last error: {n.last_error}" if n.last_error else ""
-        where = n.url or n.node_id
-        if n.status == "offline":
-            fix = (
-                f"Check the node: is Ollama running (`systemctl status ollama` / `ollama ps` on "
-                f"{n.node_id}) and reachable from the router (`curl {where}/api/version`)?"
-            )
-            if n.source == "agent":
-                fix += " Is the herd-node agent running (`herd-node` / its service) and "
-                fix += "pointed at this router?"
-            out.append(
-                HealthCheck(
-                    "node_offline",
-                    "Node offline",
-                    Severity.CRITICAL,
-                    f"{n.node_id} is offline ({silent}){err}; its requests go elsewhere.",
-                    fix,
-                    n.node_id,
-                )
-            )
-        elif n.status == "degraded":
-            out.append(
-                HealthCheck(
-                    "node_degraded",
-                    "Node degraded",
-                    Severity.WARNING,
-                    f"{n.node_id} is degraded ({silent}, heartbeats/polls missed){err}; it only "
-                    "gets traffic when no healthy node can serve.",
-                    f"Check network and load on {n.node_id}; `curl {where}/api/version` from the "
-                    "router host. It turns offline after three missed beats/polls.",
-                    n.node_id,
-                )
-            )
-        elif n.status == "draining":
-            out.append(
-                HealthCheck(
-                    "node_draining",
-                    "Node draining",
-                    Severity.INFO,
-                    f"{n.node_id} is draining (its agent is shutting down): no new requests.",
-                    "Expected during a restart; restart the herd-node agent if it stays so.",
-                    n.node_id,
-                )
-            )
+    """An empty fleet, then one card per node that is not online."""
+    out = [] if any(n.live for n in inp.nodes) else [_empty_fleet_card(inp)]
+    out.extend(card for n in inp.nodes if (card := _node_status_card(n)) is not None)
     return out
 
 
@@ -2186,70 +2186,83 @@ def _vkey(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in nums[:3])
 
 
+def _agent_version_card(n: NodeFacts, router_version: str) -> HealthCheck | None:
+    """An agent that does not say its version, or runs another one than the router."""
+    if not n.agent_version:
+        return HealthCheck(
+            "version_unknown",
+            "Agent version unknown",
+            Severity.INFO,
+            f"{n.node_id}'s agent does not report its version.",
+            f"Upgrade herd-node on {n.node_id} to {router_version or 'the router'}'s "
+            "version (`pip install -U herd`) and restart it.",
+            n.node_id,
+        )
+    if router_version and n.agent_version != router_version:
+        return HealthCheck(
+            "version_mismatch",
+            "Agent version differs from the router",
+            Severity.WARNING,
+            f"{n.node_id} runs herd-node {n.agent_version}, router is {router_version}.",
+            f"Run the same version everywhere: `pip install herd=={router_version}` "
+            f"on {n.node_id} (or upgrade the router), then restart the agent.",
+            n.node_id,
+        )
+    return None
+
+
+def _ollama_versions_card(live: Sequence[NodeFacts]) -> HealthCheck | None:
+    """One card when the reachable live nodes run more than one Ollama version."""
+    versions = {n.ollama_version for n in live if n.ollama_version}
+    if len(versions) <= 1:
+        return None
+    newest = max(versions, key=_vkey)
+    old = [
+        f"{n.node_id} {n.ollama_version}"
+        for n in live
+        if n.ollama_version and n.ollama_version != newest
+    ]
+    return HealthCheck(
+        "ollama_version_mismatch",
+        "Ollama versions differ",
+        Severity.INFO,
+        f"Nodes run different Ollama versions (newest {newest}; older: "
+        + ", ".join(old)
+        + "): model support and memory estimates may differ.",
+        "Upgrade Ollama on the older nodes (`curl -fsSL https://ollama.com/install.sh | "
+        "sh`, or the macOS app) so every node behaves the same.",
+    )
+
+
+def _ollama_version_unknown_card(n: NodeFacts) -> HealthCheck:
+    return HealthCheck(
+        "ollama_version_unknown",
+        "Ollama version unknown",
+        Severity.INFO,
+        f"{n.node_id} did not report its Ollama version.",
+        f"`curl {n.url or '<node>:11434'}/api/version` on {n.node_id}; upgrade Ollama "
+        "if the endpoint is missing.",
+        n.node_id,
+    )
+
+
 def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    """Agents against the router's version; Ollama versions across the reachable nodes."""
     out: list[HealthCheck] = []
     for n in inp.nodes:
-        if n.source != "agent" or n.status == "offline":
-            continue
-        if not n.agent_version:
-            out.append(
-                HealthCheck(
-                    "version_unknown",
-                    "Agent version unknown",
-                    Severity.INFO,
-                    f"{n.node_id}'s agent does not report its version.",
-                    f"Upgrade herd-node on {n.node_id} to {inp.router_version or 'the router'}'s "
-                    "version (`pip install -U herd`) and restart it.",
-                    n.node_id,
-                )
-            )
-        elif inp.router_version and n.agent_version != inp.router_version:
-            out.append(
-                HealthCheck(
-                    "version_mismatch",
-                    "Agent version differs from the router",
-                    Severity.WARNING,
-                    f"{n.node_id} runs herd-node {n.agent_version}, router is "
-                    f"{inp.router_version}.",
-                    f"Run the same version everywhere: `pip install herd=={inp.router_version}` "
-                    f"on {n.node_id} (or upgrade the router), then restart the agent.",
-                    n.node_id,
-                )
-            )
+        if n.source == "agent" and n.status != "offline":
+            card = _agent_version_card(n, inp.router_version)
+            if card is not None:
+                out.append(card)
     live = [n for n in inp.nodes if n.live and n.reachable]
-    versions = {n.ollama_version for n in live if n.ollama_version}
-    if len(versions) > 1:
-        newest = max(versions, key=_vkey)
-        old = [
-            f"{n.node_id} {n.ollama_version}"
-            for n in live
-            if n.ollama_version and n.ollama_version != newest
-        ]
-        out.append(
-            HealthCheck(
-                "ollama_version_mismatch",
-                "Ollama versions differ",
-                Severity.INFO,
-                f"Nodes run different Ollama versions (newest {newest}; older: "
-                + ", ".join(old)
-                + "): model support and memory estimates may differ.",
-                "Upgrade Ollama on the older nodes (`curl -fsSL https://ollama.com/install.sh | "
-                "sh`, or the macOS app) so every node behaves the same.",
-            )
-        )
-    for n in live:
-        if not n.ollama_version and n.status == "online":
-            out.append(
-                HealthCheck(
-                    "ollama_version_unknown",
-                    "Ollama version unknown",
-                    Severity.INFO,
-                    f"{n.node_id} did not report its Ollama version.",
-                    f"`curl {n.url or '<node>:11434'}/api/version` on {n.node_id}; upgrade Ollama "
-                    "if the endpoint is missing.",
-                    n.node_id,
-                )
-            )
+    mixed = _ollama_versions_card(live)
+    if mixed is not None:
+        out.append(mixed)
+    out.extend(
+        _ollama_version_unknown_card(n)
+        for n in live
+        if not n.ollama_version and n.status == "online"
+    )
     return out
 
 
@@ -2343,12 +2356,42 @@ def _check_reaper(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     return out
 
 
+def _capability_models(n: NodeFacts, kind: str) -> tuple[str, ...]:
+    return n.image_models if kind == "image" else n.stt_models
+
+
+def _capability_expansion_card(
+    inp: HealthInput, pol: HealthPolicy, kind: str, completed: int
+) -> HealthCheck | None:
+    """Busy image/stt traffic on few nodes while an online node has the room for it."""
+    label = "Image generation" if kind == "image" else "Transcription"
+    need_free = pol.image_free_bytes if kind == "image" else pol.stt_free_bytes
+    holders = {n.node_id for n in inp.nodes if _capability_models(n, kind)}
+    spare = [
+        n.node_id
+        for n in inp.nodes
+        if n.status == "online" and n.node_id not in holders and n.fast_free >= need_free
+    ]
+    if not spare:
+        return None
+    return HealthCheck(
+        "mflux_expansion" if kind == "image" else "stt_expansion",
+        f"{label} could use more nodes",
+        Severity.INFO,
+        f"{completed} {kind} requests in 24 h run on {len(holders)} node(s); "
+        f"{', '.join(spare[:3])} ha{'s' if len(spare) == 1 else 've'} "
+        f">= {_gb(need_free)} free and no {kind} backend.",
+        f"Install a {kind} backend on {spare[0]} and restart its herd-node "
+        f"(see README: herd-node --{'image' if kind == 'image' else 'stt'}-backend).",
+    )
+
+
 def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[HealthCheck]:
+    """Image or speech models offered: setting off, their 24 h activity, room to expand."""
     label = "Image generation" if kind == "image" else "Transcription"
     cid = "image_generation" if kind == "image" else "transcription_activity"
     setting = "image_generation" if kind == "image" else "transcription"
-    need_free = pol.image_free_bytes if kind == "image" else pol.stt_free_bytes
-    names = {m for n in inp.nodes for m in (n.image_models if kind == "image" else n.stt_models)}
+    names = {m for n in inp.nodes for m in _capability_models(n, kind)}
     out: list[HealthCheck] = []
     if not names:
         return out
@@ -2368,12 +2411,11 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
         return out
     completed = sum(u.completed for u in rows)
     failed = sum(u.failures for u in rows)
-    sev = Severity.WARNING if failed else Severity.INFO
     out.append(
         HealthCheck(
             cid,
             f"{label} activity",
-            sev,
+            Severity.WARNING if failed else Severity.INFO,
             f"{completed} {kind} request(s) completed and {failed} failed in 24 h.",
             "Nothing to do."
             if not failed
@@ -2382,27 +2424,9 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
         )
     )
     if completed >= pol.capability_min_completed:
-        holders = {
-            n.node_id for n in inp.nodes if (n.image_models if kind == "image" else n.stt_models)
-        }
-        spare = [
-            n.node_id
-            for n in inp.nodes
-            if n.status == "online" and n.node_id not in holders and n.fast_free >= need_free
-        ]
-        if spare:
-            out.append(
-                HealthCheck(
-                    "mflux_expansion" if kind == "image" else "stt_expansion",
-                    f"{label} could use more nodes",
-                    Severity.INFO,
-                    f"{completed} {kind} requests in 24 h run on {len(holders)} node(s); "
-                    f"{', '.join(spare[:3])} ha{'s' if len(spare) == 1 else 've'} "
-                    f">= {_gb(need_free)} free and no {kind} backend.",
-                    f"Install a {kind} backend on {spare[0]} and restart its herd-node "
-                    f"(see README: herd-node --{'image' if kind == 'image' else 'stt'}-backend).",
-                )
-            )
+        more = _capability_expansion_card(inp, pol, kind, completed)
+        if more is not None:
+            out.append(more)
     return out
 
 
