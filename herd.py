@@ -294,7 +294,8 @@ def request_line_possible(buf: bytes) -> bool:
 
 
 class HttpStream:
-    """The only code that moves HTTP bytes, for the server and the client side alike."""
+    """The only code that reads or writes a connection, for the server and the client side
+    alike (tests/test_purity.py checks it)."""
 
     __slots__ = ("conn", "corked", "peer", "reader", "writer")
     READ_SIZE = 256 * 1024
@@ -376,6 +377,36 @@ class HttpStream:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(str(exc)) from exc
+
+    async def refuse_busy(self) -> None:
+        """A canned 503 for a connection over ``Limits.max_connections``, written without
+        h11 parsing anything (the server cannot afford this connection); the caller closes."""
+        body = b'{"error":"too many connections to herd, retry shortly"}'
+        self.writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.writer.drain()
+
+    async def linger_close(self, *, seconds: float = 2.0, max_bytes: int = 64 * MiB) -> None:
+        """Half-close, then read and drop what the client is still sending for a moment, so
+        the error response it has not read yet is not destroyed by a TCP reset."""
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+        dropped = 0
+        with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+            async with asyncio.timeout(seconds):
+                while dropped < max_bytes:
+                    data = await self.reader.read(256 * 1024)
+                    if not data:
+                        break
+                    dropped += len(data)
 
     def at_eof(self) -> bool:
         return self.reader.at_eof() or self.writer.is_closing()
@@ -690,7 +721,7 @@ class HttpServer:
             # here would be an answer a load balancer does not retry elsewhere
             if len(self.connections) > self.limits.max_connections:
                 self.rejected_connections += 1
-                await self._reject_busy(writer)
+                await HttpStream(reader, writer, h11.SERVER).refuse_busy()
                 return
             stream = HttpStream(reader, writer, h11.SERVER,
                                 max_head_bytes=self.limits.max_header_bytes)
@@ -700,23 +731,10 @@ class HttpServer:
         finally:
             if stream is not None and stream in self.lingering:
                 self.lingering.discard(stream)
-                await linger_close(writer, reader)
+                await stream.linger_close()
             self.connections.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
-
-    async def _reject_busy(self, writer: asyncio.StreamWriter) -> None:
-        body = b'{"error":"too many connections to herd, retry shortly"}'
-        writer.write(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await writer.drain()
 
     async def _connection(self, stream: HttpStream) -> None:
         first = True
@@ -907,23 +925,6 @@ class HttpServer:
 # =======================================================================================
 # Backend client: h11 over a per-node keep-alive pool
 # =======================================================================================
-
-
-async def linger_close(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                       *, seconds: float = 2.0, max_bytes: int = 64 * MiB) -> None:
-    """Half-close, then read and drop what the client is still sending for a moment, so
-    the error response it has not read yet is not destroyed by a TCP reset."""
-    with contextlib.suppress(OSError, RuntimeError):
-        if writer.can_write_eof():
-            writer.write_eof()
-    dropped = 0
-    with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-        async with asyncio.timeout(seconds):
-            while dropped < max_bytes:
-                data = await reader.read(256 * 1024)
-                if not data:
-                    break
-                dropped += len(data)
 
 
 class UpstreamResponse:
