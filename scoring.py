@@ -2879,19 +2879,24 @@ def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> He
 # Which models each node should hold, from measured facts only (no quality catalog):
 #
 # 1. usable memory per node = fast memory (VRAM on a discrete GPU, else RAM) minus a
-#    headroom of max(headroom_bytes, headroom_share x total) for the OS and apps;
+#    headroom of max(headroom_bytes, headroom_share x total) for the OS and apps
+#    (``_usable_memory``, ``usable_bytes``);
 # 2. a resident estimate per model and node: the size Ollama reports for it where it is
 #    loaded (weights + KV cache at the context in use), else weights + KV cache for the
-#    default context x the node's parallel slots (``resident_bytes``);
+#    default context x the node's parallel slots (``_weights``, ``_resident_estimate``);
 # 3. demand per model: requests in 24 h and 7 d (Store.node_model_stats), plus 404
-#    "not found" requests (unmet demand);
+#    "not found" requests (unmet demand) (``_demand``);
 # 4. placement, busiest model first: one copy for any demand, a second when the 24 h demand
 #    reaches ``hot_requests_24h`` (a third at ``very_hot_requests_24h``) on as many nodes as
 #    exist; each copy goes to the node that already has it resident (keep), else on disk
-#    (load), else has the most room left and the disk space (pull);
+#    (load), else pulls it where the disk allows (pull); among equals the node that served
+#    it most in 7 d, then the one with the most room left (``_place_model``,
+#    ``_copies_wanted``, ``_best_node``, ``_place_copy``; what fits nowhere is unmet
+#    demand: ``_unknown_size``, ``_no_room``);
 # 5. remove: copies on disk nobody asked for on this node for ``idle_days`` that the plan
 #    does not need (no demand fleet-wide, or enough copies elsewhere), older than the idle
-#    window and only once the history covers it (a fresh router knows nothing yet).
+#    window and only once the history covers it (a fresh router knows nothing yet)
+#    (``_removals``).
 
 
 @dataclass(frozen=True, slots=True)
