@@ -312,7 +312,8 @@ def request_line_possible(buf: bytes) -> bool:
 
 
 class HttpStream:
-    """The only code that moves HTTP bytes, for the server and the client side alike."""
+    """The only code that reads or writes a connection, for the server and the client side
+    alike (tests/test_purity.py checks it)."""
 
     __slots__ = ("conn", "corked", "peer", "reader", "writer")
     READ_SIZE = 256 * 1024
@@ -394,6 +395,36 @@ class HttpStream:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             raise ConnectionClosed(str(exc)) from exc
+
+    async def refuse_busy(self) -> None:
+        """A canned 503 for a connection over ``Limits.max_connections``, written without
+        h11 parsing anything (the server cannot afford this connection); the caller closes."""
+        body = b'{"error":"too many connections to herd, retry shortly"}'
+        self.writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.writer.drain()
+
+    async def linger_close(self, *, seconds: float = 2.0, max_bytes: int = 64 * MiB) -> None:
+        """Half-close, then read and drop what the client is still sending for a moment, so
+        the error response it has not read yet is not destroyed by a TCP reset."""
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+        dropped = 0
+        with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+            async with asyncio.timeout(seconds):
+                while dropped < max_bytes:
+                    data = await self.reader.read(256 * 1024)
+                    if not data:
+                        break
+                    dropped += len(data)
 
     def at_eof(self) -> bool:
         return self.reader.at_eof() or self.writer.is_closing()
@@ -713,7 +744,7 @@ class HttpServer:
             # here would be an answer a load balancer does not retry elsewhere
             if len(self.connections) > self.limits.max_connections:
                 self.rejected_connections += 1
-                await self._reject_busy(writer)
+                await HttpStream(reader, writer, h11.SERVER).refuse_busy()
                 return
             stream = HttpStream(reader, writer, h11.SERVER,
                                 max_head_bytes=self.limits.max_header_bytes)
@@ -723,23 +754,10 @@ class HttpServer:
         finally:
             if stream is not None and stream in self.lingering:
                 self.lingering.discard(stream)
-                await linger_close(writer, reader)
+                await stream.linger_close()
             self.connections.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
-
-    async def _reject_busy(self, writer: asyncio.StreamWriter) -> None:
-        body = b'{"error":"too many connections to herd, retry shortly"}'
-        writer.write(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await writer.drain()
 
     async def _connection(self, stream: HttpStream) -> None:
         first = True
@@ -932,23 +950,6 @@ class HttpServer:
 # =======================================================================================
 
 
-async def linger_close(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                       *, seconds: float = 2.0, max_bytes: int = 64 * MiB) -> None:
-    """Half-close, then read and drop what the client is still sending for a moment, so
-    the error response it has not read yet is not destroyed by a TCP reset."""
-    with contextlib.suppress(OSError, RuntimeError):
-        if writer.can_write_eof():
-            writer.write_eof()
-    dropped = 0
-    with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-        async with asyncio.timeout(seconds):
-            while dropped < max_bytes:
-                data = await reader.read(256 * 1024)
-                if not data:
-                    break
-                dropped += len(data)
-
-
 class UpstreamResponse:
     """A node's response head plus its body as a stream; returns the connection to the pool."""
 
@@ -1023,8 +1024,6 @@ class Pool:
         self.max_idle = max_idle_per_node
         self.connect_timeout_s = connect_timeout_s
         self.max_head_bytes = max_head_bytes
-        self.opened = 0
-        self.reused = 0
         self.addresses: dict[str, tuple[str, int, str]] = {}  # base URL -> split_url()
 
     def release(self, key: tuple[str, int], stream: HttpStream) -> None:
@@ -1051,7 +1050,6 @@ class Pool:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.opened += 1
         return HttpStream(reader, writer, h11.CLIENT, max_head_bytes=self.max_head_bytes)
 
     def _take_idle(self, key: tuple[str, int]) -> HttpStream | None:
@@ -1059,7 +1057,6 @@ class Pool:
         while idle:
             stream = idle.pop()
             if not stream.at_eof():
-                self.reused += 1
                 return stream
             stream.close()
         return None
@@ -1652,10 +1649,9 @@ class SlotQueue:
 
 
 class Rejected(Exception):
-    def __init__(self, choice: scoring.Choice, status: int, message: str) -> None:
+    def __init__(self, choice: scoring.Choice, message: str) -> None:
         super().__init__(message)
         self.choice = choice
-        self.status = status
         self.message = message
 
 
@@ -2250,7 +2246,7 @@ class Router:
                     q.take()
                     return self._dispatched(node, q, rreq, choice, now, start)
                 if choice.action != "wait":
-                    raise Rejected(choice, 503, choice.reason)
+                    raise Rejected(choice, choice.reason)
                 if waiter is None:
                     self.waiter_seq += 1
                     waiter = self.waiters[self.waiter_seq] = Waiter(self.waiter_seq)
@@ -5420,7 +5416,7 @@ def setup_logging(config: Config) -> None:
     configure_logging(config.log_level, config.data_dir / "logs" / "herd.jsonl", "herd")
 
 
-async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
+async def serve(config: Config) -> None:
     router = Router(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -5430,8 +5426,6 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
     host, port = await router.start()
     shown = config.host if config.host not in ("", "0.0.0.0", "::") else host
     print(f"herd listening on {shown}:{port}", flush=True)
-    if ready is not None:
-        ready(host, port)
     try:
         await stop.wait()
         router.begin_drain()

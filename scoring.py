@@ -9,6 +9,9 @@ Rules of this module (enforced by tests/test_purity.py):
 
 Sections: names, snapshots, policy, scoring (7 signals), selection, service-time
 statistics, circuit breaker, retry decisions, context protection, VRAM fallback.
+
+The second half, fleet analytics (health checks and recommendations for the operator), sits
+under its own banner ("Fleet analytics") with the list of what it holds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 # ---------------------------------------------------------------------------------------
 # Names
@@ -335,10 +339,6 @@ class ServiceStats:
     total_p: float = 0.0  # streaming quantile estimate of total_ms
     total_max: float = 0.0  # largest total_ms seen (bounds the quantile)
 
-    @property
-    def ok_count(self) -> int:
-        return self.count - self.failures
-
 
 def _ewma(old: float, n: int, x: float, alpha: float) -> float:
     """EWMA whose first sample is taken as is (no bias toward 0)."""
@@ -528,15 +528,6 @@ class BreakerState:
     probe_in_flight: bool = False
     opened_at: float = 0.0  # epoch s of the last trip
     probe_deadline: float = 0.0  # a probe not reported by then no longer blocks the next
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "consecutive_failures": self.consecutive_failures,
-            "trips": self.trips,
-            "open_until": self.open_until,
-            "probe_in_flight": self.probe_in_flight,
-        }
 
 
 def breaker_key(node_id: str, model: str | None = None) -> str:
@@ -1444,6 +1435,27 @@ def vram_fallback(
     return best[2], f"'{model}' is not loaded anywhere; served by resident '{best[2]}' ({same})"
 
 
+# =======================================================================================
+# Fleet analytics: health checks and recommendations
+# =======================================================================================
+#
+# The second half of this module. It reads what the router has seen (fleet facts and the
+# store's traffic rollups, gathered into frozen inputs) and gives advice to the operator; it
+# takes no routing decision, and the routing half above never calls it. Same rules: pure,
+# the current time comes in as an argument. Its public names (tests/test_health.py keeps
+# this list true):
+#
+#   inputs           `NodeFacts` `DiskModel` `ModelUse` `Incident` `FleetEvent` `PendingNode`
+#                    `HealthInput`
+#   health checks    `Severity` `SEVERITIES` `HealthPolicy` `HealthCheck` `HealthReport`
+#                    `HEALTH_CHECKS` (family id, name, check function) `health_checks`
+#                    `health_score` `health_vitals`
+#   recommendations  `RecommendPolicy` `Recommendation` `NodeRecommendations` `UnmetDemand`
+#                    `RecommendationReport` `recommendations` `usable_bytes`
+#
+# Names it takes from the routing half: `Policy` `LoadedModel` `BreakerState`
+# `resident_bytes` `_gb` `_GB`.
+
 # ---------------------------------------------------------------------------------------
 # Health checks
 # ---------------------------------------------------------------------------------------
@@ -1467,7 +1479,17 @@ def vram_fallback(
 # something (memory pressure, thrashing, or a context nobody uses); offline / draining
 # nodes are reported once (node status) and not again by every other check.
 
-SEVERITIES = ("critical", "warning", "info", "ok")
+
+class Severity(StrEnum):
+    """How bad a health card is; a ``str``, so cards and JSON carry the plain word."""
+
+    CRITICAL = "critical"
+    WARNING = "warning"
+    INFO = "info"
+    OK = "ok"
+
+
+SEVERITIES = tuple(Severity)  # worst first: the order of the cards
 
 
 @dataclass(frozen=True, slots=True)
@@ -1696,7 +1718,7 @@ class HealthInput:
 class HealthCheck:
     id: str
     name: str
-    severity: str  # critical | warning | info | ok
+    severity: Severity
     reason: str
     fix: str = ""
     node_id: str | None = None
@@ -1706,7 +1728,7 @@ class HealthCheck:
         return {
             "id": self.id,
             "name": self.name,
-            "severity": self.severity,
+            "severity": str(self.severity),
             "reason": self.reason,
             "fix": self.fix,
             "node_id": self.node_id,
@@ -1733,9 +1755,9 @@ class HealthReport:
 def health_score(checks: Sequence[HealthCheck], policy: HealthPolicy = HealthPolicy()) -> int:
     """100 - 20*critical - 10*warning - 3*info, floored at 0 (points from ``policy``)."""
     pts = {
-        "critical": policy.critical_points,
-        "warning": policy.warning_points,
-        "info": policy.info_points,
+        Severity.CRITICAL: policy.critical_points,
+        Severity.WARNING: policy.warning_points,
+        Severity.INFO: policy.info_points,
     }
     return max(0, 100 - sum(pts.get(c.severity, 0) for c in checks))
 
@@ -1818,75 +1840,75 @@ def _count(
 # -- the checks: each returns the cards of one family (empty list = family is ok) -------
 
 
+def _empty_fleet_card(inp: HealthInput) -> HealthCheck:
+    known = (
+        f"{len(inp.nodes)} known node(s), none online or degraded"
+        if inp.nodes
+        else "no node has joined or been configured"
+    )
+    return HealthCheck(
+        "no_nodes_online",
+        "No node online",
+        Severity.CRITICAL,
+        f"The fleet is empty ({known}): every request fails with 'model not found'.",
+        "Run `herd-node` on each Ollama machine (it finds this router by mDNS, or give "
+        "it `--router-url http://ROUTER:11435`), or start the router with "
+        "`--node http://HOST:11434` (repeatable) for machines without the agent.",
+    )
+
+
+def _node_status_card(n: NodeFacts) -> HealthCheck | None:
+    """The card of an offline, degraded or draining node (None when it is online)."""
+    silent = (
+        f"{n.seconds_since_seen:.0f}s since last contact"
+        if n.seconds_since_seen is not None
+        else "never seen"
+    )
+    err = f"; last error: {n.last_error}" if n.last_error else ""
+    where = n.url or n.node_id
+    if n.status == "offline":
+        fix = (
+            f"Check the node: is Ollama running (`systemctl status ollama` / `ollama ps` on "
+            f"{n.node_id}) and reachable from the router (`curl {where}/api/version`)?"
+        )
+        if n.source == "agent":
+            fix += " Is the herd-node agent running (`herd-node` / its service) and "
+            fix += "pointed at this router?"
+        return HealthCheck(
+            "node_offline",
+            "Node offline",
+            Severity.CRITICAL,
+            f"{n.node_id} is offline ({silent}){err}; its requests go elsewhere.",
+            fix,
+            n.node_id,
+        )
+    if n.status == "degraded":
+        return HealthCheck(
+            "node_degraded",
+            "Node degraded",
+            Severity.WARNING,
+            f"{n.node_id} is degraded ({silent}, heartbeats/polls missed){err}; it only "
+            "gets traffic when no healthy node can serve.",
+            f"Check network and load on {n.node_id}; `curl {where}/api/version` from the "
+            "router host. It turns offline after three missed beats/polls.",
+            n.node_id,
+        )
+    if n.status == "draining":
+        return HealthCheck(
+            "node_draining",
+            "Node draining",
+            Severity.INFO,
+            f"{n.node_id} is draining (its agent is shutting down): no new requests.",
+            "Expected during a restart; restart the herd-node agent if it stays so.",
+            n.node_id,
+        )
+    return None
+
+
 def _check_node_status(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
-    out: list[HealthCheck] = []
-    if not any(n.live for n in inp.nodes):
-        known = (
-            f"{len(inp.nodes)} known node(s), none online or degraded"
-            if inp.nodes
-            else "no node has joined or been configured"
-        )
-        out.append(
-            HealthCheck(
-                "no_nodes_online",
-                "No node online",
-                "critical",
-                f"The fleet is empty ({known}): every request fails with 'model not found'.",
-                "Run `herd-node` on each Ollama machine (it finds this router by mDNS, or give "
-                "it `--router-url http://ROUTER:11435`), or start the router with "
-                "`--node http://HOST:11434` (repeatable) for machines without the agent.",
-            )
-        )
-    for n in inp.nodes:
-        silent = (
-            f"{n.seconds_since_seen:.0f}s since last contact"
-            if n.seconds_since_seen is not None
-            else "never seen"
-        )
-        err = f"; last error: {n.last_error}" if n.last_error else ""
-        where = n.url or n.node_id
-        if n.status == "offline":
-            fix = (
-                f"Check the node: is Ollama running (`systemctl status ollama` / `ollama ps` on "
-                f"{n.node_id}) and reachable from the router (`curl {where}/api/version`)?"
-            )
-            if n.source == "agent":
-                fix += " Is the herd-node agent running (`herd-node` / its service) and "
-                fix += "pointed at this router?"
-            out.append(
-                HealthCheck(
-                    "node_offline",
-                    "Node offline",
-                    "critical",
-                    f"{n.node_id} is offline ({silent}){err}; its requests go elsewhere.",
-                    fix,
-                    n.node_id,
-                )
-            )
-        elif n.status == "degraded":
-            out.append(
-                HealthCheck(
-                    "node_degraded",
-                    "Node degraded",
-                    "warning",
-                    f"{n.node_id} is degraded ({silent}, heartbeats/polls missed){err}; it only "
-                    "gets traffic when no healthy node can serve.",
-                    f"Check network and load on {n.node_id}; `curl {where}/api/version` from the "
-                    "router host. It turns offline after three missed beats/polls.",
-                    n.node_id,
-                )
-            )
-        elif n.status == "draining":
-            out.append(
-                HealthCheck(
-                    "node_draining",
-                    "Node draining",
-                    "info",
-                    f"{n.node_id} is draining (its agent is shutting down): no new requests.",
-                    "Expected during a restart; restart the herd-node agent if it stays so.",
-                    n.node_id,
-                )
-            )
+    """An empty fleet, then one card per node that is not online."""
+    out = [] if any(n.live for n in inp.nodes) else [_empty_fleet_card(inp)]
+    out.extend(card for n in inp.nodes if (card := _node_status_card(n)) is not None)
     return out
 
 
@@ -1921,7 +1943,7 @@ def _check_unreachable(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
             signals.append(f"{u.errors} failed/retried attempts and none completed recently")
         if not signals:
             continue
-        sev = "critical" if n.status == "online" else "warning"
+        sev = Severity.CRITICAL if n.status == "online" else Severity.WARNING
         out.append(
             HealthCheck(
                 "node_unreachable",
@@ -1948,9 +1970,9 @@ def _check_memory_pressure(inp: HealthInput, pol: HealthPolicy) -> list[HealthCh
         if not n.live or n.ram_total <= 0:
             continue
         free = n.ram_available / n.ram_total
-        sev = {"warn": "warning", "critical": "critical"}.get(n.memory_pressure)
+        sev = {"warn": Severity.WARNING, "critical": Severity.CRITICAL}.get(n.memory_pressure)
         if sev is None and free < pol.low_memory_share:
-            sev = "warning"
+            sev = Severity.WARNING
         if sev is None:
             continue
         biggest = sorted(n.loaded, key=lambda m: -m.size)[:3]
@@ -1983,7 +2005,7 @@ def _check_swap(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "swap_usage",
                 "Swap in use",
-                "warning",
+                Severity.WARNING,
                 f"{n.node_id}: {_gb(n.swap_used)} swapped ({_pct(share)} of "
                 f"{_gb(n.ram_total)} RAM); model weights paged to disk make inference crawl.",
                 "Load fewer/smaller models on this node (lower OLLAMA_MAX_LOADED_MODELS, a "
@@ -2074,7 +2096,7 @@ def _check_underutilized(inp: HealthInput, pol: HealthPolicy) -> list[HealthChec
             HealthCheck(
                 "underutilized_memory",
                 "Underutilised memory",
-                "info",
+                Severity.INFO,
                 "; ".join(parts) + ".",
                 "; ".join(fix) + ".",
                 n.node_id,
@@ -2106,11 +2128,11 @@ def _check_kv_bloat(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 used = f"; requests use ~{avg:.0f} tokens on average"
             costly = n.memory_pressure != "normal" or n.node_id in thrashing
             if share >= pol.kv_share_critical and costly:
-                sev = "critical"
+                sev = Severity.CRITICAL
             elif (share >= pol.kv_share_warning and (costly or unused)) or (costly and unused):
-                sev = "warning"
+                sev = Severity.WARNING
             else:
-                sev = "info"
+                sev = Severity.INFO
             par = f", OLLAMA_NUM_PARALLEL={n.num_parallel}" if n.num_parallel else ""
             out.append(
                 HealthCheck(
@@ -2142,7 +2164,7 @@ def _check_vram(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "vram_fallback_active",
                 "Fallbacks served requests",
-                "info",
+                Severity.INFO,
                 f"{total} request(s) in 24 h were served by another model than asked; top: "
                 + ", ".join(f"{m} ({c})" for m, c in fallbacks[:5])
                 + ".",
@@ -2163,7 +2185,7 @@ def _check_vram(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "gpu_offload",
                     "Model partly on CPU",
-                    "warning",
+                    Severity.WARNING,
                     f"{lm.name} on {n.node_id}: {_pct(cpu)} of its {_gb(lm.size)} runs from "
                     f"system RAM (only {_gb(lm.size_vram)} in VRAM of {_gb(n.vram_total)}); "
                     "decoding is several times slower.",
@@ -2181,70 +2203,83 @@ def _vkey(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in nums[:3])
 
 
+def _agent_version_card(n: NodeFacts, router_version: str) -> HealthCheck | None:
+    """An agent that does not say its version, or runs another one than the router."""
+    if not n.agent_version:
+        return HealthCheck(
+            "version_unknown",
+            "Agent version unknown",
+            Severity.INFO,
+            f"{n.node_id}'s agent does not report its version.",
+            f"Upgrade herd-node on {n.node_id} to {router_version or 'the router'}'s "
+            "version (`pip install -U herd`) and restart it.",
+            n.node_id,
+        )
+    if router_version and n.agent_version != router_version:
+        return HealthCheck(
+            "version_mismatch",
+            "Agent version differs from the router",
+            Severity.WARNING,
+            f"{n.node_id} runs herd-node {n.agent_version}, router is {router_version}.",
+            f"Run the same version everywhere: `pip install herd=={router_version}` "
+            f"on {n.node_id} (or upgrade the router), then restart the agent.",
+            n.node_id,
+        )
+    return None
+
+
+def _ollama_versions_card(live: Sequence[NodeFacts]) -> HealthCheck | None:
+    """One card when the reachable live nodes run more than one Ollama version."""
+    versions = {n.ollama_version for n in live if n.ollama_version}
+    if len(versions) <= 1:
+        return None
+    newest = max(versions, key=_vkey)
+    old = [
+        f"{n.node_id} {n.ollama_version}"
+        for n in live
+        if n.ollama_version and n.ollama_version != newest
+    ]
+    return HealthCheck(
+        "ollama_version_mismatch",
+        "Ollama versions differ",
+        Severity.INFO,
+        f"Nodes run different Ollama versions (newest {newest}; older: "
+        + ", ".join(old)
+        + "): model support and memory estimates may differ.",
+        "Upgrade Ollama on the older nodes (`curl -fsSL https://ollama.com/install.sh | "
+        "sh`, or the macOS app) so every node behaves the same.",
+    )
+
+
+def _ollama_version_unknown_card(n: NodeFacts) -> HealthCheck:
+    return HealthCheck(
+        "ollama_version_unknown",
+        "Ollama version unknown",
+        Severity.INFO,
+        f"{n.node_id} did not report its Ollama version.",
+        f"`curl {n.url or '<node>:11434'}/api/version` on {n.node_id}; upgrade Ollama "
+        "if the endpoint is missing.",
+        n.node_id,
+    )
+
+
 def _check_versions(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
+    """Agents against the router's version; Ollama versions across the reachable nodes."""
     out: list[HealthCheck] = []
     for n in inp.nodes:
-        if n.source != "agent" or n.status == "offline":
-            continue
-        if not n.agent_version:
-            out.append(
-                HealthCheck(
-                    "version_unknown",
-                    "Agent version unknown",
-                    "info",
-                    f"{n.node_id}'s agent does not report its version.",
-                    f"Upgrade herd-node on {n.node_id} to {inp.router_version or 'the router'}'s "
-                    "version (`pip install -U herd`) and restart it.",
-                    n.node_id,
-                )
-            )
-        elif inp.router_version and n.agent_version != inp.router_version:
-            out.append(
-                HealthCheck(
-                    "version_mismatch",
-                    "Agent version differs from the router",
-                    "warning",
-                    f"{n.node_id} runs herd-node {n.agent_version}, router is "
-                    f"{inp.router_version}.",
-                    f"Run the same version everywhere: `pip install herd=={inp.router_version}` "
-                    f"on {n.node_id} (or upgrade the router), then restart the agent.",
-                    n.node_id,
-                )
-            )
+        if n.source == "agent" and n.status != "offline":
+            card = _agent_version_card(n, inp.router_version)
+            if card is not None:
+                out.append(card)
     live = [n for n in inp.nodes if n.live and n.reachable]
-    versions = {n.ollama_version for n in live if n.ollama_version}
-    if len(versions) > 1:
-        newest = max(versions, key=_vkey)
-        old = [
-            f"{n.node_id} {n.ollama_version}"
-            for n in live
-            if n.ollama_version and n.ollama_version != newest
-        ]
-        out.append(
-            HealthCheck(
-                "ollama_version_mismatch",
-                "Ollama versions differ",
-                "info",
-                f"Nodes run different Ollama versions (newest {newest}; older: "
-                + ", ".join(old)
-                + "): model support and memory estimates may differ.",
-                "Upgrade Ollama on the older nodes (`curl -fsSL https://ollama.com/install.sh | "
-                "sh`, or the macOS app) so every node behaves the same.",
-            )
-        )
-    for n in live:
-        if not n.ollama_version and n.status == "online":
-            out.append(
-                HealthCheck(
-                    "ollama_version_unknown",
-                    "Ollama version unknown",
-                    "info",
-                    f"{n.node_id} did not report its Ollama version.",
-                    f"`curl {n.url or '<node>:11434'}/api/version` on {n.node_id}; upgrade Ollama "
-                    "if the endpoint is missing.",
-                    n.node_id,
-                )
-            )
+    mixed = _ollama_versions_card(live)
+    if mixed is not None:
+        out.append(mixed)
+    out.extend(
+        _ollama_version_unknown_card(n)
+        for n in live
+        if not n.ollama_version and n.status == "online"
+    )
     return out
 
 
@@ -2266,7 +2301,7 @@ def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "context_protection_insufficient",
                     "Prompts fill the context window",
-                    "warning",
+                    Severity.WARNING,
                     f"{lm.name} on {n.node_id} runs with context {ctx} and prompts average "
                     f"{avg_prompt:.0f} tokens over {u.completed} requests "
                     f"({_pct(avg_prompt / ctx)}): Ollama silently truncates longer prompts.",
@@ -2282,7 +2317,7 @@ def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "context_protection_disabled",
                 "Context protection off",
-                "info",
+                Severity.INFO,
                 "Context protection is off: a request with a different options.num_ctx than "
                 "the resident model reloads it (seconds to minutes each time).",
                 'Turn it on: POST /dashboard/api/settings {"context_protection": true}.',
@@ -2296,7 +2331,7 @@ def _check_context(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "context_protection_active",
                 "Context protection at work",
-                "info",
+                Severity.INFO,
                 f"{len(acts)} context adjustment(s) in 24 h kept resident models from reloading.",
                 "Nothing to do; to avoid them, send the resident num_ctx from the clients.",
             )
@@ -2314,11 +2349,11 @@ def _check_reaper(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     for x in day:
         by_node[x.node_id] = by_node.get(x.node_id, 0) + 1
     if len(day) > pol.reaper_critical and recent:
-        sev = "critical"
+        sev = Severity.CRITICAL
     elif recent:
-        sev = "warning"
+        sev = Severity.WARNING
     else:
-        sev = "info"
+        sev = Severity.INFO
     worst = max(by_node, key=lambda k: by_node[k])
     out.append(
         HealthCheck(
@@ -2338,12 +2373,42 @@ def _check_reaper(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     return out
 
 
+def _capability_models(n: NodeFacts, kind: str) -> tuple[str, ...]:
+    return n.image_models if kind == "image" else n.stt_models
+
+
+def _capability_expansion_card(
+    inp: HealthInput, pol: HealthPolicy, kind: str, completed: int
+) -> HealthCheck | None:
+    """Busy image/stt traffic on few nodes while an online node has the room for it."""
+    label = "Image generation" if kind == "image" else "Transcription"
+    need_free = pol.image_free_bytes if kind == "image" else pol.stt_free_bytes
+    holders = {n.node_id for n in inp.nodes if _capability_models(n, kind)}
+    spare = [
+        n.node_id
+        for n in inp.nodes
+        if n.status == "online" and n.node_id not in holders and n.fast_free >= need_free
+    ]
+    if not spare:
+        return None
+    return HealthCheck(
+        "mflux_expansion" if kind == "image" else "stt_expansion",
+        f"{label} could use more nodes",
+        Severity.INFO,
+        f"{completed} {kind} requests in 24 h run on {len(holders)} node(s); "
+        f"{', '.join(spare[:3])} ha{'s' if len(spare) == 1 else 've'} "
+        f">= {_gb(need_free)} free and no {kind} backend.",
+        f"Install a {kind} backend on {spare[0]} and restart its herd-node "
+        f"(see README: herd-node --{'image' if kind == 'image' else 'stt'}-backend).",
+    )
+
+
 def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[HealthCheck]:
+    """Image or speech models offered: setting off, their 24 h activity, room to expand."""
     label = "Image generation" if kind == "image" else "Transcription"
     cid = "image_generation" if kind == "image" else "transcription_activity"
     setting = "image_generation" if kind == "image" else "transcription"
-    need_free = pol.image_free_bytes if kind == "image" else pol.stt_free_bytes
-    names = {m for n in inp.nodes for m in (n.image_models if kind == "image" else n.stt_models)}
+    names = {m for n in inp.nodes for m in _capability_models(n, kind)}
     out: list[HealthCheck] = []
     if not names:
         return out
@@ -2352,7 +2417,7 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
             HealthCheck(
                 f"{setting}_disabled",
                 f"{label} disabled",
-                "info",
+                Severity.INFO,
                 f"Nodes offer {kind} models ({', '.join(sorted(names)[:5])}) but the "
                 f"{setting} setting is off: those requests are refused.",
                 f'POST /dashboard/api/settings {{"{setting}": true}} to serve them.',
@@ -2363,12 +2428,11 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
         return out
     completed = sum(u.completed for u in rows)
     failed = sum(u.failures for u in rows)
-    sev = "warning" if failed else "info"
     out.append(
         HealthCheck(
             cid,
             f"{label} activity",
-            sev,
+            Severity.WARNING if failed else Severity.INFO,
             f"{completed} {kind} request(s) completed and {failed} failed in 24 h.",
             "Nothing to do."
             if not failed
@@ -2377,27 +2441,9 @@ def _check_capability(inp: HealthInput, pol: HealthPolicy, kind: str) -> list[He
         )
     )
     if completed >= pol.capability_min_completed:
-        holders = {
-            n.node_id for n in inp.nodes if (n.image_models if kind == "image" else n.stt_models)
-        }
-        spare = [
-            n.node_id
-            for n in inp.nodes
-            if n.status == "online" and n.node_id not in holders and n.fast_free >= need_free
-        ]
-        if spare:
-            out.append(
-                HealthCheck(
-                    "mflux_expansion" if kind == "image" else "stt_expansion",
-                    f"{label} could use more nodes",
-                    "info",
-                    f"{completed} {kind} requests in 24 h run on {len(holders)} node(s); "
-                    f"{', '.join(spare[:3])} ha{'s' if len(spare) == 1 else 've'} "
-                    f">= {_gb(need_free)} free and no {kind} backend.",
-                    f"Install a {kind} backend on {spare[0]} and restart its herd-node "
-                    f"(see README: herd-node --{'image' if kind == 'image' else 'stt'}-backend).",
-                )
-            )
+        more = _capability_expansion_card(inp, pol, kind, completed)
+        if more is not None:
+            out.append(more)
     return out
 
 
@@ -2451,7 +2497,7 @@ def _check_load_timeouts(inp: HealthInput, pol: HealthPolicy) -> list[HealthChec
             HealthCheck(
                 "model_load_timeout",
                 "Model load timeouts",
-                "warning" if recent else "info",
+                Severity.WARNING if recent else Severity.INFO,
                 reason + ".",
                 fix,
                 nid,
@@ -2482,7 +2528,7 @@ def _check_thrashing(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "model_thrashing",
                 "Models keep reloading",
-                "warning" if active else "info",
+                Severity.WARNING if active else Severity.INFO,
                 f"{u.model} on {u.node_id} was loaded {u.cold_loads}x for {u.requests} requests "
                 f"in 24 h ({reloads} reloads"
                 + (f", {r.cold_loads} recently" if r is not None and r.cold_loads else "")
@@ -2515,17 +2561,17 @@ def _check_error_rate(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
         if u.attempts < pol.error_min_attempts:
             if u.errors < pol.error_min_errors or rate < 0.5:
                 continue
-            sev = "info"
+            sev = Severity.INFO
             note = f" (only {u.attempts} attempts: below the {pol.error_min_attempts} floor)"
         elif rate < pol.error_rate:
             continue
         else:
             if active and rate >= pol.error_rate_critical:
-                sev = "critical"
+                sev = Severity.CRITICAL
             elif active:
-                sev = "warning"
+                sev = Severity.WARNING
             else:
-                sev = "info"
+                sev = Severity.INFO
             note = "" if active else " (none or few recently: resolved?)"
         out.append(
             HealthCheck(
@@ -2561,7 +2607,7 @@ def _check_retry_rate(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             continue
         r = recent.get(model)
         active = r is not None and r.retried > 0
-        sev = "warning" if per >= pol.retry_warning and active else "info"
+        sev = Severity.WARNING if per >= pol.retry_warning and active else Severity.INFO
         nodes = sorted({x.node_id for x in inp.usage_24h if x.model == model and x.retried})
         out.append(
             HealthCheck(
@@ -2589,7 +2635,7 @@ def _check_streams(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "client_disconnects",
                 "Clients hang up",
-                "warning" if active else "info",
+                Severity.WARNING if active else Severity.INFO,
                 f"{fleet.client_disconnected} of {fleet.requests} requests in 24 h ended with "
                 f"the client gone ({_pct(rate)}; {recent_fleet.client_disconnected} recently).",
                 "Clients give up before the answer: raise their timeout (e.g. the OpenAI SDK "
@@ -2611,7 +2657,7 @@ def _check_streams(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "incomplete_streams",
                 "Streams cut mid-answer",
-                "warning" if active else "info",
+                Severity.WARNING if active else Severity.INFO,
                 f"{incomplete} stream(s) in 24 h ended without Ollama's final chunk "
                 f"({_pct(rate)}; {recent} in the last hour); by node: "
                 + ", ".join(f"{k or '?'} {v}" for k, v in sorted(by_node.items()))
@@ -2638,7 +2684,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "breaker_open",
                     "Circuit breaker open",
-                    "warning",
+                    Severity.WARNING,
                     f"{n.node_id}: breaker {b.state} after {b.consecutive_failures} consecutive "
                     f"failure(s) (trip {b.trips}); next probe in {wait:.0f}s.",
                     f"Find the failures in Traces (node {n.node_id}); the breaker closes by itself "
@@ -2654,7 +2700,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 HealthCheck(
                     "breaker_open",
                     "Circuit breaker open",
-                    "warning",
+                    Severity.WARNING,
                     f"{model} on {n.node_id}: breaker {mb.state} after {mb.consecutive_failures} "
                     f"consecutive failure(s); next probe in {wait:.0f}s.",
                     f"Try it on the node: `ollama run {model} hi` on {n.node_id}; re-pull it "
@@ -2669,7 +2715,11 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
 def _check_store(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
     out: list[HealthCheck] = []
     if inp.store_write_errors:
-        sev = "critical" if inp.store_write_errors >= pol.store_errors_critical else "warning"
+        sev = (
+            Severity.CRITICAL
+            if inp.store_write_errors >= pol.store_errors_critical
+            else Severity.WARNING
+        )
         out.append(
             HealthCheck(
                 "trace_store_write_failures",
@@ -2686,7 +2736,7 @@ def _check_store(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
             HealthCheck(
                 "trace_store_dropped",
                 "Traces dropped",
-                "warning",
+                Severity.WARNING,
                 f"{inp.store_dropped} trace/event record(s) dropped since start (write queue "
                 f"full or store closed; queue depth now {inp.store_queue_depth}).",
                 "The disk cannot keep up: put the data dir on faster storage, or lower "
@@ -2708,7 +2758,7 @@ def _check_node_resources(inp: HealthInput, pol: HealthPolicy) -> list[HealthChe
                     HealthCheck(
                         "disk_space_low",
                         "Disk space low",
-                        "warning",
+                        Severity.WARNING,
                         f"{n.node_id}: {_gb(n.disk_free)} free of {_gb(n.disk_total)} "
                         f"({_pct(share)}): pulls will fail.",
                         "Remove unused models (`ollama rm <model>`; see Recommendations → remove) "
@@ -2721,7 +2771,7 @@ def _check_node_resources(inp: HealthInput, pol: HealthPolicy) -> list[HealthChe
                 HealthCheck(
                     "agent_collector_errors",
                     "Node agent cannot read some facts",
-                    "info",
+                    Severity.INFO,
                     f"{n.node_id}: " + "; ".join(n.errors[:3]) + ".",
                     "Install the missing tool (e.g. nvidia-smi with the NVIDIA driver) or psutil "
                     "on the node; memory/GPU-based routing uses defaults meanwhile.",
@@ -2746,7 +2796,7 @@ def _check_pending(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
         HealthCheck(
             "nodes_pending",
             "Nodes waiting for approval",
-            "warning",
+            Severity.WARNING,
             f"{len(waiting)} node(s) asked to join and get no requests until approved: "
             f"{shown}{more}.",
             "If you know the machine, approve it (Fleet Overview → Waiting for approval → "
@@ -2822,7 +2872,7 @@ def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> He
         if found:
             cards.extend(found)
         else:
-            cards.append(HealthCheck(fid, name, "ok", "No problem found."))
+            cards.append(HealthCheck(fid, name, Severity.OK, "No problem found."))
     cards.sort(
         key=lambda c: (
             SEVERITIES.index(c.severity) if c.severity in SEVERITIES else 9,
@@ -2846,19 +2896,24 @@ def health_checks(inp: HealthInput, policy: HealthPolicy = HealthPolicy()) -> He
 # Which models each node should hold, from measured facts only (no quality catalog):
 #
 # 1. usable memory per node = fast memory (VRAM on a discrete GPU, else RAM) minus a
-#    headroom of max(headroom_bytes, headroom_share x total) for the OS and apps;
+#    headroom of max(headroom_bytes, headroom_share x total) for the OS and apps
+#    (``_usable_memory``, ``usable_bytes``);
 # 2. a resident estimate per model and node: the size Ollama reports for it where it is
 #    loaded (weights + KV cache at the context in use), else weights + KV cache for the
-#    default context x the node's parallel slots (``resident_bytes``);
+#    default context x the node's parallel slots (``_weights``, ``_resident_estimate``);
 # 3. demand per model: requests in 24 h and 7 d (Store.node_model_stats), plus 404
-#    "not found" requests (unmet demand);
+#    "not found" requests (unmet demand) (``_demand``);
 # 4. placement, busiest model first: one copy for any demand, a second when the 24 h demand
 #    reaches ``hot_requests_24h`` (a third at ``very_hot_requests_24h``) on as many nodes as
 #    exist; each copy goes to the node that already has it resident (keep), else on disk
-#    (load), else has the most room left and the disk space (pull);
+#    (load), else pulls it where the disk allows (pull); among equals the node that served
+#    it most in 7 d, then the one with the most room left (``_place_model``,
+#    ``_copies_wanted``, ``_best_node``, ``_place_copy``; what fits nowhere is unmet
+#    demand: ``_unknown_size``, ``_no_room``);
 # 5. remove: copies on disk nobody asked for on this node for ``idle_days`` that the plan
 #    does not need (no demand fleet-wide, or enough copies elsewhere), older than the idle
-#    window and only once the history covers it (a fresh router knows nothing yet).
+#    window and only once the history covers it (a fresh router knows nothing yet)
+#    (``_removals``).
 
 
 @dataclass(frozen=True, slots=True)
@@ -2961,6 +3016,304 @@ def _resident_estimate(
     return resident_bytes(weights, None, slots, sp)
 
 
+_ACTION_ORDER = ("keep", "load", "pull", "remove")  # the order of the cards
+
+
+@dataclass(slots=True)
+class _Demand:
+    """Step 3: requests per model in 24 h and 7 d, 404s per model, 7 d per node x model."""
+
+    d24: dict[str, int]
+    d7: dict[str, int]
+    node7: dict[tuple[str, str], int]
+    not_found: dict[str, int]
+
+    def order(self, model: str) -> tuple[int, int, str]:
+        """Busiest first: 24 h requests, then 7 d requests + 404s, then the name."""
+        return (
+            -self.d24.get(model, 0),
+            -(self.d7.get(model, 0) + self.not_found.get(model, 0)),
+            model,
+        )
+
+    def text(self, model: str) -> str:
+        miss = self.not_found.get(model, 0)
+        return f"{self.d24.get(model, 0)} requests in 24 h, {self.d7.get(model, 0)} in 7 d" + (
+            f", {miss} not found" if miss else ""
+        )
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The plan while it is built: what is left per node, where each model went, the cards."""
+
+    usable: dict[str, int]  # node -> usable memory (step 1)
+    room: dict[str, int]  # node -> usable memory not yet planned
+    disk_left: dict[str, int | None]  # node -> disk left above the reserve (None: unknown)
+    cards: dict[str, list[Recommendation]]  # node -> its recommendations
+    placed: dict[str, list[str]] = field(default_factory=dict)  # model -> nodes holding it
+    unmet: list[UnmetDemand] = field(default_factory=list)
+
+
+def _plannable(nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
+    """The live nodes with anything to plan with (memory facts, or models)."""
+    return [n for n in nodes if n.live and (n.fast_total > 0 or n.loaded or n.on_disk)]
+
+
+def _usable_memory(
+    live: Sequence[NodeFacts], policy: RecommendPolicy, sp: Policy
+) -> dict[str, int]:
+    """Step 1: usable memory per node. A node without memory facts (polled, no agent) is
+    planned with what it demonstrably runs: what it holds now, or else its largest model on
+    disk (someone pulled it there)."""
+    return {
+        n.node_id: usable_bytes(n, policy)
+        if n.fast_total > 0
+        else max(
+            sum(m.size for m in n.loaded),
+            max((resident_bytes(d.size, None, 1, sp) for d in n.on_disk), default=0),
+        )
+        for n in live
+    }
+
+
+def _weights(nodes: Sequence[NodeFacts]) -> dict[str, int]:
+    """Step 2's input: each model's weights (its largest size on any disk; 0 = unknown)."""
+    weights: dict[str, int] = {}
+    for n in nodes:
+        for d in n.on_disk:
+            weights[d.name] = max(weights.get(d.name, 0), d.size)
+        for lm in n.loaded:
+            weights.setdefault(lm.name, 0)
+    return weights
+
+
+def _demand(
+    usage_24h: Sequence[ModelUse], usage_7d: Sequence[ModelUse], not_found_7d: Mapping[str, int]
+) -> _Demand:
+    """Step 3: demand per model (and per node x model over 7 d)."""
+    demand = _Demand({}, {}, {}, dict(not_found_7d))
+    for u in usage_24h:
+        demand.d24[u.model] = demand.d24.get(u.model, 0) + u.requests
+    for u in usage_7d:
+        demand.d7[u.model] = demand.d7.get(u.model, 0) + u.requests
+        key = (u.node_id, u.model)
+        demand.node7[key] = demand.node7.get(key, 0) + u.requests
+    return demand
+
+
+def _copies_wanted(requests_24h: int, live: int, policy: RecommendPolicy) -> int:
+    """Step 4: one copy for any demand, two when hot, three when very hot, at most one per
+    node."""
+    want = 1
+    if requests_24h >= policy.hot_requests_24h:
+        want = 2
+    if requests_24h >= policy.very_hot_requests_24h:
+        want = 3
+    return min(want, max(1, live))
+
+
+def _best_node(
+    model: str,
+    weights: int,
+    live: Sequence[NodeFacts],
+    nodes: Sequence[NodeFacts],
+    plan: _Plan,
+    demand: _Demand,
+    sp: Policy,
+) -> tuple[NodeFacts, str, int] | None:
+    """Step 4: the node for the next copy (node, keep|load|pull, resident estimate): one
+    that has it resident, else on disk, else pulls it; among equals the one that served it
+    most in 7 d, then the most room. None when no node has room (or disk for a pull)."""
+    best: tuple[tuple[int, int, int, str], NodeFacts, str, int] | None = None
+    for n in live:
+        if n.node_id in plan.placed.get(model, []):
+            continue
+        est = _resident_estimate(model, n, nodes, weights, sp)
+        if est > plan.room[n.node_id]:
+            continue
+        loaded = any(lm.name == model for lm in n.loaded)
+        disk = n.disk_size(model) > 0
+        action = "keep" if loaded else "load" if disk else "pull"
+        left = plan.disk_left[n.node_id]
+        if action == "pull" and left is not None and left < weights:
+            continue
+        key = (
+            _ACTION_ORDER.index(action),
+            -demand.node7.get((n.node_id, model), 0),
+            -plan.room[n.node_id],
+            n.node_id,
+        )
+        if best is None or key < best[0]:
+            best = (key, n, action, est)
+    return None if best is None else best[1:]
+
+
+def _unknown_size(
+    model: str, live: Sequence[NodeFacts], plan: _Plan, demand: _Demand
+) -> UnmetDemand:
+    """A requested model no node has: its size is unknown, so suggest the roomiest node."""
+    r7, miss = demand.d7.get(model, 0), demand.not_found.get(model, 0)
+    roomiest = max(live, key=lambda n: (plan.room[n.node_id], n.node_id), default=None)
+    return UnmetDemand(
+        model,
+        r7,
+        miss,
+        f"requested {r7 + miss}x in 7 d ({miss} answered 404 'not found') but on no "
+        "node: size unknown until pulled; `ollama pull` it where the room is, or "
+        "fix the clients if the name is a typo",
+        roomiest.node_id if roomiest is not None else None,
+    )
+
+
+def _no_room(
+    model: str, weights: int, nodes: Sequence[NodeFacts], plan: _Plan, demand: _Demand, sp: Policy
+) -> UnmetDemand:
+    """A model with demand whose first copy fits nowhere: too big, or crowded out."""
+    biggest = max(plan.usable.values(), default=0)
+    need = _resident_estimate(model, NodeFacts(""), nodes, weights, sp)
+    why = (
+        f"needs ~{_gb(need)} resident, more than any node's usable memory ({_gb(biggest)})"
+        if need > biggest
+        else "no node has room left after busier models (or disk for a pull)"
+    )
+    return UnmetDemand(
+        model,
+        demand.d7.get(model, 0),
+        demand.not_found.get(model, 0),
+        f"{demand.text(model)}: {why}",
+    )
+
+
+def _place_copy(
+    model: str,
+    weights: int,
+    copy_no: int,
+    want: int,
+    chosen: tuple[NodeFacts, str, int],
+    plan: _Plan,
+    demand: _Demand,
+    policy: RecommendPolicy,
+) -> None:
+    """Step 4: book one copy on its node (memory, disk for a pull) and write its card."""
+    n, action, est = chosen
+    plan.room[n.node_id] -= est
+    if action == "pull" and plan.disk_left[n.node_id] is not None:
+        plan.disk_left[n.node_id] = (plan.disk_left[n.node_id] or 0) - weights
+    plan.placed.setdefault(model, []).append(n.node_id)
+    copies = f"copy {copy_no + 1} of {want}" + (
+        f" (hot: >= {policy.hot_requests_24h} requests/24 h)" if want > 1 else ""
+    )
+    verb = {
+        "keep": f"resident ({_gb(est)})",
+        "load": f'on disk, not resident: load it (~{_gb(est)} resident, `ollama run {model} ""`)',
+        "pull": f"pull {_gb(weights)} (`ollama pull {model}`; ~{_gb(est)} resident)",
+    }[action]
+    plan.cards[n.node_id].append(
+        Recommendation(
+            model,
+            action,
+            f"{demand.text(model)}; {copies}; {verb}; {_gb(plan.room[n.node_id])} of "
+            f"{_gb(plan.usable[n.node_id])} usable left after it",
+            est,
+        )
+    )
+
+
+def _place_model(
+    model: str,
+    weights: int,
+    live: Sequence[NodeFacts],
+    nodes: Sequence[NodeFacts],
+    plan: _Plan,
+    demand: _Demand,
+    policy: RecommendPolicy,
+    sp: Policy,
+) -> None:
+    """Step 4 for one model: its copies, or why it cannot be served (unmet demand)."""
+    if weights <= 0 and not any(lm.name == model for n in nodes for lm in n.loaded):
+        plan.unmet.append(_unknown_size(model, live, plan, demand))
+        return
+    want = _copies_wanted(demand.d24.get(model, 0), len(live), policy)
+    for copy_no in range(want):
+        chosen = _best_node(model, weights, live, nodes, plan, demand, sp)
+        if chosen is None:
+            if copy_no == 0:
+                plan.unmet.append(_no_room(model, weights, nodes, plan, demand, sp))
+            return
+        _place_copy(model, weights, copy_no, want, chosen, plan, demand, policy)
+
+
+def _removals(
+    now: float,
+    n: NodeFacts,
+    plan: _Plan,
+    demand: _Demand,
+    capability: set[str],
+    history_s: float,
+    policy: RecommendPolicy,
+) -> list[Recommendation]:
+    """Step 5: the copies on this node's disk that nobody asked for here in ``idle_days``,
+    that the plan does not need, older than the idle window, once the history covers it."""
+    idle_s = policy.idle_days * 86_400.0
+    if history_s < idle_s:
+        return []  # a fresh router knows nothing yet
+    kept = {r.model for r in plan.cards[n.node_id]}
+    out: list[Recommendation] = []
+    for d in sorted(n.on_disk, key=lambda d: -d.size):
+        if d.name in kept or d.name in capability or d.size <= 0:
+            continue
+        if any(lm.name == d.name for lm in n.loaded):
+            continue  # in use right now; it is not idle
+        if demand.node7.get((n.node_id, d.name), 0) > 0:
+            continue
+        if d.modified_at is not None and now - d.modified_at < idle_s:
+            continue  # pulled recently: give it a chance
+        fleet = demand.d7.get(d.name, 0) + demand.not_found.get(d.name, 0)
+        elsewhere = [x for x in plan.placed.get(d.name, []) if x != n.node_id]
+        if fleet > 0 and not elsewhere:
+            continue  # the only copy of a model someone uses
+        why = (
+            f"no requests anywhere in {policy.idle_days:g} d"
+            if fleet == 0
+            else f"served from {', '.join(elsewhere)}; no requests here in {policy.idle_days:g} d"
+        )
+        out.append(
+            Recommendation(
+                d.name, "remove", f"{why}: `ollama rm {d.name}` frees {_gb(d.size)} of disk", d.size
+            )
+        )
+    return out
+
+
+def _report(
+    now: float, nodes: Sequence[NodeFacts], plan: _Plan, policy: RecommendPolicy
+) -> RecommendationReport:
+    """Every node (planned or not) with its cards in action order; unmet demand, busiest
+    first."""
+    out = []
+    for n in nodes:
+        recs = tuple(
+            sorted(
+                plan.cards[n.node_id],
+                key=lambda r: (_ACTION_ORDER.index(r.action), -r.bytes, r.model),
+            )
+        )
+        out.append(
+            NodeRecommendations(
+                node_id=n.node_id,
+                status=n.status,
+                memory_total_bytes=n.fast_total,
+                usable_bytes=plan.usable.get(n.node_id, usable_bytes(n, policy)),
+                planned_bytes=sum(r.bytes for r in recs if r.action != "remove"),
+                disk_free_bytes=n.disk_free,
+                recommendations=recs,
+            )
+        )
+    unmet = sorted(plan.unmet, key=lambda u: (-(u.requests_7d + u.not_found_7d), u.model))
+    return RecommendationReport(tuple(out), tuple(unmet), now)
+
+
 def recommendations(
     now: float,
     nodes: Sequence[NodeFacts],
@@ -2972,181 +3325,34 @@ def recommendations(
     policy: RecommendPolicy = RecommendPolicy(),
     scoring_policy: Policy = Policy(),
 ) -> RecommendationReport:
-    """Per node keep / load / pull / remove, with the numbers behind each (see above)."""
-    nf = dict(not_found_7d or {})
+    """Per node keep / load / pull / remove, with the numbers behind each: the five steps
+    of the section comment, one function each."""
+    live = _plannable(nodes)
+    usable = _usable_memory(live, policy, scoring_policy)  # 1
+    weights = _weights(nodes)  # 2 (resident estimates: ``_resident_estimate``)
+    demand = _demand(usage_24h, usage_7d, not_found_7d or {})  # 3
+    plan = _Plan(
+        usable=usable,
+        room=dict(usable),
+        disk_left={
+            n.node_id: None if n.disk_free is None else n.disk_free - policy.disk_reserve_bytes
+            for n in live
+        },
+        cards={n.node_id: [] for n in nodes},
+    )
     capability = {m for n in nodes for m in (*n.image_models, *n.stt_models)}
-    d24: dict[str, int] = {}
-    d7: dict[str, int] = {}
-    node7: dict[tuple[str, str], int] = {}
-    for u in usage_24h:
-        d24[u.model] = d24.get(u.model, 0) + u.requests
-    for u in usage_7d:
-        d7[u.model] = d7.get(u.model, 0) + u.requests
-        node7[(u.node_id, u.model)] = node7.get((u.node_id, u.model), 0) + u.requests
-    weights: dict[str, int] = {}
-    for n in nodes:
-        for d in n.on_disk:
-            weights[d.name] = max(weights.get(d.name, 0), d.size)
-        for lm in n.loaded:
-            weights.setdefault(lm.name, 0)
-    universe = (set(weights) | set(d7) | set(d24) | set(nf)) - capability - {""}
-
-    live = [n for n in nodes if n.live and (n.fast_total > 0 or n.loaded or n.on_disk)]
-    # A node without memory facts (polled, no agent) is planned with what it demonstrably
-    # runs: what it holds now, or else its largest model on disk (someone pulled it there).
-    usable = {
-        n.node_id: usable_bytes(n, policy)
-        if n.fast_total > 0
-        else max(
-            sum(m.size for m in n.loaded),
-            max((resident_bytes(d.size, None, 1, scoring_policy) for d in n.on_disk), default=0),
-        )
-        for n in live
-    }
-    room = dict(usable)
-    disk_left = {
-        n.node_id: (None if n.disk_free is None else n.disk_free - policy.disk_reserve_bytes)
-        for n in live
-    }
-    plan: dict[str, list[Recommendation]] = {n.node_id: [] for n in nodes}
-    placed: dict[str, list[str]] = {}
-    unmet: list[UnmetDemand] = []
-
-    def demand_key(m: str) -> tuple[int, int, str]:
-        return (-d24.get(m, 0), -(d7.get(m, 0) + nf.get(m, 0)), m)
-
-    for model in sorted(universe, key=demand_key):
-        r24, r7, miss = d24.get(model, 0), d7.get(model, 0), nf.get(model, 0)
-        if r7 + miss + r24 <= 0:
+    universe = (
+        (set(weights) | set(demand.d7) | set(demand.d24) | set(demand.not_found))
+        - capability
+        - {""}
+    )
+    for model in sorted(universe, key=demand.order):  # 4
+        r24, r7 = demand.d24.get(model, 0), demand.d7.get(model, 0)
+        if r24 + r7 + demand.not_found.get(model, 0) <= 0:
             continue
-        want = 1
-        if r24 >= policy.hot_requests_24h:
-            want = 2
-        if r24 >= policy.very_hot_requests_24h:
-            want = 3
-        want = min(want, max(1, len(live)))
-        w = weights.get(model, 0)
-        if w <= 0 and not any(lm.name == model for n in nodes for lm in n.loaded):
-            roomiest = max(live, key=lambda n: (room[n.node_id], n.node_id), default=None)
-            unmet.append(
-                UnmetDemand(
-                    model,
-                    r7,
-                    miss,
-                    f"requested {r7 + miss}x in 7 d ({miss} answered 404 'not found') but on no "
-                    "node: size unknown until pulled; `ollama pull` it where the room is, or "
-                    "fix the clients if the name is a typo",
-                    roomiest.node_id if roomiest is not None else None,
-                )
-            )
-            continue
-        demand_txt = f"{r24} requests in 24 h, {r7} in 7 d" + (
-            f", {miss} not found" if miss else ""
+        _place_model(
+            model, weights.get(model, 0), live, nodes, plan, demand, policy, scoring_policy
         )
-        for copy_no in range(want):
-            best: tuple[tuple[int, int, int, str], NodeFacts, str, int] | None = None
-            for n in live:
-                if n.node_id in placed.get(model, []):
-                    continue
-                est = _resident_estimate(model, n, nodes, w, scoring_policy)
-                if est > room[n.node_id]:
-                    continue
-                loaded = any(lm.name == model for lm in n.loaded)
-                disk = n.disk_size(model) > 0
-                action = "keep" if loaded else "load" if disk else "pull"
-                left = disk_left[n.node_id]
-                if action == "pull" and left is not None and left < w:
-                    continue
-                key = (
-                    {"keep": 0, "load": 1, "pull": 2}[action],
-                    -node7.get((n.node_id, model), 0),
-                    -room[n.node_id],
-                    n.node_id,
-                )
-                if best is None or key < best[0]:
-                    best = (key, n, action, est)
-            if best is None:
-                if copy_no == 0:
-                    biggest = max(usable.values(), default=0)
-                    need = _resident_estimate(model, NodeFacts(""), nodes, w, scoring_policy)
-                    why = (
-                        f"needs ~{_gb(need)} resident, more than any node's usable memory "
-                        f"({_gb(biggest)})"
-                        if need > biggest
-                        else "no node has room left after busier models (or disk for a pull)"
-                    )
-                    unmet.append(UnmetDemand(model, r7, miss, f"{demand_txt}: {why}"))
-                break
-            _, n, action, est = best
-            room[n.node_id] -= est
-            if action == "pull" and disk_left[n.node_id] is not None:
-                disk_left[n.node_id] = (disk_left[n.node_id] or 0) - w
-            placed.setdefault(model, []).append(n.node_id)
-            copies = f"copy {copy_no + 1} of {want}" + (
-                f" (hot: >= {policy.hot_requests_24h} requests/24 h)" if want > 1 else ""
-            )
-            verb = {
-                "keep": f"resident ({_gb(est)})",
-                "load": f"on disk, not resident: load it (~{_gb(est)} resident, `ollama run "
-                f'{model} ""`)',
-                "pull": f"pull {_gb(w)} (`ollama pull {model}`; ~{_gb(est)} resident)",
-            }[action]
-            plan[n.node_id].append(
-                Recommendation(
-                    model,
-                    action,
-                    f"{demand_txt}; {copies}; {verb}; {_gb(room[n.node_id])} of "
-                    f"{_gb(usable[n.node_id])} usable left after it",
-                    est,
-                )
-            )
-
-    idle_s = policy.idle_days * 86_400.0
-    covered = history_s >= idle_s
-    for n in live:
-        kept = {r.model for r in plan[n.node_id]}
-        for d in sorted(n.on_disk, key=lambda d: -d.size):
-            if d.name in kept or d.name in capability or d.size <= 0:
-                continue
-            if any(lm.name == d.name for lm in n.loaded):
-                continue  # in use right now; it is not idle
-            if node7.get((n.node_id, d.name), 0) > 0 or not covered:
-                continue
-            if d.modified_at is not None and now - d.modified_at < idle_s:
-                continue  # pulled recently: give it a chance
-            fleet = d7.get(d.name, 0) + nf.get(d.name, 0)
-            elsewhere = [x for x in placed.get(d.name, []) if x != n.node_id]
-            if fleet > 0 and not elsewhere:
-                continue  # the only copy of a model someone uses
-            why = (
-                f"no requests anywhere in {policy.idle_days:g} d"
-                if fleet == 0
-                else f"served from {', '.join(elsewhere)}; no requests here in "
-                f"{policy.idle_days:g} d"
-            )
-            plan[n.node_id].append(
-                Recommendation(
-                    d.name,
-                    "remove",
-                    f"{why}: `ollama rm {d.name}` frees {_gb(d.size)} of disk",
-                    d.size,
-                )
-            )
-
-    order = {"keep": 0, "load": 1, "pull": 2, "remove": 3}
-    out = []
-    for n in nodes:
-        recs = tuple(sorted(plan[n.node_id], key=lambda r: (order[r.action], -r.bytes, r.model)))
-        out.append(
-            NodeRecommendations(
-                node_id=n.node_id,
-                status=n.status,
-                memory_total_bytes=n.fast_total,
-                usable_bytes=usable.get(n.node_id, usable_bytes(n, policy)),
-                planned_bytes=sum(r.bytes for r in recs if r.action != "remove"),
-                disk_free_bytes=n.disk_free,
-                recommendations=recs,
-            )
-        )
-    unmet.sort(key=lambda u: (-(u.requests_7d + u.not_found_7d), u.model))
-    return RecommendationReport(tuple(out), tuple(unmet), now)
+    for n in live:  # 5
+        plan.cards[n.node_id].extend(_removals(now, n, plan, demand, capability, history_s, policy))
+    return _report(now, nodes, plan, policy)

@@ -3,9 +3,12 @@ a real router in front of fake Ollama nodes."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,6 +139,17 @@ def test_checks_sorted_by_severity() -> None:
     order = [c.severity for c in s.health_checks(hi).checks]
     ranks = [s.SEVERITIES.index(x) for x in order]
     assert ranks == sorted(ranks) and order[0] == "critical"
+
+
+def test_severity_is_an_enum_worst_first_and_cards_carry_the_plain_word() -> None:
+    assert [str(x) for x in s.SEVERITIES] == ["critical", "warning", "info", "ok"]
+    hi = inp(
+        node("a", status="offline"), node("b", status="degraded"), node("c", status="draining")
+    )
+    checks = s.health_checks(hi).checks
+    assert {c.severity for c in checks} == set(s.Severity)  # every level occurs here
+    assert all(type(c.severity) is s.Severity for c in checks)
+    assert all(type(c.to_dict()["severity"]) is str for c in checks)
 
 
 _SEV = st.sampled_from(s.SEVERITIES)
@@ -650,3 +664,59 @@ async def test_health_and_recommendations_through_the_router(make_router: Router
     finally:
         await a.stop()
         await b.stop()
+
+
+# -- the analytics half of scoring.py lists what it holds ---------------------------------
+
+
+def _analytics_half() -> tuple[str, set[str], set[str], set[str]]:
+    """The banner block's text, the public names defined below the banner, and the names
+    defined above it that the code below uses."""
+    src = Path(s.__file__).read_text()
+    tree = ast.parse(src)
+    banner = src.splitlines().index("# Fleet analytics: health checks and recommendations") + 1
+    block = []
+    for line in src.splitlines()[banner:]:
+        if not line.startswith("#"):
+            break
+        block.append(line)
+    above: set[str] = set()
+    below: set[str] = set()
+    body_below: list[ast.stmt] = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.FunctionDef | ast.ClassDef):
+            names = [stmt.name]
+        elif isinstance(stmt, ast.Assign):
+            names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            names = [stmt.target.id]
+        else:
+            continue
+        if stmt.lineno < banner:
+            above.update(names)
+        else:
+            below.update(names)
+            body_below.append(stmt)
+    used = {
+        x.id
+        for stmt in body_below
+        for x in ast.walk(stmt)
+        if isinstance(x, ast.Name) and x.id in above
+    }
+    return "\n".join(block), {n for n in below if not n.startswith("_")}, used, above
+
+
+def test_the_analytics_banner_lists_its_public_names_and_what_it_borrows() -> None:
+    block, public, borrowed, _ = _analytics_half()
+    listed, shared = block.split("Names it takes from the routing half:")
+    assert set(re.findall(r"`(\w+)`", listed)) == public
+    assert set(re.findall(r"`(\w+)`", shared)) == borrowed
+
+
+def test_the_routing_half_never_calls_the_analytics_half() -> None:
+    src = Path(s.__file__).read_text()
+    banner = src.index("# Fleet analytics: health checks and recommendations")
+    _, public, _, _ = _analytics_half()
+    routing = ast.parse(src[:banner])
+    named = {x.id for x in ast.walk(routing) if isinstance(x, ast.Name)}
+    assert named & public == set()

@@ -116,3 +116,31 @@ def test_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
         "def f():\n    import time\n    from socket import socket\n    __import__('random')\n"
     )
     assert {"time", "socket", "random"} <= imported_roots(f)
+
+
+STREAM_IO = frozenset(
+    {"write", "writelines", "write_eof", "drain", "read", "readline", "readexactly", "readuntil"}
+)
+
+
+def test_only_httpstream_moves_connection_bytes_in_the_router() -> None:
+    """ARCHITECTURE.md: class ``HttpStream`` is the only code in herd.py that reads or
+    writes a connection (``reader``/``writer`` of asyncio streams), server and client side."""
+    tree = ast.parse((ROOT / "herd.py").read_text(encoding="utf-8"))
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "HttpStream":
+            inside.update(id(n) for n in ast.walk(node))
+    outside = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in STREAM_IO
+        ):
+            continue
+        recv = node.func.value
+        name = recv.id if isinstance(recv, ast.Name) else getattr(recv, "attr", "")
+        if name in ("reader", "writer") and id(node) not in inside:
+            outside.append(f"line {node.lineno}: {name}.{node.func.attr}()")
+    assert outside == []
