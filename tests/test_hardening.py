@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import herd
 from tests.conftest import RouterFactory, RunningRouter, router_config
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import dechunk
+from tests.http_helpers import dechunk
 
 MODEL = "llama3.2:3b"
 MiB = 1024 * 1024

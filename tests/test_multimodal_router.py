@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import RouterFactory, RunningRouter
-from tests.test_router import raw_request
+from tests.http_helpers import beat, multipart, raw_request
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
@@ -97,19 +97,13 @@ class FakeAgentService:
 
 
 async def register(r: RunningRouter, node_id: str, service: FakeAgentService) -> None:
-    beat = {
-        "node_id": node_id,
-        "ollama_url": "http://127.0.0.1:9",
-        "interval_s": 30,
-        "hardware": {},
-        "ollama": {"reachable": True, "loaded": [], "available": []},
-        "capabilities": {
-            "image": [{"name": "z-image-turbo", "backend": "command"}],
-            "stt": [{"name": "whisper-tiny.en", "backend": "faster-whisper"}],
-            "service_url": f"http://127.0.0.1:{service.port}",
-        },
+    capabilities = {
+        "image": [{"name": "z-image-turbo", "backend": "command"}],
+        "stt": [{"name": "whisper-tiny.en", "backend": "faster-whisper"}],
+        "service_url": f"http://127.0.0.1:{service.port}",
     }
-    status, _, _ = await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat).encode())
+    body = beat(node_id, interval_s=30, capabilities=capabilities)
+    status, _, _ = await raw_request(r.port, "POST", "/heartbeat", json.dumps(body).encode())
     assert status == 200
 
 
@@ -124,19 +118,6 @@ async def mm(make_router: RouterFactory) -> AsyncIterator[tuple[RunningRouter, A
     yield r, a, b
     await a.stop()
     await b.stop()
-
-
-def multipart(fields: dict[str, str], audio: bytes, boundary: str = "XyZ") -> bytes:
-    out = b""
-    for k, v in fields.items():
-        out += (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-        ).encode()
-    out += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
-        f'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
-    ).encode()
-    return out + audio + f"\r\n--{boundary}--\r\n".encode()
 
 
 async def test_image_generation_png_and_retry(mm: Any) -> None:
@@ -189,7 +170,7 @@ async def test_transcribe_native_and_openai(mm: Any) -> None:
         "POST",
         "/api/transcribe",
         body,
-        headers={"content-type": "multipart/form-data; boundary=XyZ"},
+        headers={"content-type": "multipart/form-data; boundary=herdBoundary7"},
     )
     assert status == 200, data
     out = json.loads(data)
