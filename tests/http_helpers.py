@@ -175,19 +175,6 @@ async def raw_request(
     return resp.status, resp.header_map(), resp.body
 
 
-def dechunk(data: bytes) -> bytes:
-    """The payload of a chunked body (up to its last chunk)."""
-    out = bytearray()
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2 :]
-    return bytes(out)
-
-
 # -------------------------------------------------------------------------------- server
 
 Handler = Callable[[h11.Connection, h11.Request], Awaitable[bool]]
