@@ -90,13 +90,13 @@ def real_backend_available() -> tuple[bool, str]:
 _LIVE: weakref.WeakSet[RealNode] = weakref.WeakSet()
 
 
-@atexit.register
 def _pythonpath() -> str:
     """The child runs this file as a script; it imports ``tests.http_helpers`` from the repo."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+@atexit.register
 def _kill_leftovers() -> None:
     for node in list(_LIVE):
         node._terminate(grace=1.0)
