@@ -24,6 +24,7 @@ from typing import Any
 
 import herd
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.http_helpers import fetch, request_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "llama3.2:3b"
@@ -133,43 +134,15 @@ async def one_request(port: int, kind: str, i: int) -> Outcome:
         )
     raw = json.dumps(body).encode()
     rid = f"chaos-{kind}-{i}"
+    hdrs = [("host", "x"), ("connection", "close"), ("content-type", "application/json")]
+    hdrs += [("x-request-id", rid), ("content-length", str(len(raw)))]
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
-            f"content-type: application/json\r\nx-request-id: {rid}\r\n"
-            f"content-length: {len(raw)}\r\n\r\n".encode()
-            + raw
-        )
-        await writer.drain()
-        async with asyncio.timeout(60):
-            data = await reader.read(-1)
-        writer.close()
+        resp = await fetch(port, request_bytes("POST", path, hdrs, raw), "POST", timeout=60)
     except (OSError, TimeoutError) as exc:
         return Outcome(kind, 0, False, False, time.monotonic() - started, rid, repr(exc))
-    latency = time.monotonic() - started
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if not head:
-        return Outcome(kind, 0, False, False, latency, rid, "no response")
-    status = int(head.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" in head.lower():
-        rest = dechunk(rest)
-    return judge(kind, status, rest, latency, rid)
-
-
-def dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            break
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2 :]
-    return bytes(out)
+    except ValueError:
+        return Outcome(kind, 0, False, False, time.monotonic() - started, rid, "no response")
+    return judge(kind, resp.status, resp.body, time.monotonic() - started, rid)
 
 
 def judge(kind: str, status: int, body: bytes, latency: float, rid: str) -> Outcome:

@@ -53,6 +53,8 @@ from typing import Any
 
 import h11
 
+from tests.http_helpers import next_event, serve_h11
+
 __all__ = [
     "BUSY_ERROR",
     "CORS_ALLOW_HEADERS",
@@ -568,23 +570,9 @@ class _Exchange:
         self.t0_ns = time.perf_counter_ns()
 
     # -- body ---------------------------------------------------------------------
-    async def _next_event(self) -> Any:
-        while True:
-            ev = self.conn.next_event()
-            if ev is h11.NEED_DATA:
-                if self.conn.they_are_waiting_for_100_continue:
-                    self.writer.write(
-                        self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                        or b""
-                    )
-                data = await self.reader.read(65536)
-                self.conn.receive_data(data)
-                continue
-            return ev
-
     async def body_chunks(self) -> AsyncIterator[bytes]:
         while True:
-            ev = await self._next_event()
+            ev = await next_event(self.conn, self.reader, continue_via=self.writer)
             if isinstance(ev, h11.Data):
                 self.rec.body_size += len(ev.data)
                 yield bytes(ev.data)
@@ -1192,56 +1180,16 @@ class FakeOllama:
         assert task is not None
         self._conn_tasks.add(task)
         self._writers.add(writer)
-        conn = h11.Connection(h11.SERVER)
         try:
-            while True:
-                ev = await self._read_event(conn, reader)
-                if not isinstance(ev, h11.Request):
-                    break
-                keep = await self._serve_one(conn, reader, writer, ev)
-                if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    break
-                conn.start_next_cycle()
-        except h11.RemoteProtocolError as e:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                with contextlib.suppress(Exception):
-                    body = str(e).encode()
-                    writer.write(
-                        conn.send(
-                            h11.Response(
-                                status_code=e.error_status_hint,
-                                headers=[
-                                    ("Content-Length", str(len(body))),
-                                    ("Connection", "close"),
-                                ],
-                            )
-                        )
-                        or b""
-                    )
-                    writer.write(conn.send(h11.Data(data=body)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-        except (ConnectionError, OSError, _ClientGone, _Dropped, h11.LocalProtocolError):
-            pass
-        except asyncio.CancelledError:
-            # stop(): end quietly (3.11's start_server callback chokes on cancelled tasks)
-            pass
+            await serve_h11(
+                reader,
+                writer,
+                lambda conn, req: self._serve_one(conn, reader, writer, req),
+                quiet=(_ClientGone, _Dropped),
+            )
         finally:
             self._conn_tasks.discard(task)
             self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-    @staticmethod
-    async def _read_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-        while True:
-            ev = conn.next_event()
-            if ev is h11.NEED_DATA:
-                data = await reader.read(65536)
-                conn.receive_data(data)
-                continue
-            return ev
 
     async def _serve_one(
         self,

@@ -57,6 +57,8 @@ from typing import Any
 
 import h11
 
+from tests.http_helpers import client_conn, next_event, read_body, request_bytes, serve_h11
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2:135m"
 OLLAMA_VERSION = "0.12.6"
@@ -86,6 +88,12 @@ def real_backend_available() -> tuple[bool, str]:
 # ----------------------------------------------------------------------------- parent side
 
 _LIVE: weakref.WeakSet[RealNode] = weakref.WeakSet()
+
+
+def _pythonpath() -> str:
+    """The child runs this file as a script; it imports ``tests.http_helpers`` from the repo."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @atexit.register
@@ -150,7 +158,7 @@ class RealNode:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": _pythonpath()},
         )
         _LIVE.add(self)
         assert self._proc.stdout is not None
@@ -377,15 +385,6 @@ class _Bad(Exception):
         self.status = status
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-    while True:
-        ev = conn.next_event()
-        if ev is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))
-            continue
-        return ev
-
-
 class _Upstream:
     """One HTTP/1.1 request to llama-server over h11, body streamed back."""
 
@@ -402,22 +401,16 @@ class _Upstream:
 
     async def __aenter__(self) -> _Upstream:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.conn = h11.Connection(h11.CLIENT)
+        self.conn = client_conn(self.method)
         hdrs = [("host", f"127.0.0.1:{self.port}"), ("connection", "close"), *self.extra]
         if self.body or self.method == "POST":
             hdrs.append(("content-length", str(len(self.body))))
-        for ev in (
-            h11.Request(method=self.method, target=self.target, headers=hdrs),
-            h11.Data(data=self.body),
-            h11.EndOfMessage(),
-        ):
-            if not isinstance(ev, h11.Data) or self.body:
-                self.writer.write(self.conn.send(ev) or b"")
+        self.writer.write(request_bytes(self.method, self.target, hdrs, self.body))
         await self.writer.drain()
         self.sent_ns = time.monotonic_ns()
-        ev = await _next_event(self.conn, self.reader)
+        ev = await next_event(self.conn, self.reader)
         while isinstance(ev, h11.InformationalResponse):
-            ev = await _next_event(self.conn, self.reader)
+            ev = await next_event(self.conn, self.reader)
         if not isinstance(ev, h11.Response):
             raise ConnectionError("llama-server closed the connection")
         self.status, self.headers = ev.status_code, ev.headers
@@ -430,7 +423,7 @@ class _Upstream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
-            ev = await _next_event(self.conn, self.reader)
+            ev = await next_event(self.conn, self.reader)
             if isinstance(ev, h11.Data):
                 yield bytes(ev.data)
             elif isinstance(ev, h11.EndOfMessage):
@@ -525,28 +518,14 @@ class _Facade:
 
     # -- connection loop
     async def conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                req = await _next_event(conn, reader)
-                if not isinstance(req, h11.Request):
-                    break
-                body = bytearray()
-                while not isinstance(ev := await _next_event(conn, reader), h11.EndOfMessage):
-                    if isinstance(ev, h11.Data):
-                        body += ev.data
-                    elif isinstance(ev, h11.ConnectionClosed):
-                        return
-                method, target = req.method.decode(), req.target.decode()
-                out = _Out(conn, writer, method == "HEAD")
-                await self.route(method, target, req.headers, bytes(body), out)
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    break
-                conn.start_next_cycle()
-        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        async def one(conn: h11.Connection, req: h11.Request) -> bool:
+            body = await read_body(conn, reader)
+            method, target = req.method.decode(), req.target.decode()
+            out = _Out(conn, writer, method == "HEAD")
+            await self.route(method, target, req.headers, body, out)
+            return True
+
+        await serve_h11(reader, writer, one)
 
     async def route(self, method: str, target: str, headers: Any, body: bytes, out: _Out) -> None:
         t0 = time.monotonic_ns()

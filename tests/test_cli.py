@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,11 +31,12 @@ import pytest
 
 import herd
 import herd_node
+from tests import http_helpers
 from tests import test_dashboard as dash
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.http_helpers import raw_request
 from tests.test_node_agent import NsProcess
-from tests.test_router import raw_request
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = dict[str, Any]
@@ -45,27 +46,26 @@ STRANGER = "10.77.0.7"  # a source address that is not this machine's
 
 
 def beat(node_id: str, url: str, **extra: Any) -> JSON:
-    return {
-        "node_id": node_id,
-        "agent_version": "test",
-        "timestamp": time.time(),
-        "interval_s": 30.0,
-        "ollama_url": url,
-        "hardware": {
-            "chip": "Test Chip",
-            "cpu": {"cores": 12},
-            "memory": {"total_bytes": 32 << 30, "available_bytes": 20 << 30},
-            "gpu": {"vendor": "nvidia", "devices": [{"name": "RTX Test", "memory_total_bytes": 1}]},
+    """A heartbeat from a machine with a GPU and one model available."""
+    gpu = {"vendor": "nvidia", "devices": [{"name": "RTX Test", "memory_total_bytes": 1}]}
+    memory = {"total_bytes": 32 << 30, "available_bytes": 20 << 30}
+    available = [{"name": "llama3.2:3b", "size": 2_000_000_000}]
+    return http_helpers.beat(
+        node_id,
+        url,
+        **{
+            "interval_s": 30.0,
+            "hardware": {"chip": "Test Chip", "cpu": {"cores": 12}, "memory": memory, "gpu": gpu},
+            "ollama": {
+                "reachable": True,
+                "version": "0.12.6",
+                "loaded": [],
+                "available": available,
+                "available_hash": "h1",
+            },
+            **extra,
         },
-        "ollama": {
-            "reachable": True,
-            "version": "0.12.6",
-            "loaded": [],
-            "available": [{"name": "llama3.2:3b", "size": 2_000_000_000}],
-            "available_hash": "h1",
-        },
-        **extra,
-    }
+    )
 
 
 async def status(r: RunningRouter) -> JSON:

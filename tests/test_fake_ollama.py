@@ -34,6 +34,7 @@ from tests.fake_ollama import (
     parse_go_duration,
     run_in_thread,
 )
+from tests.http_helpers import Response, fetch, request_bytes, wait_until
 
 # The project's conftest runs marked async tests under both asyncio and uvloop.
 pytestmark = pytest.mark.both_loops
@@ -75,37 +76,6 @@ def make_fake(**kw: Any) -> FakeOllama:
     return FakeOllama(models(), **kw)
 
 
-async def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-# ----------------------------------------------------------------------------- raw HTTP
-
-
-class RawResponse:
-    def __init__(
-        self, status: int, headers: list[tuple[str, str]], chunks: list[bytes], body: bytes
-    ):
-        self.status = status
-        self.headers = headers
-        self.chunks = chunks  # chunked-transfer chunks (empty list for Content-Length bodies)
-        self.body = body
-        self.complete = True
-
-    def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 async def raw_request(
     fake: FakeOllama,
     method: str,
@@ -115,55 +85,16 @@ async def raw_request(
     host: str = "127.0.0.1",
     headers: list[tuple[str, str]] | None = None,
     timeout: float = 10.0,
-) -> RawResponse:
+) -> Response:
     """One request on a fresh connection with ``Connection: close``; returns the parsed
     response, keeping chunk boundaries."""
     if isinstance(body, dict):
         body = json.dumps(body).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
-    try:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
-        for k, v in headers or []:
-            lines.append(f"{k}: {v}")
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return parse_raw(data, head_only=method == "HEAD")
-
-
-def parse_raw(data: bytes, *, head_only: bool = False) -> RawResponse:
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *hlines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split()[1])
-    headers = [(h.split(":", 1)[0].strip(), h.split(":", 1)[1].strip()) for h in hlines if h]
-    resp = RawResponse(status, headers, [], b"")
-    if head_only:
-        resp.body = rest
-        return resp
-    if (resp.header("transfer-encoding") or "").lower() == "chunked":
-        chunks: list[bytes] = []
-        complete = False
-        while rest:
-            size_line, sep, rest = rest.partition(b"\r\n")
-            if not sep:
-                break
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                complete = True
-                break
-            chunks.append(rest[:size])
-            rest = rest[size + 2 :]
-        resp.chunks = chunks
-        resp.body = b"".join(chunks)
-        resp.complete = complete
-    else:
-        resp.body = rest
-    return resp
+    hdrs = [("Host", host), ("Connection", "close"), *(headers or [])]
+    if body is not None:
+        hdrs.append(("Content-Length", str(len(body))))
+    request = request_bytes(method, path, hdrs, body or b"")
+    return await fetch(fake.port, request, method, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -177,11 +108,11 @@ def _closing(closers: list[Callable[[], None]]) -> Iterator[None]:
 
 def post_bytes(path: str, obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    hdrs = [("Host", "localhost"), ("Content-Type", "application/json")]
+    return request_bytes("POST", path, [*hdrs, ("Content-Length", str(len(body)))], body)
 
 
-def ndjson(resp: RawResponse) -> list[dict[str, Any]]:
+def ndjson(resp: Response) -> list[dict[str, Any]]:
     text = resp.body.decode()
     assert text.endswith("\n")
     lines = text.split("\n")[:-1]
@@ -485,7 +416,7 @@ async def test_keep_alive_forms_and_expiry() -> None:
             fake, "POST", "/api/generate", {"model": SMART, "prompt": "x", "keep_alive": "200ms"}
         )
         assert SMART in fake.loaded
-        await wait_for(lambda: SMART not in fake.loaded, 3)
+        await wait_until(lambda: SMART not in fake.loaded, 3)
         assert (SMART, "expired") in fake.unload_events
         # keep_alive 0 with a prompt: unloaded when the request finishes
         await raw_request(
@@ -659,7 +590,7 @@ async def test_die_after_chunks_drops_connection() -> None:
         assert r.status == 200 and not r.complete
         assert len(r.chunks) == 3 and all(not json.loads(c)["done"] for c in r.chunks)
         assert fake.die_after_chunks is None and fake.dropped == 1
-        await wait_for(lambda: fake.active == 0)
+        await wait_until(lambda: fake.active == 0)
         # consumed: the next stream is complete; the official client notices truncation
         r = await raw_request(
             fake,
@@ -698,8 +629,8 @@ async def test_client_disconnect_mid_stream_is_cancelled() -> None:
         assert fake.active == 1
         writer.close()
         await writer.wait_closed()
-        await wait_for(lambda: fake.cancelled == 1)
-        await wait_for(lambda: fake.active == 0 and fake.loaded[CHAT].in_flight == 0)
+        await wait_until(lambda: fake.cancelled == 1)
+        await wait_until(lambda: fake.active == 0 and fake.loaded[CHAT].in_flight == 0)
         rec = fake.requests_to("/api/generate")[-1]
         assert rec.client_disconnected
         # the slot is free again
@@ -724,19 +655,19 @@ async def test_client_disconnect_while_queued_and_non_stream() -> None:
                 timeout=20,
             )
         )
-        await wait_for(lambda: fake.active == 1)
+        await wait_until(lambda: fake.active == 1)
         waiter = asyncio.ensure_future(
             raw_request(
                 fake, "POST", "/api/generate", {"model": CHAT, "prompt": "b", "stream": False}
             )
         )
-        await wait_for(lambda: fake.queued == 1)
+        await wait_until(lambda: fake.queued == 1)
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
-        await wait_for(lambda: fake.cancelled == 1 and fake.queued == 0)
+        await wait_until(lambda: fake.cancelled == 1 and fake.queued == 0)
         holder.cancel()
         await asyncio.gather(holder, return_exceptions=True)
-        await wait_for(lambda: fake.cancelled == 2 and fake.active == 0)
+        await wait_until(lambda: fake.cancelled == 2 and fake.active == 0)
 
 
 async def test_fail_next() -> None:
@@ -829,11 +760,11 @@ async def test_refuse_drops_open_streams() -> None:
         task = asyncio.ensure_future(
             raw_request(fake, "POST", "/api/generate", {"model": CHAT, "prompt": "x"})
         )
-        await wait_for(lambda: fake.active == 1)
+        await wait_until(lambda: fake.active == 1)
         fake.refuse_connections()
         r = await asyncio.wait_for(task, 5)
         assert not r.complete
-        await wait_for(lambda: fake.active == 0)
+        await wait_until(lambda: fake.active == 0)
         await fake.revive()
 
 
@@ -1248,7 +1179,7 @@ def test_runs_under_uvloop() -> None:
             writer.write(post_bytes("/api/generate", {"model": CHAT, "prompt": "z"}))
             await asyncio.wait_for(reader.readuntil(b"false}\n"), 5)
             writer.close()
-            await wait_for(lambda: fake.cancelled == 1 and fake.active == 0)
+            await wait_until(lambda: fake.cancelled == 1 and fake.active == 0)
             fake.refuse_connections()
             with pytest.raises(OSError):
                 await raw_request(fake, "GET", "/")
@@ -1342,7 +1273,7 @@ async def test_keep_alive_last_writer_wins_and_reload_waits_for_in_flight() -> N
         # a num_ctx change waits for the running request, then reloads
         body = {"model": CHAT, "prompt": "x", "stream": False}
         first = asyncio.ensure_future(raw_request(fake, "POST", "/api/generate", body))
-        await wait_for(lambda: fake.active == 1)
+        await wait_until(lambda: fake.active == 1)
         second = asyncio.ensure_future(
             raw_request(fake, "POST", "/api/generate", {**body, "options": {"num_ctx": 1024}})
         )

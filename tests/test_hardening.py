@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import herd
 from tests.conftest import RouterFactory, RunningRouter, router_config
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import dechunk
+from tests.http_helpers import parse_response
 
 MODEL = "llama3.2:3b"
 MiB = 1024 * 1024
@@ -596,7 +596,7 @@ async def test_long_slow_stream_is_not_cut_by_any_deadline(
         writer.close()
         assert elapsed > 1.0  # 30 tokens at 20/s: longer than every deadline above
         assert data.startswith(b"HTTP/1.1 200")
-        lines = [ln for ln in dechunk(data.partition(b"\r\n\r\n")[2]).splitlines() if ln]
+        lines = [ln for ln in parse_response(data, "POST").body.splitlines() if ln]
         assert len(lines) >= 30
         assert json.loads(lines[-1])["done"] is True
         await assert_healthy(r, herd_errors)

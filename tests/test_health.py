@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import scoring as s
 from tests.conftest import RouterFactory
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request
 
 G = 1_000_000_000
 NOW = 1_800_000_000.0

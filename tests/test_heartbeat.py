@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import herd
 from tests.conftest import RouterFactory
-from tests.test_router import raw_request
+from tests.http_helpers import beat, raw_request
 
 KEY = "s3cret-fleet-key"
-
-
-def beat(node_id: str = "studio", **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "node_id": node_id,
-        "ollama_url": "http://127.0.0.1:9",
-        "timestamp": time.time(),
-        "interval_s": 5.0,
-        "hardware": {},
-        "ollama": {"reachable": True, "loaded": [], "available": []},
-    }
-    body.update(extra)
-    return body
 
 
 async def test_signed_beats_and_replay(make_router: RouterFactory) -> None:

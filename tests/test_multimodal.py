@@ -34,8 +34,8 @@ import pytest
 import herd_node
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_node_agent import AgentProcess, wait_until
-from tests.test_router import raw_request
+from tests.http_helpers import multipart, raw_request, wait_until
+from tests.test_node_agent import AgentProcess
 
 INTERVAL = 0.3
 JOB_TIMEOUT = 3.0
@@ -116,24 +116,6 @@ def png_ihdr(data: bytes) -> tuple[int, int]:
         pos += 12 + n
     assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
     return width, height
-
-
-def multipart(
-    fields: dict[str, str],
-    audio: bytes,
-    *,
-    name: str = "audio",
-    ctype: str = "audio/wav",
-    boundary: str = "herdBoundary7",
-) -> bytes:
-    out = b""
-    for k, v in fields.items():
-        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-    out += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="a.wav"\r\n'
-        f"Content-Type: {ctype}\r\n\r\n"
-    ).encode()
-    return out + audio + f"\r\n--{boundary}--\r\n".encode()
 
 
 MP_HEADERS = {"content-type": "multipart/form-data; boundary=herdBoundary7"}

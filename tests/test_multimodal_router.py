@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import RouterFactory, RunningRouter
-from tests.test_router import raw_request
+from tests.http_helpers import beat, multipart, raw_request, read_body, serve_h11
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
@@ -43,73 +43,44 @@ class FakeAgentService:
             await self.server.wait_closed()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                req = None
-                size = 0
-                while True:
-                    ev = conn.next_event()
-                    if ev is h11.NEED_DATA:
-                        conn.receive_data(await reader.read(65536))
-                        continue
-                    if isinstance(ev, h11.Request):
-                        req = ev
-                    elif isinstance(ev, h11.Data):
-                        size += len(ev.data)
-                    elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed):
-                        break
-                if req is None:
-                    return
-                if self.fail_next:
-                    self.fail_next -= 1
-                    status, ctype, body = self.fail_status, b"application/json", self.fail_body
-                elif req.target.startswith(b"/api/generate-image"):
-                    status, ctype, body = 200, b"image/png", PNG
-                else:
-                    self.uploads.append(size)
-                    status, ctype = 200, b"application/json"
-                    body = json.dumps(
-                        {
-                            "text": "hello from the fleet",
-                            "language": "en",
-                            "chunks": [{"text": "hello from the fleet", "start": 0.0, "end": 1.5}],
-                        }
-                    ).encode()
-                for event in (
-                    h11.Response(
-                        status_code=status,
-                        headers=[
-                            (b"content-type", ctype),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    ),
-                    h11.Data(data=body),
-                    h11.EndOfMessage(),
-                ):
-                    writer.write(conn.send(event) or b"")
-                await writer.drain()
-                conn.start_next_cycle()
-        except (h11.ProtocolError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        async def one(conn: h11.Connection, req: h11.Request) -> bool:
+            size = len(await read_body(conn, reader))
+            if self.fail_next:
+                self.fail_next -= 1
+                status, ctype, body = self.fail_status, b"application/json", self.fail_body
+            elif req.target.startswith(b"/api/generate-image"):
+                status, ctype, body = 200, b"image/png", PNG
+            else:
+                self.uploads.append(size)
+                status, ctype = 200, b"application/json"
+                body = json.dumps(
+                    {
+                        "text": "hello from the fleet",
+                        "language": "en",
+                        "chunks": [{"text": "hello from the fleet", "start": 0.0, "end": 1.5}],
+                    }
+                ).encode()
+            headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+            for event in (
+                h11.Response(status_code=status, headers=headers),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                writer.write(conn.send(event) or b"")
+            await writer.drain()
+            return True
+
+        await serve_h11(reader, writer, one)
 
 
 async def register(r: RunningRouter, node_id: str, service: FakeAgentService) -> None:
-    beat = {
-        "node_id": node_id,
-        "ollama_url": "http://127.0.0.1:9",
-        "interval_s": 30,
-        "hardware": {},
-        "ollama": {"reachable": True, "loaded": [], "available": []},
-        "capabilities": {
-            "image": [{"name": "z-image-turbo", "backend": "command"}],
-            "stt": [{"name": "whisper-tiny.en", "backend": "faster-whisper"}],
-            "service_url": f"http://127.0.0.1:{service.port}",
-        },
+    capabilities = {
+        "image": [{"name": "z-image-turbo", "backend": "command"}],
+        "stt": [{"name": "whisper-tiny.en", "backend": "faster-whisper"}],
+        "service_url": f"http://127.0.0.1:{service.port}",
     }
-    status, _, _ = await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat).encode())
+    body = beat(node_id, interval_s=30, capabilities=capabilities)
+    status, _, _ = await raw_request(r.port, "POST", "/heartbeat", json.dumps(body).encode())
     assert status == 200
 
 
@@ -124,19 +95,6 @@ async def mm(make_router: RouterFactory) -> AsyncIterator[tuple[RunningRouter, A
     yield r, a, b
     await a.stop()
     await b.stop()
-
-
-def multipart(fields: dict[str, str], audio: bytes, boundary: str = "XyZ") -> bytes:
-    out = b""
-    for k, v in fields.items():
-        out += (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-        ).encode()
-    out += (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
-        f'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
-    ).encode()
-    return out + audio + f"\r\n--{boundary}--\r\n".encode()
 
 
 async def test_image_generation_png_and_retry(mm: Any) -> None:
@@ -189,7 +147,7 @@ async def test_transcribe_native_and_openai(mm: Any) -> None:
         "POST",
         "/api/transcribe",
         body,
-        headers={"content-type": "multipart/form-data; boundary=XyZ"},
+        headers={"content-type": "multipart/form-data; boundary=herdBoundary7"},
     )
     assert status == 200, data
     out = json.loads(data)

@@ -27,9 +27,9 @@ import herd
 import herd_node
 from tests.conftest import RouterFactory
 from tests.fake_ollama import FakeOllama
+from tests.http_helpers import raw_request, wait_until
 from tests.test_dashboard import POLL, browser, open_page  # noqa: F401 (browser: fixture)
-from tests.test_node_agent import LLAMA, agent_config, status_of, wait_until
-from tests.test_router import raw_request
+from tests.test_node_agent import LLAMA, agent_config, status_of
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = 0.3

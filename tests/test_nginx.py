@@ -40,6 +40,7 @@ import httpx
 import pytest
 
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.http_helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BEAT = 0.5  # the agent's heartbeat interval here (seconds)
@@ -350,20 +351,12 @@ async def test_three_routers_behind_a_load_balancer_lose_nothing(lb: str, tmp_pa
                     outcomes.append(out)
                     await one_request(client, out, path, body)
 
-            async def until(check: Any, timeout: float, what: str) -> None:
-                try:
-                    async with asyncio.timeout(timeout):
-                        while not check():
-                            await asyncio.sleep(0.01)
-                except TimeoutError:
-                    pytest.fail(f"timed out waiting for {what}")
-
             def finished() -> int:
                 return sum(1 for o in outcomes if o.done_at is not None)
 
             workers = [asyncio.ensure_future(worker()) for _ in range(WORKERS)]
             try:
-                await until(lambda: finished() >= 2 * WORKERS, 30, "a first wave of answers")
+                await wait_until(lambda: finished() >= 2 * WORKERS, 30, "a first wave of answers")
                 served_by = {o.router for o in outcomes if o.ok}
                 assert served_by == set(r_ports), served_by  # spread over all three
 
@@ -372,7 +365,7 @@ async def test_three_routers_behind_a_load_balancer_lose_nothing(lb: str, tmp_pa
                 fake.stall_s = 3.0
                 stalled_at = time.monotonic()
                 await asyncio.sleep(0.3)  # what was already under way at the fake shows
-                await until(
+                await wait_until(
                     lambda: not any(o.answering_on(a_port) for o in outcomes), 10,
                     "A's streams to finish",
                 )
@@ -385,7 +378,7 @@ async def test_three_routers_behind_a_load_balancer_lose_nothing(lb: str, tmp_pa
                 fake.stall_s = 0.0
 
                 # B is SIGTERMed while it is streaming
-                await until(
+                await wait_until(
                     lambda: sum(o.answering_on(b_port) for o in outcomes) >= 2, 15,
                     "streams answering on B",
                 )
@@ -394,7 +387,7 @@ async def test_three_routers_behind_a_load_balancer_lose_nothing(lb: str, tmp_pa
                 routers[b_port].signal(signal.SIGTERM)
                 assert await routers[b_port].wait(40) == 0  # drain delay, then the grace
                 at_exit = finished()
-                await until(lambda: finished() >= at_exit + 2 * WORKERS, 30, "answers after")
+                await wait_until(lambda: finished() >= at_exit + 2 * WORKERS, 30, "answers after")
             finally:
                 stop.set()
                 await asyncio.gather(*workers)

@@ -27,9 +27,10 @@ import pytest
 
 import herd
 import herd_node
+from tests import http_helpers
 from tests.conftest import RouterFactory, RunningRouter, skip_or_fail
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = 0.3  # heartbeat interval in these tests (seconds)
@@ -42,33 +43,23 @@ QWEN = FakeModel(name="qwen2.5:7b", size=4_700_000_000, family="qwen2")
 # =======================================================================================
 
 
-async def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``check`` every 20 ms; seconds it took, or fail naming ``what``."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
-
-
 def status_of(router: RunningRouter, node_id: str) -> str | None:
     node = router.router.nodes.get(node_id)
     return node.status if node is not None else None
 
 
 def beat(node_id: str, url: str, **extra: Any) -> JSON:
-    return {
-        "node_id": node_id,
-        "agent_version": "test",
-        "timestamp": time.time(),
-        "interval_s": INTERVAL,
-        "ollama_url": url,
-        "draining": False,
-        "hardware": {"memory": {"total_bytes": 8 << 30, "available_bytes": 4 << 30}},
-        "ollama": {"reachable": True, "loaded": [], "available": [], "available_hash": "x"},
-        **extra,
-    }
+    """A heartbeat at this file's interval, with some memory and an available-models hash."""
+    return http_helpers.beat(
+        node_id,
+        url,
+        **{
+            "interval_s": INTERVAL,
+            "hardware": {"memory": {"total_bytes": 8 << 30, "available_bytes": 4 << 30}},
+            "ollama": {"reachable": True, "loaded": [], "available": [], "available_hash": "x"},
+            **extra,
+        },
+    )
 
 
 JSON = dict[str, Any]

@@ -27,7 +27,7 @@ from tests.fake_ollama import (
     RecordedRequest,
     parse_keep_alive,
 )
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request
 
 pytestmark = pytest.mark.both_loops
 

@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import RouterFactory
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.http_helpers import raw_request
 from tests.real_node import RealNode, real_node_fixture
-from tests.test_router import raw_request
 
 pytestmark = pytest.mark.real
 

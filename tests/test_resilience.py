@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import FakeFactory, RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request
 
 LLAMA = FakeModel(name="llama3.2:3b", size=2_000_000_000, family="llama")
 LLAMA_BIG = FakeModel(name="llama3.1:8b", size=4_900_000_000, family="llama")

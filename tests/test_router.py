@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import FakeFactory, RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.http_helpers import raw_request
 
 pytestmark = pytest.mark.both_loops
 
@@ -26,53 +27,6 @@ EMBED = FakeModel(
     family="nomic-bert",
     capabilities=["embedding"],
 )
-
-
-async def raw_request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-    *,
-    read_timeout: float = 10.0,
-    local_addr: tuple[str, int] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """A minimal HTTP/1.1 client on a raw socket (Connection: close) to see exact bytes;
-    ``local_addr`` picks the source address."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local_addr)
-    hdrs = {"host": f"127.0.0.1:{port}", "connection": "close", **(headers or {})}
-    if body or method in ("POST", "PUT", "DELETE"):
-        hdrs.setdefault("content-length", str(len(body)))
-        hdrs.setdefault("content-type", "application/json")
-    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
-    writer.write(head.encode() + b"\r\n" + body)
-    await writer.drain()
-    async with asyncio.timeout(read_timeout):
-        data = await reader.read(-1)
-    writer.close()
-    head_raw, _, rest = data.partition(b"\r\n\r\n")
-    lines = head_raw.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    out_headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        out_headers[k.strip().lower()] = v.strip()
-    if out_headers.get("transfer-encoding") == "chunked":
-        rest = dechunk(rest)
-    return status, out_headers, rest
-
-
-def dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2 :]
-    return bytes(out)
 
 
 @pytest.fixture

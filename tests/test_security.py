@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import RouterFactory
 from tests.fake_ollama import FakeModel, FakeOllama
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request
 
 SETTINGS = b'{"auto_pull": true}'
 

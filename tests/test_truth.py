@@ -22,7 +22,7 @@ import herd
 import scoring
 from tests.conftest import FakeFactory, RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel
-from tests.test_router import raw_request
+from tests.http_helpers import raw_request
 
 LLAMA = FakeModel(name="llama3.2:3b", size=2_000_000_000, family="llama")
 ROOT = Path(__file__).resolve().parent.parent
