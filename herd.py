@@ -18,6 +18,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import http
@@ -1274,6 +1275,303 @@ def framing_of(content_type: str | None) -> Framing:
 # =======================================================================================
 
 
+# ---------------------------------------------------------------- node reports ---------
+# A node report (a heartbeat's JSON, ARCHITECTURE.md "Heartbeat protocol") is parsed once, at
+# the edge, into the frozen types below; `NodeReport.parse` is the one validating constructor
+# (the router's /heartbeat uses it, tests run the agent's own beats through it). Everything a
+# snapshot turns into numbers is checked here, before any state changes: one bad beat gets a
+# 400, it does not break routing for the whole fleet later.
+
+
+class ReportError(ValueError):
+    """A report that breaks the heartbeat contract; the text is the router's 400 reason."""
+
+
+def _malformed(problem: str) -> ReportError:
+    return ReportError(f"malformed heartbeat: {problem}")
+
+
+def _bad_fields(obj: object, where: str, *numbers: str) -> str | None:
+    """Why ``obj`` (null allowed) is not an object whose ``numbers`` are numbers, or None."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        return f"{where} must be an object"
+    for k in numbers:
+        v = obj.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            return f"{where}.{k} must be a number"
+    return None
+
+
+def _entry_name(m: JSON) -> str:
+    return scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+
+
+def _loaded_problem(m: object) -> str | None:
+    return _bad_fields(m, "ollama.loaded[]", "size", "size_vram", "context_length")
+
+
+def _available_problem(m: object) -> str | None:
+    problem = _bad_fields(m, "ollama.available[]", "size")
+    if problem or not isinstance(m, dict):
+        return problem
+    details = m.get("details")
+    problem = _bad_fields(details, "ollama.available[].details")
+    if problem:
+        return problem
+    families = details.get("families") if isinstance(details, dict) else None
+    for k, v in (("capabilities", m.get("capabilities")), ("details.families", families)):
+        if v is not None and not isinstance(v, list):
+            return f"ollama.available[].{k} must be a list"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModels:
+    """An /api/ps ``models`` list: the entries as reported, and parsed by model name."""
+
+    entries: tuple[JSON, ...] = ()
+    models: Mapping[str, scoring.LoadedModel] = field(default_factory=dict)
+    names: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, entries: Iterable[object]) -> LoadedModels:
+        """Parse valid entries (a poll keeps what it can read: non-objects and entries with
+        non-numeric sizes are skipped); heartbeats are checked whole by ``OllamaReport``."""
+        kept = tuple(m for m in entries if isinstance(m, dict) and not _loaded_problem(m))
+        models: dict[str, scoring.LoadedModel] = {}
+        for m in kept:
+            name = _entry_name(m)
+            ctx = m.get("context_length")
+            models[name] = scoring.LoadedModel(
+                name=name,
+                size=int(m.get("size") or 0),
+                size_vram=int(m.get("size_vram") or 0),
+                context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
+                expires_at=parse_rfc3339(m.get("expires_at")),
+            )
+        return cls(kept, MappingProxyType(models), frozenset(models))
+
+
+@dataclass(frozen=True)
+class AvailableModels:
+    """An /api/tags ``models`` list: the entries as reported, parsed by model name, and (built
+    on first use, once per list) the part /fleet/status shows."""
+
+    entries: tuple[JSON, ...] = ()
+    models: Mapping[str, scoring.AvailableModel] = field(default_factory=dict)
+    names: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, entries: Iterable[object]) -> AvailableModels:
+        """Like ``LoadedModels.of``: valid entries only."""
+        kept = tuple(m for m in entries if isinstance(m, dict) and not _available_problem(m))
+        models: dict[str, scoring.AvailableModel] = {}
+        for m in kept:
+            name = _entry_name(m)
+            details = m.get("details") if isinstance(m.get("details"), dict) else {}
+            assert isinstance(details, dict)
+            families = details.get("families") or []
+            caps = m.get("capabilities") or []
+            models[name] = scoring.AvailableModel(
+                name=name,
+                size=int(m.get("size") or 0),
+                family=str(details.get("family") or ""),
+                families=tuple(str(f) for f in families if isinstance(f, str)),
+                parameter_size=str(details.get("parameter_size") or ""),
+                capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
+            )
+        return cls(kept, MappingProxyType(models), frozenset(models))
+
+    @functools.cached_property
+    def public(self) -> list[JSON]:
+        """The entries as /fleet/status shows them (read-only)."""
+        return [
+            {
+                "name": m.get("name"),
+                "size": m.get("size"),
+                "modified_at": m.get("modified_at"),
+                "details": m.get("details"),
+            }
+            for m in self.entries
+        ]
+
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """``public`` as JSON bytes (most of /fleet/status)."""
+        return dumps(self.public)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareReport:
+    """The beat's ``hardware`` object as reported (/fleet/status shows it) and what routing
+    reads of it."""
+
+    raw: JSON = field(default_factory=dict)
+    ram_total: int = 0
+    ram_available: int = 0
+    memory_pressure: str = "normal"
+    vram_total: int = 0
+    vram_used: int = 0
+    cpu_load: float = 0.0  # 0..1
+
+    @classmethod
+    def parse(cls, raw: object) -> HardwareReport:
+        if not isinstance(raw, dict):
+            raise ReportError("ollama and hardware must be objects")
+        mem, cpu, gpu = raw.get("memory"), raw.get("cpu"), raw.get("gpu")
+        devices = gpu.get("devices") if isinstance(gpu, dict) else None
+        problem = (
+            _bad_fields(mem, "hardware.memory", "total_bytes", "available_bytes")
+            or _bad_fields(cpu, "hardware.cpu", "cores", "utilization_pct")
+            or _bad_fields(raw.get("disk"), "hardware.disk", "total_bytes", "free_bytes")
+            or _bad_fields(gpu, "hardware.gpu")
+            or (None if devices is None or isinstance(devices, list) else
+                "gpu.devices must be a list")
+            or next((p for d in devices or () if (p := _bad_fields(
+                d, "gpu.devices[]", "memory_total_bytes", "memory_used_bytes"))), None)
+        )
+        if problem:
+            raise _malformed(problem)
+        vram_total = vram_used = 0
+        if isinstance(gpu, dict) and not gpu.get("unified"):
+            for dev in devices or ():
+                if isinstance(dev, dict):
+                    vram_total += int(dev.get("memory_total_bytes") or 0)
+                    vram_used += int(dev.get("memory_used_bytes") or 0)
+        mem = mem if isinstance(mem, dict) else {}
+        return cls(
+            raw=raw,
+            ram_total=int(mem.get("total_bytes") or 0),
+            ram_available=int(mem.get("available_bytes") or 0),
+            memory_pressure=str(mem.get("pressure") or "normal"),
+            vram_total=vram_total,
+            vram_used=vram_used,
+            cpu_load=float(cpu.get("utilization_pct") or 0.0) / 100.0
+            if isinstance(cpu, dict) else 0.0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OllamaReport:
+    """The beat's ``ollama`` object. ``loaded`` None: not reported; ``available`` None:
+    unchanged since the last beat (``available_hash`` says which list the agent has)."""
+
+    reachable: bool = True
+    version: str = ""
+    num_parallel: int | None = None
+    max_loaded_models: int | None = None
+    loaded: LoadedModels | None = None
+    available: AvailableModels | None = None
+    available_hash: str = ""
+
+    @classmethod
+    def parse(cls, raw: object) -> OllamaReport:
+        if not isinstance(raw, dict):
+            raise ReportError("ollama and hardware must be objects")
+        loaded, available = raw.get("loaded"), raw.get("available")
+        if loaded is not None and not isinstance(loaded, list):
+            raise ReportError("ollama.loaded must be a list")
+        if available is not None and not isinstance(available, list):
+            raise ReportError("ollama.available must be a list or null")
+        problem = next((p for m in loaded or () if (p := _loaded_problem(m))), None) or next(
+            (p for m in available or () if (p := _available_problem(m))), None)
+        if problem:
+            raise _malformed(problem)
+        np_, ml = raw.get("num_parallel"), raw.get("max_loaded_models")
+        return cls(
+            reachable=bool(raw.get("reachable", True)),
+            version=str(raw.get("version") or ""),
+            num_parallel=int(np_) if isinstance(np_, int) and np_ > 0 else None,
+            max_loaded_models=int(ml) if isinstance(ml, int) and ml > 0 else None,
+            loaded=LoadedModels.of(loaded) if loaded is not None else None,
+            available=AvailableModels.of(available) if available is not None else None,
+            available_hash=str(raw.get("available_hash") or ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilitiesReport:
+    """The beat's ``capabilities`` object as reported, and the image/STT models it names."""
+
+    raw: JSON = field(default_factory=dict)
+    models: tuple[tuple[str, str], ...] = ()  # (kind, normalised model name)
+
+    @classmethod
+    def parse(cls, raw: object) -> CapabilitiesReport:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise _malformed("capabilities: object")
+        for kind in ("image", "stt"):
+            if raw.get(kind) is not None and not isinstance(raw.get(kind), list):
+                raise _malformed(f"capabilities.{kind} must be a list")
+        return cls(raw, tuple(
+            (kind, scoring.normalize_model(str(entry["name"])))
+            for kind in ("image", "stt")
+            for entry in raw.get(kind) or ()
+            if isinstance(entry, dict) and entry.get("name")
+        ))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    """One heartbeat, parsed: see ``parse``."""
+
+    node_id: str
+    ollama_url: str  # normalised
+    interval_s: float | None  # None: not sent (the router's default applies)
+    agent_version: str
+    draining: bool
+    hardware: HardwareReport
+    ollama: OllamaReport
+    capabilities: CapabilitiesReport
+    errors: tuple[JSON, ...]
+
+    @classmethod
+    def parse(cls, beat: JSON) -> NodeReport:
+        """The one validating constructor: ``ReportError`` (its text is the 400 reason)
+        names the first field that breaks the contract."""
+        node_id = beat.get("node_id")
+        if not valid_node_id(node_id):
+            raise ReportError("node_id must match [A-Za-z0-9._-]{1,64}")
+        assert isinstance(node_id, str)
+        url = beat.get("ollama_url")
+        if not isinstance(url, str):
+            raise ReportError("ollama_url is required")
+        try:
+            url = normalize_url(url)
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
+        ollama_raw, hardware_raw = beat.get("ollama") or {}, beat.get("hardware") or {}
+        if not isinstance(ollama_raw, dict) or not isinstance(hardware_raw, dict):
+            raise ReportError("ollama and hardware must be objects")
+        for key, what in (("loaded", "a list"), ("available", "a list or null")):
+            if ollama_raw.get(key) is not None and not isinstance(ollama_raw.get(key), list):
+                raise ReportError(f"ollama.{key} must be {what}")
+        hardware = HardwareReport.parse(hardware_raw)
+        ollama = OllamaReport.parse(ollama_raw)
+        capabilities = CapabilitiesReport.parse(beat.get("capabilities"))
+        interval = beat.get("interval_s")
+        if "interval_s" in beat and (
+                not isinstance(interval, int | float) or not 0.05 <= interval <= 300):
+            raise ReportError("interval_s must be a number between 0.05 and 300")
+        errors = beat.get("errors")
+        return cls(
+            node_id=node_id,
+            ollama_url=url,
+            interval_s=float(interval) if isinstance(interval, int | float) else None,
+            agent_version=str(beat.get("agent_version") or ""),
+            draining=bool(beat.get("draining")),
+            hardware=hardware,
+            ollama=ollama,
+            capabilities=capabilities,
+            errors=tuple(e for e in errors if isinstance(e, dict))
+            if isinstance(errors, list) else (),
+        )
+
+
 @dataclass(slots=True)
 class Node:
     """What the router knows about one node; fed by polling (static) or heartbeats (agent)."""
@@ -1289,14 +1587,14 @@ class Node:
     last_error: str = ""
     version: str = ""
     reachable: bool = False
-    loaded: list[JSON] = field(default_factory=list)  # /api/ps entries as reported
-    available: list[JSON] = field(default_factory=list)  # /api/tags entries as reported
+    loaded_models: LoadedModels = field(default_factory=LoadedModels)  # /api/ps, parsed
+    available_models: AvailableModels = field(default_factory=AvailableModels)  # /api/tags
     available_hash: str = ""
     recently_unloaded: dict[str, float] = field(default_factory=dict)
-    hardware: JSON = field(default_factory=dict)
+    hardware_report: HardwareReport = field(default_factory=HardwareReport)
     num_parallel: int | None = None
     max_loaded_models: int | None = None
-    capabilities: JSON = field(default_factory=dict)
+    capabilities_report: CapabilitiesReport = field(default_factory=CapabilitiesReport)
     errors: list[JSON] = field(default_factory=list)
     agent_addr: str = ""  # address heartbeats come from
     agent_version: str = ""
@@ -1305,44 +1603,41 @@ class Node:
     loading: dict[str, float] = field(default_factory=dict)  # model → when a load was sent
     held_since: float = 0.0  # pending / rejected (consent): since when, and why
     held_reason: str = ""
-    parsed: dict[str, tuple[tuple[int, int], Any, list[JSON]]] = field(
-        default_factory=dict, repr=False)
 
-    def _cached(self, key: str, source: list[JSON], build: Callable[[], Any]) -> Any:
-        """Parsed views of ``loaded``/``available``, rebuilt only when the list changes.
+    # the reports' entries as reported (read-only: replaced by polls and heartbeats)
+    @property
+    def loaded(self) -> tuple[JSON, ...]:
+        return self.loaded_models.entries
 
-        The lists are replaced wholesale by polls and heartbeats, never edited in place, so
-        (identity, length) is a reliable version stamp.
-        """
-        stamp = (id(source), len(source))
-        hit = self.parsed.get(key)
-        if hit is not None and hit[0] == stamp and hit[2] is source:
-            return hit[1]
-        value = build()
-        self.parsed[key] = (stamp, value, source)
-        return value
+    @property
+    def available(self) -> tuple[JSON, ...]:
+        return self.available_models.entries
+
+    @available.setter
+    def available(self, entries: Iterable[object]) -> None:
+        self.available_models = AvailableModels.of(entries)
+
+    @property
+    def hardware(self) -> JSON:
+        return self.hardware_report.raw
+
+    @property
+    def capabilities(self) -> JSON:
+        return self.capabilities_report.raw
 
     def loaded_names(self) -> frozenset[str]:
-        names: frozenset[str] = self._cached("loaded_names", self.loaded, lambda: frozenset(
-            scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
-            for m in self.loaded
-        ))
-        return names
+        return self.loaded_models.names
 
     def available_names(self) -> frozenset[str]:
-        names: frozenset[str] = self._cached("available_names", self.available,
-                                             lambda: frozenset(
-            scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
-            for m in self.available
-        ))
-        return names
+        return self.available_models.names
 
     def has_model(self, model: str) -> bool:
         return model in self.available_names() or model in self.loaded_names()
 
-    def set_loaded(self, entries: list[JSON], now: float) -> None:
+    def set_loaded(self, entries: Iterable[object] | LoadedModels, now: float) -> None:
         before = self.loaded_names()
-        self.loaded = entries
+        self.loaded_models = (
+            entries if isinstance(entries, LoadedModels) else LoadedModels.of(entries))
         after = self.loaded_names()
         for gone in before - after:
             self.recently_unloaded[gone] = now
@@ -1354,83 +1649,27 @@ class Node:
                 del self.recently_unloaded[name]
 
     def snapshot(self, now: float) -> scoring.NodeSnapshot:
-        parsed_loaded: dict[str, scoring.LoadedModel] = self._cached(
-            "loaded", self.loaded, self._parse_loaded)
-        loaded = {name: lm for name, lm in parsed_loaded.items()
+        loaded = {name: lm for name, lm in self.loaded_models.models.items()
                   if lm.expires_at is None or lm.expires_at >= now}  # expired: unloading
-        available: dict[str, scoring.AvailableModel] = dict(
-            self._cached("available", self.available, self._parse_available))
-        return self._snapshot_rest(now, loaded, available)
-
-    def _parse_loaded(self) -> dict[str, scoring.LoadedModel]:
-        loaded: dict[str, scoring.LoadedModel] = {}
-        for m in self.loaded:
-            name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
-            expires = parse_rfc3339(m.get("expires_at"))
-            ctx = m.get("context_length")
-            loaded[name] = scoring.LoadedModel(
-                name=name,
-                size=int(m.get("size") or 0),
-                size_vram=int(m.get("size_vram") or 0),
-                context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
-                expires_at=expires,
-            )
-        return loaded
-
-    def _parse_available(self) -> dict[str, scoring.AvailableModel]:
-        available: dict[str, scoring.AvailableModel] = {}
-        for m in self.available:
-            name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
-            details = m.get("details") if isinstance(m.get("details"), dict) else {}
-            assert isinstance(details, dict)
-            families = details.get("families") or []
-            caps = m.get("capabilities") or []
-            available[name] = scoring.AvailableModel(
-                name=name,
-                size=int(m.get("size") or 0),
-                family=str(details.get("family") or ""),
-                families=tuple(str(f) for f in families if isinstance(f, str)),
-                parameter_size=str(details.get("parameter_size") or ""),
-                capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
-            )
-        return available
-
-    def _snapshot_rest(self, now: float, loaded: dict[str, scoring.LoadedModel],
-                       available: dict[str, scoring.AvailableModel]) -> scoring.NodeSnapshot:
-        for kind in ("image", "stt"):
-            for entry in self.capabilities.get(kind) or []:
-                if isinstance(entry, dict) and entry.get("name"):
-                    cname = scoring.normalize_model(str(entry["name"]))
-                    available.setdefault(
-                        cname, scoring.AvailableModel(name=cname, size=0, capabilities=(kind,))
-                    )
-        mem = self.hardware.get("memory") or {}
-        gpu = self.hardware.get("gpu") or {}
-        vram_total = vram_used = 0
-        if isinstance(gpu, dict) and not gpu.get("unified"):
-            for dev in gpu.get("devices") or []:
-                if isinstance(dev, dict):
-                    vram_total += int(dev.get("memory_total_bytes") or 0)
-                    vram_used += int(dev.get("memory_used_bytes") or 0)
-        cpu = self.hardware.get("cpu") or {}
+        available = dict(self.available_models.models)
+        for kind, cname in self.capabilities_report.models:
+            available.setdefault(
+                cname, scoring.AvailableModel(name=cname, size=0, capabilities=(kind,)))
+        hw = self.hardware_report
         return scoring.NodeSnapshot(
             node_id=self.node_id,
             status=self.status,
-            ram_total=int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
-            ram_available=int(mem.get("available_bytes") or 0) if isinstance(mem, dict) else 0,
-            vram_total=vram_total,
-            vram_available=max(0, vram_total - vram_used),
-            memory_pressure=str(mem.get("pressure") or "normal")
-            if isinstance(mem, dict)
-            else "normal",
+            ram_total=hw.ram_total,
+            ram_available=hw.ram_available,
+            vram_total=hw.vram_total,
+            vram_available=max(0, hw.vram_total - hw.vram_used),
+            memory_pressure=hw.memory_pressure,
             loaded=loaded,
             available=available,
             recently_unloaded=dict(self.recently_unloaded),
             loading={m: t for m, t in self.loading.items() if now - t < 900},
             num_parallel=self.num_parallel,
-            cpu_load=float(cpu.get("utilization_pct") or 0.0) / 100.0
-            if isinstance(cpu, dict)
-            else 0.0,
+            cpu_load=hw.cpu_load,
             reachable=self.reachable,
         )
 
@@ -1471,20 +1710,11 @@ class Node:
 
     def available_public(self) -> list[JSON]:
         """``available`` as /fleet/status shows it (built once per reported list; read-only)."""
-        return cast(list[JSON], self._cached("available_public", self.available, lambda: [
-            {
-                "name": m.get("name"),
-                "size": m.get("size"),
-                "modified_at": m.get("modified_at"),
-                "details": m.get("details"),
-            }
-            for m in self.available
-        ]))
+        return self.available_models.public
 
     def available_json(self) -> bytes:
         """``available_public()`` encoded, once per reported list (most of /fleet/status)."""
-        return cast(bytes, self._cached(
-            "available_json", self.available, lambda: dumps(self.available_public())))
+        return self.available_models.encoded
 
 
 NODE_TOP_FIELDS = frozenset({"memory", "cpu", "disk"})  # hardware shown at a node's top level
@@ -4434,94 +4664,11 @@ class Router:
 
     def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
         """Register or refresh an agent node; 400 on a malformed beat, 409 on a takeover."""
-        node_id = beat.get("node_id")
-        if not valid_node_id(node_id):
-            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
-        assert isinstance(node_id, str)
-        url = beat.get("ollama_url")
-        if not isinstance(url, str):
-            raise HttpError(400, "ollama_url is required")
         try:
-            url = normalize_url(url)
-        except ValueError as exc:
+            report = NodeReport.parse(beat)
+        except ReportError as exc:
             raise HttpError(400, str(exc)) from None
-        ollama = beat.get("ollama") or {}
-        hardware = beat.get("hardware") or {}
-        if not isinstance(ollama, dict) or not isinstance(hardware, dict):
-            raise HttpError(400, "ollama and hardware must be objects")
-        loaded = ollama.get("loaded")
-        available = ollama.get("available")
-        if loaded is not None and not isinstance(loaded, list):
-            raise HttpError(400, "ollama.loaded must be a list")
-        if available is not None and not isinstance(available, list):
-            raise HttpError(400, "ollama.available must be a list or null")
-
-        # Everything Node.snapshot() turns into numbers is checked here, before any state
-        # changes: one bad beat must get a 400, not break routing for the whole fleet later.
-        def bad_fields(obj: object, where: str, *numbers: str) -> str | None:
-            if obj is None:
-                return None
-            if not isinstance(obj, dict):
-                return f"{where} must be an object"
-            for k in numbers:
-                v = obj.get(k)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-                    return f"{where}.{k} must be a number"
-            return None
-
-        gpu = hardware.get("gpu")
-        devices = gpu.get("devices") if isinstance(gpu, dict) else None
-        caps_in = beat.get("capabilities")
-        problems = [
-            bad_fields(hardware.get("memory"), "hardware.memory", "total_bytes", "available_bytes"),
-            bad_fields(hardware.get("cpu"), "hardware.cpu", "cores", "utilization_pct"),
-            bad_fields(hardware.get("disk"), "hardware.disk", "total_bytes", "free_bytes"),
-            bad_fields(gpu, "hardware.gpu"),
-            None if devices is None or isinstance(devices, list) else "gpu.devices must be a list",
-            *(
-                bad_fields(d, "gpu.devices[]", "memory_total_bytes", "memory_used_bytes")
-                for d in (devices if isinstance(devices, list) else [])
-            ),
-            *(
-                bad_fields(m, "ollama.loaded[]", "size", "size_vram", "context_length")
-                for m in (loaded or [])
-            ),
-            *(bad_fields(m, "ollama.available[]", "size") for m in (available or [])),
-            *(
-                bad_fields(m.get("details"), "ollama.available[].details")
-                for m in (available or [])
-                if isinstance(m, dict)
-            ),
-            *(
-                f"ollama.available[].{k} must be a list"
-                for m in (available or [])
-                if isinstance(m, dict)
-                for k, v in (
-                    ("capabilities", m.get("capabilities")),
-                    (
-                        "details.families",
-                        m["details"].get("families")
-                        if isinstance(m.get("details"), dict)
-                        else None,
-                    ),
-                )
-                if v is not None and not isinstance(v, list)
-            ),
-            None if caps_in is None or isinstance(caps_in, dict) else "capabilities: object",
-            *(
-                f"capabilities.{k} must be a list"
-                for k in ("image", "stt")
-                if isinstance(caps_in, dict)
-                and caps_in.get(k) is not None
-                and not isinstance(caps_in.get(k), list)
-            ),
-        ]
-        problem = next((p for p in problems if p), None)
-        if problem:
-            raise HttpError(400, f"malformed heartbeat: {problem}")
-        interval = beat.get("interval_s", self.config.heartbeat_interval_s)
-        if not isinstance(interval, int | float) or not 0.05 <= interval <= 300:
-            raise HttpError(400, "interval_s must be a number between 0.05 and 300")
+        node_id, url = report.node_id, report.ollama_url
         node = self.nodes.get(node_id)
         if node is not None and node.source != "agent":
             raise HttpError(409, f"node id '{node_id}' is taken by a static node")
@@ -4563,30 +4710,27 @@ class Router:
         node.url = url
         node.agent_addr = addr
         node.last_seen = now
-        node.interval_s = float(interval)
-        node.hardware = hardware
-        node.agent_version = str(beat.get("agent_version") or "")
-        node.version = str(ollama.get("version") or node.version)
-        node.reachable = bool(ollama.get("reachable", True))
-        np_ = ollama.get("num_parallel")
-        node.num_parallel = int(np_) if isinstance(np_, int) and np_ > 0 else None
-        ml = ollama.get("max_loaded_models")
-        node.max_loaded_models = int(ml) if isinstance(ml, int) and ml > 0 else None
-        if isinstance(loaded, list):
-            node.set_loaded([m for m in loaded if isinstance(m, dict)], now)
-        digest = str(ollama.get("available_hash") or "")
-        if isinstance(available, list):
-            node.available = [m for m in available if isinstance(m, dict)]
-            node.available_hash = digest
-        elif digest != node.available_hash:
+        node.interval_s = float(
+            self.config.heartbeat_interval_s if report.interval_s is None else report.interval_s)
+        node.hardware_report = report.hardware
+        node.agent_version = report.agent_version
+        ollama = report.ollama
+        node.version = ollama.version or node.version
+        node.reachable = ollama.reachable
+        node.num_parallel = ollama.num_parallel
+        node.max_loaded_models = ollama.max_loaded_models
+        if ollama.loaded is not None:
+            node.set_loaded(ollama.loaded, now)
+        if ollama.available is not None:
+            node.available_models = ollama.available
+            node.available_hash = ollama.available_hash
+        elif ollama.available_hash != node.available_hash:
             need_full = True
-        caps = beat.get("capabilities")
-        node.capabilities = caps if isinstance(caps, dict) else {}
-        errs = beat.get("errors")
-        node.errors = [e for e in errs if isinstance(e, dict)] if isinstance(errs, list) else []
+        node.capabilities_report = report.capabilities
+        node.errors = list(report.errors)
         if admission != "approved":
             node.status = admission  # pending | rejected: held, never routed to
-        elif beat.get("draining"):
+        elif report.draining:
             self._set_status(node, "draining", now)
         elif not node.reachable:
             node.last_error = "agent reports its Ollama unreachable"
