@@ -949,6 +949,63 @@ async def linger_close(writer: asyncio.StreamWriter, reader: asyncio.StreamReade
                 dropped += len(data)
 
 
+class IdleWatch:
+    """Bounds each wait for a node's next bytes by ``timeout`` seconds, like
+    ``asyncio.timeout`` around every read, but with one timer for the whole response
+    instead of one per chunk: a chunk only notes when its wait began, and the timer, when it
+    fires early, re-arms itself for the current wait's deadline. A wait that reaches its
+    deadline cancels the reading task, which ``receive`` turns into ``TimeoutError`` (an
+    outside cancellation stays a cancellation). Waiting on the *client* (a slow reader)
+    never counts: only time spent inside ``receive``."""
+
+    __slots__ = ("_loop", "_task", "expired", "handle", "reading", "since", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.timeout = timeout
+        self.reading = False
+        self.since = self._loop.time()
+        self.expired = False
+        self.handle: asyncio.TimerHandle | None = None
+
+    def _check(self) -> None:
+        self.handle = None
+        if not self.reading:
+            return  # re-armed by the next wait
+        due = self.since + self.timeout
+        if self._loop.time() < due:
+            self.handle = self._loop.call_at(due, self._check)
+            return
+        self.expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def receive(self, stream: HttpStream) -> h11.Event | type[h11.PAUSED]:
+        """``stream``'s next event, reading as needed, each read bounded as above."""
+        self.since = self._loop.time()
+        self.reading = True
+        if self.handle is None:
+            self.handle = self._loop.call_at(self.since + self.timeout, self._check)
+        try:
+            while True:
+                stream.conn.receive_data(await stream._read())
+                event = stream.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return cast("h11.Event | type[h11.PAUSED]", event)
+        except asyncio.CancelledError:
+            if self.expired and self._task is not None and self._task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self.reading = False
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class UpstreamResponse:
     """A node's response head plus its body as a stream; returns the connection to the pool."""
 
@@ -971,26 +1028,42 @@ class UpstreamResponse:
         self, idle_timeout: float | None = None, first_timeout: float | None = None
     ) -> AsyncIterator[bytes]:
         """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk, and
-        ``first_timeout`` (when given) the wait for the first one instead."""
+        ``first_timeout`` (when given) the wait for the first one instead.
+
+        The first wait has its own timer; the later ones share one ``IdleWatch`` per
+        response (no timer per chunk): the same bound, checked lazily."""
         if self._done:
             return
         timeout = first_timeout if first_timeout is not None else idle_timeout
+        stream = self._stream
+        watch: IdleWatch | None = None
         try:
             while True:
                 try:
-                    event = await self._stream.receive(timeout)
-                    timeout = idle_timeout
+                    if watch is None:
+                        event = await stream.receive(timeout)
+                        if idle_timeout is not None:
+                            watch = IdleWatch(idle_timeout)
+                    else:
+                        ev = stream.conn.next_event()
+                        event = (
+                            await watch.receive(stream)
+                            if ev is h11.NEED_DATA
+                            else cast("h11.Event | type[h11.PAUSED]", ev)
+                        )
                 except h11.RemoteProtocolError as exc:
                     raise ConnectionClosed(f"node broke the response: {exc}") from None
                 if isinstance(event, h11.Data):
                     yield bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     self._done = True
-                    self._pool.release(self.key, self._stream)
+                    self._pool.release(self.key, stream)
                     return
                 else:
                     raise ConnectionClosed("node closed the connection mid-response")
         finally:
+            if watch is not None:
+                watch.close()
             if not self._done:
                 self.close()
 
