@@ -1250,40 +1250,49 @@ class LineRelay:
     middle of a record never leaves half a JSON object on the client's stream.
     """
 
-    __slots__ = ("buf", "framing", "last_final", "records", "sep")
+    __slots__ = ("buf", "framing", "last_final", "sep")
 
     def __init__(self, framing: Framing) -> None:
         self.framing = framing
         self.sep = b"\n\n" if framing == "sse" else b"\n"
         self.buf = bytearray()
-        self.records = 0
         self.last_final: bytes | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Append a chunk; return the bytes that now form complete records."""
         if self.framing == "raw":
             return chunk
-        if not self.buf and chunk.endswith(self.sep):  # whole records, nothing held: no copy
-            self._note(chunk)
-            return chunk
-        self.buf += chunk
-        cut = self.buf.rfind(self.sep)
-        if cut < 0:
-            return b""
-        cut += len(self.sep)
-        out = bytes(self.buf[:cut])
-        del self.buf[:cut]
+        sep = self.sep
+        if self.buf:
+            self.buf += chunk
+            cut = self.buf.rfind(sep)
+            if cut < 0:
+                return b""
+            cut += len(sep)
+            out = bytes(self.buf[:cut])
+            del self.buf[:cut]
+        elif chunk.endswith(sep):  # whole records, nothing held: no copy
+            out = chunk
+        else:  # nothing held: copy only the complete records out, hold the partial rest
+            cut = chunk.rfind(sep)
+            if cut < 0:
+                self.buf += chunk
+                return b""
+            cut += len(sep)
+            out = chunk[:cut]
+            self.buf += memoryview(chunk)[cut:]
         self._note(out)
         return out
 
     def _note(self, out: bytes) -> None:
         if self.framing == "ndjson":
-            self.records += out.count(b"\n")
-            if b'"done":true' in out or b'"done": true' in out:
-                start = out.rfind(b"\n", 0, len(out) - 1) + 1
+            # Ollama's final object is a stream's last line: look at each output's last line
+            start = out.rfind(b"\n", 0, len(out) - 1) + 1
+            if out.find(b'"done"', start) >= 0 and (
+                out.find(b'"done":true', start) >= 0 or out.find(b'"done": true', start) >= 0
+            ):
                 self.last_final = out[start:]
         else:
-            self.records += out.count(b"\n\n")
             if b'"usage"' in out:
                 for record in out.split(b"\n\n"):
                     # "data: {...}", or "event: <type>\ndata: {...}" (Responses API)
