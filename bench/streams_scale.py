@@ -127,7 +127,9 @@ async def run_nodes() -> None:
     tokens = {m: chunk(token_line(m)) for m in MODELS}
     finals = {m: chunk(final_line(m, TOKENS)) + b"0\r\n\r\n" for m in MODELS}
     blast_line = token_line(BLAST_MODEL)
-    blast = (blast_line * (BLAST_LINES - 1)) + final_line(BLAST_MODEL, BLAST_LINES)
+    # the blast's final line claims the token models' speed: a node that served it must not
+    # look 400x faster to herd's learning (which would then queue for that node)
+    blast = (blast_line * (BLAST_LINES - 1)) + final_line(BLAST_MODEL, TOKENS)
     # active streams: [writer, model, tokens left, done future]
     active: list[list[Any]] = []
 
