@@ -1688,11 +1688,19 @@ class SlotQueue:
     failed: int = 0
     last_used: float = 0.0
     waiters: OrderedDict[int, Waiter] = field(default_factory=OrderedDict, repr=False)
+    last_snapshot: scoring.QueueSnapshot = field(default_factory=scoring.QueueSnapshot,
+                                                 repr=False)
 
     def snapshot(self) -> scoring.QueueSnapshot:
-        return scoring.QueueSnapshot(
-            pending=self.pending, in_flight=self.in_flight, slots=self.slots
-        )
+        """Every request snapshots every queue: an unchanged queue returns the same (frozen)
+        snapshot instead of building a new one."""
+        snap = self.last_snapshot
+        if (snap.in_flight != self.in_flight or snap.pending != self.pending
+                or snap.slots != self.slots):
+            snap = self.last_snapshot = scoring.QueueSnapshot(
+                pending=self.pending, in_flight=self.in_flight, slots=self.slots
+            )
+        return snap
 
     def public(self) -> JSON:
         return {
