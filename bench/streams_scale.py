@@ -301,6 +301,7 @@ async def one_stream(port: int, model: str, prompt: str = "hi") -> tuple[int, bo
     lines = 0
     done = False
     tail = b""
+    last = 0  # the previous read's last byte: a "}\n" may straddle two reads
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         ttfb = time.perf_counter() - t0
@@ -310,7 +311,8 @@ async def one_stream(port: int, model: str, prompt: str = "hi") -> tuple[int, bo
             data = await reader.read(262144)
             if not data:
                 break
-            lines += data.count(b"}\n")
+            lines += data.count(b"}\n") + (last == 0x7D and data[0] == 0x0A)
+            last = data[-1]
             if b'"done":true' in data:
                 done = True
             tail = (tail + data)[-7:]
