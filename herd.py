@@ -951,6 +951,63 @@ class HttpServer:
 # =======================================================================================
 
 
+class IdleWatch:
+    """Bounds each wait for a node's next bytes by ``timeout`` seconds, like
+    ``asyncio.timeout`` around every read, but with one timer for the whole response
+    instead of one per chunk: a chunk only notes when its wait began, and the timer, when it
+    fires early, re-arms itself for the current wait's deadline. A wait that reaches its
+    deadline cancels the reading task, which ``receive`` turns into ``TimeoutError`` (an
+    outside cancellation stays a cancellation). Waiting on the *client* (a slow reader)
+    never counts: only time spent inside ``receive``."""
+
+    __slots__ = ("_loop", "_task", "expired", "handle", "reading", "since", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.timeout = timeout
+        self.reading = False
+        self.since = self._loop.time()
+        self.expired = False
+        self.handle: asyncio.TimerHandle | None = None
+
+    def _check(self) -> None:
+        self.handle = None
+        if not self.reading:
+            return  # re-armed by the next wait
+        due = self.since + self.timeout
+        if self._loop.time() < due:
+            self.handle = self._loop.call_at(due, self._check)
+            return
+        self.expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def receive(self, stream: HttpStream) -> h11.Event | type[h11.PAUSED]:
+        """``stream``'s next event, reading as needed, each read bounded as above."""
+        self.since = self._loop.time()
+        self.reading = True
+        if self.handle is None:
+            self.handle = self._loop.call_at(self.since + self.timeout, self._check)
+        try:
+            while True:
+                stream.conn.receive_data(await stream._read())
+                event = stream.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return cast("h11.Event | type[h11.PAUSED]", event)
+        except asyncio.CancelledError:
+            if self.expired and self._task is not None and self._task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self.reading = False
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class UpstreamResponse:
     """A node's response head plus its body as a stream; returns the connection to the pool."""
 
@@ -973,26 +1030,42 @@ class UpstreamResponse:
         self, idle_timeout: float | None = None, first_timeout: float | None = None
     ) -> AsyncIterator[bytes]:
         """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk, and
-        ``first_timeout`` (when given) the wait for the first one instead."""
+        ``first_timeout`` (when given) the wait for the first one instead.
+
+        The first wait has its own timer; the later ones share one ``IdleWatch`` per
+        response (no timer per chunk): the same bound, checked lazily."""
         if self._done:
             return
         timeout = first_timeout if first_timeout is not None else idle_timeout
+        stream = self._stream
+        watch: IdleWatch | None = None
         try:
             while True:
                 try:
-                    event = await self._stream.receive(timeout)
-                    timeout = idle_timeout
+                    if watch is None:
+                        event = await stream.receive(timeout)
+                        if idle_timeout is not None:
+                            watch = IdleWatch(idle_timeout)
+                    else:
+                        ev = stream.conn.next_event()
+                        event = (
+                            await watch.receive(stream)
+                            if ev is h11.NEED_DATA
+                            else cast("h11.Event | type[h11.PAUSED]", ev)
+                        )
                 except h11.RemoteProtocolError as exc:
                     raise ConnectionClosed(f"node broke the response: {exc}") from None
                 if isinstance(event, h11.Data):
                     yield bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     self._done = True
-                    self._pool.release(self.key, self._stream)
+                    self._pool.release(self.key, stream)
                     return
                 else:
                     raise ConnectionClosed("node closed the connection mid-response")
         finally:
+            if watch is not None:
+                watch.close()
             if not self._done:
                 self.close()
 
@@ -1175,40 +1248,49 @@ class LineRelay:
     middle of a record never leaves half a JSON object on the client's stream.
     """
 
-    __slots__ = ("buf", "framing", "last_final", "records", "sep")
+    __slots__ = ("buf", "framing", "last_final", "sep")
 
     def __init__(self, framing: Framing) -> None:
         self.framing = framing
         self.sep = b"\n\n" if framing == "sse" else b"\n"
         self.buf = bytearray()
-        self.records = 0
         self.last_final: bytes | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Append a chunk; return the bytes that now form complete records."""
         if self.framing == "raw":
             return chunk
-        if not self.buf and chunk.endswith(self.sep):  # whole records, nothing held: no copy
-            self._note(chunk)
-            return chunk
-        self.buf += chunk
-        cut = self.buf.rfind(self.sep)
-        if cut < 0:
-            return b""
-        cut += len(self.sep)
-        out = bytes(self.buf[:cut])
-        del self.buf[:cut]
+        sep = self.sep
+        if self.buf:
+            self.buf += chunk
+            cut = self.buf.rfind(sep)
+            if cut < 0:
+                return b""
+            cut += len(sep)
+            out = bytes(self.buf[:cut])
+            del self.buf[:cut]
+        elif chunk.endswith(sep):  # whole records, nothing held: no copy
+            out = chunk
+        else:  # nothing held: copy only the complete records out, hold the partial rest
+            cut = chunk.rfind(sep)
+            if cut < 0:
+                self.buf += chunk
+                return b""
+            cut += len(sep)
+            out = chunk[:cut]
+            self.buf += memoryview(chunk)[cut:]
         self._note(out)
         return out
 
     def _note(self, out: bytes) -> None:
         if self.framing == "ndjson":
-            self.records += out.count(b"\n")
-            if b'"done":true' in out or b'"done": true' in out:
-                start = out.rfind(b"\n", 0, len(out) - 1) + 1
+            # Ollama's final object is a stream's last line: look at each output's last line
+            start = out.rfind(b"\n", 0, len(out) - 1) + 1
+            if out.find(b'"done"', start) >= 0 and (
+                out.find(b'"done":true', start) >= 0 or out.find(b'"done": true', start) >= 0
+            ):
                 self.last_final = out[start:]
         else:
-            self.records += out.count(b"\n\n")
             if b'"usage"' in out:
                 for record in out.split(b"\n\n"):
                     # "data: {...}", or "event: <type>\ndata: {...}" (Responses API)
@@ -1833,11 +1915,19 @@ class SlotQueue:
     failed: int = 0
     last_used: float = 0.0
     waiters: OrderedDict[int, Waiter] = field(default_factory=OrderedDict, repr=False)
+    last_snapshot: scoring.QueueSnapshot = field(default_factory=scoring.QueueSnapshot,
+                                                 repr=False)
 
     def snapshot(self) -> scoring.QueueSnapshot:
-        return scoring.QueueSnapshot(
-            pending=self.pending, in_flight=self.in_flight, slots=self.slots
-        )
+        """Every request snapshots every queue: an unchanged queue returns the same (frozen)
+        snapshot instead of building a new one."""
+        snap = self.last_snapshot
+        if (snap.in_flight != self.in_flight or snap.pending != self.pending
+                or snap.slots != self.slots):
+            snap = self.last_snapshot = scoring.QueueSnapshot(
+                pending=self.pending, in_flight=self.in_flight, slots=self.slots
+            )
+        return snap
 
     def public(self) -> JSON:
         return {

@@ -258,3 +258,16 @@ def test_raw_framing_passes_everything_through() -> None:
     relay = herd.LineRelay("raw")
     out = b"".join(relay.feed(c) for c in split_at(data, [rng.randrange(5000) for _ in range(9)]))
     assert out + relay.tail() == data
+
+
+@FUZZ
+@given(texts=texts_st, cuts=cuts_st, extra=st.integers(min_value=1, max_value=3))
+def test_ndjson_final_object_is_always_a_done_line(
+    texts: list[str], cuts: list[int], extra: int
+) -> None:
+    """Lines after the done line (a misbehaving node) never pass for the final object: it is
+    the done line when it ends a read, else nothing (each read's last line is looked at, not
+    every line of it)."""
+    data = ndjson_stream(texts) + b'{"model":"x","response":"late","done":false}\n' * extra
+    final = check_exact("ndjson", data, split_at(data, cuts))
+    assert final is None or final["done"] is True
