@@ -1909,12 +1909,14 @@ class Router:
                 run_start = end - (pe + ev) / 1000.0
                 finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
                 clean_k = attempt.dispatch_k - finished
+                tol = 0.25 + 0.02 * queue_ms / 1000.0
+                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
                 if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
                     clean_k = min(clean_k, 1)
                 self.slot_bounds[key] = scoring.learn_slots(
                     self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
                     concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
-                    now=time.time(), policy=self.policy)
+                    now=time.time(), policy=self.policy, started_as_one_ended=freed)
                 self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
                     [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
         ends.append(end)

@@ -614,6 +614,7 @@ def learn_slots(
     work_ms: float,
     now: float,
     policy: Policy,
+    started_as_one_ended: bool = True,
 ) -> SlotBounds:
     """Fold one finished request into the slot bounds (pure).
 
@@ -622,11 +623,16 @@ def learn_slots(
     one started to run (the others finished before). ``queue_ms``: ``hidden_queue_ms``;
     ``work_ms``: its own prefill + decode time. Queueing at k means slots < k; none while
     ``concurrency_clean`` ran together means slots >= concurrency_clean. A value between the
-    two thresholds says nothing.
+    two thresholds says nothing. ``started_as_one_ended``: it began to run the moment
+    another request on the same node:model finished, as a request waiting for a slot does;
+    a wait that ended otherwise was for something else (Ollama's scheduler loading another
+    model, memory draining) and says nothing about slots.
     """
     b = bounds if bounds is not None else SlotBounds()
     queued = queue_ms >= max(policy.slot_queue_min_ms, policy.slot_queue_share * work_ms)
     clean = queue_ms <= max(policy.slot_clean_max_ms, policy.slot_clean_share * work_ms)
+    if queued and not started_as_one_ended:
+        return b
     if queued and concurrency >= 2:
         k = concurrency
         lo = b.lo if b.lo < k else k - 1  # contradicted: the newer evidence wins

@@ -67,6 +67,10 @@ def test_queueing_at_k_in_flight_means_fewer_than_k_slots() -> None:
     assert learn(None, 1, 5000.0) == SlotBounds()
     # between the thresholds: no evidence either way
     assert learn(b, 4, 100.0) == b
+    # a wait that did not end as another request ended was not for a slot
+    assert scoring.learn_slots(None, concurrency=3, concurrency_clean=3, queue_ms=4000.0,
+                               work_ms=2000.0, now=NOW, policy=P,
+                               started_as_one_ended=False) == SlotBounds()
 
 
 def test_newer_evidence_replaces_a_contradicted_bound() -> None:
