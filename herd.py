@@ -1865,10 +1865,12 @@ class Router:
 
     def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
         """A node nobody reports memory for gets the capacity learned from /api/ps."""
-        if snap.ram_total > 0 or snap.vram_total > 0:
-            return snap
         mb = self.memory_bounds.get(snap.node_id)
         if mb is None:
+            return snap
+        if mb.keep_alive_s > 0:
+            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s)
+        if snap.ram_total > 0 or snap.vram_total > 0:
             return snap
         cap, how = mb.capacity(now, self.policy)
         if cap <= 0:

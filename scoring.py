@@ -97,6 +97,7 @@ class NodeSnapshot:
     # "learned_fit" (only a lower bound: resident sets that fitted, no eviction seen yet),
     # "learned" (bounded by an eviction: a load past the free memory evicts)
     memory_learned: str = ""
+    keep_alive_s: float = 0.0  # the node's keep-alive as learned from /api/ps; 0 = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,7 @@ class Policy:
     slot_clean_max_ms: float = 60.0  # hidden time at or below this (or clean_share): no queue
     slot_clean_share: float = 0.03
     slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
-    slot_bound_ttl_s: float = 600.0  # an upper bound older than this is probed again
+    slot_bound_ttl_s: float = 300.0  # an upper bound older than this is probed again
     memory_bound_ttl_s: float = 1800.0  # an eviction bound older than this is forgotten
     # -- prompt-cache affinity ---------------------------------------------------------------
     cache_bonus: float = 6.0  # points for the node whose KV cache holds the prompt's prefix
@@ -561,13 +562,16 @@ class SlotBounds:
 
     ``lo``: slots >= lo (the most requests herd had running there at once while a new one
     started without queueing). ``hi``: slots < hi (a request queued inside Ollama while herd
-    had ``hi`` requests there); 0 = no upper bound seen. Contradicting evidence replaces the
-    bound it contradicts (the node may have been restarted with another ``OLLAMA_NUM_PARALLEL``).
+    had ``hi`` requests there); 0 = no upper bound seen. Queueing is noisier evidence than
+    its absence, so a queued request that would lower a bound is held as ``suspect`` until a
+    second one confirms it. Contradicting evidence replaces the bound it contradicts (the
+    node may have been restarted with another ``OLLAMA_NUM_PARALLEL``).
     """
 
     lo: int = 0
     hi: int = 0
     hi_at: float = 0.0  # epoch s the upper bound was last confirmed
+    suspect: int = 0  # one unconfirmed queued observation at this concurrency
     clean: int = 0  # observations without queueing
     queued: int = 0  # observations with queueing
     last_at: float = 0.0
@@ -635,14 +639,21 @@ def learn_slots(
         return b
     if queued and concurrency >= 2:
         k = concurrency
-        lo = b.lo if b.lo < k else k - 1  # contradicted: the newer evidence wins
-        hi = k if b.hi <= 0 or k <= b.hi or now - b.hi_at > policy.slot_bound_ttl_s else b.hi
-        return replace(b, lo=lo, hi=hi, hi_at=now, queued=b.queued + 1, last_at=now)
+        stale = now - b.hi_at > policy.slot_bound_ttl_s
+        if not (b.hi <= 0 or k < b.hi or k <= b.lo or stale):  # agrees with the bound
+            return replace(b, hi_at=now, queued=b.queued + 1, last_at=now)
+        if b.suspect <= 0:  # news: wait for a second queued request to confirm it
+            return replace(b, suspect=k, queued=b.queued + 1, last_at=now)
+        k = max(k, b.suspect)
+        hi = k if b.hi <= 0 or k < b.hi or stale else b.hi
+        lo = min(b.lo, hi - 1)  # contradicted twice: the newer evidence wins
+        return replace(b, lo=lo, hi=hi, hi_at=now, suspect=0, queued=b.queued + 1, last_at=now)
     if clean and concurrency_clean >= 1:
         k = min(concurrency_clean, policy.max_slots)
         lo = max(b.lo, k)
         hi = b.hi if b.hi > lo else 0  # ran k at once: an upper bound <= k was wrong
-        return replace(b, lo=lo, hi=hi, clean=b.clean + 1, last_at=now)
+        suspect = b.suspect if b.suspect > k else 0
+        return replace(b, lo=lo, hi=hi, suspect=suspect, clean=b.clean + 1, last_at=now)
     return b
 
 
@@ -684,6 +695,7 @@ class MemoryBounds:
 
     fits: int = 0
     evicts_at: int = 0
+    keep_alive_s: float = 0.0  # longest time-to-expiry seen right after a use (capped)
     evicts_at_t: float = 0.0
     evictions: int = 0
     polls: int = 0
@@ -709,6 +721,7 @@ class MemoryBounds:
             "observations": self.polls,
             "tight": bool(self.evicts_at) and self.fits >= 0.8 * self.evicts_at,
             "evicted_models": sorted(self.vanished),
+            "keep_alive_s": round(self.keep_alive_s, 1) or None,
         }
 
 
@@ -747,7 +760,10 @@ def learn_memory(
             vanished[name] = now
     if evicts_at and fits >= evicts_at:
         evicts_at = 0  # more fits now than once did not: memory was freed elsewhere
+    ttl = [lm.expires_at - now for lm in after.values() if lm.expires_at is not None]
+    keep_alive = max([b.keep_alive_s, *(t for t in ttl if 0 < t <= policy.eviction_recency_s)])
     return MemoryBounds(
+        keep_alive_s=keep_alive,
         fits=fits,
         evicts_at=evicts_at,
         evicts_at_t=evicts_t,
@@ -1095,7 +1111,10 @@ def _eviction_cost(
             break
         recency = 1.0
         if exp != math.inf:
-            recency = min(1.0, max(0.0, (exp - now) / max(policy.eviction_recency_s, 1e-9)))
+            span = policy.eviction_recency_s
+            if node.keep_alive_s > 0:  # the node's own keep-alive, learned from /api/ps
+                span = min(span, node.keep_alive_s)
+            recency = min(1.0, max(0.0, (exp - now) / max(span, 1e-9)))
         cost += policy.eviction_weight * (
             policy.eviction_floor + (1.0 - policy.eviction_floor) * recency
         )

@@ -60,7 +60,9 @@ def test_no_queueing_at_k_in_flight_means_at_least_k_slots() -> None:
 
 def test_queueing_at_k_in_flight_means_fewer_than_k_slots() -> None:
     b = learn(learn(None, 2, 0.0), 3, 1800.0)
-    assert (b.lo, b.hi, b.queued) == (2, 3, 1)
+    assert (b.lo, b.hi, b.suspect, b.queued) == (2, 0, 3, 1)  # one is a suspicion
+    b = learn(b, 3, 900.0)
+    assert (b.lo, b.hi, b.suspect, b.queued) == (2, 3, 0, 2)  # two confirm it
     assert b.tight()
     assert scoring.learned_slots(b, NOW, P) == 2
     # a lone request that waited says nothing about slots (a load elsewhere, say)
@@ -74,14 +76,17 @@ def test_queueing_at_k_in_flight_means_fewer_than_k_slots() -> None:
 
 
 def test_newer_evidence_replaces_a_contradicted_bound() -> None:
-    b = learn(learn(None, 4, 0.0), 3, 2000.0)  # ran 4 at once, then queued at 3
+    b = learn(learn(None, 4, 0.0), 3, 2000.0)  # ran 4 at once, then queued at 3 ...
+    assert (b.lo, b.hi) == (4, 0)  # ... once: noise (a scheduler wait, say)
+    assert learn(b, 4, 0.0).suspect == 0  # running 4 again clears the suspicion
+    b = learn(b, 3, 2000.0)  # ... twice: the node changed
     assert (b.lo, b.hi) == (2, 3)
     b = learn(b, 5, 0.0)  # then 5 ran at once: the node was given more slots
     assert (b.lo, b.hi) == (5, 0)
 
 
 def test_an_old_upper_bound_is_probed_again() -> None:
-    b = learn(learn(None, 1, 0.0), 2, 3000.0)
+    b = learn(learn(learn(None, 1, 0.0), 2, 3000.0), 2, 3000.0)
     assert scoring.learned_slots(b, NOW + 10, P) == 1
     assert scoring.learned_slots(b, NOW + P.slot_bound_ttl_s + 1, P) == 2
 
@@ -100,7 +105,7 @@ def test_facts_override_what_was_learned() -> None:
 
 def test_node_bounds_come_from_the_best_evidenced_model() -> None:
     loose = learn(None, 2, 0.0)
-    tight = learn(learn(None, 3, 0.0), 4, 2500.0)
+    tight = learn(learn(learn(None, 3, 0.0), 4, 2500.0), 4, 2500.0)
     assert scoring.node_slot_bounds([loose, loose, tight]) == tight
     assert scoring.node_slot_bounds([]) == SlotBounds()
 
@@ -291,3 +296,17 @@ async def test_router_learns_slots_from_timings_and_routes_by_them(
         assert learned[bid]["models"][model]["samples"] > 0
     finally:
         await client._client.aclose()
+
+
+def test_keep_alive_is_learned_and_scales_what_an_eviction_costs() -> None:
+    b = scoring.learn_memory(None, {}, {"a": lm("a", 4, 58.0)}, NOW, P)
+    b = scoring.learn_memory(b, {}, {"a": lm("a", 4, 60.0), "z": lm("z", 1, 1e9)}, NOW, P)
+    assert b.keep_alive_s == 60.0  # "forever" (keep_alive -1) is not a keep-alive
+    req = RouteRequest("new", est_tokens=100)
+    snap = node("n", {"a": lm("a", 6, 50)}, 8, "learned")  # a used 10 s ago
+    cost_default = scoring.score_nodes(req, [snap], {}, {}, {}, NOW, P)[0].factor("memory")
+    learned = dataclasses.replace(snap, keep_alive_s=60.0)
+    cost_learned = scoring.score_nodes(req, [learned], {}, {}, {}, NOW, P)[0].factor("memory")
+    assert cost_default is not None and cost_learned is not None
+    # with a 60 s keep-alive, a model used 10 s ago is as good as just used
+    assert cost_learned.contribution < cost_default.contribution < 0
