@@ -1085,12 +1085,15 @@ def _eviction_cost(
     queues: Mapping[tuple[str, str], QueueSnapshot],
     now: float,
     policy: Policy,
+    spread: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[float, str]:
     """(negative contribution, reason) for freeing ``deficit`` bytes the way Ollama does:
     idle models are evicted least-recently-used first (by ``expires_at``); models with
     requests in flight cannot be evicted, so the load would wait for them. Evicting a model
     used moments ago costs ``eviction_weight`` (its next request reloads it); one about to
-    expire anyway costs ``eviction_floor`` of that."""
+    expire anyway costs ``eviction_floor`` of that. ``spread``: model -> (nodes where it is
+    hot, nodes that have it): a victim hot on another node too costs half, one no other node
+    has costs double (its next request must come back here and evict in turn)."""
     idle: list[tuple[float, str, int]] = []
     busy_bytes = 0
     for name, lm in node.loaded.items():
@@ -1115,7 +1118,9 @@ def _eviction_cost(
             if node.keep_alive_s > 0:  # the node's own keep-alive, learned from /api/ps
                 span = min(span, node.keep_alive_s)
             recency = min(1.0, max(0.0, (exp - now) / max(span, 1e-9)))
-        cost += policy.eviction_weight * (
+        hot_n, have_n = (spread or {}).get(name, (1, 2))
+        mult = 2.0 if have_n <= 1 else 0.5 if hot_n >= 2 else 1.0
+        cost += mult * policy.eviction_weight * (
             policy.eviction_floor + (1.0 - policy.eviction_floor) * recency
         )
         freed += size
@@ -1145,14 +1150,32 @@ def score_nodes(
     busy: dict[str, int] = {}
     for (nid, _m), q in queues.items():
         busy[nid] = busy.get(nid, 0) + q.in_flight
+    spread = model_spread(nodes, now)
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
-        s = _score_node(req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0))
+        s = _score_node(
+            req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0), spread
+        )
         (eligible if s.eligible else rejected).append(s)
     eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
     rejected.sort(key=lambda s: s.node_id)
     return tuple(eligible) + tuple(rejected)
+
+
+def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[int, int]]:
+    """model -> (live nodes where it is loaded, live nodes that have it at all)."""
+    hot: dict[str, int] = {}
+    have: dict[str, int] = {}
+    for n in nodes:
+        if n.status not in ("online", "degraded") or not n.reachable:
+            continue
+        for name, lm in n.loaded.items():
+            if lm.expires_at is None or lm.expires_at > now:
+                hot[name] = hot.get(name, 0) + 1
+        for name in set(n.available) | set(n.loaded):
+            have[name] = have.get(name, 0) + 1
+    return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
 def _score_node(
@@ -1164,6 +1187,7 @@ def _score_node(
     now: float,
     policy: Policy,
     node_in_flight: int,
+    spread: Mapping[str, tuple[int, int]] | None = None,
 ) -> Score:
     nid = node.node_id
     q = queues.get((nid, req.model))
@@ -1245,7 +1269,9 @@ def _score_node(
             contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
         else:
-            contrib, why = _eviction_cost(node, req.model, need - fast_free, queues, now, policy)
+            contrib, why = _eviction_cost(
+                node, req.model, need - fast_free, queues, now, policy, spread
+            )
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
         factors.append(Factor("memory", ratio, contrib, why))
 

@@ -310,3 +310,20 @@ def test_keep_alive_is_learned_and_scales_what_an_eviction_costs() -> None:
     assert cost_default is not None and cost_learned is not None
     # with a 60 s keep-alive, a model used 10 s ago is as good as just used
     assert cost_learned.contribution < cost_default.contribution < 0
+
+
+def test_evicting_the_only_copy_of_a_model_costs_more_than_a_spare_one() -> None:
+    """A victim loaded on another node too costs half; one no other node has, double."""
+    req = RouteRequest("new", est_tokens=100)
+    here = node("here", {"a": lm("a", 6, 280)}, 8, "learned")
+    other_hot = node("o", {"a": lm("a", 6, 280)}, 40, "learned")
+    mem = [
+        scoring.score_nodes(req, nodes, {}, {}, {}, NOW, P)
+        for nodes in ([here], [here, other_hot])
+    ]
+    alone = next(s for s in mem[0] if s.node_id == "here").factor("memory")
+    spare = next(s for s in mem[1] if s.node_id == "here").factor("memory")
+    assert alone is not None and spare is not None
+    assert alone.contribution < spare.contribution < 0
+    spread = scoring.model_spread([here, other_hot], NOW)
+    assert spread["a"] == (2, 2) and spread["new"] == (0, 2)
