@@ -1879,6 +1879,17 @@ class Router:
         return dataclasses.replace(snap, ram_total=cap, ram_available=max(0, cap - used),
                                    memory_learned=how)
 
+    def note_evictions(self, node: Node, rreq: scoring.RouteRequest,
+                       queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
+                       now: float) -> None:
+        """A cold load was just sent: the models it will evict stop counting as hot there
+        now, not at the next /api/ps (which corrects the guess either way)."""
+        snap = self._with_learned(node.snapshot(now), now)
+        gone = scoring.predicted_evictions(rreq, snap, queues, self.policy)
+        if gone:
+            node.set_loaded([m for m in node.loaded if scoring.normalize_model(
+                str(m.get("name") or m.get("model") or "")) not in gone], now)
+
     def learned_slots(self, node_id: str, model: str) -> int | None:
         b = self.slot_bounds.get((node_id, model))
         if b is None or b.n == 0:
@@ -2012,6 +2023,7 @@ class Router:
                 q.last_used = now
                 if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
                     node.loading.setdefault(rreq.model, now)
+                    self.note_evictions(node, rreq, queues, now)
                 self.breakers_probe(node.node_id, rreq.model, now)
                 return node, q, choice, (loop.time() - start) * 1000
             if choice.action != "wait":

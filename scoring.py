@@ -1078,6 +1078,61 @@ def _thermal(
     return "cold", 0.0, 0.0, "on disk only (cold load)"
 
 
+def _victims(
+    node: NodeSnapshot,
+    model: str,
+    deficit: int,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+) -> tuple[list[tuple[float, str, int]], int]:
+    """Idle models Ollama would evict (least recently used first, by ``expires_at``) to free
+    ``deficit`` bytes, as (expires_at, name, size), and the bytes they free. Models with
+    requests in flight or queued cannot be evicted."""
+    idle: list[tuple[float, str, int]] = []
+    for name, lm in node.loaded.items():
+        if name == model:
+            continue
+        q = queues.get((node.node_id, name))
+        if q is not None and q.in_flight + q.pending > 0:
+            continue
+        exp = lm.expires_at if lm.expires_at is not None else math.inf
+        idle.append((exp, name, lm.size))
+    idle.sort()
+    out: list[tuple[float, str, int]] = []
+    freed = 0
+    for victim in idle:
+        if freed >= deficit:
+            break
+        out.append(victim)
+        freed += victim[2]
+    return out, freed
+
+
+def predicted_evictions(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    policy: Policy,
+) -> tuple[str, ...]:
+    """Models that loading ``req.model`` on ``node`` is expected to evict (the router stops
+    counting them as hot there at once, instead of at the next ``/api/ps``). Nothing when
+    the model is resident or the node's memory is unknown or only a lower bound."""
+    if req.model in node.loaded or node.memory_learned == "learned_fit":
+        return ()
+    fast_total, fast_free, _spill = _memory(node)
+    if fast_total <= 0:
+        return ()
+    am = node.available.get(req.model)
+    if am is None or am.size <= 0:
+        return ()
+    q = queues.get((node.node_id, req.model))
+    slots = max(1, q.slots) if q is not None else slot_count(node, None, policy)
+    need = resident_bytes(am.size, req.num_ctx, slots, policy)
+    if need <= fast_free:
+        return ()
+    victims, _freed = _victims(node, req.model, need - fast_free, queues)
+    return tuple(name for _exp, name, _size in victims)
+
+
 def _eviction_cost(
     node: NodeSnapshot,
     model: str,
@@ -1094,24 +1149,10 @@ def _eviction_cost(
     expire anyway costs ``eviction_floor`` of that. ``spread``: model -> (nodes where it is
     hot, nodes that have it): a victim hot on another node too costs half, one no other node
     has costs double (its next request must come back here and evict in turn)."""
-    idle: list[tuple[float, str, int]] = []
-    busy_bytes = 0
-    for name, lm in node.loaded.items():
-        if name == model:
-            continue
-        q = queues.get((node.node_id, name))
-        if q is not None and q.in_flight + q.pending > 0:
-            busy_bytes += lm.size
-            continue
-        exp = lm.expires_at if lm.expires_at is not None else math.inf
-        idle.append((exp, name, lm.size))
-    idle.sort()
-    freed = 0
+    victims, freed = _victims(node, model, deficit, queues)
     cost = 0.0
     names: list[str] = []
-    for exp, name, size in idle:
-        if freed >= deficit:
-            break
+    for exp, name, _size in victims:
         recency = 1.0
         if exp != math.inf:
             span = policy.eviction_recency_s
@@ -1123,7 +1164,6 @@ def _eviction_cost(
         cost += mult * policy.eviction_weight * (
             policy.eviction_floor + (1.0 - policy.eviction_floor) * recency
         )
-        freed += size
         names.append(name)
     why = f"evicts {', '.join(names)}" if names else ""
     if freed < deficit:
@@ -1250,13 +1290,17 @@ def _score_node(
     elif state == "loading":
         factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
     elif node.memory_learned == "learned_fit" and fast_free < need:
-        # only a lower bound is known: past it, a load may fit or evict
+        # only a lower bound is known: past it, a load may fit or evict (half the cost)
+        contrib, why = _eviction_cost(
+            node, req.model, need - fast_free, queues, now, policy, spread
+        )
         factors.append(
             Factor(
                 "memory",
                 fast_free / need,
-                0.5 * policy.memory_weight,
-                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound)",
+                0.5 * contrib,
+                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound); "
+                f"if it does not fit: {why}",
             )
         )
     else:

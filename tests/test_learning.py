@@ -161,13 +161,28 @@ def test_learned_memory_steers_a_cold_load_away_from_an_eviction() -> None:
     assert mem is not None and "evicts a" in mem.reason and mem.contribution < 0
 
 
-def test_a_learned_lower_bound_alone_does_not_predict_an_eviction() -> None:
+def test_a_learned_lower_bound_prices_an_eviction_at_half() -> None:
     req = RouteRequest("new", est_tokens=100)
-    snap = node("n", {"a": lm("a", 6, 280)}, 8, "learned_fit")
-    s = scoring.score_nodes(req, [snap], {("n", "new"): QueueSnapshot(slots=1)}, {}, {}, NOW, P)
-    mem = s[0].factor("memory")
-    assert s[0].eligible and mem is not None
-    assert mem.contribution == 0.5 * P.memory_weight and "lower bound" in mem.reason
+    queues = {("n", "new"): QueueSnapshot(slots=1)}
+    scores = []
+    for how in ("learned_fit", "learned"):
+        snap = node("n", {"a": lm("a", 6, 280)}, 8, how)
+        s = scoring.score_nodes(req, [snap], queues, {}, {}, NOW, P)
+        assert s[0].eligible
+        scores.append(s[0].factor("memory"))
+    fit, bounded = scores
+    assert fit is not None and bounded is not None and bounded.contribution < 0
+    assert fit.contribution == 0.5 * bounded.contribution and "lower bound" in fit.reason
+    # only a bounded memory predicts which models a load evicts (the router drops them)
+    assert scoring.predicted_evictions(req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"),
+                                       queues, P) == ("a",)
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned_fit"), queues, P) == ()
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 2, 280)}, 20, "learned"), queues, P) == ()
+    busy = {**queues, ("n", "a"): QueueSnapshot(in_flight=1)}
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"), busy, P) == ()
 
 
 # ---------------------------------------------------------------------- affinity -------
