@@ -1865,11 +1865,16 @@ class Router:
 
     def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
         """A node nobody reports memory for gets the capacity learned from /api/ps."""
+        node = self.nodes.get(snap.node_id)
+        reported_cap = node.max_loaded_models if node is not None else None
+        if reported_cap:
+            snap = dataclasses.replace(snap, max_loaded=reported_cap)
         mb = self.memory_bounds.get(snap.node_id)
         if mb is None:
             return snap
-        if mb.keep_alive_s > 0:
-            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s)
+        if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
+            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s,
+                                       max_loaded=reported_cap or mb.model_cap)
         if snap.ram_total > 0 or snap.vram_total > 0:
             return snap
         cap, how = mb.capacity(now, self.policy)

@@ -98,6 +98,7 @@ class NodeSnapshot:
     # "learned" (bounded by an eviction: a load past the free memory evicts)
     memory_learned: str = ""
     keep_alive_s: float = 0.0  # the node's keep-alive as learned from /api/ps; 0 = unknown
+    max_loaded: int = 0  # OLLAMA_MAX_LOADED_MODELS, reported or learned; 0 = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +697,8 @@ class MemoryBounds:
     fits: int = 0
     evicts_at: int = 0
     keep_alive_s: float = 0.0  # longest time-to-expiry seen right after a use (capped)
+    max_models: int = 0  # most models seen resident at once
+    model_cap: int = 0  # evictions with memory to spare: at most this many models (0: none)
     evicts_at_t: float = 0.0
     evictions: int = 0
     polls: int = 0
@@ -722,6 +725,7 @@ class MemoryBounds:
             "tight": bool(self.evicts_at) and self.fits >= 0.8 * self.evicts_at,
             "evicted_models": sorted(self.vanished),
             "keep_alive_s": round(self.keep_alive_s, 1) or None,
+            "max_loaded_models": self.model_cap or None,
         }
 
 
@@ -750,9 +754,15 @@ def learn_memory(
     arrived = [name for name in after if name not in before]
     vanished = {k: t for k, t in b.vanished.items() if now - t <= policy.warm_window_s}
     evicts_at, evicts_t, evictions = b.evicts_at, b.evicts_at_t, b.evictions
+    max_models = max(b.max_models, len(after))
+    model_cap = b.model_cap if b.model_cap <= 0 or len(after) <= b.model_cap else 0
     if evicted and arrived:
         bound = sum(before[n].size for n in before) + sum(after[n].size for n in arrived)
-        if evicts_at <= 0 or bound < evicts_at or now - evicts_t > policy.memory_bound_ttl_s:
+        if bound <= b.fits and len(before) >= b.max_models:
+            # that much memory held models before: the count was full
+            # (OLLAMA_MAX_LOADED_MODELS), not the memory
+            model_cap = len(before) if model_cap <= 0 else min(model_cap, len(before))
+        elif evicts_at <= 0 or bound < evicts_at or now - evicts_t > policy.memory_bound_ttl_s:
             evicts_at = bound
         evicts_t = now
         evictions += len(evicted)
@@ -763,6 +773,8 @@ def learn_memory(
     ttl = [lm.expires_at - now for lm in after.values() if lm.expires_at is not None]
     keep_alive = max([b.keep_alive_s, *(t for t in ttl if 0 < t <= policy.eviction_recency_s)])
     return MemoryBounds(
+        max_models=max_models,
+        model_cap=model_cap,
         keep_alive_s=keep_alive,
         fits=fits,
         evicts_at=evicts_at,
@@ -1114,22 +1126,22 @@ def predicted_evictions(
     policy: Policy,
 ) -> tuple[str, ...]:
     """Models that loading ``req.model`` on ``node`` is expected to evict (the router stops
-    counting them as hot there at once, instead of at the next ``/api/ps``). Nothing when
-    the model is resident or the node's memory is unknown or only a lower bound."""
-    if req.model in node.loaded or node.memory_learned == "learned_fit":
+    counting them as hot there at once, instead of at the next ``/api/ps``): for memory
+    (known or bounded, not a mere lower bound) or for the number of loaded models."""
+    if req.model in node.loaded:
         return ()
+    deficit = 0
     fast_total, fast_free, _spill = _memory(node)
-    if fast_total <= 0:
-        return ()
     am = node.available.get(req.model)
-    if am is None or am.size <= 0:
+    if fast_total > 0 and node.memory_learned != "learned_fit" and am is not None and am.size:
+        q = queues.get((node.node_id, req.model))
+        slots = max(1, q.slots) if q is not None else slot_count(node, None, policy)
+        deficit = resident_bytes(am.size, req.num_ctx, slots, policy) - fast_free
+    if node.max_loaded > 0 and len(node.loaded) >= node.max_loaded:
+        deficit = max(deficit, 1)  # the count is full: the least recently used goes
+    if deficit <= 0:
         return ()
-    q = queues.get((node.node_id, req.model))
-    slots = max(1, q.slots) if q is not None else slot_count(node, None, policy)
-    need = resident_bytes(am.size, req.num_ctx, slots, policy)
-    if need <= fast_free:
-        return ()
-    victims, _freed = _victims(node, req.model, need - fast_free, queues)
+    victims, _freed = _victims(node, req.model, deficit, queues)
     return tuple(name for _exp, name, _size in victims)
 
 
@@ -1283,13 +1295,23 @@ def _score_node(
     factors: list[Factor] = [Factor("thermal", t_value, t_contrib, t_reason)]
 
     # -- 2. memory fit ------------------------------------------------------------------
+    count_full = (
+        node.max_loaded > 0
+        and not resident
+        and sum(1 for name in node.loaded if name != req.model) >= node.max_loaded
+    )
     if resident and state == "hot":
         factors.append(Factor("memory", 1.0, policy.memory_weight, "already resident"))
+    elif count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
+        contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
+        factors.append(
+            Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
+        )
     elif fast_total <= 0 or need <= 0:
         factors.append(Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown"))
     elif state == "loading":
         factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
-    elif node.memory_learned == "learned_fit" and fast_free < need:
+    elif node.memory_learned == "learned_fit" and fast_free < need and not count_full:
         # only a lower bound is known: past it, a load may fit or evict (half the cost)
         contrib, why = _eviction_cost(
             node, req.model, need - fast_free, queues, now, policy, spread

@@ -342,3 +342,23 @@ def test_evicting_the_only_copy_of_a_model_costs_more_than_a_spare_one() -> None
     assert alone.contribution < spare.contribution < 0
     spread = scoring.model_spread([here, other_hot], NOW)
     assert spread["a"] == (2, 2) and spread["new"] == (0, 2)
+
+
+def test_an_eviction_with_memory_to_spare_teaches_the_model_count_cap() -> None:
+    three = {"a": lm("a", 2, 200), "b": lm("b", 2, 250), "c": lm("c", 2, 280)}
+    b = scoring.learn_memory(None, {}, {"x": lm("x", 20, 100)}, NOW, P)  # 20 GB fitted once
+    b = scoring.learn_memory(b, {"x": lm("x", 20, 100)}, three, NOW + 150, P)  # x expired
+    assert b.evictions == 0 and b.max_models == 3
+    after = {"b": lm("b", 2, 245), "c": lm("c", 2, 275), "d": lm("d", 2, 300)}
+    b = scoring.learn_memory(b, three, after, NOW + 155, P)  # a evicted, 8 GB < 20 GB
+    assert b.model_cap == 3 and b.evicts_at == 0 and b.evictions == 1
+    assert b.to_dict(NOW, P)["max_loaded_models"] == 3
+    # the count is full: a fourth model evicts even with memory free, and the router is told
+    req = RouteRequest("new", est_tokens=100)
+    snap = dataclasses.replace(node("n", after, 20, "learned"), max_loaded=3)
+    mem = scoring.score_nodes(req, [snap], {}, {}, {}, NOW + 156, P)[0].factor("memory")
+    assert mem is not None and mem.contribution < 0 and "3 models loaded" in mem.reason
+    assert scoring.predicted_evictions(req, snap, {}, P) == ("b",)
+    # four resident at once later: the cap was wrong
+    four = {**after, "e": lm("e", 1, 300)}
+    assert scoring.learn_memory(b, after, four, NOW + 160, P).model_cap == 0
