@@ -387,9 +387,10 @@ class SimNode:
             if r.expiry is not None:
                 r.expiry.cancel()
                 r.expiry = None
+        if r.ready.is_set():
+            return r, 0.0
         t0 = time.monotonic()
-        if not r.ready.is_set():
-            await r.ready.wait()
+        await r.ready.wait()
         return r, time.monotonic() - t0
 
     async def _load(self, r: Runner) -> None:
@@ -736,11 +737,11 @@ class SimServer:
                     break
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, HTTPError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is closing: end this connection quietly
         finally:
             self.tasks.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _dispatch(self, conn: _Conn, method: str, target: str, body: bytes) -> None:
         path = target.split("?", 1)[0]
