@@ -89,7 +89,7 @@ JSON = dict[str, Any]
 TARGET_NODE_MEAN = 0.65
 TARGET_AGENT_MEAN = 0.60
 TARGET_CHAT_TTFT = 0.70
-REQUEST_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 60.0  # a client gives up (~5 min uncompressed)
 NUM_CTX = 4096  # every node's OLLAMA_CONTEXT_LENGTH
 CLIENT_RETRIES = 3
 
@@ -126,9 +126,11 @@ SHARES = {
 
 
 def node(name: str, mem_gb: float, slots: int, bw_gbps: float, prefill_x: float,
-         load_gbps: float, keep_alive_s: float) -> NodeSpec:
+         load_gbps: float, keep_alive_s: float, names: Sequence[str]) -> NodeSpec:
+    """A node with every model of ``names`` that fits its memory pulled (and only those)."""
     base = NodeSpec(name=name, memory=int(mem_gb * GB), slots=slots, num_ctx=NUM_CTX)
-    models = tuple(m for m in MODELS.values() if base.resident(m, base.num_ctx) <= base.memory)
+    models = tuple(MODELS[n] for n in names
+                   if base.resident(MODELS[n], base.num_ctx) <= base.memory)
     return NodeSpec(
         name=name, memory=int(mem_gb * GB), slots=slots, bandwidth=bw_gbps * GB,
         prefill_x=prefill_x, load_bps=load_gbps * GB, keep_alive_s=keep_alive_s,
@@ -145,26 +147,33 @@ class Fleet:
 
 
 def fleets(keep_alive_s: float) -> dict[str, Fleet]:
+    """Node: memory GB, slots, decode bandwidth GB/s, prefill multiple, load GB/s."""
     ka = keep_alive_s
+    small = ("llama3.2:3b", "qwen2.5:7b", "qwen2.5-coder:14b", "gemma2:27b")
+    five = (*small, "mistral-nemo:12b")
+    no12 = (*small, "llama3.3:70b")
     return {
+        # 3 nodes: 32/16/8 GB with 4/2/1 slots; gemma2:27b fits only the 32 GB machine
         "three": Fleet("three", (
-            node("big32", 32, 4, 400, 30, 3.0, ka),
-            node("mid16", 16, 2, 250, 25, 2.0, ka),
-            node("laptop8", 8, 1, 100, 15, 1.0, ka),
+            node("big32", 32, 4, 400, 30, 3.0, ka, small),
+            node("mid16", 16, 2, 250, 25, 2.0, ka, small),
+            node("laptop8", 8, 1, 100, 15, 1.0, ka, small),
         ), rate=0.9, session_rate=0.12),
+        # 5 mixed nodes: a Mac Studio, two 24 GB GPUs, a Mac mini, a laptop
         "mixed": Fleet("mixed", (
-            node("studio64", 64, 4, 400, 20, 3.0, ka),
-            node("gpu24a", 24, 2, 600, 40, 2.5, ka),
-            node("gpu24b", 24, 2, 600, 40, 2.5, ka),
-            node("mini16", 16, 2, 120, 15, 1.5, ka),
-            node("laptop8", 8, 1, 100, 15, 1.0, ka),
-        ), rate=2.0, session_rate=0.2),
+            node("studio64", 64, 4, 400, 20, 3.0, ka, five),
+            node("gpu24a", 24, 2, 600, 40, 2.5, ka, five),
+            node("gpu24b", 24, 2, 600, 40, 2.5, ka, five),
+            node("mini16", 16, 2, 120, 15, 1.5, ka, five),
+            node("laptop8", 8, 1, 100, 15, 1.0, ka, five),
+        ), rate=1.3, session_rate=0.15),
+        # 4 nodes; llama3.3:70b fits on the 96 GB machine only
         "onebig": Fleet("onebig", (
-            node("big96", 96, 4, 500, 25, 3.0, ka),
-            node("mid32", 32, 2, 300, 30, 2.0, ka),
-            node("small16", 16, 2, 200, 25, 2.0, ka),
-            node("laptop8", 8, 1, 100, 15, 1.0, ka),
-        ), rate=1.4, session_rate=0.15),
+            node("big96", 96, 4, 500, 25, 3.0, ka, no12),
+            node("mid32", 32, 2, 300, 30, 2.0, ka, no12),
+            node("small16", 16, 2, 200, 25, 2.0, ka, no12),
+            node("laptop8", 8, 1, 100, 15, 1.0, ka, no12),
+        ), rate=1.0, session_rate=0.12),
     }
 
 
@@ -252,7 +261,9 @@ def workload(fleet: Fleet, seed: int, duration: float) -> list[Job]:
         turns = []
         at = t
         for _ in range(rng.randint(3, 6)):
-            turns.append(Turn(at, text_of(rng, int(rng.uniform(20, 200))), predict()))
+            turn = Turn(at, text_of(rng, int(rng.uniform(20, 200))), predict())
+            if at <= duration or not turns:  # the run ends: so does the conversation
+                turns.append(turn)
             at += rng.uniform(5.0, 12.0)
         jobs.append(Job(len(jobs), model, t, "chat", system=rng.choice(systems), turns=turns))
     jobs.sort(key=lambda j: j.offset)
@@ -495,6 +506,16 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
         self.tails: dict[int, list[str]] = {}
+        self.drains: set[asyncio.Task[None]] = set()
+
+    def warnings(self) -> list[str]:
+        """Log lines of the children after they started (they run at WARNING level)."""
+        out = []
+        for p in self.procs:
+            for line in self.tails.get(p.pid, []):
+                if " WARNING " in line or " ERROR " in line or "Traceback" in line:
+                    out.append(line.rstrip())
+        return out
 
     async def start(self, argv: list[str], pattern: str, count: int = 1,
                     env: dict[str, str] | None = None, timeout: float = 30.0) -> list[str]:
@@ -521,7 +542,10 @@ class Procs:
                         found.append(m.group(1))
         except TimeoutError:
             raise RuntimeError(f"{argv[1]} did not start:\n" + "".join(tail[-20:])) from None
-        asyncio.get_running_loop().create_task(self._drain(proc, tail))
+        tail.clear()
+        task = asyncio.get_running_loop().create_task(self._drain(proc, tail))
+        self.drains.add(task)
+        task.add_done_callback(self.drains.discard)
         return found
 
     @staticmethod
@@ -722,6 +746,12 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                         errs[r.error[:70]] = errs.get(r.error[:70], 0) + 1
                 if errs:
                     print(f"   {p} errors: {errs}")
+        if verbose:
+            noise = procs.warnings()
+            for line in noise[-8:]:
+                print(f"   log: {line[:160]}")
+            if len(noise) > 8:
+                print(f"   log: ... {len(noise)} warning lines in all")
         return out
     finally:
         await procs.stop()
