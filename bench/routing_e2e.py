@@ -258,7 +258,7 @@ def workload(fleet: Fleet, seed: int, duration: float) -> list[Job]:
         if t > duration:
             break
         model = rng.choices(names, weights)[0]
-        turns = []
+        turns: list[Turn] = []
         at = t
         for _ in range(rng.randint(3, 6)):
             turn = Turn(at, text_of(rng, int(rng.uniform(20, 200))), predict())
