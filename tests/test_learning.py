@@ -309,6 +309,7 @@ async def test_router_learns_slots_from_timings_and_routes_by_them(
         assert learned[sid]["slots"]["tight"] is True
         assert learned[sid]["models"][model]["slots"]["estimate"] == 1
         assert learned[bid]["models"][model]["samples"] > 0
+        assert learned[bid]["memory"]["fits_bytes"] >= SLOW.size  # seen in its /api/ps
     finally:
         await client._client.aclose()
 
