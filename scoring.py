@@ -135,6 +135,7 @@ class Policy:
     warm_window_s: float = 600.0  # how long an unloaded model counts as warm (page cache)
     warm_load_factor: float = 0.5  # a warm load takes this share of a cold load's time
     loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
+    room_load_credit: float = 25.0  # a cold load into known free memory (evicts nothing)
     # -- 2. memory fit ----------------------------------------------------------------
     memory_weight: float = 10.0  # full headroom (or already resident) earns this much
     memory_comfort_ratio: float = 2.0  # free / needed at which headroom counts in full
@@ -1312,17 +1313,15 @@ def _score_node(
     elif state == "loading":
         factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
     elif node.memory_learned == "learned_fit" and fast_free < need and not count_full:
-        # only a lower bound is known: past it, a load may fit or evict (half the cost)
-        contrib, why = _eviction_cost(
-            node, req.model, need - fast_free, queues, now, policy, spread
-        )
+        # only a lower bound is known (the most seen resident at once): past it, a load may
+        # fit or evict; as unknown as no memory figure at all
         factors.append(
             Factor(
                 "memory",
                 fast_free / need,
-                0.5 * contrib,
-                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound); "
-                f"if it does not fit: {why}",
+                0.5 * policy.memory_weight,
+                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
+                "may fit or evict",
             )
         )
     else:
@@ -1334,6 +1333,16 @@ def _score_node(
             span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
             contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
+            if state in ("cold", "warm") and policy.room_load_credit > 0:
+                # a load into free memory evicts nothing: most of what the hot bonus
+                # stands for (the next requests' reloads) does not happen here
+                th = factors[0]
+                factors[0] = Factor(
+                    "thermal",
+                    th.value,
+                    th.contribution + policy.room_load_credit,
+                    th.reason + "; loads into free memory",
+                )
         else:
             contrib, why = _eviction_cost(
                 node, req.model, need - fast_free, queues, now, policy, spread
