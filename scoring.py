@@ -135,7 +135,6 @@ class Policy:
     warm_window_s: float = 600.0  # how long an unloaded model counts as warm (page cache)
     warm_load_factor: float = 0.5  # a warm load takes this share of a cold load's time
     loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
-    room_load_credit: float = 25.0  # a cold load into known free memory (evicts nothing)
     # -- 2. memory fit ----------------------------------------------------------------
     memory_weight: float = 10.0  # full headroom (or already resident) earns this much
     memory_comfort_ratio: float = 2.0  # free / needed at which headroom counts in full
@@ -1333,16 +1332,6 @@ def _score_node(
             span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
             contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
-            if state in ("cold", "warm") and policy.room_load_credit > 0:
-                # a load into free memory evicts nothing: most of what the hot bonus
-                # stands for (the next requests' reloads) does not happen here
-                th = factors[0]
-                factors[0] = Factor(
-                    "thermal",
-                    th.value,
-                    th.contribution + policy.room_load_credit,
-                    th.reason + "; loads into free memory",
-                )
         else:
             contrib, why = _eviction_cost(
                 node, req.model, need - fast_free, queues, now, policy, spread

@@ -365,13 +365,3 @@ def test_an_eviction_with_memory_to_spare_teaches_the_model_count_cap() -> None:
     four = {**after, "e": lm("e", 1, 300)}
     assert scoring.learn_memory(b, after, four, NOW + 160, P).model_cap == 0
 
-
-def test_a_cold_load_into_free_memory_gets_a_room_credit() -> None:
-    req = RouteRequest("new", est_tokens=100)
-    roomy = node("roomy", {"b": lm("b", 6, 280)}, 40, "learned")
-    full = node("full", {"a": lm("a", 6, 280)}, 8, "learned")
-    s = {x.node_id: x for x in scoring.score_nodes(req, [roomy, full], {}, {}, {}, NOW, P)}
-    th_roomy, th_full = s["roomy"].factor("thermal"), s["full"].factor("thermal")
-    assert th_roomy is not None and th_full is not None
-    assert th_roomy.contribution == P.room_load_credit and "free memory" in th_roomy.reason
-    assert th_full.contribution == 0.0  # this load evicts "a": no credit
