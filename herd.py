@@ -2072,6 +2072,12 @@ class Attempt:
     served_model: str = ""
     node_id: str = ""
     queue_ms: float = 0.0
+    # learning: the dispatch this attempt's timings are read against
+    dispatch_k: int = 0  # requests herd had in flight on that node:model, this one included
+    dispatch_mono: float = 0.0
+    dispatch_hot: bool = False  # the model was resident there when it was sent
+    affinity_key: str | None = None  # prompt-prefix key to remember once served
+    affinity_tokens: int = 0
 
 
 INFERENCE_PATHS: dict[str, tuple[str, str]] = {
@@ -2259,6 +2265,14 @@ class Router:
         self.queues: dict[tuple[str, str], SlotQueue] = {}
         self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
         self.breakers: dict[str, scoring.BreakerState] = {}
+        # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
+        self.slot_bounds: dict[tuple[str, str], scoring.SlotBounds] = {}
+        self.node_slot_bounds: dict[str, scoring.SlotBounds] = {}
+        self.memory_bounds: dict[str, scoring.MemoryBounds] = {}
+        self.ps_seen: dict[str, Mapping[str, scoring.LoadedModel]] = {}
+        self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
+        self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
+        self.affinity_writes = 0
         self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
@@ -2414,6 +2428,7 @@ class Router:
         node.last_error = ""
         if isinstance(ps, dict) and isinstance(ps.get("models"), list):
             node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
+            self.learn_memory(node, now)
         if isinstance(tags, dict) and isinstance(tags.get("models"), list):
             node.available = [m for m in tags["models"] if isinstance(m, dict)]
         if isinstance(version, dict):
@@ -2480,9 +2495,9 @@ class Router:
         slots = 1
         if node is not None and kind in ("image", "stt"):
             slots = self.capability_slots(node, kind, model)
-        elif node is not None:  # slots depend only on the reported parallelism
+        elif node is not None:  # configured > reported > learned parallelism
             slots = scoring.slots_for(node.num_parallel, self.config.slots.get(node_id),
-                                      self.policy)
+                                      self.policy, self.learned_slots(node_id, model))
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
         elif q.slots != slots:
@@ -2490,7 +2505,127 @@ class Router:
         return q
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
-        return [n.snapshot(now) for n in self.nodes.values()]
+        return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]
+
+    # ---------------------------------------------------------------- learning ------------
+
+    def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
+        """A node nobody reports memory for gets the capacity learned from /api/ps."""
+        node = self.nodes.get(snap.node_id)
+        reported_cap = node.max_loaded_models if node is not None else None
+        if reported_cap:
+            snap = dataclasses.replace(snap, max_loaded=reported_cap)
+        mb = self.memory_bounds.get(snap.node_id)
+        if mb is None:
+            return snap
+        if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
+            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s,
+                                       max_loaded=reported_cap or mb.model_cap)
+        if snap.ram_total > 0 or snap.vram_total > 0:
+            return snap
+        cap, how = mb.capacity(now, self.policy)
+        if cap <= 0:
+            return snap
+        used = sum(lm.size for lm in snap.loaded.values())
+        return dataclasses.replace(snap, ram_total=cap, ram_available=max(0, cap - used),
+                                   memory_learned=how)
+
+    def note_evictions(self, node: Node, rreq: scoring.RouteRequest,
+                       queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
+                       now: float) -> None:
+        """A cold load was just sent: the models it will evict stop counting as hot there
+        now, not at the next /api/ps (which corrects the guess either way)."""
+        snap = self._with_learned(node.snapshot(now), now)
+        gone = scoring.predicted_evictions(rreq, snap, queues, self.policy)
+        if gone:
+            node.set_loaded([m for m in node.loaded if scoring.normalize_model(
+                str(m.get("name") or m.get("model") or "")) not in gone], now)
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        b = self.slot_bounds.get((node_id, model))
+        if b is None or b.n == 0:
+            b = self.node_slot_bounds.get(node_id)
+        return scoring.learned_slots(b, time.time(), self.policy)
+
+    def learn_memory(self, node: Node, now: float) -> None:
+        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
+        after = dict(node.snapshot(now).loaded)
+        before = self.ps_seen.get(node.node_id, {})
+        self.ps_seen[node.node_id] = after
+        self.memory_bounds[node.node_id] = scoring.learn_memory(
+            self.memory_bounds.get(node.node_id), before, after, now, self.policy)
+
+    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
+                      m: Mapping[str, Any]) -> None:
+        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
+        key = (node_id, model)
+        end = time.monotonic()
+        ends = self.run_ends.get(key)
+        if ends is None:
+            ends = self.run_ends[key] = deque(maxlen=256)
+        total = final.get("total_duration") if final else None
+        if (isinstance(total, int | float) and not isinstance(total, bool)
+                and attempt.dispatch_k > 0):
+            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
+            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
+                                               attempt.dispatch_hot)
+            if queue_ms is not None:
+                run_start = end - (pe + ev) / 1000.0
+                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
+                clean_k = attempt.dispatch_k - finished
+                tol = 0.25 + 0.02 * queue_ms / 1000.0
+                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
+                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
+                    clean_k = min(clean_k, 1)
+                self.slot_bounds[key] = scoring.learn_slots(
+                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
+                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
+                    now=time.time(), policy=self.policy, started_as_one_ended=freed)
+                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
+                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
+        ends.append(end)
+
+    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
+        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
+        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
+        self.affinity.move_to_end(key)
+        self.affinity_writes += 1
+        if (len(self.affinity) > self.policy.affinity_max_entries
+                or self.affinity_writes % 1024 == 0):
+            for k in scoring.affinity_evictions(self.affinity, now, self.policy):
+                self.affinity.pop(k, None)
+
+    def learned_public(self, node: Node, now: float) -> JSON:
+        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
+        configured = self.config.slots.get(node.node_id)
+        nb = self.node_slot_bounds.get(node.node_id)
+        source = ("configured" if configured else "reported" if node.num_parallel
+                  else "learned" if nb is not None and nb.n else "probing")
+        models: dict[str, JSON] = {}
+        for (nid, model), b in self.slot_bounds.items():
+            if nid == node.node_id:
+                models.setdefault(model, {})["slots"] = b.to_dict(now, self.policy)
+        for (nid, model), st in self.stats.items():
+            if nid != node.node_id:
+                continue
+            models.setdefault(model, {}).update({
+                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
+                "loads_seen": st.load_n,
+                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
+                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
+                "samples": st.count - st.failures,
+            })
+        mb = self.memory_bounds.get(node.node_id)
+        return {
+            "slots": {
+                "source": source,
+                "in_use": scoring.slots_for(node.num_parallel, configured, self.policy,
+                                            self.learned_slots(node.node_id, "")),
+                **(nb.to_dict(now, self.policy) if nb is not None else {"observations": 0}),
+            },
+            "memory": mb.to_dict(now, self.policy) if mb is not None else None,
+            "models": models,
+        }
 
     def _queue_snapshots(
         self, model: str, kind: str
@@ -2609,6 +2744,7 @@ class Router:
         q.last_used = now
         if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
             node.loading.setdefault(rreq.model, now)
+            self.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind), now)
         self.breakers_probe(node.node_id, rreq.model, now)
         return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
 
@@ -3323,13 +3459,24 @@ class Router:
                 )
             attempt.fallback_used = index > 0 or served_model != model
             payload = raw if raw is not None and send_body is body else dumps(send_body)
+            norm = scoring.normalize_model(served_model)
+            hit: scoring.AffinityEntry | None = None
+            attempt.affinity_key = None
+            if attempt.kind == "text" and not pinned:
+                keys, attempt.affinity_key = scoring.prefix_keys(
+                    norm, send_body.get("messages"), send_body.get("prompt"),
+                    send_body.get("system"), self.policy)
+                attempt.affinity_tokens = est
+                hit = scoring.affinity_lookup(keys, self.affinity, time.time(), self.policy)
             rreq = scoring.RouteRequest(
-                model=scoring.normalize_model(served_model),
+                model=norm,
                 kind=attempt.kind,
                 est_tokens=est,
                 num_ctx=requested_num_ctx(send_body),
                 needs_vision=vision,
                 pinned_node=pinned,
+                cache_node=hit.node_id if hit is not None else None,
+                cached_tokens=min(est, hit.tokens) if hit is not None else 0,
             )
             try:
                 await self.route_with_retries(
@@ -3466,6 +3613,10 @@ class Router:
                     ) from None
                 raise self._unservable(rreq, rej.choice, served_model) from None
             attempt.queue_ms += queue_ms
+            attempt.dispatch_k = queue.in_flight
+            attempt.dispatch_mono = time.monotonic()
+            attempt.dispatch_hot = (rreq.model in node.loaded_names()
+                                    and rreq.model not in node.loading)
             attempt.node_id = node.node_id
             attempt.served_model = served_model
             attempt.retries = base_retries + len(tried)  # one failed node per attempt
@@ -3727,6 +3878,11 @@ class Router:
             )
             key = (node.node_id, rreq.model)
             self.stats[key] = scoring.observe(self.stats.get(key), obs, self.policy)
+            if ok:
+                self.learn_timings(attempt, node.node_id, rreq.model, final, m)
+        if ok and attempt.affinity_key is not None:
+            self.remember_prefix(attempt.affinity_key, node.node_id,
+                                 attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
         if status == "completed" and http_status >= 400:
             # a relayed error answer (the client's own 4xx): keep the text the client got
             status = scoring.classify_answer(http_status).trace_status
@@ -4682,6 +4838,7 @@ class Router:
         for entry in nodes:
             br = self.breakers.get(entry["node_id"])
             entry["breaker"] = dataclasses.asdict(br) if br is not None else None
+            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
         return {
             "router_id": self.router_id,
             "version": __version__,

@@ -16,6 +16,8 @@ under its own banner ("Fleet analytics") with the list of what it holds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +97,12 @@ class NodeSnapshot:
     # model -> epoch s when the router sent it a request while it was not resident: the
     # load is under way, so another request for it joins that load instead of a new one
     loading: Mapping[str, float] = field(default_factory=dict)
+    # where ram_total came from when no agent reports it: "" (reported or unknown),
+    # "learned_fit" (only a lower bound: resident sets that fitted, no eviction seen yet),
+    # "learned" (bounded by an eviction: a load past the free memory evicts)
+    memory_learned: str = ""
+    keep_alive_s: float = 0.0  # the node's keep-alive as learned from /api/ps; 0 = unknown
+    max_loaded: int = 0  # OLLAMA_MAX_LOADED_MODELS, reported or learned; 0 = unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +201,21 @@ class Policy:
     prompt_speedup: float = 10.0  # prefill is this many times faster than decode (prior)
     default_completion_tokens: float = 250.0
     default_embed_s: float = 0.1
+    # -- learning what Ollama does not report (agentless nodes) ----------------------------
+    slot_queue_min_ms: float = 150.0  # hidden queue time at or above this: queued ...
+    slot_queue_share: float = 0.1  # ... and at least this share of the request's own work
+    slot_clean_max_ms: float = 60.0  # hidden time at or below this (or clean_share): no queue
+    slot_clean_share: float = 0.03
+    slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
+    slot_bound_ttl_s: float = 300.0  # an upper bound older than this is probed again
+    memory_bound_ttl_s: float = 1800.0  # an eviction bound older than this is forgotten
+    # -- prompt-cache affinity ---------------------------------------------------------------
+    cache_bonus: float = 6.0  # points for the node whose KV cache holds the prompt's prefix
+    cache_max_points: float = 40.0  # cap on bonus + saved prefill points
+    affinity_ttl_s: float = 1800.0  # a prefix not seen for this long is forgotten
+    affinity_max_entries: int = 20_000  # LRU bound of the prefix -> node map
+    affinity_block_chars: int = 256  # raw prompts are hashed at these boundaries
+    affinity_max_chars: int = 256 * 1024  # only this much of a prompt is hashed
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,6 +232,8 @@ class RouteRequest:
     needs_vision: bool = False
     exclude: frozenset[str] = frozenset()  # nodes already tried (retries)
     pinned_node: str | None = None  # explicit node: only that node is eligible
+    cache_node: str | None = None  # node that last served this prompt's prefix (KV cache)
+    cached_tokens: int = 0  # estimated tokens of that prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +454,16 @@ def _decode_tps(
     return policy.default_tokens_per_s
 
 
+def _prefill_tps(
+    stats: ServiceStats | None, model_bytes: int, node_bw: float, policy: Policy
+) -> float:
+    if stats is not None and stats.prompt_tps_ewma > 0:
+        return stats.prompt_tps_ewma
+    if model_bytes > 0 or node_bw > 0:
+        return _decode_tps(stats, model_bytes, node_bw, policy) * policy.prompt_speedup
+    return policy.default_prompt_tokens_per_s
+
+
 def _load_s(
     stats: ServiceStats | None, model_bytes: int, node_load_bps: float, policy: Policy
 ) -> float:
@@ -512,6 +547,325 @@ def node_rates(
             ld_sum += am.size / (st.load_ms_ewma / 1000.0)
             ld_n += 1
     return (bw_sum / bw_n if bw_n else 0.0, ld_sum / ld_n if ld_n else 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Learning what Ollama does not report (agentless nodes): parallel slots, memory capacity.
+# Learned state is plain frozen data; the router feeds observations through the pure
+# functions below and passes the result back in (``slots_for(learned=...)``,
+# ``NodeSnapshot.memory_learned``). Agent reports and ``--slots`` are facts and win.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SlotBounds:
+    """What herd has seen of one ``node:model``'s parallel slots (or a node's, merged).
+
+    ``lo``: slots >= lo (the most requests herd had running there at once while a new one
+    started without queueing). ``hi``: slots < hi (a request queued inside Ollama while herd
+    had ``hi`` requests there); 0 = no upper bound seen. Queueing is noisier evidence than
+    its absence, so a queued request that would lower a bound is held as ``suspect`` until a
+    second one confirms it. Contradicting evidence replaces the bound it contradicts (the
+    node may have been restarted with another ``OLLAMA_NUM_PARALLEL``).
+    """
+
+    lo: int = 0
+    hi: int = 0
+    hi_at: float = 0.0  # epoch s the upper bound was last confirmed
+    suspect: int = 0  # one unconfirmed queued observation at this concurrency
+    clean: int = 0  # observations without queueing
+    queued: int = 0  # observations with queueing
+    last_at: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return self.clean + self.queued
+
+    def tight(self) -> bool:
+        return self.hi > 0 and self.lo >= self.hi - 1
+
+    def to_dict(self, now: float, policy: Policy) -> dict[str, object]:
+        return {
+            "at_least": self.lo,
+            "below": self.hi or None,
+            "estimate": learned_slots(self, now, policy),
+            "observations": self.n,
+            "queued_seen": self.queued,
+            "tight": self.tight(),
+        }
+
+
+def hidden_queue_ms(
+    total_ms: float, load_ms: float, prompt_eval_ms: float, eval_ms: float, hot: bool
+) -> float | None:
+    """Time a request spent waiting inside Ollama, from Ollama's own final metrics:
+    ``total - load - prompt_eval - eval``. When the model was already resident (``hot``),
+    ``load_duration`` is no load either: Ollama's scheduler wait (and some servers' slot
+    wait) is counted there, so it counts as queueing too. None without a total."""
+    if total_ms <= 0:
+        return None
+    hidden = total_ms - max(0.0, load_ms) - max(0.0, prompt_eval_ms) - max(0.0, eval_ms)
+    if hot:
+        hidden += max(0.0, load_ms)
+    return max(0.0, hidden)
+
+
+def learn_slots(
+    bounds: SlotBounds | None,
+    *,
+    concurrency: int,
+    concurrency_clean: int,
+    queue_ms: float,
+    work_ms: float,
+    now: float,
+    policy: Policy,
+    started_as_one_ended: bool = True,
+) -> SlotBounds:
+    """Fold one finished request into the slot bounds (pure).
+
+    ``concurrency``: requests herd had in flight on that node:model when it sent this one
+    (itself included). ``concurrency_clean``: how many of those were still running when this
+    one started to run (the others finished before). ``queue_ms``: ``hidden_queue_ms``;
+    ``work_ms``: its own prefill + decode time. Queueing at k means slots < k; none while
+    ``concurrency_clean`` ran together means slots >= concurrency_clean. A value between the
+    two thresholds says nothing. ``started_as_one_ended``: it began to run the moment
+    another request on the same node:model finished, as a request waiting for a slot does;
+    a wait that ended otherwise was for something else (Ollama's scheduler loading another
+    model, memory draining) and says nothing about slots.
+    """
+    b = bounds if bounds is not None else SlotBounds()
+    queued = queue_ms >= max(policy.slot_queue_min_ms, policy.slot_queue_share * work_ms)
+    clean = queue_ms <= max(policy.slot_clean_max_ms, policy.slot_clean_share * work_ms)
+    if queued and not started_as_one_ended:
+        return b
+    if queued and concurrency >= 2:
+        k = concurrency
+        stale = now - b.hi_at > policy.slot_bound_ttl_s
+        if not (b.hi <= 0 or k < b.hi or k <= b.lo or stale):  # agrees with the bound
+            return replace(b, hi_at=now, queued=b.queued + 1, last_at=now)
+        if b.suspect <= 0:  # news: wait for a second queued request to confirm it
+            return replace(b, suspect=k, queued=b.queued + 1, last_at=now)
+        k = max(k, b.suspect)
+        hi = k if b.hi <= 0 or k < b.hi or stale else b.hi
+        lo = min(b.lo, hi - 1)  # contradicted twice: the newer evidence wins
+        return replace(b, lo=lo, hi=hi, hi_at=now, suspect=0, queued=b.queued + 1, last_at=now)
+    if clean and concurrency_clean >= 1:
+        k = min(concurrency_clean, policy.max_slots)
+        lo = max(b.lo, k)
+        hi = b.hi if b.hi > lo else 0  # ran k at once: an upper bound <= k was wrong
+        suspect = b.suspect if b.suspect > k else 0
+        return replace(b, lo=lo, hi=hi, suspect=suspect, clean=b.clean + 1, last_at=now)
+    return b
+
+
+def learned_slots(bounds: SlotBounds | None, now: float, policy: Policy) -> int | None:
+    """Slots to admit on a node:model from what was learned (None: nothing learned and
+    ``slot_probe`` off).
+
+    A known upper bound (fresh) gives ``hi - 1``; without one herd admits one more than it
+    has seen run at once, so the bound is found under load (one request may queue inside
+    Ollama to find it, after which the bound holds for ``slot_bound_ttl_s``).
+    """
+    if bounds is None or bounds.n == 0:
+        return 2 if policy.slot_probe else None
+    if bounds.hi > 0 and now - bounds.hi_at <= policy.slot_bound_ttl_s:
+        return max(1, min(bounds.hi - 1, policy.max_slots))
+    return max(1, min(max(1, bounds.lo) + 1, policy.max_slots))
+
+
+def node_slot_bounds(per_model: Sequence[SlotBounds]) -> SlotBounds:
+    """A node's slots for a model it has not served yet, from the models it has: Ollama's
+    ``OLLAMA_NUM_PARALLEL`` is one setting per server, so the best-evidenced model stands
+    for the node."""
+    best = SlotBounds()
+    for b in per_model:
+        if (b.tight(), b.n) > (best.tight(), best.n):
+            best = b
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBounds:
+    """What herd has seen of a node's memory for models, from ``/api/ps``.
+
+    ``fits``: the largest resident set (sum of ``size``) seen at once: that much fits.
+    ``evicts_at``: the smallest set that did not fit — a model vanished before its keep-alive
+    ended (Ollama evicted it to load another), so resident-before + the newcomer was too much;
+    0 = no eviction seen. ``vanished``: models evicted that way (name -> epoch s).
+    """
+
+    fits: int = 0
+    evicts_at: int = 0
+    keep_alive_s: float = 0.0  # longest time-to-expiry seen right after a use (capped)
+    max_models: int = 0  # most models seen resident at once
+    model_cap: int = 0  # evictions with memory to spare: at most this many models (0: none)
+    evicts_at_t: float = 0.0
+    evictions: int = 0
+    polls: int = 0
+    vanished: Mapping[str, float] = field(default_factory=dict)
+
+    def capacity(self, now: float, policy: Policy) -> tuple[int, str]:
+        """(bytes, how sure): "learned" once an eviction bounds it, "learned_fit" while
+        only the lower bound is known, ("", 0) when nothing was seen."""
+        if self.fits <= 0:
+            return 0, ""
+        if self.evicts_at > 0 and now - self.evicts_at_t <= policy.memory_bound_ttl_s:
+            return self.fits, "learned"
+        return self.fits, "learned_fit"
+
+    def to_dict(self, now: float, policy: Policy) -> dict[str, object]:
+        cap, how = self.capacity(now, policy)
+        return {
+            "fits_bytes": self.fits,
+            "evicts_at_bytes": self.evicts_at or None,
+            "capacity_bytes": cap or None,
+            "basis": how or "unknown",
+            "evictions": self.evictions,
+            "observations": self.polls,
+            "tight": bool(self.evicts_at) and self.fits >= 0.8 * self.evicts_at,
+            "evicted_models": sorted(self.vanished),
+            "keep_alive_s": round(self.keep_alive_s, 1) or None,
+            "max_loaded_models": self.model_cap or None,
+        }
+
+
+def learn_memory(
+    bounds: MemoryBounds | None,
+    before: Mapping[str, LoadedModel],
+    after: Mapping[str, LoadedModel],
+    now: float,
+    policy: Policy,
+    evict_grace_s: float = 5.0,
+) -> MemoryBounds:
+    """Fold one ``/api/ps`` reading (``after``) following the previous one (``before``).
+
+    A model gone more than ``evict_grace_s`` before its ``expires_at`` (and not just
+    reloaded under the same name) was evicted to make room: the set before plus what
+    arrived did not fit.
+    """
+    b = bounds if bounds is not None else MemoryBounds()
+    total = sum(max(0, lm.size) for lm in after.values())
+    fits = max(b.fits, total)
+    evicted = [
+        name
+        for name, lm in before.items()
+        if name not in after and lm.expires_at is not None and lm.expires_at - now > evict_grace_s
+    ]
+    arrived = [name for name in after if name not in before]
+    vanished = {k: t for k, t in b.vanished.items() if now - t <= policy.warm_window_s}
+    evicts_at, evicts_t, evictions = b.evicts_at, b.evicts_at_t, b.evictions
+    max_models = max(b.max_models, len(after))
+    model_cap = b.model_cap if b.model_cap <= 0 or len(after) <= b.model_cap else 0
+    if evicted and arrived:
+        bound = sum(before[n].size for n in before) + sum(after[n].size for n in arrived)
+        if bound <= b.fits and len(before) >= b.max_models:
+            # that much memory held models before: the count was full
+            # (OLLAMA_MAX_LOADED_MODELS), not the memory
+            model_cap = len(before) if model_cap <= 0 else min(model_cap, len(before))
+        elif evicts_at <= 0 or bound < evicts_at or now - evicts_t > policy.memory_bound_ttl_s:
+            evicts_at = bound
+        evicts_t = now
+        evictions += len(evicted)
+        for name in evicted:
+            vanished[name] = now
+    if evicts_at and fits >= evicts_at:
+        evicts_at = 0  # more fits now than once did not: memory was freed elsewhere
+    ttl = [lm.expires_at - now for lm in after.values() if lm.expires_at is not None]
+    keep_alive = max([b.keep_alive_s, *(t for t in ttl if 0 < t <= policy.eviction_recency_s)])
+    return MemoryBounds(
+        max_models=max_models,
+        model_cap=model_cap,
+        keep_alive_s=keep_alive,
+        fits=fits,
+        evicts_at=evicts_at,
+        evicts_at_t=evicts_t,
+        evictions=evictions,
+        polls=b.polls + 1,
+        vanished=vanished,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt-cache affinity: a conversation goes back to the node whose KV cache has its prefix
+# ---------------------------------------------------------------------------------------
+
+
+def _digest(h: hashlib._Hash) -> str:
+    return h.hexdigest()[:32]
+
+
+def prefix_keys(
+    model: str, messages: object, prompt: object, system: object, policy: Policy
+) -> tuple[list[str], str | None]:
+    """(lookup keys, longest first; key to remember) for a chat or a prompt.
+
+    Chat: a hash chained over the messages; the lookup keys are every earlier prefix
+    (longest first), the stored key is the whole conversation, which is the prefix of its
+    next turn (plus the reply, which the node cached too). Prompt: hashes at every
+    ``affinity_block_chars`` boundary, the stored key the longest whole block. Keys carry
+    the model (caches are per model).
+    """
+    h = hashlib.sha256(f"{model}\x00{system if isinstance(system, str) else ''}".encode())
+    keys: list[str] = []
+    if isinstance(messages, list) and messages:
+        budget = policy.affinity_max_chars
+        for msg in messages:
+            text = json.dumps(msg, sort_keys=True, ensure_ascii=False, default=str)
+            budget -= len(text)
+            if budget < 0:
+                break
+            h.update(hashlib.sha256(text.encode("utf-8", "replace")).digest())
+            keys.append(_digest(h))
+        if not keys:
+            return [], None
+        store = keys[-1] if len(keys) == len(messages) else None
+        return keys[-2::-1] if store is not None else keys[::-1], store
+    if isinstance(prompt, str) and prompt:
+        block = max(16, policy.affinity_block_chars)
+        text = prompt[: policy.affinity_max_chars]
+        for i in range(0, len(text) - block + 1, block):
+            h.update(text[i : i + block].encode("utf-8", "replace"))
+            keys.append(_digest(h.copy()))
+        if not keys:
+            return [], None
+        return keys[::-1], keys[-1]
+    return [], None
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityEntry:
+    node_id: str
+    at: float  # epoch s last served
+    tokens: int  # estimated prompt tokens of that request (what the node has cached)
+
+
+def affinity_lookup(
+    keys: Sequence[str], table: Mapping[str, AffinityEntry], now: float, policy: Policy
+) -> AffinityEntry | None:
+    """The freshest entry for the longest prefix of ``keys`` that is known and not stale."""
+    for k in keys:
+        e = table.get(k)
+        if e is not None and now - e.at <= policy.affinity_ttl_s:
+            return e
+    return None
+
+
+def affinity_evictions(
+    table: Mapping[str, AffinityEntry], now: float, policy: Policy
+) -> list[str]:
+    """Keys to drop: stale ones, then the oldest beyond ``affinity_max_entries`` (the table
+    is kept in insertion = recency order by the caller)."""
+    drop = [k for k, e in table.items() if now - e.at > policy.affinity_ttl_s]
+    over = len(table) - len(drop) - policy.affinity_max_entries
+    if over > 0:
+        gone = set(drop)
+        for k in table:
+            if over <= 0:
+                break
+            if k not in gone:
+                drop.append(k)
+                over -= 1
+    return drop
 
 
 # ---------------------------------------------------------------------------------------
@@ -707,12 +1061,19 @@ def slot_count(node: NodeSnapshot, configured: int | None, policy: Policy) -> in
     return slots_for(node.num_parallel, configured, policy)
 
 
-def slots_for(num_parallel: int | None, configured: int | None, policy: Policy) -> int:
-    """``slot_count`` from the node's reported parallelism alone (no snapshot needed)."""
+def slots_for(
+    num_parallel: int | None, configured: int | None, policy: Policy, learned: int | None = None
+) -> int:
+    """``slot_count`` from the node's reported parallelism alone (no snapshot needed).
+
+    Facts win: configured (``--slots``) > reported (agent) > ``learned`` (see
+    ``learned_slots``) > ``policy.default_slots``."""
     if configured is not None and configured > 0:
         n = configured
     elif num_parallel is not None and num_parallel > 0:
         n = num_parallel
+    elif learned is not None and learned > 0:
+        n = learned
     else:
         n = policy.default_slots
     return max(1, min(n, policy.max_slots))
@@ -766,6 +1127,61 @@ def _thermal(
     return "cold", 0.0, 0.0, "on disk only (cold load)"
 
 
+def _victims(
+    node: NodeSnapshot,
+    model: str,
+    deficit: int,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+) -> tuple[list[tuple[float, str, int]], int]:
+    """Idle models Ollama would evict (least recently used first, by ``expires_at``) to free
+    ``deficit`` bytes, as (expires_at, name, size), and the bytes they free. Models with
+    requests in flight or queued cannot be evicted."""
+    idle: list[tuple[float, str, int]] = []
+    for name, lm in node.loaded.items():
+        if name == model:
+            continue
+        q = queues.get((node.node_id, name))
+        if q is not None and q.in_flight + q.pending > 0:
+            continue
+        exp = lm.expires_at if lm.expires_at is not None else math.inf
+        idle.append((exp, name, lm.size))
+    idle.sort()
+    out: list[tuple[float, str, int]] = []
+    freed = 0
+    for victim in idle:
+        if freed >= deficit:
+            break
+        out.append(victim)
+        freed += victim[2]
+    return out, freed
+
+
+def predicted_evictions(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    policy: Policy,
+) -> tuple[str, ...]:
+    """Models that loading ``req.model`` on ``node`` is expected to evict (the router stops
+    counting them as hot there at once, instead of at the next ``/api/ps``): for memory
+    (known or bounded, not a mere lower bound) or for the number of loaded models."""
+    if req.model in node.loaded:
+        return ()
+    deficit = 0
+    fast_total, fast_free, _spill = _memory(node)
+    am = node.available.get(req.model)
+    if fast_total > 0 and node.memory_learned != "learned_fit" and am is not None and am.size:
+        q = queues.get((node.node_id, req.model))
+        slots = max(1, q.slots) if q is not None else slot_count(node, None, policy)
+        deficit = resident_bytes(am.size, req.num_ctx, slots, policy) - fast_free
+    if node.max_loaded > 0 and len(node.loaded) >= node.max_loaded:
+        deficit = max(deficit, 1)  # the count is full: the least recently used goes
+    if deficit <= 0:
+        return ()
+    victims, _freed = _victims(node, req.model, deficit, queues)
+    return tuple(name for _exp, name, _size in victims)
+
+
 def _eviction_cost(
     node: NodeSnapshot,
     model: str,
@@ -773,37 +1189,30 @@ def _eviction_cost(
     queues: Mapping[tuple[str, str], QueueSnapshot],
     now: float,
     policy: Policy,
+    spread: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[float, str]:
     """(negative contribution, reason) for freeing ``deficit`` bytes the way Ollama does:
     idle models are evicted least-recently-used first (by ``expires_at``); models with
     requests in flight cannot be evicted, so the load would wait for them. Evicting a model
     used moments ago costs ``eviction_weight`` (its next request reloads it); one about to
-    expire anyway costs ``eviction_floor`` of that."""
-    idle: list[tuple[float, str, int]] = []
-    busy_bytes = 0
-    for name, lm in node.loaded.items():
-        if name == model:
-            continue
-        q = queues.get((node.node_id, name))
-        if q is not None and q.in_flight + q.pending > 0:
-            busy_bytes += lm.size
-            continue
-        exp = lm.expires_at if lm.expires_at is not None else math.inf
-        idle.append((exp, name, lm.size))
-    idle.sort()
-    freed = 0
+    expire anyway costs ``eviction_floor`` of that. ``spread``: model -> (nodes where it is
+    hot, nodes that have it): a victim hot on another node too costs half, one no other node
+    has costs double (its next request must come back here and evict in turn)."""
+    victims, freed = _victims(node, model, deficit, queues)
     cost = 0.0
     names: list[str] = []
-    for exp, name, size in idle:
-        if freed >= deficit:
-            break
+    for exp, name, _size in victims:
         recency = 1.0
         if exp != math.inf:
-            recency = min(1.0, max(0.0, (exp - now) / max(policy.eviction_recency_s, 1e-9)))
-        cost += policy.eviction_weight * (
+            span = policy.eviction_recency_s
+            if node.keep_alive_s > 0:  # the node's own keep-alive, learned from /api/ps
+                span = min(span, node.keep_alive_s)
+            recency = min(1.0, max(0.0, (exp - now) / max(span, 1e-9)))
+        hot_n, have_n = (spread or {}).get(name, (1, 2))
+        mult = 2.0 if have_n <= 1 else 0.5 if hot_n >= 2 else 1.0
+        cost += mult * policy.eviction_weight * (
             policy.eviction_floor + (1.0 - policy.eviction_floor) * recency
         )
-        freed += size
         names.append(name)
     why = f"evicts {', '.join(names)}" if names else ""
     if freed < deficit:
@@ -830,14 +1239,32 @@ def score_nodes(
     busy: dict[str, int] = {}
     for (nid, _m), q in queues.items():
         busy[nid] = busy.get(nid, 0) + q.in_flight
+    spread = model_spread(nodes, now)
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
-        s = _score_node(req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0))
+        s = _score_node(
+            req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0), spread
+        )
         (eligible if s.eligible else rejected).append(s)
     eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
     rejected.sort(key=lambda s: s.node_id)
     return tuple(eligible) + tuple(rejected)
+
+
+def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[int, int]]:
+    """model -> (live nodes where it is loaded, live nodes that have it at all)."""
+    hot: dict[str, int] = {}
+    have: dict[str, int] = {}
+    for n in nodes:
+        if n.status not in ("online", "degraded") or not n.reachable:
+            continue
+        for name, lm in n.loaded.items():
+            if lm.expires_at is None or lm.expires_at > now:
+                hot[name] = hot.get(name, 0) + 1
+        for name in set(n.available) | set(n.loaded):
+            have[name] = have.get(name, 0) + 1
+    return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
 def _score_node(
@@ -849,6 +1276,7 @@ def _score_node(
     now: float,
     policy: Policy,
     node_in_flight: int,
+    spread: Mapping[str, tuple[int, int]] | None = None,
 ) -> Score:
     nid = node.node_id
     q = queues.get((nid, req.model))
@@ -890,7 +1318,7 @@ def _score_node(
     if state == "reload" and lm is not None:
         need = max(need, resident_bytes(model_bytes, req.num_ctx, slots, policy))
     offload = False
-    if not resident and fast_total > 0 and need > 0:
+    if not resident and fast_total > 0 and need > 0 and not node.memory_learned:
         if need > fast_total + spill:
             return _ineligible(
                 nid,
@@ -904,12 +1332,34 @@ def _score_node(
     factors: list[Factor] = [Factor("thermal", t_value, t_contrib, t_reason)]
 
     # -- 2. memory fit ------------------------------------------------------------------
+    count_full = (
+        node.max_loaded > 0
+        and not resident
+        and sum(1 for name in node.loaded if name != req.model) >= node.max_loaded
+    )
     if resident and state == "hot":
         factors.append(Factor("memory", 1.0, policy.memory_weight, "already resident"))
+    elif count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
+        contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
+        factors.append(
+            Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
+        )
     elif fast_total <= 0 or need <= 0:
         factors.append(Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown"))
     elif state == "loading":
         factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
+    elif node.memory_learned == "learned_fit" and fast_free < need and not count_full:
+        # only a lower bound is known (the most seen resident at once): past it, a load may
+        # fit or evict; as unknown as no memory figure at all
+        factors.append(
+            Factor(
+                "memory",
+                fast_free / need,
+                0.5 * policy.memory_weight,
+                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
+                "may fit or evict",
+            )
+        )
     else:
         ratio = fast_free / need
         if offload:
@@ -920,7 +1370,9 @@ def _score_node(
             contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
         else:
-            contrib, why = _eviction_cost(node, req.model, need - fast_free, queues, now, policy)
+            contrib, why = _eviction_cost(
+                node, req.model, need - fast_free, queues, now, policy, spread
+            )
             why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
         factors.append(Factor("memory", ratio, contrib, why))
 
@@ -952,7 +1404,11 @@ def _score_node(
     ahead = max(0, outstanding - slots + 1)
     queue_wait = ahead * typical / slots
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
-    run = svc * (1.0 + policy.busy_slowdown * concurrent)
+    saved = 0.0
+    if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
+        tps = _prefill_tps(st, model_bytes, bw, policy)
+        saved = min(svc, req.cached_tokens / tps)
+    run = (svc - saved) * (1.0 + policy.busy_slowdown * concurrent)
     expected = queue_wait + load + run
     factors.append(
         Factor(
@@ -963,6 +1419,20 @@ def _score_node(
             + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
         )
     )
+
+    if saved > 0 or req.cache_node == nid:
+        bonus = policy.cache_bonus if saved > 0 else 0.0
+        # the saved prefill already shortens "wait"; bound the total pull of the cache
+        bonus = min(bonus, max(0.0, policy.cache_max_points - policy.wait_weight * saved))
+        factors.append(
+            Factor(
+                "cache",
+                saved,
+                bonus,
+                f"served this conversation's prefix (~{req.cached_tokens} tokens): "
+                + (f"~{saved:.1f}s prefill saved" if saved > 0 else f"no saving ({state})"),
+            )
+        )
 
     # -- 5. role affinity ---------------------------------------------------------------
     size = model_bytes or need

@@ -266,6 +266,10 @@ async def test_every_tab_renders_live_fleet_data(fleet: Any, browser: Any, tmp_p
         await page.wait_for_selector(f'#node-cards > [data-key="{node}"]')
     card = await text_of(page, f'#node-cards > [data-key="{ids[1]}"]')
     assert "qwen2.5:7b" in card and "ctx 4,096" in card and "unloads in 5 min" in card
+    # what herd learned of an agentless node, from its own traffic
+    await page.wait_for_function(
+        "() => /Learned: [^\\n]*slot/.test(document.querySelector('#node-cards').textContent)"
+    )
     assert "llama3.2:3b" in await text_of(page, "#node-cards")
     await page.wait_for_function("() => document.querySelectorAll('#queue-rows tr').length >= 3")
     queue = await text_of(page, "#queue-rows")

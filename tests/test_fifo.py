@@ -323,6 +323,8 @@ async def test_waiter_that_cannot_use_a_slot_keeps_its_place(
     r = await make_router([a.url, b.url], policy={"max_queue_wait_s": 30.0}, poll_interval_s=30.0)
     await r.wait_ready(nodes=2)
     node_a = _node(r, a)
+    for fake in (a, b):  # told 1 slot each (agentless nodes otherwise start probing at 2)
+        r.router.config.slots[_node(r, fake)] = 1
     busy = [
         asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate",
                                           _body("busy-a", 40, node_a))),
@@ -432,6 +434,7 @@ async def test_polls_that_change_nothing_wake_no_waiter(
     await r.wait_ready(models=2)
     router = r.router
     node = router.nodes[_node(r, fake)]
+    router.config.slots[node.node_id] = 1  # told 1 slot, so the second request waits
     rreq = scoring.RouteRequest(model="llama3.2:3b")
     _, held, _, _ = await router.acquire(rreq)
     task = asyncio.ensure_future(router.acquire(rreq))

@@ -282,7 +282,7 @@ async def test_client_gone_while_queued_frees_everything(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
     fake = await make_fake([LLAMA], tokens_per_s=20, num_parallel=1, response_tokens=40)
-    r = await make_router([fake.url])
+    r = await make_router([fake.url], policy={"slot_probe": False})  # 1 slot: queue in herd
     await r.wait_ready()
     busy = asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", GEN))
     async with asyncio.timeout(5):

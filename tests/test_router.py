@@ -466,7 +466,8 @@ async def test_saturation_gives_503_with_retry_after(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
     fake = await make_fake([LLAMA], tokens_per_s=10, num_parallel=1)
-    r = await make_router([fake.url], policy={"max_queue_wait_s": 0.3})
+    # slot_probe off: herd admits 1 (not a probing 2nd) on a node whose slots it never saw
+    r = await make_router([fake.url], policy={"max_queue_wait_s": 0.3, "slot_probe": False})
     await r.wait_ready()
     slow = asyncio.ensure_future(
         raw_request(

@@ -1,0 +1,367 @@
+"""What herd learns about agentless nodes (issue 15): slots from Ollama's own timings,
+memory capacity from /api/ps, prompt-cache affinity. Pure functions first, then the router
+learning a fake node's slots from real traffic and routing by them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import ollama
+
+import scoring
+from scoring import (
+    AffinityEntry,
+    AvailableModel,
+    LoadedModel,
+    NodeSnapshot,
+    Policy,
+    QueueSnapshot,
+    RouteRequest,
+    SlotBounds,
+)
+from tests.conftest import FakeFactory, RouterFactory
+from tests.fake_ollama import FakeModel
+
+P = Policy()
+GB = 1_000_000_000
+NOW = 1_790_000_000.0
+
+
+def learn(b: SlotBounds | None, k: int, queue_ms: float, *, clean_k: int | None = None,
+          work_ms: float = 2000.0, now: float = NOW) -> SlotBounds:
+    return scoring.learn_slots(b, concurrency=k, concurrency_clean=k if clean_k is None
+                               else clean_k, queue_ms=queue_ms, work_ms=work_ms, now=now,
+                               policy=P)
+
+
+# ---------------------------------------------------------------------- slots ----------
+
+
+def test_hidden_queue_time_is_total_minus_ollamas_own_parts() -> None:
+    assert scoring.hidden_queue_ms(5000, 0, 1000, 2500, hot=False) == 1500
+    # a cold load is not queueing ...
+    assert scoring.hidden_queue_ms(5000, 3000, 500, 1500, hot=False) == 0
+    # ... but on a resident model "load" time is the scheduler's (or slot's) wait
+    assert scoring.hidden_queue_ms(5000, 3000, 500, 1500, hot=True) == 3000
+    assert scoring.hidden_queue_ms(0, 0, 10, 10, hot=True) is None
+
+
+def test_no_queueing_at_k_in_flight_means_at_least_k_slots() -> None:
+    b = learn(None, 1, 5.0)
+    assert (b.lo, b.hi, b.clean) == (1, 0, 1)
+    b = learn(b, 3, 10.0)
+    assert (b.lo, b.hi) == (3, 0)
+    # only 2 of the 3 still ran when it started: evidence for 2, not 3
+    assert learn(None, 3, 10.0, clean_k=2).lo == 2
+    # no upper bound yet: admit one more than seen, to find the bound under load
+    assert scoring.learned_slots(b, NOW, P) == 4
+
+
+def test_queueing_at_k_in_flight_means_fewer_than_k_slots() -> None:
+    b = learn(learn(None, 2, 0.0), 3, 1800.0)
+    assert (b.lo, b.hi, b.suspect, b.queued) == (2, 0, 3, 1)  # one is a suspicion
+    b = learn(b, 3, 900.0)
+    assert (b.lo, b.hi, b.suspect, b.queued) == (2, 3, 0, 2)  # two confirm it
+    assert b.tight()
+    assert scoring.learned_slots(b, NOW, P) == 2
+    # a lone request that waited says nothing about slots (a load elsewhere, say)
+    assert learn(None, 1, 5000.0) == SlotBounds()
+    # between the thresholds: no evidence either way
+    assert learn(b, 4, 100.0) == b
+    # a wait that did not end as another request ended was not for a slot
+    assert scoring.learn_slots(None, concurrency=3, concurrency_clean=3, queue_ms=4000.0,
+                               work_ms=2000.0, now=NOW, policy=P,
+                               started_as_one_ended=False) == SlotBounds()
+
+
+def test_newer_evidence_replaces_a_contradicted_bound() -> None:
+    b = learn(learn(None, 4, 0.0), 3, 2000.0)  # ran 4 at once, then queued at 3 ...
+    assert (b.lo, b.hi) == (4, 0)  # ... once: noise (a scheduler wait, say)
+    assert learn(b, 4, 0.0).suspect == 0  # running 4 again clears the suspicion
+    b = learn(b, 3, 2000.0)  # ... twice: the node changed
+    assert (b.lo, b.hi) == (2, 3)
+    b = learn(b, 5, 0.0)  # then 5 ran at once: the node was given more slots
+    assert (b.lo, b.hi) == (5, 0)
+
+
+def test_an_old_upper_bound_is_probed_again() -> None:
+    b = learn(learn(learn(None, 1, 0.0), 2, 3000.0), 2, 3000.0)
+    assert scoring.learned_slots(b, NOW + 10, P) == 1
+    assert scoring.learned_slots(b, NOW + P.slot_bound_ttl_s + 1, P) == 2
+
+
+def test_unknown_slots_probe_two_unless_disabled() -> None:
+    assert scoring.learned_slots(None, NOW, P) == 2
+    assert scoring.learned_slots(None, NOW, dataclasses.replace(P, slot_probe=False)) is None
+
+
+def test_facts_override_what_was_learned() -> None:
+    assert scoring.slots_for(None, None, P, learned=3) == 3
+    assert scoring.slots_for(4, None, P, learned=3) == 4  # the agent reports it
+    assert scoring.slots_for(4, 2, P, learned=3) == 2  # --slots
+    assert scoring.slots_for(None, None, P, learned=None) == P.default_slots
+
+
+def test_node_bounds_come_from_the_best_evidenced_model() -> None:
+    loose = learn(None, 2, 0.0)
+    tight = learn(learn(learn(None, 3, 0.0), 4, 2500.0), 4, 2500.0)
+    assert scoring.node_slot_bounds([loose, loose, tight]) == tight
+    assert scoring.node_slot_bounds([]) == SlotBounds()
+
+
+# ---------------------------------------------------------------------- memory ---------
+
+
+def lm(name: str, size_gb: float, expires_in: float) -> LoadedModel:
+    return LoadedModel(name, int(size_gb * GB), int(size_gb * GB), 4096, NOW + expires_in)
+
+
+def test_memory_lower_bound_is_the_largest_resident_set() -> None:
+    b = scoring.learn_memory(None, {}, {"a": lm("a", 4, 300)}, NOW, P)
+    b = scoring.learn_memory(b, {"a": lm("a", 4, 300)},
+                             {"a": lm("a", 4, 300), "b": lm("b", 6, 300)}, NOW + 5, P)
+    assert b.fits == 10 * GB and b.evicts_at == 0 and b.polls == 2
+    assert b.capacity(NOW + 5, P) == (10 * GB, "learned_fit")
+    # a model whose keep-alive ran out is no eviction
+    b2 = scoring.learn_memory(b, {"a": lm("a", 4, -1), "b": lm("b", 6, 300)},
+                              {"b": lm("b", 6, 300), "c": lm("c", 5, 300)}, NOW + 10, P)
+    assert b2.evictions == 0 and b2.evicts_at == 0
+
+
+def test_a_model_vanishing_before_its_keep_alive_bounds_memory() -> None:
+    before = {"a": lm("a", 4, 200), "b": lm("b", 6, 250)}
+    b = scoring.learn_memory(None, {}, before, NOW, P)
+    after = {"b": lm("b", 6, 245), "c": lm("c", 8, 300)}  # c came, a went 200 s early
+    b = scoring.learn_memory(b, before, after, NOW + 5, P)
+    assert b.evictions == 1 and "a" in b.vanished
+    assert b.evicts_at == 18 * GB  # a + b + c did not fit
+    assert b.fits == 14 * GB
+    assert b.capacity(NOW + 5, P) == (14 * GB, "learned")
+    assert b.to_dict(NOW + 5, P)["tight"] is False
+    assert b.capacity(NOW + 5 + P.memory_bound_ttl_s + 1, P)[1] == "learned_fit"
+
+
+def node(nid: str, loaded: dict[str, LoadedModel], cap_gb: float, how: str) -> NodeSnapshot:
+    used = sum(m.size for m in loaded.values())
+    avail = {n: AvailableModel(n, int(4 * GB)) for n in ("a", "b", "c", "new")}
+    return NodeSnapshot(nid, "online", int(cap_gb * GB), int(cap_gb * GB) - used,
+                        loaded=loaded, available=avail, memory_learned=how)
+
+
+def test_learned_memory_steers_a_cold_load_away_from_an_eviction() -> None:
+    req = RouteRequest("new", est_tokens=100)
+    full = node("full", {"a": lm("a", 6, 280)}, 8, "learned")  # loading evicts hot "a"
+    roomy = node("roomy", {"b": lm("b", 6, 280)}, 20, "learned")
+    queues = {("full", "new"): QueueSnapshot(slots=2), ("roomy", "new"): QueueSnapshot(slots=2)}
+    choice = scoring.choose(req, [full, roomy], queues, {}, {}, NOW, 0.0, P)
+    assert choice.node_id == "roomy"
+    w = choice.ranked[1]
+    mem = w.factor("memory")
+    assert mem is not None and "evicts a" in mem.reason and mem.contribution < 0
+
+
+def test_a_learned_lower_bound_alone_does_not_predict_an_eviction() -> None:
+    req = RouteRequest("new", est_tokens=100)
+    queues = {("n", "new"): QueueSnapshot(slots=1)}
+    scores = []
+    for how in ("learned_fit", "learned"):
+        snap = node("n", {"a": lm("a", 6, 280)}, 8, how)
+        s = scoring.score_nodes(req, [snap], queues, {}, {}, NOW, P)
+        assert s[0].eligible
+        scores.append(s[0].factor("memory"))
+    fit, bounded = scores
+    assert fit is not None and bounded is not None and bounded.contribution < 0
+    # "the most seen at once" says nothing about what else fits: neither room nor eviction
+    assert fit.contribution == 0.5 * P.memory_weight and "lower bound" in fit.reason
+    # only a bounded memory predicts which models a load evicts (the router drops them)
+    assert scoring.predicted_evictions(req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"),
+                                       queues, P) == ("a",)
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned_fit"), queues, P) == ()
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 2, 280)}, 20, "learned"), queues, P) == ()
+    busy = {**queues, ("n", "a"): QueueSnapshot(in_flight=1)}
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"), busy, P) == ()
+
+
+# ---------------------------------------------------------------------- affinity -------
+
+
+def chat(*turns: str) -> list[dict[str, str]]:
+    roles = ("user", "assistant")
+    return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
+def test_a_continued_chat_finds_the_key_its_previous_turn_stored() -> None:
+    _, stored = scoring.prefix_keys("m:latest", chat("hi"), None, None, P)
+    keys, stored2 = scoring.prefix_keys("m:latest", chat("hi", "hello!", "more"), None, None, P)
+    assert stored is not None and stored in keys and stored2 not in keys
+    # longest prefix first
+    k_prev, _ = scoring.prefix_keys("m:latest", chat("hi", "hello!"), None, None, P)
+    assert keys[0] == scoring.prefix_keys("m:latest", chat("hi", "hello!"), None, None, P)[1]
+    assert k_prev[-1] == keys[-1]
+    # another model or another conversation does not match
+    other, _ = scoring.prefix_keys("x:latest", chat("hi", "hello!", "more"), None, None, P)
+    assert stored not in other
+    other2, _ = scoring.prefix_keys("m:latest", chat("yo", "hello!", "more"), None, None, P)
+    assert stored not in other2
+
+
+def test_a_longer_raw_prompt_finds_its_earlier_prefix() -> None:
+    base = "word " * 200  # 1000 chars: 3 whole blocks
+    _, stored = scoring.prefix_keys("m:latest", None, base, None, P)
+    keys, _ = scoring.prefix_keys("m:latest", None, base + "and then some more " * 40, None, P)
+    assert stored in keys
+    assert scoring.prefix_keys("m:latest", None, "short", None, P) == ([], None)
+    _, sys_key = scoring.prefix_keys("m:latest", None, base, "be brief", P)
+    assert sys_key != stored
+
+
+def test_affinity_table_lookup_and_pruning() -> None:
+    table = {"k1": AffinityEntry("a", NOW - 10, 500), "k2": AffinityEntry("b", NOW - 5000, 9)}
+    assert scoring.affinity_lookup(["zz", "k1"], table, NOW, P) == table["k1"]
+    assert scoring.affinity_lookup(["k2"], table, NOW, P) is None  # stale
+    assert scoring.affinity_evictions(table, NOW, P) == ["k2"]
+    small = dataclasses.replace(P, affinity_max_entries=2)
+    big = {f"k{i}": AffinityEntry("a", NOW - 10 + i, 1) for i in range(5)}
+    assert scoring.affinity_evictions(big, NOW, small) == ["k0", "k1", "k2"]
+
+
+def two_hot_nodes(slots: int = 2) -> tuple[list[NodeSnapshot], dict[tuple[str, str],
+                                                                  QueueSnapshot]]:
+    snaps = [
+        NodeSnapshot(n, "online", 0, 0, loaded={"m:latest": LoadedModel(
+            "m:latest", 4 * GB, 4 * GB, 8192, NOW + 300)},
+            available={"m:latest": AvailableModel("m:latest", 4 * GB)})
+        for n in ("a", "b")
+    ]
+    return snaps, {(n, "m:latest"): QueueSnapshot(slots=slots) for n in ("a", "b")}
+
+
+def test_cache_affinity_wins_a_tie_but_not_a_long_queue() -> None:
+    snaps, queues = two_hot_nodes()
+    req = RouteRequest("m:latest", est_tokens=3000, cache_node="b", cached_tokens=2800)
+    for rand in (0.0, 0.99):
+        choice = scoring.choose(req, snaps, queues, {}, {}, NOW, rand, P)
+        assert choice.node_id == "b"
+        cache = choice.ranked[0].factor("cache")
+        assert cache is not None and cache.value > 0 and "prefill saved" in cache.reason
+    # b has a deep queue: clearly worse, the request goes to a
+    queues[("b", "m:latest")] = QueueSnapshot(pending=6, in_flight=2, slots=2)
+    assert scoring.choose(req, snaps, queues, {}, {}, NOW, 0.0, P).node_id == "a"
+    # the cache is gone with the model: no pull
+    snaps[1] = dataclasses.replace(snaps[1], loaded={})
+    queues[("b", "m:latest")] = QueueSnapshot(slots=2)
+    s = scoring.score_nodes(req, snaps, queues, {}, {}, NOW, P)
+    b = next(x for x in s if x.node_id == "b")
+    cache = b.factor("cache")
+    assert cache is not None and cache.contribution == 0
+
+
+# ---------------------------------------------------------------------- router ---------
+
+
+SLOW = FakeModel(name="llama3.2:3b", size=2_000_000_000, family="llama")
+
+
+async def test_router_learns_slots_from_timings_and_routes_by_them(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Two agentless nodes, the same speed: `big` has 4 slots, `small` 1. herd is told
+    neither; after a few bursts it knows both, admits 4 on big and 1 on small, and so sends
+    big the larger share of a burst without queueing anything inside `small`."""
+    big = await make_fake([SLOW], num_parallel=4, tokens_per_s=40, response_tokens=12,
+                          load_delay_s=0.0)
+    small = await make_fake([SLOW], num_parallel=1, tokens_per_s=40, response_tokens=12,
+                            load_delay_s=0.0)
+    r = await make_router([big.url, small.url])
+    await r.wait_ready(nodes=2)
+    ids = {n.url: n.node_id for n in r.router.nodes.values()}
+    bid, sid = ids[big.url.rstrip("/")], ids[small.url.rstrip("/")]
+    client = ollama.AsyncClient(host=r.url)
+
+    async def burst(n: int) -> list[str]:
+        async def one(i: int) -> str:
+            raw = await client._client.post(
+                "/api/generate", json={"model": "llama3.2:3b", "prompt": f"q{i}",
+                                       "stream": False})
+            assert raw.status_code == 200, raw.text
+            return raw.headers["x-herd-node"]
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    try:
+        await burst(2)  # both models become resident
+        for _ in range(6):
+            await burst(6)
+        model = "llama3.2:3b"
+        assert r.router.learned_slots(sid, model) == 1
+        assert (r.router.learned_slots(bid, model) or 0) >= 4
+        assert r.router.queue_for(bid, model, "text").slots >= 4
+        assert r.router.queue_for(sid, model, "text").slots == 1
+        small.reset_stats()
+        served = await burst(6)
+        assert served.count(bid) >= 4, served
+        assert small.max_active_seen <= 1
+        status = r.router.fleet_status(r.router.started_at + 1)
+        learned = {n["node_id"]: n["learned"] for n in status["nodes"]}
+        assert learned[sid]["slots"]["source"] == "learned"
+        assert learned[sid]["slots"]["tight"] is True
+        assert learned[sid]["models"][model]["slots"]["estimate"] == 1
+        assert learned[bid]["models"][model]["samples"] > 0
+        assert learned[bid]["memory"]["fits_bytes"] >= SLOW.size  # seen in its /api/ps
+    finally:
+        await client._client.aclose()
+
+
+def test_keep_alive_is_learned_and_scales_what_an_eviction_costs() -> None:
+    b = scoring.learn_memory(None, {}, {"a": lm("a", 4, 58.0)}, NOW, P)
+    b = scoring.learn_memory(b, {}, {"a": lm("a", 4, 60.0), "z": lm("z", 1, 1e9)}, NOW, P)
+    assert b.keep_alive_s == 60.0  # "forever" (keep_alive -1) is not a keep-alive
+    req = RouteRequest("new", est_tokens=100)
+    snap = node("n", {"a": lm("a", 6, 50)}, 8, "learned")  # a used 10 s ago
+    cost_default = scoring.score_nodes(req, [snap], {}, {}, {}, NOW, P)[0].factor("memory")
+    learned = dataclasses.replace(snap, keep_alive_s=60.0)
+    cost_learned = scoring.score_nodes(req, [learned], {}, {}, {}, NOW, P)[0].factor("memory")
+    assert cost_default is not None and cost_learned is not None
+    # with a 60 s keep-alive, a model used 10 s ago is as good as just used
+    assert cost_learned.contribution < cost_default.contribution < 0
+
+
+def test_evicting_the_only_copy_of_a_model_costs_more_than_a_spare_one() -> None:
+    """A victim loaded on another node too costs half; one no other node has, double."""
+    req = RouteRequest("new", est_tokens=100)
+    here = node("here", {"a": lm("a", 6, 280)}, 8, "learned")
+    other_hot = node("o", {"a": lm("a", 6, 280)}, 40, "learned")
+    mem = [
+        scoring.score_nodes(req, nodes, {}, {}, {}, NOW, P)
+        for nodes in ([here], [here, other_hot])
+    ]
+    alone = next(s for s in mem[0] if s.node_id == "here").factor("memory")
+    spare = next(s for s in mem[1] if s.node_id == "here").factor("memory")
+    assert alone is not None and spare is not None
+    assert alone.contribution < spare.contribution < 0
+    spread = scoring.model_spread([here, other_hot], NOW)
+    assert spread["a"] == (2, 2) and spread["new"] == (0, 2)
+
+
+def test_an_eviction_with_memory_to_spare_teaches_the_model_count_cap() -> None:
+    three = {"a": lm("a", 2, 200), "b": lm("b", 2, 250), "c": lm("c", 2, 280)}
+    b = scoring.learn_memory(None, {}, {"x": lm("x", 20, 100)}, NOW, P)  # 20 GB fitted once
+    b = scoring.learn_memory(b, {"x": lm("x", 20, 100)}, three, NOW + 150, P)  # x expired
+    assert b.evictions == 0 and b.max_models == 3
+    after = {"b": lm("b", 2, 245), "c": lm("c", 2, 275), "d": lm("d", 2, 300)}
+    b = scoring.learn_memory(b, three, after, NOW + 155, P)  # a evicted, 8 GB < 20 GB
+    assert b.model_cap == 3 and b.evicts_at == 0 and b.evictions == 1
+    assert b.to_dict(NOW, P)["max_loaded_models"] == 3
+    # the count is full: a fourth model evicts even with memory free, and the router is told
+    req = RouteRequest("new", est_tokens=100)
+    snap = dataclasses.replace(node("n", after, 20, "learned"), max_loaded=3)
+    mem = scoring.score_nodes(req, [snap], {}, {}, {}, NOW + 156, P)[0].factor("memory")
+    assert mem is not None and mem.contribution < 0 and "3 models loaded" in mem.reason
+    assert scoring.predicted_evictions(req, snap, {}, P) == ("b",)
+    # four resident at once later: the cap was wrong
+    four = {**after, "e": lm("e", 1, 300)}
+    assert scoring.learn_memory(b, after, four, NOW + 160, P).model_cap == 0
+
