@@ -3,16 +3,23 @@ each in front of its own identical fleet of simulated Ollama nodes (``bench/sim_
 
 Usage::
 
-    python bench/routing_e2e.py --quick          # one 3-node fleet, one seed, ~1.5 min
+    python bench/routing_e2e.py --quick          # 3-node fleet, seed 1, ~75 s
     python bench/routing_e2e.py                  # 3 fleets x 3 seeds, ~14 min
-    python bench/routing_e2e.py --fleet three --seeds 1 2 --duration 40
-    python bench/routing_e2e.py --policies lo herd-node --herd-arg=--slots --herd-arg=...
+    python bench/routing_e2e.py --fleet mixed --seeds 1 2 --duration 60
+    python bench/routing_e2e.py --policies lo herd-node       # fewer processes
+    python bench/routing_e2e.py --herd-dir /work/wt-x         # another checkout's herd
+    python bench/routing_e2e.py --herd-arg=--max-queue-wait=10  # extra router flags
     python bench/routing_e2e.py --json out.json  # every figure, machine-readable
 
 Exit status 0 when every target below is met, 1 when one is missed, 2 on a setup error.
-Use it while changing herd's routing: ``--quick`` runs only the 3-node fleet (seed 1), and
-``--policies`` trims the set (least-outstanding ``lo`` is the reference for the chat TTFT
-target, the best of ``rr``/``random``/``lo`` for the rest).
+Reading the output: one table per fleet and seed (``mean/best`` is the ratio to the best
+baseline, ``cold`` the sims' own load counters after the warm-up, ``cache%`` the share of
+prompt tokens the nodes' prompt caches skipped), the per-node request / load / eviction
+counts of every policy, ``MISSED`` lines, then a summary table across the matrix.
+Fleets (``--fleet``): ``three`` (32/16/8 GB, 4/2/1 slots; gemma2:27b fits the 32 GB node
+only), ``mixed`` (5 nodes: a 64 GB Mac Studio, two 24 GB GPUs, a 16 GB Mac mini, an 8 GB
+laptop), ``onebig`` (96/32/16/8 GB; llama3.3:70b fits the 96 GB node only). The first
+``--warmup`` seconds of traffic (the fleet starts empty) are sent but not measured.
 
 What runs, per fleet and seed, all at the same time on loopback:
 
