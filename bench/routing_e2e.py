@@ -183,7 +183,7 @@ def fleets(keep_alive_s: float) -> dict[str, Fleet]:
             node("mid32", 32, 2, 300, 30, 2.0, ka, no12),
             node("small16", 16, 2, 200, 25, 2.0, ka, no12),
             node("laptop8", 8, 1, 100, 15, 1.0, ka, no12),
-        ), rate=0.9, session_rate=0.16),
+        ), rate=0.75, session_rate=0.14),
     }
 
 
