@@ -3,16 +3,23 @@ each in front of its own identical fleet of simulated Ollama nodes (``bench/sim_
 
 Usage::
 
-    python bench/routing_e2e.py --quick          # one 3-node fleet, one seed, ~1 min
-    python bench/routing_e2e.py                  # 3 fleets x 3 seeds, ~10-15 min
-    python bench/routing_e2e.py --fleet three --seeds 1 2 --duration 40
-    python bench/routing_e2e.py --policies lo herd-node --herd-arg=--slots --herd-arg=...
+    python bench/routing_e2e.py --quick          # 3-node fleet, seed 1, ~75 s
+    python bench/routing_e2e.py                  # 3 fleets x 3 seeds, ~14 min
+    python bench/routing_e2e.py --fleet mixed --seeds 1 2 --duration 60
+    python bench/routing_e2e.py --policies lo herd-node       # fewer processes
+    python bench/routing_e2e.py --herd-dir /work/wt-x         # another checkout's herd
+    python bench/routing_e2e.py --herd-arg=--max-queue-wait=10  # extra router flags
     python bench/routing_e2e.py --json out.json  # every figure, machine-readable
 
 Exit status 0 when every target below is met, 1 when one is missed, 2 on a setup error.
-Use it while changing herd's routing: ``--quick`` runs only the 3-node fleet (seed 1), and
-``--policies`` trims the set (least-outstanding ``lo`` is the reference for the chat TTFT
-target, the best of ``rr``/``random``/``lo`` for the rest).
+Reading the output: one table per fleet and seed (``mean/best`` is the ratio to the best
+baseline, ``cold`` the sims' own load counters after the warm-up, ``cache%`` the share of
+prompt tokens the nodes' prompt caches skipped), the per-node request / load / eviction
+counts of every policy, ``MISSED`` lines, then a summary table across the matrix.
+Fleets (``--fleet``): ``three`` (32/16/8 GB, 4/2/1 slots; gemma2:27b fits the 32 GB node
+only), ``mixed`` (5 nodes: a 64 GB Mac Studio, two 24 GB GPUs, a 16 GB Mac mini, an 8 GB
+laptop), ``onebig`` (96/32/16/8 GB; llama3.3:70b fits the 96 GB node only). The first
+``--warmup`` seconds of traffic (the fleet starts empty) are sent but not measured.
 
 What runs, per fleet and seed, all at the same time on loopback:
 
@@ -22,6 +29,8 @@ What runs, per fleet and seed, all at the same time on loopback:
   send each request straight to a node holding the model (nginx-style: the pool of a model
   is the nodes it is pulled on; a node's 503 makes the client try the next node);
 * ``herd-node``: ``python herd.py --port 0 --node URL ...`` (no agent, no ``--slots``);
+* ``herd-slots``: the same, told each node's parallel slots with ``--slots`` (no target:
+  it shows what knowing the slots is worth);
 * ``herd-agents``: ``python herd.py`` plus one ``python herd_node.py --router-url ...
   --ollama-url NODE`` per node. The agent finds ``OLLAMA_NUM_PARALLEL`` /
   ``OLLAMA_MAX_LOADED_MODELS`` in its environment (a real agent reads them from the Ollama
@@ -68,6 +77,7 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,13 +93,13 @@ from sim_ollama import GB, NodeSpec, SimModel, canonical
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("rr", "random", "lo")
-POLICIES = (*BASELINES, "herd-node", "herd-agents")
+POLICIES = (*BASELINES, "herd-node", "herd-slots", "herd-agents")
 JSON = dict[str, Any]
 
 TARGET_NODE_MEAN = 0.65
 TARGET_AGENT_MEAN = 0.60
 TARGET_CHAT_TTFT = 0.70
-REQUEST_TIMEOUT_S = 60.0  # a client gives up (~5 min uncompressed)
+REQUEST_TIMEOUT_S = 45.0  # a client gives up (~4 min uncompressed)
 NUM_CTX = 4096  # every node's OLLAMA_CONTEXT_LENGTH
 CLIENT_RETRIES = 3
 
@@ -158,7 +168,7 @@ def fleets(keep_alive_s: float) -> dict[str, Fleet]:
             node("big32", 32, 4, 400, 30, 3.0, ka, small),
             node("mid16", 16, 2, 250, 25, 2.0, ka, small),
             node("laptop8", 8, 1, 100, 15, 1.0, ka, small),
-        ), rate=0.9, session_rate=0.12),
+        ), rate=0.8, session_rate=0.16),
         # 5 mixed nodes: a Mac Studio, two 24 GB GPUs, a Mac mini, a laptop
         "mixed": Fleet("mixed", (
             node("studio64", 64, 4, 400, 20, 3.0, ka, five),
@@ -166,14 +176,14 @@ def fleets(keep_alive_s: float) -> dict[str, Fleet]:
             node("gpu24b", 24, 2, 600, 40, 2.5, ka, five),
             node("mini16", 16, 2, 120, 15, 1.5, ka, five),
             node("laptop8", 8, 1, 100, 15, 1.0, ka, five),
-        ), rate=1.3, session_rate=0.15),
+        ), rate=1.2, session_rate=0.2),
         # 4 nodes; llama3.3:70b fits on the 96 GB machine only
         "onebig": Fleet("onebig", (
             node("big96", 96, 4, 500, 25, 3.0, ka, no12),
             node("mid32", 32, 2, 300, 30, 2.0, ka, no12),
             node("small16", 16, 2, 200, 25, 2.0, ka, no12),
             node("laptop8", 8, 1, 100, 15, 1.0, ka, no12),
-        ), rate=1.0, session_rate=0.12),
+        ), rate=0.75, session_rate=0.14),
     }
 
 
@@ -231,7 +241,8 @@ def workload(fleet: Fleet, seed: int, duration: float) -> list[Job]:
     have = holders(fleet)
     names = [n for n in SHARES if n in have]
     weights = [SHARES[n] for n in names]
-    systems = [text_of(random.Random(seed * 31 + i), rng.randint(80, 300)) for i in range(3)]
+    # system prompts (instructions plus retrieved context), shared by many conversations
+    systems = [text_of(random.Random(seed * 31 + i), rng.randint(300, 900)) for i in range(4)]
     jobs: list[Job] = []
 
     def predict() -> int:
@@ -422,12 +433,13 @@ class Result:
     node: str = ""
     error: str = ""
     retries: int = 0
-    offset: float = 0.0  # planned send offset in the run
+    offset: float = 0.0  # planned offset in the workload
 
 
-async def one_request(disp: Dispatcher, t0: float, job: Job, turn: int, body: JSON, path: str,
-                      send_at: float) -> tuple[Result, str]:
-    """Send one request (with the client's retries), timed from ``send_at``."""
+async def one_request(disp: Dispatcher, planned: float, job: Job, turn: int, body: JSON,
+                      path: str, send_at: float) -> tuple[Result, str]:
+    """Send one request (with the client's retries), timed from ``send_at``; ``planned`` is
+    its offset in the workload (the same for every policy)."""
     multi = len(job.turns) > 1
     retries = 0
     reply: Reply | None = None
@@ -470,7 +482,7 @@ async def one_request(disp: Dispatcher, t0: float, job: Job, turn: int, body: JS
         node_name = reply.headers.get("x-herd-node", "")
     ttft = (reply.first_token_at - send_at) if reply is not None and reply.first_token_at else None
     res = Result(disp.kind, job.jid, turn, job.model, job.long, multi, done - send_at, ttft, ok,
-                 served, node_name, err, retries, send_at - t0)
+                 served, node_name, err, retries, planned)
     return res, (reply.text if reply is not None else "")
 
 
@@ -479,7 +491,8 @@ async def run_job(disp: Dispatcher, t0: float, job: Job, out: list[Result]) -> N
         await asyncio.sleep(max(0.0, t0 + job.offset - time.monotonic()))
         gen: JSON = {"model": job.model, "prompt": job.prompt,
                      "options": {"num_predict": job.predict}}
-        res, _ = await one_request(disp, t0, job, 0, gen, "/api/generate", time.monotonic())
+        res, _ = await one_request(disp, job.offset, job, 0, gen, "/api/generate",
+                                   time.monotonic())
         out.append(res)
         return
     messages: list[JSON] = [{"role": "system", "content": job.system}]
@@ -488,7 +501,8 @@ async def run_job(disp: Dispatcher, t0: float, job: Job, out: list[Result]) -> N
         messages.append({"role": "user", "content": turn.user})
         body: JSON = {"model": job.model, "messages": list(messages),
                 "options": {"num_predict": turn.predict}}
-        res, text = await one_request(disp, t0, job, k, body, "/api/chat", time.monotonic())
+        res, text = await one_request(disp, turn.offset, job, k, body, "/api/chat",
+                                      time.monotonic())
         out.append(res)
         if not res.ok:
             return  # the user gives up on this conversation
@@ -597,10 +611,10 @@ async def start_sims(procs: Procs, fleet: Fleet) -> list[str]:
     return [f"http://127.0.0.1:{p}" for p in ports]
 
 
-async def start_herd(procs: Procs, tmp: str, tag: str, nodes: list[str], interval: float,
-                     extra: Sequence[str]) -> str:
+async def start_herd(procs: Procs, herd_dir: str, tmp: str, tag: str, nodes: list[str],
+                     interval: float, extra: Sequence[str]) -> str:
     data = os.path.join(tmp, f"herd-{tag}")
-    argv = [sys.executable, os.path.join(ROOT, "herd.py"), "--host", "127.0.0.1", "--port", "0",
+    argv = [sys.executable, os.path.join(herd_dir, "herd.py"), "--host", "127.0.0.1", "--port", "0",
             "--data-dir", data, "--local-ollama", "off", "--no-mdns", "--log-level", "WARNING",
             "--poll-interval", str(interval), "--heartbeat-interval", str(interval)]
     for n in nodes:
@@ -610,8 +624,8 @@ async def start_herd(procs: Procs, tmp: str, tag: str, nodes: list[str], interva
     return "http://" + addr.replace("0.0.0.0", "127.0.0.1")
 
 
-async def start_agents(procs: Procs, tmp: str, router: str, fleet: Fleet, sims: list[str],
-                       interval: float, host_memory: bool) -> None:
+async def start_agents(procs: Procs, herd_dir: str, tmp: str, router: str, fleet: Fleet,
+                       sims: list[str], interval: float, host_memory: bool) -> None:
     for spec, url in zip(fleet.nodes, sims, strict=True):
         args = ["--router-url", router, "--ollama-url", url, "--node-id", spec.name,
                 "--advertise-url", url, "--port", "0", "--interval", str(interval),
@@ -620,9 +634,9 @@ async def start_agents(procs: Procs, tmp: str, router: str, fleet: Fleet, sims: 
         env = {"OLLAMA_NUM_PARALLEL": str(spec.slots),
                "OLLAMA_MAX_LOADED_MODELS": str(spec.max_loaded)}
         if host_memory:
-            argv = [sys.executable, os.path.join(ROOT, "herd_node.py"), *args]
+            argv = [sys.executable, os.path.join(herd_dir, "herd_node.py"), *args]
         else:
-            argv = [sys.executable, "-c", AGENT_SHIM.format(root=ROOT, sim=url), *args]
+            argv = [sys.executable, "-c", AGENT_SHIM.format(root=herd_dir, sim=url), *args]
         await procs.start(argv, r"herd-node listening on (\S+)", env=env)
 
 
@@ -690,7 +704,7 @@ def figures(policy: str, all_results: list[Result], stats: list[JSON],
 async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                   policies: Sequence[str],
                   interval: float, herd_args: Sequence[str], host_memory: bool,
-                  verbose: bool) -> dict[str, PolicyFigures]:
+                  verbose: bool, herd_dir: str = ROOT) -> dict[str, PolicyFigures]:
     jobs = workload(fleet, seed, warmup + duration)
     pools = holders(fleet)
     n_req = sum(1 if j.api == "generate" else len(j.turns) for j in jobs)
@@ -708,11 +722,18 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
             if p in BASELINES:
                 disps[p] = Dispatcher(p, sims[p], pools, seed)
             elif p == "herd-node":
-                router = await start_herd(procs, tmp, p, sims[p], interval, herd_args)
+                router = await start_herd(procs, herd_dir, tmp, p, sims[p], interval, herd_args)
+                disps[p] = Dispatcher(p, sims[p], pools, seed, router)
+            elif p == "herd-slots":  # --node plus each node's real slot count (--slots)
+                told = [f"--slots=127.0.0.1-{u.rsplit(':', 1)[1]}={n.slots}"
+                        for u, n in zip(sims[p], fleet.nodes, strict=True)]
+                router = await start_herd(procs, herd_dir, tmp, p, sims[p], interval,
+                                          [*herd_args, *told])
                 disps[p] = Dispatcher(p, sims[p], pools, seed, router)
             elif p == "herd-agents":
-                router = await start_herd(procs, tmp, p, [], interval, herd_args)
-                await start_agents(procs, tmp, router, fleet, sims[p], interval, host_memory)
+                router = await start_herd(procs, herd_dir, tmp, p, [], interval, herd_args)
+                await start_agents(procs, herd_dir, tmp, router, fleet, sims[p], interval,
+                                   host_memory)
                 disps[p] = Dispatcher(p, sims[p], pools, seed, router)
         for p in policies:
             if p.startswith("herd"):
@@ -808,7 +829,8 @@ def verdict(figs: dict[str, PolicyFigures]) -> list[str]:
                           f"target <= {limit}")
         if f.failed:
             missed.append(f"{p}: {f.failed} failed requests")
-        if lo is not None and not f.chat_ttft_p50 <= TARGET_CHAT_TTFT * lo.chat_ttft_p50:
+        if (lo is not None and not math.isnan(lo.chat_ttft_p50)
+                and not f.chat_ttft_p50 <= TARGET_CHAT_TTFT * lo.chat_ttft_p50):
             missed.append(f"{p}: multi-turn TTFT p50 {f.chat_ttft_p50:.2f}s vs lo "
                           f"{lo.chat_ttft_p50:.2f}s, target <= {TARGET_CHAT_TTFT}x")
         if p == "herd-node":
@@ -822,6 +844,37 @@ def verdict(figs: dict[str, PolicyFigures]) -> list[str]:
     return missed
 
 
+def summary(report: list[JSON]) -> None:
+    """One line per fleet and seed: herd's mean (and p99) over the best baseline's, cold
+    loads against the fewest of any baseline, multi-turn TTFT against least-outstanding."""
+    herds = [p for p in POLICIES if p.startswith("herd")]
+    print("\n== summary: mean latency / best baseline's mean (p99 / its p99); cold loads "
+          "(fewest baseline's); multi-turn TTFT p50 / lo's")
+    head = f"   {'fleet, seed':<14}{'best':>7}"
+    for p in herds:
+        head += f"{p:>26}"
+    print(head)
+    for run in report:
+        figs = run["policies"]
+        bases = [figs[p] for p in BASELINES if p in figs]
+        if not bases:
+            continue
+        best = min(bases, key=lambda f: f["mean"])
+        fewest = min(f["cold_loads"] for f in bases)
+        lo = figs.get("lo")
+        line = f"   {run['fleet'] + ' s' + str(run['seed']):<14}{best['policy']:>7}"
+        for p in herds:
+            f = figs.get(p)
+            if f is None:
+                line += f"{'-':>26}"
+                continue
+            chat = f["chat_ttft_p50"] / lo["chat_ttft_p50"] if lo else math.nan
+            cell = (f"{f['mean'] / best['mean']:.2f}x ({f['p99'] / best['p99']:.2f}) "
+                    f"{f['cold_loads']}({fewest}) {chat:.2f}")
+            line += f"{cell:>26}"
+        print(line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -829,9 +882,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fleet", action="append", choices=("three", "mixed", "onebig"),
                    help="fleets to run (repeatable; default all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--duration", type=float, default=45.0,
-                   help="seconds of measured arrivals per run (default 45; --quick 25)")
-    p.add_argument("--warmup", type=float, default=10.0,
+    p.add_argument("--duration", type=float, default=35.0,
+                   help="seconds of measured arrivals per run (default 35; --quick 25)")
+    p.add_argument("--warmup", type=float, default=8.0,
                    help="seconds of unmeasured arrivals first (the fleet starts empty)")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--info-interval", type=float, default=1.0,
@@ -844,6 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="agents report this host's memory (unmodified herd_node.py)")
     p.add_argument("--load", type=float, default=1.0,
                    help="multiply every fleet's arrival rates (calibration)")
+    p.add_argument("--herd-dir", default=ROOT,
+                   help="checkout whose herd.py / herd_node.py run (default: this one)")
     p.add_argument("--json", help="write all figures here")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -852,7 +907,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   for k, f in fleets(args.keep_alive).items()}
     names = args.fleet or (["three"] if args.quick else list(all_fleets))
     seeds = [1] if args.quick else args.seeds
-    duration = 25.0 if args.quick and args.duration == 45.0 else args.duration
+    duration = 25.0 if args.quick and args.duration == 35.0 else args.duration
+    herd_dir = os.path.abspath(args.herd_dir)
+    rev = subprocess.run(["git", "-C", herd_dir, "log", "-1", "--format=%h %s"],
+                         capture_output=True, text=True, check=False, timeout=10).stdout.strip()
+    print(f"herd from {herd_dir} ({rev or 'not a git checkout'})")
     report: list[JSON] = []
     missed_all: list[str] = []
     started = time.monotonic()
@@ -862,7 +921,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 figs = asyncio.run(run_one(all_fleets[name], seed, args.warmup, duration,
                                            args.policies,
                                            args.info_interval, args.herd_arg,
-                                           args.agent_host_memory, not args.quiet))
+                                           args.agent_host_memory, not args.quiet,
+                                           herd_dir))
             except RuntimeError as exc:
                 print(f"setup failed: {exc}", file=sys.stderr)
                 return 2
@@ -874,6 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.append({"fleet": name, "seed": seed,
                            "policies": {k: v.__dict__ for k, v in figs.items()},
                            "missed": missed})
+    summary(report)
     print(f"\nwall time {time.monotonic() - started:.0f} s")
     print(f"targets: herd-node mean <= {TARGET_NODE_MEAN}x best baseline, p99 <= its p99, cold "
           f"loads <= half the fewest baseline's, no other model; herd-agents mean <= "
