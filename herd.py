@@ -2045,6 +2045,72 @@ class Metrics:
         buckets[-1] += 1
         self.latency_sum[kind] = self.latency_sum.get(kind, 0.0) + latency_s
 
+    def render(self, nodes: Iterable[Node], queues: Iterable[SlotQueue], active: int) -> str:
+        """The Prometheus text exposition of the counters and the fleet gauges."""
+        out: list[str] = []
+        m = self
+        queues = list(queues)
+
+        def metric(name: str, kind: str, help_: str) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+
+        metric("herd_requests_total", "counter", "Client requests by endpoint, kind and outcome")
+        for (endpoint, kind, status), n in sorted(m.requests.items()):
+            out.append(
+                f'herd_requests_total{{endpoint="{prom_escape(endpoint)}",'
+                f'kind="{kind}",status="{status}"}} {n}'
+            )
+        metric("herd_request_duration_seconds", "histogram", "Request latency")
+        for kind, buckets in sorted(m.latency.items()):
+            for bound, count in zip(LATENCY_BUCKETS, buckets, strict=False):
+                out.append(
+                    f'herd_request_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {count}'
+                )
+            out.append(
+                f'herd_request_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {buckets[-1]}'
+            )
+            out.append(
+                f'herd_request_duration_seconds_sum{{kind="{kind}"}} '
+                f"{m.latency_sum.get(kind, 0.0):.6f}"
+            )
+            out.append(f'herd_request_duration_seconds_count{{kind="{kind}"}} {buckets[-1]}')
+        metric("herd_retries_total", "counter", "Attempts retried on another node")
+        out.append(f"herd_retries_total {m.retries}")
+        metric("herd_fallbacks_total", "counter", "Requests served by a fallback model")
+        out.append(f"herd_fallbacks_total {m.fallbacks}")
+        metric("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)")
+        out.append(f"herd_rejected_total {m.rejected}")
+        metric("herd_reaped_total", "counter", "Streams cancelled for making no progress")
+        out.append(f"herd_reaped_total {m.reaped}")
+        metric("herd_requests_active", "gauge", "Requests being served now")
+        out.append(f"herd_requests_active {active}")
+        metric("herd_node_up", "gauge", "1 when the node is online")
+        for node in nodes:
+            up = 1 if node.status == "online" else 0
+            out.append(
+                f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
+            )
+        metric("herd_queue_in_flight", "gauge", "In-flight requests per node:model")
+        for q in queues:
+            out.append(
+                f'herd_queue_in_flight{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.in_flight}'
+            )
+        metric("herd_queue_pending", "gauge", "Requests waiting for a slot per node:model")
+        for q in queues:
+            out.append(
+                f'herd_queue_pending{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.pending}'
+            )
+        metric("herd_queue_slots", "gauge", "Parallel slots per node:model")
+        for q in queues:
+            out.append(
+                f'herd_queue_slots{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.slots}'
+            )
+        return "\n".join(out) + "\n"
+
 
 def prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -5213,73 +5279,10 @@ class Router:
     async def h_metrics(self, request: Request, response: Response) -> None:
         await response.send(
             200,
-            self.render_metrics(time.time()).encode(),
+            self.metrics.render(self.nodes.values(), self.queues.values(),
+                                self.active_requests).encode(),
             "text/plain; version=0.0.4; charset=utf-8",
         )
-
-    def render_metrics(self, now: float) -> str:
-        out: list[str] = []
-        m = self.metrics
-
-        def metric(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-
-        metric("herd_requests_total", "counter", "Client requests by endpoint, kind and outcome")
-        for (endpoint, kind, status), n in sorted(m.requests.items()):
-            out.append(
-                f'herd_requests_total{{endpoint="{prom_escape(endpoint)}",'
-                f'kind="{kind}",status="{status}"}} {n}'
-            )
-        metric("herd_request_duration_seconds", "histogram", "Request latency")
-        for kind, buckets in sorted(m.latency.items()):
-            for bound, count in zip(LATENCY_BUCKETS, buckets, strict=False):
-                out.append(
-                    f'herd_request_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {count}'
-                )
-            out.append(
-                f'herd_request_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {buckets[-1]}'
-            )
-            out.append(
-                f'herd_request_duration_seconds_sum{{kind="{kind}"}} '
-                f"{m.latency_sum.get(kind, 0.0):.6f}"
-            )
-            out.append(f'herd_request_duration_seconds_count{{kind="{kind}"}} {buckets[-1]}')
-        metric("herd_retries_total", "counter", "Attempts retried on another node")
-        out.append(f"herd_retries_total {m.retries}")
-        metric("herd_fallbacks_total", "counter", "Requests served by a fallback model")
-        out.append(f"herd_fallbacks_total {m.fallbacks}")
-        metric("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)")
-        out.append(f"herd_rejected_total {m.rejected}")
-        metric("herd_reaped_total", "counter", "Streams cancelled for making no progress")
-        out.append(f"herd_reaped_total {m.reaped}")
-        metric("herd_requests_active", "gauge", "Requests being served now")
-        out.append(f"herd_requests_active {self.active_requests}")
-        metric("herd_node_up", "gauge", "1 when the node is online")
-        for node in self.nodes.values():
-            up = 1 if node.status == "online" else 0
-            out.append(
-                f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
-            )
-        metric("herd_queue_in_flight", "gauge", "In-flight requests per node:model")
-        for q in self.queues.values():
-            out.append(
-                f'herd_queue_in_flight{{node="{prom_escape(q.node_id)}",'
-                f'model="{prom_escape(q.model)}"}} {q.in_flight}'
-            )
-        metric("herd_queue_pending", "gauge", "Requests waiting for a slot per node:model")
-        for q in self.queues.values():
-            out.append(
-                f'herd_queue_pending{{node="{prom_escape(q.node_id)}",'
-                f'model="{prom_escape(q.model)}"}} {q.pending}'
-            )
-        metric("herd_queue_slots", "gauge", "Parallel slots per node:model")
-        for q in self.queues.values():
-            out.append(
-                f'herd_queue_slots{{node="{prom_escape(q.node_id)}",'
-                f'model="{prom_escape(q.model)}"}} {q.slots}'
-            )
-        return "\n".join(out) + "\n"
 
     # ---------------------------------------------------------------- discovery -----------
 
