@@ -2305,6 +2305,384 @@ def upstream_headers(request: Request) -> Headers:
 RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 
 
+class DashboardApi:
+    """The dashboard's JSON API: traces, usage, settings, benchmarks, and the health and
+    recommendation analytics (cached 10 s). Owns the benchmark run and the analytics cache;
+    reads the fleet and the store through the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.benchmark_task: asyncio.Task[None] | None = None
+        self.benchmark_run: int | None = None
+        self._analytics_cache: dict[str, tuple[float, JSON]] = {}
+
+    def node_facts(self, now: float) -> tuple[scoring.NodeFacts, ...]:
+        """Every node as ``scoring.NodeFacts`` (memory, disk, models, versions, breakers)."""
+        out: list[scoring.NodeFacts] = []
+
+        def num(obj: object, key: str) -> int:
+            v = obj.get(key) if isinstance(obj, dict) else None
+            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+        for node in self.r.nodes.values():
+            snap = node.snapshot(now)
+            mem = node.hardware.get("memory") or {}
+            disk = node.hardware.get("disk")
+            swap_total = num(mem, "swap_total_bytes")
+            swap_free = num(mem, "swap_free_bytes")
+            on_disk: list[scoring.DiskModel] = []
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+                am = snap.available.get(name)
+                on_disk.append(scoring.DiskModel(
+                    name=name, size=int(m.get("size") or 0),
+                    modified_at=parse_rfc3339(m.get("modified_at")),
+                    family=am.family if am is not None else "",
+                    capabilities=am.capabilities if am is not None else ()))
+            caps: dict[str, tuple[str, ...]] = {}
+            for kind in ("image", "stt"):
+                caps[kind] = tuple(
+                    scoring.normalize_model(str(e["name"]))
+                    for e in node.capabilities.get(kind) or []
+                    if isinstance(e, dict) and e.get("name"))
+            prefix = f"{node.node_id}:"
+            model_breakers = {k[len(prefix):]: b for k, b in self.r.breakers.items()
+                              if k.startswith(prefix)}
+            out.append(scoring.NodeFacts(
+                node_id=node.node_id, status=node.status, source=node.source, url=node.url,
+                seconds_since_seen=(now - node.last_seen) if node.last_seen else None,
+                last_error=node.last_error,
+                ram_total=snap.ram_total, ram_available=snap.ram_available,
+                vram_total=snap.vram_total, vram_available=snap.vram_available,
+                memory_pressure=snap.memory_pressure,
+                swap_total=swap_total,
+                swap_used=max(0, swap_total - swap_free) if swap_total else 0,
+                disk_total=num(disk, "total_bytes") if isinstance(disk, dict) else None,
+                disk_free=num(disk, "free_bytes") if isinstance(disk, dict) else None,
+                loaded=tuple(snap.loaded.values()), on_disk=tuple(on_disk),
+                agent_version=node.agent_version, ollama_version=node.version,
+                reachable=node.reachable,
+                errors=tuple(f"{e.get('collector', '?')}: {e.get('error', '')}"
+                             for e in node.errors),
+                image_models=caps["image"], stt_models=caps["stt"],
+                num_parallel=node.num_parallel, max_loaded_models=node.max_loaded_models,
+                breaker=self.r.breakers.get(node.node_id), model_breakers=model_breakers))
+        return tuple(out)
+
+    async def analytics_inputs(self, now: float) -> dict[str, Any]:
+        """Store reads behind health and recommendations (bounded; rollups, not raw scans)."""
+        day = 86400.0
+        st = self.r.store
+
+        def fnum(v: object) -> float:
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+        use = scoring.ModelUse.from_row
+        usage_24h = tuple(use(r) for r in await st.node_model_stats(1, now=now))
+        # "recent": the current and the previous UTC hour (60-120 minutes of traffic)
+        usage_recent = tuple(use(r) for r in await st.node_model_stats(2 / 24, now=now))
+        usage_7d = tuple(use(r) for r in await st.node_model_stats(7, now=now))
+        incidents: list[scoring.Incident] = []
+        for status in ("failed", "retried", "incomplete", "reaped"):
+            for t in await st.traces(2000, status=status, since=now - day):
+                incidents.append(scoring.Incident(
+                    timestamp=fnum(t.get("timestamp")),
+                    node_id=str(t.get("node_id") or ""), model=str(t.get("model") or ""),
+                    status=status, http_status=int(fnum(t.get("http_status"))),
+                    latency_ms=fnum(t.get("latency_ms")),
+                    error=str(t.get("error_message") or ""), kind=str(t.get("kind") or "")))
+        not_found: dict[str, int] = {}
+        for t in await st.traces(5000, status="failed", since=now - 7 * day):
+            if t.get("http_status") == 404 and not t.get("node_id"):
+                name = scoring.normalize_model(str(t.get("original_model") or t.get("model")))
+                not_found[name] = not_found.get(name, 0) + 1
+        events = tuple(
+            scoring.FleetEvent(fnum(e.get("timestamp")), str(e.get("kind") or ""),
+                               str(e.get("node_id") or ""),
+                               cast(JSON, d) if isinstance(d := e.get("detail"), dict) else {})
+            for e in await st.events(2000, since=now - day))
+        firsts = [fnum(r.get("first_used")) for r in await st.models(30, now=now)
+                  if isinstance(r.get("first_used"), int | float)]
+        return {"usage_24h": usage_24h, "usage_recent": usage_recent, "usage_7d": usage_7d,
+                "incidents": tuple(incidents), "events": events, "not_found_7d": not_found,
+                "history_s": now - min(firsts) if firsts else 0.0}
+
+    async def _analytics_cached(self, key: str, build: Callable[[float], Awaitable[JSON]]
+                                ) -> JSON:
+        cache = self._analytics_cache
+        now = time.time()
+        hit = cache.get(key)
+        if hit is not None and 0 <= now - hit[0] < 10.0:
+            return hit[1]
+        payload = await build(now)
+        cache[key] = (now, payload)
+        return payload
+
+    async def _build_health(self, now: float) -> JSON:
+        data = await self.analytics_inputs(now)
+        stats = self.r.store.stats()
+        inp = scoring.HealthInput(
+            now=now, nodes=self.node_facts(now), router_version=__version__,
+            usage_24h=data["usage_24h"], usage_recent=data["usage_recent"],
+            incidents=data["incidents"], events=data["events"],
+            store_dropped=stats.dropped, store_write_errors=stats.write_errors,
+            store_queue_depth=stats.queue_depth, settings=dict(self.r.settings),
+            stall_timeout_s=self.r.config.stall_timeout_s,
+            pending_nodes=tuple(
+                scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
+                for n in self.r.held_nodes.values() if n.status == "pending"))
+        return scoring.health_checks(inp).to_dict()
+
+    async def _build_recommendations(self, now: float) -> JSON:
+        data = await self.analytics_inputs(now)
+        report = scoring.recommendations(
+            now, self.node_facts(now), data["usage_24h"], data["usage_7d"],
+            data["not_found_7d"], history_s=data["history_s"], scoring_policy=self.r.policy)
+        return report.to_dict()
+
+    async def h_dash_health(self, request: Request, response: Response) -> None:
+        await response.json(await self._analytics_cached("health", self._build_health))
+
+    async def h_dash_recommendations(self, request: Request, response: Response) -> None:
+        await response.json(
+            await self._analytics_cached("recommendations", self._build_recommendations))
+
+    def query_number(self, request: Request, name: str, default: float, lo: float,
+                     hi: float) -> float:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name} must be a number") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name} must be between {lo:g} and {hi:g}")
+        return value
+
+    async def h_dashboard(self, request: Request, response: Response) -> None:
+        page = find_dashboard()
+        if page is None:
+            raise HttpError(404, "dashboard.html is not installed next to herd.py")
+        data = await asyncio.to_thread(page.read_bytes)
+        await response.send(200, data, "text/html; charset=utf-8", [
+            ("cache-control", "no-cache"),
+            ("content-security-policy",
+             "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+             "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "no-referrer"),
+        ])
+
+    async def h_dash_traces(self, request: Request, response: Response) -> None:
+        limit = int(self.query_number(request, "limit", 100, 1, 5000))
+        q = request.query
+        rows = await self.r.store.traces(limit, status=q.get("status") or None,
+                                       model=q.get("model") or None,
+                                       node_id=q.get("node") or q.get("node_id") or None,
+                                       tag=q.get("tag") or None)
+        await response.json({"traces": rows})
+
+    async def h_dash_usage(self, request: Request, response: Response) -> None:
+        days = int(self.query_number(request, "days", 7, 1, 3650))
+        await response.json(await self.r.store.usage(days, now=time.time()))
+
+    async def h_dash_models(self, request: Request, response: Response) -> None:
+        days = self.query_number(request, "days", 7, 0.01, 3650)
+        rows = await self.r.store.models(days, now=time.time())
+        by_model = {str(r.get("model")): r for r in rows}
+        out: list[JSON] = []
+        names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.r.merged_tags()}
+        for name in sorted(names | set(by_model)):
+            entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
+            entry["loaded_on"] = sorted(n.node_id for n in self.r.healthy_nodes()
+                                        if name in n.loaded_names())
+            entry["available_on"] = sorted(n.node_id for n in self.r.healthy_nodes()
+                                           if name in n.available_names())
+            out.append(entry)
+        out.sort(key=lambda e: -float(e.get("requests") or 0))
+        await response.json({"models": out, "days": days})
+
+    async def h_dash_apps(self, request: Request, response: Response) -> None:
+        days = self.query_number(request, "days", 7, 0.01, 3650)
+        await response.json({"apps": await self.r.store.apps(days, now=time.time()), "days": days})
+
+    async def h_dash_trends(self, request: Request, response: Response) -> None:
+        hours = int(self.query_number(request, "hours", 24, 1, 24 * 90))
+        await response.json({"hours": hours,
+                             "buckets": await self.r.store.trends(hours, now=time.time())})
+
+    async def h_dash_events(self, request: Request, response: Response) -> None:
+        limit = int(self.query_number(request, "limit", 100, 1, 5000))
+        await response.json({"events": await self.r.store.events(limit)})
+
+    async def h_dash_settings(self, request: Request, response: Response) -> None:
+        await response.json(self.settings_view())
+
+    def settings_view(self) -> JSON:
+        cfg = self.r.config
+        return {
+            "settings": dict(self.r.settings),
+            "config": {
+                "host": cfg.host, "port": self.r.address[1], "data_dir": str(cfg.data_dir),
+                "static_nodes": list(cfg.nodes), "poll_interval_s": cfg.poll_interval_s,
+                "heartbeat_interval_s": cfg.heartbeat_interval_s,
+                "first_byte_timeout_s": cfg.first_byte_timeout_s,
+                "stall_timeout_s": cfg.stall_timeout_s, "retention_days": cfg.retention_days,
+                "fleet_id": cfg.fleet_id, "fleet_key_set": bool(cfg.fleet_key),
+                "open_fleet": cfg.open_fleet,
+                "admin_token_set": bool(cfg.admin_token), "api_keys": len(cfg.api_keys),
+                "mdns": cfg.mdns, "max_queue_wait_s": self.r.policy.max_queue_wait_s,
+                "max_retries": self.r.policy.max_retries,
+            },
+            "versions": {"herd": __version__,
+                         "nodes": {n.node_id: {"ollama": n.version, "agent": n.agent_version}
+                                   for n in self.r.nodes.values()}},
+        }
+
+    async def h_dash_settings_post(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        changes: dict[str, object] = {}
+        for key, value in body.items():
+            if key not in DEFAULT_SETTINGS:
+                raise HttpError(400, f"unknown setting {key!r}; known: "
+                                     f"{', '.join(sorted(DEFAULT_SETTINGS))}")
+            if not isinstance(value, bool):
+                raise HttpError(400, f"setting {key!r} must be true or false")
+            changes[key] = value
+        if not changes:
+            raise HttpError(400, "no settings given")
+        await self.r.store.set_settings(changes)
+        self.r.settings.update(changes)
+        log.info("settings changed: %s", changes)
+        self.r.store.record_event("settings", "", {"changes": changes})
+        await response.json(self.settings_view())
+
+    async def h_dash_benchmarks(self, request: Request, response: Response) -> None:
+        runs = await self.r.store.benchmarks(int(self.query_number(request, "limit", 20, 1, 500)))
+        await response.json({"runs": runs, "active": self.benchmark_run})
+
+    async def h_dash_benchmark_start(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        if self.benchmark_task is not None and not self.benchmark_task.done():
+            raise HttpError(409, "a benchmark is already running; cancel it first")
+        models = body.get("models")
+        if models is None:
+            models = [str(m.get("name")) for m in self.r.merged_tags()
+                      if "embedding" not in (m.get("capabilities") or [])]
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models) \
+                or not models:
+            raise HttpError(400, "models must be a non-empty list of model names")
+        per_model = body.get("requests_per_model", 6)
+        concurrency = body.get("concurrency", 2)
+        max_tokens = body.get("max_tokens", 64)
+        for name, value, hi in (("requests_per_model", per_model, 1000),
+                                ("concurrency", concurrency, 64), ("max_tokens", max_tokens, 4096)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise HttpError(400, f"{name} must be an integer between 1 and {hi}")
+        params: JSON = {"models": models, "requests_per_model": per_model,
+                        "concurrency": concurrency, "max_tokens": max_tokens,
+                        "prompt": str(body.get("prompt") or
+                                      "Write a short paragraph about the sea.")[:4000]}
+        run_id = await self.r.store.create_benchmark(params, now=time.time())
+        self.benchmark_run = run_id
+        self.benchmark_task = asyncio.ensure_future(self.run_benchmark(run_id, params))
+        self.r.background.add(self.benchmark_task)
+        self.benchmark_task.add_done_callback(self.r._background_done)
+        await response.json({"run_id": run_id, "status": "running", "params": params},
+                            status=202)
+
+    async def h_dash_benchmark_cancel(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        task = self.benchmark_task
+        if task is None or task.done():
+            raise HttpError(404, "no benchmark is running")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await response.json({"run_id": self.benchmark_run, "status": "cancelled"})
+
+    async def run_benchmark(self, run_id: int, params: JSON) -> None:
+        """Send the requests through the router itself, so routing is part of the figure."""
+        models = list(params["models"])
+        total = len(models) * int(params["requests_per_model"])
+        started = time.time()
+        await self.r.store.update_benchmark(run_id, status="running", started_at=started,
+                                          progress=0.0)
+        lat: list[float] = []
+        ttft: list[float] = []
+        tokens = 0
+        eval_s = 0.0
+        failures = 0
+        done = 0
+        per: dict[str, JSON] = {}
+        sem = asyncio.Semaphore(int(params["concurrency"]))
+        base = f"http://127.0.0.1:{self.r.address[1]}"
+
+        async def one(model: str) -> None:
+            nonlocal tokens, eval_s, failures, done
+            async with sem:
+                t0 = time.monotonic()
+                body = dumps({"model": model, "prompt": params["prompt"], "stream": False,
+                              "options": {"num_predict": params["max_tokens"]},
+                              "metadata": {"tags": ["benchmark"]}})
+                node = "?"
+                try:
+                    up = await self.r.pool.request(base, "POST", "/api/generate",
+                                                 [(b"content-type", b"application/json")], body,
+                                                 head_timeout=self.r.config.first_byte_timeout_s)
+                    data = await up.read(idle_timeout=self.r.config.stall_timeout_s)
+                    node = up.header("x-herd-node") or "?"
+                    obj = json.loads(data) if up.status == 200 else {}
+                    if up.status != 200:
+                        raise ValueError(f"status {up.status}")
+                    n = int(obj.get("eval_count") or 0)
+                    secs = float(obj.get("eval_duration") or 0) / 1e9
+                    tokens += n
+                    eval_s += secs
+                    lat.append((time.monotonic() - t0) * 1000)
+                    ttft.append(float(obj.get("load_duration") or 0) / 1e6 +
+                                float(obj.get("prompt_eval_duration") or 0) / 1e6)
+                    key = f"{node}:{model}"
+                    entry = per.setdefault(key, {"node_id": node, "model": model,
+                                                 "requests": 0, "tokens": 0, "eval_s": 0.0})
+                    entry["requests"] += 1
+                    entry["tokens"] += n
+                    entry["eval_s"] += secs
+                except (UpstreamFailure, ConnectionClosed, TimeoutError, ValueError):
+                    failures += 1
+                done += 1
+
+        try:
+            tasks = [one(m) for m in models for _ in range(int(params["requests_per_model"]))]
+            for chunk_start in range(0, len(tasks), 8):
+                await asyncio.gather(*tasks[chunk_start:chunk_start + 8])
+                await self.r.store.update_benchmark(run_id, progress=round(done / total, 3),
+                                                  requests=done, failures=failures)
+            status = "done"
+        except asyncio.CancelledError:
+            status = "cancelled"
+        duration = time.time() - started
+        results = [{**e, "tokens_per_s": round(e["tokens"] / e["eval_s"], 2)
+                    if e["eval_s"] else None} for e in per.values()]
+        await self.r.store.update_benchmark(
+            run_id, status=status, finished_at=time.time(), duration_s=round(duration, 3),
+            requests=done, failures=failures, progress=round(done / total, 3) if total else 1,
+            rps=round(done / duration, 3) if duration else None,
+            tokens_per_s=round(tokens / eval_s, 2) if eval_s else None,
+            latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
+            latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(ttft, 50),
+            ttft_p95_ms=percentile(ttft, 95), ttft_p99_ms=percentile(ttft, 99),
+            results={"per_node_model": results},
+        )
+        self.benchmark_run = None
+        if status == "cancelled":
+            raise asyncio.CancelledError
+
+
 # =======================================================================================
 # The router
 # =======================================================================================
@@ -2352,8 +2730,7 @@ class Router:
         self.pull_jobs: dict[str, JSON] = {}
         self.prewarming: set[tuple[str, str]] = set()
         self.auto_pulls: dict[str, asyncio.Future[None]] = {}
-        self.benchmark_task: asyncio.Task[None] | None = None
-        self.benchmark_run: int | None = None
+        self.dashboard = DashboardApi(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
         self.draining = False  # SIGTERM received: /healthz answers 503
         self.mdns_state = "starting" if config.mdns else "off"
@@ -4388,21 +4765,21 @@ class Router:
 
     def dashboard_routes(self, path: str) -> dict[str, Handler] | None:
         table: dict[str, dict[str, Handler]] = {
-            "/dashboard": {"GET": self.h_dashboard},
-            "/dashboard/api/traces": {"GET": self.h_dash_traces},
-            "/dashboard/api/usage": {"GET": self.h_dash_usage},
-            "/dashboard/api/models": {"GET": self.h_dash_models},
-            "/dashboard/api/apps": {"GET": self.h_dash_apps},
-            "/dashboard/api/trends": {"GET": self.h_dash_trends},
-            "/dashboard/api/settings": {"GET": self.h_dash_settings,
-                                        "POST": self.h_dash_settings_post},
+            "/dashboard": {"GET": self.dashboard.h_dashboard},
+            "/dashboard/api/traces": {"GET": self.dashboard.h_dash_traces},
+            "/dashboard/api/usage": {"GET": self.dashboard.h_dash_usage},
+            "/dashboard/api/models": {"GET": self.dashboard.h_dash_models},
+            "/dashboard/api/apps": {"GET": self.dashboard.h_dash_apps},
+            "/dashboard/api/trends": {"GET": self.dashboard.h_dash_trends},
+            "/dashboard/api/settings": {"GET": self.dashboard.h_dash_settings,
+                                        "POST": self.dashboard.h_dash_settings_post},
             "/dashboard/api/model-management": {"GET": self.h_dash_model_management},
             "/dashboard/api/pull": {"GET": self.h_dash_pull_jobs, "POST": self.h_dash_pull},
             "/dashboard/api/delete": {"POST": self.h_dash_delete},
-            "/dashboard/api/benchmarks": {"GET": self.h_dash_benchmarks,
-                                          "POST": self.h_dash_benchmark_start,
-                                          "DELETE": self.h_dash_benchmark_cancel},
-            "/dashboard/api/events": {"GET": self.h_dash_events},
+            "/dashboard/api/benchmarks": {"GET": self.dashboard.h_dash_benchmarks,
+                                          "POST": self.dashboard.h_dash_benchmark_start,
+                                          "DELETE": self.dashboard.h_dash_benchmark_cancel},
+            "/dashboard/api/events": {"GET": self.dashboard.h_dash_events},
         }
         table.update(self.analytics_routes())
         table.update(self.consent_routes())
@@ -4411,256 +4788,12 @@ class Router:
     def analytics_routes(self) -> dict[str, dict[str, Handler]]:
         """Health and recommendations endpoints (see the analytics section)."""
         return {
-            "/dashboard/api/health": {"GET": self.h_dash_health},
-            "/dashboard/api/recommendations": {"GET": self.h_dash_recommendations},
+            "/dashboard/api/health": {"GET": self.dashboard.h_dash_health},
+            "/dashboard/api/recommendations": {"GET": self.dashboard.h_dash_recommendations},
         }
 
     # Analytics: the router gathers facts (fleet model + store reads) into frozen inputs;
     # scoring.health_checks / scoring.recommendations decide. Answers are cached 10 s.
-
-    def node_facts(self, now: float) -> tuple[scoring.NodeFacts, ...]:
-        """Every node as ``scoring.NodeFacts`` (memory, disk, models, versions, breakers)."""
-        out: list[scoring.NodeFacts] = []
-
-        def num(obj: object, key: str) -> int:
-            v = obj.get(key) if isinstance(obj, dict) else None
-            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
-
-        for node in self.nodes.values():
-            snap = node.snapshot(now)
-            mem = node.hardware.get("memory") or {}
-            disk = node.hardware.get("disk")
-            swap_total = num(mem, "swap_total_bytes")
-            swap_free = num(mem, "swap_free_bytes")
-            on_disk: list[scoring.DiskModel] = []
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
-                am = snap.available.get(name)
-                on_disk.append(scoring.DiskModel(
-                    name=name, size=int(m.get("size") or 0),
-                    modified_at=parse_rfc3339(m.get("modified_at")),
-                    family=am.family if am is not None else "",
-                    capabilities=am.capabilities if am is not None else ()))
-            caps: dict[str, tuple[str, ...]] = {}
-            for kind in ("image", "stt"):
-                caps[kind] = tuple(
-                    scoring.normalize_model(str(e["name"]))
-                    for e in node.capabilities.get(kind) or []
-                    if isinstance(e, dict) and e.get("name"))
-            prefix = f"{node.node_id}:"
-            model_breakers = {k[len(prefix):]: b for k, b in self.breakers.items()
-                              if k.startswith(prefix)}
-            out.append(scoring.NodeFacts(
-                node_id=node.node_id, status=node.status, source=node.source, url=node.url,
-                seconds_since_seen=(now - node.last_seen) if node.last_seen else None,
-                last_error=node.last_error,
-                ram_total=snap.ram_total, ram_available=snap.ram_available,
-                vram_total=snap.vram_total, vram_available=snap.vram_available,
-                memory_pressure=snap.memory_pressure,
-                swap_total=swap_total,
-                swap_used=max(0, swap_total - swap_free) if swap_total else 0,
-                disk_total=num(disk, "total_bytes") if isinstance(disk, dict) else None,
-                disk_free=num(disk, "free_bytes") if isinstance(disk, dict) else None,
-                loaded=tuple(snap.loaded.values()), on_disk=tuple(on_disk),
-                agent_version=node.agent_version, ollama_version=node.version,
-                reachable=node.reachable,
-                errors=tuple(f"{e.get('collector', '?')}: {e.get('error', '')}"
-                             for e in node.errors),
-                image_models=caps["image"], stt_models=caps["stt"],
-                num_parallel=node.num_parallel, max_loaded_models=node.max_loaded_models,
-                breaker=self.breakers.get(node.node_id), model_breakers=model_breakers))
-        return tuple(out)
-
-    async def analytics_inputs(self, now: float) -> dict[str, Any]:
-        """Store reads behind health and recommendations (bounded; rollups, not raw scans)."""
-        day = 86400.0
-        st = self.store
-
-        def fnum(v: object) -> float:
-            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
-
-        use = scoring.ModelUse.from_row
-        usage_24h = tuple(use(r) for r in await st.node_model_stats(1, now=now))
-        # "recent": the current and the previous UTC hour (60-120 minutes of traffic)
-        usage_recent = tuple(use(r) for r in await st.node_model_stats(2 / 24, now=now))
-        usage_7d = tuple(use(r) for r in await st.node_model_stats(7, now=now))
-        incidents: list[scoring.Incident] = []
-        for status in ("failed", "retried", "incomplete", "reaped"):
-            for t in await st.traces(2000, status=status, since=now - day):
-                incidents.append(scoring.Incident(
-                    timestamp=fnum(t.get("timestamp")),
-                    node_id=str(t.get("node_id") or ""), model=str(t.get("model") or ""),
-                    status=status, http_status=int(fnum(t.get("http_status"))),
-                    latency_ms=fnum(t.get("latency_ms")),
-                    error=str(t.get("error_message") or ""), kind=str(t.get("kind") or "")))
-        not_found: dict[str, int] = {}
-        for t in await st.traces(5000, status="failed", since=now - 7 * day):
-            if t.get("http_status") == 404 and not t.get("node_id"):
-                name = scoring.normalize_model(str(t.get("original_model") or t.get("model")))
-                not_found[name] = not_found.get(name, 0) + 1
-        events = tuple(
-            scoring.FleetEvent(fnum(e.get("timestamp")), str(e.get("kind") or ""),
-                               str(e.get("node_id") or ""),
-                               cast(JSON, d) if isinstance(d := e.get("detail"), dict) else {})
-            for e in await st.events(2000, since=now - day))
-        firsts = [fnum(r.get("first_used")) for r in await st.models(30, now=now)
-                  if isinstance(r.get("first_used"), int | float)]
-        return {"usage_24h": usage_24h, "usage_recent": usage_recent, "usage_7d": usage_7d,
-                "incidents": tuple(incidents), "events": events, "not_found_7d": not_found,
-                "history_s": now - min(firsts) if firsts else 0.0}
-
-    async def _analytics_cached(self, key: str, build: Callable[[float], Awaitable[JSON]]
-                                ) -> JSON:
-        cache: dict[str, tuple[float, JSON]] = self.__dict__.setdefault("_analytics_cache", {})
-        now = time.time()
-        hit = cache.get(key)
-        if hit is not None and 0 <= now - hit[0] < 10.0:
-            return hit[1]
-        payload = await build(now)
-        cache[key] = (now, payload)
-        return payload
-
-    async def _build_health(self, now: float) -> JSON:
-        data = await self.analytics_inputs(now)
-        stats = self.store.stats()
-        inp = scoring.HealthInput(
-            now=now, nodes=self.node_facts(now), router_version=__version__,
-            usage_24h=data["usage_24h"], usage_recent=data["usage_recent"],
-            incidents=data["incidents"], events=data["events"],
-            store_dropped=stats.dropped, store_write_errors=stats.write_errors,
-            store_queue_depth=stats.queue_depth, settings=dict(self.settings),
-            stall_timeout_s=self.config.stall_timeout_s,
-            pending_nodes=tuple(
-                scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
-                for n in self.held_nodes.values() if n.status == "pending"))
-        return scoring.health_checks(inp).to_dict()
-
-    async def _build_recommendations(self, now: float) -> JSON:
-        data = await self.analytics_inputs(now)
-        report = scoring.recommendations(
-            now, self.node_facts(now), data["usage_24h"], data["usage_7d"],
-            data["not_found_7d"], history_s=data["history_s"], scoring_policy=self.policy)
-        return report.to_dict()
-
-    async def h_dash_health(self, request: Request, response: Response) -> None:
-        await response.json(await self._analytics_cached("health", self._build_health))
-
-    async def h_dash_recommendations(self, request: Request, response: Response) -> None:
-        await response.json(
-            await self._analytics_cached("recommendations", self._build_recommendations))
-
-    def query_number(self, request: Request, name: str, default: float, lo: float,
-                     hi: float) -> float:
-        raw = request.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise HttpError(400, f"query parameter {name} must be a number") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise HttpError(400, f"query parameter {name} must be between {lo:g} and {hi:g}")
-        return value
-
-    async def h_dashboard(self, request: Request, response: Response) -> None:
-        page = find_dashboard()
-        if page is None:
-            raise HttpError(404, "dashboard.html is not installed next to herd.py")
-        data = await asyncio.to_thread(page.read_bytes)
-        await response.send(200, data, "text/html; charset=utf-8", [
-            ("cache-control", "no-cache"),
-            ("content-security-policy",
-             "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-             "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
-            ("x-content-type-options", "nosniff"),
-            ("referrer-policy", "no-referrer"),
-        ])
-
-    async def h_dash_traces(self, request: Request, response: Response) -> None:
-        limit = int(self.query_number(request, "limit", 100, 1, 5000))
-        q = request.query
-        rows = await self.store.traces(limit, status=q.get("status") or None,
-                                       model=q.get("model") or None,
-                                       node_id=q.get("node") or q.get("node_id") or None,
-                                       tag=q.get("tag") or None)
-        await response.json({"traces": rows})
-
-    async def h_dash_usage(self, request: Request, response: Response) -> None:
-        days = int(self.query_number(request, "days", 7, 1, 3650))
-        await response.json(await self.store.usage(days, now=time.time()))
-
-    async def h_dash_models(self, request: Request, response: Response) -> None:
-        days = self.query_number(request, "days", 7, 0.01, 3650)
-        rows = await self.store.models(days, now=time.time())
-        by_model = {str(r.get("model")): r for r in rows}
-        out: list[JSON] = []
-        names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.merged_tags()}
-        for name in sorted(names | set(by_model)):
-            entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
-            entry["loaded_on"] = sorted(n.node_id for n in self.healthy_nodes()
-                                        if name in n.loaded_names())
-            entry["available_on"] = sorted(n.node_id for n in self.healthy_nodes()
-                                           if name in n.available_names())
-            out.append(entry)
-        out.sort(key=lambda e: -float(e.get("requests") or 0))
-        await response.json({"models": out, "days": days})
-
-    async def h_dash_apps(self, request: Request, response: Response) -> None:
-        days = self.query_number(request, "days", 7, 0.01, 3650)
-        await response.json({"apps": await self.store.apps(days, now=time.time()), "days": days})
-
-    async def h_dash_trends(self, request: Request, response: Response) -> None:
-        hours = int(self.query_number(request, "hours", 24, 1, 24 * 90))
-        await response.json({"hours": hours,
-                             "buckets": await self.store.trends(hours, now=time.time())})
-
-    async def h_dash_events(self, request: Request, response: Response) -> None:
-        limit = int(self.query_number(request, "limit", 100, 1, 5000))
-        await response.json({"events": await self.store.events(limit)})
-
-    async def h_dash_settings(self, request: Request, response: Response) -> None:
-        await response.json(self.settings_view())
-
-    def settings_view(self) -> JSON:
-        cfg = self.config
-        return {
-            "settings": dict(self.settings),
-            "config": {
-                "host": cfg.host, "port": self.address[1], "data_dir": str(cfg.data_dir),
-                "static_nodes": list(cfg.nodes), "poll_interval_s": cfg.poll_interval_s,
-                "heartbeat_interval_s": cfg.heartbeat_interval_s,
-                "first_byte_timeout_s": cfg.first_byte_timeout_s,
-                "stall_timeout_s": cfg.stall_timeout_s, "retention_days": cfg.retention_days,
-                "fleet_id": cfg.fleet_id, "fleet_key_set": bool(cfg.fleet_key),
-                "open_fleet": cfg.open_fleet,
-                "admin_token_set": bool(cfg.admin_token), "api_keys": len(cfg.api_keys),
-                "mdns": cfg.mdns, "max_queue_wait_s": self.policy.max_queue_wait_s,
-                "max_retries": self.policy.max_retries,
-            },
-            "versions": {"herd": __version__,
-                         "nodes": {n.node_id: {"ollama": n.version, "agent": n.agent_version}
-                                   for n in self.nodes.values()}},
-        }
-
-    async def h_dash_settings_post(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        body = await request.json(64 * 1024)
-        changes: dict[str, object] = {}
-        for key, value in body.items():
-            if key not in DEFAULT_SETTINGS:
-                raise HttpError(400, f"unknown setting {key!r}; known: "
-                                     f"{', '.join(sorted(DEFAULT_SETTINGS))}")
-            if not isinstance(value, bool):
-                raise HttpError(400, f"setting {key!r} must be true or false")
-            changes[key] = value
-        if not changes:
-            raise HttpError(400, "no settings given")
-        await self.store.set_settings(changes)
-        self.settings.update(changes)
-        log.info("settings changed: %s", changes)
-        self.store.record_event("settings", "", {"changes": changes})
-        await response.json(self.settings_view())
 
     async def h_dash_model_management(self, request: Request, response: Response) -> None:
         usage = await self.store.node_model_stats(30, now=time.time())
@@ -4755,128 +4888,6 @@ class Router:
                                 "application/json; charset=utf-8")
             return
         await response.json({"ok": True, "node_id": node.node_id, "model": model})
-
-    async def h_dash_benchmarks(self, request: Request, response: Response) -> None:
-        runs = await self.store.benchmarks(int(self.query_number(request, "limit", 20, 1, 500)))
-        await response.json({"runs": runs, "active": self.benchmark_run})
-
-    async def h_dash_benchmark_start(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        body = await request.json(64 * 1024)
-        if self.benchmark_task is not None and not self.benchmark_task.done():
-            raise HttpError(409, "a benchmark is already running; cancel it first")
-        models = body.get("models")
-        if models is None:
-            models = [str(m.get("name")) for m in self.merged_tags()
-                      if "embedding" not in (m.get("capabilities") or [])]
-        if not isinstance(models, list) or not all(isinstance(m, str) for m in models) \
-                or not models:
-            raise HttpError(400, "models must be a non-empty list of model names")
-        per_model = body.get("requests_per_model", 6)
-        concurrency = body.get("concurrency", 2)
-        max_tokens = body.get("max_tokens", 64)
-        for name, value, hi in (("requests_per_model", per_model, 1000),
-                                ("concurrency", concurrency, 64), ("max_tokens", max_tokens, 4096)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
-                raise HttpError(400, f"{name} must be an integer between 1 and {hi}")
-        params: JSON = {"models": models, "requests_per_model": per_model,
-                        "concurrency": concurrency, "max_tokens": max_tokens,
-                        "prompt": str(body.get("prompt") or
-                                      "Write a short paragraph about the sea.")[:4000]}
-        run_id = await self.store.create_benchmark(params, now=time.time())
-        self.benchmark_run = run_id
-        self.benchmark_task = asyncio.ensure_future(self.run_benchmark(run_id, params))
-        self.background.add(self.benchmark_task)
-        self.benchmark_task.add_done_callback(self._background_done)
-        await response.json({"run_id": run_id, "status": "running", "params": params},
-                            status=202)
-
-    async def h_dash_benchmark_cancel(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        task = self.benchmark_task
-        if task is None or task.done():
-            raise HttpError(404, "no benchmark is running")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await response.json({"run_id": self.benchmark_run, "status": "cancelled"})
-
-    async def run_benchmark(self, run_id: int, params: JSON) -> None:
-        """Send the requests through the router itself, so routing is part of the figure."""
-        models = list(params["models"])
-        total = len(models) * int(params["requests_per_model"])
-        started = time.time()
-        await self.store.update_benchmark(run_id, status="running", started_at=started,
-                                          progress=0.0)
-        lat: list[float] = []
-        ttft: list[float] = []
-        tokens = 0
-        eval_s = 0.0
-        failures = 0
-        done = 0
-        per: dict[str, JSON] = {}
-        sem = asyncio.Semaphore(int(params["concurrency"]))
-        base = f"http://127.0.0.1:{self.address[1]}"
-
-        async def one(model: str) -> None:
-            nonlocal tokens, eval_s, failures, done
-            async with sem:
-                t0 = time.monotonic()
-                body = dumps({"model": model, "prompt": params["prompt"], "stream": False,
-                              "options": {"num_predict": params["max_tokens"]},
-                              "metadata": {"tags": ["benchmark"]}})
-                node = "?"
-                try:
-                    up = await self.pool.request(base, "POST", "/api/generate",
-                                                 [(b"content-type", b"application/json")], body,
-                                                 head_timeout=self.config.first_byte_timeout_s)
-                    data = await up.read(idle_timeout=self.config.stall_timeout_s)
-                    node = up.header("x-herd-node") or "?"
-                    obj = json.loads(data) if up.status == 200 else {}
-                    if up.status != 200:
-                        raise ValueError(f"status {up.status}")
-                    n = int(obj.get("eval_count") or 0)
-                    secs = float(obj.get("eval_duration") or 0) / 1e9
-                    tokens += n
-                    eval_s += secs
-                    lat.append((time.monotonic() - t0) * 1000)
-                    ttft.append(float(obj.get("load_duration") or 0) / 1e6 +
-                                float(obj.get("prompt_eval_duration") or 0) / 1e6)
-                    key = f"{node}:{model}"
-                    entry = per.setdefault(key, {"node_id": node, "model": model,
-                                                 "requests": 0, "tokens": 0, "eval_s": 0.0})
-                    entry["requests"] += 1
-                    entry["tokens"] += n
-                    entry["eval_s"] += secs
-                except (UpstreamFailure, ConnectionClosed, TimeoutError, ValueError):
-                    failures += 1
-                done += 1
-
-        try:
-            tasks = [one(m) for m in models for _ in range(int(params["requests_per_model"]))]
-            for chunk_start in range(0, len(tasks), 8):
-                await asyncio.gather(*tasks[chunk_start:chunk_start + 8])
-                await self.store.update_benchmark(run_id, progress=round(done / total, 3),
-                                                  requests=done, failures=failures)
-            status = "done"
-        except asyncio.CancelledError:
-            status = "cancelled"
-        duration = time.time() - started
-        results = [{**e, "tokens_per_s": round(e["tokens"] / e["eval_s"], 2)
-                    if e["eval_s"] else None} for e in per.values()]
-        await self.store.update_benchmark(
-            run_id, status=status, finished_at=time.time(), duration_s=round(duration, 3),
-            requests=done, failures=failures, progress=round(done / total, 3) if total else 1,
-            rps=round(done / duration, 3) if duration else None,
-            tokens_per_s=round(tokens / eval_s, 2) if eval_s else None,
-            latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
-            latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(ttft, 50),
-            ttft_p95_ms=percentile(ttft, 95), ttft_p99_ms=percentile(ttft, 99),
-            results={"per_node_model": results},
-        )
-        self.benchmark_run = None
-        if status == "cancelled":
-            raise asyncio.CancelledError
 
     # ---------------------------------------------------------------- fleet endpoints -----
 
