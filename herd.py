@@ -2683,6 +2683,355 @@ class DashboardApi:
             raise asyncio.CancelledError
 
 
+class ModelAdmin:
+    """Model management: Ollama's pull/push/create/blobs/copy/delete/show sent to the right
+    node (or fanned out to every holder), the dashboard's pull and delete, pull jobs and
+    auto-pull. Owns the pull jobs, the running auto-pulls and the blob pins."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
+        self.pull_jobs: dict[str, JSON] = {}
+        self.auto_pulls: dict[str, asyncio.Future[None]] = {}
+
+    async def h_show(self, request: Request, response: Response) -> None:
+        await self.forward_to_holders(request, response)
+
+    async def forward_to_holders(self, request: Request, response: Response) -> None:
+        """Proxy to a healthy node that holds the body's model (hot first); 404 if none."""
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model = scoring.normalize_model(self.r.model_of(body))
+        candidates = self.r.nodes_with(model)
+        if not candidates:
+            raise self.r.model_not_found(f"'{self.r.model_of(body)}'")
+        await self.forward_simple(request, response, candidates, raw)
+
+    async def forward_simple(
+        self,
+        request: Request,
+        response: Response,
+        candidates: Sequence[Node],
+        raw: bytes | None,
+    ) -> Node:
+        """Proxy to the first candidate that answers (connect failures move on)."""
+        last: UpstreamFailure | None = None
+        for node in candidates:
+            try:
+                up = await self.r.pool.request(
+                    node.url,
+                    request.method,
+                    request.target,
+                    upstream_headers(request),
+                    raw,
+                    head_timeout=self.r.config.first_byte_timeout_s,
+                )
+            except UpstreamFailure as exc:
+                last = exc
+                self.r.breaker_failure(node.node_id, "", exc.kind, time.time())
+                continue
+            await self.relay_plain(up, response, node)
+            return node
+        raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
+
+    async def relay_plain(
+        self,
+        up: UpstreamResponse,
+        response: Response,
+        node: Node,
+    ) -> None:
+        """Relay a node's answer as it is (admin and metadata endpoints)."""
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        headers.append((b"x-herd-node", node.node_id.encode()))
+        await response.start(up.status, headers)
+        relay = LineRelay(framing_of(up.header("content-type")))
+        try:
+            async for chunk in up.chunks(self.r.config.stall_timeout_s):
+                out = relay.feed(chunk)
+                if out:
+                    await response.write(out)
+            tail = relay.tail()
+            if tail:
+                await response.write(tail)
+        except (ConnectionClosed, TimeoutError) as exc:
+            up.close()
+            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
+            record = midstream_error_record(relay.framing, error)
+            if not record or response.status != 200 or up.header("content-length"):
+                raise ClientGone(error) from None  # cannot end this body cleanly
+            await response.write(record)
+        except BaseException:
+            up.close()
+            raise
+
+    async def h_pull(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model_raw = self.r.model_of(body)
+        target = self.r.pick_node(request, body)
+        if target is None:
+            healthy = self.r.healthy_nodes()
+            missing = [
+                n for n in healthy if scoring.normalize_model(model_raw) not in n.available_names()
+            ]
+            target = self.r.roomiest(missing or healthy)
+        if target is None:
+            raise HttpError(503, "no node is online to pull to")
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
+        self.r._spawn(self.r.refresh_node(node), "refresh")
+
+    async def h_push(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        await self.forward_to_holders(request, response)
+
+    async def h_create(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        self.r.model_of(body)
+        target = self.r.pick_node(request, body)
+        files = body.get("files")
+        if target is None and isinstance(files, dict):
+            for digest in files.values():
+                pinned = self.blob_pins.get(str(digest))
+                if pinned in self.r.nodes:
+                    target = self.r.nodes[pinned]
+                    break
+        if target is None and isinstance(body.get("from"), str):
+            holders = self.r.nodes_with(scoring.normalize_model(body["from"]))
+            target = holders[0] if holders else None
+        if target is None:
+            target = self.r.roomiest(self.r.healthy_nodes())
+        if target is None:
+            raise HttpError(503, "no node is online")
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
+        self.r._spawn(self.r.refresh_node(node), "refresh")
+
+    async def h_blob_head(self, request: Request, response: Response) -> None:
+        digest = request.path[len("/api/blobs/") :]
+        pinned = self.blob_pins.get(digest)
+        candidates = [self.r.nodes[pinned]] if pinned in self.r.nodes else self.r.healthy_nodes()
+
+        async def has(node: Node) -> bool:
+            try:
+                async with asyncio.timeout(self.r.config.poll_timeout_s):
+                    up = await self.r.pool.request(node.url, "HEAD", request.target)
+                    await up.read()
+                return up.status == 200
+            except (UpstreamFailure, ConnectionClosed, TimeoutError):
+                return False
+
+        found = await asyncio.gather(*(has(n) for n in candidates))
+        for node, ok in zip(candidates, found, strict=True):
+            if ok:
+                self.blob_pins[digest] = node.node_id
+                await response.send(
+                    200, b"", "text/plain", [("x-herd-node", node.node_id), ("content-length", "0")]
+                )
+                return
+        await response.send(404, b"", "text/plain")
+
+    async def h_blob_post(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        digest = request.path[len("/api/blobs/") :]
+        target = self.r.pick_node(request, None)
+        if target is None and self.blob_pins.get(digest) in self.r.nodes:
+            target = self.r.nodes[self.blob_pins[digest]]
+        if target is None:
+            target = self.r.roomiest(self.r.healthy_nodes())
+        if target is None:
+            raise HttpError(503, "no node is online to receive the blob")
+        body = request.body_chunks(self.r.limits.max_upload_bytes)
+        headers = upstream_headers(request)
+        try:
+            up = await self.r.pool.request(
+                target.url,
+                "POST",
+                request.target,
+                headers,
+                body,
+                head_timeout=self.r.config.first_byte_timeout_s,
+            )
+        except UpstreamFailure as exc:
+            raise HttpError(502, f"blob upload to {target.node_id} failed: {exc.message}") from None
+        if up.status < 300:
+            self.blob_pins[digest] = target.node_id
+        await self.relay_plain(up, response, target)
+
+    async def broadcast(
+        self, request: Request, response: Response, model_raw: str, raw: bytes
+    ) -> None:
+        """Send a model admin request to every healthy node holding the model."""
+        model = scoring.normalize_model(model_raw)
+        holders = self.r.nodes_with(model)
+        if not holders:
+            raise self.r.model_not_found(f"'{model_raw}'")
+
+        async def one(node: Node) -> tuple[Node, int, bytes]:
+            try:
+                async with asyncio.timeout(60):
+                    up = await self.r.pool.request(
+                        node.url, request.method, request.target, upstream_headers(request), raw
+                    )
+                    data = await up.read()
+                return node, up.status, data
+            except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+                return node, 502, dumps({"error": str(exc)})
+
+        results = await asyncio.gather(*(one(n) for n in holders))
+        for node, _, _ in results:
+            self.r._spawn(self.r.refresh_node(node), "refresh")
+        ok = [r for r in results if r[1] < 300]
+        served = ",".join(r[0].node_id for r in ok)
+        if ok:
+            await response.send(
+                200, b"", "application/json; charset=utf-8", [("x-herd-node", served)]
+            )
+            return
+        status, data = results[0][1], results[0][2]
+        await response.send(status, data, "application/json; charset=utf-8")
+
+    async def h_copy(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        source = body.get("source")
+        if not isinstance(source, str) or not isinstance(body.get("destination"), str):
+            raise HttpError(400, "source and destination are required")
+        await self.broadcast(request, response, source, raw)
+
+    async def h_delete(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        await self.broadcast(request, response, self.r.model_of(body), raw)
+
+    async def auto_pull(self, model: str, attempt: Attempt) -> bool:
+        """``auto_pull`` on: a model no node has is pulled to the node with most room."""
+        if attempt.kind not in ("text", "embed") or not scoring.is_valid_model_name(model):
+            return False
+        target = self.r.roomiest(self.r.healthy_nodes())
+        if target is None:
+            return False
+        key = scoring.normalize_model(model)
+        task = self.auto_pulls.get(key)
+        if task is None:  # one pull per model at a time; concurrent callers wait on it
+            log.info("request %s: auto-pulling %s to %s", attempt.request_id, model,
+                     target.node_id)
+            self.r.store.record_event("auto_pull", target.node_id, {"model": model})
+            job: JSON = {"id": f"{target.node_id}:{key}", "node_id": target.node_id,
+                         "model": model, "status": "pulling", "completed": 0, "total": 0,
+                         "detail": "", "started_at": time.time(), "error": "", "auto": True}
+            self.pull_jobs[job["id"]] = job
+            task = self.r._spawn(self.run_pull(target, model, job), f"auto-pull-{key}")
+            self.auto_pulls[key] = task
+            task.add_done_callback(lambda _t: self.auto_pulls.pop(key, None))
+        else:
+            job = next(j for j in self.pull_jobs.values()
+                       if scoring.normalize_model(str(j["model"])) == key)
+            target = self.r.nodes.get(str(job["node_id"]), target)
+        await asyncio.shield(task)
+        ok = job["status"] == "done" and target.has_model(key)
+        if not ok:
+            log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
+        return ok
+
+    async def h_dash_model_management(self, request: Request, response: Response) -> None:
+        usage = await self.r.store.node_model_stats(30, now=time.time())
+        last_used = {(str(u.get("node_id")), str(u.get("model"))): u for u in usage}
+        nodes: list[JSON] = []
+        for node in self.r.nodes.values():
+            loaded = node.loaded_names()
+            models: list[JSON] = []
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or ""))
+                stats = last_used.get((node.node_id, name)) or {}
+                models.append({"name": m.get("name"), "size": m.get("size"),
+                               "modified_at": m.get("modified_at"), "loaded": name in loaded,
+                               "last_used": stats.get("last_used"),
+                               "requests_30d": stats.get("requests", 0)})
+            models.sort(key=lambda e: -int(e.get("size") or 0))
+            disk = node.hardware.get("disk") or {}
+            nodes.append({"node_id": node.node_id, "status": node.status, "models": models,
+                          "disk_free_bytes": disk.get("free_bytes")
+                          if isinstance(disk, dict) else None,
+                          "models_bytes": sum(int(m.get("size") or 0) for m in node.available)})
+        await response.json({"nodes": nodes, "pulls": list(self.pull_jobs.values())})
+
+    def admin_target(self, body: JSON) -> tuple[Node, str]:
+        node_id, model = body.get("node_id"), body.get("model")
+        if not isinstance(node_id, str) or node_id not in self.r.nodes:
+            raise HttpError(404, f"node {node_id!r} is not in the fleet")
+        if not isinstance(model, str) or not scoring.is_valid_model_name(model):
+            raise HttpError(400, "a valid model name is required")
+        return self.r.nodes[node_id], model
+
+    async def h_dash_pull_jobs(self, request: Request, response: Response) -> None:
+        await response.json({"pulls": list(self.pull_jobs.values())})
+
+    async def h_dash_pull(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        node, model = self.admin_target(await request.json(64 * 1024))
+        key = f"{node.node_id}:{scoring.normalize_model(model)}"
+        job = self.pull_jobs.get(key)
+        if job is not None and job["status"] == "pulling":
+            await response.json(job, status=202)
+            return
+        job = {"id": key, "node_id": node.node_id, "model": model, "status": "pulling",
+               "completed": 0, "total": 0, "detail": "", "started_at": time.time(),
+               "error": ""}
+        self.pull_jobs[key] = job
+        self.r._spawn(self.run_pull(node, model, job), f"pull-{key}")
+        self.r.store.record_event("pull", node.node_id, {"model": model})
+        await response.json(job, status=202)
+
+    async def run_pull(self, node: Node, model: str, job: JSON) -> None:
+        """Pull on one node and keep the latest progress for the dashboard."""
+        try:
+            up = await self.r.pool.request(node.url, "POST", "/api/pull",
+                                         [(b"content-type", b"application/json")],
+                                         dumps({"model": model, "stream": True}),
+                                         head_timeout=self.r.config.first_byte_timeout_s)
+            relay = LineRelay("ndjson")
+            async for chunk in up.chunks(self.r.config.stall_timeout_s):
+                for line in relay.feed(chunk).splitlines():
+                    with contextlib.suppress(ValueError):
+                        obj = json.loads(line)
+                        if isinstance(obj, dict):
+                            if obj.get("error"):
+                                job["error"] = str(obj["error"])
+                            job["detail"] = str(obj.get("status") or "")
+                            if isinstance(obj.get("total"), int):
+                                job["total"] = obj["total"]
+                                job["completed"] = int(obj.get("completed") or 0)
+            if up.status >= 400 and not job["error"]:
+                job["error"] = f"node answered {up.status}"
+            job["status"] = "failed" if job["error"] else "done"
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            job["status"], job["error"] = "failed", str(exc)
+        job["finished_at"] = time.time()
+        await self.r.refresh_node(node)
+
+    async def h_dash_delete(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        node, model = self.admin_target(await request.json(64 * 1024))
+        try:
+            up = await self.r.pool.request(node.url, "DELETE", "/api/delete",
+                                         [(b"content-type", b"application/json")],
+                                         dumps({"model": model}), head_timeout=60)
+            data = await up.read()
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            raise HttpError(502, f"delete on {node.node_id} failed: {exc}") from None
+        await self.r.refresh_node(node)
+        self.r.store.record_event("delete", node.node_id, {"model": model, "status": up.status})
+        if up.status >= 400:
+            await response.send(up.status, data or dumps({"error": "delete failed"}),
+                                "application/json; charset=utf-8")
+            return
+        await response.json({"ok": True, "node_id": node.node_id, "model": model})
+
+
 # =======================================================================================
 # The router
 # =======================================================================================
@@ -2717,7 +3066,6 @@ class Router:
         self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
         self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
         self.affinity_writes = 0
-        self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
         self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
@@ -2727,10 +3075,9 @@ class Router:
         self.address: tuple[str, int] = ("", 0)
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
-        self.pull_jobs: dict[str, JSON] = {}
         self.prewarming: set[tuple[str, str]] = set()
-        self.auto_pulls: dict[str, asyncio.Future[None]] = {}
         self.dashboard = DashboardApi(self)
+        self.model_admin = ModelAdmin(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
         self.draining = False  # SIGTERM received: /healthz answers 503
         self.mdns_state = "starting" if config.mdns else "off"
@@ -2767,11 +3114,12 @@ class Router:
             self._spawn(self._advertise(), "mdns")
         return self.address
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         task.set_name(f"herd-{name}")
         self.background.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self.background.discard(task)
@@ -3279,12 +3627,12 @@ class Router:
             "/api/version": {"GET": self.h_version, "HEAD": self.h_version},
             "/api/tags": {"GET": self.h_tags, "HEAD": self.h_tags},
             "/api/ps": {"GET": self.h_ps},
-            "/api/show": {"POST": self.h_show},
-            "/api/pull": {"POST": self.h_pull},
-            "/api/push": {"POST": self.h_push},
-            "/api/create": {"POST": self.h_create},
-            "/api/copy": {"POST": self.h_copy},
-            "/api/delete": {"DELETE": self.h_delete},
+            "/api/show": {"POST": self.model_admin.h_show},
+            "/api/pull": {"POST": self.model_admin.h_pull},
+            "/api/push": {"POST": self.model_admin.h_push},
+            "/api/create": {"POST": self.model_admin.h_create},
+            "/api/copy": {"POST": self.model_admin.h_copy},
+            "/api/delete": {"DELETE": self.model_admin.h_delete},
             "/v1/models": {"GET": self.h_v1_models},
             "/fleet/status": {"GET": self.h_fleet_status},
             "/healthz": {"GET": self.h_healthz, "HEAD": self.h_healthz},
@@ -3312,7 +3660,8 @@ class Router:
             methods = self.routes.get(path.rstrip("/"))
         if methods is None:
             if path.startswith("/api/blobs/"):
-                methods = {"HEAD": self.h_blob_head, "POST": self.h_blob_post}
+                ma = self.model_admin
+                methods = {"HEAD": ma.h_blob_head, "POST": ma.h_blob_post}
             elif path.startswith("/v1/models/"):
                 methods = {"GET": self.h_v1_model}
         if methods is None:
@@ -3526,219 +3875,6 @@ class Router:
 
         return max(candidates, key=room) if candidates else None
 
-    async def h_show(self, request: Request, response: Response) -> None:
-        await self.forward_to_holders(request, response)
-
-    async def forward_to_holders(self, request: Request, response: Response) -> None:
-        """Proxy to a healthy node that holds the body's model (hot first); 404 if none."""
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        model = scoring.normalize_model(self.model_of(body))
-        candidates = self.nodes_with(model)
-        if not candidates:
-            raise self.model_not_found(f"'{self.model_of(body)}'")
-        await self.forward_simple(request, response, candidates, raw)
-
-    async def forward_simple(
-        self,
-        request: Request,
-        response: Response,
-        candidates: Sequence[Node],
-        raw: bytes | None,
-    ) -> Node:
-        """Proxy to the first candidate that answers (connect failures move on)."""
-        last: UpstreamFailure | None = None
-        for node in candidates:
-            try:
-                up = await self.pool.request(
-                    node.url,
-                    request.method,
-                    request.target,
-                    upstream_headers(request),
-                    raw,
-                    head_timeout=self.config.first_byte_timeout_s,
-                )
-            except UpstreamFailure as exc:
-                last = exc
-                self.breaker_failure(node.node_id, "", exc.kind, time.time())
-                continue
-            await self.relay_plain(up, response, node)
-            return node
-        raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
-
-    async def relay_plain(
-        self,
-        up: UpstreamResponse,
-        response: Response,
-        node: Node,
-    ) -> None:
-        """Relay a node's answer as it is (admin and metadata endpoints)."""
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers.append((b"x-herd-node", node.node_id.encode()))
-        await response.start(up.status, headers)
-        relay = LineRelay(framing_of(up.header("content-type")))
-        try:
-            async for chunk in up.chunks(self.config.stall_timeout_s):
-                out = relay.feed(chunk)
-                if out:
-                    await response.write(out)
-            tail = relay.tail()
-            if tail:
-                await response.write(tail)
-        except (ConnectionClosed, TimeoutError) as exc:
-            up.close()
-            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
-            record = midstream_error_record(relay.framing, error)
-            if not record or response.status != 200 or up.header("content-length"):
-                raise ClientGone(error) from None  # cannot end this body cleanly
-            await response.write(record)
-        except BaseException:
-            up.close()
-            raise
-
-    async def h_pull(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        model_raw = self.model_of(body)
-        target = self.pick_node(request, body)
-        if target is None:
-            healthy = self.healthy_nodes()
-            missing = [
-                n for n in healthy if scoring.normalize_model(model_raw) not in n.available_names()
-            ]
-            target = self.roomiest(missing or healthy)
-        if target is None:
-            raise HttpError(503, "no node is online to pull to")
-        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
-        self._spawn(self.refresh_node(node), "refresh")
-
-    async def h_push(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        await self.forward_to_holders(request, response)
-
-    async def h_create(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        self.model_of(body)
-        target = self.pick_node(request, body)
-        files = body.get("files")
-        if target is None and isinstance(files, dict):
-            for digest in files.values():
-                pinned = self.blob_pins.get(str(digest))
-                if pinned in self.nodes:
-                    target = self.nodes[pinned]
-                    break
-        if target is None and isinstance(body.get("from"), str):
-            holders = self.nodes_with(scoring.normalize_model(body["from"]))
-            target = holders[0] if holders else None
-        if target is None:
-            target = self.roomiest(self.healthy_nodes())
-        if target is None:
-            raise HttpError(503, "no node is online")
-        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
-        self._spawn(self.refresh_node(node), "refresh")
-
-    async def h_blob_head(self, request: Request, response: Response) -> None:
-        digest = request.path[len("/api/blobs/") :]
-        pinned = self.blob_pins.get(digest)
-        candidates = [self.nodes[pinned]] if pinned in self.nodes else self.healthy_nodes()
-
-        async def has(node: Node) -> bool:
-            try:
-                async with asyncio.timeout(self.config.poll_timeout_s):
-                    up = await self.pool.request(node.url, "HEAD", request.target)
-                    await up.read()
-                return up.status == 200
-            except (UpstreamFailure, ConnectionClosed, TimeoutError):
-                return False
-
-        found = await asyncio.gather(*(has(n) for n in candidates))
-        for node, ok in zip(candidates, found, strict=True):
-            if ok:
-                self.blob_pins[digest] = node.node_id
-                await response.send(
-                    200, b"", "text/plain", [("x-herd-node", node.node_id), ("content-length", "0")]
-                )
-                return
-        await response.send(404, b"", "text/plain")
-
-    async def h_blob_post(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        digest = request.path[len("/api/blobs/") :]
-        target = self.pick_node(request, None)
-        if target is None and self.blob_pins.get(digest) in self.nodes:
-            target = self.nodes[self.blob_pins[digest]]
-        if target is None:
-            target = self.roomiest(self.healthy_nodes())
-        if target is None:
-            raise HttpError(503, "no node is online to receive the blob")
-        body = request.body_chunks(self.limits.max_upload_bytes)
-        headers = upstream_headers(request)
-        try:
-            up = await self.pool.request(
-                target.url,
-                "POST",
-                request.target,
-                headers,
-                body,
-                head_timeout=self.config.first_byte_timeout_s,
-            )
-        except UpstreamFailure as exc:
-            raise HttpError(502, f"blob upload to {target.node_id} failed: {exc.message}") from None
-        if up.status < 300:
-            self.blob_pins[digest] = target.node_id
-        await self.relay_plain(up, response, target)
-
-    async def broadcast(
-        self, request: Request, response: Response, model_raw: str, raw: bytes
-    ) -> None:
-        """Send a model admin request to every healthy node holding the model."""
-        model = scoring.normalize_model(model_raw)
-        holders = self.nodes_with(model)
-        if not holders:
-            raise self.model_not_found(f"'{model_raw}'")
-
-        async def one(node: Node) -> tuple[Node, int, bytes]:
-            try:
-                async with asyncio.timeout(60):
-                    up = await self.pool.request(
-                        node.url, request.method, request.target, upstream_headers(request), raw
-                    )
-                    data = await up.read()
-                return node, up.status, data
-            except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-                return node, 502, dumps({"error": str(exc)})
-
-        results = await asyncio.gather(*(one(n) for n in holders))
-        for node, _, _ in results:
-            self._spawn(self.refresh_node(node), "refresh")
-        ok = [r for r in results if r[1] < 300]
-        served = ",".join(r[0].node_id for r in ok)
-        if ok:
-            await response.send(
-                200, b"", "application/json; charset=utf-8", [("x-herd-node", served)]
-            )
-            return
-        status, data = results[0][1], results[0][2]
-        await response.send(status, data, "application/json; charset=utf-8")
-
-    async def h_copy(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        source = body.get("source")
-        if not isinstance(source, str) or not isinstance(body.get("destination"), str):
-            raise HttpError(400, "source and destination are required")
-        await self.broadcast(request, response, source, raw)
-
-    async def h_delete(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        await self.broadcast(request, response, self.model_of(body), raw)
-
     # ---------------------------------------------------------------- inference -----------
 
     async def h_inference(self, request: Request, response: Response) -> None:
@@ -3930,7 +4066,7 @@ class Router:
                 if exc.kind != "unservable":
                     raise
                 if exc.status == 404 and self.settings.get("auto_pull") and not pinned \
-                        and await self.auto_pull(served_model, attempt):
+                        and await self.model_admin.auto_pull(served_model, attempt):
                     try:
                         await self.route_with_retries(request, response, rreq, payload,
                                                       attempt, served_model)
@@ -3949,36 +4085,6 @@ class Router:
         )
         self.metrics.rejected += 1
         raise first_error
-
-    async def auto_pull(self, model: str, attempt: Attempt) -> bool:
-        """``auto_pull`` on: a model no node has is pulled to the node with most room."""
-        if attempt.kind not in ("text", "embed") or not scoring.is_valid_model_name(model):
-            return False
-        target = self.roomiest(self.healthy_nodes())
-        if target is None:
-            return False
-        key = scoring.normalize_model(model)
-        task = self.auto_pulls.get(key)
-        if task is None:  # one pull per model at a time; concurrent callers wait on it
-            log.info("request %s: auto-pulling %s to %s", attempt.request_id, model,
-                     target.node_id)
-            self.store.record_event("auto_pull", target.node_id, {"model": model})
-            job: JSON = {"id": f"{target.node_id}:{key}", "node_id": target.node_id,
-                         "model": model, "status": "pulling", "completed": 0, "total": 0,
-                         "detail": "", "started_at": time.time(), "error": "", "auto": True}
-            self.pull_jobs[job["id"]] = job
-            task = asyncio.ensure_future(self.run_pull(target, model, job))
-            self.auto_pulls[key] = task
-            task.add_done_callback(lambda _t: self.auto_pulls.pop(key, None))
-        else:
-            job = next(j for j in self.pull_jobs.values()
-                       if scoring.normalize_model(str(j["model"])) == key)
-            target = self.nodes.get(str(job["node_id"]), target)
-        await asyncio.shield(task)
-        ok = job["status"] == "done" and target.has_model(key)
-        if not ok:
-            log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
-        return ok
 
     def model_not_found(self, quoted: str, *, kind: str | None = None) -> HttpError:
         """404 for a model no node has; with no node online, say that the fleet is empty
@@ -4764,6 +4870,7 @@ class Router:
     # ---------------------------------------------------------------- dashboard -----------
 
     def dashboard_routes(self, path: str) -> dict[str, Handler] | None:
+        ma = self.model_admin
         table: dict[str, dict[str, Handler]] = {
             "/dashboard": {"GET": self.dashboard.h_dashboard},
             "/dashboard/api/traces": {"GET": self.dashboard.h_dash_traces},
@@ -4773,9 +4880,9 @@ class Router:
             "/dashboard/api/trends": {"GET": self.dashboard.h_dash_trends},
             "/dashboard/api/settings": {"GET": self.dashboard.h_dash_settings,
                                         "POST": self.dashboard.h_dash_settings_post},
-            "/dashboard/api/model-management": {"GET": self.h_dash_model_management},
-            "/dashboard/api/pull": {"GET": self.h_dash_pull_jobs, "POST": self.h_dash_pull},
-            "/dashboard/api/delete": {"POST": self.h_dash_delete},
+            "/dashboard/api/model-management": {"GET": ma.h_dash_model_management},
+            "/dashboard/api/pull": {"GET": ma.h_dash_pull_jobs, "POST": ma.h_dash_pull},
+            "/dashboard/api/delete": {"POST": self.model_admin.h_dash_delete},
             "/dashboard/api/benchmarks": {"GET": self.dashboard.h_dash_benchmarks,
                                           "POST": self.dashboard.h_dash_benchmark_start,
                                           "DELETE": self.dashboard.h_dash_benchmark_cancel},
@@ -4794,100 +4901,6 @@ class Router:
 
     # Analytics: the router gathers facts (fleet model + store reads) into frozen inputs;
     # scoring.health_checks / scoring.recommendations decide. Answers are cached 10 s.
-
-    async def h_dash_model_management(self, request: Request, response: Response) -> None:
-        usage = await self.store.node_model_stats(30, now=time.time())
-        last_used = {(str(u.get("node_id")), str(u.get("model"))): u for u in usage}
-        nodes: list[JSON] = []
-        for node in self.nodes.values():
-            loaded = node.loaded_names()
-            models: list[JSON] = []
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or ""))
-                stats = last_used.get((node.node_id, name)) or {}
-                models.append({"name": m.get("name"), "size": m.get("size"),
-                               "modified_at": m.get("modified_at"), "loaded": name in loaded,
-                               "last_used": stats.get("last_used"),
-                               "requests_30d": stats.get("requests", 0)})
-            models.sort(key=lambda e: -int(e.get("size") or 0))
-            disk = node.hardware.get("disk") or {}
-            nodes.append({"node_id": node.node_id, "status": node.status, "models": models,
-                          "disk_free_bytes": disk.get("free_bytes")
-                          if isinstance(disk, dict) else None,
-                          "models_bytes": sum(int(m.get("size") or 0) for m in node.available)})
-        await response.json({"nodes": nodes, "pulls": list(self.pull_jobs.values())})
-
-    def admin_target(self, body: JSON) -> tuple[Node, str]:
-        node_id, model = body.get("node_id"), body.get("model")
-        if not isinstance(node_id, str) or node_id not in self.nodes:
-            raise HttpError(404, f"node {node_id!r} is not in the fleet")
-        if not isinstance(model, str) or not scoring.is_valid_model_name(model):
-            raise HttpError(400, "a valid model name is required")
-        return self.nodes[node_id], model
-
-    async def h_dash_pull_jobs(self, request: Request, response: Response) -> None:
-        await response.json({"pulls": list(self.pull_jobs.values())})
-
-    async def h_dash_pull(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        node, model = self.admin_target(await request.json(64 * 1024))
-        key = f"{node.node_id}:{scoring.normalize_model(model)}"
-        job = self.pull_jobs.get(key)
-        if job is not None and job["status"] == "pulling":
-            await response.json(job, status=202)
-            return
-        job = {"id": key, "node_id": node.node_id, "model": model, "status": "pulling",
-               "completed": 0, "total": 0, "detail": "", "started_at": time.time(),
-               "error": ""}
-        self.pull_jobs[key] = job
-        self._spawn(self.run_pull(node, model, job), f"pull-{key}")
-        self.store.record_event("pull", node.node_id, {"model": model})
-        await response.json(job, status=202)
-
-    async def run_pull(self, node: Node, model: str, job: JSON) -> None:
-        """Pull on one node and keep the latest progress for the dashboard."""
-        try:
-            up = await self.pool.request(node.url, "POST", "/api/pull",
-                                         [(b"content-type", b"application/json")],
-                                         dumps({"model": model, "stream": True}),
-                                         head_timeout=self.config.first_byte_timeout_s)
-            relay = LineRelay("ndjson")
-            async for chunk in up.chunks(self.config.stall_timeout_s):
-                for line in relay.feed(chunk).splitlines():
-                    with contextlib.suppress(ValueError):
-                        obj = json.loads(line)
-                        if isinstance(obj, dict):
-                            if obj.get("error"):
-                                job["error"] = str(obj["error"])
-                            job["detail"] = str(obj.get("status") or "")
-                            if isinstance(obj.get("total"), int):
-                                job["total"] = obj["total"]
-                                job["completed"] = int(obj.get("completed") or 0)
-            if up.status >= 400 and not job["error"]:
-                job["error"] = f"node answered {up.status}"
-            job["status"] = "failed" if job["error"] else "done"
-        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-            job["status"], job["error"] = "failed", str(exc)
-        job["finished_at"] = time.time()
-        await self.refresh_node(node)
-
-    async def h_dash_delete(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        node, model = self.admin_target(await request.json(64 * 1024))
-        try:
-            up = await self.pool.request(node.url, "DELETE", "/api/delete",
-                                         [(b"content-type", b"application/json")],
-                                         dumps({"model": model}), head_timeout=60)
-            data = await up.read()
-        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-            raise HttpError(502, f"delete on {node.node_id} failed: {exc}") from None
-        await self.refresh_node(node)
-        self.store.record_event("delete", node.node_id, {"model": model, "status": up.status})
-        if up.status >= 400:
-            await response.send(up.status, data or dumps({"error": "delete failed"}),
-                                "application/json; charset=utf-8")
-            return
-        await response.json({"ok": True, "node_id": node.node_id, "model": model})
 
     # ---------------------------------------------------------------- fleet endpoints -----
 
@@ -4931,7 +4944,7 @@ class Router:
             "nodes": nodes,
             "pending_nodes": self.held_public(now),
             "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
-            "pulls": list(self.pull_jobs.values()),
+            "pulls": list(self.model_admin.pull_jobs.values()),
             "settings": dict(self.settings),
             "routers": self.routers_public(now),
         }
