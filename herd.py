@@ -3032,6 +3032,202 @@ class ModelAdmin:
         await response.json({"ok": True, "node_id": node.node_id, "model": model})
 
 
+class Admission:
+    """Admission: the per node:model slot queues, the requests waiting for a slot (FIFO,
+    woken when the fleet changes) and pre-warming the runner-up. Owns the queues, the
+    waiters and the pre-warms in flight; asks the router for the fleet and the scores."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.queues: dict[tuple[str, str], SlotQueue] = {}
+        self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
+        self.waiter_seq = 0
+        self.prewarming: set[tuple[str, str]] = set()
+
+    def _wake_waiters(self) -> None:
+        """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
+        order, keeping its place in the queues it still wants."""
+        for w in self.waiters.values():
+            w.wake()
+
+    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
+        key = (node_id, model)
+        q = self.queues.get(key)
+        node = self.r.nodes.get(node_id)
+        slots = 1
+        if node is not None and kind in ("image", "stt"):
+            slots = self.r.capability_slots(node, kind, model)
+        elif node is not None:  # configured > reported > learned parallelism
+            slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
+                                      self.r.policy, self.r.learned_slots(node_id, model))
+        if q is None:
+            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
+        elif q.slots != slots:
+            q.resize(slots)  # more slots: hand them to waiters at once
+        return q
+
+    def _queue_snapshots(
+        self, model: str, kind: str
+    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
+        if kind in ("image", "stt"):
+            for node in self.r.capability_models(kind).get(model, []):
+                self.queue_for(node.node_id, model, kind)
+        else:
+            for node in self.r.nodes.values():
+                if node.has_model(model):
+                    self.queue_for(node.node_id, model, kind)
+        return {k: q.snapshot() for k, q in self.queues.items()}
+
+    async def acquire(
+        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        """A slot on the best node, or wait in arrival order (FIFO) for one.
+
+        A waiter sits in the queues of every node it would take (``scoring.wait_targets``);
+        a freed slot is handed to the longest-waiting one there, which dispatches without
+        re-scoring. It re-scores only when the fleet changes, at its deadline, or when a
+        handed slot turns out unusable (it passes the slot on and keeps its place).
+        ``snaps``: a fleet snapshot taken a moment ago, for the first choice only.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        waiter: Waiter | None = None
+        deadline: asyncio.TimerHandle | None = None
+        q_wait: SlotQueue | None = None  # the queue counting us as pending
+        choice: scoring.Choice | None = None
+        try:
+            while True:
+                now = time.time()
+                granted = waiter.take() if waiter is not None else None
+                if granted is not None:
+                    node = self.r.nodes.get(granted.node_id)
+                    if (
+                        choice is not None
+                        and node is not None
+                        and self._slot_usable(node, rreq.model, now)
+                    ):
+                        picked = dataclasses.replace(
+                            choice, action="dispatch", node_id=node.node_id,
+                            reason=f"slot handed over in arrival order ({choice.reason})",
+                        )
+                        return self._dispatched(node, granted, rreq, picked, now, start)
+                    granted.release()  # not usable after all: the next waiter's
+                if snaps is None:
+                    snaps = self.r._snapshots(now)
+                queues = self._queue_snapshots(rreq.model, rreq.kind)
+                choice = scoring.choose(
+                    rreq,
+                    snaps,
+                    queues,
+                    self.r.stats,
+                    self.r.breakers,
+                    now,
+                    self.r.rng.random(),
+                    self.r.policy,
+                    waited_s=(
+                        self.r.policy.max_queue_wait_s
+                        if waiter is not None and waiter.expired
+                        else loop.time() - start
+                    ),
+                )
+                snaps = None  # after a wait, the next round takes a fresh snapshot
+                self.maybe_prewarm(rreq, choice, queues)
+                if choice.action == "dispatch" and choice.node_id in self.r.nodes:
+                    node = self.r.nodes[choice.node_id]
+                    q = self.queue_for(node.node_id, rreq.model, rreq.kind)
+                    if waiter is not None:
+                        waiter.leave()
+                    q.take()
+                    return self._dispatched(node, q, rreq, choice, now, start)
+                if choice.action != "wait":
+                    raise Rejected(choice, choice.reason)
+                if waiter is None:
+                    self.waiter_seq += 1
+                    waiter = self.waiters[self.waiter_seq] = Waiter(self.waiter_seq)
+                    deadline = loop.call_at(start + self.r.policy.max_queue_wait_s, waiter.expire)
+                want = choice.wait_for
+                if q_wait is None or q_wait.node_id != want:
+                    if q_wait is not None:
+                        q_wait.pending -= 1
+                    q_wait = self.queue_for(want, rreq.model, rreq.kind) if want else None
+                    if q_wait is not None:
+                        q_wait.pending += 1
+                targets = scoring.wait_targets(choice, self.r.policy)
+                waiter.register(
+                    self.queue_for(n, rreq.model, rreq.kind) for n in targets if n in self.r.nodes
+                )
+                await waiter.wait()
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            if waiter is not None:
+                del self.waiters[waiter.seq]
+                waiter.leave()  # a slot handed over but not taken goes on
+            if q_wait is not None:
+                q_wait.pending -= 1
+
+    def _slot_usable(self, node: Node, model: str, now: float) -> bool:
+        """A handed-over slot is still worth taking (fleet changes re-score everyone; this
+        catches what changed since without scoring: status and breakers)."""
+        if node.status in ("offline", "draining") or not node.reachable:
+            return False
+        return all(
+            scoring.breaker_allows(self.r.breakers.get(key), now)
+            for key in (node.node_id, f"{node.node_id}:{model}")
+        )
+
+    def _dispatched(
+        self, node: Node, q: SlotQueue, rreq: scoring.RouteRequest, choice: scoring.Choice,
+        now: float, start: float,
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        q.last_used = now
+        if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
+            node.loading.setdefault(rreq.model, now)
+            self.r.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind), now)
+        self.r.breakers_probe(node.node_id, rreq.model, now)
+        return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
+
+    def release(self, q: SlotQueue, ok: bool) -> None:
+        if ok:
+            q.done += 1
+        else:
+            q.failed += 1
+        q.release()
+
+    def maybe_prewarm(self, rreq: scoring.RouteRequest, choice: scoring.Choice,
+                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot]) -> None:
+        """A deep queue on the winner: load the model on the runner-up before it is needed."""
+        if rreq.kind not in ("text", "embed"):
+            return
+        target = scoring.prewarm_target(rreq, choice, queues, self.r.policy)
+        if target is None or target not in self.r.nodes:
+            return
+        key = (target, rreq.model)
+        if key in self.prewarming:
+            return
+        self.prewarming.add(key)
+        self.r._spawn(self.prewarm(self.r.nodes[target], rreq.model, rreq.kind), "prewarm")
+
+    async def prewarm(self, node: Node, model: str, kind: str) -> None:
+        path = "/api/embed" if kind == "embed" else "/api/generate"
+        body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
+        log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
+        try:
+            async with asyncio.timeout(self.r.config.first_byte_timeout_s):
+                up = await self.r.pool.request(node.url, "POST", path,
+                                             [(b"content-type", b"application/json")],
+                                             dumps(body))
+                await up.read()
+            if up.status == 200:
+                self.r.mark_loaded(node, model, None, time.time())
+                self.r.store.record_event("prewarm", node.node_id, {"model": model})
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
+        finally:
+            self.prewarming.discard((node.node_id, model))
+            self._wake_waiters()
+
+
 # =======================================================================================
 # The router
 # =======================================================================================
@@ -3055,7 +3251,6 @@ class Router:
         self.admissions: dict[str, JSON] = {}
         self.own_addrs: frozenset[str] = frozenset()
         self.own_addrs_at = 0.0
-        self.queues: dict[tuple[str, str], SlotQueue] = {}
         self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
         self.breakers: dict[str, scoring.BreakerState] = {}
         # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
@@ -3068,14 +3263,12 @@ class Router:
         self.affinity_writes = 0
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
-        self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
-        self.waiter_seq = 0
         self.active_requests = 0
         self.server = HttpServer(self.dispatch, self.limits, self.render_error)
         self.address: tuple[str, int] = ("", 0)
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
-        self.prewarming: set[tuple[str, str]] = set()
+        self.admission = Admission(self)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -3083,6 +3276,27 @@ class Router:
         self.mdns_state = "starting" if config.mdns else "off"
         self.peers: RouterBrowser | None = None  # the other routers of the fleet (mDNS)
         self.peer_health: dict[str, JSON] = {}  # mDNS name → their /healthz, probed
+
+    # Thin delegates to the collaborators that own these (tests and tools reach in here).
+
+    @property
+    def queues(self) -> dict[tuple[str, str], SlotQueue]:
+        return self.admission.queues
+
+    @property
+    def waiters(self) -> dict[int, Waiter]:
+        return self.admission.waiters
+
+    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
+        return self.admission.queue_for(node_id, model, kind)
+
+    async def acquire(
+        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        return await self.admission.acquire(rreq, snaps)
+
+    def release(self, q: SlotQueue, ok: bool) -> None:
+        self.admission.release(q, ok)
 
     # ---------------------------------------------------------------- lifecycle ----------
 
@@ -3227,7 +3441,7 @@ class Router:
         if node.status != "draining":
             self._set_status(node, "online", now)
         if self._routing_key(node, now) != before:
-            self._wake_waiters()
+            self.admission._wake_waiters()
         return True
 
     def _set_status(self, node: Node, status: str, now: float) -> None:
@@ -3238,7 +3452,7 @@ class Router:
             )
             node.status = status
             node.last_change = now
-            self._wake_waiters()
+            self.admission._wake_waiters()
 
     async def _monitor_loop(self) -> None:
         """Agent nodes: degraded after a missed beat, offline within three."""
@@ -3272,28 +3486,6 @@ class Router:
             snap.vram_available >> 30,
             repr(node.capabilities),
         )
-
-    def _wake_waiters(self) -> None:
-        """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
-        order, keeping its place in the queues it still wants."""
-        for w in self.waiters.values():
-            w.wake()
-
-    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
-        key = (node_id, model)
-        q = self.queues.get(key)
-        node = self.nodes.get(node_id)
-        slots = 1
-        if node is not None and kind in ("image", "stt"):
-            slots = self.capability_slots(node, kind, model)
-        elif node is not None:  # configured > reported > learned parallelism
-            slots = scoring.slots_for(node.num_parallel, self.config.slots.get(node_id),
-                                      self.policy, self.learned_slots(node_id, model))
-        if q is None:
-            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
-        elif q.slots != slots:
-            q.resize(slots)  # more slots: hand them to waiters at once
-        return q
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
         return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]
@@ -3418,173 +3610,12 @@ class Router:
             "models": models,
         }
 
-    def _queue_snapshots(
-        self, model: str, kind: str
-    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
-        if kind in ("image", "stt"):
-            for node in self.capability_models(kind).get(model, []):
-                self.queue_for(node.node_id, model, kind)
-        else:
-            for node in self.nodes.values():
-                if node.has_model(model):
-                    self.queue_for(node.node_id, model, kind)
-        return {k: q.snapshot() for k, q in self.queues.items()}
-
-    async def acquire(
-        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
-    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        """A slot on the best node, or wait in arrival order (FIFO) for one.
-
-        A waiter sits in the queues of every node it would take (``scoring.wait_targets``);
-        a freed slot is handed to the longest-waiting one there, which dispatches without
-        re-scoring. It re-scores only when the fleet changes, at its deadline, or when a
-        handed slot turns out unusable (it passes the slot on and keeps its place).
-        ``snaps``: a fleet snapshot taken a moment ago, for the first choice only.
-        """
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        waiter: Waiter | None = None
-        deadline: asyncio.TimerHandle | None = None
-        q_wait: SlotQueue | None = None  # the queue counting us as pending
-        choice: scoring.Choice | None = None
-        try:
-            while True:
-                now = time.time()
-                granted = waiter.take() if waiter is not None else None
-                if granted is not None:
-                    node = self.nodes.get(granted.node_id)
-                    if (
-                        choice is not None
-                        and node is not None
-                        and self._slot_usable(node, rreq.model, now)
-                    ):
-                        picked = dataclasses.replace(
-                            choice, action="dispatch", node_id=node.node_id,
-                            reason=f"slot handed over in arrival order ({choice.reason})",
-                        )
-                        return self._dispatched(node, granted, rreq, picked, now, start)
-                    granted.release()  # not usable after all: the next waiter's
-                if snaps is None:
-                    snaps = self._snapshots(now)
-                queues = self._queue_snapshots(rreq.model, rreq.kind)
-                choice = scoring.choose(
-                    rreq,
-                    snaps,
-                    queues,
-                    self.stats,
-                    self.breakers,
-                    now,
-                    self.rng.random(),
-                    self.policy,
-                    waited_s=(
-                        self.policy.max_queue_wait_s
-                        if waiter is not None and waiter.expired
-                        else loop.time() - start
-                    ),
-                )
-                snaps = None  # after a wait, the next round takes a fresh snapshot
-                self.maybe_prewarm(rreq, choice, queues)
-                if choice.action == "dispatch" and choice.node_id in self.nodes:
-                    node = self.nodes[choice.node_id]
-                    q = self.queue_for(node.node_id, rreq.model, rreq.kind)
-                    if waiter is not None:
-                        waiter.leave()
-                    q.take()
-                    return self._dispatched(node, q, rreq, choice, now, start)
-                if choice.action != "wait":
-                    raise Rejected(choice, choice.reason)
-                if waiter is None:
-                    self.waiter_seq += 1
-                    waiter = self.waiters[self.waiter_seq] = Waiter(self.waiter_seq)
-                    deadline = loop.call_at(start + self.policy.max_queue_wait_s, waiter.expire)
-                want = choice.wait_for
-                if q_wait is None or q_wait.node_id != want:
-                    if q_wait is not None:
-                        q_wait.pending -= 1
-                    q_wait = self.queue_for(want, rreq.model, rreq.kind) if want else None
-                    if q_wait is not None:
-                        q_wait.pending += 1
-                targets = scoring.wait_targets(choice, self.policy)
-                waiter.register(
-                    self.queue_for(n, rreq.model, rreq.kind) for n in targets if n in self.nodes
-                )
-                await waiter.wait()
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-            if waiter is not None:
-                del self.waiters[waiter.seq]
-                waiter.leave()  # a slot handed over but not taken goes on
-            if q_wait is not None:
-                q_wait.pending -= 1
-
-    def _slot_usable(self, node: Node, model: str, now: float) -> bool:
-        """A handed-over slot is still worth taking (fleet changes re-score everyone; this
-        catches what changed since without scoring: status and breakers)."""
-        if node.status in ("offline", "draining") or not node.reachable:
-            return False
-        return all(
-            scoring.breaker_allows(self.breakers.get(key), now)
-            for key in (node.node_id, f"{node.node_id}:{model}")
-        )
-
-    def _dispatched(
-        self, node: Node, q: SlotQueue, rreq: scoring.RouteRequest, choice: scoring.Choice,
-        now: float, start: float,
-    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        q.last_used = now
-        if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
-            node.loading.setdefault(rreq.model, now)
-            self.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind), now)
-        self.breakers_probe(node.node_id, rreq.model, now)
-        return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
-
-    def release(self, q: SlotQueue, ok: bool) -> None:
-        if ok:
-            q.done += 1
-        else:
-            q.failed += 1
-        q.release()
-
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
         for key in (node_id, f"{node_id}:{model}"):
             state = self.breakers.get(key)
             if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
                 self.breakers[key] = scoring.breaker_begin_probe(state, now, self.policy)
-
-    def maybe_prewarm(self, rreq: scoring.RouteRequest, choice: scoring.Choice,
-                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot]) -> None:
-        """A deep queue on the winner: load the model on the runner-up before it is needed."""
-        if rreq.kind not in ("text", "embed"):
-            return
-        target = scoring.prewarm_target(rreq, choice, queues, self.policy)
-        if target is None or target not in self.nodes:
-            return
-        key = (target, rreq.model)
-        if key in self.prewarming:
-            return
-        self.prewarming.add(key)
-        self._spawn(self.prewarm(self.nodes[target], rreq.model, rreq.kind), "prewarm")
-
-    async def prewarm(self, node: Node, model: str, kind: str) -> None:
-        path = "/api/embed" if kind == "embed" else "/api/generate"
-        body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
-        log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
-        try:
-            async with asyncio.timeout(self.config.first_byte_timeout_s):
-                up = await self.pool.request(node.url, "POST", path,
-                                             [(b"content-type", b"application/json")],
-                                             dumps(body))
-                await up.read()
-            if up.status == 200:
-                self.mark_loaded(node, model, None, time.time())
-                self.store.record_event("prewarm", node.node_id, {"model": model})
-        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-            log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
-        finally:
-            self.prewarming.discard((node.node_id, model))
-            self._wake_waiters()
 
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
         if kind == "status_4xx":
@@ -3602,7 +3633,7 @@ class Router:
                     "breaker open for %s after %s failure(s)", key, new.consecutive_failures
                 )
                 self.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
-                self._wake_waiters()  # waiters drop the node from the queues they wait on
+                self.admission._wake_waiters()  # waiters drop the node from the queues they wait on
             self.breakers[key] = new
         node = self.nodes.get(node_id)
         if node is not None:
@@ -4125,7 +4156,7 @@ class Router:
             if tried:
                 rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
             try:
-                node, queue, choice, queue_ms = await self.acquire(rreq, snaps)
+                node, queue, choice, queue_ms = await self.admission.acquire(rreq, snaps)
                 snaps = None
             except asyncio.CancelledError:
                 self.trace(attempt, status="client_disconnected", http_status=0,
@@ -4201,7 +4232,7 @@ class Router:
                     fail.message,
                 )
             finally:
-                self.release(queue, ok)
+                self.admission.release(queue, ok)
 
     async def _send_failure(
         self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt
@@ -4587,7 +4618,7 @@ class Router:
         while True:
             rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
             try:
-                node, queue, choice, queue_ms = await self.acquire(rreq)
+                node, queue, choice, queue_ms = await self.admission.acquire(rreq)
             except Rejected as rej:
                 if last is not None:  # retried already: the SDK should not multiply it
                     no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
@@ -4625,7 +4656,7 @@ class Router:
                 tried.add(node.node_id)
                 last = fail
             finally:
-                self.release(queue, ok)
+                self.admission.release(queue, ok)
 
     def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
         return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
@@ -5075,7 +5106,7 @@ class Router:
         else:
             self._set_status(node, "online", now)
         if before != self._routing_key(node, now):
-            self._wake_waiters()
+            self.admission._wake_waiters()
         return {
             "ok": True,
             "router_id": self.router_id,
@@ -5159,7 +5190,7 @@ class Router:
         node = self.nodes.pop(node_id, None)
         if node is not None:
             self.store.record_event("node_left", node_id, {"reason": why})
-            self._wake_waiters()
+            self.admission._wake_waiters()
         else:
             node = self.held_nodes.get(node_id)
         if node is None:
@@ -5292,7 +5323,7 @@ class Router:
         node = self.nodes.pop(node_id, None)
         if node is not None:
             self.held_nodes[node_id] = node
-            self._wake_waiters()
+            self.admission._wake_waiters()
         node = node or self.held_nodes.get(node_id)
         if node is not None:
             node.status, node.held_since = "rejected", time.time()
@@ -5303,7 +5334,7 @@ class Router:
     async def h_metrics(self, request: Request, response: Response) -> None:
         await response.send(
             200,
-            self.metrics.render(self.nodes.values(), self.queues.values(),
+            self.metrics.render(self.nodes.values(), self.admission.queues.values(),
                                 self.active_requests).encode(),
             "text/plain; version=0.0.4; charset=utf-8",
         )
