@@ -2324,7 +2324,7 @@ class DashboardApi:
             v = obj.get(key) if isinstance(obj, dict) else None
             return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
 
-        for node in self.r.nodes.values():
+        for node in self.r.fleet.nodes.values():
             snap = node.snapshot(now)
             mem = node.hardware.get("memory") or {}
             disk = node.hardware.get("disk")
@@ -2346,7 +2346,7 @@ class DashboardApi:
                     for e in node.capabilities.get(kind) or []
                     if isinstance(e, dict) and e.get("name"))
             prefix = f"{node.node_id}:"
-            model_breakers = {k[len(prefix):]: b for k, b in self.r.breakers.items()
+            model_breakers = {k[len(prefix):]: b for k, b in self.r.fleet.breakers.items()
                               if k.startswith(prefix)}
             out.append(scoring.NodeFacts(
                 node_id=node.node_id, status=node.status, source=node.source, url=node.url,
@@ -2366,7 +2366,7 @@ class DashboardApi:
                              for e in node.errors),
                 image_models=caps["image"], stt_models=caps["stt"],
                 num_parallel=node.num_parallel, max_loaded_models=node.max_loaded_models,
-                breaker=self.r.breakers.get(node.node_id), model_breakers=model_breakers))
+                breaker=self.r.fleet.breakers.get(node.node_id), model_breakers=model_breakers))
         return tuple(out)
 
     async def analytics_inputs(self, now: float) -> dict[str, Any]:
@@ -2430,7 +2430,7 @@ class DashboardApi:
             stall_timeout_s=self.r.config.stall_timeout_s,
             pending_nodes=tuple(
                 scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
-                for n in self.r.held_nodes.values() if n.status == "pending"))
+                for n in self.r.fleet.held_nodes.values() if n.status == "pending"))
         return scoring.health_checks(inp).to_dict()
 
     async def _build_recommendations(self, now: float) -> JSON:
@@ -2496,9 +2496,9 @@ class DashboardApi:
         names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.r.merged_tags()}
         for name in sorted(names | set(by_model)):
             entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
-            entry["loaded_on"] = sorted(n.node_id for n in self.r.healthy_nodes()
+            entry["loaded_on"] = sorted(n.node_id for n in self.r.fleet.healthy_nodes()
                                         if name in n.loaded_names())
-            entry["available_on"] = sorted(n.node_id for n in self.r.healthy_nodes()
+            entry["available_on"] = sorted(n.node_id for n in self.r.fleet.healthy_nodes()
                                            if name in n.available_names())
             out.append(entry)
         out.sort(key=lambda e: -float(e.get("requests") or 0))
@@ -2538,7 +2538,7 @@ class DashboardApi:
             },
             "versions": {"herd": __version__,
                          "nodes": {n.node_id: {"ollama": n.version, "agent": n.agent_version}
-                                   for n in self.r.nodes.values()}},
+                                   for n in self.r.fleet.nodes.values()}},
         }
 
     async def h_dash_settings_post(self, request: Request, response: Response) -> None:
@@ -2702,7 +2702,7 @@ class ModelAdmin:
         raw = await request.read_body(self.r.limits.max_json_bytes)
         body = await parse_json_body(raw)
         model = scoring.normalize_model(self.r.model_of(body))
-        candidates = self.r.nodes_with(model)
+        candidates = self.r.fleet.nodes_with(model)
         if not candidates:
             raise self.r.model_not_found(f"'{self.r.model_of(body)}'")
         await self.forward_simple(request, response, candidates, raw)
@@ -2728,7 +2728,7 @@ class ModelAdmin:
                 )
             except UpstreamFailure as exc:
                 last = exc
-                self.r.breaker_failure(node.node_id, "", exc.kind, time.time())
+                self.r.fleet.breaker_failure(node.node_id, "", exc.kind, time.time())
                 continue
             await self.relay_plain(up, response, node)
             return node
@@ -2771,15 +2771,15 @@ class ModelAdmin:
         model_raw = self.r.model_of(body)
         target = self.r.pick_node(request, body)
         if target is None:
-            healthy = self.r.healthy_nodes()
+            healthy = self.r.fleet.healthy_nodes()
             missing = [
                 n for n in healthy if scoring.normalize_model(model_raw) not in n.available_names()
             ]
-            target = self.r.roomiest(missing or healthy)
+            target = self.r.fleet.roomiest(missing or healthy)
         if target is None:
             raise HttpError(503, "no node is online to pull to")
         node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
-        self.r._spawn(self.r.refresh_node(node), "refresh")
+        self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
 
     async def h_push(self, request: Request, response: Response) -> None:
         self.r.guard_browser_mutation(request)
@@ -2795,23 +2795,24 @@ class ModelAdmin:
         if target is None and isinstance(files, dict):
             for digest in files.values():
                 pinned = self.blob_pins.get(str(digest))
-                if pinned in self.r.nodes:
-                    target = self.r.nodes[pinned]
+                if pinned in self.r.fleet.nodes:
+                    target = self.r.fleet.nodes[pinned]
                     break
         if target is None and isinstance(body.get("from"), str):
-            holders = self.r.nodes_with(scoring.normalize_model(body["from"]))
+            holders = self.r.fleet.nodes_with(scoring.normalize_model(body["from"]))
             target = holders[0] if holders else None
         if target is None:
-            target = self.r.roomiest(self.r.healthy_nodes())
+            target = self.r.fleet.roomiest(self.r.fleet.healthy_nodes())
         if target is None:
             raise HttpError(503, "no node is online")
         node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
-        self.r._spawn(self.r.refresh_node(node), "refresh")
+        self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
 
     async def h_blob_head(self, request: Request, response: Response) -> None:
         digest = request.path[len("/api/blobs/") :]
         pinned = self.blob_pins.get(digest)
-        candidates = [self.r.nodes[pinned]] if pinned in self.r.nodes else self.r.healthy_nodes()
+        fleet = self.r.fleet
+        candidates = [fleet.nodes[pinned]] if pinned in fleet.nodes else fleet.healthy_nodes()
 
         async def has(node: Node) -> bool:
             try:
@@ -2836,10 +2837,10 @@ class ModelAdmin:
         self.r.guard_browser_mutation(request)
         digest = request.path[len("/api/blobs/") :]
         target = self.r.pick_node(request, None)
-        if target is None and self.blob_pins.get(digest) in self.r.nodes:
-            target = self.r.nodes[self.blob_pins[digest]]
+        if target is None and self.blob_pins.get(digest) in self.r.fleet.nodes:
+            target = self.r.fleet.nodes[self.blob_pins[digest]]
         if target is None:
-            target = self.r.roomiest(self.r.healthy_nodes())
+            target = self.r.fleet.roomiest(self.r.fleet.healthy_nodes())
         if target is None:
             raise HttpError(503, "no node is online to receive the blob")
         body = request.body_chunks(self.r.limits.max_upload_bytes)
@@ -2864,7 +2865,7 @@ class ModelAdmin:
     ) -> None:
         """Send a model admin request to every healthy node holding the model."""
         model = scoring.normalize_model(model_raw)
-        holders = self.r.nodes_with(model)
+        holders = self.r.fleet.nodes_with(model)
         if not holders:
             raise self.r.model_not_found(f"'{model_raw}'")
 
@@ -2881,7 +2882,7 @@ class ModelAdmin:
 
         results = await asyncio.gather(*(one(n) for n in holders))
         for node, _, _ in results:
-            self.r._spawn(self.r.refresh_node(node), "refresh")
+            self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
         ok = [r for r in results if r[1] < 300]
         served = ",".join(r[0].node_id for r in ok)
         if ok:
@@ -2911,7 +2912,7 @@ class ModelAdmin:
         """``auto_pull`` on: a model no node has is pulled to the node with most room."""
         if attempt.kind not in ("text", "embed") or not scoring.is_valid_model_name(model):
             return False
-        target = self.r.roomiest(self.r.healthy_nodes())
+        target = self.r.fleet.roomiest(self.r.fleet.healthy_nodes())
         if target is None:
             return False
         key = scoring.normalize_model(model)
@@ -2930,7 +2931,7 @@ class ModelAdmin:
         else:
             job = next(j for j in self.pull_jobs.values()
                        if scoring.normalize_model(str(j["model"])) == key)
-            target = self.r.nodes.get(str(job["node_id"]), target)
+            target = self.r.fleet.nodes.get(str(job["node_id"]), target)
         await asyncio.shield(task)
         ok = job["status"] == "done" and target.has_model(key)
         if not ok:
@@ -2941,7 +2942,7 @@ class ModelAdmin:
         usage = await self.r.store.node_model_stats(30, now=time.time())
         last_used = {(str(u.get("node_id")), str(u.get("model"))): u for u in usage}
         nodes: list[JSON] = []
-        for node in self.r.nodes.values():
+        for node in self.r.fleet.nodes.values():
             loaded = node.loaded_names()
             models: list[JSON] = []
             for m in node.available:
@@ -2961,11 +2962,11 @@ class ModelAdmin:
 
     def admin_target(self, body: JSON) -> tuple[Node, str]:
         node_id, model = body.get("node_id"), body.get("model")
-        if not isinstance(node_id, str) or node_id not in self.r.nodes:
+        if not isinstance(node_id, str) or node_id not in self.r.fleet.nodes:
             raise HttpError(404, f"node {node_id!r} is not in the fleet")
         if not isinstance(model, str) or not scoring.is_valid_model_name(model):
             raise HttpError(400, "a valid model name is required")
-        return self.r.nodes[node_id], model
+        return self.r.fleet.nodes[node_id], model
 
     async def h_dash_pull_jobs(self, request: Request, response: Response) -> None:
         await response.json({"pulls": list(self.pull_jobs.values())})
@@ -3011,7 +3012,7 @@ class ModelAdmin:
         except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
             job["status"], job["error"] = "failed", str(exc)
         job["finished_at"] = time.time()
-        await self.r.refresh_node(node)
+        await self.r.fleet.refresh_node(node)
 
     async def h_dash_delete(self, request: Request, response: Response) -> None:
         self.r.require_admin(request)
@@ -3023,7 +3024,7 @@ class ModelAdmin:
             data = await up.read()
         except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
             raise HttpError(502, f"delete on {node.node_id} failed: {exc}") from None
-        await self.r.refresh_node(node)
+        await self.r.fleet.refresh_node(node)
         self.r.store.record_event("delete", node.node_id, {"model": model, "status": up.status})
         if up.status >= 400:
             await response.send(up.status, data or dumps({"error": "delete failed"}),
@@ -3053,13 +3054,13 @@ class Admission:
     def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
         key = (node_id, model)
         q = self.queues.get(key)
-        node = self.r.nodes.get(node_id)
+        node = self.r.fleet.nodes.get(node_id)
         slots = 1
         if node is not None and kind in ("image", "stt"):
             slots = self.r.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
             slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
-                                      self.r.policy, self.r.learned_slots(node_id, model))
+                                      self.r.policy, self.r.fleet.learned_slots(node_id, model))
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
         elif q.slots != slots:
@@ -3073,7 +3074,7 @@ class Admission:
             for node in self.r.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
         else:
-            for node in self.r.nodes.values():
+            for node in self.r.fleet.nodes.values():
                 if node.has_model(model):
                     self.queue_for(node.node_id, model, kind)
         return {k: q.snapshot() for k, q in self.queues.items()}
@@ -3100,7 +3101,7 @@ class Admission:
                 now = time.time()
                 granted = waiter.take() if waiter is not None else None
                 if granted is not None:
-                    node = self.r.nodes.get(granted.node_id)
+                    node = self.r.fleet.nodes.get(granted.node_id)
                     if (
                         choice is not None
                         and node is not None
@@ -3113,14 +3114,14 @@ class Admission:
                         return self._dispatched(node, granted, rreq, picked, now, start)
                     granted.release()  # not usable after all: the next waiter's
                 if snaps is None:
-                    snaps = self.r._snapshots(now)
+                    snaps = self.r.fleet._snapshots(now)
                 queues = self._queue_snapshots(rreq.model, rreq.kind)
                 choice = scoring.choose(
                     rreq,
                     snaps,
                     queues,
-                    self.r.stats,
-                    self.r.breakers,
+                    self.r.fleet.stats,
+                    self.r.fleet.breakers,
                     now,
                     self.r.rng.random(),
                     self.r.policy,
@@ -3132,8 +3133,8 @@ class Admission:
                 )
                 snaps = None  # after a wait, the next round takes a fresh snapshot
                 self.maybe_prewarm(rreq, choice, queues)
-                if choice.action == "dispatch" and choice.node_id in self.r.nodes:
-                    node = self.r.nodes[choice.node_id]
+                if choice.action == "dispatch" and choice.node_id in self.r.fleet.nodes:
+                    node = self.r.fleet.nodes[choice.node_id]
                     q = self.queue_for(node.node_id, rreq.model, rreq.kind)
                     if waiter is not None:
                         waiter.leave()
@@ -3154,7 +3155,8 @@ class Admission:
                         q_wait.pending += 1
                 targets = scoring.wait_targets(choice, self.r.policy)
                 waiter.register(
-                    self.queue_for(n, rreq.model, rreq.kind) for n in targets if n in self.r.nodes
+                    self.queue_for(n, rreq.model, rreq.kind)
+                    for n in targets if n in self.r.fleet.nodes
                 )
                 await waiter.wait()
         finally:
@@ -3172,7 +3174,7 @@ class Admission:
         if node.status in ("offline", "draining") or not node.reachable:
             return False
         return all(
-            scoring.breaker_allows(self.r.breakers.get(key), now)
+            scoring.breaker_allows(self.r.fleet.breakers.get(key), now)
             for key in (node.node_id, f"{node.node_id}:{model}")
         )
 
@@ -3183,8 +3185,9 @@ class Admission:
         q.last_used = now
         if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
             node.loading.setdefault(rreq.model, now)
-            self.r.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind), now)
-        self.r.breakers_probe(node.node_id, rreq.model, now)
+            self.r.fleet.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind),
+                                        now)
+        self.r.fleet.breakers_probe(node.node_id, rreq.model, now)
         return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
 
     def release(self, q: SlotQueue, ok: bool) -> None:
@@ -3200,13 +3203,13 @@ class Admission:
         if rreq.kind not in ("text", "embed"):
             return
         target = scoring.prewarm_target(rreq, choice, queues, self.r.policy)
-        if target is None or target not in self.r.nodes:
+        if target is None or target not in self.r.fleet.nodes:
             return
         key = (target, rreq.model)
         if key in self.prewarming:
             return
         self.prewarming.add(key)
-        self.r._spawn(self.prewarm(self.r.nodes[target], rreq.model, rreq.kind), "prewarm")
+        self.r._spawn(self.prewarm(self.r.fleet.nodes[target], rreq.model, rreq.kind), "prewarm")
 
     async def prewarm(self, node: Node, model: str, kind: str) -> None:
         path = "/api/embed" if kind == "embed" else "/api/generate"
@@ -3228,22 +3231,14 @@ class Admission:
             self._wake_waiters()
 
 
-# =======================================================================================
-# The router
-# =======================================================================================
+class Fleet:
+    """The fleet model: the nodes (and the held ones awaiting consent), what herd learned
+    about them, their breakers and service stats; polling, heartbeats, consent and
+    ``/fleet/status``. Tells the others that the fleet changed through ``on_change``."""
 
-
-class Router:
-    """Owns the fleet model, the queues and every handler. Built once in ``serve()``."""
-
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
-        self.config = config
-        self.policy = config.policy
-        self.limits = config.limits
-        self.router_id = uuid.uuid4().hex[:12]
-        self.rng = rng or random.Random()
-        self.pool = Pool(connect_timeout_s=config.connect_timeout_s)
-        self.store = store.Store(config.data_dir, retention_days=config.retention_days)
+    def __init__(self, router: Router, on_change: Callable[[], None]) -> None:
+        self.r = router
+        self.on_change = on_change  # the fleet changed: waiters re-score
         self.nodes: dict[str, Node] = {}
         # consent (issue 18): agent nodes waiting for approval or rejected, never routed to;
         # the operator's decisions (store table node_admissions); this machine's addresses
@@ -3261,6 +3256,695 @@ class Router:
         self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
         self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
         self.affinity_writes = 0
+
+    def add_static_node(self, url: str, source: str, now: float) -> Node:
+        url = normalize_url(url)
+        for node in self.nodes.values():
+            if node.url == url:
+                return node
+        node_id = node_id_from_url(url)
+        if source == "local":
+            node_id = socket.gethostname().split(".")[0] or "local"
+        base, n = node_id, 2
+        while node_id in self.nodes:
+            node_id, n = f"{base}-{n}", n + 1
+        node = Node(node_id=node_id, url=url, source=source, first_seen=now, last_change=now)
+        self.nodes[node_id] = node
+        log.info("node %s added (%s, %s)", node_id, source, url)
+        self.r.store.record_event("node_added", node_id, {"url": url, "source": source})
+        return node
+
+    async def _probe_local(self, url: str) -> None:
+        """Add a local Ollama as a node when one answers (checked again every minute)."""
+        first = True
+        while True:
+            if not any(n.url == normalize_url(url) for n in self.nodes.values()):
+                try:
+                    await self.r.pool.get_json(url, "/api/version", self.r.config.poll_timeout_s)
+                except (UpstreamFailure, ValueError, TimeoutError, OSError):
+                    if first and not self.r.config.nodes:
+                        log.warning("no Ollama answered at %s and no node is configured: %s",
+                                    url, EMPTY_FLEET)
+                else:
+                    node = self.add_static_node(url, "local", time.time())
+                    await self.refresh_node(node)
+            first = False
+            await asyncio.sleep(60)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            targets = [n for n in self.nodes.values() if n.source in ("static", "local")]
+            if targets:
+                await asyncio.gather(*(self.refresh_node(n) for n in targets))
+            await asyncio.sleep(self.r.config.poll_interval_s)
+
+    async def refresh_node(self, node: Node) -> bool:
+        """Poll a node's Ollama (/api/ps, /api/tags, /api/version) concurrently."""
+        timeout = self.r.config.poll_timeout_s
+        results = await asyncio.gather(
+            self.r.pool.get_json(node.url, "/api/ps", timeout),
+            self.r.pool.get_json(node.url, "/api/tags", timeout),
+            self.r.pool.get_json(node.url, "/api/version", timeout),
+            return_exceptions=True,
+        )
+        now = time.time()
+        before = self._routing_key(node, now)
+        ps, tags, version = results
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for err in errors:
+                if isinstance(err, asyncio.CancelledError):
+                    raise err
+            if node.source == "agent":
+                node.reachable = False
+                node.last_error = f"router cannot reach Ollama: {errors[0]}"
+                return False
+            node.poll_failures += 1
+            node.last_error = str(errors[0]) or type(errors[0]).__name__
+            node.reachable = False
+            new = "degraded" if node.poll_failures < 3 else "offline"
+            self._set_status(node, new, now)
+            return False
+        node.poll_failures = 0
+        node.reachable = True
+        node.last_seen = now
+        node.last_error = ""
+        if isinstance(ps, dict) and isinstance(ps.get("models"), list):
+            node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
+            self.learn_memory(node, now)
+        if isinstance(tags, dict) and isinstance(tags.get("models"), list):
+            node.available = [m for m in tags["models"] if isinstance(m, dict)]
+        if isinstance(version, dict):
+            node.version = str(version.get("version") or "")
+        if node.status != "draining":
+            self._set_status(node, "online", now)
+        if self._routing_key(node, now) != before:
+            self.on_change()
+        return True
+
+    def _set_status(self, node: Node, status: str, now: float) -> None:
+        if node.status != status:
+            log.info("node %s: %s -> %s", node.node_id, node.status, status)
+            self.r.store.record_event(
+                f"node_{status}", node.node_id, {"from": node.status, "error": node.last_error}
+            )
+            node.status = status
+            node.last_change = now
+            self.on_change()
+
+    async def _monitor_loop(self) -> None:
+        """Agent nodes: degraded after a missed beat, offline within three."""
+        while True:
+            now = time.time()
+            for node in list(self.nodes.values()):
+                if node.source != "agent" or node.status in ("offline", "draining"):
+                    continue
+                silence = now - node.last_seen
+                if silence > 3 * node.interval_s:
+                    self._set_status(node, "offline", now)
+                elif silence > 1.5 * node.interval_s:
+                    self._set_status(node, "degraded", now)
+            await asyncio.sleep(min(1.0, self.r.config.heartbeat_interval_s / 4))
+
+    def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
+        """What routing reads from a node, coarsely (memory in whole GB, no expiry times): a
+        poll or heartbeat that leaves it unchanged wakes no waiter (no periodic wake-ups)."""
+        snap = node.snapshot(now)
+        return (
+            node.url,
+            snap.status,
+            snap.reachable,
+            frozenset((m.name, m.context_length) for m in snap.loaded.values()),
+            frozenset(snap.available.values()),
+            snap.num_parallel,
+            snap.memory_pressure,
+            snap.ram_available >> 30,
+            snap.vram_available >> 30,
+            repr(node.capabilities),
+        )
+
+    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
+        return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]
+
+    def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
+        """A node nobody reports memory for gets the capacity learned from /api/ps."""
+        node = self.nodes.get(snap.node_id)
+        reported_cap = node.max_loaded_models if node is not None else None
+        if reported_cap:
+            snap = dataclasses.replace(snap, max_loaded=reported_cap)
+        mb = self.memory_bounds.get(snap.node_id)
+        if mb is None:
+            return snap
+        if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
+            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s,
+                                       max_loaded=reported_cap or mb.model_cap)
+        if snap.ram_total > 0 or snap.vram_total > 0:
+            return snap
+        cap, how = mb.capacity(now, self.r.policy)
+        if cap <= 0:
+            return snap
+        used = sum(lm.size for lm in snap.loaded.values())
+        return dataclasses.replace(snap, ram_total=cap, ram_available=max(0, cap - used),
+                                   memory_learned=how)
+
+    def note_evictions(self, node: Node, rreq: scoring.RouteRequest,
+                       queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
+                       now: float) -> None:
+        """A cold load was just sent: the models it will evict stop counting as hot there
+        now, not at the next /api/ps (which corrects the guess either way)."""
+        snap = self._with_learned(node.snapshot(now), now)
+        gone = scoring.predicted_evictions(rreq, snap, queues, self.r.policy)
+        if gone:
+            node.set_loaded([m for m in node.loaded if scoring.normalize_model(
+                str(m.get("name") or m.get("model") or "")) not in gone], now)
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        b = self.slot_bounds.get((node_id, model))
+        if b is None or b.n == 0:
+            b = self.node_slot_bounds.get(node_id)
+        return scoring.learned_slots(b, time.time(), self.r.policy)
+
+    def learn_memory(self, node: Node, now: float) -> None:
+        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
+        after = dict(node.snapshot(now).loaded)
+        before = self.ps_seen.get(node.node_id, {})
+        self.ps_seen[node.node_id] = after
+        self.memory_bounds[node.node_id] = scoring.learn_memory(
+            self.memory_bounds.get(node.node_id), before, after, now, self.r.policy)
+
+    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
+                      m: Mapping[str, Any]) -> None:
+        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
+        key = (node_id, model)
+        end = time.monotonic()
+        ends = self.run_ends.get(key)
+        if ends is None:
+            ends = self.run_ends[key] = deque(maxlen=256)
+        total = final.get("total_duration") if final else None
+        if (isinstance(total, int | float) and not isinstance(total, bool)
+                and attempt.dispatch_k > 0):
+            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
+            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
+                                               attempt.dispatch_hot)
+            if queue_ms is not None:
+                run_start = end - (pe + ev) / 1000.0
+                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
+                clean_k = attempt.dispatch_k - finished
+                tol = 0.25 + 0.02 * queue_ms / 1000.0
+                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
+                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
+                    clean_k = min(clean_k, 1)
+                self.slot_bounds[key] = scoring.learn_slots(
+                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
+                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
+                    now=time.time(), policy=self.r.policy, started_as_one_ended=freed)
+                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
+                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
+        ends.append(end)
+
+    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
+        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
+        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
+        self.affinity.move_to_end(key)
+        self.affinity_writes += 1
+        if (len(self.affinity) > self.r.policy.affinity_max_entries
+                or self.affinity_writes % 1024 == 0):
+            for k in scoring.affinity_evictions(self.affinity, now, self.r.policy):
+                self.affinity.pop(k, None)
+
+    def learned_public(self, node: Node, now: float) -> JSON:
+        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
+        configured = self.r.config.slots.get(node.node_id)
+        nb = self.node_slot_bounds.get(node.node_id)
+        source = ("configured" if configured else "reported" if node.num_parallel
+                  else "learned" if nb is not None and nb.n else "probing")
+        models: dict[str, JSON] = {}
+        for (nid, model), b in self.slot_bounds.items():
+            if nid == node.node_id:
+                models.setdefault(model, {})["slots"] = b.to_dict(now, self.r.policy)
+        for (nid, model), st in self.stats.items():
+            if nid != node.node_id:
+                continue
+            models.setdefault(model, {}).update({
+                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
+                "loads_seen": st.load_n,
+                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
+                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
+                "samples": st.count - st.failures,
+            })
+        mb = self.memory_bounds.get(node.node_id)
+        return {
+            "slots": {
+                "source": source,
+                "in_use": scoring.slots_for(node.num_parallel, configured, self.r.policy,
+                                            self.learned_slots(node.node_id, "")),
+                **(nb.to_dict(now, self.r.policy) if nb is not None else {"observations": 0}),
+            },
+            "memory": mb.to_dict(now, self.r.policy) if mb is not None else None,
+            "models": models,
+        }
+
+    def breakers_probe(self, node_id: str, model: str, now: float) -> None:
+        """Taking a half-open breaker's single probe marks it in flight."""
+        for key in (node_id, f"{node_id}:{model}"):
+            state = self.breakers.get(key)
+            if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
+                self.breakers[key] = scoring.breaker_begin_probe(state, now, self.r.policy)
+
+    def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
+        if kind == "status_4xx":
+            return  # the request's own fault (scoring.classify_answer): not the node's
+        total = max(1, len(self.nodes))
+        ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
+        share = (ejected + 1) / total  # the share ejected if this breaker opened too
+        node_key_kinds = ("connect", "reset", "timeout_first_byte")
+        keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
+        for key in keys:
+            state = self.breakers.get(key, scoring.BreakerState())
+            new = scoring.breaker_on_failure(state, now, self.r.policy, share, kind)
+            if new.state == "open" and state.state != "open":
+                log.warning(
+                    "breaker open for %s after %s failure(s)", key, new.consecutive_failures
+                )
+                self.r.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
+                self.on_change()  # waiters drop the node from the queues they wait on
+            self.breakers[key] = new
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.loading.pop(model, None)
+            if kind == "connect":
+                node.reachable = False
+
+    def breaker_success(self, node_id: str, model: str, now: float) -> None:
+        for key in (node_id, f"{node_id}:{model}"):
+            state = self.breakers.get(key)
+            if state is not None:
+                self.breakers[key] = scoring.breaker_on_success(state, now, self.r.policy)
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.reachable = True
+
+    def healthy_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
+
+    def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
+        pool = self.healthy_nodes() if healthy else list(self.nodes.values())
+        hot = [n for n in pool if model in n.loaded_names()]
+        cold = [n for n in pool if n not in hot and model in n.available_names()]
+        return hot + cold
+
+    def roomiest(self, candidates: Sequence[Node]) -> Node | None:
+        def room(n: Node) -> tuple[int, int]:
+            disk = n.hardware.get("disk") or {}
+            mem = n.hardware.get("memory") or {}
+            return (
+                int(disk.get("free_bytes") or 0) if isinstance(disk, dict) else 0,
+                int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
+            )
+
+        return max(candidates, key=room) if candidates else None
+
+    async def h_fleet_status(self, request: Request, response: Response) -> None:
+        doc = self.status_json(self.fleet_status(time.time()))
+        await response.send(200, doc, "application/json; charset=utf-8")
+
+    def status_json(self, doc: JSON) -> bytes:
+        """``dumps(doc)``, with each node's model list spliced in already encoded (it changes
+        only when the node reports a new one, and it is most of the document)."""
+        parts: list[bytes] = []
+        for entry in doc["nodes"]:
+            node = self.nodes.get(entry["node_id"])
+            avail = entry.get("available_models")
+            if node is None or avail is not node.available_public():
+                parts.append(dumps(entry))
+                continue
+            rest = dumps({k: v for k, v in entry.items() if k != "available_models"})
+            parts.append(rest[:-1] + b',"available_models":' + node.available_json() + b"}")
+        top = dumps({k: v for k, v in doc.items() if k != "nodes"})
+        return top[:-1] + b',"nodes":[' + b",".join(parts) + b"]}"
+
+    def fleet_status(self, now: float) -> JSON:
+        nodes = [n.public(now) for n in self.nodes.values()]
+        for entry in nodes:
+            br = self.breakers.get(entry["node_id"])
+            entry["breaker"] = dataclasses.asdict(br) if br is not None else None
+            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
+        return {
+            "router_id": self.r.router_id,
+            "version": __version__,
+            "generated_at": now,
+            "uptime_s": round(now - self.r.started_at, 1),
+            "fleet": {
+                "nodes_total": len(self.nodes),
+                "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
+                "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
+                "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
+                "requests_active": self.r.active_requests,
+            },
+            "nodes": nodes,
+            "pending_nodes": self.held_public(now),
+            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.r.queues.values()},
+            "pulls": list(self.r.model_admin.pull_jobs.values()),
+            "settings": dict(self.r.settings),
+            "routers": self.r.routers_public(now),
+        }
+
+    async def h_heartbeat(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(4 * MiB)
+        now = time.time()
+        await self.refresh_own_addresses(now)
+        key = self.r.config.fleet_key
+        signature = request.header("x-herd-signature")
+        # with a fleet key, only an agent on this machine may beat unsigned (consent rules)
+        if (
+            key
+            and (signature is not None or not self.local_beat(raw, request.client_ip))
+            and not verify_signature(key, signature, raw, now)
+        ):
+            raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
+        signed = bool(key) and signature is not None
+        body = await parse_json_body(raw)
+        if signed:
+            # a signed beat is valid for 60 s; beats carry the agent's timestamp, so a
+            # recorded beat replayed later (e.g. to drain a node) is refused
+            stamp = body.get("timestamp")
+            node = self.nodes.get(str(body.get("node_id")))
+            if not isinstance(stamp, int | float) or isinstance(stamp, bool):
+                raise HttpError(400, "a signed heartbeat needs a numeric timestamp")
+            if node is not None and stamp <= node.last_beat_stamp:
+                raise HttpError(409, "heartbeat replayed (timestamp not newer than the last)")
+        reply = self.apply_heartbeat(body, request.client_ip, now, signed=signed)
+        if signed:
+            self.nodes[str(body["node_id"])].last_beat_stamp = float(body["timestamp"])
+        payload = dumps(reply)
+        headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
+        await response.send(200, payload, "application/json; charset=utf-8", headers)
+
+    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
+        """Register or refresh an agent node; 400 on a malformed beat, 409 on a takeover."""
+        try:
+            report = NodeReport.parse(beat)
+        except ReportError as exc:
+            raise HttpError(400, str(exc)) from None
+        node_id, url = report.node_id, report.ollama_url
+        node = self.nodes.get(node_id)
+        if node is not None and node.source != "agent":
+            raise HttpError(409, f"node id '{node_id}' is taken by a static node")
+        if (
+            node is not None
+            and node.status in ("online", "degraded")
+            and not signed
+            and node.agent_addr
+            and node.agent_addr != addr
+        ):
+            log.warning(
+                "heartbeat for node %s from %s refused: it is online from %s (no fleet key)",
+                node_id,
+                addr,
+                node.agent_addr,
+            )
+            self.r.store.record_event(
+                "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
+            )
+            raise HttpError(409, f"node '{node_id}' is online from another address")
+        before: tuple[object, ...] | None = None
+        admission, why = self.admission_of(node_id, addr, url, signed=signed)
+        if admission != "approved":
+            # held (pending | rejected): routers see a change only when a routed node leaves
+            was_routed = node_id in self.nodes
+            node = self.hold_node(node_id, addr, url, now, admission, why)
+            if not was_routed:
+                before = self._routing_key(node, now)
+        elif node is None:
+            # a held node that is now approved joins with the facts of its last beat
+            node = self.held_nodes.pop(node_id, None) or Node(
+                node_id=node_id, url=url, source="agent", first_seen=now)
+            self.nodes[node_id] = node
+            log.info("node %s joined from %s (%s)", node_id, addr, url)
+            self.r.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
+        else:
+            before = self._routing_key(node, now)
+        need_full = False
+        node.url = url
+        node.agent_addr = addr
+        node.last_seen = now
+        node.interval_s = float(
+            self.r.config.heartbeat_interval_s if report.interval_s is None else report.interval_s)
+        node.hardware_report = report.hardware
+        node.agent_version = report.agent_version
+        ollama = report.ollama
+        node.version = ollama.version or node.version
+        node.reachable = ollama.reachable
+        node.num_parallel = ollama.num_parallel
+        node.max_loaded_models = ollama.max_loaded_models
+        if ollama.loaded is not None:
+            node.set_loaded(ollama.loaded, now)
+        if ollama.available is not None:
+            node.available_models = ollama.available
+            node.available_hash = ollama.available_hash
+        elif ollama.available_hash != node.available_hash:
+            need_full = True
+        node.capabilities_report = report.capabilities
+        node.errors = list(report.errors)
+        if admission != "approved":
+            node.status = admission  # pending | rejected: held, never routed to
+        elif report.draining:
+            self._set_status(node, "draining", now)
+        elif not node.reachable:
+            node.last_error = "agent reports its Ollama unreachable"
+            self._set_status(node, "degraded", now)
+        else:
+            self._set_status(node, "online", now)
+        if before != self._routing_key(node, now):
+            self.on_change()
+        return {
+            "ok": True,
+            "router_id": self.r.router_id,
+            "fleet_id": self.r.config.fleet_id,
+            "interval_s": node.interval_s,
+            "need_full": need_full,
+            "admission": admission,
+            "admission_reason": why,
+        }
+
+    async def load_admissions(self) -> None:
+        self.admissions = await self.r.store.node_admissions()
+        await self.refresh_own_addresses(time.time())
+        if self.r.config.open_fleet:
+            log.warning(
+                "open fleet (--open-fleet): any host that can reach this router may join as a "
+                "node and receive prompts, without approval"
+            )
+
+    async def refresh_own_addresses(self, now: float) -> None:
+        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
+            return
+        self.own_addrs_at = now
+        self.own_addrs = await asyncio.to_thread(own_addresses)
+
+    def is_own_address(self, host: str) -> bool:
+        """A loopback address or one of this machine's own (no DNS: names never are, but
+        ``localhost``)."""
+        if host == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback or str(ip) in self.own_addrs
+
+    def is_local_agent(self, addr: str, url: str) -> bool:
+        """An agent on the router's own machine: it beats from here and its Ollama is here."""
+        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
+
+    def local_beat(self, raw: bytes, addr: str) -> bool:
+        try:
+            beat = json.loads(raw)
+            return isinstance(beat, dict) and self.is_local_agent(
+                addr, normalize_url(str(beat.get("ollama_url"))))
+        except ValueError:
+            return False
+
+    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
+        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
+        if signed:
+            return "approved", "signed with the fleet key"
+        if self.is_local_agent(addr, url):
+            return "approved", "agent on the router's own machine"
+        if self.r.config.open_fleet:
+            return "approved", "open fleet (--open-fleet)"
+        record = self.admissions.get(node_id)
+        if record is None:
+            return "pending", "new node: an operator has to approve it"
+        if record.get("decision") == "rejected":
+            return "rejected", "rejected by an operator"
+        if record.get("addr") != addr:
+            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
+        if record.get("ollama_url") != url:
+            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
+                               "since approval")
+        return "approved", "approved by an operator"
+
+    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
+                  why: str) -> Node:
+        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.r.store.record_event("node_left", node_id, {"reason": why})
+            self.on_change()
+        else:
+            node = self.held_nodes.get(node_id)
+        if node is None:
+            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
+            for k in stale:
+                del self.held_nodes[k]
+            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
+                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
+                del self.held_nodes[quiet.node_id]
+            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
+        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
+                state, addr, url):
+            node.held_since, node.held_reason = now, why
+            if state == "pending":
+                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
+                            "requests until approved (dashboard, or POST "
+                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
+            else:
+                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
+            self.r.store.record_event(f"node_{state}", node_id,
+                                    {"addr": addr, "url": url, "reason": why})
+        self.held_nodes[node_id] = node
+        return node
+
+    def held_public(self, now: float) -> list[JSON]:
+        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
+        rejected node ids that have not beaten since the router started."""
+        out: list[JSON] = []
+        for n in self.held_nodes.values():
+            gpu = n.hardware.get("gpu")
+            devices = gpu.get("devices") if isinstance(gpu, dict) else None
+            out.append({
+                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
+                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
+                "waiting_since": n.held_since, "last_seen": n.last_seen,
+                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
+                "agent_version": n.agent_version, "ollama_version": n.version,
+                "hardware": {
+                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
+                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
+                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
+                    if isinstance(devices, list) else [],
+                },
+                "models": sorted(n.available_names()),
+                "loaded_models": sorted(n.loaded_names()),
+            })
+        for node_id, record in self.admissions.items():
+            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
+                    and node_id not in self.nodes:
+                out.append({
+                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
+                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
+                    "first_seen": None, "waiting_since": record.get("decided_at"),
+                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
+                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
+                })
+        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
+        return out
+
+    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
+        """Admin guard and body of approve/reject: the node id and the binding decided."""
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        node_id = body.get("node_id")
+        if not valid_node_id(node_id):
+            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
+        assert isinstance(node_id, str)
+        held = self.held_nodes.get(node_id)
+        record = self.admissions.get(node_id)
+        live = self.nodes.get(node_id)
+        if held is not None:
+            addr, url = held.agent_addr, held.url
+        elif live is not None and decision == "rejected":
+            if live.source != "agent":
+                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
+                                     "the router's configuration instead")
+            if record is None or record.get("decision") != "approved":
+                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
+                                     "machine or open fleet): stop its agent instead")
+            addr, url = live.agent_addr, live.url
+        elif record is not None and record.get("decision") == "rejected":
+            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
+        else:
+            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
+        if decision == "approved":
+            # what the operator saw is what gets approved: a stranger that took over the
+            # pending id in the meantime is not approved by a stale click
+            for key, have in (("addr", addr), ("ollama_url", url)):
+                given = body.get(key)
+                if not isinstance(given, str):
+                    raise HttpError(400, f"{key} is required: the {key} you are approving "
+                                         "(see pending_nodes in /fleet/status)")
+                if given != have:
+                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
+                                         "check it again before approving")
+        now = time.time()
+        await self.r.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
+        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
+                                    "ollama_url": url, "decided_at": now}
+        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
+        self.r.store.record_event(f"node_{decision}", node_id,
+                                {"addr": addr, "url": url, "client": request.client_ip})
+        return node_id, addr, url
+
+    async def h_node_approve(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "approved")
+        node = self.held_nodes.get(node_id)
+        joined = False
+        if node is not None and (node.agent_addr, node.url) == (addr, url) \
+                and node_id not in self.nodes:
+            # it joins now with the facts of its last beat; its next beat refreshes them
+            del self.held_nodes[node_id]
+            self.nodes[node_id] = node
+            now = time.time()
+            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
+            new = ("online" if node.reachable else "degraded") if fresh else "offline"
+            self._set_status(node, new, now)
+            joined = True
+        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
+                             "addr": addr, "ollama_url": url, "joined": joined})
+
+    async def h_node_reject(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "rejected")
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.held_nodes[node_id] = node
+            self.on_change()
+        node = node or self.held_nodes.get(node_id)
+        if node is not None:
+            node.status, node.held_since = "rejected", time.time()
+            node.held_reason = "rejected by an operator"
+        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
+                             "addr": addr, "ollama_url": url})
+
+
+# =======================================================================================
+# The router
+# =======================================================================================
+
+
+class Router:
+    """Owns the fleet model, the queues and every handler. Built once in ``serve()``."""
+
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.limits = config.limits
+        self.router_id = uuid.uuid4().hex[:12]
+        self.rng = rng or random.Random()
+        self.pool = Pool(connect_timeout_s=config.connect_timeout_s)
+        self.store = store.Store(config.data_dir, retention_days=config.retention_days)
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
         self.active_requests = 0
@@ -3269,6 +3953,7 @@ class Router:
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(self)
+        self.fleet = Fleet(self, on_change=self.admission._wake_waiters)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -3290,6 +3975,44 @@ class Router:
     def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
         return self.admission.queue_for(node_id, model, kind)
 
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return self.fleet.nodes
+
+    @property
+    def held_nodes(self) -> dict[str, Node]:
+        return self.fleet.held_nodes
+
+    @property
+    def admissions(self) -> dict[str, JSON]:
+        return self.fleet.admissions
+
+    @property
+    def stats(self) -> dict[tuple[str, str], scoring.ServiceStats]:
+        return self.fleet.stats
+
+    @property
+    def breakers(self) -> dict[str, scoring.BreakerState]:
+        return self.fleet.breakers
+
+    async def refresh_node(self, node: Node) -> bool:
+        return await self.fleet.refresh_node(node)
+
+    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
+        return self.fleet.apply_heartbeat(beat, addr, now, signed=signed)
+
+    def fleet_status(self, now: float) -> JSON:
+        return self.fleet.fleet_status(now)
+
+    def status_json(self, doc: JSON) -> bytes:
+        return self.fleet.status_json(doc)
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        return self.fleet.learned_slots(node_id, model)
+
+    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
+        return self.fleet._snapshots(now)
+
     async def acquire(
         self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
     ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
@@ -3306,10 +4029,10 @@ class Router:
         for key, value in stored.items():
             if key in DEFAULT_SETTINGS:
                 self.settings[key] = value
-        await self.load_admissions()
+        await self.fleet.load_admissions()
         now = time.time()
         for url in self.config.nodes:
-            self.add_static_node(url, "static", now)
+            self.fleet.add_static_node(url, "static", now)
         self.address = await self.server.start(self.config.host, self.config.port)
         if not is_loopback_host(self.config.host) and not self.config.api_keys:
             log.warning(
@@ -3317,10 +4040,10 @@ class Router:
                 "the fleet; pass --api-key (or HERD_API_KEYS), or --host 127.0.0.1",
                 self.config.host or "every address",
             )
-        self._spawn(self._poll_loop(), "poller")
-        self._spawn(self._monitor_loop(), "monitor")
+        self._spawn(self.fleet._poll_loop(), "poller")
+        self._spawn(self.fleet._monitor_loop(), "monitor")
         if self.config.local_ollama:
-            self._spawn(self._probe_local(self.config.local_ollama), "local-probe")
+            self._spawn(self.fleet._probe_local(self.config.local_ollama), "local-probe")
         elif not self.config.nodes:
             log.warning("no node is configured (--node) and the local Ollama probe is off: %s",
                         EMPTY_FLEET)
@@ -3357,298 +4080,11 @@ class Router:
         self.pool.close()
         await self.store.close()
 
-    def add_static_node(self, url: str, source: str, now: float) -> Node:
-        url = normalize_url(url)
-        for node in self.nodes.values():
-            if node.url == url:
-                return node
-        node_id = node_id_from_url(url)
-        if source == "local":
-            node_id = socket.gethostname().split(".")[0] or "local"
-        base, n = node_id, 2
-        while node_id in self.nodes:
-            node_id, n = f"{base}-{n}", n + 1
-        node = Node(node_id=node_id, url=url, source=source, first_seen=now, last_change=now)
-        self.nodes[node_id] = node
-        log.info("node %s added (%s, %s)", node_id, source, url)
-        self.store.record_event("node_added", node_id, {"url": url, "source": source})
-        return node
-
     # ---------------------------------------------------------------- polling -------------
-
-    async def _probe_local(self, url: str) -> None:
-        """Add a local Ollama as a node when one answers (checked again every minute)."""
-        first = True
-        while True:
-            if not any(n.url == normalize_url(url) for n in self.nodes.values()):
-                try:
-                    await self.pool.get_json(url, "/api/version", self.config.poll_timeout_s)
-                except (UpstreamFailure, ValueError, TimeoutError, OSError):
-                    if first and not self.config.nodes:
-                        log.warning("no Ollama answered at %s and no node is configured: %s",
-                                    url, EMPTY_FLEET)
-                else:
-                    node = self.add_static_node(url, "local", time.time())
-                    await self.refresh_node(node)
-            first = False
-            await asyncio.sleep(60)
-
-    async def _poll_loop(self) -> None:
-        while True:
-            targets = [n for n in self.nodes.values() if n.source in ("static", "local")]
-            if targets:
-                await asyncio.gather(*(self.refresh_node(n) for n in targets))
-            await asyncio.sleep(self.config.poll_interval_s)
-
-    async def refresh_node(self, node: Node) -> bool:
-        """Poll a node's Ollama (/api/ps, /api/tags, /api/version) concurrently."""
-        timeout = self.config.poll_timeout_s
-        results = await asyncio.gather(
-            self.pool.get_json(node.url, "/api/ps", timeout),
-            self.pool.get_json(node.url, "/api/tags", timeout),
-            self.pool.get_json(node.url, "/api/version", timeout),
-            return_exceptions=True,
-        )
-        now = time.time()
-        before = self._routing_key(node, now)
-        ps, tags, version = results
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for err in errors:
-                if isinstance(err, asyncio.CancelledError):
-                    raise err
-            if node.source == "agent":
-                node.reachable = False
-                node.last_error = f"router cannot reach Ollama: {errors[0]}"
-                return False
-            node.poll_failures += 1
-            node.last_error = str(errors[0]) or type(errors[0]).__name__
-            node.reachable = False
-            new = "degraded" if node.poll_failures < 3 else "offline"
-            self._set_status(node, new, now)
-            return False
-        node.poll_failures = 0
-        node.reachable = True
-        node.last_seen = now
-        node.last_error = ""
-        if isinstance(ps, dict) and isinstance(ps.get("models"), list):
-            node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
-            self.learn_memory(node, now)
-        if isinstance(tags, dict) and isinstance(tags.get("models"), list):
-            node.available = [m for m in tags["models"] if isinstance(m, dict)]
-        if isinstance(version, dict):
-            node.version = str(version.get("version") or "")
-        if node.status != "draining":
-            self._set_status(node, "online", now)
-        if self._routing_key(node, now) != before:
-            self.admission._wake_waiters()
-        return True
-
-    def _set_status(self, node: Node, status: str, now: float) -> None:
-        if node.status != status:
-            log.info("node %s: %s -> %s", node.node_id, node.status, status)
-            self.store.record_event(
-                f"node_{status}", node.node_id, {"from": node.status, "error": node.last_error}
-            )
-            node.status = status
-            node.last_change = now
-            self.admission._wake_waiters()
-
-    async def _monitor_loop(self) -> None:
-        """Agent nodes: degraded after a missed beat, offline within three."""
-        while True:
-            now = time.time()
-            for node in list(self.nodes.values()):
-                if node.source != "agent" or node.status in ("offline", "draining"):
-                    continue
-                silence = now - node.last_seen
-                if silence > 3 * node.interval_s:
-                    self._set_status(node, "offline", now)
-                elif silence > 1.5 * node.interval_s:
-                    self._set_status(node, "degraded", now)
-            await asyncio.sleep(min(1.0, self.config.heartbeat_interval_s / 4))
 
     # ---------------------------------------------------------------- queues --------------
 
-    def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
-        """What routing reads from a node, coarsely (memory in whole GB, no expiry times): a
-        poll or heartbeat that leaves it unchanged wakes no waiter (no periodic wake-ups)."""
-        snap = node.snapshot(now)
-        return (
-            node.url,
-            snap.status,
-            snap.reachable,
-            frozenset((m.name, m.context_length) for m in snap.loaded.values()),
-            frozenset(snap.available.values()),
-            snap.num_parallel,
-            snap.memory_pressure,
-            snap.ram_available >> 30,
-            snap.vram_available >> 30,
-            repr(node.capabilities),
-        )
-
-    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
-        return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]
-
     # ---------------------------------------------------------------- learning ------------
-
-    def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
-        """A node nobody reports memory for gets the capacity learned from /api/ps."""
-        node = self.nodes.get(snap.node_id)
-        reported_cap = node.max_loaded_models if node is not None else None
-        if reported_cap:
-            snap = dataclasses.replace(snap, max_loaded=reported_cap)
-        mb = self.memory_bounds.get(snap.node_id)
-        if mb is None:
-            return snap
-        if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
-            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s,
-                                       max_loaded=reported_cap or mb.model_cap)
-        if snap.ram_total > 0 or snap.vram_total > 0:
-            return snap
-        cap, how = mb.capacity(now, self.policy)
-        if cap <= 0:
-            return snap
-        used = sum(lm.size for lm in snap.loaded.values())
-        return dataclasses.replace(snap, ram_total=cap, ram_available=max(0, cap - used),
-                                   memory_learned=how)
-
-    def note_evictions(self, node: Node, rreq: scoring.RouteRequest,
-                       queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
-                       now: float) -> None:
-        """A cold load was just sent: the models it will evict stop counting as hot there
-        now, not at the next /api/ps (which corrects the guess either way)."""
-        snap = self._with_learned(node.snapshot(now), now)
-        gone = scoring.predicted_evictions(rreq, snap, queues, self.policy)
-        if gone:
-            node.set_loaded([m for m in node.loaded if scoring.normalize_model(
-                str(m.get("name") or m.get("model") or "")) not in gone], now)
-
-    def learned_slots(self, node_id: str, model: str) -> int | None:
-        b = self.slot_bounds.get((node_id, model))
-        if b is None or b.n == 0:
-            b = self.node_slot_bounds.get(node_id)
-        return scoring.learned_slots(b, time.time(), self.policy)
-
-    def learn_memory(self, node: Node, now: float) -> None:
-        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
-        after = dict(node.snapshot(now).loaded)
-        before = self.ps_seen.get(node.node_id, {})
-        self.ps_seen[node.node_id] = after
-        self.memory_bounds[node.node_id] = scoring.learn_memory(
-            self.memory_bounds.get(node.node_id), before, after, now, self.policy)
-
-    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
-                      m: Mapping[str, Any]) -> None:
-        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
-        key = (node_id, model)
-        end = time.monotonic()
-        ends = self.run_ends.get(key)
-        if ends is None:
-            ends = self.run_ends[key] = deque(maxlen=256)
-        total = final.get("total_duration") if final else None
-        if (isinstance(total, int | float) and not isinstance(total, bool)
-                and attempt.dispatch_k > 0):
-            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
-            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
-                                               attempt.dispatch_hot)
-            if queue_ms is not None:
-                run_start = end - (pe + ev) / 1000.0
-                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
-                clean_k = attempt.dispatch_k - finished
-                tol = 0.25 + 0.02 * queue_ms / 1000.0
-                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
-                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
-                    clean_k = min(clean_k, 1)
-                self.slot_bounds[key] = scoring.learn_slots(
-                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
-                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
-                    now=time.time(), policy=self.policy, started_as_one_ended=freed)
-                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
-                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
-        ends.append(end)
-
-    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
-        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
-        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
-        self.affinity.move_to_end(key)
-        self.affinity_writes += 1
-        if (len(self.affinity) > self.policy.affinity_max_entries
-                or self.affinity_writes % 1024 == 0):
-            for k in scoring.affinity_evictions(self.affinity, now, self.policy):
-                self.affinity.pop(k, None)
-
-    def learned_public(self, node: Node, now: float) -> JSON:
-        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
-        configured = self.config.slots.get(node.node_id)
-        nb = self.node_slot_bounds.get(node.node_id)
-        source = ("configured" if configured else "reported" if node.num_parallel
-                  else "learned" if nb is not None and nb.n else "probing")
-        models: dict[str, JSON] = {}
-        for (nid, model), b in self.slot_bounds.items():
-            if nid == node.node_id:
-                models.setdefault(model, {})["slots"] = b.to_dict(now, self.policy)
-        for (nid, model), st in self.stats.items():
-            if nid != node.node_id:
-                continue
-            models.setdefault(model, {}).update({
-                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
-                "loads_seen": st.load_n,
-                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
-                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
-                "samples": st.count - st.failures,
-            })
-        mb = self.memory_bounds.get(node.node_id)
-        return {
-            "slots": {
-                "source": source,
-                "in_use": scoring.slots_for(node.num_parallel, configured, self.policy,
-                                            self.learned_slots(node.node_id, "")),
-                **(nb.to_dict(now, self.policy) if nb is not None else {"observations": 0}),
-            },
-            "memory": mb.to_dict(now, self.policy) if mb is not None else None,
-            "models": models,
-        }
-
-    def breakers_probe(self, node_id: str, model: str, now: float) -> None:
-        """Taking a half-open breaker's single probe marks it in flight."""
-        for key in (node_id, f"{node_id}:{model}"):
-            state = self.breakers.get(key)
-            if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
-                self.breakers[key] = scoring.breaker_begin_probe(state, now, self.policy)
-
-    def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
-        if kind == "status_4xx":
-            return  # the request's own fault (scoring.classify_answer): not the node's
-        total = max(1, len(self.nodes))
-        ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
-        share = (ejected + 1) / total  # the share ejected if this breaker opened too
-        node_key_kinds = ("connect", "reset", "timeout_first_byte")
-        keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
-        for key in keys:
-            state = self.breakers.get(key, scoring.BreakerState())
-            new = scoring.breaker_on_failure(state, now, self.policy, share, kind)
-            if new.state == "open" and state.state != "open":
-                log.warning(
-                    "breaker open for %s after %s failure(s)", key, new.consecutive_failures
-                )
-                self.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
-                self.admission._wake_waiters()  # waiters drop the node from the queues they wait on
-            self.breakers[key] = new
-        node = self.nodes.get(node_id)
-        if node is not None:
-            node.loading.pop(model, None)
-            if kind == "connect":
-                node.reachable = False
-
-    def breaker_success(self, node_id: str, model: str, now: float) -> None:
-        for key in (node_id, f"{node_id}:{model}"):
-            state = self.breakers.get(key)
-            if state is not None:
-                self.breakers[key] = scoring.breaker_on_success(state, now, self.policy)
-        node = self.nodes.get(node_id)
-        if node is not None:
-            node.reachable = True
 
     # ---------------------------------------------------------------- routes --------------
 
@@ -3665,9 +4101,9 @@ class Router:
             "/api/copy": {"POST": self.model_admin.h_copy},
             "/api/delete": {"DELETE": self.model_admin.h_delete},
             "/v1/models": {"GET": self.h_v1_models},
-            "/fleet/status": {"GET": self.h_fleet_status},
+            "/fleet/status": {"GET": self.fleet.h_fleet_status},
             "/healthz": {"GET": self.h_healthz, "HEAD": self.h_healthz},
-            "/heartbeat": {"POST": self.h_heartbeat},
+            "/heartbeat": {"POST": self.fleet.h_heartbeat},
             "/metrics": {"GET": self.h_metrics},
         }
         for path in INFERENCE_PATHS:
@@ -3784,7 +4220,7 @@ class Router:
             "status": "draining" if self.draining else "ok",
             "router_id": self.router_id,
             "fleet_id": self.config.fleet_id,
-            "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
+            "nodes_online": sum(1 for n in self.fleet.nodes.values() if n.status == "online"),
             "requests_active": self.active_requests,
         }
         headers = [("cache-control", "no-store")]
@@ -3792,13 +4228,10 @@ class Router:
             headers.append(("connection", "close"))
         await response.json(body, 503 if self.draining else 200, headers)
 
-    def healthy_nodes(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
-
     async def h_version(self, request: Request, response: Response) -> None:
-        versions = [n.version for n in self.healthy_nodes() if n.version]
+        versions = [n.version for n in self.fleet.healthy_nodes() if n.version]
         if not versions:
-            versions = [n.version for n in self.nodes.values() if n.version]
+            versions = [n.version for n in self.fleet.nodes.values() if n.version]
         if not versions:
             raise HttpError(503, "no Ollama node has reported its version yet")
         lowest = min(versions, key=version_key)
@@ -3807,7 +4240,7 @@ class Router:
     def merged_tags(self) -> list[JSON]:
         """Union of /api/tags over healthy nodes, one entry per model name."""
         by_name: dict[str, list[JSON]] = {}
-        for node in self.healthy_nodes():
+        for node in self.fleet.healthy_nodes():
             for m in node.available:
                 name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
                 by_name.setdefault(name, []).append(m)
@@ -3832,7 +4265,7 @@ class Router:
         await response.json({"models": self.merged_tags()})
 
     async def h_ps(self, request: Request, response: Response) -> None:
-        nodes = self.healthy_nodes()
+        nodes = self.fleet.healthy_nodes()
 
         async def one(node: Node) -> list[JSON]:
             try:
@@ -3868,19 +4301,13 @@ class Router:
 
     # ---------------------------------------------------------------- model admin ---------
 
-    def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
-        pool = self.healthy_nodes() if healthy else list(self.nodes.values())
-        hot = [n for n in pool if model in n.loaded_names()]
-        cold = [n for n in pool if n not in hot and model in n.available_names()]
-        return hot + cold
-
     def pick_node(self, request: Request, body: JSON | None) -> Node | None:
         """Explicit target: ``node_id`` in the body or ``X-Herd-Node``."""
         wanted = (body or {}).get("node_id") if body else None
         wanted = wanted or request.header("x-herd-node")
         if not wanted:
             return None
-        node = self.nodes.get(str(wanted))
+        node = self.fleet.nodes.get(str(wanted))
         if node is None:
             raise HttpError(404, f"node '{wanted}' is not in the fleet")
         if node.status not in ("online", "degraded"):
@@ -3894,17 +4321,6 @@ class Router:
         if not scoring.is_valid_model_name(raw):
             raise HttpError(400, f"invalid model name {raw!r}")
         return raw
-
-    def roomiest(self, candidates: Sequence[Node]) -> Node | None:
-        def room(n: Node) -> tuple[int, int]:
-            disk = n.hardware.get("disk") or {}
-            mem = n.hardware.get("memory") or {}
-            return (
-                int(disk.get("free_bytes") or 0) if isinstance(disk, dict) else 0,
-                int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
-            )
-
-        return max(candidates, key=room) if candidates else None
 
     # ---------------------------------------------------------------- inference -----------
 
@@ -3973,8 +4389,8 @@ class Router:
     ) -> None:
         """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
         model = scoring.normalize_model(str(body["model"]))
-        holders = [n for n in self.healthy_nodes() if model in n.loaded_names()]
-        if not any(n.has_model(model) for n in self.healthy_nodes()):
+        holders = [n for n in self.fleet.healthy_nodes() if model in n.loaded_names()]
+        if not any(n.has_model(model) for n in self.fleet.healthy_nodes()):
             raise self.model_not_found(f"'{body['model']}'")
         payload = raw if raw is not None else dumps(body)
 
@@ -3985,7 +4401,7 @@ class Router:
                         node.url, "POST", request.path, upstream_headers(request), payload
                     )
                     await up.read()
-            await self.refresh_node(node)
+            await self.fleet.refresh_node(node)
 
         await asyncio.gather(*(one(n) for n in holders))
         out: JSON = {"model": body["model"], "created_at": rfc3339(time.time())}
@@ -4033,7 +4449,7 @@ class Router:
             )
             protect = bool(self.settings.get("context_protection"))
             # one fleet snapshot serves both pre-routing decisions for this model
-            snaps = self._snapshots(time.time()) if vram_fallback or protect else None
+            snaps = self.fleet._snapshots(time.time()) if vram_fallback or protect else None
             if snaps is not None and vram_fallback:
                 alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
                 if alt is not None:
@@ -4077,7 +4493,7 @@ class Router:
                     norm, send_body.get("messages"), send_body.get("prompt"),
                     send_body.get("system"), self.policy)
                 attempt.affinity_tokens = est
-                hit = scoring.affinity_lookup(keys, self.affinity, time.time(), self.policy)
+                hit = scoring.affinity_lookup(keys, self.fleet.affinity, time.time(), self.policy)
             rreq = scoring.RouteRequest(
                 model=norm,
                 kind=attempt.kind,
@@ -4121,14 +4537,14 @@ class Router:
         """404 for a model no node has; with no node online, say that the fleet is empty
         (that is why, and the fix is not a pull)."""
         message = f"model {quoted} not found"
-        if not self.healthy_nodes():
+        if not self.fleet.healthy_nodes():
             message += f"; {EMPTY_FLEET}"
         return HttpError(404, message, kind=kind)
 
     def _unservable(
         self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
     ) -> HttpError:
-        anywhere = any(n.has_model(rreq.model) for n in self.nodes.values())
+        anywhere = any(n.has_model(rreq.model) for n in self.fleet.nodes.values())
         if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
             return self.model_not_found(f"'{display}'", kind="unservable")
         return HttpError(
@@ -4209,7 +4625,7 @@ class Router:
                 return
             except UpstreamFailure as fail:
                 now = time.time()
-                self.breaker_failure(node.node_id, rreq.model, fail.kind, now)
+                self.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
                 decision = scoring.retry_decision(len(tried), fail.kind, False, self.policy)
                 tried.add(node.node_id)
                 last = fail
@@ -4296,7 +4712,7 @@ class Router:
                     )
                 if verdict.kind == "model_not_found":
                     # the node lost the model since its last report: refresh it, try elsewhere
-                    self._spawn(self.refresh_node(node), "refresh")
+                    self._spawn(self.fleet.refresh_node(node), "refresh")
                     raise UpstreamFailure(
                         "model_not_found",
                         f"node {node.node_id} no longer has {rreq.model}",
@@ -4441,10 +4857,10 @@ class Router:
         total_ms = (time.monotonic() - attempt.started) * 1000
         ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
         if ok:
-            self.breaker_success(node.node_id, rreq.model, now)
+            self.fleet.breaker_success(node.node_id, rreq.model, now)
             self.mark_loaded(node, rreq.model, rreq.num_ctx, now)
         elif status in ("incomplete", "reaped"):
-            self.breaker_failure(node.node_id, rreq.model, "reset", now)
+            self.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
         if status != "client_disconnected" and http_status < 400:
             obs = scoring.Observation(
                 ok=ok,
@@ -4457,11 +4873,11 @@ class Router:
                 total_ms=total_ms,
             )
             key = (node.node_id, rreq.model)
-            self.stats[key] = scoring.observe(self.stats.get(key), obs, self.policy)
+            self.fleet.stats[key] = scoring.observe(self.fleet.stats.get(key), obs, self.policy)
             if ok:
-                self.learn_timings(attempt, node.node_id, rreq.model, final, m)
+                self.fleet.learn_timings(attempt, node.node_id, rreq.model, final, m)
         if ok and attempt.affinity_key is not None:
-            self.remember_prefix(attempt.affinity_key, node.node_id,
+            self.fleet.remember_prefix(attempt.affinity_key, node.node_id,
                                  attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
         if status == "completed" and http_status >= 400:
             # a relayed error answer (the client's own 4xx): keep the text the client got
@@ -4571,7 +4987,7 @@ class Router:
     def capability_models(self, kind: str) -> dict[str, list[Node]]:
         """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
         out: dict[str, list[Node]] = {}
-        for node in self.healthy_nodes():
+        for node in self.fleet.healthy_nodes():
             url = node.capabilities.get("service_url")
             if not isinstance(url, str) or not url:
                 continue
@@ -4641,10 +5057,10 @@ class Router:
                                           f"{up.status}: {error_text(data)}",
                                           status=up.status, body=data, headers=up.headers)
                 ok = not scoring.classify_answer(up.status).node_fault
-                self.breaker_success(node.node_id, model, time.time())
+                self.fleet.breaker_success(node.node_id, model, time.time())
                 return up, node
             except UpstreamFailure as fail:
-                self.breaker_failure(node.node_id, model, fail.kind, time.time())
+                self.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
                 streamed = not isinstance(body, bytes) and fail.kind != "connect"
                 decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.policy)
                 self.trace(attempt, status="retried" if decision.retry else "failed",
@@ -4935,51 +5351,6 @@ class Router:
 
     # ---------------------------------------------------------------- fleet endpoints -----
 
-    async def h_fleet_status(self, request: Request, response: Response) -> None:
-        doc = self.status_json(self.fleet_status(time.time()))
-        await response.send(200, doc, "application/json; charset=utf-8")
-
-    def status_json(self, doc: JSON) -> bytes:
-        """``dumps(doc)``, with each node's model list spliced in already encoded (it changes
-        only when the node reports a new one, and it is most of the document)."""
-        parts: list[bytes] = []
-        for entry in doc["nodes"]:
-            node = self.nodes.get(entry["node_id"])
-            avail = entry.get("available_models")
-            if node is None or avail is not node.available_public():
-                parts.append(dumps(entry))
-                continue
-            rest = dumps({k: v for k, v in entry.items() if k != "available_models"})
-            parts.append(rest[:-1] + b',"available_models":' + node.available_json() + b"}")
-        top = dumps({k: v for k, v in doc.items() if k != "nodes"})
-        return top[:-1] + b',"nodes":[' + b",".join(parts) + b"]}"
-
-    def fleet_status(self, now: float) -> JSON:
-        nodes = [n.public(now) for n in self.nodes.values()]
-        for entry in nodes:
-            br = self.breakers.get(entry["node_id"])
-            entry["breaker"] = dataclasses.asdict(br) if br is not None else None
-            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
-        return {
-            "router_id": self.router_id,
-            "version": __version__,
-            "generated_at": now,
-            "uptime_s": round(now - self.started_at, 1),
-            "fleet": {
-                "nodes_total": len(self.nodes),
-                "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
-                "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
-                "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
-                "requests_active": self.active_requests,
-            },
-            "nodes": nodes,
-            "pending_nodes": self.held_public(now),
-            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
-            "pulls": list(self.model_admin.pull_jobs.values()),
-            "settings": dict(self.settings),
-            "routers": self.routers_public(now),
-        }
-
     def routers_public(self, now: float) -> JSON:
         """This router and the other routers of its fleet that mDNS shows (each keeps its
         own traces and settings; the nodes report to all of them)."""
@@ -4999,124 +5370,6 @@ class Router:
             "peers": peers,
         }
 
-    async def h_heartbeat(self, request: Request, response: Response) -> None:
-        raw = await request.read_body(4 * MiB)
-        now = time.time()
-        await self.refresh_own_addresses(now)
-        key = self.config.fleet_key
-        signature = request.header("x-herd-signature")
-        # with a fleet key, only an agent on this machine may beat unsigned (consent rules)
-        if (
-            key
-            and (signature is not None or not self.local_beat(raw, request.client_ip))
-            and not verify_signature(key, signature, raw, now)
-        ):
-            raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
-        signed = bool(key) and signature is not None
-        body = await parse_json_body(raw)
-        if signed:
-            # a signed beat is valid for 60 s; beats carry the agent's timestamp, so a
-            # recorded beat replayed later (e.g. to drain a node) is refused
-            stamp = body.get("timestamp")
-            node = self.nodes.get(str(body.get("node_id")))
-            if not isinstance(stamp, int | float) or isinstance(stamp, bool):
-                raise HttpError(400, "a signed heartbeat needs a numeric timestamp")
-            if node is not None and stamp <= node.last_beat_stamp:
-                raise HttpError(409, "heartbeat replayed (timestamp not newer than the last)")
-        reply = self.apply_heartbeat(body, request.client_ip, now, signed=signed)
-        if signed:
-            self.nodes[str(body["node_id"])].last_beat_stamp = float(body["timestamp"])
-        payload = dumps(reply)
-        headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
-        await response.send(200, payload, "application/json; charset=utf-8", headers)
-
-    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
-        """Register or refresh an agent node; 400 on a malformed beat, 409 on a takeover."""
-        try:
-            report = NodeReport.parse(beat)
-        except ReportError as exc:
-            raise HttpError(400, str(exc)) from None
-        node_id, url = report.node_id, report.ollama_url
-        node = self.nodes.get(node_id)
-        if node is not None and node.source != "agent":
-            raise HttpError(409, f"node id '{node_id}' is taken by a static node")
-        if (
-            node is not None
-            and node.status in ("online", "degraded")
-            and not signed
-            and node.agent_addr
-            and node.agent_addr != addr
-        ):
-            log.warning(
-                "heartbeat for node %s from %s refused: it is online from %s (no fleet key)",
-                node_id,
-                addr,
-                node.agent_addr,
-            )
-            self.store.record_event(
-                "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
-            )
-            raise HttpError(409, f"node '{node_id}' is online from another address")
-        before: tuple[object, ...] | None = None
-        admission, why = self.admission_of(node_id, addr, url, signed=signed)
-        if admission != "approved":
-            # held (pending | rejected): routers see a change only when a routed node leaves
-            was_routed = node_id in self.nodes
-            node = self.hold_node(node_id, addr, url, now, admission, why)
-            if not was_routed:
-                before = self._routing_key(node, now)
-        elif node is None:
-            # a held node that is now approved joins with the facts of its last beat
-            node = self.held_nodes.pop(node_id, None) or Node(
-                node_id=node_id, url=url, source="agent", first_seen=now)
-            self.nodes[node_id] = node
-            log.info("node %s joined from %s (%s)", node_id, addr, url)
-            self.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
-        else:
-            before = self._routing_key(node, now)
-        need_full = False
-        node.url = url
-        node.agent_addr = addr
-        node.last_seen = now
-        node.interval_s = float(
-            self.config.heartbeat_interval_s if report.interval_s is None else report.interval_s)
-        node.hardware_report = report.hardware
-        node.agent_version = report.agent_version
-        ollama = report.ollama
-        node.version = ollama.version or node.version
-        node.reachable = ollama.reachable
-        node.num_parallel = ollama.num_parallel
-        node.max_loaded_models = ollama.max_loaded_models
-        if ollama.loaded is not None:
-            node.set_loaded(ollama.loaded, now)
-        if ollama.available is not None:
-            node.available_models = ollama.available
-            node.available_hash = ollama.available_hash
-        elif ollama.available_hash != node.available_hash:
-            need_full = True
-        node.capabilities_report = report.capabilities
-        node.errors = list(report.errors)
-        if admission != "approved":
-            node.status = admission  # pending | rejected: held, never routed to
-        elif report.draining:
-            self._set_status(node, "draining", now)
-        elif not node.reachable:
-            node.last_error = "agent reports its Ollama unreachable"
-            self._set_status(node, "degraded", now)
-        else:
-            self._set_status(node, "online", now)
-        if before != self._routing_key(node, now):
-            self.admission._wake_waiters()
-        return {
-            "ok": True,
-            "router_id": self.router_id,
-            "fleet_id": self.config.fleet_id,
-            "interval_s": node.interval_s,
-            "need_full": need_full,
-            "admission": admission,
-            "admission_reason": why,
-        }
-
     # ---------------------------------------------------------------- consent (issue 18) -
     # An unsigned beat from another machine joins only with the operator's approval, which
     # binds the node id to the source address and Ollama URL approved; anything else is
@@ -5124,217 +5377,16 @@ class Router:
     # nodes (never beat), agents on this machine (own source address and Ollama URL),
     # beats signed with the fleet key, and everyone with --open-fleet.
 
-    async def load_admissions(self) -> None:
-        self.admissions = await self.store.node_admissions()
-        await self.refresh_own_addresses(time.time())
-        if self.config.open_fleet:
-            log.warning(
-                "open fleet (--open-fleet): any host that can reach this router may join as a "
-                "node and receive prompts, without approval"
-            )
-
-    async def refresh_own_addresses(self, now: float) -> None:
-        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
-            return
-        self.own_addrs_at = now
-        self.own_addrs = await asyncio.to_thread(own_addresses)
-
-    def is_own_address(self, host: str) -> bool:
-        """A loopback address or one of this machine's own (no DNS: names never are, but
-        ``localhost``)."""
-        if host == "localhost":
-            return True
-        try:
-            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return ip.is_loopback or str(ip) in self.own_addrs
-
-    def is_local_agent(self, addr: str, url: str) -> bool:
-        """An agent on the router's own machine: it beats from here and its Ollama is here."""
-        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
-
-    def local_beat(self, raw: bytes, addr: str) -> bool:
-        try:
-            beat = json.loads(raw)
-            return isinstance(beat, dict) and self.is_local_agent(
-                addr, normalize_url(str(beat.get("ollama_url"))))
-        except ValueError:
-            return False
-
-    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
-        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
-        if signed:
-            return "approved", "signed with the fleet key"
-        if self.is_local_agent(addr, url):
-            return "approved", "agent on the router's own machine"
-        if self.config.open_fleet:
-            return "approved", "open fleet (--open-fleet)"
-        record = self.admissions.get(node_id)
-        if record is None:
-            return "pending", "new node: an operator has to approve it"
-        if record.get("decision") == "rejected":
-            return "rejected", "rejected by an operator"
-        if record.get("addr") != addr:
-            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
-        if record.get("ollama_url") != url:
-            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
-                               "since approval")
-        return "approved", "approved by an operator"
-
-    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
-                  why: str) -> Node:
-        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
-        node = self.nodes.pop(node_id, None)
-        if node is not None:
-            self.store.record_event("node_left", node_id, {"reason": why})
-            self.admission._wake_waiters()
-        else:
-            node = self.held_nodes.get(node_id)
-        if node is None:
-            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
-            for k in stale:
-                del self.held_nodes[k]
-            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
-                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
-                del self.held_nodes[quiet.node_id]
-            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
-        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
-                state, addr, url):
-            node.held_since, node.held_reason = now, why
-            if state == "pending":
-                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
-                            "requests until approved (dashboard, or POST "
-                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
-            else:
-                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
-            self.store.record_event(f"node_{state}", node_id,
-                                    {"addr": addr, "url": url, "reason": why})
-        self.held_nodes[node_id] = node
-        return node
-
-    def held_public(self, now: float) -> list[JSON]:
-        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
-        rejected node ids that have not beaten since the router started."""
-        out: list[JSON] = []
-        for n in self.held_nodes.values():
-            gpu = n.hardware.get("gpu")
-            devices = gpu.get("devices") if isinstance(gpu, dict) else None
-            out.append({
-                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
-                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
-                "waiting_since": n.held_since, "last_seen": n.last_seen,
-                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
-                "agent_version": n.agent_version, "ollama_version": n.version,
-                "hardware": {
-                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
-                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
-                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
-                    if isinstance(devices, list) else [],
-                },
-                "models": sorted(n.available_names()),
-                "loaded_models": sorted(n.loaded_names()),
-            })
-        for node_id, record in self.admissions.items():
-            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
-                    and node_id not in self.nodes:
-                out.append({
-                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
-                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
-                    "first_seen": None, "waiting_since": record.get("decided_at"),
-                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
-                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
-                })
-        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
-        return out
-
     def consent_routes(self) -> dict[str, dict[str, Handler]]:
         return {
-            "/dashboard/api/nodes/approve": {"POST": self.h_node_approve},
-            "/dashboard/api/nodes/reject": {"POST": self.h_node_reject},
+            "/dashboard/api/nodes/approve": {"POST": self.fleet.h_node_approve},
+            "/dashboard/api/nodes/reject": {"POST": self.fleet.h_node_reject},
         }
-
-    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
-        """Admin guard and body of approve/reject: the node id and the binding decided."""
-        self.require_admin(request)
-        body = await request.json(64 * 1024)
-        node_id = body.get("node_id")
-        if not valid_node_id(node_id):
-            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
-        assert isinstance(node_id, str)
-        held = self.held_nodes.get(node_id)
-        record = self.admissions.get(node_id)
-        live = self.nodes.get(node_id)
-        if held is not None:
-            addr, url = held.agent_addr, held.url
-        elif live is not None and decision == "rejected":
-            if live.source != "agent":
-                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
-                                     "the router's configuration instead")
-            if record is None or record.get("decision") != "approved":
-                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
-                                     "machine or open fleet): stop its agent instead")
-            addr, url = live.agent_addr, live.url
-        elif record is not None and record.get("decision") == "rejected":
-            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
-        else:
-            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
-        if decision == "approved":
-            # what the operator saw is what gets approved: a stranger that took over the
-            # pending id in the meantime is not approved by a stale click
-            for key, have in (("addr", addr), ("ollama_url", url)):
-                given = body.get(key)
-                if not isinstance(given, str):
-                    raise HttpError(400, f"{key} is required: the {key} you are approving "
-                                         "(see pending_nodes in /fleet/status)")
-                if given != have:
-                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
-                                         "check it again before approving")
-        now = time.time()
-        await self.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
-        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
-                                    "ollama_url": url, "decided_at": now}
-        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
-        self.store.record_event(f"node_{decision}", node_id,
-                                {"addr": addr, "url": url, "client": request.client_ip})
-        return node_id, addr, url
-
-    async def h_node_approve(self, request: Request, response: Response) -> None:
-        node_id, addr, url = await self._decide(request, "approved")
-        node = self.held_nodes.get(node_id)
-        joined = False
-        if node is not None and (node.agent_addr, node.url) == (addr, url) \
-                and node_id not in self.nodes:
-            # it joins now with the facts of its last beat; its next beat refreshes them
-            del self.held_nodes[node_id]
-            self.nodes[node_id] = node
-            now = time.time()
-            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
-            new = ("online" if node.reachable else "degraded") if fresh else "offline"
-            self._set_status(node, new, now)
-            joined = True
-        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
-                             "addr": addr, "ollama_url": url, "joined": joined})
-
-    async def h_node_reject(self, request: Request, response: Response) -> None:
-        node_id, addr, url = await self._decide(request, "rejected")
-        node = self.nodes.pop(node_id, None)
-        if node is not None:
-            self.held_nodes[node_id] = node
-            self.admission._wake_waiters()
-        node = node or self.held_nodes.get(node_id)
-        if node is not None:
-            node.status, node.held_since = "rejected", time.time()
-            node.held_reason = "rejected by an operator"
-        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
-                             "addr": addr, "ollama_url": url})
 
     async def h_metrics(self, request: Request, response: Response) -> None:
         await response.send(
             200,
-            self.metrics.render(self.nodes.values(), self.admission.queues.values(),
+            self.metrics.render(self.fleet.nodes.values(), self.admission.queues.values(),
                                 self.active_requests).encode(),
             "text/plain; version=0.0.4; charset=utf-8",
         )
