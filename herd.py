@@ -3057,7 +3057,7 @@ class Admission:
         node = self.r.fleet.nodes.get(node_id)
         slots = 1
         if node is not None and kind in ("image", "stt"):
-            slots = self.r.capability_slots(node, kind, model)
+            slots = self.r.proxy.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
             slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
                                       self.r.policy, self.r.fleet.learned_slots(node_id, model))
@@ -3071,7 +3071,7 @@ class Admission:
         self, model: str, kind: str
     ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
         if kind in ("image", "stt"):
-            for node in self.r.capability_models(kind).get(model, []):
+            for node in self.r.proxy.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
         else:
             for node in self.r.fleet.nodes.values():
@@ -3599,7 +3599,7 @@ class Fleet:
                 "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
                 "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
                 "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
-                "requests_active": self.r.active_requests,
+                "requests_active": self.r.proxy.active_requests,
             },
             "nodes": nodes,
             "pending_nodes": self.held_public(now),
@@ -3929,6 +3929,919 @@ class Fleet:
                              "addr": addr, "ollama_url": url})
 
 
+class Proxy:
+    """Inference: prepare a request, choose (through Admission), try with retries and
+    fallbacks, relay the answer, write its trace; image and speech jobs. Owns the count of
+    requests in flight; reads the fleet and the counters through the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.active_requests = 0
+
+    async def h_inference(self, request: Request, response: Response) -> None:
+        kind, dialect = INFERENCE_PATHS[request.path]
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        # Forward the client's own bytes when herd changes nothing in the body (no herd
+        # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
+        pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
+                    and not has_herd_fields(body))
+        model_raw = self.r.model_of(body)
+        tags = extract_tags(body, request)
+        if request.key_id:
+            tags.append(request.key_id)
+        fallbacks = body.pop("fallback_models", None)
+        fallback_models = (
+            [f for f in fallbacks if isinstance(f, str)] if isinstance(fallbacks, list) else []
+        )
+        opt_out = body.pop("fallback", True) is False or (
+            request.header("x-herd-no-fallback") or ""
+        ).lower() in ("1", "true", "yes")
+        pinned = body.pop("node_id", None) or request.header("x-herd-node")
+        if pinned is not None and not isinstance(pinned, str):
+            raise HttpError(400, "node_id must be a string")
+        attempt = Attempt(
+            request_id=request.request_id,
+            kind=kind,
+            endpoint=request.path,
+            original_model=model_raw,
+            tags=tags,
+            client_ip=request.client_ip,
+            received_at=request.received_at,
+            started=time.monotonic(),
+        )
+        self.active_requests += 1
+        try:
+            if (
+                dialect == "native"
+                and request.path in ("/api/generate", "/api/chat")
+                and is_zero_keep_alive(body.get("keep_alive"))
+                and not body.get("prompt")
+                and not body.get("messages")
+            ):
+                await self.unload_everywhere(
+                    request, response, body, attempt, raw if pristine else None
+                )
+                return
+            await self.serve_routed(
+                request,
+                response,
+                body,
+                attempt,
+                fallback_models,
+                allow_vram_fallback=not opt_out,
+                pinned=pinned,
+                raw=raw if pristine else None,
+                raw_len=len(raw),
+            )
+        finally:
+            self.active_requests -= 1
+
+    async def unload_everywhere(
+        self, request: Request, response: Response, body: JSON, attempt: Attempt,
+        raw: bytes | None = None,
+    ) -> None:
+        """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
+        model = scoring.normalize_model(str(body["model"]))
+        holders = [n for n in self.r.fleet.healthy_nodes() if model in n.loaded_names()]
+        if not any(n.has_model(model) for n in self.r.fleet.healthy_nodes()):
+            raise self.r.model_not_found(f"'{body['model']}'")
+        payload = raw if raw is not None else dumps(body)
+
+        async def one(node: Node) -> None:
+            with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):
+                async with asyncio.timeout(30):
+                    up = await self.r.pool.request(
+                        node.url, "POST", request.path, upstream_headers(request), payload
+                    )
+                    await up.read()
+            await self.r.fleet.refresh_node(node)
+
+        await asyncio.gather(*(one(n) for n in holders))
+        out: JSON = {"model": body["model"], "created_at": rfc3339(time.time())}
+        if request.path == "/api/chat":
+            out["message"] = {"role": "assistant", "content": ""}
+        else:
+            out["response"] = ""
+        out.update({"done": True, "done_reason": "unload"})
+        await response.json(
+            out,
+            headers=[
+                ("x-herd-node", ",".join(n.node_id for n in holders)),
+                ("x-herd-model", str(body["model"])),
+                ("x-herd-retries", "0"),
+            ],
+        )
+        self.trace(attempt, status="completed", http_status=200, model=model)
+
+    async def serve_routed(
+        self,
+        request: Request,
+        response: Response,
+        body: JSON,
+        attempt: Attempt,
+        fallback_models: Sequence[str],
+        *,
+        allow_vram_fallback: bool,
+        pinned: str | None,
+        raw: bytes | None,
+        raw_len: int,
+    ) -> None:
+        """Route across the model chain (primary, then ``fallback_models``) with retries.
+
+        ``raw``: the client's body bytes, forwarded as they are while ``body`` is unchanged.
+        """
+        chain = scoring.fallback_chain(attempt.original_model, fallback_models)
+        est = estimate_tokens(body, raw_len)
+        vision = needs_vision(body)
+        first_error: HttpError | None = None
+        for index, model in enumerate(chain):
+            served_model = model
+            send_body = body
+            vram_fallback = bool(
+                allow_vram_fallback and self.r.settings.get("vram_fallback") and not pinned
+            )
+            protect = bool(self.r.settings.get("context_protection"))
+            # one fleet snapshot serves both pre-routing decisions for this model
+            snaps = self.r.fleet._snapshots(time.time()) if vram_fallback or protect else None
+            if snaps is not None and vram_fallback:
+                alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
+                if alt is not None:
+                    served_model, why = alt
+                    log.info(
+                        "request %s: vram fallback %s -> %s (%s)",
+                        attempt.request_id,
+                        model,
+                        served_model,
+                        why,
+                    )
+            if snaps is not None and protect:
+                decision = scoring.protect_context(
+                    served_model,
+                    requested_num_ctx(body),
+                    est,
+                    snaps,
+                    allow_upgrade=allow_vram_fallback,
+                )
+                if decision.action != "keep":
+                    log.debug(
+                        "request %s: context protection %s (%s)",
+                        attempt.request_id,
+                        decision.action,
+                        decision.reason,
+                    )
+                    send_body = apply_context_decision(send_body, decision)
+                    served_model = decision.model
+            if served_model != model or send_body is not body or index > 0:
+                send_body = dict(send_body)
+                send_body["model"] = (
+                    served_model if served_model != model or index > 0 else send_body.get("model")
+                )
+            attempt.fallback_used = index > 0 or served_model != model
+            payload = raw if raw is not None and send_body is body else dumps(send_body)
+            norm = scoring.normalize_model(served_model)
+            hit: scoring.AffinityEntry | None = None
+            attempt.affinity_key = None
+            if attempt.kind == "text" and not pinned:
+                keys, attempt.affinity_key = scoring.prefix_keys(
+                    norm, send_body.get("messages"), send_body.get("prompt"),
+                    send_body.get("system"), self.r.policy)
+                attempt.affinity_tokens = est
+                hit = scoring.affinity_lookup(keys, self.r.fleet.affinity, time.time(),
+                                              self.r.policy)
+            rreq = scoring.RouteRequest(
+                model=norm,
+                kind=attempt.kind,
+                est_tokens=est,
+                num_ctx=requested_num_ctx(send_body),
+                needs_vision=vision,
+                pinned_node=pinned,
+                cache_node=hit.node_id if hit is not None else None,
+                cached_tokens=min(est, hit.tokens) if hit is not None else 0,
+            )
+            try:
+                await self.route_with_retries(
+                    request, response, rreq, payload, attempt, served_model, snaps
+                )
+                return
+            except HttpError as exc:
+                if exc.kind != "unservable":
+                    raise
+                if exc.status == 404 and self.r.settings.get("auto_pull") and not pinned \
+                        and await self.r.model_admin.auto_pull(served_model, attempt):
+                    try:
+                        await self.route_with_retries(request, response, rreq, payload,
+                                                      attempt, served_model)
+                        return
+                    except HttpError as again:
+                        if again.kind != "unservable":
+                            raise
+                first_error = first_error or exc
+                continue
+        assert first_error is not None
+        self.trace(
+            attempt,
+            status="rejected" if first_error.status == 503 else "failed",
+            http_status=first_error.status,
+            error=first_error.message,
+        )
+        self.r.metrics.rejected += 1
+        raise first_error
+
+    def _unservable(
+        self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
+    ) -> HttpError:
+        anywhere = any(n.has_model(rreq.model) for n in self.r.fleet.nodes.values())
+        if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
+            return self.r.model_not_found(f"'{display}'", kind="unservable")
+        return HttpError(
+            503,
+            f"no node can serve '{display}' right now: {choice.reason}",
+            headers=[("retry-after", "5")],
+            kind="unservable",
+        )
+
+    async def route_with_retries(
+        self,
+        request: Request,
+        response: Response,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        served_model: str,
+        snaps: list[scoring.NodeSnapshot] | None = None,
+    ) -> None:
+        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        base_retries = attempt.retries  # retries spent on earlier models of the chain
+        while True:
+            if tried:
+                rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
+            try:
+                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq, snaps)
+                snaps = None
+            except asyncio.CancelledError:
+                self.trace(attempt, status="client_disconnected", http_status=0,
+                           error="client disconnected while queued", model=served_model,
+                           node_id="")
+                raise
+            except Rejected as rej:
+                if last is not None:  # every candidate failed: the client gets the last failure
+                    self.trace(
+                        attempt,
+                        status="failed",
+                        http_status=last.status,
+                        error=f"no node left to try: {last.message}",
+                        model=served_model,
+                        node_id="",
+                    )
+                    await self._send_failure(request, response, last, attempt)
+                    return
+                if rej.choice.retry_after_s is not None:
+                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
+                    self.trace(
+                        attempt,
+                        status="rejected",
+                        http_status=503,
+                        error=f"all nodes are busy: {rej.message}",
+                        choice=rej.choice,
+                        model=served_model,
+                    )
+                    self.r.metrics.rejected += 1
+                    raise HttpError(
+                        503,
+                        f"all nodes are busy: {rej.message}",
+                        headers=[("retry-after", str(retry_after))],
+                    ) from None
+                raise self._unservable(rreq, rej.choice, served_model) from None
+            attempt.queue_ms += queue_ms
+            attempt.dispatch_k = queue.in_flight
+            attempt.dispatch_mono = time.monotonic()
+            attempt.dispatch_hot = (rreq.model in node.loaded_names()
+                                    and rreq.model not in node.loading)
+            attempt.node_id = node.node_id
+            attempt.served_model = served_model
+            attempt.retries = base_retries + len(tried)  # one failed node per attempt
+            if tried:
+                self.r.metrics.retries += 1
+            ok = False
+            try:
+                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+                ok = True
+                return
+            except UpstreamFailure as fail:
+                now = time.time()
+                self.r.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
+                decision = scoring.retry_decision(len(tried), fail.kind, False, self.r.policy)
+                tried.add(node.node_id)
+                last = fail
+                self.trace(
+                    attempt,
+                    status="retried" if decision.retry else "failed",
+                    http_status=fail.status if not decision.retry else 0,
+                    error=fail.message,
+                    choice=choice,
+                    model=served_model,
+                    node_id=node.node_id,
+                )
+                if not decision.retry:
+                    await self._send_failure(request, response, fail, attempt)
+                    return
+                log.warning(
+                    "request %s: %s failed before first byte (%s); retrying",
+                    attempt.request_id,
+                    node.node_id,
+                    fail.message,
+                )
+            finally:
+                self.r.admission.release(queue, ok)
+
+    async def _send_failure(
+        self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt
+    ) -> None:
+        headers = [
+            ("x-herd-node", attempt.node_id),
+            ("x-herd-retries", str(attempt.retries)),
+            ("x-herd-model", attempt.served_model),
+        ]
+        if attempt.retries and is_openai_path(request.path):
+            # herd already tried other nodes: an SDK retrying on top multiplies the attempts
+            headers.append(("x-should-retry", "false"))
+        if fail.body and fail.status >= 400:
+            ctype = header_value(fail.headers, b"content-type") or "application/json"
+            await response.send(fail.status, fail.body, ctype, headers)
+            return
+        status = 504 if fail.kind == "timeout_first_byte" else 502
+        raise HttpError(status, fail.message, headers=headers)
+
+    def upstream_request_headers(self, request: Request) -> Headers:
+        hdrs = upstream_headers(request)
+        if self.r.config.api_keys:  # herd's own keys are never forwarded to nodes
+            hdrs = [(k, v) for k, v in hdrs if k not in (b"authorization", b"x-api-key")]
+        return [(k, v) for k, v in hdrs if k not in (b"content-type",)] + [
+            (b"content-type", b"application/json")
+        ]
+
+    async def attempt_on(
+        self,
+        request: Request,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        choice: scoring.Choice,
+    ) -> None:
+        """One attempt: raises UpstreamFailure when nothing reached the client yet."""
+        try:
+            timeout = self.r.config.first_byte_timeout_s
+            up = await self.r.pool.request(
+                node.url,
+                "POST",
+                request.target,
+                self.upstream_request_headers(request),
+                payload,
+                head_timeout=timeout,
+            )
+            if not 200 <= up.status < 400:
+                broken = ""
+                try:
+                    data = await up.read(limit=MiB, idle_timeout=10)
+                except (ConnectionClosed, TimeoutError) as exc:
+                    data, broken = b"", str(exc) or "no body within 10s"
+                verdict = scoring.classify_answer(
+                    up.status, data, node_lists_model=node.has_model(rreq.model)
+                )
+                if broken and not verdict.node_fault:
+                    raise UpstreamFailure(
+                        "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
+                    )
+                if verdict.kind == "model_not_found":
+                    # the node lost the model since its last report: refresh it, try elsewhere
+                    self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
+                    raise UpstreamFailure(
+                        "model_not_found",
+                        f"node {node.node_id} no longer has {rreq.model}",
+                        status=404,
+                        body=data,
+                        headers=up.headers,
+                    )
+                if verdict.node_fault:
+                    raise UpstreamFailure(
+                        verdict.kind,
+                        f"node {node.node_id} answered {up.status}: {error_text(data)}",
+                        status=up.status,
+                        body=data,
+                        headers=up.headers,
+                    )
+                # the client's own error: any node would answer the same; relay it as is
+                await self._relay_response(
+                    up, response, node, rreq, attempt, choice, first=data, complete=True
+                )
+                return
+            chunks = up.chunks(self.r.config.stall_timeout_s, first_timeout=timeout)
+            try:
+                first = await anext(chunks, b"")
+            except TimeoutError:
+                up.close()
+                raise UpstreamFailure(
+                    "timeout_first_byte",
+                    f"node {node.node_id} sent no body within {timeout:g}s",
+                    status=504,
+                ) from None
+            except ConnectionClosed as exc:
+                raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
+            await self._relay_response(
+                up, response, node, rreq, attempt, choice, first=first, chunks=chunks
+            )
+        except asyncio.CancelledError:
+            if not response.headers_sent:  # (once relaying, the relay traces it)
+                self.trace(attempt, status="client_disconnected", http_status=0,
+                           error="client disconnected before the node answered",
+                           choice=choice, model=attempt.served_model, node_id=node.node_id)
+            raise
+
+    async def _relay_response(
+        self,
+        up: UpstreamResponse,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        attempt: Attempt,
+        choice: scoring.Choice,
+        *,
+        first: bytes,
+        chunks: AsyncIterator[bytes] | None = None,
+        complete: bool = False,
+    ) -> None:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        if complete:
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(len(first)).encode()))
+        headers += [
+            (b"x-herd-node", node.node_id.encode()),
+            (b"x-herd-model", attempt.served_model.encode()),
+            (b"x-herd-retries", str(attempt.retries).encode()),
+            (b"x-request-id", attempt.request_id.encode()),
+        ]
+        framing = framing_of(up.header("content-type"))
+        relay = LineRelay(framing)
+        raw_body = bytearray()
+        first_at: float | None = None
+        status, error = "completed", ""
+        try:
+            await response.start(up.status, headers)
+            out = relay.feed(first)
+            if framing == "raw" and len(raw_body) < 4 * MiB:
+                raw_body += first
+            if out:
+                await response.write(out)
+                first_at = time.monotonic()
+            if chunks is not None:
+                try:
+                    async for chunk in chunks:
+                        out = relay.feed(chunk)
+                        if framing == "raw" and len(raw_body) < 4 * MiB:
+                            raw_body += chunk
+                        if out:
+                            await response.write(out)
+                            if first_at is None:
+                                first_at = time.monotonic()
+                    tail = relay.tail()
+                    if tail:
+                        await response.write(tail)
+                except TimeoutError:
+                    up.close()
+                    status = "reaped"
+                    error = (
+                        f"node {node.node_id} made no progress for "
+                        f"{self.r.config.stall_timeout_s:g}s; request reaped"
+                    )
+                    self.r.metrics.reaped += 1
+                except ConnectionClosed as exc:
+                    status = "incomplete"
+                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
+                if status != "completed":
+                    record = midstream_error_record(framing, error)
+                    if not record or up.header("content-length"):
+                        raise ClientGone(error)  # a sized body cannot be ended cleanly
+                    await response.write(record)
+            await response.end()  # the client has everything; bookkeeping comes after
+        except (ClientGone, asyncio.CancelledError) as exc:
+            up.close()
+            if status == "completed" or isinstance(exc, asyncio.CancelledError):
+                status, error = "client_disconnected", "client disconnected"
+            self._finish(
+                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
+            )
+            raise
+        self._finish(
+            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
+        )
+
+    def _finish(
+        self,
+        attempt: Attempt,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        choice: scoring.Choice,
+        status: str,
+        http_status: int,
+        error: str,
+        first_at: float | None,
+        relay: LineRelay,
+        raw_body: bytearray,
+    ) -> None:
+        now = time.time()
+        final = relay.final_object()
+        if final is None and raw_body:
+            with contextlib.suppress(ValueError):
+                obj = json.loads(bytes(raw_body))
+                final = obj if isinstance(obj, dict) else None
+        m = metrics_from_final(final)
+        ok = status == "completed" and http_status < 400
+        total_ms = (time.monotonic() - attempt.started) * 1000
+        ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
+        if ok:
+            self.r.fleet.breaker_success(node.node_id, rreq.model, now)
+            self.r.mark_loaded(node, rreq.model, rreq.num_ctx, now)
+        elif status in ("incomplete", "reaped"):
+            self.r.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
+        if status != "client_disconnected" and http_status < 400:
+            obs = scoring.Observation(
+                ok=ok,
+                load_ms=m["load_ms"] or 0.0,
+                prompt_tokens=m["prompt_tokens"] or 0,
+                prompt_eval_ms=m["prompt_eval_ms"] or 0.0,
+                completion_tokens=m["completion_tokens"] or 0,
+                eval_ms=m["eval_ms"] or 0.0,
+                ttft_ms=ttft_ms,
+                total_ms=total_ms,
+            )
+            key = (node.node_id, rreq.model)
+            stats = self.r.fleet.stats
+            stats[key] = scoring.observe(stats.get(key), obs, self.r.policy)
+            if ok:
+                self.r.fleet.learn_timings(attempt, node.node_id, rreq.model, final, m)
+        if ok and attempt.affinity_key is not None:
+            self.r.fleet.remember_prefix(attempt.affinity_key, node.node_id,
+                                 attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
+        if status == "completed" and http_status >= 400:
+            # a relayed error answer (the client's own 4xx): keep the text the client got
+            status = scoring.classify_answer(http_status).trace_status
+            error = error or error_text(bytes(raw_body))
+        self.trace(
+            attempt,
+            status=status,
+            http_status=http_status,
+            error=error,
+            choice=choice,
+            model=attempt.served_model,
+            node_id=node.node_id,
+            ttft_ms=ttft_ms,
+            metrics=m,
+        )
+
+    def trace(
+        self,
+        attempt: Attempt,
+        *,
+        status: str,
+        http_status: int,
+        error: str = "",
+        choice: scoring.Choice | None = None,
+        model: str | None = None,
+        node_id: str | None = None,
+        ttft_ms: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        latency_ms = (time.monotonic() - attempt.started) * 1000
+        m = metrics or {}
+        winner = choice.winner if choice is not None else None
+        rec = store.TraceRecord(
+            request_id=attempt.request_id,
+            timestamp=attempt.received_at,
+            kind=attempt.kind,
+            endpoint=attempt.endpoint,
+            model=scoring.normalize_model(model or attempt.served_model or attempt.original_model),
+            original_model=attempt.original_model,
+            node_id=node_id if node_id is not None else attempt.node_id,
+            score=winner.total if winner is not None else None,
+            scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
+            status=status,
+            http_status=http_status,
+            error_message=error if len(error) <= TRACE_ERROR_MAX
+            else error[: TRACE_ERROR_MAX - 1] + "\u2026",
+            latency_ms=latency_ms,
+            time_to_first_token_ms=ttft_ms,
+            queue_ms=attempt.queue_ms,
+            prompt_tokens=m.get("prompt_tokens"),
+            completion_tokens=m.get("completion_tokens"),
+            load_ms=m.get("load_ms"),
+            prompt_eval_ms=m.get("prompt_eval_ms"),
+            eval_ms=m.get("eval_ms"),
+            retry_count=attempt.retries,
+            fallback_used=attempt.fallback_used,
+            tags=list(attempt.tags),
+            client_ip=attempt.client_ip,
+        )
+        self.r.store.record_trace(rec)
+        if status != "retried":
+            self.r.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
+            if attempt.fallback_used:
+                self.r.metrics.fallbacks += 1
+        log.info(
+            "%s %s %s model=%s node=%s status=%s http=%s retries=%d %.0fms%s",
+            attempt.request_id,
+            attempt.kind,
+            attempt.endpoint,
+            rec.model,
+            rec.node_id,
+            status,
+            http_status,
+            attempt.retries,
+            latency_ms,
+            f" error={error}" if error else "",
+            extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
+        )
+
+    def capability_models(self, kind: str) -> dict[str, list[Node]]:
+        """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
+        out: dict[str, list[Node]] = {}
+        for node in self.r.fleet.healthy_nodes():
+            url = node.capabilities.get("service_url")
+            if not isinstance(url, str) or not url:
+                continue
+            for entry in node.capabilities.get(kind) or []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    out.setdefault(scoring.normalize_model(entry["name"]), []).append(node)
+        return out
+
+    def capability_slots(self, node: Node, kind: str, model: str) -> int:
+        for entry in node.capabilities.get(kind) or []:
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
+                    and scoring.normalize_model(entry["name"]) == model:
+                slots = entry.get("slots")
+                if isinstance(slots, int) and 0 < slots <= 64:
+                    return slots
+        return 1  # agents run one job per backend at a time
+
+    def resolve_capability_model(self, kind: str, requested: str | None) -> str:
+        toggle = "image_generation" if kind == "image" else "transcription"
+        if not self.r.settings.get(toggle):
+            raise HttpError(503, f"{toggle.replace('_', ' ')} is disabled on this router; enable "
+                                 f"it with POST /dashboard/api/settings {{\"{toggle}\": true}}")
+        models = self.capability_models(kind)
+        if not models:
+            what = "image generation" if kind == "image" else "speech-to-text"
+            raise HttpError(503, f"no online node offers {what}; run herd-node with a "
+                                 f"{'image' if kind == 'image' else 'transcription'} backend")
+        if not requested:
+            return sorted(models, key=lambda m: -len(models[m]))[0]
+        name = scoring.normalize_model(requested)
+        if name not in models:
+            raise HttpError(404, f"model '{requested}' not found; available "
+                                 f"{'image' if kind == 'image' else 'speech-to-text'} models: "
+                                 f"{', '.join(sorted(models))}")
+        return name
+
+    async def capability_call(
+        self, request: Request, kind: str, model: str, path: str,
+        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
+    ) -> tuple[UpstreamResponse, Node]:
+        """Route an image/STT job; retries before any byte of a streamed body is spent."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        while True:
+            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
+            try:
+                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq)
+            except Rejected as rej:
+                if last is not None:  # retried already: the SDK should not multiply it
+                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
+                    raise HttpError(502, last.message, headers=no_retry) from None
+                retry = rej.choice.retry_after_s
+                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
+                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
+                                ) from None
+            attempt.queue_ms += queue_ms
+            attempt.node_id, attempt.served_model = node.node_id, model
+            attempt.retries = len(tried)
+            base = str(node.capabilities.get("service_url"))
+            ok = False
+            try:
+                up = await self.r.pool.request(base, "POST", path, headers, body,
+                                             head_timeout=self.r.config.first_byte_timeout_s)
+                if up.status >= 500:
+                    data = await up.read(limit=MiB, idle_timeout=10)
+                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
+                                          f"{up.status}: {error_text(data)}",
+                                          status=up.status, body=data, headers=up.headers)
+                ok = not scoring.classify_answer(up.status).node_fault
+                self.r.fleet.breaker_success(node.node_id, model, time.time())
+                return up, node
+            except UpstreamFailure as fail:
+                self.r.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
+                streamed = not isinstance(body, bytes) and fail.kind != "connect"
+                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.r.policy)
+                self.trace(attempt, status="retried" if decision.retry else "failed",
+                           http_status=0 if decision.retry else fail.status,
+                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
+                if not decision.retry:
+                    raise HttpError(fail.status if fail.status >= 400 else 502,
+                                    fail.message) from None
+                tried.add(node.node_id)
+                last = fail
+            finally:
+                self.r.admission.release(queue, ok)
+
+    def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
+        return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
+                       original_model=model, tags=[t for t in [request.key_id] if t],
+                       client_ip=request.client_ip, received_at=request.received_at,
+                       started=time.monotonic())
+
+    async def h_generate_image(self, request: Request, response: Response) -> None:
+        body = await request.json(4 * MiB)
+        requested = body.get("model")
+        if requested is not None and not isinstance(requested, str):
+            raise HttpError(400, "model must be a string")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HttpError(400, "prompt is required")
+        for key in ("width", "height", "steps", "seed"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 1 << 31):
+                raise HttpError(400, f"{key} must be a non-negative integer")
+        model = self.resolve_capability_model("image", requested)
+        attempt = self.capability_attempt(request, "image", model)
+        body["model"] = model
+        up, node = await self.capability_call(
+            request, "image", model, "/api/generate-image", dumps(body),
+            [(b"content-type", b"application/json")], attempt)
+        await self.finish_capability(up, node, response, attempt, model)
+
+    async def h_v1_images(self, request: Request, response: Response) -> None:
+        body = await request.json(4 * MiB)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HttpError(400, "prompt is required")
+        requested = body.get("model")
+        model = self.resolve_capability_model(
+            "image", requested if isinstance(requested, str) else None)
+        size = str(body.get("size") or "1024x1024")
+        try:
+            width, height = (int(x) for x in size.lower().split("x", 1))
+        except ValueError:
+            raise HttpError(400, f"size must look like 1024x1024, got {size!r}") from None
+        if body.get("response_format") == "url":
+            raise HttpError(400, "response_format 'url' is not supported; use 'b64_json'")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or not 1 <= n <= 4:
+            raise HttpError(400, "n must be between 1 and 4")
+        attempt = self.capability_attempt(request, "image", model)
+        images: list[JSON] = []
+        node_ids: list[str] = []
+        for i in range(n):
+            job = {"model": model, "prompt": prompt, "width": width, "height": height}
+            if isinstance(body.get("seed"), int):
+                job["seed"] = int(body["seed"]) + i
+            up, node = await self.capability_call(
+                request, "image", model, "/api/generate-image", dumps(job),
+                [(b"content-type", b"application/json")], attempt)
+            data = await up.read(limit=256 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+            if up.status >= 400:
+                message = error_text(data, 500)
+                await response.send(up.status, error_body(request.path, up.status, message),
+                                    "application/json")
+                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                           http_status=up.status, error=message, model=model)
+                return
+            images.append({"b64_json": base64.b64encode(data).decode(),
+                           "revised_prompt": prompt})
+            node_ids.append(node.node_id)
+        await response.json({"created": int(time.time()), "data": images},
+                            headers=[("x-herd-node", ",".join(node_ids)),
+                                     ("x-herd-model", model),
+                                     ("x-herd-retries", str(attempt.retries))])
+        self.trace(attempt, status="completed", http_status=200, model=model)
+
+    async def multipart_prefix(self, request: Request, limit: int
+                               ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
+        """Read just enough of a multipart body to learn its small fields (model, language,
+        response_format…) that clients send before the file; the rest stays a stream."""
+        ctype = request.header("content-type") or ""
+        if "multipart/form-data" not in ctype.lower() or "boundary=" not in ctype:
+            raise HttpError(400, "expected multipart/form-data with an 'audio' (or 'file') part")
+        boundary = ctype.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
+        chunks = request.body_chunks(limit)
+        prefix = bytearray()
+        async for chunk in chunks:
+            prefix += chunk
+            if b"filename=" in prefix or len(prefix) > 256 * 1024:
+                break
+        fields: dict[str, str] = {}
+        has_file = False
+        for part in bytes(prefix).split(b"--" + boundary):
+            head, sep, value = part.partition(b"\r\n\r\n")
+            if not sep:
+                continue
+            head_text = head.decode("utf-8", "replace")
+            if "filename=" in head_text:
+                has_file = has_file or 'name="audio"' in head_text or 'name="file"' in head_text
+                continue
+            if 'name="' in head_text and value.endswith(b"\r\n"):
+                name = head_text.split('name="', 1)[1].split('"', 1)[0]
+                fields[name] = value[:-2].decode("utf-8", "replace")[:256]
+        if not has_file and request.body_consumed:
+            raise HttpError(400, "multipart body has no 'audio' (or 'file') part")
+
+        async def rest() -> AsyncIterator[bytes]:
+            yield bytes(prefix)
+            async for chunk in chunks:
+                yield chunk
+
+        return fields, bytes(prefix), rest()
+
+    async def h_transcribe(self, request: Request, response: Response) -> None:
+        fields, _, body = await self.multipart_prefix(request, self.r.limits.max_upload_bytes)
+        requested = request.query.get("model") or fields.get("model")
+        model = self.resolve_capability_model("stt", requested)
+        attempt = self.capability_attempt(request, "stt", model)
+        headers = [(b"content-type", (request.header("content-type") or "").encode())]
+        up, node = await self.capability_call(request, "stt", model,
+                                              f"/api/transcribe?model={model}", body, headers,
+                                              attempt)
+        await self.finish_capability(up, node, response, attempt, model)
+
+    async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
+        fields, _, body = await self.multipart_prefix(request, self.r.limits.max_upload_bytes)
+        model = self.resolve_capability_model("stt", fields.get("model") or None)
+        fmt = fields.get("response_format", "json")
+        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
+            raise HttpError(400, f"unsupported response_format {fmt!r}")
+        attempt = self.capability_attempt(request, "stt", model)
+        headers = [(b"content-type", (request.header("content-type") or "").encode())]
+        up, node = await self.capability_call(request, "stt", model,
+                                              f"/api/transcribe?model={model}", body, headers,
+                                              attempt)
+        data = await up.read(limit=64 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+        herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
+                        ("x-herd-retries", str(attempt.retries))]
+        if up.status >= 400:
+            message = error_text(data, 500)
+            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                       http_status=up.status, error=message, model=model)
+            await response.send(up.status, error_body(request.path, up.status, message),
+                                "application/json", herd_headers)
+            return
+        result = json.loads(data)
+        text = str(result.get("text") or "")
+        chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
+        self.trace(attempt, status="completed", http_status=200, model=model)
+        if fmt == "text":
+            await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
+        elif fmt in ("srt", "vtt"):
+            await response.send(200, subtitles(chunks, fmt).encode(), "text/plain; charset=utf-8",
+                                herd_headers)
+        elif fmt == "verbose_json":
+            end = max((float(c.get("end") or 0) for c in chunks), default=0.0)
+            await response.json({"task": "transcribe", "language": result.get("language"),
+                                 "duration": end, "text": text,
+                                 "segments": [{"id": i, "start": c.get("start"),
+                                               "end": c.get("end"), "text": c.get("text")}
+                                              for i, c in enumerate(chunks)]},
+                                headers=herd_headers)
+        else:
+            await response.json({"text": text}, headers=herd_headers)
+
+    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
+                                attempt: Attempt, model: str) -> None:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
+                    (b"x-herd-retries", str(attempt.retries).encode())]
+        await response.start(up.status, headers)
+        head = bytearray()  # the start of an error answer, for its trace
+        try:
+            async for chunk in up.chunks(self.r.config.stall_timeout_s):
+                if up.status >= 400 and len(head) < 64 * 1024:
+                    head += chunk
+                await response.write(chunk)
+        except (ConnectionClosed, TimeoutError) as exc:
+            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
+                       model=model)
+            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
+        except ClientGone:
+            up.close()
+            self.trace(attempt, status="client_disconnected", http_status=up.status,
+                       model=model)
+            raise
+        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                   http_status=up.status, error=error_text(bytes(head)), model=model)
+
+
 # =======================================================================================
 # The router
 # =======================================================================================
@@ -3947,13 +4860,13 @@ class Router:
         self.store = store.Store(config.data_dir, retention_days=config.retention_days)
         self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
         self.metrics = Metrics()
-        self.active_requests = 0
         self.server = HttpServer(self.dispatch, self.limits, self.render_error)
         self.address: tuple[str, int] = ("", 0)
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(self)
         self.fleet = Fleet(self, on_change=self.admission._wake_waiters)
+        self.proxy = Proxy(self)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -4107,11 +5020,11 @@ class Router:
             "/metrics": {"GET": self.h_metrics},
         }
         for path in INFERENCE_PATHS:
-            r[path] = {"POST": self.h_inference}
-        r["/api/generate-image"] = {"POST": self.h_generate_image}
-        r["/v1/images/generations"] = {"POST": self.h_v1_images}
-        r["/api/transcribe"] = {"POST": self.h_transcribe}
-        r["/v1/audio/transcriptions"] = {"POST": self.h_v1_transcriptions}
+            r[path] = {"POST": self.proxy.h_inference}
+        r["/api/generate-image"] = {"POST": self.proxy.h_generate_image}
+        r["/v1/images/generations"] = {"POST": self.proxy.h_v1_images}
+        r["/api/transcribe"] = {"POST": self.proxy.h_transcribe}
+        r["/v1/audio/transcriptions"] = {"POST": self.proxy.h_v1_transcriptions}
         return r
 
     async def dispatch(self, request: Request, response: Response) -> None:
@@ -4221,7 +5134,7 @@ class Router:
             "router_id": self.router_id,
             "fleet_id": self.config.fleet_id,
             "nodes_online": sum(1 for n in self.fleet.nodes.values() if n.status == "online"),
-            "requests_active": self.active_requests,
+            "requests_active": self.proxy.active_requests,
         }
         headers = [("cache-control", "no-store")]
         if self.draining:
@@ -4324,215 +5237,6 @@ class Router:
 
     # ---------------------------------------------------------------- inference -----------
 
-    async def h_inference(self, request: Request, response: Response) -> None:
-        kind, dialect = INFERENCE_PATHS[request.path]
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        # Forward the client's own bytes when herd changes nothing in the body (no herd
-        # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
-        pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
-                    and not has_herd_fields(body))
-        model_raw = self.model_of(body)
-        tags = extract_tags(body, request)
-        if request.key_id:
-            tags.append(request.key_id)
-        fallbacks = body.pop("fallback_models", None)
-        fallback_models = (
-            [f for f in fallbacks if isinstance(f, str)] if isinstance(fallbacks, list) else []
-        )
-        opt_out = body.pop("fallback", True) is False or (
-            request.header("x-herd-no-fallback") or ""
-        ).lower() in ("1", "true", "yes")
-        pinned = body.pop("node_id", None) or request.header("x-herd-node")
-        if pinned is not None and not isinstance(pinned, str):
-            raise HttpError(400, "node_id must be a string")
-        attempt = Attempt(
-            request_id=request.request_id,
-            kind=kind,
-            endpoint=request.path,
-            original_model=model_raw,
-            tags=tags,
-            client_ip=request.client_ip,
-            received_at=request.received_at,
-            started=time.monotonic(),
-        )
-        self.active_requests += 1
-        try:
-            if (
-                dialect == "native"
-                and request.path in ("/api/generate", "/api/chat")
-                and is_zero_keep_alive(body.get("keep_alive"))
-                and not body.get("prompt")
-                and not body.get("messages")
-            ):
-                await self.unload_everywhere(
-                    request, response, body, attempt, raw if pristine else None
-                )
-                return
-            await self.serve_routed(
-                request,
-                response,
-                body,
-                attempt,
-                fallback_models,
-                allow_vram_fallback=not opt_out,
-                pinned=pinned,
-                raw=raw if pristine else None,
-                raw_len=len(raw),
-            )
-        finally:
-            self.active_requests -= 1
-
-    async def unload_everywhere(
-        self, request: Request, response: Response, body: JSON, attempt: Attempt,
-        raw: bytes | None = None,
-    ) -> None:
-        """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
-        model = scoring.normalize_model(str(body["model"]))
-        holders = [n for n in self.fleet.healthy_nodes() if model in n.loaded_names()]
-        if not any(n.has_model(model) for n in self.fleet.healthy_nodes()):
-            raise self.model_not_found(f"'{body['model']}'")
-        payload = raw if raw is not None else dumps(body)
-
-        async def one(node: Node) -> None:
-            with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):
-                async with asyncio.timeout(30):
-                    up = await self.pool.request(
-                        node.url, "POST", request.path, upstream_headers(request), payload
-                    )
-                    await up.read()
-            await self.fleet.refresh_node(node)
-
-        await asyncio.gather(*(one(n) for n in holders))
-        out: JSON = {"model": body["model"], "created_at": rfc3339(time.time())}
-        if request.path == "/api/chat":
-            out["message"] = {"role": "assistant", "content": ""}
-        else:
-            out["response"] = ""
-        out.update({"done": True, "done_reason": "unload"})
-        await response.json(
-            out,
-            headers=[
-                ("x-herd-node", ",".join(n.node_id for n in holders)),
-                ("x-herd-model", str(body["model"])),
-                ("x-herd-retries", "0"),
-            ],
-        )
-        self.trace(attempt, status="completed", http_status=200, model=model)
-
-    async def serve_routed(
-        self,
-        request: Request,
-        response: Response,
-        body: JSON,
-        attempt: Attempt,
-        fallback_models: Sequence[str],
-        *,
-        allow_vram_fallback: bool,
-        pinned: str | None,
-        raw: bytes | None,
-        raw_len: int,
-    ) -> None:
-        """Route across the model chain (primary, then ``fallback_models``) with retries.
-
-        ``raw``: the client's body bytes, forwarded as they are while ``body`` is unchanged.
-        """
-        chain = scoring.fallback_chain(attempt.original_model, fallback_models)
-        est = estimate_tokens(body, raw_len)
-        vision = needs_vision(body)
-        first_error: HttpError | None = None
-        for index, model in enumerate(chain):
-            served_model = model
-            send_body = body
-            vram_fallback = bool(
-                allow_vram_fallback and self.settings.get("vram_fallback") and not pinned
-            )
-            protect = bool(self.settings.get("context_protection"))
-            # one fleet snapshot serves both pre-routing decisions for this model
-            snaps = self.fleet._snapshots(time.time()) if vram_fallback or protect else None
-            if snaps is not None and vram_fallback:
-                alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
-                if alt is not None:
-                    served_model, why = alt
-                    log.info(
-                        "request %s: vram fallback %s -> %s (%s)",
-                        attempt.request_id,
-                        model,
-                        served_model,
-                        why,
-                    )
-            if snaps is not None and protect:
-                decision = scoring.protect_context(
-                    served_model,
-                    requested_num_ctx(body),
-                    est,
-                    snaps,
-                    allow_upgrade=allow_vram_fallback,
-                )
-                if decision.action != "keep":
-                    log.debug(
-                        "request %s: context protection %s (%s)",
-                        attempt.request_id,
-                        decision.action,
-                        decision.reason,
-                    )
-                    send_body = apply_context_decision(send_body, decision)
-                    served_model = decision.model
-            if served_model != model or send_body is not body or index > 0:
-                send_body = dict(send_body)
-                send_body["model"] = (
-                    served_model if served_model != model or index > 0 else send_body.get("model")
-                )
-            attempt.fallback_used = index > 0 or served_model != model
-            payload = raw if raw is not None and send_body is body else dumps(send_body)
-            norm = scoring.normalize_model(served_model)
-            hit: scoring.AffinityEntry | None = None
-            attempt.affinity_key = None
-            if attempt.kind == "text" and not pinned:
-                keys, attempt.affinity_key = scoring.prefix_keys(
-                    norm, send_body.get("messages"), send_body.get("prompt"),
-                    send_body.get("system"), self.policy)
-                attempt.affinity_tokens = est
-                hit = scoring.affinity_lookup(keys, self.fleet.affinity, time.time(), self.policy)
-            rreq = scoring.RouteRequest(
-                model=norm,
-                kind=attempt.kind,
-                est_tokens=est,
-                num_ctx=requested_num_ctx(send_body),
-                needs_vision=vision,
-                pinned_node=pinned,
-                cache_node=hit.node_id if hit is not None else None,
-                cached_tokens=min(est, hit.tokens) if hit is not None else 0,
-            )
-            try:
-                await self.route_with_retries(
-                    request, response, rreq, payload, attempt, served_model, snaps
-                )
-                return
-            except HttpError as exc:
-                if exc.kind != "unservable":
-                    raise
-                if exc.status == 404 and self.settings.get("auto_pull") and not pinned \
-                        and await self.model_admin.auto_pull(served_model, attempt):
-                    try:
-                        await self.route_with_retries(request, response, rreq, payload,
-                                                      attempt, served_model)
-                        return
-                    except HttpError as again:
-                        if again.kind != "unservable":
-                            raise
-                first_error = first_error or exc
-                continue
-        assert first_error is not None
-        self.trace(
-            attempt,
-            status="rejected" if first_error.status == 503 else "failed",
-            http_status=first_error.status,
-            error=first_error.message,
-        )
-        self.metrics.rejected += 1
-        raise first_error
-
     def model_not_found(self, quoted: str, *, kind: str | None = None) -> HttpError:
         """404 for a model no node has; with no node online, say that the fleet is empty
         (that is why, and the fix is not a pull)."""
@@ -4540,360 +5244,6 @@ class Router:
         if not self.fleet.healthy_nodes():
             message += f"; {EMPTY_FLEET}"
         return HttpError(404, message, kind=kind)
-
-    def _unservable(
-        self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
-    ) -> HttpError:
-        anywhere = any(n.has_model(rreq.model) for n in self.fleet.nodes.values())
-        if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
-            return self.model_not_found(f"'{display}'", kind="unservable")
-        return HttpError(
-            503,
-            f"no node can serve '{display}' right now: {choice.reason}",
-            headers=[("retry-after", "5")],
-            kind="unservable",
-        )
-
-    async def route_with_retries(
-        self,
-        request: Request,
-        response: Response,
-        rreq: scoring.RouteRequest,
-        payload: bytes,
-        attempt: Attempt,
-        served_model: str,
-        snaps: list[scoring.NodeSnapshot] | None = None,
-    ) -> None:
-        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
-        tried: set[str] = set()
-        last: UpstreamFailure | None = None
-        base_retries = attempt.retries  # retries spent on earlier models of the chain
-        while True:
-            if tried:
-                rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.admission.acquire(rreq, snaps)
-                snaps = None
-            except asyncio.CancelledError:
-                self.trace(attempt, status="client_disconnected", http_status=0,
-                           error="client disconnected while queued", model=served_model,
-                           node_id="")
-                raise
-            except Rejected as rej:
-                if last is not None:  # every candidate failed: the client gets the last failure
-                    self.trace(
-                        attempt,
-                        status="failed",
-                        http_status=last.status,
-                        error=f"no node left to try: {last.message}",
-                        model=served_model,
-                        node_id="",
-                    )
-                    await self._send_failure(request, response, last, attempt)
-                    return
-                if rej.choice.retry_after_s is not None:
-                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
-                    self.trace(
-                        attempt,
-                        status="rejected",
-                        http_status=503,
-                        error=f"all nodes are busy: {rej.message}",
-                        choice=rej.choice,
-                        model=served_model,
-                    )
-                    self.metrics.rejected += 1
-                    raise HttpError(
-                        503,
-                        f"all nodes are busy: {rej.message}",
-                        headers=[("retry-after", str(retry_after))],
-                    ) from None
-                raise self._unservable(rreq, rej.choice, served_model) from None
-            attempt.queue_ms += queue_ms
-            attempt.dispatch_k = queue.in_flight
-            attempt.dispatch_mono = time.monotonic()
-            attempt.dispatch_hot = (rreq.model in node.loaded_names()
-                                    and rreq.model not in node.loading)
-            attempt.node_id = node.node_id
-            attempt.served_model = served_model
-            attempt.retries = base_retries + len(tried)  # one failed node per attempt
-            if tried:
-                self.metrics.retries += 1
-            ok = False
-            try:
-                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
-                ok = True
-                return
-            except UpstreamFailure as fail:
-                now = time.time()
-                self.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
-                decision = scoring.retry_decision(len(tried), fail.kind, False, self.policy)
-                tried.add(node.node_id)
-                last = fail
-                self.trace(
-                    attempt,
-                    status="retried" if decision.retry else "failed",
-                    http_status=fail.status if not decision.retry else 0,
-                    error=fail.message,
-                    choice=choice,
-                    model=served_model,
-                    node_id=node.node_id,
-                )
-                if not decision.retry:
-                    await self._send_failure(request, response, fail, attempt)
-                    return
-                log.warning(
-                    "request %s: %s failed before first byte (%s); retrying",
-                    attempt.request_id,
-                    node.node_id,
-                    fail.message,
-                )
-            finally:
-                self.admission.release(queue, ok)
-
-    async def _send_failure(
-        self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt
-    ) -> None:
-        headers = [
-            ("x-herd-node", attempt.node_id),
-            ("x-herd-retries", str(attempt.retries)),
-            ("x-herd-model", attempt.served_model),
-        ]
-        if attempt.retries and is_openai_path(request.path):
-            # herd already tried other nodes: an SDK retrying on top multiplies the attempts
-            headers.append(("x-should-retry", "false"))
-        if fail.body and fail.status >= 400:
-            ctype = header_value(fail.headers, b"content-type") or "application/json"
-            await response.send(fail.status, fail.body, ctype, headers)
-            return
-        status = 504 if fail.kind == "timeout_first_byte" else 502
-        raise HttpError(status, fail.message, headers=headers)
-
-    def upstream_request_headers(self, request: Request) -> Headers:
-        hdrs = upstream_headers(request)
-        if self.config.api_keys:  # herd's own keys are never forwarded to nodes
-            hdrs = [(k, v) for k, v in hdrs if k not in (b"authorization", b"x-api-key")]
-        return [(k, v) for k, v in hdrs if k not in (b"content-type",)] + [
-            (b"content-type", b"application/json")
-        ]
-
-    async def attempt_on(
-        self,
-        request: Request,
-        response: Response,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        payload: bytes,
-        attempt: Attempt,
-        choice: scoring.Choice,
-    ) -> None:
-        """One attempt: raises UpstreamFailure when nothing reached the client yet."""
-        try:
-            timeout = self.config.first_byte_timeout_s
-            up = await self.pool.request(
-                node.url,
-                "POST",
-                request.target,
-                self.upstream_request_headers(request),
-                payload,
-                head_timeout=timeout,
-            )
-            if not 200 <= up.status < 400:
-                broken = ""
-                try:
-                    data = await up.read(limit=MiB, idle_timeout=10)
-                except (ConnectionClosed, TimeoutError) as exc:
-                    data, broken = b"", str(exc) or "no body within 10s"
-                verdict = scoring.classify_answer(
-                    up.status, data, node_lists_model=node.has_model(rreq.model)
-                )
-                if broken and not verdict.node_fault:
-                    raise UpstreamFailure(
-                        "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
-                    )
-                if verdict.kind == "model_not_found":
-                    # the node lost the model since its last report: refresh it, try elsewhere
-                    self._spawn(self.fleet.refresh_node(node), "refresh")
-                    raise UpstreamFailure(
-                        "model_not_found",
-                        f"node {node.node_id} no longer has {rreq.model}",
-                        status=404,
-                        body=data,
-                        headers=up.headers,
-                    )
-                if verdict.node_fault:
-                    raise UpstreamFailure(
-                        verdict.kind,
-                        f"node {node.node_id} answered {up.status}: {error_text(data)}",
-                        status=up.status,
-                        body=data,
-                        headers=up.headers,
-                    )
-                # the client's own error: any node would answer the same; relay it as is
-                await self._relay_response(
-                    up, response, node, rreq, attempt, choice, first=data, complete=True
-                )
-                return
-            chunks = up.chunks(self.config.stall_timeout_s, first_timeout=timeout)
-            try:
-                first = await anext(chunks, b"")
-            except TimeoutError:
-                up.close()
-                raise UpstreamFailure(
-                    "timeout_first_byte",
-                    f"node {node.node_id} sent no body within {timeout:g}s",
-                    status=504,
-                ) from None
-            except ConnectionClosed as exc:
-                raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
-            await self._relay_response(
-                up, response, node, rreq, attempt, choice, first=first, chunks=chunks
-            )
-        except asyncio.CancelledError:
-            if not response.headers_sent:  # (once relaying, the relay traces it)
-                self.trace(attempt, status="client_disconnected", http_status=0,
-                           error="client disconnected before the node answered",
-                           choice=choice, model=attempt.served_model, node_id=node.node_id)
-            raise
-
-    async def _relay_response(
-        self,
-        up: UpstreamResponse,
-        response: Response,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        attempt: Attempt,
-        choice: scoring.Choice,
-        *,
-        first: bytes,
-        chunks: AsyncIterator[bytes] | None = None,
-        complete: bool = False,
-    ) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        if complete:
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"content-length", str(len(first)).encode()))
-        headers += [
-            (b"x-herd-node", node.node_id.encode()),
-            (b"x-herd-model", attempt.served_model.encode()),
-            (b"x-herd-retries", str(attempt.retries).encode()),
-            (b"x-request-id", attempt.request_id.encode()),
-        ]
-        framing = framing_of(up.header("content-type"))
-        relay = LineRelay(framing)
-        raw_body = bytearray()
-        first_at: float | None = None
-        status, error = "completed", ""
-        try:
-            await response.start(up.status, headers)
-            out = relay.feed(first)
-            if framing == "raw" and len(raw_body) < 4 * MiB:
-                raw_body += first
-            if out:
-                await response.write(out)
-                first_at = time.monotonic()
-            if chunks is not None:
-                try:
-                    async for chunk in chunks:
-                        out = relay.feed(chunk)
-                        if framing == "raw" and len(raw_body) < 4 * MiB:
-                            raw_body += chunk
-                        if out:
-                            await response.write(out)
-                            if first_at is None:
-                                first_at = time.monotonic()
-                    tail = relay.tail()
-                    if tail:
-                        await response.write(tail)
-                except TimeoutError:
-                    up.close()
-                    status = "reaped"
-                    error = (
-                        f"node {node.node_id} made no progress for "
-                        f"{self.config.stall_timeout_s:g}s; request reaped"
-                    )
-                    self.metrics.reaped += 1
-                except ConnectionClosed as exc:
-                    status = "incomplete"
-                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
-                if status != "completed":
-                    record = midstream_error_record(framing, error)
-                    if not record or up.header("content-length"):
-                        raise ClientGone(error)  # a sized body cannot be ended cleanly
-                    await response.write(record)
-            await response.end()  # the client has everything; bookkeeping comes after
-        except (ClientGone, asyncio.CancelledError) as exc:
-            up.close()
-            if status == "completed" or isinstance(exc, asyncio.CancelledError):
-                status, error = "client_disconnected", "client disconnected"
-            self._finish(
-                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-            )
-            raise
-        self._finish(
-            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-        )
-
-    def _finish(
-        self,
-        attempt: Attempt,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        choice: scoring.Choice,
-        status: str,
-        http_status: int,
-        error: str,
-        first_at: float | None,
-        relay: LineRelay,
-        raw_body: bytearray,
-    ) -> None:
-        now = time.time()
-        final = relay.final_object()
-        if final is None and raw_body:
-            with contextlib.suppress(ValueError):
-                obj = json.loads(bytes(raw_body))
-                final = obj if isinstance(obj, dict) else None
-        m = metrics_from_final(final)
-        ok = status == "completed" and http_status < 400
-        total_ms = (time.monotonic() - attempt.started) * 1000
-        ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
-        if ok:
-            self.fleet.breaker_success(node.node_id, rreq.model, now)
-            self.mark_loaded(node, rreq.model, rreq.num_ctx, now)
-        elif status in ("incomplete", "reaped"):
-            self.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
-        if status != "client_disconnected" and http_status < 400:
-            obs = scoring.Observation(
-                ok=ok,
-                load_ms=m["load_ms"] or 0.0,
-                prompt_tokens=m["prompt_tokens"] or 0,
-                prompt_eval_ms=m["prompt_eval_ms"] or 0.0,
-                completion_tokens=m["completion_tokens"] or 0,
-                eval_ms=m["eval_ms"] or 0.0,
-                ttft_ms=ttft_ms,
-                total_ms=total_ms,
-            )
-            key = (node.node_id, rreq.model)
-            self.fleet.stats[key] = scoring.observe(self.fleet.stats.get(key), obs, self.policy)
-            if ok:
-                self.fleet.learn_timings(attempt, node.node_id, rreq.model, final, m)
-        if ok and attempt.affinity_key is not None:
-            self.fleet.remember_prefix(attempt.affinity_key, node.node_id,
-                                 attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
-        if status == "completed" and http_status >= 400:
-            # a relayed error answer (the client's own 4xx): keep the text the client got
-            status = scoring.classify_answer(http_status).trace_status
-            error = error or error_text(bytes(raw_body))
-        self.trace(
-            attempt,
-            status=status,
-            http_status=http_status,
-            error=error,
-            choice=choice,
-            model=attempt.served_model,
-            node_id=node.node_id,
-            ttft_ms=ttft_ms,
-            metrics=m,
-        )
 
     def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
         """After serving, the model is resident: say so before the next poll confirms it."""
@@ -4919,345 +5269,7 @@ class Router:
             now,
         )
 
-    def trace(
-        self,
-        attempt: Attempt,
-        *,
-        status: str,
-        http_status: int,
-        error: str = "",
-        choice: scoring.Choice | None = None,
-        model: str | None = None,
-        node_id: str | None = None,
-        ttft_ms: float | None = None,
-        metrics: Mapping[str, Any] | None = None,
-    ) -> None:
-        latency_ms = (time.monotonic() - attempt.started) * 1000
-        m = metrics or {}
-        winner = choice.winner if choice is not None else None
-        rec = store.TraceRecord(
-            request_id=attempt.request_id,
-            timestamp=attempt.received_at,
-            kind=attempt.kind,
-            endpoint=attempt.endpoint,
-            model=scoring.normalize_model(model or attempt.served_model or attempt.original_model),
-            original_model=attempt.original_model,
-            node_id=node_id if node_id is not None else attempt.node_id,
-            score=winner.total if winner is not None else None,
-            scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
-            status=status,
-            http_status=http_status,
-            error_message=error if len(error) <= TRACE_ERROR_MAX
-            else error[: TRACE_ERROR_MAX - 1] + "\u2026",
-            latency_ms=latency_ms,
-            time_to_first_token_ms=ttft_ms,
-            queue_ms=attempt.queue_ms,
-            prompt_tokens=m.get("prompt_tokens"),
-            completion_tokens=m.get("completion_tokens"),
-            load_ms=m.get("load_ms"),
-            prompt_eval_ms=m.get("prompt_eval_ms"),
-            eval_ms=m.get("eval_ms"),
-            retry_count=attempt.retries,
-            fallback_used=attempt.fallback_used,
-            tags=list(attempt.tags),
-            client_ip=attempt.client_ip,
-        )
-        self.store.record_trace(rec)
-        if status != "retried":
-            self.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
-            if attempt.fallback_used:
-                self.metrics.fallbacks += 1
-        log.info(
-            "%s %s %s model=%s node=%s status=%s http=%s retries=%d %.0fms%s",
-            attempt.request_id,
-            attempt.kind,
-            attempt.endpoint,
-            rec.model,
-            rec.node_id,
-            status,
-            http_status,
-            attempt.retries,
-            latency_ms,
-            f" error={error}" if error else "",
-            extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
-        )
-
     # ---------------------------------------------------------------- image and speech ----
-
-    def capability_models(self, kind: str) -> dict[str, list[Node]]:
-        """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
-        out: dict[str, list[Node]] = {}
-        for node in self.fleet.healthy_nodes():
-            url = node.capabilities.get("service_url")
-            if not isinstance(url, str) or not url:
-                continue
-            for entry in node.capabilities.get(kind) or []:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                    out.setdefault(scoring.normalize_model(entry["name"]), []).append(node)
-        return out
-
-    def capability_slots(self, node: Node, kind: str, model: str) -> int:
-        for entry in node.capabilities.get(kind) or []:
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
-                    and scoring.normalize_model(entry["name"]) == model:
-                slots = entry.get("slots")
-                if isinstance(slots, int) and 0 < slots <= 64:
-                    return slots
-        return 1  # agents run one job per backend at a time
-
-    def resolve_capability_model(self, kind: str, requested: str | None) -> str:
-        toggle = "image_generation" if kind == "image" else "transcription"
-        if not self.settings.get(toggle):
-            raise HttpError(503, f"{toggle.replace('_', ' ')} is disabled on this router; enable "
-                                 f"it with POST /dashboard/api/settings {{\"{toggle}\": true}}")
-        models = self.capability_models(kind)
-        if not models:
-            what = "image generation" if kind == "image" else "speech-to-text"
-            raise HttpError(503, f"no online node offers {what}; run herd-node with a "
-                                 f"{'image' if kind == 'image' else 'transcription'} backend")
-        if not requested:
-            return sorted(models, key=lambda m: -len(models[m]))[0]
-        name = scoring.normalize_model(requested)
-        if name not in models:
-            raise HttpError(404, f"model '{requested}' not found; available "
-                                 f"{'image' if kind == 'image' else 'speech-to-text'} models: "
-                                 f"{', '.join(sorted(models))}")
-        return name
-
-    async def capability_call(
-        self, request: Request, kind: str, model: str, path: str,
-        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
-    ) -> tuple[UpstreamResponse, Node]:
-        """Route an image/STT job; retries before any byte of a streamed body is spent."""
-        tried: set[str] = set()
-        last: UpstreamFailure | None = None
-        while True:
-            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.admission.acquire(rreq)
-            except Rejected as rej:
-                if last is not None:  # retried already: the SDK should not multiply it
-                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
-                    raise HttpError(502, last.message, headers=no_retry) from None
-                retry = rej.choice.retry_after_s
-                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
-                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
-                                ) from None
-            attempt.queue_ms += queue_ms
-            attempt.node_id, attempt.served_model = node.node_id, model
-            attempt.retries = len(tried)
-            base = str(node.capabilities.get("service_url"))
-            ok = False
-            try:
-                up = await self.pool.request(base, "POST", path, headers, body,
-                                             head_timeout=self.config.first_byte_timeout_s)
-                if up.status >= 500:
-                    data = await up.read(limit=MiB, idle_timeout=10)
-                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
-                                          f"{up.status}: {error_text(data)}",
-                                          status=up.status, body=data, headers=up.headers)
-                ok = not scoring.classify_answer(up.status).node_fault
-                self.fleet.breaker_success(node.node_id, model, time.time())
-                return up, node
-            except UpstreamFailure as fail:
-                self.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
-                streamed = not isinstance(body, bytes) and fail.kind != "connect"
-                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.policy)
-                self.trace(attempt, status="retried" if decision.retry else "failed",
-                           http_status=0 if decision.retry else fail.status,
-                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
-                if not decision.retry:
-                    raise HttpError(fail.status if fail.status >= 400 else 502,
-                                    fail.message) from None
-                tried.add(node.node_id)
-                last = fail
-            finally:
-                self.admission.release(queue, ok)
-
-    def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
-        return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
-                       original_model=model, tags=[t for t in [request.key_id] if t],
-                       client_ip=request.client_ip, received_at=request.received_at,
-                       started=time.monotonic())
-
-    async def h_generate_image(self, request: Request, response: Response) -> None:
-        body = await request.json(4 * MiB)
-        requested = body.get("model")
-        if requested is not None and not isinstance(requested, str):
-            raise HttpError(400, "model must be a string")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HttpError(400, "prompt is required")
-        for key in ("width", "height", "steps", "seed"):
-            value = body.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or not 0 <= value <= 1 << 31):
-                raise HttpError(400, f"{key} must be a non-negative integer")
-        model = self.resolve_capability_model("image", requested)
-        attempt = self.capability_attempt(request, "image", model)
-        body["model"] = model
-        up, node = await self.capability_call(
-            request, "image", model, "/api/generate-image", dumps(body),
-            [(b"content-type", b"application/json")], attempt)
-        await self.finish_capability(up, node, response, attempt, model)
-
-    async def h_v1_images(self, request: Request, response: Response) -> None:
-        body = await request.json(4 * MiB)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HttpError(400, "prompt is required")
-        requested = body.get("model")
-        model = self.resolve_capability_model(
-            "image", requested if isinstance(requested, str) else None)
-        size = str(body.get("size") or "1024x1024")
-        try:
-            width, height = (int(x) for x in size.lower().split("x", 1))
-        except ValueError:
-            raise HttpError(400, f"size must look like 1024x1024, got {size!r}") from None
-        if body.get("response_format") == "url":
-            raise HttpError(400, "response_format 'url' is not supported; use 'b64_json'")
-        n = body.get("n", 1)
-        if not isinstance(n, int) or not 1 <= n <= 4:
-            raise HttpError(400, "n must be between 1 and 4")
-        attempt = self.capability_attempt(request, "image", model)
-        images: list[JSON] = []
-        node_ids: list[str] = []
-        for i in range(n):
-            job = {"model": model, "prompt": prompt, "width": width, "height": height}
-            if isinstance(body.get("seed"), int):
-                job["seed"] = int(body["seed"]) + i
-            up, node = await self.capability_call(
-                request, "image", model, "/api/generate-image", dumps(job),
-                [(b"content-type", b"application/json")], attempt)
-            data = await up.read(limit=256 * MiB, idle_timeout=self.config.stall_timeout_s)
-            if up.status >= 400:
-                message = error_text(data, 500)
-                await response.send(up.status, error_body(request.path, up.status, message),
-                                    "application/json")
-                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                           http_status=up.status, error=message, model=model)
-                return
-            images.append({"b64_json": base64.b64encode(data).decode(),
-                           "revised_prompt": prompt})
-            node_ids.append(node.node_id)
-        await response.json({"created": int(time.time()), "data": images},
-                            headers=[("x-herd-node", ",".join(node_ids)),
-                                     ("x-herd-model", model),
-                                     ("x-herd-retries", str(attempt.retries))])
-        self.trace(attempt, status="completed", http_status=200, model=model)
-
-    async def multipart_prefix(self, request: Request, limit: int
-                               ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
-        """Read just enough of a multipart body to learn its small fields (model, language,
-        response_format…) that clients send before the file; the rest stays a stream."""
-        ctype = request.header("content-type") or ""
-        if "multipart/form-data" not in ctype.lower() or "boundary=" not in ctype:
-            raise HttpError(400, "expected multipart/form-data with an 'audio' (or 'file') part")
-        boundary = ctype.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
-        chunks = request.body_chunks(limit)
-        prefix = bytearray()
-        async for chunk in chunks:
-            prefix += chunk
-            if b"filename=" in prefix or len(prefix) > 256 * 1024:
-                break
-        fields: dict[str, str] = {}
-        has_file = False
-        for part in bytes(prefix).split(b"--" + boundary):
-            head, sep, value = part.partition(b"\r\n\r\n")
-            if not sep:
-                continue
-            head_text = head.decode("utf-8", "replace")
-            if "filename=" in head_text:
-                has_file = has_file or 'name="audio"' in head_text or 'name="file"' in head_text
-                continue
-            if 'name="' in head_text and value.endswith(b"\r\n"):
-                name = head_text.split('name="', 1)[1].split('"', 1)[0]
-                fields[name] = value[:-2].decode("utf-8", "replace")[:256]
-        if not has_file and request.body_consumed:
-            raise HttpError(400, "multipart body has no 'audio' (or 'file') part")
-
-        async def rest() -> AsyncIterator[bytes]:
-            yield bytes(prefix)
-            async for chunk in chunks:
-                yield chunk
-
-        return fields, bytes(prefix), rest()
-
-    async def h_transcribe(self, request: Request, response: Response) -> None:
-        fields, _, body = await self.multipart_prefix(request, self.limits.max_upload_bytes)
-        requested = request.query.get("model") or fields.get("model")
-        model = self.resolve_capability_model("stt", requested)
-        attempt = self.capability_attempt(request, "stt", model)
-        headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        await self.finish_capability(up, node, response, attempt, model)
-
-    async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
-        fields, _, body = await self.multipart_prefix(request, self.limits.max_upload_bytes)
-        model = self.resolve_capability_model("stt", fields.get("model") or None)
-        fmt = fields.get("response_format", "json")
-        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
-            raise HttpError(400, f"unsupported response_format {fmt!r}")
-        attempt = self.capability_attempt(request, "stt", model)
-        headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        data = await up.read(limit=64 * MiB, idle_timeout=self.config.stall_timeout_s)
-        herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
-                        ("x-herd-retries", str(attempt.retries))]
-        if up.status >= 400:
-            message = error_text(data, 500)
-            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                       http_status=up.status, error=message, model=model)
-            await response.send(up.status, error_body(request.path, up.status, message),
-                                "application/json", herd_headers)
-            return
-        result = json.loads(data)
-        text = str(result.get("text") or "")
-        chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
-        self.trace(attempt, status="completed", http_status=200, model=model)
-        if fmt == "text":
-            await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
-        elif fmt in ("srt", "vtt"):
-            await response.send(200, subtitles(chunks, fmt).encode(), "text/plain; charset=utf-8",
-                                herd_headers)
-        elif fmt == "verbose_json":
-            end = max((float(c.get("end") or 0) for c in chunks), default=0.0)
-            await response.json({"task": "transcribe", "language": result.get("language"),
-                                 "duration": end, "text": text,
-                                 "segments": [{"id": i, "start": c.get("start"),
-                                               "end": c.get("end"), "text": c.get("text")}
-                                              for i, c in enumerate(chunks)]},
-                                headers=herd_headers)
-        else:
-            await response.json({"text": text}, headers=herd_headers)
-
-    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
-                                attempt: Attempt, model: str) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
-                    (b"x-herd-retries", str(attempt.retries).encode())]
-        await response.start(up.status, headers)
-        head = bytearray()  # the start of an error answer, for its trace
-        try:
-            async for chunk in up.chunks(self.config.stall_timeout_s):
-                if up.status >= 400 and len(head) < 64 * 1024:
-                    head += chunk
-                await response.write(chunk)
-        except (ConnectionClosed, TimeoutError) as exc:
-            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
-                       model=model)
-            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
-        except ClientGone:
-            up.close()
-            self.trace(attempt, status="client_disconnected", http_status=up.status,
-                       model=model)
-            raise
-        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                   http_status=up.status, error=error_text(bytes(head)), model=model)
 
     # ---------------------------------------------------------------- admin protection ----
 
@@ -5387,7 +5399,7 @@ class Router:
         await response.send(
             200,
             self.metrics.render(self.fleet.nodes.values(), self.admission.queues.values(),
-                                self.active_requests).encode(),
+                                self.proxy.active_requests).encode(),
             "text/plain; version=0.0.4; charset=utf-8",
         )
 
