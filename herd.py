@@ -2694,6 +2694,11 @@ class ModelAdmin:
         self.pull_jobs: dict[str, JSON] = {}
         self.auto_pulls: dict[str, asyncio.Future[None]] = {}
 
+    def forget_node(self, node_id: str) -> None:
+        """Blobs pinned to a node that left go (the next HEAD finds them again)."""
+        for digest in [d for d, n in self.blob_pins.items() if n == node_id]:
+            del self.blob_pins[digest]
+
     async def h_show(self, request: Request, response: Response) -> None:
         await self.forward_to_holders(request, response)
 
@@ -3190,6 +3195,12 @@ class Admission:
         self.r.fleet.breakers_probe(node.node_id, rreq.model, now)
         return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
 
+    def forget_node(self, node_id: str) -> None:
+        """Its idle queues go; a busy one stays until a later departure finds it idle."""
+        for key in [k for k, q in self.queues.items()
+                    if k[0] == node_id and not (q.in_flight or q.pending or q.waiters)]:
+            del self.queues[key]
+
     def release(self, q: SlotQueue, ok: bool) -> None:
         if ok:
             q.done += 1
@@ -3222,7 +3233,7 @@ class Admission:
                                              dumps(body))
                 await up.read()
             if up.status == 200:
-                self.r.mark_loaded(node, model, None, time.time())
+                self.r.fleet.mark_loaded(node, model, None, time.time())
                 self.r.store.record_event("prewarm", node.node_id, {"model": model})
         except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
             log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
@@ -3236,9 +3247,11 @@ class Fleet:
     about them, their breakers and service stats; polling, heartbeats, consent and
     ``/fleet/status``. Tells the others that the fleet changed through ``on_change``."""
 
-    def __init__(self, router: Router, on_change: Callable[[], None]) -> None:
+    def __init__(self, router: Router, on_change: Callable[[], None],
+                 on_node_gone: Callable[[str], None]) -> None:
         self.r = router
         self.on_change = on_change  # the fleet changed: waiters re-score
+        self.on_node_gone = on_node_gone  # a node left the fleet: drop what is keyed by it
         self.nodes: dict[str, Node] = {}
         # consent (issue 18): agent nodes waiting for approval or rejected, never routed to;
         # the operator's decisions (store table node_admissions); this machine's addresses
@@ -3794,6 +3807,7 @@ class Fleet:
         if node is not None:
             self.r.store.record_event("node_left", node_id, {"reason": why})
             self.on_change()
+            self.on_node_gone(node_id)
         else:
             node = self.held_nodes.get(node_id)
         if node is None:
@@ -3921,12 +3935,41 @@ class Fleet:
         if node is not None:
             self.held_nodes[node_id] = node
             self.on_change()
+            self.on_node_gone(node_id)
         node = node or self.held_nodes.get(node_id)
         if node is not None:
             node.status, node.held_since = "rejected", time.time()
             node.held_reason = "rejected by an operator"
         await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
                              "addr": addr, "ollama_url": url})
+
+    def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
+        """After serving, the model is resident: say so before the next poll confirms it."""
+        if model in node.loaded_names():
+            return
+        size = 0
+        for m in node.available:
+            if scoring.normalize_model(str(m.get("name") or "")) == model:
+                size = int(m.get("size") or 0)
+        node.set_loaded(
+            [
+                *node.loaded,
+                {
+                    "name": model,
+                    "model": model,
+                    "size": size,
+                    "size_vram": 0,
+                    "context_length": num_ctx,
+                    "expires_at": rfc3339(now + 300),
+                    "herd_assumed": True,
+                },
+            ],
+            now,
+        )
+
+    # ---------------------------------------------------------------- image and speech ----
+
+    # ---------------------------------------------------------------- admin protection ----
 
 
 class Proxy:
@@ -4465,7 +4508,7 @@ class Proxy:
         ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
         if ok:
             self.r.fleet.breaker_success(node.node_id, rreq.model, now)
-            self.r.mark_loaded(node, rreq.model, rreq.num_ctx, now)
+            self.r.fleet.mark_loaded(node, rreq.model, rreq.num_ctx, now)
         elif status in ("incomplete", "reaped"):
             self.r.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
         if status != "client_disconnected" and http_status < 400:
@@ -4865,7 +4908,8 @@ class Router:
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(self)
-        self.fleet = Fleet(self, on_change=self.admission._wake_waiters)
+        self.fleet = Fleet(self, on_change=self.admission._wake_waiters,
+                           on_node_gone=self._node_gone)
         self.proxy = Proxy(self)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
@@ -4975,6 +5019,13 @@ class Router:
         self.background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed: %r", task.get_name(), task.exception())
+
+    def _node_gone(self, node_id: str) -> None:
+        """A node left the fleet (held for consent): per-node state that is cheap to
+        rebuild goes (idle queues, blob pins); stats, breakers and what was learned stay,
+        for when it is approved again."""
+        self.admission.forget_node(node_id)
+        self.model_admin.forget_node(node_id)
 
     def begin_drain(self) -> None:
         """SIGTERM: from now on /healthz answers 503, so health-checking load balancers
@@ -5244,34 +5295,6 @@ class Router:
         if not self.fleet.healthy_nodes():
             message += f"; {EMPTY_FLEET}"
         return HttpError(404, message, kind=kind)
-
-    def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
-        """After serving, the model is resident: say so before the next poll confirms it."""
-        if model in node.loaded_names():
-            return
-        size = 0
-        for m in node.available:
-            if scoring.normalize_model(str(m.get("name") or "")) == model:
-                size = int(m.get("size") or 0)
-        node.set_loaded(
-            [
-                *node.loaded,
-                {
-                    "name": model,
-                    "model": model,
-                    "size": size,
-                    "size_vram": 0,
-                    "context_length": num_ctx,
-                    "expires_at": rfc3339(now + 300),
-                    "herd_assumed": True,
-                },
-            ],
-            now,
-        )
-
-    # ---------------------------------------------------------------- image and speech ----
-
-    # ---------------------------------------------------------------- admin protection ----
 
     def require_admin(self, request: Request) -> None:
         """Mutations must not be forgeable by a foreign web page (CSRF, DNS rebinding).
