@@ -2589,9 +2589,7 @@ class DashboardApi:
                                       "Write a short paragraph about the sea.")[:4000]}
         run_id = await self.r.store.create_benchmark(params, now=time.time())
         self.benchmark_run = run_id
-        self.benchmark_task = asyncio.ensure_future(self.run_benchmark(run_id, params))
-        self.r.background.add(self.benchmark_task)
-        self.benchmark_task.add_done_callback(self.r._background_done)
+        self.benchmark_task = self.r._spawn(self.run_benchmark(run_id, params), "benchmark")
         await response.json({"run_id": run_id, "status": "running", "params": params},
                             status=202)
 
