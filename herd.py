@@ -2693,9 +2693,13 @@ class ModelAdmin:
         self.auto_pulls: dict[str, asyncio.Future[None]] = {}
 
     def forget_node(self, node_id: str) -> None:
-        """Blobs pinned to a node that left go (the next HEAD finds them again)."""
+        """Blobs pinned to a node that left go (the next HEAD finds them again), and so do
+        its finished pull jobs (a running one stays until it ends)."""
         for digest in [d for d, n in self.blob_pins.items() if n == node_id]:
             del self.blob_pins[digest]
+        for key in [k for k, j in self.pull_jobs.items()
+                    if j["node_id"] == node_id and j["status"] != "pulling"]:
+            del self.pull_jobs[key]
 
     async def h_show(self, request: Request, response: Response) -> None:
         await self.forward_to_holders(request, response)
