@@ -2045,6 +2045,72 @@ class Metrics:
         buckets[-1] += 1
         self.latency_sum[kind] = self.latency_sum.get(kind, 0.0) + latency_s
 
+    def render(self, nodes: Iterable[Node], queues: Iterable[SlotQueue], active: int) -> str:
+        """The Prometheus text exposition of the counters and the fleet gauges."""
+        out: list[str] = []
+        m = self
+        queues = list(queues)
+
+        def metric(name: str, kind: str, help_: str) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+
+        metric("herd_requests_total", "counter", "Client requests by endpoint, kind and outcome")
+        for (endpoint, kind, status), n in sorted(m.requests.items()):
+            out.append(
+                f'herd_requests_total{{endpoint="{prom_escape(endpoint)}",'
+                f'kind="{kind}",status="{status}"}} {n}'
+            )
+        metric("herd_request_duration_seconds", "histogram", "Request latency")
+        for kind, buckets in sorted(m.latency.items()):
+            for bound, count in zip(LATENCY_BUCKETS, buckets, strict=False):
+                out.append(
+                    f'herd_request_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {count}'
+                )
+            out.append(
+                f'herd_request_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {buckets[-1]}'
+            )
+            out.append(
+                f'herd_request_duration_seconds_sum{{kind="{kind}"}} '
+                f"{m.latency_sum.get(kind, 0.0):.6f}"
+            )
+            out.append(f'herd_request_duration_seconds_count{{kind="{kind}"}} {buckets[-1]}')
+        metric("herd_retries_total", "counter", "Attempts retried on another node")
+        out.append(f"herd_retries_total {m.retries}")
+        metric("herd_fallbacks_total", "counter", "Requests served by a fallback model")
+        out.append(f"herd_fallbacks_total {m.fallbacks}")
+        metric("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)")
+        out.append(f"herd_rejected_total {m.rejected}")
+        metric("herd_reaped_total", "counter", "Streams cancelled for making no progress")
+        out.append(f"herd_reaped_total {m.reaped}")
+        metric("herd_requests_active", "gauge", "Requests being served now")
+        out.append(f"herd_requests_active {active}")
+        metric("herd_node_up", "gauge", "1 when the node is online")
+        for node in nodes:
+            up = 1 if node.status == "online" else 0
+            out.append(
+                f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
+            )
+        metric("herd_queue_in_flight", "gauge", "In-flight requests per node:model")
+        for q in queues:
+            out.append(
+                f'herd_queue_in_flight{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.in_flight}'
+            )
+        metric("herd_queue_pending", "gauge", "Requests waiting for a slot per node:model")
+        for q in queues:
+            out.append(
+                f'herd_queue_pending{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.pending}'
+            )
+        metric("herd_queue_slots", "gauge", "Parallel slots per node:model")
+        for q in queues:
+            out.append(
+                f'herd_queue_slots{{node="{prom_escape(q.node_id)}",'
+                f'model="{prom_escape(q.model)}"}} {q.slots}'
+            )
+        return "\n".join(out) + "\n"
+
 
 def prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -2239,22 +2305,955 @@ def upstream_headers(request: Request) -> Headers:
 RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 
 
-# =======================================================================================
-# The router
-# =======================================================================================
+class DashboardApi:
+    """The dashboard's JSON API: traces, usage, settings, benchmarks, and the health and
+    recommendation analytics (cached 10 s). Owns the benchmark run and the analytics cache;
+    reads the fleet and the store through the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.benchmark_task: asyncio.Task[None] | None = None
+        self.benchmark_run: int | None = None
+        self._analytics_cache: dict[str, tuple[float, JSON]] = {}
+
+    def node_facts(self, now: float) -> tuple[scoring.NodeFacts, ...]:
+        """Every node as ``scoring.NodeFacts`` (memory, disk, models, versions, breakers)."""
+        out: list[scoring.NodeFacts] = []
+
+        def num(obj: object, key: str) -> int:
+            v = obj.get(key) if isinstance(obj, dict) else None
+            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+        for node in self.r.fleet.nodes.values():
+            snap = node.snapshot(now)
+            mem = node.hardware.get("memory") or {}
+            disk = node.hardware.get("disk")
+            swap_total = num(mem, "swap_total_bytes")
+            swap_free = num(mem, "swap_free_bytes")
+            on_disk: list[scoring.DiskModel] = []
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+                am = snap.available.get(name)
+                on_disk.append(scoring.DiskModel(
+                    name=name, size=int(m.get("size") or 0),
+                    modified_at=parse_rfc3339(m.get("modified_at")),
+                    family=am.family if am is not None else "",
+                    capabilities=am.capabilities if am is not None else ()))
+            caps: dict[str, tuple[str, ...]] = {}
+            for kind in ("image", "stt"):
+                caps[kind] = tuple(
+                    scoring.normalize_model(str(e["name"]))
+                    for e in node.capabilities.get(kind) or []
+                    if isinstance(e, dict) and e.get("name"))
+            prefix = f"{node.node_id}:"
+            model_breakers = {k[len(prefix):]: b for k, b in self.r.fleet.breakers.items()
+                              if k.startswith(prefix)}
+            out.append(scoring.NodeFacts(
+                node_id=node.node_id, status=node.status, source=node.source, url=node.url,
+                seconds_since_seen=(now - node.last_seen) if node.last_seen else None,
+                last_error=node.last_error,
+                ram_total=snap.ram_total, ram_available=snap.ram_available,
+                vram_total=snap.vram_total, vram_available=snap.vram_available,
+                memory_pressure=snap.memory_pressure,
+                swap_total=swap_total,
+                swap_used=max(0, swap_total - swap_free) if swap_total else 0,
+                disk_total=num(disk, "total_bytes") if isinstance(disk, dict) else None,
+                disk_free=num(disk, "free_bytes") if isinstance(disk, dict) else None,
+                loaded=tuple(snap.loaded.values()), on_disk=tuple(on_disk),
+                agent_version=node.agent_version, ollama_version=node.version,
+                reachable=node.reachable,
+                errors=tuple(f"{e.get('collector', '?')}: {e.get('error', '')}"
+                             for e in node.errors),
+                image_models=caps["image"], stt_models=caps["stt"],
+                num_parallel=node.num_parallel, max_loaded_models=node.max_loaded_models,
+                breaker=self.r.fleet.breakers.get(node.node_id), model_breakers=model_breakers))
+        return tuple(out)
+
+    async def analytics_inputs(self, now: float) -> dict[str, Any]:
+        """Store reads behind health and recommendations (bounded; rollups, not raw scans)."""
+        day = 86400.0
+        st = self.r.store
+
+        def fnum(v: object) -> float:
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+        use = scoring.ModelUse.from_row
+        usage_24h = tuple(use(r) for r in await st.node_model_stats(1, now=now))
+        # "recent": the current and the previous UTC hour (60-120 minutes of traffic)
+        usage_recent = tuple(use(r) for r in await st.node_model_stats(2 / 24, now=now))
+        usage_7d = tuple(use(r) for r in await st.node_model_stats(7, now=now))
+        incidents: list[scoring.Incident] = []
+        for status in ("failed", "retried", "incomplete", "reaped"):
+            for t in await st.traces(2000, status=status, since=now - day):
+                incidents.append(scoring.Incident(
+                    timestamp=fnum(t.get("timestamp")),
+                    node_id=str(t.get("node_id") or ""), model=str(t.get("model") or ""),
+                    status=status, http_status=int(fnum(t.get("http_status"))),
+                    latency_ms=fnum(t.get("latency_ms")),
+                    error=str(t.get("error_message") or ""), kind=str(t.get("kind") or "")))
+        not_found: dict[str, int] = {}
+        for t in await st.traces(5000, status="failed", since=now - 7 * day):
+            if t.get("http_status") == 404 and not t.get("node_id"):
+                name = scoring.normalize_model(str(t.get("original_model") or t.get("model")))
+                not_found[name] = not_found.get(name, 0) + 1
+        events = tuple(
+            scoring.FleetEvent(fnum(e.get("timestamp")), str(e.get("kind") or ""),
+                               str(e.get("node_id") or ""),
+                               cast(JSON, d) if isinstance(d := e.get("detail"), dict) else {})
+            for e in await st.events(2000, since=now - day))
+        firsts = [fnum(r.get("first_used")) for r in await st.models(30, now=now)
+                  if isinstance(r.get("first_used"), int | float)]
+        return {"usage_24h": usage_24h, "usage_recent": usage_recent, "usage_7d": usage_7d,
+                "incidents": tuple(incidents), "events": events, "not_found_7d": not_found,
+                "history_s": now - min(firsts) if firsts else 0.0}
+
+    async def _analytics_cached(self, key: str, build: Callable[[float], Awaitable[JSON]]
+                                ) -> JSON:
+        cache = self._analytics_cache
+        now = time.time()
+        hit = cache.get(key)
+        if hit is not None and 0 <= now - hit[0] < 10.0:
+            return hit[1]
+        payload = await build(now)
+        cache[key] = (now, payload)
+        return payload
+
+    async def _build_health(self, now: float) -> JSON:
+        data = await self.analytics_inputs(now)
+        stats = self.r.store.stats()
+        inp = scoring.HealthInput(
+            now=now, nodes=self.node_facts(now), router_version=__version__,
+            usage_24h=data["usage_24h"], usage_recent=data["usage_recent"],
+            incidents=data["incidents"], events=data["events"],
+            store_dropped=stats.dropped, store_write_errors=stats.write_errors,
+            store_queue_depth=stats.queue_depth, settings=dict(self.r.settings),
+            stall_timeout_s=self.r.config.stall_timeout_s,
+            pending_nodes=tuple(
+                scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
+                for n in self.r.fleet.held_nodes.values() if n.status == "pending"))
+        return scoring.health_checks(inp).to_dict()
+
+    async def _build_recommendations(self, now: float) -> JSON:
+        data = await self.analytics_inputs(now)
+        report = scoring.recommendations(
+            now, self.node_facts(now), data["usage_24h"], data["usage_7d"],
+            data["not_found_7d"], history_s=data["history_s"], scoring_policy=self.r.policy)
+        return report.to_dict()
+
+    async def h_dash_health(self, request: Request, response: Response) -> None:
+        await response.json(await self._analytics_cached("health", self._build_health))
+
+    async def h_dash_recommendations(self, request: Request, response: Response) -> None:
+        await response.json(
+            await self._analytics_cached("recommendations", self._build_recommendations))
+
+    def query_number(self, request: Request, name: str, default: float, lo: float,
+                     hi: float) -> float:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name} must be a number") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise HttpError(400, f"query parameter {name} must be between {lo:g} and {hi:g}")
+        return value
+
+    async def h_dashboard(self, request: Request, response: Response) -> None:
+        page = find_dashboard()
+        if page is None:
+            raise HttpError(404, "dashboard.html is not installed next to herd.py")
+        data = await asyncio.to_thread(page.read_bytes)
+        await response.send(200, data, "text/html; charset=utf-8", [
+            ("cache-control", "no-cache"),
+            ("content-security-policy",
+             "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+             "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "no-referrer"),
+        ])
+
+    async def h_dash_traces(self, request: Request, response: Response) -> None:
+        limit = int(self.query_number(request, "limit", 100, 1, 5000))
+        q = request.query
+        rows = await self.r.store.traces(limit, status=q.get("status") or None,
+                                       model=q.get("model") or None,
+                                       node_id=q.get("node") or q.get("node_id") or None,
+                                       tag=q.get("tag") or None)
+        await response.json({"traces": rows})
+
+    async def h_dash_usage(self, request: Request, response: Response) -> None:
+        days = int(self.query_number(request, "days", 7, 1, 3650))
+        await response.json(await self.r.store.usage(days, now=time.time()))
+
+    async def h_dash_models(self, request: Request, response: Response) -> None:
+        days = self.query_number(request, "days", 7, 0.01, 3650)
+        rows = await self.r.store.models(days, now=time.time())
+        by_model = {str(r.get("model")): r for r in rows}
+        out: list[JSON] = []
+        names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.r.merged_tags()}
+        for name in sorted(names | set(by_model)):
+            entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
+            entry["loaded_on"] = sorted(n.node_id for n in self.r.fleet.healthy_nodes()
+                                        if name in n.loaded_names())
+            entry["available_on"] = sorted(n.node_id for n in self.r.fleet.healthy_nodes()
+                                           if name in n.available_names())
+            out.append(entry)
+        out.sort(key=lambda e: -float(e.get("requests") or 0))
+        await response.json({"models": out, "days": days})
+
+    async def h_dash_apps(self, request: Request, response: Response) -> None:
+        days = self.query_number(request, "days", 7, 0.01, 3650)
+        await response.json({"apps": await self.r.store.apps(days, now=time.time()), "days": days})
+
+    async def h_dash_trends(self, request: Request, response: Response) -> None:
+        hours = int(self.query_number(request, "hours", 24, 1, 24 * 90))
+        await response.json({"hours": hours,
+                             "buckets": await self.r.store.trends(hours, now=time.time())})
+
+    async def h_dash_events(self, request: Request, response: Response) -> None:
+        limit = int(self.query_number(request, "limit", 100, 1, 5000))
+        await response.json({"events": await self.r.store.events(limit)})
+
+    async def h_dash_settings(self, request: Request, response: Response) -> None:
+        await response.json(self.settings_view())
+
+    def settings_view(self) -> JSON:
+        cfg = self.r.config
+        return {
+            "settings": dict(self.r.settings),
+            "config": {
+                "host": cfg.host, "port": self.r.address[1], "data_dir": str(cfg.data_dir),
+                "static_nodes": list(cfg.nodes), "poll_interval_s": cfg.poll_interval_s,
+                "heartbeat_interval_s": cfg.heartbeat_interval_s,
+                "first_byte_timeout_s": cfg.first_byte_timeout_s,
+                "stall_timeout_s": cfg.stall_timeout_s, "retention_days": cfg.retention_days,
+                "fleet_id": cfg.fleet_id, "fleet_key_set": bool(cfg.fleet_key),
+                "open_fleet": cfg.open_fleet,
+                "admin_token_set": bool(cfg.admin_token), "api_keys": len(cfg.api_keys),
+                "mdns": cfg.mdns, "max_queue_wait_s": self.r.policy.max_queue_wait_s,
+                "max_retries": self.r.policy.max_retries,
+            },
+            "versions": {"herd": __version__,
+                         "nodes": {n.node_id: {"ollama": n.version, "agent": n.agent_version}
+                                   for n in self.r.fleet.nodes.values()}},
+        }
+
+    async def h_dash_settings_post(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        changes: dict[str, object] = {}
+        for key, value in body.items():
+            if key not in DEFAULT_SETTINGS:
+                raise HttpError(400, f"unknown setting {key!r}; known: "
+                                     f"{', '.join(sorted(DEFAULT_SETTINGS))}")
+            if not isinstance(value, bool):
+                raise HttpError(400, f"setting {key!r} must be true or false")
+            changes[key] = value
+        if not changes:
+            raise HttpError(400, "no settings given")
+        await self.r.store.set_settings(changes)
+        self.r.settings.update(changes)
+        log.info("settings changed: %s", changes)
+        self.r.store.record_event("settings", "", {"changes": changes})
+        await response.json(self.settings_view())
+
+    async def h_dash_benchmarks(self, request: Request, response: Response) -> None:
+        runs = await self.r.store.benchmarks(int(self.query_number(request, "limit", 20, 1, 500)))
+        await response.json({"runs": runs, "active": self.benchmark_run})
+
+    async def h_dash_benchmark_start(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        if self.benchmark_task is not None and not self.benchmark_task.done():
+            raise HttpError(409, "a benchmark is already running; cancel it first")
+        models = body.get("models")
+        if models is None:
+            models = [str(m.get("name")) for m in self.r.merged_tags()
+                      if "embedding" not in (m.get("capabilities") or [])]
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models) \
+                or not models:
+            raise HttpError(400, "models must be a non-empty list of model names")
+        per_model = body.get("requests_per_model", 6)
+        concurrency = body.get("concurrency", 2)
+        max_tokens = body.get("max_tokens", 64)
+        for name, value, hi in (("requests_per_model", per_model, 1000),
+                                ("concurrency", concurrency, 64), ("max_tokens", max_tokens, 4096)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise HttpError(400, f"{name} must be an integer between 1 and {hi}")
+        params: JSON = {"models": models, "requests_per_model": per_model,
+                        "concurrency": concurrency, "max_tokens": max_tokens,
+                        "prompt": str(body.get("prompt") or
+                                      "Write a short paragraph about the sea.")[:4000]}
+        run_id = await self.r.store.create_benchmark(params, now=time.time())
+        self.benchmark_run = run_id
+        self.benchmark_task = self.r._spawn(self.run_benchmark(run_id, params), "benchmark")
+        await response.json({"run_id": run_id, "status": "running", "params": params},
+                            status=202)
+
+    async def h_dash_benchmark_cancel(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        task = self.benchmark_task
+        if task is None or task.done():
+            raise HttpError(404, "no benchmark is running")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await response.json({"run_id": self.benchmark_run, "status": "cancelled"})
+
+    async def run_benchmark(self, run_id: int, params: JSON) -> None:
+        """Send the requests through the router itself, so routing is part of the figure."""
+        models = list(params["models"])
+        total = len(models) * int(params["requests_per_model"])
+        started = time.time()
+        await self.r.store.update_benchmark(run_id, status="running", started_at=started,
+                                          progress=0.0)
+        lat: list[float] = []
+        ttft: list[float] = []
+        tokens = 0
+        eval_s = 0.0
+        failures = 0
+        done = 0
+        per: dict[str, JSON] = {}
+        sem = asyncio.Semaphore(int(params["concurrency"]))
+        base = f"http://127.0.0.1:{self.r.address[1]}"
+
+        async def one(model: str) -> None:
+            nonlocal tokens, eval_s, failures, done
+            async with sem:
+                t0 = time.monotonic()
+                body = dumps({"model": model, "prompt": params["prompt"], "stream": False,
+                              "options": {"num_predict": params["max_tokens"]},
+                              "metadata": {"tags": ["benchmark"]}})
+                node = "?"
+                try:
+                    up = await self.r.pool.request(base, "POST", "/api/generate",
+                                                 [(b"content-type", b"application/json")], body,
+                                                 head_timeout=self.r.config.first_byte_timeout_s)
+                    data = await up.read(idle_timeout=self.r.config.stall_timeout_s)
+                    node = up.header("x-herd-node") or "?"
+                    obj = json.loads(data) if up.status == 200 else {}
+                    if up.status != 200:
+                        raise ValueError(f"status {up.status}")
+                    n = int(obj.get("eval_count") or 0)
+                    secs = float(obj.get("eval_duration") or 0) / 1e9
+                    tokens += n
+                    eval_s += secs
+                    lat.append((time.monotonic() - t0) * 1000)
+                    ttft.append(float(obj.get("load_duration") or 0) / 1e6 +
+                                float(obj.get("prompt_eval_duration") or 0) / 1e6)
+                    key = f"{node}:{model}"
+                    entry = per.setdefault(key, {"node_id": node, "model": model,
+                                                 "requests": 0, "tokens": 0, "eval_s": 0.0})
+                    entry["requests"] += 1
+                    entry["tokens"] += n
+                    entry["eval_s"] += secs
+                except (UpstreamFailure, ConnectionClosed, TimeoutError, ValueError):
+                    failures += 1
+                done += 1
+
+        try:
+            tasks = [one(m) for m in models for _ in range(int(params["requests_per_model"]))]
+            for chunk_start in range(0, len(tasks), 8):
+                await asyncio.gather(*tasks[chunk_start:chunk_start + 8])
+                await self.r.store.update_benchmark(run_id, progress=round(done / total, 3),
+                                                  requests=done, failures=failures)
+            status = "done"
+        except asyncio.CancelledError:
+            status = "cancelled"
+        duration = time.time() - started
+        results = [{**e, "tokens_per_s": round(e["tokens"] / e["eval_s"], 2)
+                    if e["eval_s"] else None} for e in per.values()]
+        await self.r.store.update_benchmark(
+            run_id, status=status, finished_at=time.time(), duration_s=round(duration, 3),
+            requests=done, failures=failures, progress=round(done / total, 3) if total else 1,
+            rps=round(done / duration, 3) if duration else None,
+            tokens_per_s=round(tokens / eval_s, 2) if eval_s else None,
+            latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
+            latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(ttft, 50),
+            ttft_p95_ms=percentile(ttft, 95), ttft_p99_ms=percentile(ttft, 99),
+            results={"per_node_model": results},
+        )
+        self.benchmark_run = None
+        if status == "cancelled":
+            raise asyncio.CancelledError
 
 
-class Router:
-    """Owns the fleet model, the queues and every handler. Built once in ``serve()``."""
+class ModelAdmin:
+    """Model management: Ollama's pull/push/create/blobs/copy/delete/show sent to the right
+    node (or fanned out to every holder), the dashboard's pull and delete, pull jobs and
+    auto-pull. Owns the pull jobs, the running auto-pulls and the blob pins."""
 
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
-        self.config = config
-        self.policy = config.policy
-        self.limits = config.limits
-        self.router_id = uuid.uuid4().hex[:12]
-        self.rng = rng or random.Random()
-        self.pool = Pool(connect_timeout_s=config.connect_timeout_s)
-        self.store = store.Store(config.data_dir, retention_days=config.retention_days)
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
+        self.pull_jobs: dict[str, JSON] = {}
+        self.auto_pulls: dict[str, asyncio.Future[None]] = {}
+
+    def forget_node(self, node_id: str) -> None:
+        """Blobs pinned to a node that left go (the next HEAD finds them again), and so do
+        its finished pull jobs (a running one stays until it ends)."""
+        for digest in [d for d, n in self.blob_pins.items() if n == node_id]:
+            del self.blob_pins[digest]
+        for key in [k for k, j in self.pull_jobs.items()
+                    if j["node_id"] == node_id and j["status"] != "pulling"]:
+            del self.pull_jobs[key]
+
+    async def h_show(self, request: Request, response: Response) -> None:
+        await self.forward_to_holders(request, response)
+
+    async def forward_to_holders(self, request: Request, response: Response) -> None:
+        """Proxy to a healthy node that holds the body's model (hot first); 404 if none."""
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model = scoring.normalize_model(self.r.model_of(body))
+        candidates = self.r.fleet.nodes_with(model)
+        if not candidates:
+            raise self.r.model_not_found(f"'{self.r.model_of(body)}'")
+        await self.forward_simple(request, response, candidates, raw)
+
+    async def forward_simple(
+        self,
+        request: Request,
+        response: Response,
+        candidates: Sequence[Node],
+        raw: bytes | None,
+    ) -> Node:
+        """Proxy to the first candidate that answers (connect failures move on)."""
+        last: UpstreamFailure | None = None
+        for node in candidates:
+            try:
+                up = await self.r.pool.request(
+                    node.url,
+                    request.method,
+                    request.target,
+                    upstream_headers(request),
+                    raw,
+                    head_timeout=self.r.config.first_byte_timeout_s,
+                )
+            except UpstreamFailure as exc:
+                last = exc
+                self.r.fleet.breaker_failure(node.node_id, "", exc.kind, time.time())
+                continue
+            await self.relay_plain(up, response, node)
+            return node
+        raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
+
+    async def relay_plain(
+        self,
+        up: UpstreamResponse,
+        response: Response,
+        node: Node,
+    ) -> None:
+        """Relay a node's answer as it is (admin and metadata endpoints)."""
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        headers.append((b"x-herd-node", node.node_id.encode()))
+        await response.start(up.status, headers)
+        relay = LineRelay(framing_of(up.header("content-type")))
+        try:
+            async for chunk in up.chunks(self.r.config.stall_timeout_s):
+                out = relay.feed(chunk)
+                if out:
+                    await response.write(out)
+            tail = relay.tail()
+            if tail:
+                await response.write(tail)
+        except (ConnectionClosed, TimeoutError) as exc:
+            up.close()
+            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
+            record = midstream_error_record(relay.framing, error)
+            if not record or response.status != 200 or up.header("content-length"):
+                raise ClientGone(error) from None  # cannot end this body cleanly
+            await response.write(record)
+        except BaseException:
+            up.close()
+            raise
+
+    async def h_pull(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        model_raw = self.r.model_of(body)
+        target = self.r.pick_node(request, body)
+        if target is None:
+            healthy = self.r.fleet.healthy_nodes()
+            missing = [
+                n for n in healthy if scoring.normalize_model(model_raw) not in n.available_names()
+            ]
+            target = self.r.fleet.roomiest(missing or healthy)
+        if target is None:
+            raise HttpError(503, "no node is online to pull to")
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
+        self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
+
+    async def h_push(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        await self.forward_to_holders(request, response)
+
+    async def h_create(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        self.r.model_of(body)
+        target = self.r.pick_node(request, body)
+        files = body.get("files")
+        if target is None and isinstance(files, dict):
+            for digest in files.values():
+                pinned = self.blob_pins.get(str(digest))
+                if pinned in self.r.fleet.nodes:
+                    target = self.r.fleet.nodes[pinned]
+                    break
+        if target is None and isinstance(body.get("from"), str):
+            holders = self.r.fleet.nodes_with(scoring.normalize_model(body["from"]))
+            target = holders[0] if holders else None
+        if target is None:
+            target = self.r.fleet.roomiest(self.r.fleet.healthy_nodes())
+        if target is None:
+            raise HttpError(503, "no node is online")
+        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
+        self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
+
+    async def h_blob_head(self, request: Request, response: Response) -> None:
+        digest = request.path[len("/api/blobs/") :]
+        pinned = self.blob_pins.get(digest)
+        fleet = self.r.fleet
+        candidates = [fleet.nodes[pinned]] if pinned in fleet.nodes else fleet.healthy_nodes()
+
+        async def has(node: Node) -> bool:
+            try:
+                async with asyncio.timeout(self.r.config.poll_timeout_s):
+                    up = await self.r.pool.request(node.url, "HEAD", request.target)
+                    await up.read()
+                return up.status == 200
+            except (UpstreamFailure, ConnectionClosed, TimeoutError):
+                return False
+
+        found = await asyncio.gather(*(has(n) for n in candidates))
+        for node, ok in zip(candidates, found, strict=True):
+            if ok:
+                self.blob_pins[digest] = node.node_id
+                await response.send(
+                    200, b"", "text/plain", [("x-herd-node", node.node_id), ("content-length", "0")]
+                )
+                return
+        await response.send(404, b"", "text/plain")
+
+    async def h_blob_post(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        digest = request.path[len("/api/blobs/") :]
+        target = self.r.pick_node(request, None)
+        if target is None and self.blob_pins.get(digest) in self.r.fleet.nodes:
+            target = self.r.fleet.nodes[self.blob_pins[digest]]
+        if target is None:
+            target = self.r.fleet.roomiest(self.r.fleet.healthy_nodes())
+        if target is None:
+            raise HttpError(503, "no node is online to receive the blob")
+        body = request.body_chunks(self.r.limits.max_upload_bytes)
+        headers = upstream_headers(request)
+        try:
+            up = await self.r.pool.request(
+                target.url,
+                "POST",
+                request.target,
+                headers,
+                body,
+                head_timeout=self.r.config.first_byte_timeout_s,
+            )
+        except UpstreamFailure as exc:
+            raise HttpError(502, f"blob upload to {target.node_id} failed: {exc.message}") from None
+        if up.status < 300:
+            self.blob_pins[digest] = target.node_id
+        await self.relay_plain(up, response, target)
+
+    async def broadcast(
+        self, request: Request, response: Response, model_raw: str, raw: bytes
+    ) -> None:
+        """Send a model admin request to every healthy node holding the model."""
+        model = scoring.normalize_model(model_raw)
+        holders = self.r.fleet.nodes_with(model)
+        if not holders:
+            raise self.r.model_not_found(f"'{model_raw}'")
+
+        async def one(node: Node) -> tuple[Node, int, bytes]:
+            try:
+                async with asyncio.timeout(60):
+                    up = await self.r.pool.request(
+                        node.url, request.method, request.target, upstream_headers(request), raw
+                    )
+                    data = await up.read()
+                return node, up.status, data
+            except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+                return node, 502, dumps({"error": str(exc)})
+
+        results = await asyncio.gather(*(one(n) for n in holders))
+        for node, _, _ in results:
+            self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
+        ok = [r for r in results if r[1] < 300]
+        served = ",".join(r[0].node_id for r in ok)
+        if ok:
+            await response.send(
+                200, b"", "application/json; charset=utf-8", [("x-herd-node", served)]
+            )
+            return
+        status, data = results[0][1], results[0][2]
+        await response.send(status, data, "application/json; charset=utf-8")
+
+    async def h_copy(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        source = body.get("source")
+        if not isinstance(source, str) or not isinstance(body.get("destination"), str):
+            raise HttpError(400, "source and destination are required")
+        await self.broadcast(request, response, source, raw)
+
+    async def h_delete(self, request: Request, response: Response) -> None:
+        self.r.guard_browser_mutation(request)
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        await self.broadcast(request, response, self.r.model_of(body), raw)
+
+    async def auto_pull(self, model: str, attempt: Attempt) -> bool:
+        """``auto_pull`` on: a model no node has is pulled to the node with most room."""
+        if attempt.kind not in ("text", "embed") or not scoring.is_valid_model_name(model):
+            return False
+        target = self.r.fleet.roomiest(self.r.fleet.healthy_nodes())
+        if target is None:
+            return False
+        key = scoring.normalize_model(model)
+        task = self.auto_pulls.get(key)
+        if task is None:  # one pull per model at a time; concurrent callers wait on it
+            log.info("request %s: auto-pulling %s to %s", attempt.request_id, model,
+                     target.node_id)
+            self.r.store.record_event("auto_pull", target.node_id, {"model": model})
+            job: JSON = {"id": f"{target.node_id}:{key}", "node_id": target.node_id,
+                         "model": model, "status": "pulling", "completed": 0, "total": 0,
+                         "detail": "", "started_at": time.time(), "error": "", "auto": True}
+            self.pull_jobs[job["id"]] = job
+            task = self.r._spawn(self.run_pull(target, model, job), f"auto-pull-{key}")
+            self.auto_pulls[key] = task
+            task.add_done_callback(lambda _t: self.auto_pulls.pop(key, None))
+        else:
+            job = next(j for j in self.pull_jobs.values()
+                       if scoring.normalize_model(str(j["model"])) == key)
+            target = self.r.fleet.nodes.get(str(job["node_id"]), target)
+        await asyncio.shield(task)
+        ok = job["status"] == "done" and target.has_model(key)
+        if not ok:
+            log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
+        return ok
+
+    async def h_dash_model_management(self, request: Request, response: Response) -> None:
+        usage = await self.r.store.node_model_stats(30, now=time.time())
+        last_used = {(str(u.get("node_id")), str(u.get("model"))): u for u in usage}
+        nodes: list[JSON] = []
+        for node in self.r.fleet.nodes.values():
+            loaded = node.loaded_names()
+            models: list[JSON] = []
+            for m in node.available:
+                name = scoring.normalize_model(str(m.get("name") or ""))
+                stats = last_used.get((node.node_id, name)) or {}
+                models.append({"name": m.get("name"), "size": m.get("size"),
+                               "modified_at": m.get("modified_at"), "loaded": name in loaded,
+                               "last_used": stats.get("last_used"),
+                               "requests_30d": stats.get("requests", 0)})
+            models.sort(key=lambda e: -int(e.get("size") or 0))
+            disk = node.hardware.get("disk") or {}
+            nodes.append({"node_id": node.node_id, "status": node.status, "models": models,
+                          "disk_free_bytes": disk.get("free_bytes")
+                          if isinstance(disk, dict) else None,
+                          "models_bytes": sum(int(m.get("size") or 0) for m in node.available)})
+        await response.json({"nodes": nodes, "pulls": list(self.pull_jobs.values())})
+
+    def admin_target(self, body: JSON) -> tuple[Node, str]:
+        node_id, model = body.get("node_id"), body.get("model")
+        if not isinstance(node_id, str) or node_id not in self.r.fleet.nodes:
+            raise HttpError(404, f"node {node_id!r} is not in the fleet")
+        if not isinstance(model, str) or not scoring.is_valid_model_name(model):
+            raise HttpError(400, "a valid model name is required")
+        return self.r.fleet.nodes[node_id], model
+
+    async def h_dash_pull_jobs(self, request: Request, response: Response) -> None:
+        await response.json({"pulls": list(self.pull_jobs.values())})
+
+    async def h_dash_pull(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        node, model = self.admin_target(await request.json(64 * 1024))
+        key = f"{node.node_id}:{scoring.normalize_model(model)}"
+        job = self.pull_jobs.get(key)
+        if job is not None and job["status"] == "pulling":
+            await response.json(job, status=202)
+            return
+        job = {"id": key, "node_id": node.node_id, "model": model, "status": "pulling",
+               "completed": 0, "total": 0, "detail": "", "started_at": time.time(),
+               "error": ""}
+        self.pull_jobs[key] = job
+        self.r._spawn(self.run_pull(node, model, job), f"pull-{key}")
+        self.r.store.record_event("pull", node.node_id, {"model": model})
+        await response.json(job, status=202)
+
+    async def run_pull(self, node: Node, model: str, job: JSON) -> None:
+        """Pull on one node and keep the latest progress for the dashboard."""
+        try:
+            up = await self.r.pool.request(node.url, "POST", "/api/pull",
+                                         [(b"content-type", b"application/json")],
+                                         dumps({"model": model, "stream": True}),
+                                         head_timeout=self.r.config.first_byte_timeout_s)
+            relay = LineRelay("ndjson")
+            async for chunk in up.chunks(self.r.config.stall_timeout_s):
+                for line in relay.feed(chunk).splitlines():
+                    with contextlib.suppress(ValueError):
+                        obj = json.loads(line)
+                        if isinstance(obj, dict):
+                            if obj.get("error"):
+                                job["error"] = str(obj["error"])
+                            job["detail"] = str(obj.get("status") or "")
+                            if isinstance(obj.get("total"), int):
+                                job["total"] = obj["total"]
+                                job["completed"] = int(obj.get("completed") or 0)
+            if up.status >= 400 and not job["error"]:
+                job["error"] = f"node answered {up.status}"
+            job["status"] = "failed" if job["error"] else "done"
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            job["status"], job["error"] = "failed", str(exc)
+        job["finished_at"] = time.time()
+        await self.r.fleet.refresh_node(node)
+
+    async def h_dash_delete(self, request: Request, response: Response) -> None:
+        self.r.require_admin(request)
+        node, model = self.admin_target(await request.json(64 * 1024))
+        try:
+            up = await self.r.pool.request(node.url, "DELETE", "/api/delete",
+                                         [(b"content-type", b"application/json")],
+                                         dumps({"model": model}), head_timeout=60)
+            data = await up.read()
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            raise HttpError(502, f"delete on {node.node_id} failed: {exc}") from None
+        await self.r.fleet.refresh_node(node)
+        self.r.store.record_event("delete", node.node_id, {"model": model, "status": up.status})
+        if up.status >= 400:
+            await response.send(up.status, data or dumps({"error": "delete failed"}),
+                                "application/json; charset=utf-8")
+            return
+        await response.json({"ok": True, "node_id": node.node_id, "model": model})
+
+
+class Admission:
+    """Admission: the per node:model slot queues, the requests waiting for a slot (FIFO,
+    woken when the fleet changes) and pre-warming the runner-up. Owns the queues, the
+    waiters and the pre-warms in flight; asks the router for the fleet and the scores."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.queues: dict[tuple[str, str], SlotQueue] = {}
+        self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
+        self.waiter_seq = 0
+        self.prewarming: set[tuple[str, str]] = set()
+
+    def _wake_waiters(self) -> None:
+        """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
+        order, keeping its place in the queues it still wants."""
+        for w in self.waiters.values():
+            w.wake()
+
+    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
+        key = (node_id, model)
+        q = self.queues.get(key)
+        node = self.r.fleet.nodes.get(node_id)
+        slots = 1
+        if node is not None and kind in ("image", "stt"):
+            slots = self.r.proxy.capability_slots(node, kind, model)
+        elif node is not None:  # configured > reported > learned parallelism
+            slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
+                                      self.r.policy, self.r.fleet.learned_slots(node_id, model))
+        if q is None:
+            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
+        elif q.slots != slots:
+            q.resize(slots)  # more slots: hand them to waiters at once
+        return q
+
+    def _queue_snapshots(
+        self, model: str, kind: str
+    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
+        if kind in ("image", "stt"):
+            for node in self.r.proxy.capability_models(kind).get(model, []):
+                self.queue_for(node.node_id, model, kind)
+        else:
+            for node in self.r.fleet.nodes.values():
+                if node.has_model(model):
+                    self.queue_for(node.node_id, model, kind)
+        return {k: q.snapshot() for k, q in self.queues.items()}
+
+    async def acquire(
+        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        """A slot on the best node, or wait in arrival order (FIFO) for one.
+
+        A waiter sits in the queues of every node it would take (``scoring.wait_targets``);
+        a freed slot is handed to the longest-waiting one there, which dispatches without
+        re-scoring. It re-scores only when the fleet changes, at its deadline, or when a
+        handed slot turns out unusable (it passes the slot on and keeps its place).
+        ``snaps``: a fleet snapshot taken a moment ago, for the first choice only.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        waiter: Waiter | None = None
+        deadline: asyncio.TimerHandle | None = None
+        q_wait: SlotQueue | None = None  # the queue counting us as pending
+        choice: scoring.Choice | None = None
+        try:
+            while True:
+                now = time.time()
+                granted = waiter.take() if waiter is not None else None
+                if granted is not None:
+                    node = self.r.fleet.nodes.get(granted.node_id)
+                    if (
+                        choice is not None
+                        and node is not None
+                        and self._slot_usable(node, rreq.model, now)
+                    ):
+                        picked = dataclasses.replace(
+                            choice, action="dispatch", node_id=node.node_id,
+                            reason=f"slot handed over in arrival order ({choice.reason})",
+                        )
+                        return self._dispatched(node, granted, rreq, picked, now, start)
+                    granted.release()  # not usable after all: the next waiter's
+                if snaps is None:
+                    snaps = self.r.fleet._snapshots(now)
+                queues = self._queue_snapshots(rreq.model, rreq.kind)
+                choice = scoring.choose(
+                    rreq,
+                    snaps,
+                    queues,
+                    self.r.fleet.stats,
+                    self.r.fleet.breakers,
+                    now,
+                    self.r.rng.random(),
+                    self.r.policy,
+                    waited_s=(
+                        self.r.policy.max_queue_wait_s
+                        if waiter is not None and waiter.expired
+                        else loop.time() - start
+                    ),
+                )
+                snaps = None  # after a wait, the next round takes a fresh snapshot
+                self.maybe_prewarm(rreq, choice, queues)
+                if choice.action == "dispatch" and choice.node_id in self.r.fleet.nodes:
+                    node = self.r.fleet.nodes[choice.node_id]
+                    q = self.queue_for(node.node_id, rreq.model, rreq.kind)
+                    if waiter is not None:
+                        waiter.leave()
+                    q.take()
+                    return self._dispatched(node, q, rreq, choice, now, start)
+                if choice.action != "wait":
+                    raise Rejected(choice, choice.reason)
+                if waiter is None:
+                    self.waiter_seq += 1
+                    waiter = self.waiters[self.waiter_seq] = Waiter(self.waiter_seq)
+                    deadline = loop.call_at(start + self.r.policy.max_queue_wait_s, waiter.expire)
+                want = choice.wait_for
+                if q_wait is None or q_wait.node_id != want:
+                    if q_wait is not None:
+                        q_wait.pending -= 1
+                    q_wait = self.queue_for(want, rreq.model, rreq.kind) if want else None
+                    if q_wait is not None:
+                        q_wait.pending += 1
+                targets = scoring.wait_targets(choice, self.r.policy)
+                waiter.register(
+                    self.queue_for(n, rreq.model, rreq.kind)
+                    for n in targets if n in self.r.fleet.nodes
+                )
+                await waiter.wait()
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            if waiter is not None:
+                del self.waiters[waiter.seq]
+                waiter.leave()  # a slot handed over but not taken goes on
+            if q_wait is not None:
+                q_wait.pending -= 1
+
+    def _slot_usable(self, node: Node, model: str, now: float) -> bool:
+        """A handed-over slot is still worth taking (fleet changes re-score everyone; this
+        catches what changed since without scoring: status and breakers)."""
+        if node.status in ("offline", "draining") or not node.reachable:
+            return False
+        return all(
+            scoring.breaker_allows(self.r.fleet.breakers.get(key), now)
+            for key in (node.node_id, f"{node.node_id}:{model}")
+        )
+
+    def _dispatched(
+        self, node: Node, q: SlotQueue, rreq: scoring.RouteRequest, choice: scoring.Choice,
+        now: float, start: float,
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        q.last_used = now
+        if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
+            node.loading.setdefault(rreq.model, now)
+            self.r.fleet.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind),
+                                        now)
+        self.r.fleet.breakers_probe(node.node_id, rreq.model, now)
+        return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
+
+    def forget_node(self, node_id: str) -> None:
+        """Its idle queues go; a busy one stays until a later departure finds it idle."""
+        for key in [k for k, q in self.queues.items()
+                    if k[0] == node_id and not (q.in_flight or q.pending or q.waiters)]:
+            del self.queues[key]
+
+    def release(self, q: SlotQueue, ok: bool) -> None:
+        if ok:
+            q.done += 1
+        else:
+            q.failed += 1
+        q.release()
+
+    def maybe_prewarm(self, rreq: scoring.RouteRequest, choice: scoring.Choice,
+                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot]) -> None:
+        """A deep queue on the winner: load the model on the runner-up before it is needed."""
+        if rreq.kind not in ("text", "embed"):
+            return
+        target = scoring.prewarm_target(rreq, choice, queues, self.r.policy)
+        if target is None or target not in self.r.fleet.nodes:
+            return
+        key = (target, rreq.model)
+        if key in self.prewarming:
+            return
+        self.prewarming.add(key)
+        self.r._spawn(self.prewarm(self.r.fleet.nodes[target], rreq.model, rreq.kind), "prewarm")
+
+    async def prewarm(self, node: Node, model: str, kind: str) -> None:
+        path = "/api/embed" if kind == "embed" else "/api/generate"
+        body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
+        log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
+        try:
+            async with asyncio.timeout(self.r.config.first_byte_timeout_s):
+                up = await self.r.pool.request(node.url, "POST", path,
+                                             [(b"content-type", b"application/json")],
+                                             dumps(body))
+                await up.read()
+            if up.status == 200:
+                self.r.fleet.mark_loaded(node, model, None, time.time())
+                self.r.store.record_event("prewarm", node.node_id, {"model": model})
+        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
+            log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
+        finally:
+            self.prewarming.discard((node.node_id, model))
+            self._wake_waiters()
+
+
+class Fleet:
+    """The fleet model: the nodes (and the held ones awaiting consent), what herd learned
+    about them, their breakers and service stats; polling, heartbeats, consent and
+    ``/fleet/status``. Tells the others that the fleet changed through ``on_change``."""
+
+    def __init__(self, router: Router, on_change: Callable[[], None],
+                 on_node_gone: Callable[[str], None]) -> None:
+        self.r = router
+        self.on_change = on_change  # the fleet changed: waiters re-score
+        self.on_node_gone = on_node_gone  # a node left the fleet: drop what is keyed by it
         self.nodes: dict[str, Node] = {}
         # consent (issue 18): agent nodes waiting for approval or rejected, never routed to;
         # the operator's decisions (store table node_admissions); this machine's addresses
@@ -2262,7 +3261,6 @@ class Router:
         self.admissions: dict[str, JSON] = {}
         self.own_addrs: frozenset[str] = frozenset()
         self.own_addrs_at = 0.0
-        self.queues: dict[tuple[str, str], SlotQueue] = {}
         self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
         self.breakers: dict[str, scoring.BreakerState] = {}
         # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
@@ -2273,84 +3271,6 @@ class Router:
         self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
         self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
         self.affinity_writes = 0
-        self.blob_pins: dict[str, str] = {}  # blob digest → node_id (blobs are node-local)
-        self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
-        self.metrics = Metrics()
-        self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
-        self.waiter_seq = 0
-        self.active_requests = 0
-        self.server = HttpServer(self.dispatch, self.limits, self.render_error)
-        self.address: tuple[str, int] = ("", 0)
-        self.started_at = time.time()
-        self.background: set[asyncio.Task[Any]] = set()
-        self.pull_jobs: dict[str, JSON] = {}
-        self.prewarming: set[tuple[str, str]] = set()
-        self.auto_pulls: dict[str, asyncio.Future[None]] = {}
-        self.benchmark_task: asyncio.Task[None] | None = None
-        self.benchmark_run: int | None = None
-        self.routes: dict[str, dict[str, Handler]] = self._route_table()
-        self.draining = False  # SIGTERM received: /healthz answers 503
-        self.mdns_state = "starting" if config.mdns else "off"
-        self.peers: RouterBrowser | None = None  # the other routers of the fleet (mDNS)
-        self.peer_health: dict[str, JSON] = {}  # mDNS name → their /healthz, probed
-
-    # ---------------------------------------------------------------- lifecycle ----------
-
-    async def start(self) -> tuple[str, int]:
-        await self.store.open()
-        stored = await self.store.get_settings()
-        for key, value in stored.items():
-            if key in DEFAULT_SETTINGS:
-                self.settings[key] = value
-        await self.load_admissions()
-        now = time.time()
-        for url in self.config.nodes:
-            self.add_static_node(url, "static", now)
-        self.address = await self.server.start(self.config.host, self.config.port)
-        if not is_loopback_host(self.config.host) and not self.config.api_keys:
-            log.warning(
-                "listening on %s with no API key: anyone who can reach this address can use "
-                "the fleet; pass --api-key (or HERD_API_KEYS), or --host 127.0.0.1",
-                self.config.host or "every address",
-            )
-        self._spawn(self._poll_loop(), "poller")
-        self._spawn(self._monitor_loop(), "monitor")
-        if self.config.local_ollama:
-            self._spawn(self._probe_local(self.config.local_ollama), "local-probe")
-        elif not self.config.nodes:
-            log.warning("no node is configured (--node) and the local Ollama probe is off: %s",
-                        EMPTY_FLEET)
-        if self.config.mdns:
-            self._spawn(self._advertise(), "mdns")
-        return self.address
-
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        task.set_name(f"herd-{name}")
-        self.background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed: %r", task.get_name(), task.exception())
-
-    def begin_drain(self) -> None:
-        """SIGTERM: from now on /healthz answers 503, so health-checking load balancers
-        take this router out before it stops accepting connections."""
-        if not self.draining:
-            self.draining = True
-            log.info("draining: /healthz answers 503 from now on")
-
-    async def stop(self) -> None:
-        self.begin_drain()
-        await self.server.stop(self.config.grace_s)
-        for task in list(self.background):
-            task.cancel()
-        if self.background:
-            await asyncio.wait(list(self.background), timeout=3)
-        self.pool.close()
-        await self.store.close()
 
     def add_static_node(self, url: str, source: str, now: float) -> Node:
         url = normalize_url(url)
@@ -2366,10 +3286,8 @@ class Router:
         node = Node(node_id=node_id, url=url, source=source, first_seen=now, last_change=now)
         self.nodes[node_id] = node
         log.info("node %s added (%s, %s)", node_id, source, url)
-        self.store.record_event("node_added", node_id, {"url": url, "source": source})
+        self.r.store.record_event("node_added", node_id, {"url": url, "source": source})
         return node
-
-    # ---------------------------------------------------------------- polling -------------
 
     async def _probe_local(self, url: str) -> None:
         """Add a local Ollama as a node when one answers (checked again every minute)."""
@@ -2377,9 +3295,9 @@ class Router:
         while True:
             if not any(n.url == normalize_url(url) for n in self.nodes.values()):
                 try:
-                    await self.pool.get_json(url, "/api/version", self.config.poll_timeout_s)
+                    await self.r.pool.get_json(url, "/api/version", self.r.config.poll_timeout_s)
                 except (UpstreamFailure, ValueError, TimeoutError, OSError):
-                    if first and not self.config.nodes:
+                    if first and not self.r.config.nodes:
                         log.warning("no Ollama answered at %s and no node is configured: %s",
                                     url, EMPTY_FLEET)
                 else:
@@ -2393,15 +3311,15 @@ class Router:
             targets = [n for n in self.nodes.values() if n.source in ("static", "local")]
             if targets:
                 await asyncio.gather(*(self.refresh_node(n) for n in targets))
-            await asyncio.sleep(self.config.poll_interval_s)
+            await asyncio.sleep(self.r.config.poll_interval_s)
 
     async def refresh_node(self, node: Node) -> bool:
         """Poll a node's Ollama (/api/ps, /api/tags, /api/version) concurrently."""
-        timeout = self.config.poll_timeout_s
+        timeout = self.r.config.poll_timeout_s
         results = await asyncio.gather(
-            self.pool.get_json(node.url, "/api/ps", timeout),
-            self.pool.get_json(node.url, "/api/tags", timeout),
-            self.pool.get_json(node.url, "/api/version", timeout),
+            self.r.pool.get_json(node.url, "/api/ps", timeout),
+            self.r.pool.get_json(node.url, "/api/tags", timeout),
+            self.r.pool.get_json(node.url, "/api/version", timeout),
             return_exceptions=True,
         )
         now = time.time()
@@ -2436,18 +3354,18 @@ class Router:
         if node.status != "draining":
             self._set_status(node, "online", now)
         if self._routing_key(node, now) != before:
-            self._wake_waiters()
+            self.on_change()
         return True
 
     def _set_status(self, node: Node, status: str, now: float) -> None:
         if node.status != status:
             log.info("node %s: %s -> %s", node.node_id, node.status, status)
-            self.store.record_event(
+            self.r.store.record_event(
                 f"node_{status}", node.node_id, {"from": node.status, "error": node.last_error}
             )
             node.status = status
             node.last_change = now
-            self._wake_waiters()
+            self.on_change()
 
     async def _monitor_loop(self) -> None:
         """Agent nodes: degraded after a missed beat, offline within three."""
@@ -2461,9 +3379,7 @@ class Router:
                     self._set_status(node, "offline", now)
                 elif silence > 1.5 * node.interval_s:
                     self._set_status(node, "degraded", now)
-            await asyncio.sleep(min(1.0, self.config.heartbeat_interval_s / 4))
-
-    # ---------------------------------------------------------------- queues --------------
+            await asyncio.sleep(min(1.0, self.r.config.heartbeat_interval_s / 4))
 
     def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
         """What routing reads from a node, coarsely (memory in whole GB, no expiry times): a
@@ -2482,32 +3398,8 @@ class Router:
             repr(node.capabilities),
         )
 
-    def _wake_waiters(self) -> None:
-        """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
-        order, keeping its place in the queues it still wants."""
-        for w in self.waiters.values():
-            w.wake()
-
-    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
-        key = (node_id, model)
-        q = self.queues.get(key)
-        node = self.nodes.get(node_id)
-        slots = 1
-        if node is not None and kind in ("image", "stt"):
-            slots = self.capability_slots(node, kind, model)
-        elif node is not None:  # configured > reported > learned parallelism
-            slots = scoring.slots_for(node.num_parallel, self.config.slots.get(node_id),
-                                      self.policy, self.learned_slots(node_id, model))
-        if q is None:
-            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
-        elif q.slots != slots:
-            q.resize(slots)  # more slots: hand them to waiters at once
-        return q
-
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
         return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]
-
-    # ---------------------------------------------------------------- learning ------------
 
     def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
         """A node nobody reports memory for gets the capacity learned from /api/ps."""
@@ -2523,7 +3415,7 @@ class Router:
                                        max_loaded=reported_cap or mb.model_cap)
         if snap.ram_total > 0 or snap.vram_total > 0:
             return snap
-        cap, how = mb.capacity(now, self.policy)
+        cap, how = mb.capacity(now, self.r.policy)
         if cap <= 0:
             return snap
         used = sum(lm.size for lm in snap.loaded.values())
@@ -2536,7 +3428,7 @@ class Router:
         """A cold load was just sent: the models it will evict stop counting as hot there
         now, not at the next /api/ps (which corrects the guess either way)."""
         snap = self._with_learned(node.snapshot(now), now)
-        gone = scoring.predicted_evictions(rreq, snap, queues, self.policy)
+        gone = scoring.predicted_evictions(rreq, snap, queues, self.r.policy)
         if gone:
             node.set_loaded([m for m in node.loaded if scoring.normalize_model(
                 str(m.get("name") or m.get("model") or "")) not in gone], now)
@@ -2545,7 +3437,7 @@ class Router:
         b = self.slot_bounds.get((node_id, model))
         if b is None or b.n == 0:
             b = self.node_slot_bounds.get(node_id)
-        return scoring.learned_slots(b, time.time(), self.policy)
+        return scoring.learned_slots(b, time.time(), self.r.policy)
 
     def learn_memory(self, node: Node, now: float) -> None:
         """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
@@ -2553,7 +3445,7 @@ class Router:
         before = self.ps_seen.get(node.node_id, {})
         self.ps_seen[node.node_id] = after
         self.memory_bounds[node.node_id] = scoring.learn_memory(
-            self.memory_bounds.get(node.node_id), before, after, now, self.policy)
+            self.memory_bounds.get(node.node_id), before, after, now, self.r.policy)
 
     def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
                       m: Mapping[str, Any]) -> None:
@@ -2580,7 +3472,7 @@ class Router:
                 self.slot_bounds[key] = scoring.learn_slots(
                     self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
                     concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
-                    now=time.time(), policy=self.policy, started_as_one_ended=freed)
+                    now=time.time(), policy=self.r.policy, started_as_one_ended=freed)
                 self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
                     [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
         ends.append(end)
@@ -2590,21 +3482,21 @@ class Router:
         self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
         self.affinity.move_to_end(key)
         self.affinity_writes += 1
-        if (len(self.affinity) > self.policy.affinity_max_entries
+        if (len(self.affinity) > self.r.policy.affinity_max_entries
                 or self.affinity_writes % 1024 == 0):
-            for k in scoring.affinity_evictions(self.affinity, now, self.policy):
+            for k in scoring.affinity_evictions(self.affinity, now, self.r.policy):
                 self.affinity.pop(k, None)
 
     def learned_public(self, node: Node, now: float) -> JSON:
         """What herd has learned about a node, and how sure it is (for /fleet/status)."""
-        configured = self.config.slots.get(node.node_id)
+        configured = self.r.config.slots.get(node.node_id)
         nb = self.node_slot_bounds.get(node.node_id)
         source = ("configured" if configured else "reported" if node.num_parallel
                   else "learned" if nb is not None and nb.n else "probing")
         models: dict[str, JSON] = {}
         for (nid, model), b in self.slot_bounds.items():
             if nid == node.node_id:
-                models.setdefault(model, {})["slots"] = b.to_dict(now, self.policy)
+                models.setdefault(model, {})["slots"] = b.to_dict(now, self.r.policy)
         for (nid, model), st in self.stats.items():
             if nid != node.node_id:
                 continue
@@ -2619,181 +3511,20 @@ class Router:
         return {
             "slots": {
                 "source": source,
-                "in_use": scoring.slots_for(node.num_parallel, configured, self.policy,
+                "in_use": scoring.slots_for(node.num_parallel, configured, self.r.policy,
                                             self.learned_slots(node.node_id, "")),
-                **(nb.to_dict(now, self.policy) if nb is not None else {"observations": 0}),
+                **(nb.to_dict(now, self.r.policy) if nb is not None else {"observations": 0}),
             },
-            "memory": mb.to_dict(now, self.policy) if mb is not None else None,
+            "memory": mb.to_dict(now, self.r.policy) if mb is not None else None,
             "models": models,
         }
-
-    def _queue_snapshots(
-        self, model: str, kind: str
-    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
-        if kind in ("image", "stt"):
-            for node in self.capability_models(kind).get(model, []):
-                self.queue_for(node.node_id, model, kind)
-        else:
-            for node in self.nodes.values():
-                if node.has_model(model):
-                    self.queue_for(node.node_id, model, kind)
-        return {k: q.snapshot() for k, q in self.queues.items()}
-
-    async def acquire(
-        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
-    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        """A slot on the best node, or wait in arrival order (FIFO) for one.
-
-        A waiter sits in the queues of every node it would take (``scoring.wait_targets``);
-        a freed slot is handed to the longest-waiting one there, which dispatches without
-        re-scoring. It re-scores only when the fleet changes, at its deadline, or when a
-        handed slot turns out unusable (it passes the slot on and keeps its place).
-        ``snaps``: a fleet snapshot taken a moment ago, for the first choice only.
-        """
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        waiter: Waiter | None = None
-        deadline: asyncio.TimerHandle | None = None
-        q_wait: SlotQueue | None = None  # the queue counting us as pending
-        choice: scoring.Choice | None = None
-        try:
-            while True:
-                now = time.time()
-                granted = waiter.take() if waiter is not None else None
-                if granted is not None:
-                    node = self.nodes.get(granted.node_id)
-                    if (
-                        choice is not None
-                        and node is not None
-                        and self._slot_usable(node, rreq.model, now)
-                    ):
-                        picked = dataclasses.replace(
-                            choice, action="dispatch", node_id=node.node_id,
-                            reason=f"slot handed over in arrival order ({choice.reason})",
-                        )
-                        return self._dispatched(node, granted, rreq, picked, now, start)
-                    granted.release()  # not usable after all: the next waiter's
-                if snaps is None:
-                    snaps = self._snapshots(now)
-                queues = self._queue_snapshots(rreq.model, rreq.kind)
-                choice = scoring.choose(
-                    rreq,
-                    snaps,
-                    queues,
-                    self.stats,
-                    self.breakers,
-                    now,
-                    self.rng.random(),
-                    self.policy,
-                    waited_s=(
-                        self.policy.max_queue_wait_s
-                        if waiter is not None and waiter.expired
-                        else loop.time() - start
-                    ),
-                )
-                snaps = None  # after a wait, the next round takes a fresh snapshot
-                self.maybe_prewarm(rreq, choice, queues)
-                if choice.action == "dispatch" and choice.node_id in self.nodes:
-                    node = self.nodes[choice.node_id]
-                    q = self.queue_for(node.node_id, rreq.model, rreq.kind)
-                    if waiter is not None:
-                        waiter.leave()
-                    q.take()
-                    return self._dispatched(node, q, rreq, choice, now, start)
-                if choice.action != "wait":
-                    raise Rejected(choice, choice.reason)
-                if waiter is None:
-                    self.waiter_seq += 1
-                    waiter = self.waiters[self.waiter_seq] = Waiter(self.waiter_seq)
-                    deadline = loop.call_at(start + self.policy.max_queue_wait_s, waiter.expire)
-                want = choice.wait_for
-                if q_wait is None or q_wait.node_id != want:
-                    if q_wait is not None:
-                        q_wait.pending -= 1
-                    q_wait = self.queue_for(want, rreq.model, rreq.kind) if want else None
-                    if q_wait is not None:
-                        q_wait.pending += 1
-                targets = scoring.wait_targets(choice, self.policy)
-                waiter.register(
-                    self.queue_for(n, rreq.model, rreq.kind) for n in targets if n in self.nodes
-                )
-                await waiter.wait()
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-            if waiter is not None:
-                del self.waiters[waiter.seq]
-                waiter.leave()  # a slot handed over but not taken goes on
-            if q_wait is not None:
-                q_wait.pending -= 1
-
-    def _slot_usable(self, node: Node, model: str, now: float) -> bool:
-        """A handed-over slot is still worth taking (fleet changes re-score everyone; this
-        catches what changed since without scoring: status and breakers)."""
-        if node.status in ("offline", "draining") or not node.reachable:
-            return False
-        return all(
-            scoring.breaker_allows(self.breakers.get(key), now)
-            for key in (node.node_id, f"{node.node_id}:{model}")
-        )
-
-    def _dispatched(
-        self, node: Node, q: SlotQueue, rreq: scoring.RouteRequest, choice: scoring.Choice,
-        now: float, start: float,
-    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        q.last_used = now
-        if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
-            node.loading.setdefault(rreq.model, now)
-            self.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind), now)
-        self.breakers_probe(node.node_id, rreq.model, now)
-        return node, q, choice, (asyncio.get_running_loop().time() - start) * 1000
-
-    def release(self, q: SlotQueue, ok: bool) -> None:
-        if ok:
-            q.done += 1
-        else:
-            q.failed += 1
-        q.release()
 
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
         for key in (node_id, f"{node_id}:{model}"):
             state = self.breakers.get(key)
             if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
-                self.breakers[key] = scoring.breaker_begin_probe(state, now, self.policy)
-
-    def maybe_prewarm(self, rreq: scoring.RouteRequest, choice: scoring.Choice,
-                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot]) -> None:
-        """A deep queue on the winner: load the model on the runner-up before it is needed."""
-        if rreq.kind not in ("text", "embed"):
-            return
-        target = scoring.prewarm_target(rreq, choice, queues, self.policy)
-        if target is None or target not in self.nodes:
-            return
-        key = (target, rreq.model)
-        if key in self.prewarming:
-            return
-        self.prewarming.add(key)
-        self._spawn(self.prewarm(self.nodes[target], rreq.model, rreq.kind), "prewarm")
-
-    async def prewarm(self, node: Node, model: str, kind: str) -> None:
-        path = "/api/embed" if kind == "embed" else "/api/generate"
-        body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
-        log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
-        try:
-            async with asyncio.timeout(self.config.first_byte_timeout_s):
-                up = await self.pool.request(node.url, "POST", path,
-                                             [(b"content-type", b"application/json")],
-                                             dumps(body))
-                await up.read()
-            if up.status == 200:
-                self.mark_loaded(node, model, None, time.time())
-                self.store.record_event("prewarm", node.node_id, {"model": model})
-        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-            log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
-        finally:
-            self.prewarming.discard((node.node_id, model))
-            self._wake_waiters()
+                self.breakers[key] = scoring.breaker_begin_probe(state, now, self.r.policy)
 
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
         if kind == "status_4xx":
@@ -2805,13 +3536,13 @@ class Router:
         keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
         for key in keys:
             state = self.breakers.get(key, scoring.BreakerState())
-            new = scoring.breaker_on_failure(state, now, self.policy, share, kind)
+            new = scoring.breaker_on_failure(state, now, self.r.policy, share, kind)
             if new.state == "open" and state.state != "open":
                 log.warning(
                     "breaker open for %s after %s failure(s)", key, new.consecutive_failures
                 )
-                self.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
-                self._wake_waiters()  # waiters drop the node from the queues they wait on
+                self.r.store.record_event("breaker_open", node_id, {"key": key, "kind": kind})
+                self.on_change()  # waiters drop the node from the queues they wait on
             self.breakers[key] = new
         node = self.nodes.get(node_id)
         if node is not None:
@@ -2823,10 +3554,1503 @@ class Router:
         for key in (node_id, f"{node_id}:{model}"):
             state = self.breakers.get(key)
             if state is not None:
-                self.breakers[key] = scoring.breaker_on_success(state, now, self.policy)
+                self.breakers[key] = scoring.breaker_on_success(state, now, self.r.policy)
         node = self.nodes.get(node_id)
         if node is not None:
             node.reachable = True
+
+    def healthy_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
+
+    def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
+        pool = self.healthy_nodes() if healthy else list(self.nodes.values())
+        hot = [n for n in pool if model in n.loaded_names()]
+        cold = [n for n in pool if n not in hot and model in n.available_names()]
+        return hot + cold
+
+    def roomiest(self, candidates: Sequence[Node]) -> Node | None:
+        def room(n: Node) -> tuple[int, int]:
+            disk = n.hardware.get("disk") or {}
+            mem = n.hardware.get("memory") or {}
+            return (
+                int(disk.get("free_bytes") or 0) if isinstance(disk, dict) else 0,
+                int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
+            )
+
+        return max(candidates, key=room) if candidates else None
+
+    async def h_fleet_status(self, request: Request, response: Response) -> None:
+        doc = self.status_json(self.fleet_status(time.time()))
+        await response.send(200, doc, "application/json; charset=utf-8")
+
+    def status_json(self, doc: JSON) -> bytes:
+        """``dumps(doc)``, with each node's model list spliced in already encoded (it changes
+        only when the node reports a new one, and it is most of the document)."""
+        parts: list[bytes] = []
+        for entry in doc["nodes"]:
+            node = self.nodes.get(entry["node_id"])
+            avail = entry.get("available_models")
+            if node is None or avail is not node.available_public():
+                parts.append(dumps(entry))
+                continue
+            rest = dumps({k: v for k, v in entry.items() if k != "available_models"})
+            parts.append(rest[:-1] + b',"available_models":' + node.available_json() + b"}")
+        top = dumps({k: v for k, v in doc.items() if k != "nodes"})
+        return top[:-1] + b',"nodes":[' + b",".join(parts) + b"]}"
+
+    def fleet_status(self, now: float) -> JSON:
+        nodes = [n.public(now) for n in self.nodes.values()]
+        for entry in nodes:
+            br = self.breakers.get(entry["node_id"])
+            entry["breaker"] = dataclasses.asdict(br) if br is not None else None
+            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
+        return {
+            "router_id": self.r.router_id,
+            "version": __version__,
+            "generated_at": now,
+            "uptime_s": round(now - self.r.started_at, 1),
+            "fleet": {
+                "nodes_total": len(self.nodes),
+                "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
+                "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
+                "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
+                "requests_active": self.r.proxy.active_requests,
+            },
+            "nodes": nodes,
+            "pending_nodes": self.held_public(now),
+            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.r.queues.values()},
+            "pulls": list(self.r.model_admin.pull_jobs.values()),
+            "settings": dict(self.r.settings),
+            "routers": self.r.routers_public(now),
+        }
+
+    async def h_heartbeat(self, request: Request, response: Response) -> None:
+        raw = await request.read_body(4 * MiB)
+        now = time.time()
+        await self.refresh_own_addresses(now)
+        key = self.r.config.fleet_key
+        signature = request.header("x-herd-signature")
+        # with a fleet key, only an agent on this machine may beat unsigned (consent rules)
+        if (
+            key
+            and (signature is not None or not self.local_beat(raw, request.client_ip))
+            and not verify_signature(key, signature, raw, now)
+        ):
+            raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
+        signed = bool(key) and signature is not None
+        body = await parse_json_body(raw)
+        if signed:
+            # a signed beat is valid for 60 s; beats carry the agent's timestamp, so a
+            # recorded beat replayed later (e.g. to drain a node) is refused
+            stamp = body.get("timestamp")
+            node = self.nodes.get(str(body.get("node_id")))
+            if not isinstance(stamp, int | float) or isinstance(stamp, bool):
+                raise HttpError(400, "a signed heartbeat needs a numeric timestamp")
+            if node is not None and stamp <= node.last_beat_stamp:
+                raise HttpError(409, "heartbeat replayed (timestamp not newer than the last)")
+        reply = self.apply_heartbeat(body, request.client_ip, now, signed=signed)
+        if signed:
+            self.nodes[str(body["node_id"])].last_beat_stamp = float(body["timestamp"])
+        payload = dumps(reply)
+        headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
+        await response.send(200, payload, "application/json; charset=utf-8", headers)
+
+    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
+        """Register or refresh an agent node; 400 on a malformed beat, 409 on a takeover."""
+        try:
+            report = NodeReport.parse(beat)
+        except ReportError as exc:
+            raise HttpError(400, str(exc)) from None
+        node_id, url = report.node_id, report.ollama_url
+        node = self.nodes.get(node_id)
+        if node is not None and node.source != "agent":
+            raise HttpError(409, f"node id '{node_id}' is taken by a static node")
+        if (
+            node is not None
+            and node.status in ("online", "degraded")
+            and not signed
+            and node.agent_addr
+            and node.agent_addr != addr
+        ):
+            log.warning(
+                "heartbeat for node %s from %s refused: it is online from %s (no fleet key)",
+                node_id,
+                addr,
+                node.agent_addr,
+            )
+            self.r.store.record_event(
+                "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
+            )
+            raise HttpError(409, f"node '{node_id}' is online from another address")
+        before: tuple[object, ...] | None = None
+        admission, why = self.admission_of(node_id, addr, url, signed=signed)
+        if admission != "approved":
+            # held (pending | rejected): routers see a change only when a routed node leaves
+            was_routed = node_id in self.nodes
+            node = self.hold_node(node_id, addr, url, now, admission, why)
+            if not was_routed:
+                before = self._routing_key(node, now)
+        elif node is None:
+            # a held node that is now approved joins with the facts of its last beat
+            node = self.held_nodes.pop(node_id, None) or Node(
+                node_id=node_id, url=url, source="agent", first_seen=now)
+            self.nodes[node_id] = node
+            log.info("node %s joined from %s (%s)", node_id, addr, url)
+            self.r.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
+        else:
+            before = self._routing_key(node, now)
+        need_full = False
+        node.url = url
+        node.agent_addr = addr
+        node.last_seen = now
+        node.interval_s = float(
+            self.r.config.heartbeat_interval_s if report.interval_s is None else report.interval_s)
+        node.hardware_report = report.hardware
+        node.agent_version = report.agent_version
+        ollama = report.ollama
+        node.version = ollama.version or node.version
+        node.reachable = ollama.reachable
+        node.num_parallel = ollama.num_parallel
+        node.max_loaded_models = ollama.max_loaded_models
+        if ollama.loaded is not None:
+            node.set_loaded(ollama.loaded, now)
+        if ollama.available is not None:
+            node.available_models = ollama.available
+            node.available_hash = ollama.available_hash
+        elif ollama.available_hash != node.available_hash:
+            need_full = True
+        node.capabilities_report = report.capabilities
+        node.errors = list(report.errors)
+        if admission != "approved":
+            node.status = admission  # pending | rejected: held, never routed to
+        elif report.draining:
+            self._set_status(node, "draining", now)
+        elif not node.reachable:
+            node.last_error = "agent reports its Ollama unreachable"
+            self._set_status(node, "degraded", now)
+        else:
+            self._set_status(node, "online", now)
+        if before != self._routing_key(node, now):
+            self.on_change()
+        return {
+            "ok": True,
+            "router_id": self.r.router_id,
+            "fleet_id": self.r.config.fleet_id,
+            "interval_s": node.interval_s,
+            "need_full": need_full,
+            "admission": admission,
+            "admission_reason": why,
+        }
+
+    async def load_admissions(self) -> None:
+        self.admissions = await self.r.store.node_admissions()
+        await self.refresh_own_addresses(time.time())
+        if self.r.config.open_fleet:
+            log.warning(
+                "open fleet (--open-fleet): any host that can reach this router may join as a "
+                "node and receive prompts, without approval"
+            )
+
+    async def refresh_own_addresses(self, now: float) -> None:
+        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
+            return
+        self.own_addrs_at = now
+        self.own_addrs = await asyncio.to_thread(own_addresses)
+
+    def is_own_address(self, host: str) -> bool:
+        """A loopback address or one of this machine's own (no DNS: names never are, but
+        ``localhost``)."""
+        if host == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback or str(ip) in self.own_addrs
+
+    def is_local_agent(self, addr: str, url: str) -> bool:
+        """An agent on the router's own machine: it beats from here and its Ollama is here."""
+        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
+
+    def local_beat(self, raw: bytes, addr: str) -> bool:
+        try:
+            beat = json.loads(raw)
+            return isinstance(beat, dict) and self.is_local_agent(
+                addr, normalize_url(str(beat.get("ollama_url"))))
+        except ValueError:
+            return False
+
+    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
+        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
+        if signed:
+            return "approved", "signed with the fleet key"
+        if self.is_local_agent(addr, url):
+            return "approved", "agent on the router's own machine"
+        if self.r.config.open_fleet:
+            return "approved", "open fleet (--open-fleet)"
+        record = self.admissions.get(node_id)
+        if record is None:
+            return "pending", "new node: an operator has to approve it"
+        if record.get("decision") == "rejected":
+            return "rejected", "rejected by an operator"
+        if record.get("addr") != addr:
+            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
+        if record.get("ollama_url") != url:
+            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
+                               "since approval")
+        return "approved", "approved by an operator"
+
+    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
+                  why: str) -> Node:
+        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.r.store.record_event("node_left", node_id, {"reason": why})
+            self.on_change()
+            self.on_node_gone(node_id)
+        else:
+            node = self.held_nodes.get(node_id)
+        if node is None:
+            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
+            for k in stale:
+                del self.held_nodes[k]
+            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
+                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
+                del self.held_nodes[quiet.node_id]
+            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
+        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
+                state, addr, url):
+            node.held_since, node.held_reason = now, why
+            if state == "pending":
+                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
+                            "requests until approved (dashboard, or POST "
+                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
+            else:
+                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
+            self.r.store.record_event(f"node_{state}", node_id,
+                                    {"addr": addr, "url": url, "reason": why})
+        self.held_nodes[node_id] = node
+        return node
+
+    def held_public(self, now: float) -> list[JSON]:
+        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
+        rejected node ids that have not beaten since the router started."""
+        out: list[JSON] = []
+        for n in self.held_nodes.values():
+            gpu = n.hardware.get("gpu")
+            devices = gpu.get("devices") if isinstance(gpu, dict) else None
+            out.append({
+                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
+                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
+                "waiting_since": n.held_since, "last_seen": n.last_seen,
+                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
+                "agent_version": n.agent_version, "ollama_version": n.version,
+                "hardware": {
+                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
+                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
+                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
+                    if isinstance(devices, list) else [],
+                },
+                "models": sorted(n.available_names()),
+                "loaded_models": sorted(n.loaded_names()),
+            })
+        for node_id, record in self.admissions.items():
+            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
+                    and node_id not in self.nodes:
+                out.append({
+                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
+                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
+                    "first_seen": None, "waiting_since": record.get("decided_at"),
+                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
+                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
+                })
+        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
+        return out
+
+    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
+        """Admin guard and body of approve/reject: the node id and the binding decided."""
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        node_id = body.get("node_id")
+        if not valid_node_id(node_id):
+            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
+        assert isinstance(node_id, str)
+        held = self.held_nodes.get(node_id)
+        record = self.admissions.get(node_id)
+        live = self.nodes.get(node_id)
+        if held is not None:
+            addr, url = held.agent_addr, held.url
+        elif live is not None and decision == "rejected":
+            if live.source != "agent":
+                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
+                                     "the router's configuration instead")
+            if record is None or record.get("decision") != "approved":
+                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
+                                     "machine or open fleet): stop its agent instead")
+            addr, url = live.agent_addr, live.url
+        elif record is not None and record.get("decision") == "rejected":
+            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
+        else:
+            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
+        if decision == "approved":
+            # what the operator saw is what gets approved: a stranger that took over the
+            # pending id in the meantime is not approved by a stale click
+            for key, have in (("addr", addr), ("ollama_url", url)):
+                given = body.get(key)
+                if not isinstance(given, str):
+                    raise HttpError(400, f"{key} is required: the {key} you are approving "
+                                         "(see pending_nodes in /fleet/status)")
+                if given != have:
+                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
+                                         "check it again before approving")
+        now = time.time()
+        await self.r.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
+        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
+                                    "ollama_url": url, "decided_at": now}
+        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
+        self.r.store.record_event(f"node_{decision}", node_id,
+                                {"addr": addr, "url": url, "client": request.client_ip})
+        return node_id, addr, url
+
+    async def h_node_approve(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "approved")
+        node = self.held_nodes.get(node_id)
+        joined = False
+        if node is not None and (node.agent_addr, node.url) == (addr, url) \
+                and node_id not in self.nodes:
+            # it joins now with the facts of its last beat; its next beat refreshes them
+            del self.held_nodes[node_id]
+            self.nodes[node_id] = node
+            now = time.time()
+            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
+            new = ("online" if node.reachable else "degraded") if fresh else "offline"
+            self._set_status(node, new, now)
+            joined = True
+        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
+                             "addr": addr, "ollama_url": url, "joined": joined})
+
+    async def h_node_reject(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "rejected")
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self.held_nodes[node_id] = node
+            self.on_change()
+            self.on_node_gone(node_id)
+        node = node or self.held_nodes.get(node_id)
+        if node is not None:
+            node.status, node.held_since = "rejected", time.time()
+            node.held_reason = "rejected by an operator"
+        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
+                             "addr": addr, "ollama_url": url})
+
+    def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
+        """After serving, the model is resident: say so before the next poll confirms it."""
+        if model in node.loaded_names():
+            return
+        size = 0
+        for m in node.available:
+            if scoring.normalize_model(str(m.get("name") or "")) == model:
+                size = int(m.get("size") or 0)
+        node.set_loaded(
+            [
+                *node.loaded,
+                {
+                    "name": model,
+                    "model": model,
+                    "size": size,
+                    "size_vram": 0,
+                    "context_length": num_ctx,
+                    "expires_at": rfc3339(now + 300),
+                    "herd_assumed": True,
+                },
+            ],
+            now,
+        )
+
+    # ---------------------------------------------------------------- image and speech ----
+
+    # ---------------------------------------------------------------- admin protection ----
+
+
+class Proxy:
+    """Inference: prepare a request, choose (through Admission), try with retries and
+    fallbacks, relay the answer, write its trace; image and speech jobs. Owns the count of
+    requests in flight; reads the fleet and the counters through the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.active_requests = 0
+
+    async def h_inference(self, request: Request, response: Response) -> None:
+        kind, dialect = INFERENCE_PATHS[request.path]
+        raw = await request.read_body(self.r.limits.max_json_bytes)
+        body = await parse_json_body(raw)
+        # Forward the client's own bytes when herd changes nothing in the body (no herd
+        # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
+        pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
+                    and not has_herd_fields(body))
+        model_raw = self.r.model_of(body)
+        tags = extract_tags(body, request)
+        if request.key_id:
+            tags.append(request.key_id)
+        fallbacks = body.pop("fallback_models", None)
+        fallback_models = (
+            [f for f in fallbacks if isinstance(f, str)] if isinstance(fallbacks, list) else []
+        )
+        opt_out = body.pop("fallback", True) is False or (
+            request.header("x-herd-no-fallback") or ""
+        ).lower() in ("1", "true", "yes")
+        pinned = body.pop("node_id", None) or request.header("x-herd-node")
+        if pinned is not None and not isinstance(pinned, str):
+            raise HttpError(400, "node_id must be a string")
+        attempt = Attempt(
+            request_id=request.request_id,
+            kind=kind,
+            endpoint=request.path,
+            original_model=model_raw,
+            tags=tags,
+            client_ip=request.client_ip,
+            received_at=request.received_at,
+            started=time.monotonic(),
+        )
+        self.active_requests += 1
+        try:
+            if (
+                dialect == "native"
+                and request.path in ("/api/generate", "/api/chat")
+                and is_zero_keep_alive(body.get("keep_alive"))
+                and not body.get("prompt")
+                and not body.get("messages")
+            ):
+                await self.unload_everywhere(
+                    request, response, body, attempt, raw if pristine else None
+                )
+                return
+            await self.serve_routed(
+                request,
+                response,
+                body,
+                attempt,
+                fallback_models,
+                allow_vram_fallback=not opt_out,
+                pinned=pinned,
+                raw=raw if pristine else None,
+                raw_len=len(raw),
+            )
+        finally:
+            self.active_requests -= 1
+
+    async def unload_everywhere(
+        self, request: Request, response: Response, body: JSON, attempt: Attempt,
+        raw: bytes | None = None,
+    ) -> None:
+        """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
+        model = scoring.normalize_model(str(body["model"]))
+        holders = [n for n in self.r.fleet.healthy_nodes() if model in n.loaded_names()]
+        if not any(n.has_model(model) for n in self.r.fleet.healthy_nodes()):
+            raise self.r.model_not_found(f"'{body['model']}'")
+        payload = raw if raw is not None else dumps(body)
+
+        async def one(node: Node) -> None:
+            with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):
+                async with asyncio.timeout(30):
+                    up = await self.r.pool.request(
+                        node.url, "POST", request.path, upstream_headers(request), payload
+                    )
+                    await up.read()
+            await self.r.fleet.refresh_node(node)
+
+        await asyncio.gather(*(one(n) for n in holders))
+        out: JSON = {"model": body["model"], "created_at": rfc3339(time.time())}
+        if request.path == "/api/chat":
+            out["message"] = {"role": "assistant", "content": ""}
+        else:
+            out["response"] = ""
+        out.update({"done": True, "done_reason": "unload"})
+        await response.json(
+            out,
+            headers=[
+                ("x-herd-node", ",".join(n.node_id for n in holders)),
+                ("x-herd-model", str(body["model"])),
+                ("x-herd-retries", "0"),
+            ],
+        )
+        self.trace(attempt, status="completed", http_status=200, model=model)
+
+    async def serve_routed(
+        self,
+        request: Request,
+        response: Response,
+        body: JSON,
+        attempt: Attempt,
+        fallback_models: Sequence[str],
+        *,
+        allow_vram_fallback: bool,
+        pinned: str | None,
+        raw: bytes | None,
+        raw_len: int,
+    ) -> None:
+        """Route across the model chain (primary, then ``fallback_models``) with retries.
+
+        ``raw``: the client's body bytes, forwarded as they are while ``body`` is unchanged.
+        """
+        chain = scoring.fallback_chain(attempt.original_model, fallback_models)
+        est = estimate_tokens(body, raw_len)
+        vision = needs_vision(body)
+        first_error: HttpError | None = None
+        for index, model in enumerate(chain):
+            served_model = model
+            send_body = body
+            vram_fallback = bool(
+                allow_vram_fallback and self.r.settings.get("vram_fallback") and not pinned
+            )
+            protect = bool(self.r.settings.get("context_protection"))
+            # one fleet snapshot serves both pre-routing decisions for this model
+            snaps = self.r.fleet._snapshots(time.time()) if vram_fallback or protect else None
+            if snaps is not None and vram_fallback:
+                alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
+                if alt is not None:
+                    served_model, why = alt
+                    log.info(
+                        "request %s: vram fallback %s -> %s (%s)",
+                        attempt.request_id,
+                        model,
+                        served_model,
+                        why,
+                    )
+            if snaps is not None and protect:
+                decision = scoring.protect_context(
+                    served_model,
+                    requested_num_ctx(body),
+                    est,
+                    snaps,
+                    allow_upgrade=allow_vram_fallback,
+                )
+                if decision.action != "keep":
+                    log.debug(
+                        "request %s: context protection %s (%s)",
+                        attempt.request_id,
+                        decision.action,
+                        decision.reason,
+                    )
+                    send_body = apply_context_decision(send_body, decision)
+                    served_model = decision.model
+            if served_model != model or send_body is not body or index > 0:
+                send_body = dict(send_body)
+                send_body["model"] = (
+                    served_model if served_model != model or index > 0 else send_body.get("model")
+                )
+            attempt.fallback_used = index > 0 or served_model != model
+            payload = raw if raw is not None and send_body is body else dumps(send_body)
+            norm = scoring.normalize_model(served_model)
+            hit: scoring.AffinityEntry | None = None
+            attempt.affinity_key = None
+            if attempt.kind == "text" and not pinned:
+                keys, attempt.affinity_key = scoring.prefix_keys(
+                    norm, send_body.get("messages"), send_body.get("prompt"),
+                    send_body.get("system"), self.r.policy)
+                attempt.affinity_tokens = est
+                hit = scoring.affinity_lookup(keys, self.r.fleet.affinity, time.time(),
+                                              self.r.policy)
+            rreq = scoring.RouteRequest(
+                model=norm,
+                kind=attempt.kind,
+                est_tokens=est,
+                num_ctx=requested_num_ctx(send_body),
+                needs_vision=vision,
+                pinned_node=pinned,
+                cache_node=hit.node_id if hit is not None else None,
+                cached_tokens=min(est, hit.tokens) if hit is not None else 0,
+            )
+            try:
+                await self.route_with_retries(
+                    request, response, rreq, payload, attempt, served_model, snaps
+                )
+                return
+            except HttpError as exc:
+                if exc.kind != "unservable":
+                    raise
+                if exc.status == 404 and self.r.settings.get("auto_pull") and not pinned \
+                        and await self.r.model_admin.auto_pull(served_model, attempt):
+                    try:
+                        await self.route_with_retries(request, response, rreq, payload,
+                                                      attempt, served_model)
+                        return
+                    except HttpError as again:
+                        if again.kind != "unservable":
+                            raise
+                first_error = first_error or exc
+                continue
+        assert first_error is not None
+        self.trace(
+            attempt,
+            status="rejected" if first_error.status == 503 else "failed",
+            http_status=first_error.status,
+            error=first_error.message,
+        )
+        self.r.metrics.rejected += 1
+        raise first_error
+
+    def _unservable(
+        self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
+    ) -> HttpError:
+        anywhere = any(n.has_model(rreq.model) for n in self.r.fleet.nodes.values())
+        if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
+            return self.r.model_not_found(f"'{display}'", kind="unservable")
+        return HttpError(
+            503,
+            f"no node can serve '{display}' right now: {choice.reason}",
+            headers=[("retry-after", "5")],
+            kind="unservable",
+        )
+
+    async def route_with_retries(
+        self,
+        request: Request,
+        response: Response,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        served_model: str,
+        snaps: list[scoring.NodeSnapshot] | None = None,
+    ) -> None:
+        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        base_retries = attempt.retries  # retries spent on earlier models of the chain
+        while True:
+            if tried:
+                rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
+            try:
+                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq, snaps)
+                snaps = None
+            except asyncio.CancelledError:
+                self.trace(attempt, status="client_disconnected", http_status=0,
+                           error="client disconnected while queued", model=served_model,
+                           node_id="")
+                raise
+            except Rejected as rej:
+                if last is not None:  # every candidate failed: the client gets the last failure
+                    self.trace(
+                        attempt,
+                        status="failed",
+                        http_status=last.status,
+                        error=f"no node left to try: {last.message}",
+                        model=served_model,
+                        node_id="",
+                    )
+                    await self._send_failure(request, response, last, attempt)
+                    return
+                if rej.choice.retry_after_s is not None:
+                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
+                    self.trace(
+                        attempt,
+                        status="rejected",
+                        http_status=503,
+                        error=f"all nodes are busy: {rej.message}",
+                        choice=rej.choice,
+                        model=served_model,
+                    )
+                    self.r.metrics.rejected += 1
+                    raise HttpError(
+                        503,
+                        f"all nodes are busy: {rej.message}",
+                        headers=[("retry-after", str(retry_after))],
+                    ) from None
+                raise self._unservable(rreq, rej.choice, served_model) from None
+            attempt.queue_ms += queue_ms
+            attempt.dispatch_k = queue.in_flight
+            attempt.dispatch_mono = time.monotonic()
+            attempt.dispatch_hot = (rreq.model in node.loaded_names()
+                                    and rreq.model not in node.loading)
+            attempt.node_id = node.node_id
+            attempt.served_model = served_model
+            attempt.retries = base_retries + len(tried)  # one failed node per attempt
+            if tried:
+                self.r.metrics.retries += 1
+            ok = False
+            try:
+                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+                ok = True
+                return
+            except UpstreamFailure as fail:
+                now = time.time()
+                self.r.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
+                decision = scoring.retry_decision(len(tried), fail.kind, False, self.r.policy)
+                tried.add(node.node_id)
+                last = fail
+                self.trace(
+                    attempt,
+                    status="retried" if decision.retry else "failed",
+                    http_status=fail.status if not decision.retry else 0,
+                    error=fail.message,
+                    choice=choice,
+                    model=served_model,
+                    node_id=node.node_id,
+                )
+                if not decision.retry:
+                    await self._send_failure(request, response, fail, attempt)
+                    return
+                log.warning(
+                    "request %s: %s failed before first byte (%s); retrying",
+                    attempt.request_id,
+                    node.node_id,
+                    fail.message,
+                )
+            finally:
+                self.r.admission.release(queue, ok)
+
+    async def _send_failure(
+        self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt
+    ) -> None:
+        headers = [
+            ("x-herd-node", attempt.node_id),
+            ("x-herd-retries", str(attempt.retries)),
+            ("x-herd-model", attempt.served_model),
+        ]
+        if attempt.retries and is_openai_path(request.path):
+            # herd already tried other nodes: an SDK retrying on top multiplies the attempts
+            headers.append(("x-should-retry", "false"))
+        if fail.body and fail.status >= 400:
+            ctype = header_value(fail.headers, b"content-type") or "application/json"
+            await response.send(fail.status, fail.body, ctype, headers)
+            return
+        status = 504 if fail.kind == "timeout_first_byte" else 502
+        raise HttpError(status, fail.message, headers=headers)
+
+    def upstream_request_headers(self, request: Request) -> Headers:
+        hdrs = upstream_headers(request)
+        if self.r.config.api_keys:  # herd's own keys are never forwarded to nodes
+            hdrs = [(k, v) for k, v in hdrs if k not in (b"authorization", b"x-api-key")]
+        return [(k, v) for k, v in hdrs if k not in (b"content-type",)] + [
+            (b"content-type", b"application/json")
+        ]
+
+    async def attempt_on(
+        self,
+        request: Request,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        payload: bytes,
+        attempt: Attempt,
+        choice: scoring.Choice,
+    ) -> None:
+        """One attempt: raises UpstreamFailure when nothing reached the client yet."""
+        try:
+            timeout = self.r.config.first_byte_timeout_s
+            up = await self.r.pool.request(
+                node.url,
+                "POST",
+                request.target,
+                self.upstream_request_headers(request),
+                payload,
+                head_timeout=timeout,
+            )
+            if not 200 <= up.status < 400:
+                broken = ""
+                try:
+                    data = await up.read(limit=MiB, idle_timeout=10)
+                except (ConnectionClosed, TimeoutError) as exc:
+                    data, broken = b"", str(exc) or "no body within 10s"
+                verdict = scoring.classify_answer(
+                    up.status, data, node_lists_model=node.has_model(rreq.model)
+                )
+                if broken and not verdict.node_fault:
+                    raise UpstreamFailure(
+                        "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
+                    )
+                if verdict.kind == "model_not_found":
+                    # the node lost the model since its last report: refresh it, try elsewhere
+                    self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
+                    raise UpstreamFailure(
+                        "model_not_found",
+                        f"node {node.node_id} no longer has {rreq.model}",
+                        status=404,
+                        body=data,
+                        headers=up.headers,
+                    )
+                if verdict.node_fault:
+                    raise UpstreamFailure(
+                        verdict.kind,
+                        f"node {node.node_id} answered {up.status}: {error_text(data)}",
+                        status=up.status,
+                        body=data,
+                        headers=up.headers,
+                    )
+                # the client's own error: any node would answer the same; relay it as is
+                await self._relay_response(
+                    up, response, node, rreq, attempt, choice, first=data, complete=True
+                )
+                return
+            chunks = up.chunks(self.r.config.stall_timeout_s, first_timeout=timeout)
+            try:
+                first = await anext(chunks, b"")
+            except TimeoutError:
+                up.close()
+                raise UpstreamFailure(
+                    "timeout_first_byte",
+                    f"node {node.node_id} sent no body within {timeout:g}s",
+                    status=504,
+                ) from None
+            except ConnectionClosed as exc:
+                raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
+            await self._relay_response(
+                up, response, node, rreq, attempt, choice, first=first, chunks=chunks
+            )
+        except asyncio.CancelledError:
+            if not response.headers_sent:  # (once relaying, the relay traces it)
+                self.trace(attempt, status="client_disconnected", http_status=0,
+                           error="client disconnected before the node answered",
+                           choice=choice, model=attempt.served_model, node_id=node.node_id)
+            raise
+
+    async def _relay_response(
+        self,
+        up: UpstreamResponse,
+        response: Response,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        attempt: Attempt,
+        choice: scoring.Choice,
+        *,
+        first: bytes,
+        chunks: AsyncIterator[bytes] | None = None,
+        complete: bool = False,
+    ) -> None:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        if complete:
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(len(first)).encode()))
+        headers += [
+            (b"x-herd-node", node.node_id.encode()),
+            (b"x-herd-model", attempt.served_model.encode()),
+            (b"x-herd-retries", str(attempt.retries).encode()),
+            (b"x-request-id", attempt.request_id.encode()),
+        ]
+        framing = framing_of(up.header("content-type"))
+        relay = LineRelay(framing)
+        raw_body = bytearray()
+        first_at: float | None = None
+        status, error = "completed", ""
+        try:
+            await response.start(up.status, headers)
+            out = relay.feed(first)
+            if framing == "raw" and len(raw_body) < 4 * MiB:
+                raw_body += first
+            if out:
+                await response.write(out)
+                first_at = time.monotonic()
+            if chunks is not None:
+                try:
+                    async for chunk in chunks:
+                        out = relay.feed(chunk)
+                        if framing == "raw" and len(raw_body) < 4 * MiB:
+                            raw_body += chunk
+                        if out:
+                            await response.write(out)
+                            if first_at is None:
+                                first_at = time.monotonic()
+                    tail = relay.tail()
+                    if tail:
+                        await response.write(tail)
+                except TimeoutError:
+                    up.close()
+                    status = "reaped"
+                    error = (
+                        f"node {node.node_id} made no progress for "
+                        f"{self.r.config.stall_timeout_s:g}s; request reaped"
+                    )
+                    self.r.metrics.reaped += 1
+                except ConnectionClosed as exc:
+                    status = "incomplete"
+                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
+                if status != "completed":
+                    record = midstream_error_record(framing, error)
+                    if not record or up.header("content-length"):
+                        raise ClientGone(error)  # a sized body cannot be ended cleanly
+                    await response.write(record)
+            await response.end()  # the client has everything; bookkeeping comes after
+        except (ClientGone, asyncio.CancelledError) as exc:
+            up.close()
+            if status == "completed" or isinstance(exc, asyncio.CancelledError):
+                status, error = "client_disconnected", "client disconnected"
+            self._finish(
+                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
+            )
+            raise
+        self._finish(
+            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
+        )
+
+    def _finish(
+        self,
+        attempt: Attempt,
+        node: Node,
+        rreq: scoring.RouteRequest,
+        choice: scoring.Choice,
+        status: str,
+        http_status: int,
+        error: str,
+        first_at: float | None,
+        relay: LineRelay,
+        raw_body: bytearray,
+    ) -> None:
+        now = time.time()
+        final = relay.final_object()
+        if final is None and raw_body:
+            with contextlib.suppress(ValueError):
+                obj = json.loads(bytes(raw_body))
+                final = obj if isinstance(obj, dict) else None
+        m = metrics_from_final(final)
+        ok = status == "completed" and http_status < 400
+        total_ms = (time.monotonic() - attempt.started) * 1000
+        ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
+        if ok:
+            self.r.fleet.breaker_success(node.node_id, rreq.model, now)
+            self.r.fleet.mark_loaded(node, rreq.model, rreq.num_ctx, now)
+        elif status in ("incomplete", "reaped"):
+            self.r.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
+        if status != "client_disconnected" and http_status < 400:
+            obs = scoring.Observation(
+                ok=ok,
+                load_ms=m["load_ms"] or 0.0,
+                prompt_tokens=m["prompt_tokens"] or 0,
+                prompt_eval_ms=m["prompt_eval_ms"] or 0.0,
+                completion_tokens=m["completion_tokens"] or 0,
+                eval_ms=m["eval_ms"] or 0.0,
+                ttft_ms=ttft_ms,
+                total_ms=total_ms,
+            )
+            key = (node.node_id, rreq.model)
+            stats = self.r.fleet.stats
+            stats[key] = scoring.observe(stats.get(key), obs, self.r.policy)
+            if ok:
+                self.r.fleet.learn_timings(attempt, node.node_id, rreq.model, final, m)
+        if ok and attempt.affinity_key is not None:
+            self.r.fleet.remember_prefix(attempt.affinity_key, node.node_id,
+                                 attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
+        if status == "completed" and http_status >= 400:
+            # a relayed error answer (the client's own 4xx): keep the text the client got
+            status = scoring.classify_answer(http_status).trace_status
+            error = error or error_text(bytes(raw_body))
+        self.trace(
+            attempt,
+            status=status,
+            http_status=http_status,
+            error=error,
+            choice=choice,
+            model=attempt.served_model,
+            node_id=node.node_id,
+            ttft_ms=ttft_ms,
+            metrics=m,
+        )
+
+    def trace(
+        self,
+        attempt: Attempt,
+        *,
+        status: str,
+        http_status: int,
+        error: str = "",
+        choice: scoring.Choice | None = None,
+        model: str | None = None,
+        node_id: str | None = None,
+        ttft_ms: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        latency_ms = (time.monotonic() - attempt.started) * 1000
+        m = metrics or {}
+        winner = choice.winner if choice is not None else None
+        rec = store.TraceRecord(
+            request_id=attempt.request_id,
+            timestamp=attempt.received_at,
+            kind=attempt.kind,
+            endpoint=attempt.endpoint,
+            model=scoring.normalize_model(model or attempt.served_model or attempt.original_model),
+            original_model=attempt.original_model,
+            node_id=node_id if node_id is not None else attempt.node_id,
+            score=winner.total if winner is not None else None,
+            scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
+            status=status,
+            http_status=http_status,
+            error_message=error if len(error) <= TRACE_ERROR_MAX
+            else error[: TRACE_ERROR_MAX - 1] + "\u2026",
+            latency_ms=latency_ms,
+            time_to_first_token_ms=ttft_ms,
+            queue_ms=attempt.queue_ms,
+            prompt_tokens=m.get("prompt_tokens"),
+            completion_tokens=m.get("completion_tokens"),
+            load_ms=m.get("load_ms"),
+            prompt_eval_ms=m.get("prompt_eval_ms"),
+            eval_ms=m.get("eval_ms"),
+            retry_count=attempt.retries,
+            fallback_used=attempt.fallback_used,
+            tags=list(attempt.tags),
+            client_ip=attempt.client_ip,
+        )
+        self.r.store.record_trace(rec)
+        if status != "retried":
+            self.r.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
+            if attempt.fallback_used:
+                self.r.metrics.fallbacks += 1
+        log.info(
+            "%s %s %s model=%s node=%s status=%s http=%s retries=%d %.0fms%s",
+            attempt.request_id,
+            attempt.kind,
+            attempt.endpoint,
+            rec.model,
+            rec.node_id,
+            status,
+            http_status,
+            attempt.retries,
+            latency_ms,
+            f" error={error}" if error else "",
+            extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
+        )
+
+    def capability_models(self, kind: str) -> dict[str, list[Node]]:
+        """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
+        out: dict[str, list[Node]] = {}
+        for node in self.r.fleet.healthy_nodes():
+            url = node.capabilities.get("service_url")
+            if not isinstance(url, str) or not url:
+                continue
+            for entry in node.capabilities.get(kind) or []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    out.setdefault(scoring.normalize_model(entry["name"]), []).append(node)
+        return out
+
+    def capability_slots(self, node: Node, kind: str, model: str) -> int:
+        for entry in node.capabilities.get(kind) or []:
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
+                    and scoring.normalize_model(entry["name"]) == model:
+                slots = entry.get("slots")
+                if isinstance(slots, int) and 0 < slots <= 64:
+                    return slots
+        return 1  # agents run one job per backend at a time
+
+    def resolve_capability_model(self, kind: str, requested: str | None) -> str:
+        toggle = "image_generation" if kind == "image" else "transcription"
+        if not self.r.settings.get(toggle):
+            raise HttpError(503, f"{toggle.replace('_', ' ')} is disabled on this router; enable "
+                                 f"it with POST /dashboard/api/settings {{\"{toggle}\": true}}")
+        models = self.capability_models(kind)
+        if not models:
+            what = "image generation" if kind == "image" else "speech-to-text"
+            raise HttpError(503, f"no online node offers {what}; run herd-node with a "
+                                 f"{'image' if kind == 'image' else 'transcription'} backend")
+        if not requested:
+            return sorted(models, key=lambda m: -len(models[m]))[0]
+        name = scoring.normalize_model(requested)
+        if name not in models:
+            raise HttpError(404, f"model '{requested}' not found; available "
+                                 f"{'image' if kind == 'image' else 'speech-to-text'} models: "
+                                 f"{', '.join(sorted(models))}")
+        return name
+
+    async def capability_call(
+        self, request: Request, kind: str, model: str, path: str,
+        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
+    ) -> tuple[UpstreamResponse, Node]:
+        """Route an image/STT job; retries before any byte of a streamed body is spent."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        while True:
+            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
+            try:
+                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq)
+            except Rejected as rej:
+                if last is not None:  # retried already: the SDK should not multiply it
+                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
+                    raise HttpError(502, last.message, headers=no_retry) from None
+                retry = rej.choice.retry_after_s
+                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
+                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
+                                ) from None
+            attempt.queue_ms += queue_ms
+            attempt.node_id, attempt.served_model = node.node_id, model
+            attempt.retries = len(tried)
+            base = str(node.capabilities.get("service_url"))
+            ok = False
+            try:
+                up = await self.r.pool.request(base, "POST", path, headers, body,
+                                             head_timeout=self.r.config.first_byte_timeout_s)
+                if up.status >= 500:
+                    data = await up.read(limit=MiB, idle_timeout=10)
+                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
+                                          f"{up.status}: {error_text(data)}",
+                                          status=up.status, body=data, headers=up.headers)
+                ok = not scoring.classify_answer(up.status).node_fault
+                self.r.fleet.breaker_success(node.node_id, model, time.time())
+                return up, node
+            except UpstreamFailure as fail:
+                self.r.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
+                streamed = not isinstance(body, bytes) and fail.kind != "connect"
+                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.r.policy)
+                self.trace(attempt, status="retried" if decision.retry else "failed",
+                           http_status=0 if decision.retry else fail.status,
+                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
+                if not decision.retry:
+                    raise HttpError(fail.status if fail.status >= 400 else 502,
+                                    fail.message) from None
+                tried.add(node.node_id)
+                last = fail
+            finally:
+                self.r.admission.release(queue, ok)
+
+    def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
+        return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
+                       original_model=model, tags=[t for t in [request.key_id] if t],
+                       client_ip=request.client_ip, received_at=request.received_at,
+                       started=time.monotonic())
+
+    async def h_generate_image(self, request: Request, response: Response) -> None:
+        body = await request.json(4 * MiB)
+        requested = body.get("model")
+        if requested is not None and not isinstance(requested, str):
+            raise HttpError(400, "model must be a string")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HttpError(400, "prompt is required")
+        for key in ("width", "height", "steps", "seed"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 1 << 31):
+                raise HttpError(400, f"{key} must be a non-negative integer")
+        model = self.resolve_capability_model("image", requested)
+        attempt = self.capability_attempt(request, "image", model)
+        body["model"] = model
+        up, node = await self.capability_call(
+            request, "image", model, "/api/generate-image", dumps(body),
+            [(b"content-type", b"application/json")], attempt)
+        await self.finish_capability(up, node, response, attempt, model)
+
+    async def h_v1_images(self, request: Request, response: Response) -> None:
+        body = await request.json(4 * MiB)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HttpError(400, "prompt is required")
+        requested = body.get("model")
+        model = self.resolve_capability_model(
+            "image", requested if isinstance(requested, str) else None)
+        size = str(body.get("size") or "1024x1024")
+        try:
+            width, height = (int(x) for x in size.lower().split("x", 1))
+        except ValueError:
+            raise HttpError(400, f"size must look like 1024x1024, got {size!r}") from None
+        if body.get("response_format") == "url":
+            raise HttpError(400, "response_format 'url' is not supported; use 'b64_json'")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or not 1 <= n <= 4:
+            raise HttpError(400, "n must be between 1 and 4")
+        attempt = self.capability_attempt(request, "image", model)
+        images: list[JSON] = []
+        node_ids: list[str] = []
+        for i in range(n):
+            job = {"model": model, "prompt": prompt, "width": width, "height": height}
+            if isinstance(body.get("seed"), int):
+                job["seed"] = int(body["seed"]) + i
+            up, node = await self.capability_call(
+                request, "image", model, "/api/generate-image", dumps(job),
+                [(b"content-type", b"application/json")], attempt)
+            data = await up.read(limit=256 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+            if up.status >= 400:
+                message = error_text(data, 500)
+                await response.send(up.status, error_body(request.path, up.status, message),
+                                    "application/json")
+                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                           http_status=up.status, error=message, model=model)
+                return
+            images.append({"b64_json": base64.b64encode(data).decode(),
+                           "revised_prompt": prompt})
+            node_ids.append(node.node_id)
+        await response.json({"created": int(time.time()), "data": images},
+                            headers=[("x-herd-node", ",".join(node_ids)),
+                                     ("x-herd-model", model),
+                                     ("x-herd-retries", str(attempt.retries))])
+        self.trace(attempt, status="completed", http_status=200, model=model)
+
+    async def multipart_prefix(self, request: Request, limit: int
+                               ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
+        """Read just enough of a multipart body to learn its small fields (model, language,
+        response_format…) that clients send before the file; the rest stays a stream."""
+        ctype = request.header("content-type") or ""
+        if "multipart/form-data" not in ctype.lower() or "boundary=" not in ctype:
+            raise HttpError(400, "expected multipart/form-data with an 'audio' (or 'file') part")
+        boundary = ctype.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
+        chunks = request.body_chunks(limit)
+        prefix = bytearray()
+        async for chunk in chunks:
+            prefix += chunk
+            if b"filename=" in prefix or len(prefix) > 256 * 1024:
+                break
+        fields: dict[str, str] = {}
+        has_file = False
+        for part in bytes(prefix).split(b"--" + boundary):
+            head, sep, value = part.partition(b"\r\n\r\n")
+            if not sep:
+                continue
+            head_text = head.decode("utf-8", "replace")
+            if "filename=" in head_text:
+                has_file = has_file or 'name="audio"' in head_text or 'name="file"' in head_text
+                continue
+            if 'name="' in head_text and value.endswith(b"\r\n"):
+                name = head_text.split('name="', 1)[1].split('"', 1)[0]
+                fields[name] = value[:-2].decode("utf-8", "replace")[:256]
+        if not has_file and request.body_consumed:
+            raise HttpError(400, "multipart body has no 'audio' (or 'file') part")
+
+        async def rest() -> AsyncIterator[bytes]:
+            yield bytes(prefix)
+            async for chunk in chunks:
+                yield chunk
+
+        return fields, bytes(prefix), rest()
+
+    async def h_transcribe(self, request: Request, response: Response) -> None:
+        fields, _, body = await self.multipart_prefix(request, self.r.limits.max_upload_bytes)
+        requested = request.query.get("model") or fields.get("model")
+        model = self.resolve_capability_model("stt", requested)
+        attempt = self.capability_attempt(request, "stt", model)
+        headers = [(b"content-type", (request.header("content-type") or "").encode())]
+        up, node = await self.capability_call(request, "stt", model,
+                                              f"/api/transcribe?model={model}", body, headers,
+                                              attempt)
+        await self.finish_capability(up, node, response, attempt, model)
+
+    async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
+        fields, _, body = await self.multipart_prefix(request, self.r.limits.max_upload_bytes)
+        model = self.resolve_capability_model("stt", fields.get("model") or None)
+        fmt = fields.get("response_format", "json")
+        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
+            raise HttpError(400, f"unsupported response_format {fmt!r}")
+        attempt = self.capability_attempt(request, "stt", model)
+        headers = [(b"content-type", (request.header("content-type") or "").encode())]
+        up, node = await self.capability_call(request, "stt", model,
+                                              f"/api/transcribe?model={model}", body, headers,
+                                              attempt)
+        data = await up.read(limit=64 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+        herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
+                        ("x-herd-retries", str(attempt.retries))]
+        if up.status >= 400:
+            message = error_text(data, 500)
+            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                       http_status=up.status, error=message, model=model)
+            await response.send(up.status, error_body(request.path, up.status, message),
+                                "application/json", herd_headers)
+            return
+        result = json.loads(data)
+        text = str(result.get("text") or "")
+        chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
+        self.trace(attempt, status="completed", http_status=200, model=model)
+        if fmt == "text":
+            await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
+        elif fmt in ("srt", "vtt"):
+            await response.send(200, subtitles(chunks, fmt).encode(), "text/plain; charset=utf-8",
+                                herd_headers)
+        elif fmt == "verbose_json":
+            end = max((float(c.get("end") or 0) for c in chunks), default=0.0)
+            await response.json({"task": "transcribe", "language": result.get("language"),
+                                 "duration": end, "text": text,
+                                 "segments": [{"id": i, "start": c.get("start"),
+                                               "end": c.get("end"), "text": c.get("text")}
+                                              for i, c in enumerate(chunks)]},
+                                headers=herd_headers)
+        else:
+            await response.json({"text": text}, headers=herd_headers)
+
+    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
+                                attempt: Attempt, model: str) -> None:
+        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
+                    (b"x-herd-retries", str(attempt.retries).encode())]
+        await response.start(up.status, headers)
+        head = bytearray()  # the start of an error answer, for its trace
+        try:
+            async for chunk in up.chunks(self.r.config.stall_timeout_s):
+                if up.status >= 400 and len(head) < 64 * 1024:
+                    head += chunk
+                await response.write(chunk)
+        except (ConnectionClosed, TimeoutError) as exc:
+            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
+                       model=model)
+            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
+        except ClientGone:
+            up.close()
+            self.trace(attempt, status="client_disconnected", http_status=up.status,
+                       model=model)
+            raise
+        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                   http_status=up.status, error=error_text(bytes(head)), model=model)
+
+
+# =======================================================================================
+# The router
+# =======================================================================================
+
+
+class Router:
+    """Owns the fleet model, the queues and every handler. Built once in ``serve()``."""
+
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.limits = config.limits
+        self.router_id = uuid.uuid4().hex[:12]
+        self.rng = rng or random.Random()
+        self.pool = Pool(connect_timeout_s=config.connect_timeout_s)
+        self.store = store.Store(config.data_dir, retention_days=config.retention_days)
+        self.settings: dict[str, object] = dict(DEFAULT_SETTINGS)
+        self.metrics = Metrics()
+        self.server = HttpServer(self.dispatch, self.limits, self.render_error)
+        self.address: tuple[str, int] = ("", 0)
+        self.started_at = time.time()
+        self.background: set[asyncio.Task[Any]] = set()
+        self.admission = Admission(self)
+        self.fleet = Fleet(self, on_change=self.admission._wake_waiters,
+                           on_node_gone=self._node_gone)
+        self.proxy = Proxy(self)
+        self.dashboard = DashboardApi(self)
+        self.model_admin = ModelAdmin(self)
+        self.routes: dict[str, dict[str, Handler]] = self._route_table()
+        self.draining = False  # SIGTERM received: /healthz answers 503
+        self.mdns_state = "starting" if config.mdns else "off"
+        self.peers: RouterBrowser | None = None  # the other routers of the fleet (mDNS)
+        self.peer_health: dict[str, JSON] = {}  # mDNS name → their /healthz, probed
+
+    # Thin delegates to the collaborators that own these (tests and tools reach in here).
+
+    @property
+    def queues(self) -> dict[tuple[str, str], SlotQueue]:
+        return self.admission.queues
+
+    @property
+    def waiters(self) -> dict[int, Waiter]:
+        return self.admission.waiters
+
+    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
+        return self.admission.queue_for(node_id, model, kind)
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return self.fleet.nodes
+
+    @property
+    def held_nodes(self) -> dict[str, Node]:
+        return self.fleet.held_nodes
+
+    @property
+    def admissions(self) -> dict[str, JSON]:
+        return self.fleet.admissions
+
+    @property
+    def stats(self) -> dict[tuple[str, str], scoring.ServiceStats]:
+        return self.fleet.stats
+
+    @property
+    def breakers(self) -> dict[str, scoring.BreakerState]:
+        return self.fleet.breakers
+
+    async def refresh_node(self, node: Node) -> bool:
+        return await self.fleet.refresh_node(node)
+
+    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
+        return self.fleet.apply_heartbeat(beat, addr, now, signed=signed)
+
+    def fleet_status(self, now: float) -> JSON:
+        return self.fleet.fleet_status(now)
+
+    def status_json(self, doc: JSON) -> bytes:
+        return self.fleet.status_json(doc)
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        return self.fleet.learned_slots(node_id, model)
+
+    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
+        return self.fleet._snapshots(now)
+
+    async def acquire(
+        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
+        return await self.admission.acquire(rreq, snaps)
+
+    def release(self, q: SlotQueue, ok: bool) -> None:
+        self.admission.release(q, ok)
+
+    # ---------------------------------------------------------------- lifecycle ----------
+
+    async def start(self) -> tuple[str, int]:
+        await self.store.open()
+        stored = await self.store.get_settings()
+        for key, value in stored.items():
+            if key in DEFAULT_SETTINGS:
+                self.settings[key] = value
+        await self.fleet.load_admissions()
+        now = time.time()
+        for url in self.config.nodes:
+            self.fleet.add_static_node(url, "static", now)
+        self.address = await self.server.start(self.config.host, self.config.port)
+        if not is_loopback_host(self.config.host) and not self.config.api_keys:
+            log.warning(
+                "listening on %s with no API key: anyone who can reach this address can use "
+                "the fleet; pass --api-key (or HERD_API_KEYS), or --host 127.0.0.1",
+                self.config.host or "every address",
+            )
+        self._spawn(self.fleet._poll_loop(), "poller")
+        self._spawn(self.fleet._monitor_loop(), "monitor")
+        if self.config.local_ollama:
+            self._spawn(self.fleet._probe_local(self.config.local_ollama), "local-probe")
+        elif not self.config.nodes:
+            log.warning("no node is configured (--node) and the local Ollama probe is off: %s",
+                        EMPTY_FLEET)
+        if self.config.mdns:
+            self._spawn(self._advertise(), "mdns")
+        return self.address
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(f"herd-{name}")
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed: %r", task.get_name(), task.exception())
+
+    def _node_gone(self, node_id: str) -> None:
+        """A node left the fleet (held for consent): per-node state that is cheap to
+        rebuild goes (idle queues, blob pins); stats, breakers and what was learned stay,
+        for when it is approved again."""
+        self.admission.forget_node(node_id)
+        self.model_admin.forget_node(node_id)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: from now on /healthz answers 503, so health-checking load balancers
+        take this router out before it stops accepting connections."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: /healthz answers 503 from now on")
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        await self.server.stop(self.config.grace_s)
+        for task in list(self.background):
+            task.cancel()
+        if self.background:
+            await asyncio.wait(list(self.background), timeout=3)
+        self.pool.close()
+        await self.store.close()
+
+    # ---------------------------------------------------------------- polling -------------
+
+    # ---------------------------------------------------------------- queues --------------
+
+    # ---------------------------------------------------------------- learning ------------
 
     # ---------------------------------------------------------------- routes --------------
 
@@ -2836,24 +5060,24 @@ class Router:
             "/api/version": {"GET": self.h_version, "HEAD": self.h_version},
             "/api/tags": {"GET": self.h_tags, "HEAD": self.h_tags},
             "/api/ps": {"GET": self.h_ps},
-            "/api/show": {"POST": self.h_show},
-            "/api/pull": {"POST": self.h_pull},
-            "/api/push": {"POST": self.h_push},
-            "/api/create": {"POST": self.h_create},
-            "/api/copy": {"POST": self.h_copy},
-            "/api/delete": {"DELETE": self.h_delete},
+            "/api/show": {"POST": self.model_admin.h_show},
+            "/api/pull": {"POST": self.model_admin.h_pull},
+            "/api/push": {"POST": self.model_admin.h_push},
+            "/api/create": {"POST": self.model_admin.h_create},
+            "/api/copy": {"POST": self.model_admin.h_copy},
+            "/api/delete": {"DELETE": self.model_admin.h_delete},
             "/v1/models": {"GET": self.h_v1_models},
-            "/fleet/status": {"GET": self.h_fleet_status},
+            "/fleet/status": {"GET": self.fleet.h_fleet_status},
             "/healthz": {"GET": self.h_healthz, "HEAD": self.h_healthz},
-            "/heartbeat": {"POST": self.h_heartbeat},
+            "/heartbeat": {"POST": self.fleet.h_heartbeat},
             "/metrics": {"GET": self.h_metrics},
         }
         for path in INFERENCE_PATHS:
-            r[path] = {"POST": self.h_inference}
-        r["/api/generate-image"] = {"POST": self.h_generate_image}
-        r["/v1/images/generations"] = {"POST": self.h_v1_images}
-        r["/api/transcribe"] = {"POST": self.h_transcribe}
-        r["/v1/audio/transcriptions"] = {"POST": self.h_v1_transcriptions}
+            r[path] = {"POST": self.proxy.h_inference}
+        r["/api/generate-image"] = {"POST": self.proxy.h_generate_image}
+        r["/v1/images/generations"] = {"POST": self.proxy.h_v1_images}
+        r["/api/transcribe"] = {"POST": self.proxy.h_transcribe}
+        r["/v1/audio/transcriptions"] = {"POST": self.proxy.h_v1_transcriptions}
         return r
 
     async def dispatch(self, request: Request, response: Response) -> None:
@@ -2869,7 +5093,8 @@ class Router:
             methods = self.routes.get(path.rstrip("/"))
         if methods is None:
             if path.startswith("/api/blobs/"):
-                methods = {"HEAD": self.h_blob_head, "POST": self.h_blob_post}
+                ma = self.model_admin
+                methods = {"HEAD": ma.h_blob_head, "POST": ma.h_blob_post}
             elif path.startswith("/v1/models/"):
                 methods = {"GET": self.h_v1_model}
         if methods is None:
@@ -2961,21 +5186,18 @@ class Router:
             "status": "draining" if self.draining else "ok",
             "router_id": self.router_id,
             "fleet_id": self.config.fleet_id,
-            "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
-            "requests_active": self.active_requests,
+            "nodes_online": sum(1 for n in self.fleet.nodes.values() if n.status == "online"),
+            "requests_active": self.proxy.active_requests,
         }
         headers = [("cache-control", "no-store")]
         if self.draining:
             headers.append(("connection", "close"))
         await response.json(body, 503 if self.draining else 200, headers)
 
-    def healthy_nodes(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
-
     async def h_version(self, request: Request, response: Response) -> None:
-        versions = [n.version for n in self.healthy_nodes() if n.version]
+        versions = [n.version for n in self.fleet.healthy_nodes() if n.version]
         if not versions:
-            versions = [n.version for n in self.nodes.values() if n.version]
+            versions = [n.version for n in self.fleet.nodes.values() if n.version]
         if not versions:
             raise HttpError(503, "no Ollama node has reported its version yet")
         lowest = min(versions, key=version_key)
@@ -2984,7 +5206,7 @@ class Router:
     def merged_tags(self) -> list[JSON]:
         """Union of /api/tags over healthy nodes, one entry per model name."""
         by_name: dict[str, list[JSON]] = {}
-        for node in self.healthy_nodes():
+        for node in self.fleet.healthy_nodes():
             for m in node.available:
                 name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
                 by_name.setdefault(name, []).append(m)
@@ -3009,7 +5231,7 @@ class Router:
         await response.json({"models": self.merged_tags()})
 
     async def h_ps(self, request: Request, response: Response) -> None:
-        nodes = self.healthy_nodes()
+        nodes = self.fleet.healthy_nodes()
 
         async def one(node: Node) -> list[JSON]:
             try:
@@ -3045,19 +5267,13 @@ class Router:
 
     # ---------------------------------------------------------------- model admin ---------
 
-    def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
-        pool = self.healthy_nodes() if healthy else list(self.nodes.values())
-        hot = [n for n in pool if model in n.loaded_names()]
-        cold = [n for n in pool if n not in hot and model in n.available_names()]
-        return hot + cold
-
     def pick_node(self, request: Request, body: JSON | None) -> Node | None:
         """Explicit target: ``node_id`` in the body or ``X-Herd-Node``."""
         wanted = (body or {}).get("node_id") if body else None
         wanted = wanted or request.header("x-herd-node")
         if not wanted:
             return None
-        node = self.nodes.get(str(wanted))
+        node = self.fleet.nodes.get(str(wanted))
         if node is None:
             raise HttpError(404, f"node '{wanted}' is not in the fleet")
         if node.status not in ("online", "degraded"):
@@ -3072,1198 +5288,15 @@ class Router:
             raise HttpError(400, f"invalid model name {raw!r}")
         return raw
 
-    def roomiest(self, candidates: Sequence[Node]) -> Node | None:
-        def room(n: Node) -> tuple[int, int]:
-            disk = n.hardware.get("disk") or {}
-            mem = n.hardware.get("memory") or {}
-            return (
-                int(disk.get("free_bytes") or 0) if isinstance(disk, dict) else 0,
-                int(mem.get("total_bytes") or 0) if isinstance(mem, dict) else 0,
-            )
-
-        return max(candidates, key=room) if candidates else None
-
-    async def h_show(self, request: Request, response: Response) -> None:
-        await self.forward_to_holders(request, response)
-
-    async def forward_to_holders(self, request: Request, response: Response) -> None:
-        """Proxy to a healthy node that holds the body's model (hot first); 404 if none."""
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        model = scoring.normalize_model(self.model_of(body))
-        candidates = self.nodes_with(model)
-        if not candidates:
-            raise self.model_not_found(f"'{self.model_of(body)}'")
-        await self.forward_simple(request, response, candidates, raw)
-
-    async def forward_simple(
-        self,
-        request: Request,
-        response: Response,
-        candidates: Sequence[Node],
-        raw: bytes | None,
-    ) -> Node:
-        """Proxy to the first candidate that answers (connect failures move on)."""
-        last: UpstreamFailure | None = None
-        for node in candidates:
-            try:
-                up = await self.pool.request(
-                    node.url,
-                    request.method,
-                    request.target,
-                    upstream_headers(request),
-                    raw,
-                    head_timeout=self.config.first_byte_timeout_s,
-                )
-            except UpstreamFailure as exc:
-                last = exc
-                self.breaker_failure(node.node_id, "", exc.kind, time.time())
-                continue
-            await self.relay_plain(up, response, node)
-            return node
-        raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
-
-    async def relay_plain(
-        self,
-        up: UpstreamResponse,
-        response: Response,
-        node: Node,
-    ) -> None:
-        """Relay a node's answer as it is (admin and metadata endpoints)."""
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers.append((b"x-herd-node", node.node_id.encode()))
-        await response.start(up.status, headers)
-        relay = LineRelay(framing_of(up.header("content-type")))
-        try:
-            async for chunk in up.chunks(self.config.stall_timeout_s):
-                out = relay.feed(chunk)
-                if out:
-                    await response.write(out)
-            tail = relay.tail()
-            if tail:
-                await response.write(tail)
-        except (ConnectionClosed, TimeoutError) as exc:
-            up.close()
-            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
-            record = midstream_error_record(relay.framing, error)
-            if not record or response.status != 200 or up.header("content-length"):
-                raise ClientGone(error) from None  # cannot end this body cleanly
-            await response.write(record)
-        except BaseException:
-            up.close()
-            raise
-
-    async def h_pull(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        model_raw = self.model_of(body)
-        target = self.pick_node(request, body)
-        if target is None:
-            healthy = self.healthy_nodes()
-            missing = [
-                n for n in healthy if scoring.normalize_model(model_raw) not in n.available_names()
-            ]
-            target = self.roomiest(missing or healthy)
-        if target is None:
-            raise HttpError(503, "no node is online to pull to")
-        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
-        self._spawn(self.refresh_node(node), "refresh")
-
-    async def h_push(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        await self.forward_to_holders(request, response)
-
-    async def h_create(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        self.model_of(body)
-        target = self.pick_node(request, body)
-        files = body.get("files")
-        if target is None and isinstance(files, dict):
-            for digest in files.values():
-                pinned = self.blob_pins.get(str(digest))
-                if pinned in self.nodes:
-                    target = self.nodes[pinned]
-                    break
-        if target is None and isinstance(body.get("from"), str):
-            holders = self.nodes_with(scoring.normalize_model(body["from"]))
-            target = holders[0] if holders else None
-        if target is None:
-            target = self.roomiest(self.healthy_nodes())
-        if target is None:
-            raise HttpError(503, "no node is online")
-        node = await self.forward_simple(request, response, [target], without_node_id(raw, body))
-        self._spawn(self.refresh_node(node), "refresh")
-
-    async def h_blob_head(self, request: Request, response: Response) -> None:
-        digest = request.path[len("/api/blobs/") :]
-        pinned = self.blob_pins.get(digest)
-        candidates = [self.nodes[pinned]] if pinned in self.nodes else self.healthy_nodes()
-
-        async def has(node: Node) -> bool:
-            try:
-                async with asyncio.timeout(self.config.poll_timeout_s):
-                    up = await self.pool.request(node.url, "HEAD", request.target)
-                    await up.read()
-                return up.status == 200
-            except (UpstreamFailure, ConnectionClosed, TimeoutError):
-                return False
-
-        found = await asyncio.gather(*(has(n) for n in candidates))
-        for node, ok in zip(candidates, found, strict=True):
-            if ok:
-                self.blob_pins[digest] = node.node_id
-                await response.send(
-                    200, b"", "text/plain", [("x-herd-node", node.node_id), ("content-length", "0")]
-                )
-                return
-        await response.send(404, b"", "text/plain")
-
-    async def h_blob_post(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        digest = request.path[len("/api/blobs/") :]
-        target = self.pick_node(request, None)
-        if target is None and self.blob_pins.get(digest) in self.nodes:
-            target = self.nodes[self.blob_pins[digest]]
-        if target is None:
-            target = self.roomiest(self.healthy_nodes())
-        if target is None:
-            raise HttpError(503, "no node is online to receive the blob")
-        body = request.body_chunks(self.limits.max_upload_bytes)
-        headers = upstream_headers(request)
-        try:
-            up = await self.pool.request(
-                target.url,
-                "POST",
-                request.target,
-                headers,
-                body,
-                head_timeout=self.config.first_byte_timeout_s,
-            )
-        except UpstreamFailure as exc:
-            raise HttpError(502, f"blob upload to {target.node_id} failed: {exc.message}") from None
-        if up.status < 300:
-            self.blob_pins[digest] = target.node_id
-        await self.relay_plain(up, response, target)
-
-    async def broadcast(
-        self, request: Request, response: Response, model_raw: str, raw: bytes
-    ) -> None:
-        """Send a model admin request to every healthy node holding the model."""
-        model = scoring.normalize_model(model_raw)
-        holders = self.nodes_with(model)
-        if not holders:
-            raise self.model_not_found(f"'{model_raw}'")
-
-        async def one(node: Node) -> tuple[Node, int, bytes]:
-            try:
-                async with asyncio.timeout(60):
-                    up = await self.pool.request(
-                        node.url, request.method, request.target, upstream_headers(request), raw
-                    )
-                    data = await up.read()
-                return node, up.status, data
-            except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-                return node, 502, dumps({"error": str(exc)})
-
-        results = await asyncio.gather(*(one(n) for n in holders))
-        for node, _, _ in results:
-            self._spawn(self.refresh_node(node), "refresh")
-        ok = [r for r in results if r[1] < 300]
-        served = ",".join(r[0].node_id for r in ok)
-        if ok:
-            await response.send(
-                200, b"", "application/json; charset=utf-8", [("x-herd-node", served)]
-            )
-            return
-        status, data = results[0][1], results[0][2]
-        await response.send(status, data, "application/json; charset=utf-8")
-
-    async def h_copy(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        source = body.get("source")
-        if not isinstance(source, str) or not isinstance(body.get("destination"), str):
-            raise HttpError(400, "source and destination are required")
-        await self.broadcast(request, response, source, raw)
-
-    async def h_delete(self, request: Request, response: Response) -> None:
-        self.guard_browser_mutation(request)
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        await self.broadcast(request, response, self.model_of(body), raw)
-
     # ---------------------------------------------------------------- inference -----------
-
-    async def h_inference(self, request: Request, response: Response) -> None:
-        kind, dialect = INFERENCE_PATHS[request.path]
-        raw = await request.read_body(self.limits.max_json_bytes)
-        body = await parse_json_body(raw)
-        # Forward the client's own bytes when herd changes nothing in the body (no herd
-        # fields to strip, plain UTF-8 object); otherwise re-serialise what is left.
-        pristine = (raw[:1] == b"{" and raw[1:2] != b"\x00"
-                    and not has_herd_fields(body))
-        model_raw = self.model_of(body)
-        tags = extract_tags(body, request)
-        if request.key_id:
-            tags.append(request.key_id)
-        fallbacks = body.pop("fallback_models", None)
-        fallback_models = (
-            [f for f in fallbacks if isinstance(f, str)] if isinstance(fallbacks, list) else []
-        )
-        opt_out = body.pop("fallback", True) is False or (
-            request.header("x-herd-no-fallback") or ""
-        ).lower() in ("1", "true", "yes")
-        pinned = body.pop("node_id", None) or request.header("x-herd-node")
-        if pinned is not None and not isinstance(pinned, str):
-            raise HttpError(400, "node_id must be a string")
-        attempt = Attempt(
-            request_id=request.request_id,
-            kind=kind,
-            endpoint=request.path,
-            original_model=model_raw,
-            tags=tags,
-            client_ip=request.client_ip,
-            received_at=request.received_at,
-            started=time.monotonic(),
-        )
-        self.active_requests += 1
-        try:
-            if (
-                dialect == "native"
-                and request.path in ("/api/generate", "/api/chat")
-                and is_zero_keep_alive(body.get("keep_alive"))
-                and not body.get("prompt")
-                and not body.get("messages")
-            ):
-                await self.unload_everywhere(
-                    request, response, body, attempt, raw if pristine else None
-                )
-                return
-            await self.serve_routed(
-                request,
-                response,
-                body,
-                attempt,
-                fallback_models,
-                allow_vram_fallback=not opt_out,
-                pinned=pinned,
-                raw=raw if pristine else None,
-                raw_len=len(raw),
-            )
-        finally:
-            self.active_requests -= 1
-
-    async def unload_everywhere(
-        self, request: Request, response: Response, body: JSON, attempt: Attempt,
-        raw: bytes | None = None,
-    ) -> None:
-        """``raw``: the client's body bytes, sent to every holder when herd changed nothing."""
-        model = scoring.normalize_model(str(body["model"]))
-        holders = [n for n in self.healthy_nodes() if model in n.loaded_names()]
-        if not any(n.has_model(model) for n in self.healthy_nodes()):
-            raise self.model_not_found(f"'{body['model']}'")
-        payload = raw if raw is not None else dumps(body)
-
-        async def one(node: Node) -> None:
-            with contextlib.suppress(UpstreamFailure, ConnectionClosed, TimeoutError):
-                async with asyncio.timeout(30):
-                    up = await self.pool.request(
-                        node.url, "POST", request.path, upstream_headers(request), payload
-                    )
-                    await up.read()
-            await self.refresh_node(node)
-
-        await asyncio.gather(*(one(n) for n in holders))
-        out: JSON = {"model": body["model"], "created_at": rfc3339(time.time())}
-        if request.path == "/api/chat":
-            out["message"] = {"role": "assistant", "content": ""}
-        else:
-            out["response"] = ""
-        out.update({"done": True, "done_reason": "unload"})
-        await response.json(
-            out,
-            headers=[
-                ("x-herd-node", ",".join(n.node_id for n in holders)),
-                ("x-herd-model", str(body["model"])),
-                ("x-herd-retries", "0"),
-            ],
-        )
-        self.trace(attempt, status="completed", http_status=200, model=model)
-
-    async def serve_routed(
-        self,
-        request: Request,
-        response: Response,
-        body: JSON,
-        attempt: Attempt,
-        fallback_models: Sequence[str],
-        *,
-        allow_vram_fallback: bool,
-        pinned: str | None,
-        raw: bytes | None,
-        raw_len: int,
-    ) -> None:
-        """Route across the model chain (primary, then ``fallback_models``) with retries.
-
-        ``raw``: the client's body bytes, forwarded as they are while ``body`` is unchanged.
-        """
-        chain = scoring.fallback_chain(attempt.original_model, fallback_models)
-        est = estimate_tokens(body, raw_len)
-        vision = needs_vision(body)
-        first_error: HttpError | None = None
-        for index, model in enumerate(chain):
-            served_model = model
-            send_body = body
-            vram_fallback = bool(
-                allow_vram_fallback and self.settings.get("vram_fallback") and not pinned
-            )
-            protect = bool(self.settings.get("context_protection"))
-            # one fleet snapshot serves both pre-routing decisions for this model
-            snaps = self._snapshots(time.time()) if vram_fallback or protect else None
-            if snaps is not None and vram_fallback:
-                alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
-                if alt is not None:
-                    served_model, why = alt
-                    log.info(
-                        "request %s: vram fallback %s -> %s (%s)",
-                        attempt.request_id,
-                        model,
-                        served_model,
-                        why,
-                    )
-            if snaps is not None and protect:
-                decision = scoring.protect_context(
-                    served_model,
-                    requested_num_ctx(body),
-                    est,
-                    snaps,
-                    allow_upgrade=allow_vram_fallback,
-                )
-                if decision.action != "keep":
-                    log.debug(
-                        "request %s: context protection %s (%s)",
-                        attempt.request_id,
-                        decision.action,
-                        decision.reason,
-                    )
-                    send_body = apply_context_decision(send_body, decision)
-                    served_model = decision.model
-            if served_model != model or send_body is not body or index > 0:
-                send_body = dict(send_body)
-                send_body["model"] = (
-                    served_model if served_model != model or index > 0 else send_body.get("model")
-                )
-            attempt.fallback_used = index > 0 or served_model != model
-            payload = raw if raw is not None and send_body is body else dumps(send_body)
-            norm = scoring.normalize_model(served_model)
-            hit: scoring.AffinityEntry | None = None
-            attempt.affinity_key = None
-            if attempt.kind == "text" and not pinned:
-                keys, attempt.affinity_key = scoring.prefix_keys(
-                    norm, send_body.get("messages"), send_body.get("prompt"),
-                    send_body.get("system"), self.policy)
-                attempt.affinity_tokens = est
-                hit = scoring.affinity_lookup(keys, self.affinity, time.time(), self.policy)
-            rreq = scoring.RouteRequest(
-                model=norm,
-                kind=attempt.kind,
-                est_tokens=est,
-                num_ctx=requested_num_ctx(send_body),
-                needs_vision=vision,
-                pinned_node=pinned,
-                cache_node=hit.node_id if hit is not None else None,
-                cached_tokens=min(est, hit.tokens) if hit is not None else 0,
-            )
-            try:
-                await self.route_with_retries(
-                    request, response, rreq, payload, attempt, served_model, snaps
-                )
-                return
-            except HttpError as exc:
-                if exc.kind != "unservable":
-                    raise
-                if exc.status == 404 and self.settings.get("auto_pull") and not pinned \
-                        and await self.auto_pull(served_model, attempt):
-                    try:
-                        await self.route_with_retries(request, response, rreq, payload,
-                                                      attempt, served_model)
-                        return
-                    except HttpError as again:
-                        if again.kind != "unservable":
-                            raise
-                first_error = first_error or exc
-                continue
-        assert first_error is not None
-        self.trace(
-            attempt,
-            status="rejected" if first_error.status == 503 else "failed",
-            http_status=first_error.status,
-            error=first_error.message,
-        )
-        self.metrics.rejected += 1
-        raise first_error
-
-    async def auto_pull(self, model: str, attempt: Attempt) -> bool:
-        """``auto_pull`` on: a model no node has is pulled to the node with most room."""
-        if attempt.kind not in ("text", "embed") or not scoring.is_valid_model_name(model):
-            return False
-        target = self.roomiest(self.healthy_nodes())
-        if target is None:
-            return False
-        key = scoring.normalize_model(model)
-        task = self.auto_pulls.get(key)
-        if task is None:  # one pull per model at a time; concurrent callers wait on it
-            log.info("request %s: auto-pulling %s to %s", attempt.request_id, model,
-                     target.node_id)
-            self.store.record_event("auto_pull", target.node_id, {"model": model})
-            job: JSON = {"id": f"{target.node_id}:{key}", "node_id": target.node_id,
-                         "model": model, "status": "pulling", "completed": 0, "total": 0,
-                         "detail": "", "started_at": time.time(), "error": "", "auto": True}
-            self.pull_jobs[job["id"]] = job
-            task = asyncio.ensure_future(self.run_pull(target, model, job))
-            self.auto_pulls[key] = task
-            task.add_done_callback(lambda _t: self.auto_pulls.pop(key, None))
-        else:
-            job = next(j for j in self.pull_jobs.values()
-                       if scoring.normalize_model(str(j["model"])) == key)
-            target = self.nodes.get(str(job["node_id"]), target)
-        await asyncio.shield(task)
-        ok = job["status"] == "done" and target.has_model(key)
-        if not ok:
-            log.warning("auto-pull of %s on %s failed: %s", model, target.node_id, job["error"])
-        return ok
 
     def model_not_found(self, quoted: str, *, kind: str | None = None) -> HttpError:
         """404 for a model no node has; with no node online, say that the fleet is empty
         (that is why, and the fix is not a pull)."""
         message = f"model {quoted} not found"
-        if not self.healthy_nodes():
+        if not self.fleet.healthy_nodes():
             message += f"; {EMPTY_FLEET}"
         return HttpError(404, message, kind=kind)
-
-    def _unservable(
-        self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
-    ) -> HttpError:
-        anywhere = any(n.has_model(rreq.model) for n in self.nodes.values())
-        if choice.reject_kind == "not_found" or rreq.kind in ("image", "stt") or not anywhere:
-            return self.model_not_found(f"'{display}'", kind="unservable")
-        return HttpError(
-            503,
-            f"no node can serve '{display}' right now: {choice.reason}",
-            headers=[("retry-after", "5")],
-            kind="unservable",
-        )
-
-    async def route_with_retries(
-        self,
-        request: Request,
-        response: Response,
-        rreq: scoring.RouteRequest,
-        payload: bytes,
-        attempt: Attempt,
-        served_model: str,
-        snaps: list[scoring.NodeSnapshot] | None = None,
-    ) -> None:
-        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
-        tried: set[str] = set()
-        last: UpstreamFailure | None = None
-        base_retries = attempt.retries  # retries spent on earlier models of the chain
-        while True:
-            if tried:
-                rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.acquire(rreq, snaps)
-                snaps = None
-            except asyncio.CancelledError:
-                self.trace(attempt, status="client_disconnected", http_status=0,
-                           error="client disconnected while queued", model=served_model,
-                           node_id="")
-                raise
-            except Rejected as rej:
-                if last is not None:  # every candidate failed: the client gets the last failure
-                    self.trace(
-                        attempt,
-                        status="failed",
-                        http_status=last.status,
-                        error=f"no node left to try: {last.message}",
-                        model=served_model,
-                        node_id="",
-                    )
-                    await self._send_failure(request, response, last, attempt)
-                    return
-                if rej.choice.retry_after_s is not None:
-                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
-                    self.trace(
-                        attempt,
-                        status="rejected",
-                        http_status=503,
-                        error=f"all nodes are busy: {rej.message}",
-                        choice=rej.choice,
-                        model=served_model,
-                    )
-                    self.metrics.rejected += 1
-                    raise HttpError(
-                        503,
-                        f"all nodes are busy: {rej.message}",
-                        headers=[("retry-after", str(retry_after))],
-                    ) from None
-                raise self._unservable(rreq, rej.choice, served_model) from None
-            attempt.queue_ms += queue_ms
-            attempt.dispatch_k = queue.in_flight
-            attempt.dispatch_mono = time.monotonic()
-            attempt.dispatch_hot = (rreq.model in node.loaded_names()
-                                    and rreq.model not in node.loading)
-            attempt.node_id = node.node_id
-            attempt.served_model = served_model
-            attempt.retries = base_retries + len(tried)  # one failed node per attempt
-            if tried:
-                self.metrics.retries += 1
-            ok = False
-            try:
-                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
-                ok = True
-                return
-            except UpstreamFailure as fail:
-                now = time.time()
-                self.breaker_failure(node.node_id, rreq.model, fail.kind, now)
-                decision = scoring.retry_decision(len(tried), fail.kind, False, self.policy)
-                tried.add(node.node_id)
-                last = fail
-                self.trace(
-                    attempt,
-                    status="retried" if decision.retry else "failed",
-                    http_status=fail.status if not decision.retry else 0,
-                    error=fail.message,
-                    choice=choice,
-                    model=served_model,
-                    node_id=node.node_id,
-                )
-                if not decision.retry:
-                    await self._send_failure(request, response, fail, attempt)
-                    return
-                log.warning(
-                    "request %s: %s failed before first byte (%s); retrying",
-                    attempt.request_id,
-                    node.node_id,
-                    fail.message,
-                )
-            finally:
-                self.release(queue, ok)
-
-    async def _send_failure(
-        self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt
-    ) -> None:
-        headers = [
-            ("x-herd-node", attempt.node_id),
-            ("x-herd-retries", str(attempt.retries)),
-            ("x-herd-model", attempt.served_model),
-        ]
-        if attempt.retries and is_openai_path(request.path):
-            # herd already tried other nodes: an SDK retrying on top multiplies the attempts
-            headers.append(("x-should-retry", "false"))
-        if fail.body and fail.status >= 400:
-            ctype = header_value(fail.headers, b"content-type") or "application/json"
-            await response.send(fail.status, fail.body, ctype, headers)
-            return
-        status = 504 if fail.kind == "timeout_first_byte" else 502
-        raise HttpError(status, fail.message, headers=headers)
-
-    def upstream_request_headers(self, request: Request) -> Headers:
-        hdrs = upstream_headers(request)
-        if self.config.api_keys:  # herd's own keys are never forwarded to nodes
-            hdrs = [(k, v) for k, v in hdrs if k not in (b"authorization", b"x-api-key")]
-        return [(k, v) for k, v in hdrs if k not in (b"content-type",)] + [
-            (b"content-type", b"application/json")
-        ]
-
-    async def attempt_on(
-        self,
-        request: Request,
-        response: Response,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        payload: bytes,
-        attempt: Attempt,
-        choice: scoring.Choice,
-    ) -> None:
-        """One attempt: raises UpstreamFailure when nothing reached the client yet."""
-        try:
-            timeout = self.config.first_byte_timeout_s
-            up = await self.pool.request(
-                node.url,
-                "POST",
-                request.target,
-                self.upstream_request_headers(request),
-                payload,
-                head_timeout=timeout,
-            )
-            if not 200 <= up.status < 400:
-                broken = ""
-                try:
-                    data = await up.read(limit=MiB, idle_timeout=10)
-                except (ConnectionClosed, TimeoutError) as exc:
-                    data, broken = b"", str(exc) or "no body within 10s"
-                verdict = scoring.classify_answer(
-                    up.status, data, node_lists_model=node.has_model(rreq.model)
-                )
-                if broken and not verdict.node_fault:
-                    raise UpstreamFailure(
-                        "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
-                    )
-                if verdict.kind == "model_not_found":
-                    # the node lost the model since its last report: refresh it, try elsewhere
-                    self._spawn(self.refresh_node(node), "refresh")
-                    raise UpstreamFailure(
-                        "model_not_found",
-                        f"node {node.node_id} no longer has {rreq.model}",
-                        status=404,
-                        body=data,
-                        headers=up.headers,
-                    )
-                if verdict.node_fault:
-                    raise UpstreamFailure(
-                        verdict.kind,
-                        f"node {node.node_id} answered {up.status}: {error_text(data)}",
-                        status=up.status,
-                        body=data,
-                        headers=up.headers,
-                    )
-                # the client's own error: any node would answer the same; relay it as is
-                await self._relay_response(
-                    up, response, node, rreq, attempt, choice, first=data, complete=True
-                )
-                return
-            chunks = up.chunks(self.config.stall_timeout_s, first_timeout=timeout)
-            try:
-                first = await anext(chunks, b"")
-            except TimeoutError:
-                up.close()
-                raise UpstreamFailure(
-                    "timeout_first_byte",
-                    f"node {node.node_id} sent no body within {timeout:g}s",
-                    status=504,
-                ) from None
-            except ConnectionClosed as exc:
-                raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
-            await self._relay_response(
-                up, response, node, rreq, attempt, choice, first=first, chunks=chunks
-            )
-        except asyncio.CancelledError:
-            if not response.headers_sent:  # (once relaying, the relay traces it)
-                self.trace(attempt, status="client_disconnected", http_status=0,
-                           error="client disconnected before the node answered",
-                           choice=choice, model=attempt.served_model, node_id=node.node_id)
-            raise
-
-    async def _relay_response(
-        self,
-        up: UpstreamResponse,
-        response: Response,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        attempt: Attempt,
-        choice: scoring.Choice,
-        *,
-        first: bytes,
-        chunks: AsyncIterator[bytes] | None = None,
-        complete: bool = False,
-    ) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        if complete:
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"content-length", str(len(first)).encode()))
-        headers += [
-            (b"x-herd-node", node.node_id.encode()),
-            (b"x-herd-model", attempt.served_model.encode()),
-            (b"x-herd-retries", str(attempt.retries).encode()),
-            (b"x-request-id", attempt.request_id.encode()),
-        ]
-        framing = framing_of(up.header("content-type"))
-        relay = LineRelay(framing)
-        raw_body = bytearray()
-        first_at: float | None = None
-        status, error = "completed", ""
-        try:
-            await response.start(up.status, headers)
-            out = relay.feed(first)
-            if framing == "raw" and len(raw_body) < 4 * MiB:
-                raw_body += first
-            if out:
-                await response.write(out)
-                first_at = time.monotonic()
-            if chunks is not None:
-                try:
-                    async for chunk in chunks:
-                        out = relay.feed(chunk)
-                        if framing == "raw" and len(raw_body) < 4 * MiB:
-                            raw_body += chunk
-                        if out:
-                            await response.write(out)
-                            if first_at is None:
-                                first_at = time.monotonic()
-                    tail = relay.tail()
-                    if tail:
-                        await response.write(tail)
-                except TimeoutError:
-                    up.close()
-                    status = "reaped"
-                    error = (
-                        f"node {node.node_id} made no progress for "
-                        f"{self.config.stall_timeout_s:g}s; request reaped"
-                    )
-                    self.metrics.reaped += 1
-                except ConnectionClosed as exc:
-                    status = "incomplete"
-                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
-                if status != "completed":
-                    record = midstream_error_record(framing, error)
-                    if not record or up.header("content-length"):
-                        raise ClientGone(error)  # a sized body cannot be ended cleanly
-                    await response.write(record)
-            await response.end()  # the client has everything; bookkeeping comes after
-        except (ClientGone, asyncio.CancelledError) as exc:
-            up.close()
-            if status == "completed" or isinstance(exc, asyncio.CancelledError):
-                status, error = "client_disconnected", "client disconnected"
-            self._finish(
-                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-            )
-            raise
-        self._finish(
-            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-        )
-
-    def _finish(
-        self,
-        attempt: Attempt,
-        node: Node,
-        rreq: scoring.RouteRequest,
-        choice: scoring.Choice,
-        status: str,
-        http_status: int,
-        error: str,
-        first_at: float | None,
-        relay: LineRelay,
-        raw_body: bytearray,
-    ) -> None:
-        now = time.time()
-        final = relay.final_object()
-        if final is None and raw_body:
-            with contextlib.suppress(ValueError):
-                obj = json.loads(bytes(raw_body))
-                final = obj if isinstance(obj, dict) else None
-        m = metrics_from_final(final)
-        ok = status == "completed" and http_status < 400
-        total_ms = (time.monotonic() - attempt.started) * 1000
-        ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
-        if ok:
-            self.breaker_success(node.node_id, rreq.model, now)
-            self.mark_loaded(node, rreq.model, rreq.num_ctx, now)
-        elif status in ("incomplete", "reaped"):
-            self.breaker_failure(node.node_id, rreq.model, "reset", now)
-        if status != "client_disconnected" and http_status < 400:
-            obs = scoring.Observation(
-                ok=ok,
-                load_ms=m["load_ms"] or 0.0,
-                prompt_tokens=m["prompt_tokens"] or 0,
-                prompt_eval_ms=m["prompt_eval_ms"] or 0.0,
-                completion_tokens=m["completion_tokens"] or 0,
-                eval_ms=m["eval_ms"] or 0.0,
-                ttft_ms=ttft_ms,
-                total_ms=total_ms,
-            )
-            key = (node.node_id, rreq.model)
-            self.stats[key] = scoring.observe(self.stats.get(key), obs, self.policy)
-            if ok:
-                self.learn_timings(attempt, node.node_id, rreq.model, final, m)
-        if ok and attempt.affinity_key is not None:
-            self.remember_prefix(attempt.affinity_key, node.node_id,
-                                 attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
-        if status == "completed" and http_status >= 400:
-            # a relayed error answer (the client's own 4xx): keep the text the client got
-            status = scoring.classify_answer(http_status).trace_status
-            error = error or error_text(bytes(raw_body))
-        self.trace(
-            attempt,
-            status=status,
-            http_status=http_status,
-            error=error,
-            choice=choice,
-            model=attempt.served_model,
-            node_id=node.node_id,
-            ttft_ms=ttft_ms,
-            metrics=m,
-        )
-
-    def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
-        """After serving, the model is resident: say so before the next poll confirms it."""
-        if model in node.loaded_names():
-            return
-        size = 0
-        for m in node.available:
-            if scoring.normalize_model(str(m.get("name") or "")) == model:
-                size = int(m.get("size") or 0)
-        node.set_loaded(
-            [
-                *node.loaded,
-                {
-                    "name": model,
-                    "model": model,
-                    "size": size,
-                    "size_vram": 0,
-                    "context_length": num_ctx,
-                    "expires_at": rfc3339(now + 300),
-                    "herd_assumed": True,
-                },
-            ],
-            now,
-        )
-
-    def trace(
-        self,
-        attempt: Attempt,
-        *,
-        status: str,
-        http_status: int,
-        error: str = "",
-        choice: scoring.Choice | None = None,
-        model: str | None = None,
-        node_id: str | None = None,
-        ttft_ms: float | None = None,
-        metrics: Mapping[str, Any] | None = None,
-    ) -> None:
-        latency_ms = (time.monotonic() - attempt.started) * 1000
-        m = metrics or {}
-        winner = choice.winner if choice is not None else None
-        rec = store.TraceRecord(
-            request_id=attempt.request_id,
-            timestamp=attempt.received_at,
-            kind=attempt.kind,
-            endpoint=attempt.endpoint,
-            model=scoring.normalize_model(model or attempt.served_model or attempt.original_model),
-            original_model=attempt.original_model,
-            node_id=node_id if node_id is not None else attempt.node_id,
-            score=winner.total if winner is not None else None,
-            scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
-            status=status,
-            http_status=http_status,
-            error_message=error if len(error) <= TRACE_ERROR_MAX
-            else error[: TRACE_ERROR_MAX - 1] + "\u2026",
-            latency_ms=latency_ms,
-            time_to_first_token_ms=ttft_ms,
-            queue_ms=attempt.queue_ms,
-            prompt_tokens=m.get("prompt_tokens"),
-            completion_tokens=m.get("completion_tokens"),
-            load_ms=m.get("load_ms"),
-            prompt_eval_ms=m.get("prompt_eval_ms"),
-            eval_ms=m.get("eval_ms"),
-            retry_count=attempt.retries,
-            fallback_used=attempt.fallback_used,
-            tags=list(attempt.tags),
-            client_ip=attempt.client_ip,
-        )
-        self.store.record_trace(rec)
-        if status != "retried":
-            self.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
-            if attempt.fallback_used:
-                self.metrics.fallbacks += 1
-        log.info(
-            "%s %s %s model=%s node=%s status=%s http=%s retries=%d %.0fms%s",
-            attempt.request_id,
-            attempt.kind,
-            attempt.endpoint,
-            rec.model,
-            rec.node_id,
-            status,
-            http_status,
-            attempt.retries,
-            latency_ms,
-            f" error={error}" if error else "",
-            extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
-        )
-
-    # ---------------------------------------------------------------- image and speech ----
-
-    def capability_models(self, kind: str) -> dict[str, list[Node]]:
-        """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
-        out: dict[str, list[Node]] = {}
-        for node in self.healthy_nodes():
-            url = node.capabilities.get("service_url")
-            if not isinstance(url, str) or not url:
-                continue
-            for entry in node.capabilities.get(kind) or []:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                    out.setdefault(scoring.normalize_model(entry["name"]), []).append(node)
-        return out
-
-    def capability_slots(self, node: Node, kind: str, model: str) -> int:
-        for entry in node.capabilities.get(kind) or []:
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
-                    and scoring.normalize_model(entry["name"]) == model:
-                slots = entry.get("slots")
-                if isinstance(slots, int) and 0 < slots <= 64:
-                    return slots
-        return 1  # agents run one job per backend at a time
-
-    def resolve_capability_model(self, kind: str, requested: str | None) -> str:
-        toggle = "image_generation" if kind == "image" else "transcription"
-        if not self.settings.get(toggle):
-            raise HttpError(503, f"{toggle.replace('_', ' ')} is disabled on this router; enable "
-                                 f"it with POST /dashboard/api/settings {{\"{toggle}\": true}}")
-        models = self.capability_models(kind)
-        if not models:
-            what = "image generation" if kind == "image" else "speech-to-text"
-            raise HttpError(503, f"no online node offers {what}; run herd-node with a "
-                                 f"{'image' if kind == 'image' else 'transcription'} backend")
-        if not requested:
-            return sorted(models, key=lambda m: -len(models[m]))[0]
-        name = scoring.normalize_model(requested)
-        if name not in models:
-            raise HttpError(404, f"model '{requested}' not found; available "
-                                 f"{'image' if kind == 'image' else 'speech-to-text'} models: "
-                                 f"{', '.join(sorted(models))}")
-        return name
-
-    async def capability_call(
-        self, request: Request, kind: str, model: str, path: str,
-        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
-    ) -> tuple[UpstreamResponse, Node]:
-        """Route an image/STT job; retries before any byte of a streamed body is spent."""
-        tried: set[str] = set()
-        last: UpstreamFailure | None = None
-        while True:
-            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.acquire(rreq)
-            except Rejected as rej:
-                if last is not None:  # retried already: the SDK should not multiply it
-                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
-                    raise HttpError(502, last.message, headers=no_retry) from None
-                retry = rej.choice.retry_after_s
-                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
-                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
-                                ) from None
-            attempt.queue_ms += queue_ms
-            attempt.node_id, attempt.served_model = node.node_id, model
-            attempt.retries = len(tried)
-            base = str(node.capabilities.get("service_url"))
-            ok = False
-            try:
-                up = await self.pool.request(base, "POST", path, headers, body,
-                                             head_timeout=self.config.first_byte_timeout_s)
-                if up.status >= 500:
-                    data = await up.read(limit=MiB, idle_timeout=10)
-                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
-                                          f"{up.status}: {error_text(data)}",
-                                          status=up.status, body=data, headers=up.headers)
-                ok = not scoring.classify_answer(up.status).node_fault
-                self.breaker_success(node.node_id, model, time.time())
-                return up, node
-            except UpstreamFailure as fail:
-                self.breaker_failure(node.node_id, model, fail.kind, time.time())
-                streamed = not isinstance(body, bytes) and fail.kind != "connect"
-                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.policy)
-                self.trace(attempt, status="retried" if decision.retry else "failed",
-                           http_status=0 if decision.retry else fail.status,
-                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
-                if not decision.retry:
-                    raise HttpError(fail.status if fail.status >= 400 else 502,
-                                    fail.message) from None
-                tried.add(node.node_id)
-                last = fail
-            finally:
-                self.release(queue, ok)
-
-    def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
-        return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
-                       original_model=model, tags=[t for t in [request.key_id] if t],
-                       client_ip=request.client_ip, received_at=request.received_at,
-                       started=time.monotonic())
-
-    async def h_generate_image(self, request: Request, response: Response) -> None:
-        body = await request.json(4 * MiB)
-        requested = body.get("model")
-        if requested is not None and not isinstance(requested, str):
-            raise HttpError(400, "model must be a string")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HttpError(400, "prompt is required")
-        for key in ("width", "height", "steps", "seed"):
-            value = body.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or not 0 <= value <= 1 << 31):
-                raise HttpError(400, f"{key} must be a non-negative integer")
-        model = self.resolve_capability_model("image", requested)
-        attempt = self.capability_attempt(request, "image", model)
-        body["model"] = model
-        up, node = await self.capability_call(
-            request, "image", model, "/api/generate-image", dumps(body),
-            [(b"content-type", b"application/json")], attempt)
-        await self.finish_capability(up, node, response, attempt, model)
-
-    async def h_v1_images(self, request: Request, response: Response) -> None:
-        body = await request.json(4 * MiB)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HttpError(400, "prompt is required")
-        requested = body.get("model")
-        model = self.resolve_capability_model(
-            "image", requested if isinstance(requested, str) else None)
-        size = str(body.get("size") or "1024x1024")
-        try:
-            width, height = (int(x) for x in size.lower().split("x", 1))
-        except ValueError:
-            raise HttpError(400, f"size must look like 1024x1024, got {size!r}") from None
-        if body.get("response_format") == "url":
-            raise HttpError(400, "response_format 'url' is not supported; use 'b64_json'")
-        n = body.get("n", 1)
-        if not isinstance(n, int) or not 1 <= n <= 4:
-            raise HttpError(400, "n must be between 1 and 4")
-        attempt = self.capability_attempt(request, "image", model)
-        images: list[JSON] = []
-        node_ids: list[str] = []
-        for i in range(n):
-            job = {"model": model, "prompt": prompt, "width": width, "height": height}
-            if isinstance(body.get("seed"), int):
-                job["seed"] = int(body["seed"]) + i
-            up, node = await self.capability_call(
-                request, "image", model, "/api/generate-image", dumps(job),
-                [(b"content-type", b"application/json")], attempt)
-            data = await up.read(limit=256 * MiB, idle_timeout=self.config.stall_timeout_s)
-            if up.status >= 400:
-                message = error_text(data, 500)
-                await response.send(up.status, error_body(request.path, up.status, message),
-                                    "application/json")
-                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                           http_status=up.status, error=message, model=model)
-                return
-            images.append({"b64_json": base64.b64encode(data).decode(),
-                           "revised_prompt": prompt})
-            node_ids.append(node.node_id)
-        await response.json({"created": int(time.time()), "data": images},
-                            headers=[("x-herd-node", ",".join(node_ids)),
-                                     ("x-herd-model", model),
-                                     ("x-herd-retries", str(attempt.retries))])
-        self.trace(attempt, status="completed", http_status=200, model=model)
-
-    async def multipart_prefix(self, request: Request, limit: int
-                               ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
-        """Read just enough of a multipart body to learn its small fields (model, language,
-        response_format…) that clients send before the file; the rest stays a stream."""
-        ctype = request.header("content-type") or ""
-        if "multipart/form-data" not in ctype.lower() or "boundary=" not in ctype:
-            raise HttpError(400, "expected multipart/form-data with an 'audio' (or 'file') part")
-        boundary = ctype.split("boundary=", 1)[1].split(";")[0].strip().strip('"').encode()
-        chunks = request.body_chunks(limit)
-        prefix = bytearray()
-        async for chunk in chunks:
-            prefix += chunk
-            if b"filename=" in prefix or len(prefix) > 256 * 1024:
-                break
-        fields: dict[str, str] = {}
-        has_file = False
-        for part in bytes(prefix).split(b"--" + boundary):
-            head, sep, value = part.partition(b"\r\n\r\n")
-            if not sep:
-                continue
-            head_text = head.decode("utf-8", "replace")
-            if "filename=" in head_text:
-                has_file = has_file or 'name="audio"' in head_text or 'name="file"' in head_text
-                continue
-            if 'name="' in head_text and value.endswith(b"\r\n"):
-                name = head_text.split('name="', 1)[1].split('"', 1)[0]
-                fields[name] = value[:-2].decode("utf-8", "replace")[:256]
-        if not has_file and request.body_consumed:
-            raise HttpError(400, "multipart body has no 'audio' (or 'file') part")
-
-        async def rest() -> AsyncIterator[bytes]:
-            yield bytes(prefix)
-            async for chunk in chunks:
-                yield chunk
-
-        return fields, bytes(prefix), rest()
-
-    async def h_transcribe(self, request: Request, response: Response) -> None:
-        fields, _, body = await self.multipart_prefix(request, self.limits.max_upload_bytes)
-        requested = request.query.get("model") or fields.get("model")
-        model = self.resolve_capability_model("stt", requested)
-        attempt = self.capability_attempt(request, "stt", model)
-        headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        await self.finish_capability(up, node, response, attempt, model)
-
-    async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
-        fields, _, body = await self.multipart_prefix(request, self.limits.max_upload_bytes)
-        model = self.resolve_capability_model("stt", fields.get("model") or None)
-        fmt = fields.get("response_format", "json")
-        if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
-            raise HttpError(400, f"unsupported response_format {fmt!r}")
-        attempt = self.capability_attempt(request, "stt", model)
-        headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        data = await up.read(limit=64 * MiB, idle_timeout=self.config.stall_timeout_s)
-        herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
-                        ("x-herd-retries", str(attempt.retries))]
-        if up.status >= 400:
-            message = error_text(data, 500)
-            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                       http_status=up.status, error=message, model=model)
-            await response.send(up.status, error_body(request.path, up.status, message),
-                                "application/json", herd_headers)
-            return
-        result = json.loads(data)
-        text = str(result.get("text") or "")
-        chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
-        self.trace(attempt, status="completed", http_status=200, model=model)
-        if fmt == "text":
-            await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
-        elif fmt in ("srt", "vtt"):
-            await response.send(200, subtitles(chunks, fmt).encode(), "text/plain; charset=utf-8",
-                                herd_headers)
-        elif fmt == "verbose_json":
-            end = max((float(c.get("end") or 0) for c in chunks), default=0.0)
-            await response.json({"task": "transcribe", "language": result.get("language"),
-                                 "duration": end, "text": text,
-                                 "segments": [{"id": i, "start": c.get("start"),
-                                               "end": c.get("end"), "text": c.get("text")}
-                                              for i, c in enumerate(chunks)]},
-                                headers=herd_headers)
-        else:
-            await response.json({"text": text}, headers=herd_headers)
-
-    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
-                                attempt: Attempt, model: str) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
-                    (b"x-herd-retries", str(attempt.retries).encode())]
-        await response.start(up.status, headers)
-        head = bytearray()  # the start of an error answer, for its trace
-        try:
-            async for chunk in up.chunks(self.config.stall_timeout_s):
-                if up.status >= 400 and len(head) < 64 * 1024:
-                    head += chunk
-                await response.write(chunk)
-        except (ConnectionClosed, TimeoutError) as exc:
-            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
-                       model=model)
-            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
-        except ClientGone:
-            up.close()
-            self.trace(attempt, status="client_disconnected", http_status=up.status,
-                       model=model)
-            raise
-        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                   http_status=up.status, error=error_text(bytes(head)), model=model)
-
-    # ---------------------------------------------------------------- admin protection ----
 
     def require_admin(self, request: Request) -> None:
         """Mutations must not be forgeable by a foreign web page (CSRF, DNS rebinding).
@@ -4321,22 +5354,23 @@ class Router:
     # ---------------------------------------------------------------- dashboard -----------
 
     def dashboard_routes(self, path: str) -> dict[str, Handler] | None:
+        ma = self.model_admin
         table: dict[str, dict[str, Handler]] = {
-            "/dashboard": {"GET": self.h_dashboard},
-            "/dashboard/api/traces": {"GET": self.h_dash_traces},
-            "/dashboard/api/usage": {"GET": self.h_dash_usage},
-            "/dashboard/api/models": {"GET": self.h_dash_models},
-            "/dashboard/api/apps": {"GET": self.h_dash_apps},
-            "/dashboard/api/trends": {"GET": self.h_dash_trends},
-            "/dashboard/api/settings": {"GET": self.h_dash_settings,
-                                        "POST": self.h_dash_settings_post},
-            "/dashboard/api/model-management": {"GET": self.h_dash_model_management},
-            "/dashboard/api/pull": {"GET": self.h_dash_pull_jobs, "POST": self.h_dash_pull},
-            "/dashboard/api/delete": {"POST": self.h_dash_delete},
-            "/dashboard/api/benchmarks": {"GET": self.h_dash_benchmarks,
-                                          "POST": self.h_dash_benchmark_start,
-                                          "DELETE": self.h_dash_benchmark_cancel},
-            "/dashboard/api/events": {"GET": self.h_dash_events},
+            "/dashboard": {"GET": self.dashboard.h_dashboard},
+            "/dashboard/api/traces": {"GET": self.dashboard.h_dash_traces},
+            "/dashboard/api/usage": {"GET": self.dashboard.h_dash_usage},
+            "/dashboard/api/models": {"GET": self.dashboard.h_dash_models},
+            "/dashboard/api/apps": {"GET": self.dashboard.h_dash_apps},
+            "/dashboard/api/trends": {"GET": self.dashboard.h_dash_trends},
+            "/dashboard/api/settings": {"GET": self.dashboard.h_dash_settings,
+                                        "POST": self.dashboard.h_dash_settings_post},
+            "/dashboard/api/model-management": {"GET": ma.h_dash_model_management},
+            "/dashboard/api/pull": {"GET": ma.h_dash_pull_jobs, "POST": ma.h_dash_pull},
+            "/dashboard/api/delete": {"POST": self.model_admin.h_dash_delete},
+            "/dashboard/api/benchmarks": {"GET": self.dashboard.h_dash_benchmarks,
+                                          "POST": self.dashboard.h_dash_benchmark_start,
+                                          "DELETE": self.dashboard.h_dash_benchmark_cancel},
+            "/dashboard/api/events": {"GET": self.dashboard.h_dash_events},
         }
         table.update(self.analytics_routes())
         table.update(self.consent_routes())
@@ -4345,519 +5379,14 @@ class Router:
     def analytics_routes(self) -> dict[str, dict[str, Handler]]:
         """Health and recommendations endpoints (see the analytics section)."""
         return {
-            "/dashboard/api/health": {"GET": self.h_dash_health},
-            "/dashboard/api/recommendations": {"GET": self.h_dash_recommendations},
+            "/dashboard/api/health": {"GET": self.dashboard.h_dash_health},
+            "/dashboard/api/recommendations": {"GET": self.dashboard.h_dash_recommendations},
         }
 
     # Analytics: the router gathers facts (fleet model + store reads) into frozen inputs;
     # scoring.health_checks / scoring.recommendations decide. Answers are cached 10 s.
 
-    def node_facts(self, now: float) -> tuple[scoring.NodeFacts, ...]:
-        """Every node as ``scoring.NodeFacts`` (memory, disk, models, versions, breakers)."""
-        out: list[scoring.NodeFacts] = []
-
-        def num(obj: object, key: str) -> int:
-            v = obj.get(key) if isinstance(obj, dict) else None
-            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
-
-        for node in self.nodes.values():
-            snap = node.snapshot(now)
-            mem = node.hardware.get("memory") or {}
-            disk = node.hardware.get("disk")
-            swap_total = num(mem, "swap_total_bytes")
-            swap_free = num(mem, "swap_free_bytes")
-            on_disk: list[scoring.DiskModel] = []
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
-                am = snap.available.get(name)
-                on_disk.append(scoring.DiskModel(
-                    name=name, size=int(m.get("size") or 0),
-                    modified_at=parse_rfc3339(m.get("modified_at")),
-                    family=am.family if am is not None else "",
-                    capabilities=am.capabilities if am is not None else ()))
-            caps: dict[str, tuple[str, ...]] = {}
-            for kind in ("image", "stt"):
-                caps[kind] = tuple(
-                    scoring.normalize_model(str(e["name"]))
-                    for e in node.capabilities.get(kind) or []
-                    if isinstance(e, dict) and e.get("name"))
-            prefix = f"{node.node_id}:"
-            model_breakers = {k[len(prefix):]: b for k, b in self.breakers.items()
-                              if k.startswith(prefix)}
-            out.append(scoring.NodeFacts(
-                node_id=node.node_id, status=node.status, source=node.source, url=node.url,
-                seconds_since_seen=(now - node.last_seen) if node.last_seen else None,
-                last_error=node.last_error,
-                ram_total=snap.ram_total, ram_available=snap.ram_available,
-                vram_total=snap.vram_total, vram_available=snap.vram_available,
-                memory_pressure=snap.memory_pressure,
-                swap_total=swap_total,
-                swap_used=max(0, swap_total - swap_free) if swap_total else 0,
-                disk_total=num(disk, "total_bytes") if isinstance(disk, dict) else None,
-                disk_free=num(disk, "free_bytes") if isinstance(disk, dict) else None,
-                loaded=tuple(snap.loaded.values()), on_disk=tuple(on_disk),
-                agent_version=node.agent_version, ollama_version=node.version,
-                reachable=node.reachable,
-                errors=tuple(f"{e.get('collector', '?')}: {e.get('error', '')}"
-                             for e in node.errors),
-                image_models=caps["image"], stt_models=caps["stt"],
-                num_parallel=node.num_parallel, max_loaded_models=node.max_loaded_models,
-                breaker=self.breakers.get(node.node_id), model_breakers=model_breakers))
-        return tuple(out)
-
-    async def analytics_inputs(self, now: float) -> dict[str, Any]:
-        """Store reads behind health and recommendations (bounded; rollups, not raw scans)."""
-        day = 86400.0
-        st = self.store
-
-        def fnum(v: object) -> float:
-            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
-
-        use = scoring.ModelUse.from_row
-        usage_24h = tuple(use(r) for r in await st.node_model_stats(1, now=now))
-        # "recent": the current and the previous UTC hour (60-120 minutes of traffic)
-        usage_recent = tuple(use(r) for r in await st.node_model_stats(2 / 24, now=now))
-        usage_7d = tuple(use(r) for r in await st.node_model_stats(7, now=now))
-        incidents: list[scoring.Incident] = []
-        for status in ("failed", "retried", "incomplete", "reaped"):
-            for t in await st.traces(2000, status=status, since=now - day):
-                incidents.append(scoring.Incident(
-                    timestamp=fnum(t.get("timestamp")),
-                    node_id=str(t.get("node_id") or ""), model=str(t.get("model") or ""),
-                    status=status, http_status=int(fnum(t.get("http_status"))),
-                    latency_ms=fnum(t.get("latency_ms")),
-                    error=str(t.get("error_message") or ""), kind=str(t.get("kind") or "")))
-        not_found: dict[str, int] = {}
-        for t in await st.traces(5000, status="failed", since=now - 7 * day):
-            if t.get("http_status") == 404 and not t.get("node_id"):
-                name = scoring.normalize_model(str(t.get("original_model") or t.get("model")))
-                not_found[name] = not_found.get(name, 0) + 1
-        events = tuple(
-            scoring.FleetEvent(fnum(e.get("timestamp")), str(e.get("kind") or ""),
-                               str(e.get("node_id") or ""),
-                               cast(JSON, d) if isinstance(d := e.get("detail"), dict) else {})
-            for e in await st.events(2000, since=now - day))
-        firsts = [fnum(r.get("first_used")) for r in await st.models(30, now=now)
-                  if isinstance(r.get("first_used"), int | float)]
-        return {"usage_24h": usage_24h, "usage_recent": usage_recent, "usage_7d": usage_7d,
-                "incidents": tuple(incidents), "events": events, "not_found_7d": not_found,
-                "history_s": now - min(firsts) if firsts else 0.0}
-
-    async def _analytics_cached(self, key: str, build: Callable[[float], Awaitable[JSON]]
-                                ) -> JSON:
-        cache: dict[str, tuple[float, JSON]] = self.__dict__.setdefault("_analytics_cache", {})
-        now = time.time()
-        hit = cache.get(key)
-        if hit is not None and 0 <= now - hit[0] < 10.0:
-            return hit[1]
-        payload = await build(now)
-        cache[key] = (now, payload)
-        return payload
-
-    async def _build_health(self, now: float) -> JSON:
-        data = await self.analytics_inputs(now)
-        stats = self.store.stats()
-        inp = scoring.HealthInput(
-            now=now, nodes=self.node_facts(now), router_version=__version__,
-            usage_24h=data["usage_24h"], usage_recent=data["usage_recent"],
-            incidents=data["incidents"], events=data["events"],
-            store_dropped=stats.dropped, store_write_errors=stats.write_errors,
-            store_queue_depth=stats.queue_depth, settings=dict(self.settings),
-            stall_timeout_s=self.config.stall_timeout_s,
-            pending_nodes=tuple(
-                scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
-                for n in self.held_nodes.values() if n.status == "pending"))
-        return scoring.health_checks(inp).to_dict()
-
-    async def _build_recommendations(self, now: float) -> JSON:
-        data = await self.analytics_inputs(now)
-        report = scoring.recommendations(
-            now, self.node_facts(now), data["usage_24h"], data["usage_7d"],
-            data["not_found_7d"], history_s=data["history_s"], scoring_policy=self.policy)
-        return report.to_dict()
-
-    async def h_dash_health(self, request: Request, response: Response) -> None:
-        await response.json(await self._analytics_cached("health", self._build_health))
-
-    async def h_dash_recommendations(self, request: Request, response: Response) -> None:
-        await response.json(
-            await self._analytics_cached("recommendations", self._build_recommendations))
-
-    def query_number(self, request: Request, name: str, default: float, lo: float,
-                     hi: float) -> float:
-        raw = request.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise HttpError(400, f"query parameter {name} must be a number") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise HttpError(400, f"query parameter {name} must be between {lo:g} and {hi:g}")
-        return value
-
-    async def h_dashboard(self, request: Request, response: Response) -> None:
-        page = find_dashboard()
-        if page is None:
-            raise HttpError(404, "dashboard.html is not installed next to herd.py")
-        data = await asyncio.to_thread(page.read_bytes)
-        await response.send(200, data, "text/html; charset=utf-8", [
-            ("cache-control", "no-cache"),
-            ("content-security-policy",
-             "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-             "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
-            ("x-content-type-options", "nosniff"),
-            ("referrer-policy", "no-referrer"),
-        ])
-
-    async def h_dash_traces(self, request: Request, response: Response) -> None:
-        limit = int(self.query_number(request, "limit", 100, 1, 5000))
-        q = request.query
-        rows = await self.store.traces(limit, status=q.get("status") or None,
-                                       model=q.get("model") or None,
-                                       node_id=q.get("node") or q.get("node_id") or None,
-                                       tag=q.get("tag") or None)
-        await response.json({"traces": rows})
-
-    async def h_dash_usage(self, request: Request, response: Response) -> None:
-        days = int(self.query_number(request, "days", 7, 1, 3650))
-        await response.json(await self.store.usage(days, now=time.time()))
-
-    async def h_dash_models(self, request: Request, response: Response) -> None:
-        days = self.query_number(request, "days", 7, 0.01, 3650)
-        rows = await self.store.models(days, now=time.time())
-        by_model = {str(r.get("model")): r for r in rows}
-        out: list[JSON] = []
-        names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.merged_tags()}
-        for name in sorted(names | set(by_model)):
-            entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
-            entry["loaded_on"] = sorted(n.node_id for n in self.healthy_nodes()
-                                        if name in n.loaded_names())
-            entry["available_on"] = sorted(n.node_id for n in self.healthy_nodes()
-                                           if name in n.available_names())
-            out.append(entry)
-        out.sort(key=lambda e: -float(e.get("requests") or 0))
-        await response.json({"models": out, "days": days})
-
-    async def h_dash_apps(self, request: Request, response: Response) -> None:
-        days = self.query_number(request, "days", 7, 0.01, 3650)
-        await response.json({"apps": await self.store.apps(days, now=time.time()), "days": days})
-
-    async def h_dash_trends(self, request: Request, response: Response) -> None:
-        hours = int(self.query_number(request, "hours", 24, 1, 24 * 90))
-        await response.json({"hours": hours,
-                             "buckets": await self.store.trends(hours, now=time.time())})
-
-    async def h_dash_events(self, request: Request, response: Response) -> None:
-        limit = int(self.query_number(request, "limit", 100, 1, 5000))
-        await response.json({"events": await self.store.events(limit)})
-
-    async def h_dash_settings(self, request: Request, response: Response) -> None:
-        await response.json(self.settings_view())
-
-    def settings_view(self) -> JSON:
-        cfg = self.config
-        return {
-            "settings": dict(self.settings),
-            "config": {
-                "host": cfg.host, "port": self.address[1], "data_dir": str(cfg.data_dir),
-                "static_nodes": list(cfg.nodes), "poll_interval_s": cfg.poll_interval_s,
-                "heartbeat_interval_s": cfg.heartbeat_interval_s,
-                "first_byte_timeout_s": cfg.first_byte_timeout_s,
-                "stall_timeout_s": cfg.stall_timeout_s, "retention_days": cfg.retention_days,
-                "fleet_id": cfg.fleet_id, "fleet_key_set": bool(cfg.fleet_key),
-                "open_fleet": cfg.open_fleet,
-                "admin_token_set": bool(cfg.admin_token), "api_keys": len(cfg.api_keys),
-                "mdns": cfg.mdns, "max_queue_wait_s": self.policy.max_queue_wait_s,
-                "max_retries": self.policy.max_retries,
-            },
-            "versions": {"herd": __version__,
-                         "nodes": {n.node_id: {"ollama": n.version, "agent": n.agent_version}
-                                   for n in self.nodes.values()}},
-        }
-
-    async def h_dash_settings_post(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        body = await request.json(64 * 1024)
-        changes: dict[str, object] = {}
-        for key, value in body.items():
-            if key not in DEFAULT_SETTINGS:
-                raise HttpError(400, f"unknown setting {key!r}; known: "
-                                     f"{', '.join(sorted(DEFAULT_SETTINGS))}")
-            if not isinstance(value, bool):
-                raise HttpError(400, f"setting {key!r} must be true or false")
-            changes[key] = value
-        if not changes:
-            raise HttpError(400, "no settings given")
-        await self.store.set_settings(changes)
-        self.settings.update(changes)
-        log.info("settings changed: %s", changes)
-        self.store.record_event("settings", "", {"changes": changes})
-        await response.json(self.settings_view())
-
-    async def h_dash_model_management(self, request: Request, response: Response) -> None:
-        usage = await self.store.node_model_stats(30, now=time.time())
-        last_used = {(str(u.get("node_id")), str(u.get("model"))): u for u in usage}
-        nodes: list[JSON] = []
-        for node in self.nodes.values():
-            loaded = node.loaded_names()
-            models: list[JSON] = []
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or ""))
-                stats = last_used.get((node.node_id, name)) or {}
-                models.append({"name": m.get("name"), "size": m.get("size"),
-                               "modified_at": m.get("modified_at"), "loaded": name in loaded,
-                               "last_used": stats.get("last_used"),
-                               "requests_30d": stats.get("requests", 0)})
-            models.sort(key=lambda e: -int(e.get("size") or 0))
-            disk = node.hardware.get("disk") or {}
-            nodes.append({"node_id": node.node_id, "status": node.status, "models": models,
-                          "disk_free_bytes": disk.get("free_bytes")
-                          if isinstance(disk, dict) else None,
-                          "models_bytes": sum(int(m.get("size") or 0) for m in node.available)})
-        await response.json({"nodes": nodes, "pulls": list(self.pull_jobs.values())})
-
-    def admin_target(self, body: JSON) -> tuple[Node, str]:
-        node_id, model = body.get("node_id"), body.get("model")
-        if not isinstance(node_id, str) or node_id not in self.nodes:
-            raise HttpError(404, f"node {node_id!r} is not in the fleet")
-        if not isinstance(model, str) or not scoring.is_valid_model_name(model):
-            raise HttpError(400, "a valid model name is required")
-        return self.nodes[node_id], model
-
-    async def h_dash_pull_jobs(self, request: Request, response: Response) -> None:
-        await response.json({"pulls": list(self.pull_jobs.values())})
-
-    async def h_dash_pull(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        node, model = self.admin_target(await request.json(64 * 1024))
-        key = f"{node.node_id}:{scoring.normalize_model(model)}"
-        job = self.pull_jobs.get(key)
-        if job is not None and job["status"] == "pulling":
-            await response.json(job, status=202)
-            return
-        job = {"id": key, "node_id": node.node_id, "model": model, "status": "pulling",
-               "completed": 0, "total": 0, "detail": "", "started_at": time.time(),
-               "error": ""}
-        self.pull_jobs[key] = job
-        self._spawn(self.run_pull(node, model, job), f"pull-{key}")
-        self.store.record_event("pull", node.node_id, {"model": model})
-        await response.json(job, status=202)
-
-    async def run_pull(self, node: Node, model: str, job: JSON) -> None:
-        """Pull on one node and keep the latest progress for the dashboard."""
-        try:
-            up = await self.pool.request(node.url, "POST", "/api/pull",
-                                         [(b"content-type", b"application/json")],
-                                         dumps({"model": model, "stream": True}),
-                                         head_timeout=self.config.first_byte_timeout_s)
-            relay = LineRelay("ndjson")
-            async for chunk in up.chunks(self.config.stall_timeout_s):
-                for line in relay.feed(chunk).splitlines():
-                    with contextlib.suppress(ValueError):
-                        obj = json.loads(line)
-                        if isinstance(obj, dict):
-                            if obj.get("error"):
-                                job["error"] = str(obj["error"])
-                            job["detail"] = str(obj.get("status") or "")
-                            if isinstance(obj.get("total"), int):
-                                job["total"] = obj["total"]
-                                job["completed"] = int(obj.get("completed") or 0)
-            if up.status >= 400 and not job["error"]:
-                job["error"] = f"node answered {up.status}"
-            job["status"] = "failed" if job["error"] else "done"
-        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-            job["status"], job["error"] = "failed", str(exc)
-        job["finished_at"] = time.time()
-        await self.refresh_node(node)
-
-    async def h_dash_delete(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        node, model = self.admin_target(await request.json(64 * 1024))
-        try:
-            up = await self.pool.request(node.url, "DELETE", "/api/delete",
-                                         [(b"content-type", b"application/json")],
-                                         dumps({"model": model}), head_timeout=60)
-            data = await up.read()
-        except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
-            raise HttpError(502, f"delete on {node.node_id} failed: {exc}") from None
-        await self.refresh_node(node)
-        self.store.record_event("delete", node.node_id, {"model": model, "status": up.status})
-        if up.status >= 400:
-            await response.send(up.status, data or dumps({"error": "delete failed"}),
-                                "application/json; charset=utf-8")
-            return
-        await response.json({"ok": True, "node_id": node.node_id, "model": model})
-
-    async def h_dash_benchmarks(self, request: Request, response: Response) -> None:
-        runs = await self.store.benchmarks(int(self.query_number(request, "limit", 20, 1, 500)))
-        await response.json({"runs": runs, "active": self.benchmark_run})
-
-    async def h_dash_benchmark_start(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        body = await request.json(64 * 1024)
-        if self.benchmark_task is not None and not self.benchmark_task.done():
-            raise HttpError(409, "a benchmark is already running; cancel it first")
-        models = body.get("models")
-        if models is None:
-            models = [str(m.get("name")) for m in self.merged_tags()
-                      if "embedding" not in (m.get("capabilities") or [])]
-        if not isinstance(models, list) or not all(isinstance(m, str) for m in models) \
-                or not models:
-            raise HttpError(400, "models must be a non-empty list of model names")
-        per_model = body.get("requests_per_model", 6)
-        concurrency = body.get("concurrency", 2)
-        max_tokens = body.get("max_tokens", 64)
-        for name, value, hi in (("requests_per_model", per_model, 1000),
-                                ("concurrency", concurrency, 64), ("max_tokens", max_tokens, 4096)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
-                raise HttpError(400, f"{name} must be an integer between 1 and {hi}")
-        params: JSON = {"models": models, "requests_per_model": per_model,
-                        "concurrency": concurrency, "max_tokens": max_tokens,
-                        "prompt": str(body.get("prompt") or
-                                      "Write a short paragraph about the sea.")[:4000]}
-        run_id = await self.store.create_benchmark(params, now=time.time())
-        self.benchmark_run = run_id
-        self.benchmark_task = asyncio.ensure_future(self.run_benchmark(run_id, params))
-        self.background.add(self.benchmark_task)
-        self.benchmark_task.add_done_callback(self._background_done)
-        await response.json({"run_id": run_id, "status": "running", "params": params},
-                            status=202)
-
-    async def h_dash_benchmark_cancel(self, request: Request, response: Response) -> None:
-        self.require_admin(request)
-        task = self.benchmark_task
-        if task is None or task.done():
-            raise HttpError(404, "no benchmark is running")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await response.json({"run_id": self.benchmark_run, "status": "cancelled"})
-
-    async def run_benchmark(self, run_id: int, params: JSON) -> None:
-        """Send the requests through the router itself, so routing is part of the figure."""
-        models = list(params["models"])
-        total = len(models) * int(params["requests_per_model"])
-        started = time.time()
-        await self.store.update_benchmark(run_id, status="running", started_at=started,
-                                          progress=0.0)
-        lat: list[float] = []
-        ttft: list[float] = []
-        tokens = 0
-        eval_s = 0.0
-        failures = 0
-        done = 0
-        per: dict[str, JSON] = {}
-        sem = asyncio.Semaphore(int(params["concurrency"]))
-        base = f"http://127.0.0.1:{self.address[1]}"
-
-        async def one(model: str) -> None:
-            nonlocal tokens, eval_s, failures, done
-            async with sem:
-                t0 = time.monotonic()
-                body = dumps({"model": model, "prompt": params["prompt"], "stream": False,
-                              "options": {"num_predict": params["max_tokens"]},
-                              "metadata": {"tags": ["benchmark"]}})
-                node = "?"
-                try:
-                    up = await self.pool.request(base, "POST", "/api/generate",
-                                                 [(b"content-type", b"application/json")], body,
-                                                 head_timeout=self.config.first_byte_timeout_s)
-                    data = await up.read(idle_timeout=self.config.stall_timeout_s)
-                    node = up.header("x-herd-node") or "?"
-                    obj = json.loads(data) if up.status == 200 else {}
-                    if up.status != 200:
-                        raise ValueError(f"status {up.status}")
-                    n = int(obj.get("eval_count") or 0)
-                    secs = float(obj.get("eval_duration") or 0) / 1e9
-                    tokens += n
-                    eval_s += secs
-                    lat.append((time.monotonic() - t0) * 1000)
-                    ttft.append(float(obj.get("load_duration") or 0) / 1e6 +
-                                float(obj.get("prompt_eval_duration") or 0) / 1e6)
-                    key = f"{node}:{model}"
-                    entry = per.setdefault(key, {"node_id": node, "model": model,
-                                                 "requests": 0, "tokens": 0, "eval_s": 0.0})
-                    entry["requests"] += 1
-                    entry["tokens"] += n
-                    entry["eval_s"] += secs
-                except (UpstreamFailure, ConnectionClosed, TimeoutError, ValueError):
-                    failures += 1
-                done += 1
-
-        try:
-            tasks = [one(m) for m in models for _ in range(int(params["requests_per_model"]))]
-            for chunk_start in range(0, len(tasks), 8):
-                await asyncio.gather(*tasks[chunk_start:chunk_start + 8])
-                await self.store.update_benchmark(run_id, progress=round(done / total, 3),
-                                                  requests=done, failures=failures)
-            status = "done"
-        except asyncio.CancelledError:
-            status = "cancelled"
-        duration = time.time() - started
-        results = [{**e, "tokens_per_s": round(e["tokens"] / e["eval_s"], 2)
-                    if e["eval_s"] else None} for e in per.values()]
-        await self.store.update_benchmark(
-            run_id, status=status, finished_at=time.time(), duration_s=round(duration, 3),
-            requests=done, failures=failures, progress=round(done / total, 3) if total else 1,
-            rps=round(done / duration, 3) if duration else None,
-            tokens_per_s=round(tokens / eval_s, 2) if eval_s else None,
-            latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
-            latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(ttft, 50),
-            ttft_p95_ms=percentile(ttft, 95), ttft_p99_ms=percentile(ttft, 99),
-            results={"per_node_model": results},
-        )
-        self.benchmark_run = None
-        if status == "cancelled":
-            raise asyncio.CancelledError
-
     # ---------------------------------------------------------------- fleet endpoints -----
-
-    async def h_fleet_status(self, request: Request, response: Response) -> None:
-        doc = self.status_json(self.fleet_status(time.time()))
-        await response.send(200, doc, "application/json; charset=utf-8")
-
-    def status_json(self, doc: JSON) -> bytes:
-        """``dumps(doc)``, with each node's model list spliced in already encoded (it changes
-        only when the node reports a new one, and it is most of the document)."""
-        parts: list[bytes] = []
-        for entry in doc["nodes"]:
-            node = self.nodes.get(entry["node_id"])
-            avail = entry.get("available_models")
-            if node is None or avail is not node.available_public():
-                parts.append(dumps(entry))
-                continue
-            rest = dumps({k: v for k, v in entry.items() if k != "available_models"})
-            parts.append(rest[:-1] + b',"available_models":' + node.available_json() + b"}")
-        top = dumps({k: v for k, v in doc.items() if k != "nodes"})
-        return top[:-1] + b',"nodes":[' + b",".join(parts) + b"]}"
-
-    def fleet_status(self, now: float) -> JSON:
-        nodes = [n.public(now) for n in self.nodes.values()]
-        for entry in nodes:
-            br = self.breakers.get(entry["node_id"])
-            entry["breaker"] = dataclasses.asdict(br) if br is not None else None
-            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
-        return {
-            "router_id": self.router_id,
-            "version": __version__,
-            "generated_at": now,
-            "uptime_s": round(now - self.started_at, 1),
-            "fleet": {
-                "nodes_total": len(self.nodes),
-                "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
-                "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
-                "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
-                "requests_active": self.active_requests,
-            },
-            "nodes": nodes,
-            "pending_nodes": self.held_public(now),
-            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.queues.values()},
-            "pulls": list(self.pull_jobs.values()),
-            "settings": dict(self.settings),
-            "routers": self.routers_public(now),
-        }
 
     def routers_public(self, now: float) -> JSON:
         """This router and the other routers of its fleet that mDNS shows (each keeps its
@@ -4878,124 +5407,6 @@ class Router:
             "peers": peers,
         }
 
-    async def h_heartbeat(self, request: Request, response: Response) -> None:
-        raw = await request.read_body(4 * MiB)
-        now = time.time()
-        await self.refresh_own_addresses(now)
-        key = self.config.fleet_key
-        signature = request.header("x-herd-signature")
-        # with a fleet key, only an agent on this machine may beat unsigned (consent rules)
-        if (
-            key
-            and (signature is not None or not self.local_beat(raw, request.client_ip))
-            and not verify_signature(key, signature, raw, now)
-        ):
-            raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
-        signed = bool(key) and signature is not None
-        body = await parse_json_body(raw)
-        if signed:
-            # a signed beat is valid for 60 s; beats carry the agent's timestamp, so a
-            # recorded beat replayed later (e.g. to drain a node) is refused
-            stamp = body.get("timestamp")
-            node = self.nodes.get(str(body.get("node_id")))
-            if not isinstance(stamp, int | float) or isinstance(stamp, bool):
-                raise HttpError(400, "a signed heartbeat needs a numeric timestamp")
-            if node is not None and stamp <= node.last_beat_stamp:
-                raise HttpError(409, "heartbeat replayed (timestamp not newer than the last)")
-        reply = self.apply_heartbeat(body, request.client_ip, now, signed=signed)
-        if signed:
-            self.nodes[str(body["node_id"])].last_beat_stamp = float(body["timestamp"])
-        payload = dumps(reply)
-        headers = [("x-herd-signature", sign(key, int(now), payload))] if key else []
-        await response.send(200, payload, "application/json; charset=utf-8", headers)
-
-    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
-        """Register or refresh an agent node; 400 on a malformed beat, 409 on a takeover."""
-        try:
-            report = NodeReport.parse(beat)
-        except ReportError as exc:
-            raise HttpError(400, str(exc)) from None
-        node_id, url = report.node_id, report.ollama_url
-        node = self.nodes.get(node_id)
-        if node is not None and node.source != "agent":
-            raise HttpError(409, f"node id '{node_id}' is taken by a static node")
-        if (
-            node is not None
-            and node.status in ("online", "degraded")
-            and not signed
-            and node.agent_addr
-            and node.agent_addr != addr
-        ):
-            log.warning(
-                "heartbeat for node %s from %s refused: it is online from %s (no fleet key)",
-                node_id,
-                addr,
-                node.agent_addr,
-            )
-            self.store.record_event(
-                "node_takeover_refused", node_id, {"addr": addr, "online_from": node.agent_addr}
-            )
-            raise HttpError(409, f"node '{node_id}' is online from another address")
-        before: tuple[object, ...] | None = None
-        admission, why = self.admission_of(node_id, addr, url, signed=signed)
-        if admission != "approved":
-            # held (pending | rejected): routers see a change only when a routed node leaves
-            was_routed = node_id in self.nodes
-            node = self.hold_node(node_id, addr, url, now, admission, why)
-            if not was_routed:
-                before = self._routing_key(node, now)
-        elif node is None:
-            # a held node that is now approved joins with the facts of its last beat
-            node = self.held_nodes.pop(node_id, None) or Node(
-                node_id=node_id, url=url, source="agent", first_seen=now)
-            self.nodes[node_id] = node
-            log.info("node %s joined from %s (%s)", node_id, addr, url)
-            self.store.record_event("node_joined", node_id, {"addr": addr, "url": url})
-        else:
-            before = self._routing_key(node, now)
-        need_full = False
-        node.url = url
-        node.agent_addr = addr
-        node.last_seen = now
-        node.interval_s = float(
-            self.config.heartbeat_interval_s if report.interval_s is None else report.interval_s)
-        node.hardware_report = report.hardware
-        node.agent_version = report.agent_version
-        ollama = report.ollama
-        node.version = ollama.version or node.version
-        node.reachable = ollama.reachable
-        node.num_parallel = ollama.num_parallel
-        node.max_loaded_models = ollama.max_loaded_models
-        if ollama.loaded is not None:
-            node.set_loaded(ollama.loaded, now)
-        if ollama.available is not None:
-            node.available_models = ollama.available
-            node.available_hash = ollama.available_hash
-        elif ollama.available_hash != node.available_hash:
-            need_full = True
-        node.capabilities_report = report.capabilities
-        node.errors = list(report.errors)
-        if admission != "approved":
-            node.status = admission  # pending | rejected: held, never routed to
-        elif report.draining:
-            self._set_status(node, "draining", now)
-        elif not node.reachable:
-            node.last_error = "agent reports its Ollama unreachable"
-            self._set_status(node, "degraded", now)
-        else:
-            self._set_status(node, "online", now)
-        if before != self._routing_key(node, now):
-            self._wake_waiters()
-        return {
-            "ok": True,
-            "router_id": self.router_id,
-            "fleet_id": self.config.fleet_id,
-            "interval_s": node.interval_s,
-            "need_full": need_full,
-            "admission": admission,
-            "admission_reason": why,
-        }
-
     # ---------------------------------------------------------------- consent (issue 18) -
     # An unsigned beat from another machine joins only with the operator's approval, which
     # binds the node id to the source address and Ollama URL approved; anything else is
@@ -5003,283 +5414,19 @@ class Router:
     # nodes (never beat), agents on this machine (own source address and Ollama URL),
     # beats signed with the fleet key, and everyone with --open-fleet.
 
-    async def load_admissions(self) -> None:
-        self.admissions = await self.store.node_admissions()
-        await self.refresh_own_addresses(time.time())
-        if self.config.open_fleet:
-            log.warning(
-                "open fleet (--open-fleet): any host that can reach this router may join as a "
-                "node and receive prompts, without approval"
-            )
-
-    async def refresh_own_addresses(self, now: float) -> None:
-        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
-            return
-        self.own_addrs_at = now
-        self.own_addrs = await asyncio.to_thread(own_addresses)
-
-    def is_own_address(self, host: str) -> bool:
-        """A loopback address or one of this machine's own (no DNS: names never are, but
-        ``localhost``)."""
-        if host == "localhost":
-            return True
-        try:
-            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return ip.is_loopback or str(ip) in self.own_addrs
-
-    def is_local_agent(self, addr: str, url: str) -> bool:
-        """An agent on the router's own machine: it beats from here and its Ollama is here."""
-        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
-
-    def local_beat(self, raw: bytes, addr: str) -> bool:
-        try:
-            beat = json.loads(raw)
-            return isinstance(beat, dict) and self.is_local_agent(
-                addr, normalize_url(str(beat.get("ollama_url"))))
-        except ValueError:
-            return False
-
-    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
-        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
-        if signed:
-            return "approved", "signed with the fleet key"
-        if self.is_local_agent(addr, url):
-            return "approved", "agent on the router's own machine"
-        if self.config.open_fleet:
-            return "approved", "open fleet (--open-fleet)"
-        record = self.admissions.get(node_id)
-        if record is None:
-            return "pending", "new node: an operator has to approve it"
-        if record.get("decision") == "rejected":
-            return "rejected", "rejected by an operator"
-        if record.get("addr") != addr:
-            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
-        if record.get("ollama_url") != url:
-            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
-                               "since approval")
-        return "approved", "approved by an operator"
-
-    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
-                  why: str) -> Node:
-        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
-        node = self.nodes.pop(node_id, None)
-        if node is not None:
-            self.store.record_event("node_left", node_id, {"reason": why})
-            self._wake_waiters()
-        else:
-            node = self.held_nodes.get(node_id)
-        if node is None:
-            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
-            for k in stale:
-                del self.held_nodes[k]
-            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
-                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
-                del self.held_nodes[quiet.node_id]
-            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
-        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
-                state, addr, url):
-            node.held_since, node.held_reason = now, why
-            if state == "pending":
-                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
-                            "requests until approved (dashboard, or POST "
-                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
-            else:
-                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
-            self.store.record_event(f"node_{state}", node_id,
-                                    {"addr": addr, "url": url, "reason": why})
-        self.held_nodes[node_id] = node
-        return node
-
-    def held_public(self, now: float) -> list[JSON]:
-        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
-        rejected node ids that have not beaten since the router started."""
-        out: list[JSON] = []
-        for n in self.held_nodes.values():
-            gpu = n.hardware.get("gpu")
-            devices = gpu.get("devices") if isinstance(gpu, dict) else None
-            out.append({
-                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
-                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
-                "waiting_since": n.held_since, "last_seen": n.last_seen,
-                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
-                "agent_version": n.agent_version, "ollama_version": n.version,
-                "hardware": {
-                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
-                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
-                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
-                    if isinstance(devices, list) else [],
-                },
-                "models": sorted(n.available_names()),
-                "loaded_models": sorted(n.loaded_names()),
-            })
-        for node_id, record in self.admissions.items():
-            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
-                    and node_id not in self.nodes:
-                out.append({
-                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
-                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
-                    "first_seen": None, "waiting_since": record.get("decided_at"),
-                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
-                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
-                })
-        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
-        return out
-
     def consent_routes(self) -> dict[str, dict[str, Handler]]:
         return {
-            "/dashboard/api/nodes/approve": {"POST": self.h_node_approve},
-            "/dashboard/api/nodes/reject": {"POST": self.h_node_reject},
+            "/dashboard/api/nodes/approve": {"POST": self.fleet.h_node_approve},
+            "/dashboard/api/nodes/reject": {"POST": self.fleet.h_node_reject},
         }
-
-    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
-        """Admin guard and body of approve/reject: the node id and the binding decided."""
-        self.require_admin(request)
-        body = await request.json(64 * 1024)
-        node_id = body.get("node_id")
-        if not valid_node_id(node_id):
-            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
-        assert isinstance(node_id, str)
-        held = self.held_nodes.get(node_id)
-        record = self.admissions.get(node_id)
-        live = self.nodes.get(node_id)
-        if held is not None:
-            addr, url = held.agent_addr, held.url
-        elif live is not None and decision == "rejected":
-            if live.source != "agent":
-                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
-                                     "the router's configuration instead")
-            if record is None or record.get("decision") != "approved":
-                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
-                                     "machine or open fleet): stop its agent instead")
-            addr, url = live.agent_addr, live.url
-        elif record is not None and record.get("decision") == "rejected":
-            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
-        else:
-            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
-        if decision == "approved":
-            # what the operator saw is what gets approved: a stranger that took over the
-            # pending id in the meantime is not approved by a stale click
-            for key, have in (("addr", addr), ("ollama_url", url)):
-                given = body.get(key)
-                if not isinstance(given, str):
-                    raise HttpError(400, f"{key} is required: the {key} you are approving "
-                                         "(see pending_nodes in /fleet/status)")
-                if given != have:
-                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
-                                         "check it again before approving")
-        now = time.time()
-        await self.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
-        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
-                                    "ollama_url": url, "decided_at": now}
-        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
-        self.store.record_event(f"node_{decision}", node_id,
-                                {"addr": addr, "url": url, "client": request.client_ip})
-        return node_id, addr, url
-
-    async def h_node_approve(self, request: Request, response: Response) -> None:
-        node_id, addr, url = await self._decide(request, "approved")
-        node = self.held_nodes.get(node_id)
-        joined = False
-        if node is not None and (node.agent_addr, node.url) == (addr, url) \
-                and node_id not in self.nodes:
-            # it joins now with the facts of its last beat; its next beat refreshes them
-            del self.held_nodes[node_id]
-            self.nodes[node_id] = node
-            now = time.time()
-            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
-            new = ("online" if node.reachable else "degraded") if fresh else "offline"
-            self._set_status(node, new, now)
-            joined = True
-        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
-                             "addr": addr, "ollama_url": url, "joined": joined})
-
-    async def h_node_reject(self, request: Request, response: Response) -> None:
-        node_id, addr, url = await self._decide(request, "rejected")
-        node = self.nodes.pop(node_id, None)
-        if node is not None:
-            self.held_nodes[node_id] = node
-            self._wake_waiters()
-        node = node or self.held_nodes.get(node_id)
-        if node is not None:
-            node.status, node.held_since = "rejected", time.time()
-            node.held_reason = "rejected by an operator"
-        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
-                             "addr": addr, "ollama_url": url})
 
     async def h_metrics(self, request: Request, response: Response) -> None:
         await response.send(
             200,
-            self.render_metrics(time.time()).encode(),
+            self.metrics.render(self.fleet.nodes.values(), self.admission.queues.values(),
+                                self.proxy.active_requests).encode(),
             "text/plain; version=0.0.4; charset=utf-8",
         )
-
-    def render_metrics(self, now: float) -> str:
-        out: list[str] = []
-        m = self.metrics
-
-        def metric(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-
-        metric("herd_requests_total", "counter", "Client requests by endpoint, kind and outcome")
-        for (endpoint, kind, status), n in sorted(m.requests.items()):
-            out.append(
-                f'herd_requests_total{{endpoint="{prom_escape(endpoint)}",'
-                f'kind="{kind}",status="{status}"}} {n}'
-            )
-        metric("herd_request_duration_seconds", "histogram", "Request latency")
-        for kind, buckets in sorted(m.latency.items()):
-            for bound, count in zip(LATENCY_BUCKETS, buckets, strict=False):
-                out.append(
-                    f'herd_request_duration_seconds_bucket{{kind="{kind}",le="{bound}"}} {count}'
-                )
-            out.append(
-                f'herd_request_duration_seconds_bucket{{kind="{kind}",le="+Inf"}} {buckets[-1]}'
-            )
-            out.append(
-                f'herd_request_duration_seconds_sum{{kind="{kind}"}} '
-                f"{m.latency_sum.get(kind, 0.0):.6f}"
-            )
-            out.append(f'herd_request_duration_seconds_count{{kind="{kind}"}} {buckets[-1]}')
-        metric("herd_retries_total", "counter", "Attempts retried on another node")
-        out.append(f"herd_retries_total {m.retries}")
-        metric("herd_fallbacks_total", "counter", "Requests served by a fallback model")
-        out.append(f"herd_fallbacks_total {m.fallbacks}")
-        metric("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)")
-        out.append(f"herd_rejected_total {m.rejected}")
-        metric("herd_reaped_total", "counter", "Streams cancelled for making no progress")
-        out.append(f"herd_reaped_total {m.reaped}")
-        metric("herd_requests_active", "gauge", "Requests being served now")
-        out.append(f"herd_requests_active {self.active_requests}")
-        metric("herd_node_up", "gauge", "1 when the node is online")
-        for node in self.nodes.values():
-            up = 1 if node.status == "online" else 0
-            out.append(
-                f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
-            )
-        metric("herd_queue_in_flight", "gauge", "In-flight requests per node:model")
-        for q in self.queues.values():
-            out.append(
-                f'herd_queue_in_flight{{node="{prom_escape(q.node_id)}",'
-                f'model="{prom_escape(q.model)}"}} {q.in_flight}'
-            )
-        metric("herd_queue_pending", "gauge", "Requests waiting for a slot per node:model")
-        for q in self.queues.values():
-            out.append(
-                f'herd_queue_pending{{node="{prom_escape(q.node_id)}",'
-                f'model="{prom_escape(q.model)}"}} {q.pending}'
-            )
-        metric("herd_queue_slots", "gauge", "Parallel slots per node:model")
-        for q in self.queues.values():
-            out.append(
-                f'herd_queue_slots{{node="{prom_escape(q.node_id)}",'
-                f'model="{prom_escape(q.model)}"}} {q.slots}'
-            )
-        return "\n".join(out) + "\n"
 
     # ---------------------------------------------------------------- discovery -----------
 

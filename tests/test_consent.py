@@ -228,6 +228,29 @@ async def test_reject_takes_an_approved_node_out_but_not_a_trusted_one(
     assert code == 409 and "stop its agent" in err["error"]
 
 
+async def test_a_node_taken_out_leaves_no_idle_queue_blob_pin_or_pull_job_behind(
+    make_router: RouterFactory,
+) -> None:
+    r = await make_router([])
+    url = "http://10.77.0.7:11434"
+    r.router.apply_heartbeat(beat("studio", url), STRANGER, time.time(), signed=False)
+    code, _ = await admin(r, "approve", {"node_id": "studio", "addr": STRANGER, "ollama_url": url})
+    assert code == 200 and "studio" in r.router.nodes
+    r.router.queue_for("studio", "llama3.2:3b", "text")
+    busy = r.router.queue_for("studio", "qwen2.5:7b", "text")
+    busy.take()  # a request still in flight there: its queue stays until it is idle
+    r.router.model_admin.blob_pins["sha256:" + "ab" * 32] = "studio"
+    r.router.model_admin.blob_pins["sha256:" + "cd" * 32] = "elsewhere"
+    jobs = r.router.model_admin.pull_jobs
+    jobs["studio:a"] = {"id": "studio:a", "node_id": "studio", "status": "done"}
+    jobs["studio:b"] = {"id": "studio:b", "node_id": "studio", "status": "pulling"}
+    code, _ = await admin(r, "reject", {"node_id": "studio"})
+    assert code == 200 and "studio" not in r.router.nodes
+    assert set(r.router.queues) == {("studio", "qwen2.5:7b")}
+    assert list(r.router.model_admin.blob_pins.values()) == ["elsewhere"]
+    assert list(jobs) == ["studio:b"]  # the finished pull goes, the running one stays
+
+
 async def test_open_fleet_lets_everyone_in_with_one_warning(
     make_router: RouterFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -639,7 +639,7 @@ async def test_health_and_recommendations_through_the_router(make_router: Router
         await r.router.store.flush()
         cached = await get_json(r.port, "/dashboard/api/health")
         assert cached["generated_at"] == healthy["generated_at"]  # cached for 10 s
-        r.router.__dict__.pop("_analytics_cache", None)
+        r.router.dashboard._analytics_cache.clear()
         health = await get_json(r.port, "/dashboard/api/health")
         mine = [
             c

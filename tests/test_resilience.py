@@ -278,6 +278,31 @@ async def test_concurrent_callers_share_one_auto_pull(
     assert json.loads(data)["pulls"][0]["status"] == "done"
 
 
+async def test_auto_pull_task_is_tracked_and_cancelled_on_stop(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """An auto-pull runs as a background task of the router: stop() cancels it."""
+    gemma = FakeModel(name="gemma3:1b", size=800_000_000, family="gemma3")
+    fake = await make_fake(
+        [LLAMA], tokens_per_s=0, pullable={"gemma3:1b": gemma}, pull_step_delay_s=5
+    )
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    r.router.settings["auto_pull"] = True
+    body = b'{"model":"gemma3:1b","prompt":"x","stream":false}'
+    client = asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", body))
+    admin = r.router.model_admin
+    async with asyncio.timeout(5):
+        while not admin.auto_pulls:
+            await asyncio.sleep(0.01)
+    task = next(iter(admin.auto_pulls.values()))
+    assert task in r.router.background
+    await r.router.stop()
+    assert task.cancelled()
+    client.cancel()
+    await asyncio.gather(client, return_exceptions=True)
+
+
 async def test_client_gone_while_queued_frees_everything(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:

@@ -602,7 +602,7 @@ async def test_blob_and_create_land_on_the_same_node(fleet: Any, tmp_path: Path)
     path.write_bytes(blob)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     assert await client.create_blob(path) == digest
-    holder = r.router.blob_pins[digest]
+    holder = r.router.model_admin.blob_pins[digest]
     await client.create(model="custom:1b", files={"model.gguf": digest})
     fake = a if holder == node_id(r, a) else b
     other = b if fake is a else a
