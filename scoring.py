@@ -1593,6 +1593,26 @@ def _pick(cands: Sequence[Score], rand: float, policy: Policy) -> Score:
     return tied[idx]
 
 
+def _expected_s(score: Score) -> float:
+    w = score.factor("wait")
+    return w.value if w is not None else math.inf
+
+
+def _hot(score: Score) -> bool:
+    t = score.factor("thermal")
+    return t is not None and t.value >= 1.0
+
+
+def _worth_waiting(full: Score, best_free: Score, policy: Policy) -> bool:
+    """A full node is worth waiting for when it leads the best free node by more than
+    ``wait_margin`` points and — when that free node has the model hot (no cold load, no
+    eviction to avoid) — it is also honestly expected to finish sooner, its queue included.
+    """
+    if full.free_slot or full.total - best_free.total <= policy.wait_margin:
+        return False
+    return not _hot(best_free) or _expected_s(full) < _expected_s(best_free)
+
+
 def _reorder(ranked: tuple[Score, ...], first: Score) -> tuple[Score, ...]:
     """Put the chosen node first among equals so ``ranked`` reads like the decision."""
     rest = tuple(s for s in ranked if s is not first)
@@ -1633,7 +1653,8 @@ def choose(
     * dispatch: the best eligible node with a free slot (in_flight < slots) — unless a
       *full* node scores higher (its expected finish, queue included, is still sooner, e.g.
       it has the model hot and the free node would cold-load it) and ``wait_for_better``:
-      then wait for it, up to ``max_queue_wait_s``.
+      then wait for it, up to ``max_queue_wait_s``. A free node with the model hot is only
+      passed over for a full one expected to finish sooner (``_worth_waiting``).
     * wait: every eligible node is full (or a full one is worth waiting for). The router
       waits until any slot frees, then calls ``choose`` again (re-scoring, so a waiting
       request is never stuck behind its first choice), passing ``waited_s``.
@@ -1655,7 +1676,7 @@ def choose(
             not policy.wait_for_better
             or out_of_time
             or best_any.free_slot
-            or full_lead <= policy.wait_margin
+            or not _worth_waiting(best_any, best_free, policy)
         ):
             reason = f"best free node ({best_free.reason})"
             if best_any is not best_free and not best_any.free_slot:
@@ -1744,11 +1765,11 @@ def wait_targets(choice: Choice, policy: Policy) -> tuple[str, ...]:
     ``wait_margin`` — exactly the ones it chose to wait for.
     """
     eligible = [s for s in choice.ranked if s.eligible]
-    free = [s.total for s in eligible if s.free_slot]
+    free = [s for s in eligible if s.free_slot]
     if not free:
         return tuple(s.node_id for s in eligible)
-    floor = max(free) + policy.wait_margin
-    return tuple(s.node_id for s in eligible if not s.free_slot and s.total > floor)
+    best_free = max(free, key=lambda s: s.total)
+    return tuple(s.node_id for s in eligible if _worth_waiting(s, best_free, policy))
 
 
 def prewarm_target(
