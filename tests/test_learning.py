@@ -419,3 +419,26 @@ def test_a_learned_slowdown_makes_a_busy_node_expect_its_real_time() -> None:
     # without the stream counts, herd only has the average speed and the prior
     blind = {k: dataclasses.replace(v, conc_n=0) for k, v in stats.items()}
     assert scoring.choose(req, snaps, queues, blind, {}, NOW, 0.0, P).node_id == "a"
+
+
+async def test_router_feeds_the_streams_in_flight_into_what_it_learns(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Each answer is read against the other requests herd had on that node at dispatch:
+    a burst of 3 after a lone request teaches decode samples beside different stream counts."""
+    fake = await make_fake([SLOW], num_parallel=4, tokens_per_s=40, response_tokens=12,
+                           load_delay_s=0.0)
+    r = await make_router([fake.url])
+    await r.wait_ready(nodes=1)
+    (nid,) = [n.node_id for n in r.router.nodes.values()]
+    client = ollama.AsyncClient(host=r.url)
+    try:
+        await client.generate(model="llama3.2:3b", prompt="warm")
+        await asyncio.gather(*(client.generate(model="llama3.2:3b", prompt=f"q{i}")
+                               for i in range(3)))
+        st = r.router.stats[(nid, "llama3.2:3b")]
+        assert st.conc_n == 4
+        assert st.conc_kk - st.conc_k**2 > 0  # the stream counts differed
+        assert 0.0 < st.conc_k < 2.0
+    finally:
+        await client._client.aclose()
