@@ -2142,6 +2142,7 @@ class Attempt:
     dispatch_k: int = 0  # requests herd had in flight on that node:model, this one included
     dispatch_mono: float = 0.0
     dispatch_hot: bool = False  # the model was resident there when it was sent
+    dispatch_streams: int = 0  # other requests herd had in flight on that node (any model)
     affinity_key: str | None = None  # prompt-prefix key to remember once served
     affinity_tokens: int = 0
 
@@ -4262,6 +4263,9 @@ class Proxy:
                 raise self._unservable(rreq, rej.choice, served_model) from None
             attempt.queue_ms += queue_ms
             attempt.dispatch_k = queue.in_flight
+            attempt.dispatch_streams = sum(
+                q.in_flight for q in self.r.admission.queues.values()
+                if q.node_id == node.node_id) - 1
             attempt.dispatch_mono = time.monotonic()
             attempt.dispatch_hot = (rreq.model in node.loaded_names()
                                     and rreq.model not in node.loading)
@@ -4523,6 +4527,7 @@ class Proxy:
                 eval_ms=m["eval_ms"] or 0.0,
                 ttft_ms=ttft_ms,
                 total_ms=total_ms,
+                streams=max(0, attempt.dispatch_streams),
             )
             key = (node.node_id, rreq.model)
             stats = self.r.fleet.stats

@@ -154,6 +154,11 @@ class Policy:
     # -- 4. wait (expected time to finish, from measured history) ---------------------
     wait_weight: float = 3.0  # points per expected second until the response completes
     busy_slowdown: float = 0.15  # each concurrent stream on a node slows a new one by this
+    # (a prior: ``stream_slowdown`` learns it per node from decode speed vs streams in flight)
+    slowdown_min_n: int = 8  # decode samples before the learned slowdown is trusted
+    slowdown_min_var: float = 0.25  # ... and this variance of the stream count among them
+    slowdown_max: float = 2.0  # learned slowdown per extra stream is clamped to [0, this]
+    slowdown_alpha: float = 0.05  # EWMA weight of the slowdown regression's moments
     # -- 5. role affinity -------------------------------------------------------------
     affinity_weight: float = 5.0
     large_model_bytes: int = 20 * _GB  # at or above: a "large" model, prefers big machines
@@ -334,6 +339,7 @@ class Observation:
     eval_ms: float = 0.0
     ttft_ms: float | None = None
     total_ms: float = 0.0
+    streams: int | None = None  # other streams in flight on the node at dispatch (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +369,14 @@ class ServiceStats:
     total_n: int = 0
     total_p: float = 0.0  # streaming quantile estimate of total_ms
     total_max: float = 0.0  # largest total_ms seen (bounds the quantile)
+    # decode seconds per token y against other streams k on the node at dispatch: EW moments
+    # of k, k^2, y, k*y (a least-squares line y = a + b k; see ``stream_slowdown``)
+    conc_n: int = 0
+    eval_k_ewma: float = 0.0  # other streams at dispatch, same weight as eval_tps_ewma
+    conc_k: float = 0.0
+    conc_kk: float = 0.0
+    conc_y: float = 0.0
+    conc_ky: float = 0.0
 
 
 def _ewma(old: float, n: int, x: float, alpha: float) -> float:
@@ -404,6 +418,18 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
         tps = obs.completion_tokens / (obs.eval_ms / 1000.0)
         ch["eval_tps_ewma"] = _ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a)
         ch["eval_tps_n"] = s.eval_tps_n + 1
+        if obs.streams is not None and obs.streams >= 0:
+            k = float(obs.streams)
+            y = obs.eval_ms / 1000.0 / obs.completion_tokens
+            b, n = policy.slowdown_alpha, s.conc_n
+            ch.update(
+                conc_n=n + 1,
+                eval_k_ewma=_ewma(s.eval_k_ewma, n, k, a),
+                conc_k=_ewma(s.conc_k, n, k, b),
+                conc_kk=_ewma(s.conc_kk, n, k * k, b),
+                conc_y=_ewma(s.conc_y, n, y, b),
+                conc_ky=_ewma(s.conc_ky, n, k * y, b),
+            )
     ch["completion_tokens_ewma"] = _ewma(
         s.completion_tokens_ewma, ok_n, float(max(0, obs.completion_tokens)), a
     )
@@ -521,6 +547,34 @@ def expected_service_s(
     else:
         completion = policy.default_completion_tokens
     return load + max(0, req.est_tokens) / prompt_tps + completion / decode_tps
+
+
+def stream_slowdown(
+    node_id: str, stats: Mapping[tuple[str, str], ServiceStats], policy: Policy
+) -> tuple[float, bool]:
+    """(slowdown per other stream on the node, learned?) — the ``c`` in
+    ``time(k) = time(0) x (1 + c k)`` for a request that runs beside ``k`` other streams.
+
+    Learned per node from every model served there: a least-squares line of decode seconds
+    per token against the streams in flight at dispatch, ``c = slope / intercept``; the
+    models' estimates are averaged by sample count. Too few samples, or a stream count
+    that barely varied: the prior ``busy_slowdown``.
+    """
+    w_sum = c_sum = 0.0
+    for (n, _m), st in stats.items():
+        if n != node_id or st.conc_n < policy.slowdown_min_n:
+            continue
+        var = st.conc_kk - st.conc_k * st.conc_k
+        if var < policy.slowdown_min_var or st.conc_y <= 0:
+            continue
+        slope = (st.conc_ky - st.conc_k * st.conc_y) / var
+        icpt = st.conc_y - slope * st.conc_k
+        c = policy.slowdown_max if icpt <= 0 else min(policy.slowdown_max, max(0.0, slope / icpt))
+        w_sum += st.conc_n
+        c_sum += st.conc_n * c
+    if w_sum <= 0:
+        return policy.busy_slowdown, False
+    return c_sum / w_sum, True
 
 
 def node_rates(
@@ -1408,7 +1462,13 @@ def _score_node(
     if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
         tps = _prefill_tps(st, model_bytes, bw, policy)
         saved = min(svc, req.cached_tokens / tps)
-    run = (svc - saved) * (1.0 + policy.busy_slowdown * concurrent)
+    slow, learned = stream_slowdown(nid, stats, policy)
+    # a learned slowdown: the measured speed already ran beside ``eval_k_ewma`` streams on
+    # average, rescale it to the streams running now (the prior keeps the old, cruder rule)
+    base_k = 0.0
+    if learned and st is not None and st.conc_n > 0 and st.eval_tps_ewma > 0:
+        base_k = st.eval_k_ewma
+    run = (svc - saved) * (1.0 + slow * concurrent) / (1.0 + slow * base_k)
     expected = queue_wait + load + run
     factors.append(
         Factor(
@@ -1533,6 +1593,26 @@ def _pick(cands: Sequence[Score], rand: float, policy: Policy) -> Score:
     return tied[idx]
 
 
+def _expected_s(score: Score) -> float:
+    w = score.factor("wait")
+    return w.value if w is not None else math.inf
+
+
+def _hot(score: Score) -> bool:
+    t = score.factor("thermal")
+    return t is not None and t.value >= 1.0
+
+
+def _worth_waiting(full: Score, best_free: Score, policy: Policy) -> bool:
+    """A full node is worth waiting for when it leads the best free node by more than
+    ``wait_margin`` points and — when that free node has the model hot (no cold load, no
+    eviction to avoid) — it is also honestly expected to finish sooner, its queue included.
+    """
+    if full.free_slot or full.total - best_free.total <= policy.wait_margin:
+        return False
+    return not _hot(best_free) or _expected_s(full) < _expected_s(best_free)
+
+
 def _reorder(ranked: tuple[Score, ...], first: Score) -> tuple[Score, ...]:
     """Put the chosen node first among equals so ``ranked`` reads like the decision."""
     rest = tuple(s for s in ranked if s is not first)
@@ -1573,7 +1653,8 @@ def choose(
     * dispatch: the best eligible node with a free slot (in_flight < slots) — unless a
       *full* node scores higher (its expected finish, queue included, is still sooner, e.g.
       it has the model hot and the free node would cold-load it) and ``wait_for_better``:
-      then wait for it, up to ``max_queue_wait_s``.
+      then wait for it, up to ``max_queue_wait_s``. A free node with the model hot is only
+      passed over for a full one expected to finish sooner (``_worth_waiting``).
     * wait: every eligible node is full (or a full one is worth waiting for). The router
       waits until any slot frees, then calls ``choose`` again (re-scoring, so a waiting
       request is never stuck behind its first choice), passing ``waited_s``.
@@ -1595,7 +1676,7 @@ def choose(
             not policy.wait_for_better
             or out_of_time
             or best_any.free_slot
-            or full_lead <= policy.wait_margin
+            or not _worth_waiting(best_any, best_free, policy)
         ):
             reason = f"best free node ({best_free.reason})"
             if best_any is not best_free and not best_any.free_slot:
@@ -1684,11 +1765,11 @@ def wait_targets(choice: Choice, policy: Policy) -> tuple[str, ...]:
     ``wait_margin`` — exactly the ones it chose to wait for.
     """
     eligible = [s for s in choice.ranked if s.eligible]
-    free = [s.total for s in eligible if s.free_slot]
+    free = [s for s in eligible if s.free_slot]
     if not free:
         return tuple(s.node_id for s in eligible)
-    floor = max(free) + policy.wait_margin
-    return tuple(s.node_id for s in eligible if not s.free_slot and s.total > floor)
+    best_free = max(free, key=lambda s: s.total)
+    return tuple(s.node_id for s in eligible if _worth_waiting(s, best_free, policy))
 
 
 def prewarm_target(

@@ -365,3 +365,80 @@ def test_an_eviction_with_memory_to_spare_teaches_the_model_count_cap() -> None:
     four = {**after, "e": lm("e", 1, 300)}
     assert scoring.learn_memory(b, after, four, NOW + 160, P).model_cap == 0
 
+
+
+# ------------------------------------------------------------ stream slowdown ----------
+
+
+def decode_obs(streams: int, c: float, tokens: int = 100, solo_tps: float = 50.0
+               ) -> scoring.Observation:
+    """A request that decoded beside ``streams`` others on a node where each extra stream
+    slows decoding by ``c``."""
+    eval_ms = tokens / solo_tps * (1.0 + c * streams) * 1000.0
+    return scoring.Observation(ok=True, completion_tokens=tokens, eval_ms=eval_ms,
+                               total_ms=eval_ms, streams=streams)
+
+
+def test_slowdown_per_stream_is_learned_from_decode_speed_vs_streams() -> None:
+    st: scoring.ServiceStats | None = None
+    for i in range(40):
+        st = scoring.observe(st, decode_obs(i % 4, 0.6), P)
+    c, learned = scoring.stream_slowdown("a", {("a", "m:latest"): st}, P)  # type: ignore[dict-item]
+    assert learned and abs(c - 0.6) < 0.05
+    # another node, or too little evidence (streams never varied): the prior
+    assert scoring.stream_slowdown("b", {("a", "m:latest"): st}, P) == (P.busy_slowdown, False)  # type: ignore[dict-item]
+    flat: scoring.ServiceStats | None = None
+    for _ in range(40):
+        flat = scoring.observe(flat, decode_obs(2, 0.6), P)
+    assert scoring.stream_slowdown("a", {("a", "m:latest"): flat}, P) == (P.busy_slowdown, False)  # type: ignore[dict-item]
+    # unknown stream counts teach nothing
+    blind = scoring.observe(None, dataclasses.replace(decode_obs(3, 0.6), streams=None), P)
+    assert blind.conc_n == 0 and blind.eval_tps_n == 1
+
+
+def test_a_learned_slowdown_makes_a_busy_node_expect_its_real_time() -> None:
+    """Node a decodes 3.5x as fast solo but each extra stream costs 0.8, and it was measured
+    beside 1 stream on average: with 3 other streams on it now, an idle b finishes sooner.
+    The average speed times the prior slowdown (0.15 a stream) would pick a."""
+    snaps, queues = two_hot_nodes(slots=4)
+    queues[("a", "m:latest")] = QueueSnapshot(in_flight=3, slots=4)
+    fast: scoring.ServiceStats | None = None
+    slow: scoring.ServiceStats | None = None
+    for i in range(42):
+        fast = scoring.observe(fast, decode_obs(i % 3, 0.8, solo_tps=100.0), P)
+        slow = scoring.observe(slow, decode_obs(0, 0.8, solo_tps=28.0), P)
+    assert fast is not None and slow is not None
+    req = RouteRequest("m:latest", est_tokens=100)
+    stats = {("a", "m:latest"): fast, ("b", "m:latest"): slow}
+    choice = scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, P)
+    assert choice.node_id == "b"
+    wait_a = next(s for s in choice.ranked if s.node_id == "a").factor("wait")
+    assert wait_a is not None
+    # (100 tokens at 100 tok/s solo + prefill) x (1 + 0.8 x 3) = ~3.2 s
+    assert 3.0 < wait_a.value < 3.5
+    # without the stream counts, herd only has the average speed and the prior
+    blind = {k: dataclasses.replace(v, conc_n=0) for k, v in stats.items()}
+    assert scoring.choose(req, snaps, queues, blind, {}, NOW, 0.0, P).node_id == "a"
+
+
+async def test_router_feeds_the_streams_in_flight_into_what_it_learns(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Each answer is read against the other requests herd had on that node at dispatch:
+    a burst of 3 after a lone request teaches decode samples beside different stream counts."""
+    fake = await make_fake([SLOW], num_parallel=4, tokens_per_s=40, response_tokens=12,
+                           load_delay_s=0.0)
+    r = await make_router([fake.url])
+    await r.wait_ready(nodes=1)
+    (nid,) = [n.node_id for n in r.router.nodes.values()]
+    client = ollama.AsyncClient(host=r.url)
+    try:
+        await client.generate(model="llama3.2:3b", prompt="warm")
+        await asyncio.gather(*(client.generate(model="llama3.2:3b", prompt=f"q{i}")
+                               for i in range(3)))
+        st = r.router.stats[(nid, "llama3.2:3b")]
+        assert st.conc_n == 4
+        assert st.conc_kk - st.conc_k**2 > 0  # the stream counts differed
+        assert 0.0 < st.conc_k < 2.0
+    finally:
+        await client._client.aclose()

@@ -39,6 +39,7 @@ from scoring import (
     score_nodes,
     slot_count,
     vram_fallback,
+    wait_targets,
 )
 
 GB = 1_000_000_000
@@ -912,3 +913,27 @@ def test_score_is_frozen_and_pure() -> None:
     with pytest.raises(AttributeError):
         s1[0].total = 3  # type: ignore[misc]
     assert isinstance(s1[0], Score)
+
+
+def test_never_waits_for_a_full_node_that_is_not_expected_sooner_than_a_free_hot_one() -> None:
+    """The full node leads on points that are not time (a big machine for a large model, a
+    cached prefix), but its queue makes it finish later than a free node with the model hot:
+    dispatch to the free node instead of queueing."""
+    big = avail(size=24)
+    full = node("full", ram=128, free=60, models=(big,), loaded_models=(loaded(size=26),))
+    free = node("free", ram=40, free=10, models=(big,), loaded_models=(loaded(size=26),))
+    st = ServiceStats(
+        count=20, service_ms_ewma=3000, eval_tps_ewma=100, eval_tps_n=20, completion_tokens_ewma=250
+    )
+    q = {("full", M): QueueSnapshot(0, 1, 1), ("free", M): QueueSnapshot(0, 0, 1)}
+    stats = {("full", M): st, ("free", M): st}
+    r = req(est_tokens=2000, cache_node="full", cached_tokens=1500)
+    s = scores([full, free], queues=q, stats=stats, r=r)
+    assert s["full"].total > s["free"].total  # it does lead on points ...
+    wait_full, wait_free = s["full"].factor("wait"), s["free"].factor("wait")
+    assert wait_full is not None and wait_free is not None
+    assert wait_full.value > wait_free.value  # ... but is expected to finish later
+    ch = pick([full, free], queues=q, stats=stats, r=r)
+    assert ch.action == "dispatch" and ch.node_id == "free"
+    ranked = tuple(sorted(s.values(), key=lambda x: -x.total))
+    assert wait_targets(Choice("wait", None, ranked, "", wait_for="full"), P) == ()
