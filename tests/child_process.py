@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +56,38 @@ class ChildProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+async def start_herd(
+    args: list[str], env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, int]:
+    """``python herd.py`` on 127.0.0.1, an OS-chosen port, no local Ollama, plus ``args``;
+    stdout and stderr piped. The process and the port from its first line."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "herd.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--local-ollama",
+        "off",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        cwd=str(ROOT),
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(20):
+        line = (await proc.stdout.readline()).decode()
+    assert line.startswith("herd listening on 127.0.0.1:"), line
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        _, err = await proc.communicate()
+    return proc.returncode or 0, err.decode()
