@@ -91,3 +91,12 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
     async with asyncio.timeout(20):
         _, err = await proc.communicate()
     return proc.returncode or 0, err.decode()
+
+
+async def help_text(script: str) -> str:
+    """``python <script> --help``'s output (``script`` in the repository root)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / script), "--help", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return out.decode()

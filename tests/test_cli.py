@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.child_process import start_herd, stop
+from tests.child_process import help_text, start_herd, stop
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request
 
@@ -87,11 +86,7 @@ async def test_runs_without_optional_packages(tmp_path: Path, fake: FakeOllama) 
 
 
 async def test_help_lists_environment_twins() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "herd.py"), "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    text = out.decode()
+    text = await help_text("herd.py")
     for env in ("HERD_PORT", "HERD_NODES", "HERD_DATA_DIR", "HERD_FLEET_KEY", "HERD_API_KEYS"):
         assert env in text
 

@@ -33,7 +33,7 @@ import herd
 import herd_node
 from tests import http_helpers
 from tests import test_dashboard as dash
-from tests.child_process import start_herd, stop
+from tests.child_process import help_text, start_herd, stop
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request
@@ -327,11 +327,7 @@ async def test_agent_logs_its_admission_once_per_change(
 
 
 async def test_help_and_env_twin(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "herd_node.py"), "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    text = out.decode()
+    text = await help_text("herd_node.py")
     for way in ("approve", "fleet key", "open fleet", "--open-fleet", "/dashboard/api/nodes"):
         assert way in text
     proc, _ = await start_herd(["--no-mdns", "--data-dir", str(tmp_path)],
