@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import _common  # noqa: E402
+
 NODES = 20
 ROUNDS = 200
 TARGET = 1.15
@@ -39,49 +43,10 @@ DEFAULT_BASELINE = "e77612f"  # main before the report types (issue 14 item 3)
 
 
 def agent_beat(i: int, full: bool, models: int = 30, loaded: int = 3) -> bytes:
-    def tag(m: int) -> dict[str, Any]:
-        return {
-            "name": f"bench-model-{m}:7b",
-            "model": f"bench-model-{m}:7b",
-            "modified_at": "2025-06-01T12:00:00.000000000Z",
-            "size": 4_700_000_000 + m,
-            "digest": f"{m:064x}",
-            "details": {"parent_model": "", "format": "gguf", "family": "qwen2",
-                        "families": ["qwen2"], "parameter_size": "7.6B",
-                        "quantization_level": "Q4_K_M"},
-            "capabilities": ["completion", "tools"],
-        }
-
-    ps = [{**tag(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 5_000_000_000,
-           "context_length": 4096} for m in range(loaded)]
-    return json.dumps({
-        "node_id": f"bench-gpu-{i}",
-        "agent_version": "bench",
-        "timestamp": time.time(),
-        "interval_s": 300.0,
-        "ollama_url": f"http://127.0.0.1:{30000 + i}",
-        "draining": False,
-        "hardware": {
-            "arch": "x86_64", "chip": "AMD Ryzen 9 7950X",
-            "cpu": {"cores": 16, "utilization_pct": 12.5, "load_1m": 1.2},
-            "memory": {"total_bytes": 128 << 30, "available_bytes": 96 << 30,
-                       "pressure": "normal"},
-            "gpu": {"vendor": "nvidia", "unified": False,
-                    "devices": [{"name": "NVIDIA GeForce RTX 4090",
-                                 "memory_total_bytes": 24 << 30,
-                                 "memory_used_bytes": 10 << 30,
-                                 "temperature_c": 50, "utilization_pct": 3}]},
-            "disk": {"total_bytes": 2 << 40, "free_bytes": 1 << 40},
-            "thermal": {"temperature_c": 55.0, "state": "nominal"},
-        },
-        "ollama": {"reachable": True, "version": "0.12.6", "num_parallel": 4,
-                   "max_loaded_models": 3, "loaded": ps,
-                   "available": [tag(m) for m in range(models)] if full else None,
-                   "available_hash": f"h{i}"},
-        "capabilities": {"image": [{"name": "sdxl", "backend": "command"}], "stt": [],
-                         "service_url": f"http://127.0.0.1:{31000 + i}"},
-        "errors": [],
-    }).encode()
+    return _common.agent_beat(
+        i, models=models, loaded=loaded, full=full, tag_capabilities=["completion", "tools"],
+        capabilities={"image": [{"name": "sdxl", "backend": "command"}], "stt": [],
+                      "service_url": f"http://127.0.0.1:{31000 + i}"})
 
 
 def measure(src: str) -> dict[str, float]:

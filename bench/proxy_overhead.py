@@ -38,7 +38,6 @@ import pstats
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,20 +50,21 @@ import h11
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import _common  # noqa: E402
+from bench._common import (  # noqa: E402
+    cpu_s,
+    next_event,
+    ready_line,
+    relay_request,
+    serve_until_signal,
+    use_uvloop,
+)
+
 SMALL_MODEL = "llama3.2:3b"
 LONG_MODEL = "longstream:1b"
 BLAST_MODEL = "blast:1b"
 LONG_TOKENS = 20_000
 BLAST_LINES = 400_000
-
-
-def use_uvloop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
 
 
 # =======================================================================================
@@ -266,33 +266,14 @@ async def run_relay(node_url: str) -> None:
     up_host, _, up_port = node_url.removeprefix("http://").partition(":")
     host_header = f"{up_host}:{up_port}".encode()
 
-    async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await reader.read(262144))
-
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server = h11.Connection(h11.SERVER)
         up_reader, up_writer = await asyncio.open_connection(up_host, int(up_port))
         client = h11.Connection(h11.CLIENT)
         try:
             while True:
-                req = await next_event(server, reader)
-                if not isinstance(req, h11.Request):
+                if not await relay_request(server, reader, client, up_writer, host_header):
                     return
-                body = bytearray()
-                while isinstance(ev := await next_event(server, reader), h11.Data):
-                    body += ev.data
-                headers = [(b"host", host_header), (b"content-type", b"application/json"),
-                           (b"content-length", str(len(body)).encode())]
-                up_writer.write(b"".join((
-                    client.send(h11.Request(method=req.method, target=req.target,
-                                            headers=headers)) or b"",
-                    client.send(h11.Data(data=bytes(body))) or b"",
-                    client.send(h11.EndOfMessage()) or b"",
-                )))
                 resp = await next_event(client, up_reader)
                 out = bytearray()
                 while isinstance(ev := await next_event(client, up_reader), h11.Data):
@@ -319,16 +300,6 @@ async def run_relay(node_url: str) -> None:
         srv.close()
 
     await serve_until_signal(srv.sockets[0].getsockname()[1], stop)
-
-
-async def serve_until_signal(port: int, stop: Callable[[], Any]) -> None:
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    print(f"READY {port}", flush=True)
-    await done.wait()
-    await stop()
 
 
 def role_main(args: argparse.Namespace) -> None:
@@ -504,49 +475,7 @@ async def stream_run(port: int, model: str, num_predict: int) -> tuple[float, in
 
 
 def agent_beat(i: int, models: int = 8, loaded: int = 2) -> bytes:
-    """A heartbeat as herd_node sends it: full hardware, Ollama's /api/tags and /api/ps
-    entries (distinct model names, so the bench's routing is not affected)."""
-
-    def tag(m: int) -> dict[str, Any]:
-        return {
-            "name": f"bench-model-{m}:7b",
-            "model": f"bench-model-{m}:7b",
-            "modified_at": "2025-06-01T12:00:00.000000000Z",
-            "size": 4_700_000_000 + m,
-            "digest": f"{m:064x}",
-            "details": {"parent_model": "", "format": "gguf", "family": "qwen2",
-                        "families": ["qwen2"], "parameter_size": "7.6B",
-                        "quantization_level": "Q4_K_M"},
-        }
-
-    ps = [{**tag(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 5_000_000_000,
-           "context_length": 4096} for m in range(loaded)]
-    return json.dumps({
-        "node_id": f"bench-gpu-{i}",
-        "agent_version": "bench",
-        "timestamp": time.time(),
-        "interval_s": 300.0,
-        "ollama_url": f"http://127.0.0.1:{30000 + i}",
-        "draining": False,
-        "hardware": {
-            "arch": "x86_64", "chip": "AMD Ryzen 9 7950X",
-            "cpu": {"cores": 16, "utilization_pct": 12.5, "load_1m": 1.2},
-            "memory": {"total_bytes": 128 << 30, "available_bytes": 96 << 30,
-                       "pressure": "normal"},
-            "gpu": {"vendor": "nvidia", "unified": False,
-                    "devices": [{"name": "NVIDIA GeForce RTX 4090",
-                                 "memory_total_bytes": 24 << 30,
-                                 "memory_used_bytes": 10 << 30,
-                                 "temperature_c": 50, "utilization_pct": 3}]},
-            "disk": {"total_bytes": 2 << 40, "free_bytes": 1 << 40},
-            "thermal": {"temperature_c": 55.0, "state": "nominal"},
-        },
-        "ollama": {"reachable": True, "version": "0.12.6", "num_parallel": 4,
-                   "max_loaded_models": 3, "loaded": ps,
-                   "available": [tag(m) for m in range(models)], "available_hash": f"h{i}"},
-        "capabilities": {},
-        "errors": [],
-    }).encode()
+    return _common.agent_beat(i, models=models, loaded=loaded)
 
 
 async def fleet_status_run(port: int, nodes: int, n: int) -> tuple[list[float], int]:
@@ -572,15 +501,6 @@ async def fleet_status_run(port: int, nodes: int, n: int) -> tuple[list[float], 
     return lat, size
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -591,42 +511,19 @@ def pct(xs: list[float], q: float) -> float:
 # =======================================================================================
 
 
-class Proc:
+class Proc(_common.Proc):
+    """One of this file's roles (``--role ...``) in its own process, up once it prints
+    ``READY <port>``."""
+
     def __init__(self, *args: str, stderr: Any = None) -> None:
-        self.p = subprocess.Popen(
-            [sys.executable, __file__, *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=ROOT,
-        )
-        assert self.p.stdout is not None
-        line = ""
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            line = self.p.stdout.readline()
-            if line.startswith("READY"):
-                break
-            if not line and self.p.poll() is not None:
-                break
-        if not line.startswith("READY"):
-            self.stop()
-            raise RuntimeError(f"{args[:2]} did not start")
-        self.port = int(line.split()[1])
+        super().__init__([sys.executable, __file__, *args], ready_line, stderr=stderr,
+                         start_s=20, stop_s=10)
+        self.port = int(self.ready)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.p.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
 
 
 async def wait_routable(port: int, models: list[str], timeout: float = 15.0) -> None:

@@ -35,12 +35,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,17 @@ import h11
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import (  # noqa: E402
+    Proc,
+    cpu_s,
+    herd_ready,
+    next_event,
+    ready_line,
+    relay_request,
+    serve_until_signal,
+    use_uvloop,
+)
 
 NODES = 20
 MODELS = [f"m{i}:1b" for i in range(8)]
@@ -60,15 +68,6 @@ BLAST_LINES = 200_000
 TARGET_S = 6.0
 TARGET_RSS_MB = 150.0
 TARGET_LINES_RATIO = 0.9
-
-
-def use_uvloop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
 
 
 # =======================================================================================
@@ -218,13 +217,6 @@ async def run_relay(ports: list[int]) -> None:
     traces: whatever herd costs beyond this is herd's own work."""
     counter = 0
 
-    async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await reader.read(262144))
-
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal counter
         port = ports[counter % len(ports)]
@@ -235,20 +227,8 @@ async def run_relay(ports: list[int]) -> None:
         host = f"127.0.0.1:{port}".encode()
         try:
             while True:
-                req = await next_event(server, reader)
-                if not isinstance(req, h11.Request):
+                if not await relay_request(server, reader, client, up_writer, host):
                     return
-                body = bytearray()
-                while isinstance(ev := await next_event(server, reader), h11.Data):
-                    body += ev.data
-                headers = [(b"host", host), (b"content-type", b"application/json"),
-                           (b"content-length", str(len(body)).encode())]
-                up_writer.write(b"".join((
-                    client.send(h11.Request(method=req.method, target=req.target,
-                                            headers=headers)) or b"",
-                    client.send(h11.Data(data=bytes(body))) or b"",
-                    client.send(h11.EndOfMessage()) or b"",
-                )))
                 resp = await next_event(client, up_reader)
                 writer.write(server.send(h11.Response(
                     status_code=resp.status_code,
@@ -273,16 +253,6 @@ async def run_relay(ports: list[int]) -> None:
         srv.close()
 
     await serve_until_signal(str(srv.sockets[0].getsockname()[1]), stop)
-
-
-async def serve_until_signal(ports: str, stop: Callable[[], Any]) -> None:
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    print(f"READY {ports}", flush=True)
-    await done.wait()
-    await stop()
 
 
 # =======================================================================================
@@ -340,53 +310,11 @@ async def many_streams(port: int, n: int) -> tuple[float, int, int, float]:
     return elapsed, lines, whole, head
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class Proc:
-    def __init__(self, argv: list[str], ready: Callable[[str], str | None]) -> None:
-        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.p.stdout is not None
-        deadline = time.time() + 30
-        self.ready = ""
-        while time.time() < deadline:
-            line = self.p.stdout.readline()
-            got = ready(line)
-            if got is not None:
-                self.ready = got
-                break
-            if not line and self.p.poll() is not None:
-                break
-        if not self.ready:
-            self.stop()
-            raise RuntimeError(f"{argv[1:3]} did not start")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-
-
-def ready_line(line: str) -> str | None:
-    return line.split(None, 1)[1].strip() if line.startswith("READY ") else None
-
-
-def herd_ready(line: str) -> str | None:
-    return line.rsplit(":", 1)[1].strip() if line.startswith("herd listening on") else None
 
 
 async def wait_routable(port: int, timeout: float = 20.0) -> None:

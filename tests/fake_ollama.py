@@ -2123,6 +2123,36 @@ class FakeOllama:
         opts.setdefault("top_p", 1.0)
         return opts
 
+    def _oa_chat_model(self, req: dict[str, Any]) -> tuple[FakeModel, str]:
+        """The request's model for a chat endpoint (/v1/chat/completions, /v1/responses)."""
+        m, name = self._oa_model(req)
+        if "completion" not in m.capabilities:
+            raise _HTTPError(400, f"{json.dumps(name)} does not support chat")
+        return m, name
+
+    def _oa_chat_plan(
+        self,
+        m: FakeModel,
+        name: str,
+        messages: list[dict[str, Any]],
+        options: dict[str, Any],
+        think: bool,
+        tool_call: dict[str, Any] | None,
+        fmt: Any,
+        logprobs: int | None = None,
+    ) -> _Plan:
+        return self._make_plan(
+            m,
+            name,
+            chat_prompt_key(messages),
+            options,
+            self.default_keep_alive_s,
+            think=think,
+            tool_call=tool_call,
+            fmt=fmt,
+            logprobs=logprobs,
+        )
+
     def _oa_model(self, req: dict[str, Any]) -> tuple[FakeModel, str]:
         name = req.get("model")
         if not isinstance(name, str) or not name:
@@ -2147,25 +2177,14 @@ class FakeOllama:
                         "image URLs are not currently supported, please use base64 encoded "
                         "data instead",
                     )
-        m, name = self._oa_model(req)
-        if "completion" not in m.capabilities:
-            raise _HTTPError(400, f"{json.dumps(name)} does not support chat")
+        m, name = self._oa_chat_model(req)
         effort = req.get("reasoning_effort") or (req.get("reasoning") or {}).get("effort")
         think = self._check_think(m, name, effort)
         tool_call = self._tool_call_for(m, name, messages, req.get("tools"))
         options = self._oa_options(req)
         logprobs = self._check_logprobs(req)
-        plan = self._make_plan(
-            m,
-            name,
-            chat_prompt_key(messages),
-            options,
-            self.default_keep_alive_s,
-            think=think,
-            tool_call=tool_call,
-            fmt=_oa_response_format(req.get("response_format")),
-            logprobs=logprobs,
-        )
+        fmt = _oa_response_format(req.get("response_format"))
+        plan = self._oa_chat_plan(m, name, messages, options, think, tool_call, fmt, logprobs)
         stream = req.get("stream") is True
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
         cid = f"chatcmpl-{random.randint(0, 998)}"
@@ -2449,24 +2468,13 @@ class FakeOllama:
         fmt = None
         if isinstance(fmt_spec, dict) and fmt_spec.get("type") == "json_schema":
             fmt = fmt_spec.get("schema") if isinstance(fmt_spec.get("schema"), dict) else None
-        m, name = self._oa_model(req)
-        if "completion" not in m.capabilities:
-            raise _HTTPError(400, f"{json.dumps(name)} does not support chat")
+        m, name = self._oa_chat_model(req)
         think = self._check_think(m, name, effort or None)
         tool_call = self._tool_call_for(m, name, messages, tools)
         options: dict[str, Any] = {"temperature": req.get("temperature", 1.0)}
         if isinstance(req.get("max_output_tokens"), int):
             options["num_predict"] = req["max_output_tokens"]
-        plan = self._make_plan(
-            m,
-            name,
-            chat_prompt_key(messages),
-            options,
-            self.default_keep_alive_s,
-            think=think,
-            tool_call=tool_call,
-            fmt=fmt,
-        )
+        plan = self._oa_chat_plan(m, name, messages, options, think, tool_call, fmt)
         stream = req.get("stream") is True
         rid = f"resp_{random.randint(0, 999998)}"
         item_id = f"msg_{random.randint(0, 999998)}"

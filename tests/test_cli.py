@@ -4,51 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.child_process import help_text, start_herd, stop
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def start_herd(
-    args: list[str], env: dict[str, str] | None = None
-) -> tuple[asyncio.subprocess.Process, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "herd.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--local-ollama",
-        "off",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-        cwd=str(ROOT),
-    )
-    assert proc.stdout is not None
-    async with asyncio.timeout(20):
-        line = (await proc.stdout.readline()).decode()
-    assert line.startswith("herd listening on 127.0.0.1:"), line
-    return proc, int(line.rsplit(":", 1)[1])
-
-
-async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(20):
-        _, err = await proc.communicate()
-    return proc.returncode or 0, err.decode()
+async def version_then_stop(args: list[str], env: dict[str, str] | None = None) -> str:
+    """Start herd, ask /api/version, stop it with SIGTERM; it must exit 0. Its stderr."""
+    proc, port = await start_herd(args, env=env)
+    try:
+        status, _, _ = await raw_request(port, "GET", "/api/version")
+        assert status in (200, 503)
+    finally:
+        code, err = await stop(proc)
+    assert code == 0, err
+    return err
 
 
 @pytest.fixture
@@ -101,24 +79,14 @@ async def test_runs_without_optional_packages(tmp_path: Path, fake: FakeOllama) 
         (blocked / f"{name}.py").write_text(f"raise ImportError('{name} blocked by test')\n")
     env = {"PYTHONPATH": str(blocked)}
     # mDNS left on: without zeroconf it must say so and carry on
-    proc, port = await start_herd(["--data-dir", str(tmp_path / "d"), "--node", fake.url], env=env)
-    try:
-        status, _, _ = await raw_request(port, "GET", "/api/version")
-        assert status in (200, 503)
-    finally:
-        code, err = await stop(proc)
-    assert code == 0, err
+    err = await version_then_stop(["--data-dir", str(tmp_path / "d"), "--node", fake.url], env)
     assert "uvloop is not installed" in err
     assert "event loop: asyncio." in err
     assert "zeroconf is not installed" in err
 
 
 async def test_help_lists_environment_twins() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "herd.py"), "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    text = out.decode()
+    text = await help_text("herd.py")
     for env in ("HERD_PORT", "HERD_NODES", "HERD_DATA_DIR", "HERD_FLEET_KEY", "HERD_API_KEYS"):
         assert env in text
 
@@ -127,11 +95,5 @@ async def test_runs_on_uvloop_and_says_so(tmp_path: Path, fake: FakeOllama) -> N
     """uvloop is installed here: ``python herd.py`` must really run on it (a loop factory,
     not the ``uvloop.install()`` that newer Pythons deprecate) and name it in the log."""
     pytest.importorskip("uvloop")
-    proc, port = await start_herd(["--no-mdns", "--data-dir", str(tmp_path), "--node", fake.url])
-    try:
-        status, _, _ = await raw_request(port, "GET", "/api/version")
-        assert status in (200, 503)
-    finally:
-        code, err = await stop(proc)
-    assert code == 0, err
+    err = await version_then_stop(["--no-mdns", "--data-dir", str(tmp_path), "--node", fake.url])
     assert "event loop: uvloop.Loop" in err, err

@@ -33,6 +33,7 @@ import herd
 import herd_node
 from tests import http_helpers
 from tests import test_dashboard as dash
+from tests.child_process import help_text, start_herd, stop
 from tests.conftest import RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request
@@ -349,38 +350,12 @@ async def test_agent_logs_its_admission_once_per_change(
 
 
 async def test_help_and_env_twin(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "herd_node.py"), "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    text = out.decode()
+    text = await help_text("herd_node.py")
     for way in ("approve", "fleet key", "open fleet", "--open-fleet", "/dashboard/api/nodes"):
         assert way in text
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "herd.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--local-ollama",
-        "off",
-        "--no-mdns",
-        "--data-dir",
-        str(tmp_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "HERD_OPEN_FLEET": "1"},
-        cwd=str(ROOT),
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    async with asyncio.timeout(20):
-        line = (await proc.stdout.readline()).decode()
-    assert line.startswith("herd listening on")
-    proc.terminate()
-    async with asyncio.timeout(20):
-        err = (await proc.stderr.read()).decode()
-        await proc.wait()
+    proc, _ = await start_herd(["--no-mdns", "--data-dir", str(tmp_path)],
+                               env={"HERD_OPEN_FLEET": "1"})
+    _, err = await stop(proc)
     assert err.count("open fleet") == 1, err
 
 

@@ -5,6 +5,7 @@ every read. Real loopback sockets; a tiny node whose chunks the test releases on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -54,6 +55,17 @@ class Node:
         await asyncio.gather(*self.handlers, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def node_and_pool() -> AsyncIterator[tuple[Node, herd.Pool]]:
+    node = await Node().start()
+    pool = herd.Pool()
+    try:
+        yield node, pool
+    finally:
+        pool.close()
+        await node.close()
+
+
 async def open_stream(node: Node, pool: herd.Pool) -> herd.UpstreamResponse:
     return await pool.request(f"http://127.0.0.1:{node.port}", "GET", "/")
 
@@ -94,9 +106,7 @@ async def test_one_timer_for_a_whole_stream() -> None:
 async def test_a_stalled_wait_times_out_at_its_own_deadline() -> None:
     """Chunks keep arriving faster than the bound for longer than the bound (the one timer
     fires early and re-arms), then the node goes quiet: TimeoutError one bound later."""
-    node = await Node().start()
-    pool = herd.Pool()
-    try:
+    async with node_and_pool() as (node, pool):
         up = await open_stream(node, pool)
         chunks = up.chunks(0.3)
         t0 = time.monotonic()
@@ -110,17 +120,12 @@ async def test_a_stalled_wait_times_out_at_its_own_deadline() -> None:
             await anext(chunks)
         waited = time.monotonic() - stalled_at
         assert 0.29 <= waited < 2.0, waited
-    finally:
-        pool.close()
-        await node.close()
 
 
 async def test_time_spent_on_the_client_does_not_count() -> None:
     """Between two chunks the consumer is busy (a slow client) for 3x the bound: no
     timeout, as only waiting on the node counts."""
-    node = await Node().start()
-    pool = herd.Pool()
-    try:
+    async with node_and_pool() as (node, pool):
         up = await open_stream(node, pool)
         chunks = up.chunks(0.2)
         node.send(b'{"n":0}\n')
@@ -131,17 +136,12 @@ async def test_time_spent_on_the_client_does_not_count() -> None:
         await asyncio.sleep(0.6)
         node.send(None)
         assert [c async for c in chunks] == []
-    finally:
-        pool.close()
-        await node.close()
 
 
 async def test_an_outside_cancellation_stays_a_cancellation() -> None:
     """The reading task cancelled from outside (the client hung up) while the node is
     quiet: CancelledError, not a reap, and the task is not left un-cancelled."""
-    node = await Node().start()
-    pool = herd.Pool()
-    try:
+    async with node_and_pool() as (node, pool):
         up = await open_stream(node, pool)
         chunks = up.chunks(0.2)
         node.send(b'{"n":0}\n')
@@ -156,9 +156,6 @@ async def test_an_outside_cancellation_stays_a_cancellation() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert task.cancelled()
-    finally:
-        pool.close()
-        await node.close()
 
 
 async def first_of(chunks: AsyncIterator[bytes]) -> bytes:
@@ -166,14 +163,9 @@ async def first_of(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 async def test_first_timeout_bounds_the_first_chunk() -> None:
-    node = await Node().start()
-    pool = herd.Pool()
-    try:
+    async with node_and_pool() as (node, pool):
         up = await open_stream(node, pool)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             await first_of(up.chunks(30.0, first_timeout=0.2))
         assert time.monotonic() - t0 < 2.0
-    finally:
-        pool.close()
-        await node.close()

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import signal
 import socket
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 import herd
 import herd_node
+from tests.child_process import ChildProcess
 from tests.conftest import RouterFactory
 from tests.fake_ollama import FakeOllama
 from tests.http_helpers import raw_request, wait_until
@@ -240,41 +240,18 @@ async def test_healthz_is_ready_until_draining_and_needs_no_api_key(
     assert json.loads(raw)["routers"]["self"]["draining"] is True
 
 
-class RouterProcess:
+class RouterProcess(ChildProcess):
     """``python herd.py`` as a subprocess; its port read from its first stdout line."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
+        super().__init__()
         self.args, self.log_path = args, log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
 
     async def start(self) -> RouterProcess:
-        with self.log_path.open("ab") as log_file:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "herd.py", *self.args, cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                stdout=asyncio.subprocess.PIPE, stderr=log_file,
-            )
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(20):
-            line = (await self.proc.stdout.readline()).decode()
+        line = await self.spawn([sys.executable, "herd.py", *self.args], self.log_path)
         assert line.startswith("herd listening on "), (line, self.log_path.read_text())
-        self.port = int(line.rsplit(":", 1)[1])
+        self.port = self.port_of(line)
         return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float = 20) -> int:
-        assert self.proc is not None
-        async with asyncio.timeout(timeout):
-            return await self.proc.wait()
-
-    async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 async def test_sigterm_with_drain_delay_keeps_serving_while_healthz_says_503(

@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.child_process import ChildProcess
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import wait_until
 
@@ -125,41 +126,22 @@ def haproxy_conf(recipe: str, listen: int, routers: list[int]) -> str:
     return "global\n    log stderr format raw local0\n" + recipe
 
 
-class Proc:
+class Proc(ChildProcess):
     """A subprocess whose first stdout line (``... listening on HOST:PORT``) means ready."""
 
     def __init__(
         self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None
     ) -> None:
+        super().__init__()
         self.name, self.argv, self.log, self.env = name, argv, log, env or {}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
 
     async def start(self, ready_line: bool = True) -> Proc:
-        with self.log.open("ab") as log_file:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                stdout=asyncio.subprocess.PIPE if ready_line else log_file,
-                stderr=log_file,
-            )
+        line = await self.spawn(self.argv, self.log, self.env,
+                                first_line_s=30 if ready_line else None)
         if ready_line:
-            assert self.proc.stdout is not None
-            async with asyncio.timeout(30):
-                line = (await self.proc.stdout.readline()).decode()
             assert "listening on" in line, (self.name, line, self.log.read_text()[-2000:])
-            self.port = int(line.rsplit(":", 1)[1])
+            self.port = self.port_of(line)
         return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        async with asyncio.timeout(timeout):
-            return await self.proc.wait()
 
     async def close(self) -> None:
         """SIGTERM (nginx's master then stops its workers), SIGKILL after 5 s."""

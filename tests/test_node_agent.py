@@ -28,6 +28,7 @@ import pytest
 import herd
 import herd_node
 from tests import http_helpers
+from tests.child_process import ChildProcess
 from tests.conftest import RouterFactory, RunningRouter, skip_or_fail
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request, wait_until
@@ -65,50 +66,25 @@ def beat(node_id: str, url: str, **extra: Any) -> JSON:
 JSON = dict[str, Any]
 
 
-class AgentProcess:
+class AgentProcess(ChildProcess):
     """``python herd_node.py ...`` as a subprocess; its /healthz port read from stdout."""
 
+    wait_s = 10.0
+
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__()
         self.args = args
         self.log_path = log_path
         self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
 
     async def start(self, prefix: list[str] | None = None, script: list[str] | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        with self.log_path.open("ab") as log_file:
-            self.proc = await asyncio.create_subprocess_exec(
-                *(prefix or []),
-                *(script or [sys.executable, "herd_node.py"]),
-                *self.args,
-                cwd=ROOT,
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-            )
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(15):
-            line = (await self.proc.stdout.readline()).decode()
+        argv = [*(prefix or []), *(script or [sys.executable, "herd_node.py"]), *self.args]
+        line = await self.spawn(argv, self.log_path, self.env, first_line_s=15)
         assert line.startswith("herd-node listening on "), (line, self.log())
-        self.port = int(line.rsplit(":", 1)[1])
+        self.port = self.port_of(line)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float = 10) -> int:
-        assert self.proc is not None
-        async with asyncio.timeout(timeout):
-            return await self.proc.wait()
-
-    async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 @pytest.fixture

@@ -105,6 +105,13 @@ async def through(
     return status, hdrs, data, recs[-1]
 
 
+async def verbatim(r: RunningRouter, fake: FakeOllama, path: str, body: bytes) -> bytes:
+    """``body`` through the router to ``path``, passed verbatim both ways; the answer."""
+    status, hdrs, data, rec = await through(r, fake, path, body)
+    assert_verbatim(body, status, hdrs, data, rec)
+    return data
+
+
 def assert_verbatim(
     sent: bytes, status: int, hdrs: dict[str, str], got: bytes, rec: RecordedRequest
 ) -> None:
@@ -256,8 +263,7 @@ async def test_resident_model_body_is_still_forwarded_verbatim(
     await through(r, fake, "/api/generate", body)
     await r.router.refresh_node(next(iter(r.router.nodes.values())))  # resident, 4096
     body = b'{"model": "plain:1b", "prompt": "second", "stream": false}'
-    status, hdrs, data, rec = await through(r, fake, "/api/generate", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    await verbatim(r, fake, "/api/generate", body)
 
 
 # ------------------------------------------------------------------ tool calls ------------
@@ -270,8 +276,7 @@ async def test_tool_calls_native_and_openai(node: Any) -> None:
     body = json.dumps(
         {"model": SMART, "messages": ask, "tools": [WEATHER_TOOL], "stream": False}
     ).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/chat", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/chat", body)
     call = json.loads(data)["message"]["tool_calls"][0]
     assert call["function"] == {
         "index": 0,
@@ -280,8 +285,7 @@ async def test_tool_calls_native_and_openai(node: Any) -> None:
     }
     # native stream: the call arrives in a non-final chunk
     body = json.dumps({"model": SMART, "messages": ask, "tools": [WEATHER_TOOL]}).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/chat", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/chat", body)
     lines = ndjson(data)
     assert any(x["message"].get("tool_calls") for x in lines[:-1])
     # the official clients: ollama (object arguments) and openai (JSON string arguments)
@@ -325,8 +329,7 @@ async def test_tool_calls_native_and_openai(node: Any) -> None:
 async def test_think_gives_thinking_native(node: Any, think: Any) -> None:
     r, fake = node
     body = json.dumps({"model": SMART, "prompt": "why is the sky blue", "think": think}).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/generate", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/generate", body)
     lines = ndjson(data)
     assert any(x.get("thinking") for x in lines) and any(x["response"] for x in lines)
     body = json.dumps(
@@ -337,8 +340,7 @@ async def test_think_gives_thinking_native(node: Any, think: Any) -> None:
             "stream": False,
         }
     ).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/chat", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/chat", body)
     msg = json.loads(data)["message"]
     assert msg["thinking"] and msg["content"]
 
@@ -353,8 +355,7 @@ async def test_think_openai_reasoning_and_refusal(node: Any) -> None:
             "stream": True,
         }
     ).encode()
-    status, hdrs, data, rec = await through(r, fake, "/v1/chat/completions", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/v1/chat/completions", body)
     deltas = [p["choices"][0]["delta"] for _, p in sse(data)[:-1] if p.get("choices")]
     assert any(d.get("reasoning") for d in deltas)
     # a model without thinking: the node's refusal passes through in both dialects
@@ -441,8 +442,7 @@ def assert_fits_schema(doc: Any) -> None:
 async def test_format_json_schema_native_and_openai(node: Any) -> None:
     r, fake = node
     body = json.dumps({"model": PLAIN, "prompt": "a person", "format": SCHEMA}).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/generate", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/generate", body)
     assert_fits_schema(json.loads("".join(x["response"] for x in ndjson(data))))
     body = json.dumps(
         {
@@ -452,8 +452,7 @@ async def test_format_json_schema_native_and_openai(node: Any) -> None:
             "stream": False,
         }
     ).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/chat", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/chat", body)
     assert isinstance(json.loads(json.loads(data)["message"]["content"]), dict)
     oa = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="ollama", max_retries=0)
     done = await oa.chat.completions.create(
@@ -487,8 +486,7 @@ async def test_logprobs_native_and_openai(node: Any) -> None:
     body = json.dumps(
         {"model": PLAIN, "prompt": "count", "logprobs": True, "top_logprobs": 3}
     ).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/generate", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/generate", body)
     lines = ndjson(data)
     lps = [lp for x in lines[:-1] for lp in x["logprobs"]]
     assert len(lps) == len(lines) - 1
@@ -501,8 +499,7 @@ async def test_logprobs_native_and_openai(node: Any) -> None:
             "stream": False,
         }
     ).encode()
-    status, hdrs, data, rec = await through(r, fake, "/api/chat", body)
-    assert_verbatim(body, status, hdrs, data, rec)
+    data = await verbatim(r, fake, "/api/chat", body)
     obj = json.loads(data)
     assert "".join(lp["token"] for lp in obj["logprobs"]) == obj["message"]["content"]
     oa = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="ollama", max_retries=0)

@@ -21,7 +21,7 @@ import pytest
 import herd
 import scoring
 from tests.conftest import FakeFactory, RouterFactory, RunningRouter
-from tests.fake_ollama import FakeModel
+from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request
 
 LLAMA = FakeModel(name="llama3.2:3b", size=2_000_000_000, family="llama")
@@ -87,6 +87,17 @@ def test_every_trace_status_is_documented() -> None:
     assert documented == set(store.STATUSES)
 
 
+async def two_nodes(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> tuple[RunningRouter, FakeOllama, FakeOllama]:
+    """A router in front of two ready nodes that both hold LLAMA."""
+    a = await make_fake([LLAMA], tokens_per_s=0)
+    b = await make_fake([LLAMA], tokens_per_s=0)
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    return r, a, b
+
+
 async def chat(r: RunningRouter, body: dict[str, Any], path: str = "/api/chat") -> Any:
     return await raw_request(r.port, "POST", path, json.dumps(body).encode())
 
@@ -148,10 +159,7 @@ async def test_client_4xx_is_not_the_nodes_failure(
 async def test_every_non_2xx_trace_keeps_the_error_text_bounded(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
-    a = await make_fake([LLAMA], tokens_per_s=0)
-    b = await make_fake([LLAMA], tokens_per_s=0)
-    r = await make_router([a.url, b.url])
-    await r.wait_ready(nodes=2)
+    r, a, b = await two_nodes(make_router, make_fake)
     gen = {"model": "llama3.2:3b", "prompt": "x", "stream": False}
 
     long_error = "bad option " + "y" * 5000
@@ -285,10 +293,7 @@ async def test_openai_unknown_model_is_not_found_error(
 async def test_openai_failure_after_herd_retried_says_do_not_retry(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
-    a = await make_fake([LLAMA], tokens_per_s=0)
-    b = await make_fake([LLAMA], tokens_per_s=0)
-    r = await make_router([a.url, b.url])
-    await r.wait_ready(nodes=2)
+    r, a, b = await two_nodes(make_router, make_fake)
     body = {"model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]}
     for fake in (a, b):
         fake.fail_next(500, "llama runner process has terminated", path="/v1/chat/completions")
