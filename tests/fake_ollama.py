@@ -298,6 +298,15 @@ class FakeModel:
         }
 
 
+def _header_in(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (any case) in ``headers``, else None."""
+    low = name.lower()
+    for k, v in headers:
+        if k.lower() == low:
+            return v
+    return None
+
+
 @dataclass
 class RecordedRequest:
     method: str
@@ -315,18 +324,10 @@ class RecordedRequest:
     response_body: bytearray = field(default_factory=bytearray)
 
     def response_header(self, name: str) -> str | None:
-        low = name.lower()
-        for k, v in self.response_headers:
-            if k.lower() == low:
-                return v
-        return None
+        return _header_in(self.response_headers, name)
 
     def header(self, name: str) -> str | None:
-        low = name.lower()
-        for k, v in self.headers:
-            if k.lower() == low:
-                return v
-        return None
+        return _header_in(self.headers, name)
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
