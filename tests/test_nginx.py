@@ -395,12 +395,17 @@ async def test_three_routers_behind_a_load_balancer_lose_nothing(lb: str, tmp_pa
                 if o.router == b_port and o.answering_at and o.answering_at > drained_at
             ]
             assert on_b and all(o.ok for o in streams_on_b)
-            # B's listener closes 1 s (--drain-delay) after SIGTERM: a request that first
-            # answers on B well after that was sent there after the balancer should have
-            # stopped. The margin allows for a loaded 2-core machine, where a request B took
-            # during its delay can take seconds to answer (seen at +3 s in a full run).
-            assert {o.router for o in outcomes if o.answering_at and o.answering_at
-                    > drained_at + 6} == {c_port}
+            # C goes on serving; B's listener closes 1 s (--drain-delay) after SIGTERM, so a
+            # request that first answers on B well after that was sent there after the
+            # balancer should have stopped. "Well after" allows for a loaded 2-core machine,
+            # where a request B took during its delay can take seconds to answer (seen at
+            # +3 s in a full run).
+            def answering_after(s: float) -> set[int]:
+                return {o.router for o in outcomes
+                        if o.answering_at and o.answering_at > drained_at + s}
+
+            assert c_port in answering_after(3)
+            assert answering_after(6) <= {c_port}
 
             # A comes back on its port: the agent feeds it within 2 beats
             restarted = router(a_port, 9)
