@@ -10,7 +10,9 @@ longest stall, then times the dashboard queries on the result. The baseline is w
 anchor does: one INSERT + COMMIT per record on the event-loop thread (same schema, same
 rollup maintenance, so the difference is batching and threading alone), once with
 ``synchronous=NORMAL`` (our setting) and once with SQLite's default ``FULL``.
-Bounded: well under 60 s at the defaults.
+Bounded: well under 60 s at the defaults. Targets (exit 1 when one is missed): the store
+spends >= 10x less event-loop time per record than the naive baseline in the same run, and
+``trends(hours=168)`` answers in <= 200 ms.
 """
 
 from __future__ import annotations
@@ -186,6 +188,11 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--naive-rows", type=int, default=3_000)
     parser.add_argument("--naive-budget-s", type=float, default=6.0)
+    parser.add_argument("--target-loop-x", type=float, default=10.0,
+                        help="the store spends at least this many times less event-loop time "
+                        "per record than the naive baseline (synchronous=NORMAL)")
+    parser.add_argument("--target-trends-ms", type=float, default=200.0,
+                        help="trends(hours=168), the dashboard's 7-day button, at most this")
     args = parser.parse_args()
     now = time.time()
     t = time.perf_counter()
@@ -215,6 +222,20 @@ async def main() -> None:
             f" loop time per record: "
             f"{result['loop_us_per_record'] / ours['loop_us_per_record']:.0f}x less with store"
         )
+
+    missed = []
+    if ours["q_trends_168h_ms"] > args.target_trends_ms:
+        missed.append(f"trends(168h) {ours['q_trends_168h_ms']:.0f} ms > {args.target_trends_ms:g}")
+    for name, result in naives[:1]:
+        x = result["loop_us_per_record"] / ours["loop_us_per_record"]
+        if x < args.target_loop_x:
+            missed.append(f"loop time per record only {x:.1f}x less than naive ({name}), "
+                          f"target {args.target_loop_x:g}x")
+    for line in missed:
+        print(f"MISSED {line}")
+    print("VERDICT:", "PASS" if not missed else f"{len(missed)} target(s) missed")
+    if missed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
