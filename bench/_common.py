@@ -1,6 +1,9 @@
 """Pieces the benchmarks share: the event loop choice, a role subprocess that prints one
 ready line, the READY handshake, /proc CPU seconds, the h11 relay's request hop, and an
-agent heartbeat as herd_node sends it."""
+agent heartbeat as herd_node sends it.
+
+A library, not a benchmark: it states no target; the scripts that import it do, and exit 1
+when they miss one."""
 
 from __future__ import annotations
 

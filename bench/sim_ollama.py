@@ -1,5 +1,8 @@
 """A simulated Ollama node for end-to-end routing benchmarks (``bench/routing_e2e.py``).
 
+A test fixture, not a benchmark: it measures nothing and states no target; routing_e2e.py
+does, and exits 1 when one is missed. Its behaviour is checked by tests/test_sim_ollama.py.
+
 Real HTTP/1.1 on loopback (asyncio + h11), the part of Ollama's API a router relies on, and
 the scheduling mechanics that decide how long a request really takes on a machine:
 
