@@ -2075,16 +2075,18 @@ class Metrics:
                 f"{m.latency_sum.get(kind, 0.0):.6f}"
             )
             out.append(f'herd_request_duration_seconds_count{{kind="{kind}"}} {buckets[-1]}')
-        metric("herd_retries_total", "counter", "Attempts retried on another node")
-        out.append(f"herd_retries_total {m.retries}")
-        metric("herd_fallbacks_total", "counter", "Requests served by a fallback model")
-        out.append(f"herd_fallbacks_total {m.fallbacks}")
-        metric("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)")
-        out.append(f"herd_rejected_total {m.rejected}")
-        metric("herd_reaped_total", "counter", "Streams cancelled for making no progress")
-        out.append(f"herd_reaped_total {m.reaped}")
-        metric("herd_requests_active", "gauge", "Requests being served now")
-        out.append(f"herd_requests_active {active}")
+        for name, kind_, help_, value in (
+            ("herd_retries_total", "counter", "Attempts retried on another node", m.retries),
+            ("herd_fallbacks_total", "counter", "Requests served by a fallback model",
+             m.fallbacks),
+            ("herd_rejected_total", "counter", "Requests rejected (saturation or unservable)",
+             m.rejected),
+            ("herd_reaped_total", "counter", "Streams cancelled for making no progress",
+             m.reaped),
+            ("herd_requests_active", "gauge", "Requests being served now", active),
+        ):
+            metric(name, kind_, help_)
+            out.append(f"{name} {value}")
         metric("herd_node_up", "gauge", "1 when the node is online")
         for node in nodes:
             up = 1 if node.status == "online" else 0
