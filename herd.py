@@ -5881,6 +5881,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not advertise by mDNS [HERD_MDNS=0]")
     p.add_argument("--slots", action="append", default=[],
                    help="NODE=N parallel slots for a node, repeatable [HERD_SLOTS]")
+    p.add_argument("--scoring", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one routing constant of scoring.Policy (expert tuning, "
+                   "e.g. hot_bonus=20), repeatable [HERD_SCORING, comma separated]")
     p.add_argument("--api-key", action="append", default=None,
                    help="client API key (Bearer), repeatable [HERD_API_KEYS, comma separated]")
     p.add_argument("--trusted-host", action="append", default=[],
@@ -5911,6 +5914,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         max_json_bytes=int(args.max_body_mb * MiB), max_connections=args.max_connections
     )
     policy = dataclasses.replace(scoring.Policy(), max_queue_wait_s=args.max_queue_wait)
+    tuning = list(args.scoring) + [
+        t for t in os.environ.get("HERD_SCORING", "").split(",") if t.strip()
+    ]
+    try:
+        policy = scoring.tuned_policy(policy, tuning)
+    except ValueError as exc:
+        build_parser().error(str(exc))
     local = (
         None if str(args.local_ollama).lower() in ("", "off", "none", "0") else args.local_ollama
     )

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +221,39 @@ class Policy:
     affinity_max_entries: int = 20_000  # LRU bound of the prefix -> node map
     affinity_block_chars: int = 256  # raw prompts are hashed at these boundaries
     affinity_max_chars: int = 256 * 1024  # only this much of a prompt is hashed
+
+
+def tuned_policy(policy: Policy, items: Sequence[str]) -> Policy:
+    """``policy`` with ``KEY=VALUE`` overrides (``--scoring hot_bonus=10``): each key a
+    ``Policy`` field, each value parsed as that field's type. Raises ``ValueError`` naming
+    the bad item (unknown field, wrong type, negative number)."""
+    kinds = {f.name: type(getattr(policy, f.name)) for f in fields(Policy)}
+    changes: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or key not in kinds:
+            known = ", ".join(sorted(kinds))
+            raise ValueError(f"--scoring {item!r}: expected KEY=VALUE with KEY one of: {known}")
+        kind = kinds[key]
+        value: object
+        try:
+            if kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("1", "true", "on", "yes")
+            elif kind is int:
+                value = int(raw)
+            else:
+                value = float(raw)
+        except ValueError:
+            raise ValueError(f"--scoring {item!r}: {key} takes a {kind.__name__}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value < 0 or not math.isfinite(value)
+        ):
+            raise ValueError(f"--scoring {item!r}: {key} must be a finite number >= 0")
+        changes[key] = value
+    return replace(policy, **changes)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------

@@ -434,6 +434,10 @@ class Result:
     error: str = ""
     retries: int = 0
     offset: float = 0.0  # planned offset in the workload
+    node_ms: float = 0.0  # the node's total_duration (its own queue, load, prefill, decode)
+    load_ms: float = 0.0  # the node's load_duration
+    hidden_ms: float = 0.0  # total - load - prompt_eval - eval: queued inside the node
+    prompt_evaluated: int = 0  # the node's prompt_eval_count (its prompt cache skipped the rest)
 
 
 async def one_request(disp: Dispatcher, planned: float, job: Job, turn: int, body: JSON,
@@ -481,8 +485,21 @@ async def one_request(disp: Dispatcher, planned: float, job: Job, turn: int, bod
         served = reply.headers.get("x-herd-model") or str((reply.final or {}).get("model") or "")
         node_name = reply.headers.get("x-herd-node", "")
     ttft = (reply.first_token_at - send_at) if reply is not None and reply.first_token_at else None
+    if not node_name and disp.kind in BASELINES and tried:
+        node_name = disp.urls[tried[0]].rsplit(":", 1)[1]
+    fin = (reply.final or {}) if reply is not None else {}
+
+    def ms(key: str) -> float:
+        v = fin.get(key)
+        return float(v) / 1e6 if isinstance(v, (int, float)) else 0.0
+
+    hidden = ms("total_duration") - ms("load_duration") - ms("prompt_eval_duration") \
+        - ms("eval_duration")
+    pe = fin.get("prompt_eval_count", 0)
     res = Result(disp.kind, job.jid, turn, job.model, job.long, multi, done - send_at, ttft, ok,
-                 served, node_name, err, retries, planned)
+                 served, node_name, err, retries, planned, ms("total_duration"),
+                 ms("load_duration"), max(0.0, hidden),
+                 int(pe) if isinstance(pe, int) else 0)
     return res, (reply.text if reply is not None else "")
 
 
@@ -704,7 +721,11 @@ def figures(policy: str, all_results: list[Result], stats: list[JSON],
 async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                   policies: Sequence[str],
                   interval: float, herd_args: Sequence[str], host_memory: bool,
-                  verbose: bool, herd_dir: str = ROOT) -> dict[str, PolicyFigures]:
+                  verbose: bool, herd_dir: str = ROOT,
+                  dump: str | None = None,
+                  variants: dict[str, list[str]] | None = None) -> dict[str, PolicyFigures]:
+    variants = variants or {}
+    policies = [*policies, *variants]
     jobs = workload(fleet, seed, warmup + duration)
     pools = holders(fleet)
     n_req = sum(1 if j.api == "generate" else len(j.turns) for j in jobs)
@@ -730,6 +751,11 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                 router = await start_herd(procs, herd_dir, tmp, p, sims[p], interval,
                                           [*herd_args, *told])
                 disps[p] = Dispatcher(p, sims[p], pools, seed, router)
+            elif p.startswith("herd-node["):  # a variant: --node plus its own extra flags
+                extra = variants[p]
+                router = await start_herd(procs, herd_dir, tmp, p, sims[p], interval,
+                                          [*herd_args, *extra])
+                disps[p] = Dispatcher(p, sims[p], pools, seed, router)
             elif p == "herd-agents":
                 router = await start_herd(procs, herd_dir, tmp, p, [], interval, herd_args)
                 await start_agents(procs, herd_dir, tmp, router, fleet, sims[p], interval,
@@ -750,6 +776,11 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
             await asyncio.gather(*tasks)
         finally:
             ticker.cancel()
+        if dump:
+            lines = "".join(json.dumps({"fleet": fleet.name, "seed": seed,
+                                        **dataclasses.asdict(r)}) + "\n"
+                            for p in policies for r in results[p])
+            await asyncio.to_thread(append_text, dump, lines)
         out: dict[str, PolicyFigures] = {}
         for p in policies:
             stats = [await get_json(u, "/sim/stats") for u in sims[p]]
@@ -779,6 +810,11 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def append_text(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
 async def progress(t0: float, results: dict[str, list[Result]], n: int, verbose: bool) -> None:
     while verbose:
         await asyncio.sleep(15)
@@ -798,13 +834,13 @@ def best_baseline(figs: dict[str, PolicyFigures]) -> PolicyFigures | None:
 
 def table(figs: dict[str, PolicyFigures]) -> None:
     best = best_baseline(figs)
-    print(f"   {'policy':<12}{'n':>5}{'fail':>5}{'mean s':>8}{'p50 s':>8}{'p99 s':>8}"
+    print(f"   {'policy':<16}{'n':>5}{'fail':>5}{'mean s':>8}{'p50 s':>8}{'p99 s':>8}"
           f"{'TTFT50':>8}{'chatTTFT':>9}{'cold':>6}{'evict':>6}{'wrong':>6}{'cache%':>7}"
           f"{'mean/best':>10}{'p99/best':>9}")
     for f in figs.values():
         rm = f.mean / best.mean if best else math.nan
         rp = f.p99 / best.p99 if best else math.nan
-        print(f"   {f.policy:<12}{f.n:>5}{f.failed:>5}{f.mean:>8.2f}{f.p50:>8.2f}{f.p99:>8.2f}"
+        print(f"   {f.policy:<16}{f.n:>5}{f.failed:>5}{f.mean:>8.2f}{f.p50:>8.2f}{f.p99:>8.2f}"
               f"{f.ttft_p50:>8.2f}{f.chat_ttft_p50:>9.2f}{f.cold_loads:>6}{f.evictions:>6}"
               f"{f.wrong_model:>6}{100 * f.cached_share:>7.0f}{rm:>10.2f}{rp:>9.2f}")
     if best:
@@ -900,6 +936,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--herd-dir", default=ROOT,
                    help="checkout whose herd.py / herd_node.py run (default: this one)")
     p.add_argument("--json", help="write all figures here")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:FLAGS",
+                   help="also run herd-node[LABEL] with these extra router flags (space "
+                        "separated), on its own fleet in the same run: a paired A/B, e.g. "
+                        "'hb5:--scoring=hot_bonus=5' (repeatable; no target)")
+    p.add_argument("--dump-requests", metavar="FILE",
+                   help="append every request's result (policy, node, latency, the node's "
+                        "own timings) to this JSONL file, for diagnosis")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     all_fleets = {k: dataclasses.replace(f, rate=f.rate * args.load,
@@ -909,6 +952,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [1] if args.quick else args.seeds
     duration = 25.0 if args.quick and args.duration == 35.0 else args.duration
     herd_dir = os.path.abspath(args.herd_dir)
+    variants: dict[str, list[str]] = {}
+    for v in args.variant:
+        label, _, flags = v.partition(":")
+        variants[f"herd-node[{label}]"] = flags.split()
     rev = subprocess.run(["git", "-C", herd_dir, "log", "-1", "--format=%h %s"],
                          capture_output=True, text=True, check=False, timeout=10).stdout.strip()
     print(f"herd from {herd_dir} ({rev or 'not a git checkout'})")
@@ -922,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            args.policies,
                                            args.info_interval, args.herd_arg,
                                            args.agent_host_memory, not args.quiet,
-                                           herd_dir))
+                                           herd_dir, args.dump_requests, variants))
             except RuntimeError as exc:
                 print(f"setup failed: {exc}", file=sys.stderr)
                 return 2
