@@ -247,7 +247,8 @@ def tuned_policy(policy: Policy, items: Sequence[str]) -> Policy:
             else:
                 value = float(raw)
         except ValueError:
-            raise ValueError(f"--scoring {item!r}: {key} takes a {kind.__name__}") from None
+            what = {bool: "true or false", int: "an integer"}.get(kind, "a number")
+            raise ValueError(f"--scoring {item!r}: {key} takes {what}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (
             value < 0 or not math.isfinite(value)
         ):

@@ -97,3 +97,38 @@ async def test_runs_on_uvloop_and_says_so(tmp_path: Path, fake: FakeOllama) -> N
     pytest.importorskip("uvloop")
     err = await version_then_stop(["--no-mdns", "--data-dir", str(tmp_path), "--node", fake.url])
     assert "event loop: uvloop.Loop" in err, err
+
+
+def test_scoring_overrides_parse_and_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--scoring KEY=VALUE`` (and HERD_SCORING) tune one scoring.Policy constant each; an
+    unknown key, a value of the wrong type or a negative number stops the router at start."""
+    import herd
+    import scoring
+
+    tuned = scoring.tuned_policy(
+        scoring.Policy(), ["hot_bonus=20", "slot_probe=off", "max_retries=3", " wait_weight = 2.5"]
+    )
+    assert (tuned.hot_bonus, tuned.slot_probe, tuned.max_retries, tuned.wait_weight) == (
+        20.0, False, 3, 2.5
+    )
+    assert isinstance(tuned.max_retries, int)
+    for bad, why in (
+        ("hot_bonus", "KEY=VALUE"),
+        ("no_such=1", "KEY=VALUE"),
+        ("max_retries=1.5", "takes an integer"),
+        ("slot_probe=maybe", "takes true or false"),
+        ("hot_bonus=-1", ">= 0"),
+        ("wait_weight=nan", ">= 0"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            scoring.tuned_policy(scoring.Policy(), [bad])
+
+    cfg = herd.config_from_args(["--scoring", "hot_bonus=7", "--scoring=eviction_weight=3"])
+    assert (cfg.policy.hot_bonus, cfg.policy.eviction_weight) == (7.0, 3.0)
+    monkeypatch.setenv("HERD_SCORING", "queue_weight=1,affinity_weight=0")
+    cfg = herd.config_from_args([])
+    assert (cfg.policy.queue_weight, cfg.policy.affinity_weight) == (1.0, 0.0)
+    assert cfg.policy.hot_bonus == scoring.Policy().hot_bonus
+    with pytest.raises(SystemExit) as exc:
+        herd.config_from_args(["--scoring", "hot_bonus=lots"])
+    assert exc.value.code == 2
