@@ -723,7 +723,8 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                   interval: float, herd_args: Sequence[str], host_memory: bool,
                   verbose: bool, herd_dir: str = ROOT,
                   dump: str | None = None,
-                  variants: dict[str, list[str]] | None = None) -> dict[str, PolicyFigures]:
+                  variants: dict[str, list[str]] | None = None,
+                  keep: str | None = None) -> dict[str, PolicyFigures]:
     variants = variants or {}
     policies = [*policies, *variants]
     jobs = workload(fleet, seed, warmup + duration)
@@ -807,6 +808,9 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
         return out
     finally:
         await procs.stop()
+        if keep:  # the routers' data dirs (traces with every decision's scores)
+            dest = os.path.join(keep, f"{fleet.name}-s{seed}")
+            await asyncio.to_thread(shutil.copytree, tmp, dest, dirs_exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -943,6 +947,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dump-requests", metavar="FILE",
                    help="append every request's result (policy, node, latency, the node's "
                         "own timings) to this JSONL file, for diagnosis")
+    p.add_argument("--keep-data", metavar="DIR",
+                   help="copy each run's router data dirs (SQLite traces with every "
+                        "decision's scores) to DIR/FLEET-sSEED, for diagnosis")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
     all_fleets = {k: dataclasses.replace(f, rate=f.rate * args.load,
@@ -969,7 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            args.policies,
                                            args.info_interval, args.herd_arg,
                                            args.agent_host_memory, not args.quiet,
-                                           herd_dir, args.dump_requests, variants))
+                                           herd_dir, args.dump_requests, variants,
+                                           args.keep_data))
             except RuntimeError as exc:
                 print(f"setup failed: {exc}", file=sys.stderr)
                 return 2
