@@ -1321,49 +1321,58 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
-def _score_node(
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What eligibility learned about one node for one request; every factor reads it."""
+
+    q: QueueSnapshot
+    slots: int
+    outstanding: int
+    lm: LoadedModel | None
+    state: str  # hot|reload|loading|warm|cold, from ``_thermal``
+    thermal: Factor
+    resident: bool  # hot or loading: no cold load to pay for
+    model_bytes: int
+    fast_total: int
+    fast_free: int
+    need: int  # bytes the model needs resident (loaded size, or the estimate to load it)
+    offload: bool  # a load would spill past fast memory (partial CPU offload)
+
+
+def _eligibility(
     req: RouteRequest,
     node: NodeSnapshot,
-    queues: Mapping[tuple[str, str], QueueSnapshot],
-    stats: Mapping[tuple[str, str], ServiceStats],
+    q: QueueSnapshot,
     breakers: Mapping[str, BreakerState],
     now: float,
     policy: Policy,
-    node_in_flight: int,
-    spread: Mapping[str, tuple[int, int]] | None = None,
-) -> Score:
+) -> str | _Facts:
+    """Why ``node`` cannot serve ``req`` (a reason), or the facts its factors need."""
     nid = node.node_id
-    q = queues.get((nid, req.model))
-    if q is None:
-        q = QueueSnapshot(slots=slot_count(node, None, policy))
     slots = max(1, q.slots)
-    outstanding = q.pending + q.in_flight
-    # -- eligibility ------------------------------------------------------------------
     if req.pinned_node is not None and nid != req.pinned_node:
-        return _ineligible(nid, f"not the pinned node ({req.pinned_node})", outstanding)
+        return f"not the pinned node ({req.pinned_node})"
     if nid in req.exclude:
-        return _ineligible(nid, "already tried for this request", outstanding)
+        return "already tried for this request"
     if node.status == "offline":
-        return _ineligible(nid, "node offline", outstanding)
+        return "node offline"
     if node.status == "draining":
-        return _ineligible(nid, "node draining", outstanding)
+        return "node draining"
     if not node.reachable:
-        return _ineligible(nid, "node's Ollama unreachable from the router", outstanding)
+        return "node's Ollama unreachable from the router"
     for key, what in ((nid, "node"), (breaker_key(nid, req.model), "node:model")):
         b = breakers.get(key)
         if not breaker_allows(b, now):
             assert b is not None
             if b.state == "open":
-                why = f"circuit open ({what}) for {max(0.0, b.open_until - now):.0f}s more"
-            else:
-                why = f"circuit half-open ({what}), probe in flight"
-            return _ineligible(nid, why, outstanding)
+                return f"circuit open ({what}) for {max(0.0, b.open_until - now):.0f}s more"
+            return f"circuit half-open ({what}), probe in flight"
     lm = node.loaded.get(req.model)
     am = node.available.get(req.model)
     if lm is None and am is None:
-        return _ineligible(nid, f"model '{req.model}' not on this node", outstanding)
+        return f"model '{req.model}' not on this node"
     if req.needs_vision and am is not None and am.capabilities and "vision" not in am.capabilities:
-        return _ineligible(nid, f"model '{req.model}' has no vision capability", outstanding)
+        return f"model '{req.model}' has no vision capability"
     state, t_value, t_contrib, t_reason = _thermal(node, req, now, policy)
     resident = state == "hot" or state == "loading"
     model_bytes = am.size if am is not None and am.size > 0 else (lm.size if lm else 0)
@@ -1374,93 +1383,119 @@ def _score_node(
     offload = False
     if not resident and fast_total > 0 and need > 0 and not node.memory_learned:
         if need > fast_total + spill:
-            return _ineligible(
-                nid,
-                f"does not fit: needs ~{_gb(need)}, node has {_gb(fast_total + spill)}",
-                outstanding,
-            )
+            return f"does not fit: needs ~{_gb(need)}, node has {_gb(fast_total + spill)}"
         offload = need > fast_total
     if not resident and node.memory_pressure == "critical":
-        return _ineligible(nid, "memory pressure critical: cold load withheld", outstanding)
+        return "memory pressure critical: cold load withheld"
+    return _Facts(
+        q,
+        slots,
+        q.pending + q.in_flight,
+        lm,
+        state,
+        Factor("thermal", t_value, t_contrib, t_reason),
+        resident,
+        model_bytes,
+        fast_total,
+        fast_free,
+        need,
+        offload,
+    )
 
-    factors: list[Factor] = [Factor("thermal", t_value, t_contrib, t_reason)]
 
-    # -- 2. memory fit ------------------------------------------------------------------
+def _memory_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    f: _Facts,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    now: float,
+    policy: Policy,
+    spread: Mapping[str, tuple[int, int]] | None,
+) -> Factor:
+    """Memory fit: resident, room to spare, or what a load would evict."""
+    need, fast_total, fast_free = f.need, f.fast_total, f.fast_free
     count_full = (
         node.max_loaded > 0
-        and not resident
+        and not f.resident
         and sum(1 for name in node.loaded if name != req.model) >= node.max_loaded
     )
-    if resident and state == "hot":
-        factors.append(Factor("memory", 1.0, policy.memory_weight, "already resident"))
-    elif count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
+    if f.resident and f.state == "hot":
+        return Factor("memory", 1.0, policy.memory_weight, "already resident")
+    if count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
         contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
-        factors.append(
-            Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
-        )
-    elif fast_total <= 0 or need <= 0:
-        factors.append(Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown"))
-    elif state == "loading":
-        factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
-    elif node.memory_learned == "learned_fit" and fast_free < need and not count_full:
+        return Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
+    if fast_total <= 0 or need <= 0:
+        return Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown")
+    if f.state == "loading":
+        return Factor("memory", 1.0, policy.memory_weight, "memory already reserved")
+    if node.memory_learned == "learned_fit" and fast_free < need and not count_full:
         # only a lower bound is known (the most seen resident at once): past it, a load may
         # fit or evict; as unknown as no memory figure at all
-        factors.append(
-            Factor(
-                "memory",
-                fast_free / need,
-                0.5 * policy.memory_weight,
-                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
-                "may fit or evict",
-            )
+        return Factor(
+            "memory",
+            fast_free / need,
+            0.5 * policy.memory_weight,
+            f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
+            "may fit or evict",
         )
+    ratio = fast_free / need
+    if f.offload:
+        contrib = -policy.offload_penalty - policy.eviction_weight
+        why = f"needs ~{_gb(need)} > {_gb(fast_total)} VRAM: partial CPU offload"
+    elif ratio >= 1.0:
+        span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
+        contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
+        why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
     else:
-        ratio = fast_free / need
-        if offload:
-            contrib = -policy.offload_penalty - policy.eviction_weight
-            why = f"needs ~{_gb(need)} > {_gb(fast_total)} VRAM: partial CPU offload"
-        elif ratio >= 1.0:
-            span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
-            contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
-            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
-        else:
-            contrib, why = _eviction_cost(
-                node, req.model, need - fast_free, queues, now, policy, spread
-            )
-            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
-        factors.append(Factor("memory", ratio, contrib, why))
-
-    # -- 3. queue depth -----------------------------------------------------------------
-    depth = outstanding / slots
-    factors.append(
-        Factor(
-            "queue",
-            depth,
-            -policy.queue_weight * depth,
-            f"{q.in_flight} in flight + {q.pending} pending on {slots} slot(s)",
+        contrib, why = _eviction_cost(
+            node, req.model, need - fast_free, queues, now, policy, spread
         )
+        why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
+    return Factor("memory", ratio, contrib, why)
+
+
+def _queue_factor(f: _Facts, policy: Policy) -> Factor:
+    """Queue depth: requests ahead per slot."""
+    depth = f.outstanding / f.slots
+    return Factor(
+        "queue",
+        depth,
+        -policy.queue_weight * depth,
+        f"{f.q.in_flight} in flight + {f.q.pending} pending on {f.slots} slot(s)",
     )
 
-    # -- 4. wait: expected seconds until this request completes ------------------------
+
+def _wait_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    f: _Facts,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    now: float,
+    policy: Policy,
+    node_in_flight: int,
+) -> tuple[Factor, float]:
+    """Expected seconds until this request completes (queue + load + run), and the prefill
+    seconds a cached conversation prefix saves."""
+    nid = node.node_id
+    state, slots, q = f.state, f.slots, f.q
     st = stats.get((nid, req.model))
     bw, load_bps = node_rates(nid, node.available, stats)
-    cold = state in ("cold", "warm", "reload")
-    svc = expected_service_s(st, req, False, policy, model_bytes=model_bytes, node_bandwidth=bw)
+    svc = expected_service_s(st, req, False, policy, model_bytes=f.model_bytes, node_bandwidth=bw)
     load = 0.0
-    if cold:
-        load = _load_s(st, model_bytes, load_bps, policy)
+    if state in ("cold", "warm", "reload"):
+        load = _load_s(st, f.model_bytes, load_bps, policy)
         if state in ("warm", "reload"):
             load *= policy.warm_load_factor
     elif state == "loading":
         started = node.loading.get(req.model, now)
-        load = max(0.0, _load_s(st, model_bytes, load_bps, policy) - max(0.0, now - started))
+        load = max(0.0, _load_s(st, f.model_bytes, load_bps, policy) - max(0.0, now - started))
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
-    ahead = max(0, outstanding - slots + 1)
+    ahead = max(0, f.outstanding - slots + 1)
     queue_wait = ahead * typical / slots
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
     saved = 0.0
     if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
-        tps = _prefill_tps(st, model_bytes, bw, policy)
+        tps = _prefill_tps(st, f.model_bytes, bw, policy)
         saved = min(svc, req.cached_tokens / tps)
     slow, learned = stream_slowdown(nid, stats, policy)
     # a learned slowdown: the measured speed already ran beside ``eval_k_ewma`` streams on
@@ -1470,45 +1505,54 @@ def _score_node(
         base_k = st.eval_k_ewma
     run = (svc - saved) * (1.0 + slow * concurrent) / (1.0 + slow * base_k)
     expected = queue_wait + load + run
-    factors.append(
-        Factor(
-            "wait",
-            expected,
-            -policy.wait_weight * expected,
-            f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
-            + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
-        )
+    factor = Factor(
+        "wait",
+        expected,
+        -policy.wait_weight * expected,
+        f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
+        + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
+    )
+    return factor, saved
+
+
+def _cache_factor(req: RouteRequest, nid: str, state: str, saved: float, policy: Policy) -> Factor:
+    """The node that served this conversation's prefix: a bonus when the prefill is saved."""
+    bonus = policy.cache_bonus if saved > 0 else 0.0
+    # the saved prefill already shortens "wait"; bound the total pull of the cache
+    bonus = min(bonus, max(0.0, policy.cache_max_points - policy.wait_weight * saved))
+    return Factor(
+        "cache",
+        saved,
+        bonus,
+        f"served this conversation's prefix (~{req.cached_tokens} tokens): "
+        + (f"~{saved:.1f}s prefill saved" if saved > 0 else f"no saving ({state})"),
     )
 
-    if saved > 0 or req.cache_node == nid:
-        bonus = policy.cache_bonus if saved > 0 else 0.0
-        # the saved prefill already shortens "wait"; bound the total pull of the cache
-        bonus = min(bonus, max(0.0, policy.cache_max_points - policy.wait_weight * saved))
-        factors.append(
-            Factor(
-                "cache",
-                saved,
-                bonus,
-                f"served this conversation's prefix (~{req.cached_tokens} tokens): "
-                + (f"~{saved:.1f}s prefill saved" if saved > 0 else f"no saving ({state})"),
-            )
-        )
 
-    # -- 5. role affinity ---------------------------------------------------------------
-    size = model_bytes or need
-    if fast_total <= 0 or size <= 0:
-        factors.append(Factor("affinity", 0.5, 0.0, "machine size unknown"))
+def _affinity_factor(f: _Facts, policy: Policy) -> Factor:
+    """Role affinity: large models to big machines, small models to small ones."""
+    size = f.model_bytes or f.need
+    if f.fast_total <= 0 or size <= 0:
+        return Factor("affinity", 0.5, 0.0, "machine size unknown")
+    bigness = min(1.0, f.fast_total / policy.large_machine_bytes)
+    if size >= policy.large_model_bytes:
+        val, why = bigness, "large model prefers a big machine"
+    elif size <= policy.small_model_bytes:
+        val, why = 1.0 - bigness, "small model leaves big machines to big models"
     else:
-        bigness = min(1.0, fast_total / policy.large_machine_bytes)
-        if size >= policy.large_model_bytes:
-            val, why = bigness, "large model prefers a big machine"
-        elif size <= policy.small_model_bytes:
-            val, why = 1.0 - bigness, "small model leaves big machines to big models"
-        else:
-            val, why = 0.5, "mid-size model"
-        factors.append(Factor("affinity", val, policy.affinity_weight * val, why))
+        val, why = 0.5, "mid-size model"
+    return Factor("affinity", val, policy.affinity_weight * val, why)
 
-    # -- 6. availability ----------------------------------------------------------------
+
+def _availability_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+    policy: Policy,
+) -> Factor:
+    """Availability: probing breakers, failure streaks and rate, degraded, memory pressure."""
+    nid = node.node_id
     penalty = 0.0
     notes: list[str] = []
     for key in (nid, breaker_key(nid, req.model)):
@@ -1523,6 +1567,7 @@ def _score_node(
                 1.0, b.consecutive_failures / max(1, policy.breaker_threshold)
             )
             notes.append(f"{b.consecutive_failures} recent failure(s)")
+    st = stats.get((nid, req.model))
     if st is not None and st.failure_rate > 0:
         penalty += st.failure_rate
         notes.append(f"failure rate {st.failure_rate:.0%}")
@@ -1532,49 +1577,76 @@ def _score_node(
     if node.memory_pressure == "warn":
         penalty += policy.pressure_penalty
         notes.append("memory pressure")
-    factors.append(
-        Factor(
-            "availability",
-            max(0.0, 1.0 - penalty),
-            -policy.availability_weight * penalty,
-            "; ".join(notes) if notes else "healthy",
-        )
+    return Factor(
+        "availability",
+        max(0.0, 1.0 - penalty),
+        -policy.availability_weight * penalty,
+        "; ".join(notes) if notes else "healthy",
     )
 
-    # -- 7. context fit -----------------------------------------------------------------
-    ctx = lm.context_length if lm is not None else None
-    if state == "hot" and ctx is not None and req.est_tokens > 0:
-        if req.est_tokens > ctx:
-            factors.append(
-                Factor(
-                    "context",
-                    ctx / req.est_tokens,
-                    -policy.context_weight,
-                    f"prompt ~{req.est_tokens} tokens exceeds loaded context {ctx}",
-                )
-            )
-        else:
-            r = ctx / req.est_tokens
-            bonus = policy.context_headroom_bonus * min(1.0, max(0.0, r - 1.0))
-            factors.append(
-                Factor("context", r, bonus, f"prompt ~{req.est_tokens} tokens fits context {ctx}")
-            )
-    elif state == "reload":
-        factors.append(Factor("context", 0.0, 0.0, "context changes with the reload"))
-    elif state == "hot":
-        factors.append(Factor("context", 1.0, 0.0, "no prompt estimate or window unknown"))
-    else:
-        factors.append(Factor("context", 1.0, 0.0, "context set at load"))
 
-    total = sum(f.contribution for f in factors)
+def _context_factor(req: RouteRequest, f: _Facts, policy: Policy) -> Factor:
+    """Context fit of a hot model's loaded window for the prompt estimate."""
+    ctx = f.lm.context_length if f.lm is not None else None
+    if f.state == "hot" and ctx is not None and req.est_tokens > 0:
+        if req.est_tokens > ctx:
+            return Factor(
+                "context",
+                ctx / req.est_tokens,
+                -policy.context_weight,
+                f"prompt ~{req.est_tokens} tokens exceeds loaded context {ctx}",
+            )
+        r = ctx / req.est_tokens
+        bonus = policy.context_headroom_bonus * min(1.0, max(0.0, r - 1.0))
+        return Factor("context", r, bonus, f"prompt ~{req.est_tokens} tokens fits context {ctx}")
+    if f.state == "reload":
+        return Factor("context", 0.0, 0.0, "context changes with the reload")
+    if f.state == "hot":
+        return Factor("context", 1.0, 0.0, "no prompt estimate or window unknown")
+    return Factor("context", 1.0, 0.0, "context set at load")
+
+
+def _score_node(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+    now: float,
+    policy: Policy,
+    node_in_flight: int,
+    spread: Mapping[str, tuple[int, int]] | None = None,
+) -> Score:
+    """Eligibility, then one factor each: thermal, memory, queue, wait, (cache), affinity,
+    availability, context; the total is their sum in that order."""
+    nid = node.node_id
+    q = queues.get((nid, req.model))
+    if q is None:
+        q = QueueSnapshot(slots=slot_count(node, None, policy))
+    f = _eligibility(req, node, q, breakers, now, policy)
+    if isinstance(f, str):
+        return _ineligible(nid, f, q.pending + q.in_flight)
+    wait, saved = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
+    factors = [
+        f.thermal,
+        _memory_factor(req, node, f, queues, now, policy, spread),
+        _queue_factor(f, policy),
+        wait,
+    ]
+    if saved > 0 or req.cache_node == nid:
+        factors.append(_cache_factor(req, nid, f.state, saved, policy))
+    factors.append(_affinity_factor(f, policy))
+    factors.append(_availability_factor(req, node, stats, breakers, policy))
+    factors.append(_context_factor(req, f, policy))
+    total = sum(x.contribution for x in factors)
     return Score(
         nid,
         total,
         True,
-        f"{state}, ~{expected:.1f}s expected",
+        f"{f.state}, ~{wait.value:.1f}s expected",
         tuple(factors),
-        outstanding,
-        q.in_flight < slots,
+        f.outstanding,
+        q.in_flight < f.slots,
     )
 
 
