@@ -55,6 +55,7 @@ import h11
 
 import scoring
 import store
+from scoring import AnswerKind, CircuitState, NodeStatus, TraceStatus
 
 __version__ = "0.1.0"
 log = logging.getLogger("herd")
@@ -131,7 +132,7 @@ class UpstreamFailure(Exception):
         headers: Headers | None = None,
     ) -> None:
         super().__init__(message)
-        self.kind = kind  # see scoring.retry_decision: connect/reset/timeout_first_byte/...
+        self.kind = AnswerKind(kind)  # a failure kind: see scoring.retry_decision
         self.message = message
         self.status = status
         self.body = body
@@ -1661,7 +1662,7 @@ class Node:
     node_id: str
     url: str  # the node's Ollama, e.g. http://10.0.0.5:11434
     source: str  # "static" | "local" | "agent"
-    status: str = "offline"  # online | degraded | offline | draining
+    status: NodeStatus = NodeStatus.OFFLINE
     first_seen: float = 0.0
     last_seen: float = 0.0  # last successful poll / heartbeat
     last_change: float = 0.0
@@ -2089,7 +2090,7 @@ class Metrics:
             out.append(f"{name} {value}")
         metric("herd_node_up", "gauge", "1 when the node is online")
         for node in nodes:
-            up = 1 if node.status == "online" else 0
+            up = 1 if node.status == NodeStatus.ONLINE else 0
             out.append(
                 f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
             )
@@ -2433,7 +2434,7 @@ class DashboardApi:
             stall_timeout_s=self.r.config.stall_timeout_s,
             pending_nodes=tuple(
                 scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
-                for n in self.r.fleet.held_nodes.values() if n.status == "pending"))
+                for n in self.r.fleet.held_nodes.values() if n.status == NodeStatus.PENDING))
         return scoring.health_checks(inp).to_dict()
 
     async def _build_recommendations(self, now: float) -> JSON:
@@ -3181,7 +3182,7 @@ class Admission:
     def _slot_usable(self, node: Node, model: str, now: float) -> bool:
         """A handed-over slot is still worth taking (fleet changes re-score everyone; this
         catches what changed since without scoring: status and breakers)."""
-        if node.status in ("offline", "draining") or not node.reachable:
+        if node.status in scoring.UNROUTABLE_STATUSES or not node.reachable:
             return False
         return all(
             scoring.breaker_allows(self.r.fleet.breakers.get(key), now)
@@ -3340,7 +3341,7 @@ class Fleet:
             node.poll_failures += 1
             node.last_error = str(errors[0]) or type(errors[0]).__name__
             node.reachable = False
-            new = "degraded" if node.poll_failures < 3 else "offline"
+            new = NodeStatus.DEGRADED if node.poll_failures < 3 else NodeStatus.OFFLINE
             self._set_status(node, new, now)
             return False
         node.poll_failures = 0
@@ -3354,13 +3355,13 @@ class Fleet:
             node.available = [m for m in tags["models"] if isinstance(m, dict)]
         if isinstance(version, dict):
             node.version = str(version.get("version") or "")
-        if node.status != "draining":
-            self._set_status(node, "online", now)
+        if node.status != NodeStatus.DRAINING:
+            self._set_status(node, NodeStatus.ONLINE, now)
         if self._routing_key(node, now) != before:
             self.on_change()
         return True
 
-    def _set_status(self, node: Node, status: str, now: float) -> None:
+    def _set_status(self, node: Node, status: NodeStatus, now: float) -> None:
         if node.status != status:
             log.info("node %s: %s -> %s", node.node_id, node.status, status)
             self.r.store.record_event(
@@ -3375,13 +3376,13 @@ class Fleet:
         while True:
             now = time.time()
             for node in list(self.nodes.values()):
-                if node.source != "agent" or node.status in ("offline", "draining"):
+                if node.source != "agent" or node.status in scoring.UNROUTABLE_STATUSES:
                     continue
                 silence = now - node.last_seen
                 if silence > 3 * node.interval_s:
-                    self._set_status(node, "offline", now)
+                    self._set_status(node, NodeStatus.OFFLINE, now)
                 elif silence > 1.5 * node.interval_s:
-                    self._set_status(node, "degraded", now)
+                    self._set_status(node, NodeStatus.DEGRADED, now)
             await asyncio.sleep(min(1.0, self.r.config.heartbeat_interval_s / 4))
 
     def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
@@ -3526,21 +3527,26 @@ class Fleet:
         """Taking a half-open breaker's single probe marks it in flight."""
         for key in (node_id, f"{node_id}:{model}"):
             state = self.breakers.get(key)
-            if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
+            if (
+                state is not None
+                and state.state != CircuitState.CLOSED
+                and scoring.breaker_allows(state, now)
+            ):
                 self.breakers[key] = scoring.breaker_begin_probe(state, now, self.r.policy)
 
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
-        if kind == "status_4xx":
+        if kind == AnswerKind.STATUS_4XX:
             return  # the request's own fault (scoring.classify_answer): not the node's
         total = max(1, len(self.nodes))
-        ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
+        ejected = sum(
+            1 for k, s in self.breakers.items() if ":" not in k and s.state == CircuitState.OPEN
+        )
         share = (ejected + 1) / total  # the share ejected if this breaker opened too
-        node_key_kinds = ("connect", "reset", "timeout_first_byte")
-        keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
+        keys = [node_id] if kind in scoring.NO_ANSWER_KINDS else [f"{node_id}:{model}", node_id]
         for key in keys:
             state = self.breakers.get(key, scoring.BreakerState())
             new = scoring.breaker_on_failure(state, now, self.r.policy, share, kind)
-            if new.state == "open" and state.state != "open":
+            if new.state == CircuitState.OPEN and state.state != CircuitState.OPEN:
                 log.warning(
                     "breaker open for %s after %s failure(s)", key, new.consecutive_failures
                 )
@@ -3550,7 +3556,7 @@ class Fleet:
         node = self.nodes.get(node_id)
         if node is not None:
             node.loading.pop(model, None)
-            if kind == "connect":
+            if kind == AnswerKind.CONNECT:
                 node.reachable = False
 
     def breaker_success(self, node_id: str, model: str, now: float) -> None:
@@ -3563,7 +3569,7 @@ class Fleet:
             node.reachable = True
 
     def healthy_nodes(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
+        return [n for n in self.nodes.values() if n.status in scoring.ROUTABLE_STATUSES]
 
     def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
         pool = self.healthy_nodes() if healthy else list(self.nodes.values())
@@ -3670,7 +3676,7 @@ class Fleet:
             raise HttpError(409, f"node id '{node_id}' is taken by a static node")
         if (
             node is not None
-            and node.status in ("online", "degraded")
+            and node.status in scoring.ROUTABLE_STATUSES
             and not signed
             and node.agent_addr
             and node.agent_addr != addr
@@ -3725,14 +3731,14 @@ class Fleet:
         node.capabilities_report = report.capabilities
         node.errors = list(report.errors)
         if admission != "approved":
-            node.status = admission  # pending | rejected: held, never routed to
+            node.status = NodeStatus(admission)  # pending | rejected: held, never routed to
         elif report.draining:
-            self._set_status(node, "draining", now)
+            self._set_status(node, NodeStatus.DRAINING, now)
         elif not node.reachable:
             node.last_error = "agent reports its Ollama unreachable"
-            self._set_status(node, "degraded", now)
+            self._set_status(node, NodeStatus.DEGRADED, now)
         else:
-            self._set_status(node, "online", now)
+            self._set_status(node, NodeStatus.ONLINE, now)
         if before != self._routing_key(node, now):
             self.on_change()
         return {
@@ -3928,7 +3934,11 @@ class Fleet:
             self.nodes[node_id] = node
             now = time.time()
             fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
-            new = ("online" if node.reachable else "degraded") if fresh else "offline"
+            new = (
+                (NodeStatus.ONLINE if node.reachable else NodeStatus.DEGRADED)
+                if fresh
+                else NodeStatus.OFFLINE
+            )
             self._set_status(node, new, now)
             joined = True
         await response.json({"ok": True, "node_id": node_id, "admission": "approved",
@@ -3943,7 +3953,7 @@ class Fleet:
             self.on_node_gone(node_id)
         node = node or self.held_nodes.get(node_id)
         if node is not None:
-            node.status, node.held_since = "rejected", time.time()
+            node.status, node.held_since = NodeStatus.REJECTED, time.time()
             node.held_reason = "rejected by an operator"
         await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
                              "addr": addr, "ollama_url": url})
@@ -4080,7 +4090,7 @@ class Proxy:
                 ("x-herd-retries", "0"),
             ],
         )
-        self.trace(attempt, status="completed", http_status=200, model=model)
+        self.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
 
     async def serve_routed(
         self,
@@ -4189,7 +4199,7 @@ class Proxy:
         assert first_error is not None
         self.trace(
             attempt,
-            status="rejected" if first_error.status == 503 else "failed",
+            status=TraceStatus.REJECTED if first_error.status == 503 else TraceStatus.FAILED,
             http_status=first_error.status,
             error=first_error.message,
         )
@@ -4230,7 +4240,7 @@ class Proxy:
                 node, queue, choice, queue_ms = await self.r.admission.acquire(rreq, snaps)
                 snaps = None
             except asyncio.CancelledError:
-                self.trace(attempt, status="client_disconnected", http_status=0,
+                self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=0,
                            error="client disconnected while queued", model=served_model,
                            node_id="")
                 raise
@@ -4238,7 +4248,7 @@ class Proxy:
                 if last is not None:  # every candidate failed: the client gets the last failure
                     self.trace(
                         attempt,
-                        status="failed",
+                        status=TraceStatus.FAILED,
                         http_status=last.status,
                         error=f"no node left to try: {last.message}",
                         model=served_model,
@@ -4250,7 +4260,7 @@ class Proxy:
                     retry_after = max(1, math.ceil(rej.choice.retry_after_s))
                     self.trace(
                         attempt,
-                        status="rejected",
+                        status=TraceStatus.REJECTED,
                         http_status=503,
                         error=f"all nodes are busy: {rej.message}",
                         choice=rej.choice,
@@ -4289,7 +4299,7 @@ class Proxy:
                 last = fail
                 self.trace(
                     attempt,
-                    status="retried" if decision.retry else "failed",
+                    status=TraceStatus.RETRIED if decision.retry else TraceStatus.FAILED,
                     http_status=fail.status if not decision.retry else 0,
                     error=fail.message,
                     choice=choice,
@@ -4323,7 +4333,7 @@ class Proxy:
             ctype = header_value(fail.headers, b"content-type") or "application/json"
             await response.send(fail.status, fail.body, ctype, headers)
             return
-        status = 504 if fail.kind == "timeout_first_byte" else 502
+        status = 504 if fail.kind == AnswerKind.TIMEOUT_FIRST_BYTE else 502
         raise HttpError(status, fail.message, headers=headers)
 
     def upstream_request_headers(self, request: Request) -> Headers:
@@ -4368,7 +4378,7 @@ class Proxy:
                     raise UpstreamFailure(
                         "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
                     )
-                if verdict.kind == "model_not_found":
+                if verdict.kind == AnswerKind.MODEL_NOT_FOUND:
                     # the node lost the model since its last report: refresh it, try elsewhere
                     self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
                     raise UpstreamFailure(
@@ -4408,7 +4418,7 @@ class Proxy:
             )
         except asyncio.CancelledError:
             if not response.headers_sent:  # (once relaying, the relay traces it)
-                self.trace(attempt, status="client_disconnected", http_status=0,
+                self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=0,
                            error="client disconnected before the node answered",
                            choice=choice, model=attempt.served_model, node_id=node.node_id)
             raise
@@ -4440,7 +4450,7 @@ class Proxy:
         relay = LineRelay(framing)
         raw_body = bytearray()
         first_at: float | None = None
-        status, error = "completed", ""
+        status, error = TraceStatus.COMPLETED, ""
         try:
             await response.start(up.status, headers)
             out = relay.feed(first)
@@ -4464,16 +4474,16 @@ class Proxy:
                         await response.write(tail)
                 except TimeoutError:
                     up.close()
-                    status = "reaped"
+                    status = TraceStatus.REAPED
                     error = (
                         f"node {node.node_id} made no progress for "
                         f"{self.r.config.stall_timeout_s:g}s; request reaped"
                     )
                     self.r.metrics.reaped += 1
                 except ConnectionClosed as exc:
-                    status = "incomplete"
+                    status = TraceStatus.INCOMPLETE
                     error = f"node {node.node_id} disconnected mid-stream: {exc}"
-                if status != "completed":
+                if status != TraceStatus.COMPLETED:
                     record = midstream_error_record(framing, error)
                     if not record or up.header("content-length"):
                         raise ClientGone(error)  # a sized body cannot be ended cleanly
@@ -4481,8 +4491,8 @@ class Proxy:
             await response.end()  # the client has everything; bookkeeping comes after
         except (ClientGone, asyncio.CancelledError) as exc:
             up.close()
-            if status == "completed" or isinstance(exc, asyncio.CancelledError):
-                status, error = "client_disconnected", "client disconnected"
+            if status == TraceStatus.COMPLETED or isinstance(exc, asyncio.CancelledError):
+                status, error = TraceStatus.CLIENT_DISCONNECTED, "client disconnected"
             self._finish(
                 attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
             )
@@ -4497,7 +4507,7 @@ class Proxy:
         node: Node,
         rreq: scoring.RouteRequest,
         choice: scoring.Choice,
-        status: str,
+        status: TraceStatus,
         http_status: int,
         error: str,
         first_at: float | None,
@@ -4511,7 +4521,7 @@ class Proxy:
                 obj = json.loads(bytes(raw_body))
                 final = obj if isinstance(obj, dict) else None
         m = metrics_from_final(final)
-        ok = status == "completed" and http_status < 400
+        ok = status == TraceStatus.COMPLETED and http_status < 400
         total_ms = (time.monotonic() - attempt.started) * 1000
         ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
         if ok:
@@ -4519,7 +4529,7 @@ class Proxy:
             self.r.fleet.mark_loaded(node, rreq.model, rreq.num_ctx, now)
         elif status in ("incomplete", "reaped"):
             self.r.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
-        if status != "client_disconnected" and http_status < 400:
+        if status != TraceStatus.CLIENT_DISCONNECTED and http_status < 400:
             obs = scoring.Observation(
                 ok=ok,
                 load_ms=m["load_ms"] or 0.0,
@@ -4539,7 +4549,7 @@ class Proxy:
         if ok and attempt.affinity_key is not None:
             self.r.fleet.remember_prefix(attempt.affinity_key, node.node_id,
                                  attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
-        if status == "completed" and http_status >= 400:
+        if status == TraceStatus.COMPLETED and http_status >= 400:
             # a relayed error answer (the client's own 4xx): keep the text the client got
             status = scoring.classify_answer(http_status).trace_status
             error = error or error_text(bytes(raw_body))
@@ -4559,7 +4569,7 @@ class Proxy:
         self,
         attempt: Attempt,
         *,
-        status: str,
+        status: TraceStatus,
         http_status: int,
         error: str = "",
         choice: scoring.Choice | None = None,
@@ -4599,7 +4609,7 @@ class Proxy:
             client_ip=attempt.client_ip,
         )
         self.r.store.record_trace(rec)
-        if status != "retried":
+        if status != TraceStatus.RETRIED:
             self.r.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
             if attempt.fallback_used:
                 self.r.metrics.fallbacks += 1
@@ -4695,9 +4705,10 @@ class Proxy:
                 return up, node
             except UpstreamFailure as fail:
                 self.r.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
-                streamed = not isinstance(body, bytes) and fail.kind != "connect"
+                streamed = not isinstance(body, bytes) and fail.kind != AnswerKind.CONNECT
                 decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.r.policy)
-                self.trace(attempt, status="retried" if decision.retry else "failed",
+                retried = TraceStatus.RETRIED if decision.retry else TraceStatus.FAILED
+                self.trace(attempt, status=retried,
                            http_status=0 if decision.retry else fail.status,
                            error=fail.message, choice=choice, model=model, node_id=node.node_id)
                 if not decision.retry:
@@ -4778,7 +4789,7 @@ class Proxy:
                             headers=[("x-herd-node", ",".join(node_ids)),
                                      ("x-herd-model", model),
                                      ("x-herd-retries", str(attempt.retries))])
-        self.trace(attempt, status="completed", http_status=200, model=model)
+        self.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
 
     async def multipart_prefix(self, request: Request, limit: int
                                ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
@@ -4852,7 +4863,7 @@ class Proxy:
         result = json.loads(data)
         text = str(result.get("text") or "")
         chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
-        self.trace(attempt, status="completed", http_status=200, model=model)
+        self.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
         if fmt == "text":
             await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
         elif fmt in ("srt", "vtt"):
@@ -4882,12 +4893,13 @@ class Proxy:
                     head += chunk
                 await response.write(chunk)
         except (ConnectionClosed, TimeoutError) as exc:
-            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
+            self.trace(attempt, status=TraceStatus.INCOMPLETE, http_status=up.status,
+                       error=str(exc),
                        model=model)
             raise ClientGone(f"node {node.node_id} stopped mid-response") from None
         except ClientGone:
             up.close()
-            self.trace(attempt, status="client_disconnected", http_status=up.status,
+            self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=up.status,
                        model=model)
             raise
         self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
@@ -5283,7 +5295,7 @@ class Router:
         node = self.fleet.nodes.get(str(wanted))
         if node is None:
             raise HttpError(404, f"node '{wanted}' is not in the fleet")
-        if node.status not in ("online", "degraded"):
+        if node.status not in scoring.ROUTABLE_STATUSES:
             raise HttpError(503, f"node '{wanted}' is {node.status}")
         return node
 

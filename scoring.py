@@ -50,6 +50,61 @@ def is_valid_model_name(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# States (StrEnum: a member equals its string, so JSON, SQLite and old comparisons hold)
+# ---------------------------------------------------------------------------------------
+
+
+class NodeStatus(StrEnum):
+    """A node's state in the fleet. Held nodes (waiting for consent) are ``pending`` or
+    ``rejected`` and never routed to."""
+
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+    DRAINING = "draining"
+    PENDING = "pending"
+    REJECTED = "rejected"
+
+
+ROUTABLE_STATUSES = frozenset({NodeStatus.ONLINE, NodeStatus.DEGRADED})
+UNROUTABLE_STATUSES = frozenset({NodeStatus.OFFLINE, NodeStatus.DRAINING})  # never scored
+
+
+class CircuitState(StrEnum):
+    """A circuit breaker's state (``BreakerState.state``)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class AnswerKind(StrEnum):
+    """What one attempt's answer was: ``ok`` or a failure kind (``classify_answer``)."""
+
+    OK = "ok"
+    CONNECT = "connect"  # never connected
+    RESET = "reset"  # connection dropped before an answer
+    TIMEOUT_FIRST_BYTE = "timeout_first_byte"
+    STATUS_5XX = "status_5xx"
+    BUSY = "busy"  # 429, 503 or "server busy": saturated
+    STATUS_4XX = "status_4xx"  # the request's own fault
+    MODEL_NOT_FOUND = "model_not_found"  # a model the node listed is gone (stale tags)
+
+
+class TraceStatus(StrEnum):
+    """An attempt's trace status; ``store.STATUSES`` holds the same set (a test checks)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRIED = "retried"
+    INCOMPLETE = "incomplete"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    REAPED = "reaped"
+    REJECTED = "rejected"
+    CLIENT_ERROR = "client_error"  # the node refused the request itself (4xx)
+
+
+# ---------------------------------------------------------------------------------------
 # Snapshots (what the router knows, frozen at decision time)
 # ---------------------------------------------------------------------------------------
 
@@ -82,7 +137,7 @@ class NodeSnapshot:
     """Everything scoring needs to know about one node, at one instant."""
 
     node_id: str
-    status: str  # "online" | "degraded" | "offline" | "draining"
+    status: NodeStatus
     ram_total: int  # bytes; 0 = unknown
     ram_available: int  # bytes; 0 = unknown
     vram_total: int = 0  # bytes of GPU memory (0 = none or unknown; unified memory counts as RAM)
@@ -929,7 +984,7 @@ def affinity_evictions(
 
 @dataclass(frozen=True, slots=True)
 class BreakerState:
-    state: str = "closed"  # "closed" | "open" | "half_open"
+    state: CircuitState = CircuitState.CLOSED
     consecutive_failures: int = 0
     trips: int = 0  # how many times it opened (recently): back-off grows with it
     open_until: float = 0.0  # epoch s: no traffic before this
@@ -969,13 +1024,13 @@ def breaker_on_failure(
     trips = s.trips
     if s.opened_at and now - s.opened_at > policy.breaker_reset_after_s:
         trips = 0  # an old trip no longer counts toward the back-off
-    if s.state == "open" and now < s.open_until:
+    if s.state == CircuitState.OPEN and now < s.open_until:
         return replace(s, consecutive_failures=failures)  # a straggler: stays open
-    if s.state != "closed":
+    if s.state != CircuitState.CLOSED:
         # the probe (half-open, or open with its back-off over) failed: re-open, longer
         trips += 1
         return BreakerState(
-            state="open",
+            state=CircuitState.OPEN,
             consecutive_failures=failures,
             trips=trips,
             open_until=now + breaker_backoff_s(trips, policy),
@@ -986,13 +1041,15 @@ def breaker_on_failure(
     ):
         trips += 1
         return BreakerState(
-            state="open",
+            state=CircuitState.OPEN,
             consecutive_failures=failures,
             trips=trips,
             open_until=now + breaker_backoff_s(trips, policy),
             opened_at=now,
         )
-    return replace(s, state="closed", consecutive_failures=failures, probe_in_flight=False)
+    return replace(
+        s, state=CircuitState.CLOSED, consecutive_failures=failures, probe_in_flight=False
+    )
 
 
 def breaker_on_success(state: BreakerState | None, now: float, policy: Policy) -> BreakerState:
@@ -1002,26 +1059,27 @@ def breaker_on_success(state: BreakerState | None, now: float, policy: Policy) -
     trips = s.trips
     if s.opened_at and now - s.opened_at > policy.breaker_reset_after_s:
         trips = 0
-    return BreakerState(state="closed", trips=trips, opened_at=s.opened_at if trips else 0.0)
+    opened_at = s.opened_at if trips else 0.0
+    return BreakerState(state=CircuitState.CLOSED, trips=trips, opened_at=opened_at)
 
 
 def breaker_allows(state: BreakerState | None, now: float) -> bool:
     """May traffic go there now? Closed: yes. Open: only once the back-off has passed (as a
     half-open probe). Half-open: only while no probe is in flight (or the probe is overdue)."""
-    if state is None or state.state == "closed":
+    if state is None or state.state == CircuitState.CLOSED:
         return True
-    if state.state == "open":
+    if state.state == CircuitState.OPEN:
         return now >= state.open_until
     return not state.probe_in_flight or now >= state.probe_deadline
 
 
 def breaker_begin_probe(state: BreakerState, now: float, policy: Policy) -> BreakerState:
     """The router sends the one probe request to an open breaker whose back-off passed."""
-    if state.state == "closed":
+    if state.state == CircuitState.CLOSED:
         return state
     return replace(
         state,
-        state="half_open",
+        state=CircuitState.HALF_OPEN,
         probe_in_flight=True,
         probe_deadline=now + policy.breaker_probe_timeout_s,
     )
@@ -1031,9 +1089,19 @@ def breaker_begin_probe(state: BreakerState, now: float, policy: Policy) -> Brea
 # Retry decisions
 # ---------------------------------------------------------------------------------------
 
-RETRYABLE_FAILURES = frozenset({"connect", "reset", "timeout_first_byte", "status_5xx", "busy"})
-FAILURE_KINDS = RETRYABLE_FAILURES | {"status_4xx", "model_not_found"}
-NO_ANSWER_KINDS = frozenset({"connect", "reset", "timeout_first_byte"})
+RETRYABLE_FAILURES = frozenset(
+    {
+        AnswerKind.CONNECT,
+        AnswerKind.RESET,
+        AnswerKind.TIMEOUT_FIRST_BYTE,
+        AnswerKind.STATUS_5XX,
+        AnswerKind.BUSY,
+    }
+)
+FAILURE_KINDS = RETRYABLE_FAILURES | {AnswerKind.STATUS_4XX, AnswerKind.MODEL_NOT_FOUND}
+NO_ANSWER_KINDS = frozenset(
+    {AnswerKind.CONNECT, AnswerKind.RESET, AnswerKind.TIMEOUT_FIRST_BYTE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1046,9 +1114,9 @@ class AnswerClass:
     (``completed`` | ``client_error`` | ``failed``).
     """
 
-    kind: str
+    kind: AnswerKind
     node_fault: bool
-    trace_status: str
+    trace_status: TraceStatus
 
 
 def classify_answer(
@@ -1067,18 +1135,19 @@ def classify_answer(
     support tools``, 413, 422, a 404 for a model the node never listed, ...) is the
     client's error: the node did its job, and any node would answer the same.
     """
+    failed = TraceStatus.FAILED
     if status <= 0 or no_answer:
-        kind = no_answer if no_answer in NO_ANSWER_KINDS else "reset"
-        return AnswerClass(kind, True, "failed")
+        kind = AnswerKind(no_answer) if no_answer in NO_ANSWER_KINDS else AnswerKind.RESET
+        return AnswerClass(kind, True, failed)
     if 200 <= status < 400:
-        return AnswerClass("ok", False, "completed")
+        return AnswerClass(AnswerKind.OK, False, TraceStatus.COMPLETED)
     if status == 429 or status == 503 or (500 <= status < 600 and b"server busy" in body):
-        return AnswerClass("busy", True, "failed")
+        return AnswerClass(AnswerKind.BUSY, True, failed)
     if status == 404 and b"not found" in body and node_lists_model:
-        return AnswerClass("model_not_found", True, "failed")
+        return AnswerClass(AnswerKind.MODEL_NOT_FOUND, True, failed)
     if 400 <= status < 500 and status != 408:
-        return AnswerClass("status_4xx", False, "client_error")
-    return AnswerClass("status_5xx", True, "failed")
+        return AnswerClass(AnswerKind.STATUS_4XX, False, TraceStatus.CLIENT_ERROR)
+    return AnswerClass(AnswerKind.STATUS_5XX, True, failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1096,11 +1165,11 @@ def retry_decision(
         return RetryDecision(False, "bytes already reached the client; cannot replay")
     if failure not in FAILURE_KINDS:
         return RetryDecision(False, f"unknown failure kind {failure!r}; not retried")
-    if failure == "status_4xx":
+    if failure == AnswerKind.STATUS_4XX:
         return RetryDecision(False, "client error (4xx) would fail the same way elsewhere")
     if attempt >= policy.max_retries:
         return RetryDecision(False, f"retry budget exhausted ({attempt}/{policy.max_retries})")
-    if failure == "model_not_found":
+    if failure == AnswerKind.MODEL_NOT_FOUND:
         return RetryDecision(True, "model missing on that node (stale tags); trying another")
     return RetryDecision(True, f"{failure} before the first byte; retry {attempt + 1}")
 
@@ -1311,7 +1380,7 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     hot: dict[str, int] = {}
     have: dict[str, int] = {}
     for n in nodes:
-        if n.status not in ("online", "degraded") or not n.reachable:
+        if n.status not in ROUTABLE_STATUSES or not n.reachable:
             continue
         for name, lm in n.loaded.items():
             if lm.expires_at is None or lm.expires_at > now:
@@ -1354,9 +1423,9 @@ def _eligibility(
         return f"not the pinned node ({req.pinned_node})"
     if nid in req.exclude:
         return "already tried for this request"
-    if node.status == "offline":
+    if node.status == NodeStatus.OFFLINE:
         return "node offline"
-    if node.status == "draining":
+    if node.status == NodeStatus.DRAINING:
         return "node draining"
     if not node.reachable:
         return "node's Ollama unreachable from the router"
@@ -1364,7 +1433,7 @@ def _eligibility(
         b = breakers.get(key)
         if not breaker_allows(b, now):
             assert b is not None
-            if b.state == "open":
+            if b.state == CircuitState.OPEN:
                 return f"circuit open ({what}) for {max(0.0, b.open_until - now):.0f}s more"
             return f"circuit half-open ({what}), probe in flight"
     lm = node.loaded.get(req.model)
@@ -1559,7 +1628,7 @@ def _availability_factor(
         b = breakers.get(key)
         if b is None:
             continue
-        if b.state != "closed":
+        if b.state != CircuitState.CLOSED:
             penalty += policy.probe_penalty
             notes.append("probing after circuit open")
         elif b.consecutive_failures > 0:
@@ -1571,7 +1640,7 @@ def _availability_factor(
     if st is not None and st.failure_rate > 0:
         penalty += st.failure_rate
         notes.append(f"failure rate {st.failure_rate:.0%}")
-    if node.status == "degraded":
+    if node.status == NodeStatus.DEGRADED:
         penalty += policy.degraded_penalty
         notes.append("node degraded")
     if node.memory_pressure == "warn":
@@ -1802,7 +1871,7 @@ def _reject_no_eligible(
             f"model '{req.model}' not found on any node",
             reject_kind="not_found",
         )
-    if all(n.status in ("offline", "draining") or not n.reachable for n in nodes):
+    if all(n.status in UNROUTABLE_STATUSES or not n.reachable for n in nodes):
         return Choice("reject", None, ranked, "all nodes offline", reject_kind="offline")
     reasons = "; ".join(f"{s.node_id}: {s.reason}" for s in ranked)
     retry: float | None = None
@@ -1811,7 +1880,7 @@ def _reject_no_eligible(
             b.open_until - now
             for n in nodes
             for k in (n.node_id, breaker_key(n.node_id, req.model))
-            if (b := breakers.get(k)) is not None and b.state == "open"
+            if (b := breakers.get(k)) is not None and b.state == CircuitState.OPEN
         ]
         if waits:
             retry = float(
@@ -1921,7 +1990,7 @@ def _size(name: str, nodes: Sequence[NodeSnapshot]) -> int:
 
 
 def _live(nodes: Sequence[NodeSnapshot]) -> list[NodeSnapshot]:
-    return [n for n in nodes if n.status not in ("offline", "draining") and n.reachable]
+    return [n for n in nodes if n.status not in UNROUTABLE_STATUSES and n.reachable]
 
 
 def protect_context(
@@ -2556,7 +2625,7 @@ def _check_unreachable(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
             and e.timestamp >= since
             and str(e.detail.get("kind", "")) in ("connect", "reset", "timeout_first_byte")
         ]
-        if n.breaker is not None and n.breaker.state != "closed" and conn_events:
+        if n.breaker is not None and n.breaker.state != CircuitState.CLOSED and conn_events:
             signals.append(
                 f"its circuit breaker opened {len(conn_events)}x in the last "
                 f"{pol.recent_s / 60:.0f} min on {conn_events[0].detail.get('kind')} failures"
@@ -3301,7 +3370,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
         if n.status == "offline":
             continue
         b = n.breaker
-        if b is not None and b.state != "closed" and n.node_id not in unreachable:
+        if b is not None and b.state != CircuitState.CLOSED and n.node_id not in unreachable:
             wait = max(0.0, b.open_until - inp.now)
             out.append(
                 HealthCheck(
@@ -3316,7 +3385,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 )
             )
         for model, mb in sorted(n.model_breakers.items()):
-            if mb.state == "closed":
+            if mb.state == CircuitState.CLOSED:
                 continue
             wait = max(0.0, mb.open_until - inp.now)
             out.append(
