@@ -63,6 +63,7 @@ log = logging.getLogger("herd")
 JSON = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
 Framing = Literal["ndjson", "sse", "raw"]
+CAPABILITY_KINDS = frozenset({"image", "stt"})  # jobs an agent's service runs, not Ollama
 
 HOP_BY_HOP = frozenset(
     {
@@ -1351,6 +1352,109 @@ def framing_of(content_type: str | None) -> Framing:
     if "event-stream" in ct:
         return "sse"
     return "raw"
+
+
+def herd_headers(node_id: str, attempt: Attempt) -> Headers:
+    """What herd adds to a relayed answer: who served it, which model, after how many
+    retries, under which request id."""
+    return [
+        (b"x-herd-node", node_id.encode()),
+        (b"x-herd-model", attempt.served_model.encode()),
+        (b"x-herd-retries", str(attempt.retries).encode()),
+        (b"x-request-id", attempt.request_id.encode()),
+    ]
+
+
+@dataclass(slots=True)
+class RelayOutcome:
+    """What relaying one node answer came to, filled in as it goes (so a caller that sees
+    the relay raise still knows how far it got): the trace status, its error, when the
+    first record reached the client, the record splitter (its final object) and the start
+    of a raw-framed body (up to ``keep`` bytes: a JSON answer's metrics or error text)."""
+
+    relay: LineRelay
+    keep: int = 0
+    status: TraceStatus = TraceStatus.COMPLETED
+    error: str = ""
+    first_at: float | None = None
+    body: bytearray = field(default_factory=bytearray)
+
+
+async def relay_answer(
+    up: UpstreamResponse,
+    response: Response,
+    extra_headers: Headers,
+    out: RelayOutcome,
+    *,
+    node_id: str,
+    stall_timeout_s: float,
+    first: bytes = b"",
+    chunks: AsyncIterator[bytes] | None = None,
+    complete: bool = False,
+) -> None:
+    """The one relay: a node's answer to the client, whole records at a time.
+
+    ``first``: bytes already read (with ``complete``, the whole body: it is sent sized).
+    ``chunks``: the rest (default: the answer's body, ``stall_timeout_s`` between chunks).
+    A node that stalls (``reaped``) or drops (``incomplete``) mid-answer ends a 200 stream
+    with an error record in its framing; a sized or non-200 body cannot be ended cleanly,
+    so the client connection is dropped (``ClientGone``). The client leaving raises
+    ``ClientGone`` / ``CancelledError`` with ``out.status`` ``client_disconnected``; the
+    node's connection is closed on every exception."""
+    framing = out.relay.framing
+    headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+    if complete:
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+        headers.append((b"content-length", str(len(first)).encode()))
+    headers += extra_headers
+    keep = out.keep if framing == "raw" else 0
+    try:
+        await response.start(up.status, headers)
+        if first:
+            if len(out.body) < keep:
+                out.body += first
+            data = out.relay.feed(first)
+            if data:
+                await response.write(data)
+                out.first_at = time.monotonic()
+        if not complete:
+            if chunks is None:
+                chunks = up.chunks(stall_timeout_s)
+            try:
+                async for chunk in chunks:
+                    data = out.relay.feed(chunk)
+                    if len(out.body) < keep:
+                        out.body += chunk
+                    if data:
+                        await response.write(data)
+                        if out.first_at is None:
+                            out.first_at = time.monotonic()
+                tail = out.relay.tail()
+                if tail:
+                    await response.write(tail)
+            except TimeoutError:
+                up.close()
+                out.status = TraceStatus.REAPED
+                out.error = (
+                    f"node {node_id} made no progress for {stall_timeout_s:g}s; request reaped"
+                )
+            except ConnectionClosed as exc:
+                out.status = TraceStatus.INCOMPLETE
+                out.error = f"node {node_id} disconnected mid-stream: {exc}"
+            if out.status != TraceStatus.COMPLETED:
+                record = midstream_error_record(framing, out.error)
+                if not record or up.status != 200 or up.header("content-length"):
+                    raise ClientGone(out.error)  # a sized body cannot be ended cleanly
+                await response.write(record)
+        await response.end()  # the client has everything; bookkeeping comes after
+    except BaseException as exc:
+        up.close()
+        client_left = isinstance(exc, ClientGone | asyncio.CancelledError)
+        if client_left and (
+            out.status == TraceStatus.COMPLETED or isinstance(exc, asyncio.CancelledError)
+        ):
+            out.status, out.error = TraceStatus.CLIENT_DISCONNECTED, "client disconnected"
+        raise
 
 
 # =======================================================================================
@@ -2745,35 +2849,11 @@ class ModelAdmin:
             return node
         raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
 
-    async def relay_plain(
-        self,
-        up: UpstreamResponse,
-        response: Response,
-        node: Node,
-    ) -> None:
+    async def relay_plain(self, up: UpstreamResponse, response: Response, node: Node) -> None:
         """Relay a node's answer as it is (admin and metadata endpoints)."""
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers.append((b"x-herd-node", node.node_id.encode()))
-        await response.start(up.status, headers)
-        relay = LineRelay(framing_of(up.header("content-type")))
-        try:
-            async for chunk in up.chunks(self.r.config.stall_timeout_s):
-                out = relay.feed(chunk)
-                if out:
-                    await response.write(out)
-            tail = relay.tail()
-            if tail:
-                await response.write(tail)
-        except (ConnectionClosed, TimeoutError) as exc:
-            up.close()
-            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
-            record = midstream_error_record(relay.framing, error)
-            if not record or response.status != 200 or up.header("content-length"):
-                raise ClientGone(error) from None  # cannot end this body cleanly
-            await response.write(record)
-        except BaseException:
-            up.close()
-            raise
+        out = RelayOutcome(LineRelay(framing_of(up.header("content-type"))))
+        await relay_answer(up, response, [(b"x-herd-node", node.node_id.encode())], out,
+                           node_id=node.node_id, stall_timeout_s=self.r.config.stall_timeout_s)
 
     async def h_pull(self, request: Request, response: Response) -> None:
         self.r.guard_browser_mutation(request)
@@ -3987,6 +4067,10 @@ class Fleet:
     # ---------------------------------------------------------------- admin protection ----
 
 
+# one attempt on a chosen node; raises UpstreamFailure while nothing reached the client
+Send = Callable[[Node, scoring.RouteRequest, scoring.Choice], Awaitable[None]]
+
+
 class Proxy:
     """Inference: prepare a request, choose (through Admission), try with retries and
     fallbacks, relay the answer, write its trace; image and speech jobs. Owns the count of
@@ -4177,9 +4261,10 @@ class Proxy:
                 cache_node=hit.node_id if hit is not None else None,
                 cached_tokens=min(est, hit.tokens) if hit is not None else 0,
             )
+            send = self._inference_send(request, response, payload, attempt)
             try:
                 await self.route_with_retries(
-                    request, response, rreq, payload, attempt, served_model, snaps
+                    request, response, rreq, attempt, served_model, send, snaps
                 )
                 return
             except HttpError as exc:
@@ -4188,8 +4273,8 @@ class Proxy:
                 if exc.status == 404 and self.r.settings.get("auto_pull") and not pinned \
                         and await self.r.model_admin.auto_pull(served_model, attempt):
                     try:
-                        await self.route_with_retries(request, response, rreq, payload,
-                                                      attempt, served_model)
+                        await self.route_with_retries(request, response, rreq, attempt,
+                                                      served_model, send)
                         return
                     except HttpError as again:
                         if again.kind != "unservable":
@@ -4219,17 +4304,33 @@ class Proxy:
             kind="unservable",
         )
 
+    def _inference_send(
+        self, request: Request, response: Response, payload: bytes, attempt: Attempt
+    ) -> Send:
+        def send(node: Node, rreq: scoring.RouteRequest, choice: scoring.Choice) -> Awaitable[None]:
+            return self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+
+        return send
+
     async def route_with_retries(
         self,
         request: Request,
         response: Response,
         rreq: scoring.RouteRequest,
-        payload: bytes,
         attempt: Attempt,
         served_model: str,
+        send: Send,
         snaps: list[scoring.NodeSnapshot] | None = None,
+        *,
+        replayable: bool = True,
     ) -> None:
-        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
+        """The one attempt loop (inference, image and speech): choose a node through
+        Admission, ``send`` the request there while holding its slot, and on a failure
+        before the first byte reached the client retry on the next-best node.
+
+        ``snaps``: a fleet snapshot the caller just took, used for the first choice.
+        ``replayable``: False when the request body is a stream that a failed attempt may
+        have consumed (an upload): then only a failed connect is retried."""
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         base_retries = attempt.retries  # retries spent on earlier models of the chain
@@ -4256,20 +4357,22 @@ class Proxy:
                     )
                     await self._send_failure(request, response, last, attempt)
                     return
-                if rej.choice.retry_after_s is not None:
-                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
+                job = rreq.kind in CAPABILITY_KINDS  # its nodes offer the model: busy
+                if rej.choice.retry_after_s is not None or job:
+                    retry_after = max(1, math.ceil(rej.choice.retry_after_s or 5))
+                    what = f"all {rreq.kind} nodes" if job else "all nodes"
                     self.trace(
                         attempt,
                         status=TraceStatus.REJECTED,
                         http_status=503,
-                        error=f"all nodes are busy: {rej.message}",
+                        error=f"{what} are busy: {rej.message}",
                         choice=rej.choice,
                         model=served_model,
                     )
                     self.r.metrics.rejected += 1
                     raise HttpError(
                         503,
-                        f"all nodes are busy: {rej.message}",
+                        f"{what} are busy: {rej.message}",
                         headers=[("retry-after", str(retry_after))],
                     ) from None
                 raise self._unservable(rreq, rej.choice, served_model) from None
@@ -4288,13 +4391,14 @@ class Proxy:
                 self.r.metrics.retries += 1
             ok = False
             try:
-                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+                await send(node, rreq, choice)
                 ok = True
                 return
             except UpstreamFailure as fail:
                 now = time.time()
                 self.r.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
-                decision = scoring.retry_decision(len(tried), fail.kind, False, self.r.policy)
+                spent = not replayable and fail.kind != AnswerKind.CONNECT
+                decision = scoring.retry_decision(len(tried), fail.kind, spent, self.r.policy)
                 tried.add(node.node_id)
                 last = fail
                 self.trace(
@@ -4329,11 +4433,15 @@ class Proxy:
         if attempt.retries and is_openai_path(request.path):
             # herd already tried other nodes: an SDK retrying on top multiplies the attempts
             headers.append(("x-should-retry", "false"))
-        if fail.body and fail.status >= 400:
+        if fail.body and fail.status >= 400 and attempt.kind not in CAPABILITY_KINDS:
+            # an inference node answers in the client's dialect; an agent's job service
+            # does not, so its failure is re-said in the client's dialect (below)
             ctype = header_value(fail.headers, b"content-type") or "application/json"
             await response.send(fail.status, fail.body, ctype, headers)
             return
         status = 504 if fail.kind == AnswerKind.TIMEOUT_FIRST_BYTE else 502
+        if attempt.kind in CAPABILITY_KINDS and fail.status >= 400:
+            status = fail.status
         raise HttpError(status, fail.message, headers=headers)
 
     def upstream_request_headers(self, request: Request) -> Headers:
@@ -4436,70 +4544,17 @@ class Proxy:
         chunks: AsyncIterator[bytes] | None = None,
         complete: bool = False,
     ) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        if complete:
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"content-length", str(len(first)).encode()))
-        headers += [
-            (b"x-herd-node", node.node_id.encode()),
-            (b"x-herd-model", attempt.served_model.encode()),
-            (b"x-herd-retries", str(attempt.retries).encode()),
-            (b"x-request-id", attempt.request_id.encode()),
-        ]
-        framing = framing_of(up.header("content-type"))
-        relay = LineRelay(framing)
-        raw_body = bytearray()
-        first_at: float | None = None
-        status, error = TraceStatus.COMPLETED, ""
+        out = RelayOutcome(LineRelay(framing_of(up.header("content-type"))), keep=4 * MiB)
         try:
-            await response.start(up.status, headers)
-            out = relay.feed(first)
-            if framing == "raw" and len(raw_body) < 4 * MiB:
-                raw_body += first
-            if out:
-                await response.write(out)
-                first_at = time.monotonic()
-            if chunks is not None:
-                try:
-                    async for chunk in chunks:
-                        out = relay.feed(chunk)
-                        if framing == "raw" and len(raw_body) < 4 * MiB:
-                            raw_body += chunk
-                        if out:
-                            await response.write(out)
-                            if first_at is None:
-                                first_at = time.monotonic()
-                    tail = relay.tail()
-                    if tail:
-                        await response.write(tail)
-                except TimeoutError:
-                    up.close()
-                    status = TraceStatus.REAPED
-                    error = (
-                        f"node {node.node_id} made no progress for "
-                        f"{self.r.config.stall_timeout_s:g}s; request reaped"
-                    )
-                    self.r.metrics.reaped += 1
-                except ConnectionClosed as exc:
-                    status = TraceStatus.INCOMPLETE
-                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
-                if status != TraceStatus.COMPLETED:
-                    record = midstream_error_record(framing, error)
-                    if not record or up.header("content-length"):
-                        raise ClientGone(error)  # a sized body cannot be ended cleanly
-                    await response.write(record)
-            await response.end()  # the client has everything; bookkeeping comes after
-        except (ClientGone, asyncio.CancelledError) as exc:
-            up.close()
-            if status == TraceStatus.COMPLETED or isinstance(exc, asyncio.CancelledError):
-                status, error = TraceStatus.CLIENT_DISCONNECTED, "client disconnected"
-            self._finish(
-                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-            )
+            await relay_answer(
+                up, response, herd_headers(node.node_id, attempt), out,
+                node_id=node.node_id, stall_timeout_s=self.r.config.stall_timeout_s,
+                first=first, chunks=chunks, complete=complete,
+            )  # fmt: skip
+        except (ClientGone, asyncio.CancelledError):
+            self._finish(attempt, node, rreq, choice, out, up.status)
             raise
-        self._finish(
-            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-        )
+        self._finish(attempt, node, rreq, choice, out, up.status)
 
     def _finish(
         self,
@@ -4507,13 +4562,14 @@ class Proxy:
         node: Node,
         rreq: scoring.RouteRequest,
         choice: scoring.Choice,
-        status: TraceStatus,
+        out: RelayOutcome,
         http_status: int,
-        error: str,
-        first_at: float | None,
-        relay: LineRelay,
-        raw_body: bytearray,
     ) -> None:
+        status, error, first_at, relay, raw_body = (
+            out.status, out.error, out.first_at, out.relay, out.body
+        )
+        if status == TraceStatus.REAPED:
+            self.r.metrics.reaped += 1
         now = time.time()
         final = relay.final_object()
         if final is None and raw_body:
@@ -4669,55 +4725,51 @@ class Proxy:
         return name
 
     async def capability_call(
-        self, request: Request, kind: str, model: str, path: str,
-        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
-    ) -> tuple[UpstreamResponse, Node]:
-        """Route an image/STT job; retries before any byte of a streamed body is spent."""
-        tried: set[str] = set()
-        last: UpstreamFailure | None = None
-        while True:
-            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq)
-            except Rejected as rej:
-                if last is not None:  # retried already: the SDK should not multiply it
-                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
-                    raise HttpError(502, last.message, headers=no_retry) from None
-                retry = rej.choice.retry_after_s
-                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
-                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
-                                ) from None
-            attempt.queue_ms += queue_ms
-            attempt.node_id, attempt.served_model = node.node_id, model
-            attempt.retries = len(tried)
+        self, request: Request, response: Response, attempt: Attempt, path: str,
+        body: bytes | AsyncIterator[bytes], headers: Headers,
+        handle: Callable[[UpstreamResponse, Node], Awaitable[None]],
+    ) -> None:
+        """Route an image/STT job through the one attempt loop: ``path`` on the chosen
+        agent's job service; ``handle`` turns its answer into the client's, in the slot."""
+        model = attempt.original_model
+
+        async def send(node: Node, rreq: scoring.RouteRequest, choice: scoring.Choice) -> None:
             base = str(node.capabilities.get("service_url"))
-            ok = False
-            try:
-                up = await self.r.pool.request(base, "POST", path, headers, body,
-                                             head_timeout=self.r.config.first_byte_timeout_s)
-                if up.status >= 500:
-                    data = await up.read(limit=MiB, idle_timeout=10)
-                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
-                                          f"{up.status}: {error_text(data)}",
-                                          status=up.status, body=data, headers=up.headers)
-                ok = not scoring.classify_answer(up.status).node_fault
-                self.r.fleet.breaker_success(node.node_id, model, time.time())
-                return up, node
-            except UpstreamFailure as fail:
-                self.r.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
-                streamed = not isinstance(body, bytes) and fail.kind != AnswerKind.CONNECT
-                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.r.policy)
-                retried = TraceStatus.RETRIED if decision.retry else TraceStatus.FAILED
-                self.trace(attempt, status=retried,
-                           http_status=0 if decision.retry else fail.status,
-                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
-                if not decision.retry:
-                    raise HttpError(fail.status if fail.status >= 400 else 502,
-                                    fail.message) from None
-                tried.add(node.node_id)
-                last = fail
-            finally:
-                self.r.admission.release(queue, ok)
+            up = await self.r.pool.request(base, "POST", path, headers, body,
+                                           head_timeout=self.r.config.first_byte_timeout_s)
+            if up.status >= 500:
+                data = await up.read(limit=MiB, idle_timeout=10)
+                raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
+                                      f"{up.status}: {error_text(data)}",
+                                      status=up.status, body=data, headers=up.headers)
+            self.r.fleet.breaker_success(node.node_id, model, time.time())
+            await handle(up, node)
+
+        rreq = scoring.RouteRequest(model=model, kind=attempt.kind)
+        await self.route_with_retries(request, response, rreq, attempt, model, send,
+                                      replayable=isinstance(body, bytes))
+
+    async def relay_job(self, up: UpstreamResponse, node: Node, response: Response,
+                        attempt: Attempt) -> None:
+        """Relay a job's answer as it is (the one relay) and trace it."""
+        keep = 64 * 1024 if up.status >= 400 else 0  # an error's text, for the trace
+        out = RelayOutcome(LineRelay(framing_of(up.header("content-type"))), keep=keep)
+
+        def trace() -> None:
+            status = out.status
+            if status == TraceStatus.COMPLETED:
+                status = scoring.classify_answer(up.status).trace_status
+            self.trace(attempt, status=status, http_status=up.status,
+                       error=out.error or error_text(bytes(out.body)), model=attempt.served_model)
+
+        try:
+            await relay_answer(up, response, herd_headers(node.node_id, attempt), out,
+                               node_id=node.node_id,
+                               stall_timeout_s=self.r.config.stall_timeout_s)
+        except (ClientGone, asyncio.CancelledError):
+            trace()
+            raise
+        trace()
 
     def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
         return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
@@ -4741,10 +4793,12 @@ class Proxy:
         model = self.resolve_capability_model("image", requested)
         attempt = self.capability_attempt(request, "image", model)
         body["model"] = model
-        up, node = await self.capability_call(
-            request, "image", model, "/api/generate-image", dumps(body),
-            [(b"content-type", b"application/json")], attempt)
-        await self.finish_capability(up, node, response, attempt, model)
+
+        async def relay(up: UpstreamResponse, node: Node) -> None:
+            await self.relay_job(up, node, response, attempt)
+
+        await self.capability_call(request, response, attempt, "/api/generate-image",
+                                   dumps(body), [(b"content-type", b"application/json")], relay)
 
     async def h_v1_images(self, request: Request, response: Response) -> None:
         body = await request.json(4 * MiB)
@@ -4767,13 +4821,8 @@ class Proxy:
         attempt = self.capability_attempt(request, "image", model)
         images: list[JSON] = []
         node_ids: list[str] = []
-        for i in range(n):
-            job = {"model": model, "prompt": prompt, "width": width, "height": height}
-            if isinstance(body.get("seed"), int):
-                job["seed"] = int(body["seed"]) + i
-            up, node = await self.capability_call(
-                request, "image", model, "/api/generate-image", dumps(job),
-                [(b"content-type", b"application/json")], attempt)
+
+        async def collect(up: UpstreamResponse, node: Node) -> None:
             data = await up.read(limit=256 * MiB, idle_timeout=self.r.config.stall_timeout_s)
             if up.status >= 400:
                 message = error_text(data, 500)
@@ -4785,6 +4834,16 @@ class Proxy:
             images.append({"b64_json": base64.b64encode(data).decode(),
                            "revised_prompt": prompt})
             node_ids.append(node.node_id)
+
+        for i in range(n):
+            job = {"model": model, "prompt": prompt, "width": width, "height": height}
+            if isinstance(body.get("seed"), int):
+                job["seed"] = int(body["seed"]) + i
+            await self.capability_call(request, response, attempt, "/api/generate-image",
+                                       dumps(job), [(b"content-type", b"application/json")],
+                                       collect)
+            if response.headers_sent:
+                return  # an error answer went out
         await response.json({"created": int(time.time()), "data": images},
                             headers=[("x-herd-node", ",".join(node_ids)),
                                      ("x-herd-model", model),
@@ -4834,10 +4893,12 @@ class Proxy:
         model = self.resolve_capability_model("stt", requested)
         attempt = self.capability_attempt(request, "stt", model)
         headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        await self.finish_capability(up, node, response, attempt, model)
+
+        async def relay(up: UpstreamResponse, node: Node) -> None:
+            await self.relay_job(up, node, response, attempt)
+
+        await self.capability_call(request, response, attempt,
+                                   f"/api/transcribe?model={model}", body, headers, relay)
 
     async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
         fields, _, body = await self.multipart_prefix(request, self.r.limits.max_upload_bytes)
@@ -4847,10 +4908,15 @@ class Proxy:
             raise HttpError(400, f"unsupported response_format {fmt!r}")
         attempt = self.capability_attempt(request, "stt", model)
         headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        data = await up.read(limit=64 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+        answers: list[tuple[UpstreamResponse, Node, bytes]] = []
+
+        async def read(up: UpstreamResponse, node: Node) -> None:
+            data = await up.read(limit=64 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+            answers.append((up, node, data))
+
+        await self.capability_call(request, response, attempt,
+                                   f"/api/transcribe?model={model}", body, headers, read)
+        up, node, data = answers[0]
         herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
                         ("x-herd-retries", str(attempt.retries))]
         if up.status >= 400:
@@ -4879,31 +4945,6 @@ class Proxy:
                                 headers=herd_headers)
         else:
             await response.json({"text": text}, headers=herd_headers)
-
-    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
-                                attempt: Attempt, model: str) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
-                    (b"x-herd-retries", str(attempt.retries).encode())]
-        await response.start(up.status, headers)
-        head = bytearray()  # the start of an error answer, for its trace
-        try:
-            async for chunk in up.chunks(self.r.config.stall_timeout_s):
-                if up.status >= 400 and len(head) < 64 * 1024:
-                    head += chunk
-                await response.write(chunk)
-        except (ConnectionClosed, TimeoutError) as exc:
-            self.trace(attempt, status=TraceStatus.INCOMPLETE, http_status=up.status,
-                       error=str(exc),
-                       model=model)
-            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
-        except ClientGone:
-            up.close()
-            self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=up.status,
-                       model=model)
-            raise
-        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                   http_status=up.status, error=error_text(bytes(head)), model=model)
 
 
 # =======================================================================================
