@@ -3148,7 +3148,7 @@ class Admission:
         node = self.r.fleet.nodes.get(node_id)
         slots = 1
         if node is not None and kind in ("image", "stt"):
-            slots = self.r.proxy.capability_slots(node, kind, model)
+            slots = self.r.jobs.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
             slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
                                       self.r.policy, self.r.fleet.learned_slots(node_id, model))
@@ -3162,7 +3162,7 @@ class Admission:
         self, model: str, kind: str
     ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
         if kind in ("image", "stt"):
-            for node in self.r.proxy.capability_models(kind).get(model, []):
+            for node in self.r.jobs.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
         else:
             for node in self.r.fleet.nodes.values():
@@ -4684,6 +4684,16 @@ class Proxy:
             extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
         )
 
+
+class MediaJobs:
+    """Image generation and speech-to-text: the endpoints (validation, multipart uploads,
+    OpenAI shapes) of jobs an agent's service runs. Each job goes through Proxy's one attempt
+    loop (``route_with_retries``) and its answer through the one relay (``relay_answer``).
+    Owns no state: the capability models come from the fleet's reports."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
     def capability_models(self, kind: str) -> dict[str, list[Node]]:
         """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
         out: dict[str, list[Node]] = {}
@@ -4746,7 +4756,7 @@ class Proxy:
             await handle(up, node)
 
         rreq = scoring.RouteRequest(model=model, kind=attempt.kind)
-        await self.route_with_retries(request, response, rreq, attempt, model, send,
+        await self.r.proxy.route_with_retries(request, response, rreq, attempt, model, send,
                                       replayable=isinstance(body, bytes))
 
     async def relay_job(self, up: UpstreamResponse, node: Node, response: Response,
@@ -4759,7 +4769,7 @@ class Proxy:
             status = out.status
             if status == TraceStatus.COMPLETED:
                 status = scoring.classify_answer(up.status).trace_status
-            self.trace(attempt, status=status, http_status=up.status,
+            self.r.proxy.trace(attempt, status=status, http_status=up.status,
                        error=out.error or error_text(bytes(out.body)), model=attempt.served_model)
 
         try:
@@ -4828,7 +4838,7 @@ class Proxy:
                 message = error_text(data, 500)
                 await response.send(up.status, error_body(request.path, up.status, message),
                                     "application/json")
-                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                self.r.proxy.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
                            http_status=up.status, error=message, model=model)
                 return
             images.append({"b64_json": base64.b64encode(data).decode(),
@@ -4848,7 +4858,7 @@ class Proxy:
                             headers=[("x-herd-node", ",".join(node_ids)),
                                      ("x-herd-model", model),
                                      ("x-herd-retries", str(attempt.retries))])
-        self.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
+        self.r.proxy.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
 
     async def multipart_prefix(self, request: Request, limit: int
                                ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
@@ -4921,7 +4931,7 @@ class Proxy:
                         ("x-herd-retries", str(attempt.retries))]
         if up.status >= 400:
             message = error_text(data, 500)
-            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+            self.r.proxy.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
                        http_status=up.status, error=message, model=model)
             await response.send(up.status, error_body(request.path, up.status, message),
                                 "application/json", herd_headers)
@@ -4929,7 +4939,7 @@ class Proxy:
         result = json.loads(data)
         text = str(result.get("text") or "")
         chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
-        self.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
+        self.r.proxy.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
         if fmt == "text":
             await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
         elif fmt in ("srt", "vtt"):
@@ -4973,6 +4983,7 @@ class Router:
         self.fleet = Fleet(self, on_change=self.admission._wake_waiters,
                            on_node_gone=self._node_gone)
         self.proxy = Proxy(self)
+        self.jobs = MediaJobs(self)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -5134,10 +5145,10 @@ class Router:
         }
         for path in INFERENCE_PATHS:
             r[path] = {"POST": self.proxy.h_inference}
-        r["/api/generate-image"] = {"POST": self.proxy.h_generate_image}
-        r["/v1/images/generations"] = {"POST": self.proxy.h_v1_images}
-        r["/api/transcribe"] = {"POST": self.proxy.h_transcribe}
-        r["/v1/audio/transcriptions"] = {"POST": self.proxy.h_v1_transcriptions}
+        r["/api/generate-image"] = {"POST": self.jobs.h_generate_image}
+        r["/v1/images/generations"] = {"POST": self.jobs.h_v1_images}
+        r["/api/transcribe"] = {"POST": self.jobs.h_transcribe}
+        r["/v1/audio/transcriptions"] = {"POST": self.jobs.h_v1_transcriptions}
         return r
 
     async def dispatch(self, request: Request, response: Response) -> None:
