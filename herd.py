@@ -3151,7 +3151,7 @@ class Admission:
             slots = self.r.jobs.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
             slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
-                                      self.r.policy, self.r.fleet.learned_slots(node_id, model))
+                                      self.r.policy, self.r.learner.learned_slots(node_id, model))
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
         elif q.slots != slots:
@@ -3328,14 +3328,123 @@ class Admission:
             self._wake_waiters()
 
 
+class Learner:
+    """What herd learns by watching nodes work, and owns: parallel slots per node:model and
+    per node (Ollama's own durations against herd's in-flight count at dispatch), memory
+    capacity and keep-alive per node (from successive /api/ps readings) and prompt-cache
+    affinity (which node holds which prompt prefix in its KV cache). The learning rules are
+    scoring's pure functions; this is their state and glue. Learned facts outlive a node's
+    absence (a re-approved node keeps them)."""
+
+    def __init__(self, policy: scoring.Policy, configured_slots: Mapping[str, int]) -> None:
+        self.policy = policy
+        self.configured_slots = configured_slots  # --slots: facts win over learning
+        self.slot_bounds: dict[tuple[str, str], scoring.SlotBounds] = {}
+        self.node_slot_bounds: dict[str, scoring.SlotBounds] = {}
+        self.memory_bounds: dict[str, scoring.MemoryBounds] = {}
+        self.ps_seen: dict[str, Mapping[str, scoring.LoadedModel]] = {}
+        self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
+        self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
+        self.affinity_writes = 0
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        b = self.slot_bounds.get((node_id, model))
+        if b is None or b.n == 0:
+            b = self.node_slot_bounds.get(node_id)
+        return scoring.learned_slots(b, time.time(), self.policy)
+
+    def learn_memory(self, node: Node, now: float) -> None:
+        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
+        after = dict(node.snapshot(now).loaded)
+        before = self.ps_seen.get(node.node_id, {})
+        self.ps_seen[node.node_id] = after
+        self.memory_bounds[node.node_id] = scoring.learn_memory(
+            self.memory_bounds.get(node.node_id), before, after, now, self.policy)
+
+    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
+                      m: Mapping[str, Any]) -> None:
+        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
+        key = (node_id, model)
+        end = time.monotonic()
+        ends = self.run_ends.get(key)
+        if ends is None:
+            ends = self.run_ends[key] = deque(maxlen=256)
+        total = final.get("total_duration") if final else None
+        if (isinstance(total, int | float) and not isinstance(total, bool)
+                and attempt.dispatch_k > 0):
+            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
+            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
+                                               attempt.dispatch_hot)
+            if queue_ms is not None:
+                run_start = end - (pe + ev) / 1000.0
+                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
+                clean_k = attempt.dispatch_k - finished
+                tol = 0.25 + 0.02 * queue_ms / 1000.0
+                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
+                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
+                    clean_k = min(clean_k, 1)
+                self.slot_bounds[key] = scoring.learn_slots(
+                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
+                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
+                    now=time.time(), policy=self.policy, started_as_one_ended=freed)
+                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
+                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
+        ends.append(end)
+
+    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
+        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
+        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
+        self.affinity.move_to_end(key)
+        self.affinity_writes += 1
+        if (len(self.affinity) > self.policy.affinity_max_entries
+                or self.affinity_writes % 1024 == 0):
+            for k in scoring.affinity_evictions(self.affinity, now, self.policy):
+                self.affinity.pop(k, None)
+
+    def learned_public(
+        self, node: Node, stats: Mapping[tuple[str, str], scoring.ServiceStats], now: float
+    ) -> JSON:
+        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
+        configured = self.configured_slots.get(node.node_id)
+        nb = self.node_slot_bounds.get(node.node_id)
+        source = ("configured" if configured else "reported" if node.num_parallel
+                  else "learned" if nb is not None and nb.n else "probing")
+        models: dict[str, JSON] = {}
+        for (nid, model), b in self.slot_bounds.items():
+            if nid == node.node_id:
+                models.setdefault(model, {})["slots"] = b.to_dict(now, self.policy)
+        for (nid, model), st in stats.items():
+            if nid != node.node_id:
+                continue
+            models.setdefault(model, {}).update({
+                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
+                "loads_seen": st.load_n,
+                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
+                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
+                "samples": st.count - st.failures,
+            })
+        mb = self.memory_bounds.get(node.node_id)
+        return {
+            "slots": {
+                "source": source,
+                "in_use": scoring.slots_for(node.num_parallel, configured, self.policy,
+                                            self.learned_slots(node.node_id, "")),
+                **(nb.to_dict(now, self.policy) if nb is not None else {"observations": 0}),
+            },
+            "memory": mb.to_dict(now, self.policy) if mb is not None else None,
+            "models": models,
+        }
+
+
 class Fleet:
     """The fleet model: the nodes (and the held ones awaiting consent), what herd learned
     about them, their breakers and service stats; polling, heartbeats, consent and
     ``/fleet/status``. Tells the others that the fleet changed through ``on_change``."""
 
-    def __init__(self, router: Router, on_change: Callable[[], None],
+    def __init__(self, router: Router, learner: Learner, on_change: Callable[[], None],
                  on_node_gone: Callable[[str], None]) -> None:
         self.r = router
+        self.learner = learner  # what was learned about the nodes (slots, memory, affinity)
         self.on_change = on_change  # the fleet changed: waiters re-score
         self.on_node_gone = on_node_gone  # a node left the fleet: drop what is keyed by it
         self.nodes: dict[str, Node] = {}
@@ -3348,13 +3457,6 @@ class Fleet:
         self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
         self.breakers: dict[str, scoring.BreakerState] = {}
         # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
-        self.slot_bounds: dict[tuple[str, str], scoring.SlotBounds] = {}
-        self.node_slot_bounds: dict[str, scoring.SlotBounds] = {}
-        self.memory_bounds: dict[str, scoring.MemoryBounds] = {}
-        self.ps_seen: dict[str, Mapping[str, scoring.LoadedModel]] = {}
-        self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
-        self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
-        self.affinity_writes = 0
 
     def add_static_node(self, url: str, source: str, now: float) -> Node:
         url = normalize_url(url)
@@ -3430,7 +3532,7 @@ class Fleet:
         node.last_error = ""
         if isinstance(ps, dict) and isinstance(ps.get("models"), list):
             node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
-            self.learn_memory(node, now)
+            self.learner.learn_memory(node, now)
         if isinstance(tags, dict) and isinstance(tags.get("models"), list):
             node.available = [m for m in tags["models"] if isinstance(m, dict)]
         if isinstance(version, dict):
@@ -3491,7 +3593,7 @@ class Fleet:
         reported_cap = node.max_loaded_models if node is not None else None
         if reported_cap:
             snap = dataclasses.replace(snap, max_loaded=reported_cap)
-        mb = self.memory_bounds.get(snap.node_id)
+        mb = self.learner.memory_bounds.get(snap.node_id)
         if mb is None:
             return snap
         if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
@@ -3516,92 +3618,6 @@ class Fleet:
         if gone:
             node.set_loaded([m for m in node.loaded if scoring.normalize_model(
                 str(m.get("name") or m.get("model") or "")) not in gone], now)
-
-    def learned_slots(self, node_id: str, model: str) -> int | None:
-        b = self.slot_bounds.get((node_id, model))
-        if b is None or b.n == 0:
-            b = self.node_slot_bounds.get(node_id)
-        return scoring.learned_slots(b, time.time(), self.r.policy)
-
-    def learn_memory(self, node: Node, now: float) -> None:
-        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
-        after = dict(node.snapshot(now).loaded)
-        before = self.ps_seen.get(node.node_id, {})
-        self.ps_seen[node.node_id] = after
-        self.memory_bounds[node.node_id] = scoring.learn_memory(
-            self.memory_bounds.get(node.node_id), before, after, now, self.r.policy)
-
-    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
-                      m: Mapping[str, Any]) -> None:
-        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
-        key = (node_id, model)
-        end = time.monotonic()
-        ends = self.run_ends.get(key)
-        if ends is None:
-            ends = self.run_ends[key] = deque(maxlen=256)
-        total = final.get("total_duration") if final else None
-        if (isinstance(total, int | float) and not isinstance(total, bool)
-                and attempt.dispatch_k > 0):
-            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
-            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
-                                               attempt.dispatch_hot)
-            if queue_ms is not None:
-                run_start = end - (pe + ev) / 1000.0
-                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
-                clean_k = attempt.dispatch_k - finished
-                tol = 0.25 + 0.02 * queue_ms / 1000.0
-                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
-                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
-                    clean_k = min(clean_k, 1)
-                self.slot_bounds[key] = scoring.learn_slots(
-                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
-                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
-                    now=time.time(), policy=self.r.policy, started_as_one_ended=freed)
-                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
-                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
-        ends.append(end)
-
-    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
-        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
-        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
-        self.affinity.move_to_end(key)
-        self.affinity_writes += 1
-        if (len(self.affinity) > self.r.policy.affinity_max_entries
-                or self.affinity_writes % 1024 == 0):
-            for k in scoring.affinity_evictions(self.affinity, now, self.r.policy):
-                self.affinity.pop(k, None)
-
-    def learned_public(self, node: Node, now: float) -> JSON:
-        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
-        configured = self.r.config.slots.get(node.node_id)
-        nb = self.node_slot_bounds.get(node.node_id)
-        source = ("configured" if configured else "reported" if node.num_parallel
-                  else "learned" if nb is not None and nb.n else "probing")
-        models: dict[str, JSON] = {}
-        for (nid, model), b in self.slot_bounds.items():
-            if nid == node.node_id:
-                models.setdefault(model, {})["slots"] = b.to_dict(now, self.r.policy)
-        for (nid, model), st in self.stats.items():
-            if nid != node.node_id:
-                continue
-            models.setdefault(model, {}).update({
-                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
-                "loads_seen": st.load_n,
-                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
-                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
-                "samples": st.count - st.failures,
-            })
-        mb = self.memory_bounds.get(node.node_id)
-        return {
-            "slots": {
-                "source": source,
-                "in_use": scoring.slots_for(node.num_parallel, configured, self.r.policy,
-                                            self.learned_slots(node.node_id, "")),
-                **(nb.to_dict(now, self.r.policy) if nb is not None else {"observations": 0}),
-            },
-            "memory": mb.to_dict(now, self.r.policy) if mb is not None else None,
-            "models": models,
-        }
 
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
@@ -3692,7 +3708,8 @@ class Fleet:
         for entry in nodes:
             br = self.breakers.get(entry["node_id"])
             entry["breaker"] = dataclasses.asdict(br) if br is not None else None
-            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
+            entry["learned"] = self.learner.learned_public(
+                self.nodes[entry["node_id"]], self.stats, now)
         return {
             "router_id": self.r.router_id,
             "version": __version__,
@@ -4249,7 +4266,7 @@ class Proxy:
                     norm, send_body.get("messages"), send_body.get("prompt"),
                     send_body.get("system"), self.r.policy)
                 attempt.affinity_tokens = est
-                hit = scoring.affinity_lookup(keys, self.r.fleet.affinity, time.time(),
+                hit = scoring.affinity_lookup(keys, self.r.learner.affinity, time.time(),
                                               self.r.policy)
             rreq = scoring.RouteRequest(
                 model=norm,
@@ -4601,9 +4618,9 @@ class Proxy:
             stats = self.r.fleet.stats
             stats[key] = scoring.observe(stats.get(key), obs, self.r.policy)
             if ok:
-                self.r.fleet.learn_timings(attempt, node.node_id, rreq.model, final, m)
+                self.r.learner.learn_timings(attempt, node.node_id, rreq.model, final, m)
         if ok and attempt.affinity_key is not None:
-            self.r.fleet.remember_prefix(attempt.affinity_key, node.node_id,
+            self.r.learner.remember_prefix(attempt.affinity_key, node.node_id,
                                  attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
         if status == TraceStatus.COMPLETED and http_status >= 400:
             # a relayed error answer (the client's own 4xx): keep the text the client got
@@ -4980,7 +4997,8 @@ class Router:
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(self)
-        self.fleet = Fleet(self, on_change=self.admission._wake_waiters,
+        self.learner = Learner(self.policy, config.slots)
+        self.fleet = Fleet(self, self.learner, on_change=self.admission._wake_waiters,
                            on_node_gone=self._node_gone)
         self.proxy = Proxy(self)
         self.jobs = MediaJobs(self)
@@ -5038,7 +5056,7 @@ class Router:
         return self.fleet.status_json(doc)
 
     def learned_slots(self, node_id: str, model: str) -> int | None:
-        return self.fleet.learned_slots(node_id, model)
+        return self.learner.learned_slots(node_id, model)
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
         return self.fleet._snapshots(now)

@@ -56,3 +56,42 @@ def test_one_relay() -> None:
         "MediaJobs.relay_job",
         "ModelAdmin.relay_plain",
     }
+
+
+def _init_attrs(cls: str) -> set[str]:
+    init = next(
+        f for f in CLASSES[cls].body if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+    )
+    return {
+        t.attr
+        for n in ast.walk(init)
+        if isinstance(n, ast.Assign | ast.AnnAssign)
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Attribute)
+    }
+
+
+def test_the_learner_owns_what_is_learned_and_the_fleet_does_not() -> None:
+    learned = {"slot_bounds", "node_slot_bounds", "memory_bounds", "ps_seen", "run_ends",
+               "affinity", "affinity_writes"}  # fmt: skip
+    assert learned <= _init_attrs("Learner")
+    assert learned & _init_attrs("Fleet") == set()
+
+
+def test_learner_on_its_own() -> None:
+    """The Learner needs no router: a policy and the configured slots."""
+    import dataclasses
+
+    import herd
+    import scoring
+
+    policy = dataclasses.replace(scoring.Policy(), affinity_max_entries=2)
+    learner = herd.Learner(policy, {"gpu": 3})
+    for i in range(1, 1025):  # the 1024th write sweeps the table down to its bound
+        learner.remember_prefix(f"prefix{i}", "gpu", 100, 1000.0 + i)
+    assert list(learner.affinity) == ["prefix1023", "prefix1024"]
+    node = herd.Node("gpu", "http://127.0.0.1:1", "static")
+    public = learner.learned_public(node, {("gpu", "m:latest"): scoring.ServiceStats()}, 2000.0)
+    assert public["slots"]["source"] == "configured" and public["slots"]["in_use"] == 3
+    assert public["memory"] is None and "m:latest" in public["models"]
+    assert learner.learned_slots("gpu", "m:latest") == scoring.learned_slots(None, 0.0, policy)
