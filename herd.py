@@ -3724,7 +3724,9 @@ class Fleet:
             },
             "nodes": nodes,
             "pending_nodes": self.held_public(now),
-            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.r.queues.values()},
+            "queues": {
+                f"{q.node_id}:{q.model}": q.public() for q in self.r.admission.queues.values()
+            },
             "pulls": list(self.r.model_admin.pull_jobs.values()),
             "settings": dict(self.r.settings),
             "routers": self.r.routers_public(now),
@@ -5009,65 +5011,6 @@ class Router:
         self.mdns_state = "starting" if config.mdns else "off"
         self.peers: RouterBrowser | None = None  # the other routers of the fleet (mDNS)
         self.peer_health: dict[str, JSON] = {}  # mDNS name → their /healthz, probed
-
-    # Thin delegates to the collaborators that own these (tests and tools reach in here).
-
-    @property
-    def queues(self) -> dict[tuple[str, str], SlotQueue]:
-        return self.admission.queues
-
-    @property
-    def waiters(self) -> dict[int, Waiter]:
-        return self.admission.waiters
-
-    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
-        return self.admission.queue_for(node_id, model, kind)
-
-    @property
-    def nodes(self) -> dict[str, Node]:
-        return self.fleet.nodes
-
-    @property
-    def held_nodes(self) -> dict[str, Node]:
-        return self.fleet.held_nodes
-
-    @property
-    def admissions(self) -> dict[str, JSON]:
-        return self.fleet.admissions
-
-    @property
-    def stats(self) -> dict[tuple[str, str], scoring.ServiceStats]:
-        return self.fleet.stats
-
-    @property
-    def breakers(self) -> dict[str, scoring.BreakerState]:
-        return self.fleet.breakers
-
-    async def refresh_node(self, node: Node) -> bool:
-        return await self.fleet.refresh_node(node)
-
-    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
-        return self.fleet.apply_heartbeat(beat, addr, now, signed=signed)
-
-    def fleet_status(self, now: float) -> JSON:
-        return self.fleet.fleet_status(now)
-
-    def status_json(self, doc: JSON) -> bytes:
-        return self.fleet.status_json(doc)
-
-    def learned_slots(self, node_id: str, model: str) -> int | None:
-        return self.learner.learned_slots(node_id, model)
-
-    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
-        return self.fleet._snapshots(now)
-
-    async def acquire(
-        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
-    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        return await self.admission.acquire(rreq, snaps)
-
-    def release(self, q: SlotQueue, ok: bool) -> None:
-        self.admission.release(q, ok)
 
     # ---------------------------------------------------------------- lifecycle ----------
 

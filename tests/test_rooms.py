@@ -95,3 +95,21 @@ def test_learner_on_its_own() -> None:
     assert public["slots"]["source"] == "configured" and public["slots"]["in_use"] == 3
     assert public["memory"] is None and "m:latest" in public["models"]
     assert learner.learned_slots("gpu", "m:latest") == scoring.learned_slots(None, 0.0, policy)
+
+
+def test_router_has_no_delegates_to_its_collaborators() -> None:
+    """State and operations are reached at their owner (``router.fleet.nodes``,
+    ``router.admission.acquire``), not through Router pass-throughs."""
+    owned = {
+        "Fleet": {"nodes", "held_nodes", "admissions", "stats", "breakers", "refresh_node",
+                  "apply_heartbeat", "fleet_status", "status_json", "_snapshots"},
+        "Admission": {"queues", "waiters", "queue_for", "acquire", "release"},
+        "Learner": {"learned_slots"},
+    }  # fmt: skip
+    router = {
+        f.name
+        for f in CLASSES["Router"].body
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    for owner, names in owned.items():
+        assert router & names == set(), owner
