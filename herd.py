@@ -55,6 +55,7 @@ import h11
 
 import scoring
 import store
+from scoring import AnswerKind, CircuitState, NodeStatus, TraceStatus
 
 __version__ = "0.1.0"
 log = logging.getLogger("herd")
@@ -62,6 +63,7 @@ log = logging.getLogger("herd")
 JSON = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
 Framing = Literal["ndjson", "sse", "raw"]
+CAPABILITY_KINDS = frozenset({"image", "stt"})  # jobs an agent's service runs, not Ollama
 
 HOP_BY_HOP = frozenset(
     {
@@ -131,7 +133,7 @@ class UpstreamFailure(Exception):
         headers: Headers | None = None,
     ) -> None:
         super().__init__(message)
-        self.kind = kind  # see scoring.retry_decision: connect/reset/timeout_first_byte/...
+        self.kind = AnswerKind(kind)  # a failure kind: see scoring.retry_decision
         self.message = message
         self.status = status
         self.body = body
@@ -1352,6 +1354,109 @@ def framing_of(content_type: str | None) -> Framing:
     return "raw"
 
 
+def herd_headers(node_id: str, attempt: Attempt) -> Headers:
+    """What herd adds to a relayed answer: who served it, which model, after how many
+    retries, under which request id."""
+    return [
+        (b"x-herd-node", node_id.encode()),
+        (b"x-herd-model", attempt.served_model.encode()),
+        (b"x-herd-retries", str(attempt.retries).encode()),
+        (b"x-request-id", attempt.request_id.encode()),
+    ]
+
+
+@dataclass(slots=True)
+class RelayOutcome:
+    """What relaying one node answer came to, filled in as it goes (so a caller that sees
+    the relay raise still knows how far it got): the trace status, its error, when the
+    first record reached the client, the record splitter (its final object) and the start
+    of a raw-framed body (up to ``keep`` bytes: a JSON answer's metrics or error text)."""
+
+    relay: LineRelay
+    keep: int = 0
+    status: TraceStatus = TraceStatus.COMPLETED
+    error: str = ""
+    first_at: float | None = None
+    body: bytearray = field(default_factory=bytearray)
+
+
+async def relay_answer(
+    up: UpstreamResponse,
+    response: Response,
+    extra_headers: Headers,
+    out: RelayOutcome,
+    *,
+    node_id: str,
+    stall_timeout_s: float,
+    first: bytes = b"",
+    chunks: AsyncIterator[bytes] | None = None,
+    complete: bool = False,
+) -> None:
+    """The one relay: a node's answer to the client, whole records at a time.
+
+    ``first``: bytes already read (with ``complete``, the whole body: it is sent sized).
+    ``chunks``: the rest (default: the answer's body, ``stall_timeout_s`` between chunks).
+    A node that stalls (``reaped``) or drops (``incomplete``) mid-answer ends a 200 stream
+    with an error record in its framing; a sized or non-200 body cannot be ended cleanly,
+    so the client connection is dropped (``ClientGone``). The client leaving raises
+    ``ClientGone`` / ``CancelledError`` with ``out.status`` ``client_disconnected``; the
+    node's connection is closed on every exception."""
+    framing = out.relay.framing
+    headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
+    if complete:
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+        headers.append((b"content-length", str(len(first)).encode()))
+    headers += extra_headers
+    keep = out.keep if framing == "raw" else 0
+    try:
+        await response.start(up.status, headers)
+        if first:
+            if len(out.body) < keep:
+                out.body += first
+            data = out.relay.feed(first)
+            if data:
+                await response.write(data)
+                out.first_at = time.monotonic()
+        if not complete:
+            if chunks is None:
+                chunks = up.chunks(stall_timeout_s)
+            try:
+                async for chunk in chunks:
+                    data = out.relay.feed(chunk)
+                    if len(out.body) < keep:
+                        out.body += chunk
+                    if data:
+                        await response.write(data)
+                        if out.first_at is None:
+                            out.first_at = time.monotonic()
+                tail = out.relay.tail()
+                if tail:
+                    await response.write(tail)
+            except TimeoutError:
+                up.close()
+                out.status = TraceStatus.REAPED
+                out.error = (
+                    f"node {node_id} made no progress for {stall_timeout_s:g}s; request reaped"
+                )
+            except ConnectionClosed as exc:
+                out.status = TraceStatus.INCOMPLETE
+                out.error = f"node {node_id} disconnected mid-stream: {exc}"
+            if out.status != TraceStatus.COMPLETED:
+                record = midstream_error_record(framing, out.error)
+                if not record or up.status != 200 or up.header("content-length"):
+                    raise ClientGone(out.error)  # a sized body cannot be ended cleanly
+                await response.write(record)
+        await response.end()  # the client has everything; bookkeeping comes after
+    except BaseException as exc:
+        up.close()
+        client_left = isinstance(exc, ClientGone | asyncio.CancelledError)
+        if client_left and (
+            out.status == TraceStatus.COMPLETED or isinstance(exc, asyncio.CancelledError)
+        ):
+            out.status, out.error = TraceStatus.CLIENT_DISCONNECTED, "client disconnected"
+        raise
+
+
 # =======================================================================================
 # Fleet model
 # =======================================================================================
@@ -1661,7 +1766,7 @@ class Node:
     node_id: str
     url: str  # the node's Ollama, e.g. http://10.0.0.5:11434
     source: str  # "static" | "local" | "agent"
-    status: str = "offline"  # online | degraded | offline | draining
+    status: NodeStatus = NodeStatus.OFFLINE
     first_seen: float = 0.0
     last_seen: float = 0.0  # last successful poll / heartbeat
     last_change: float = 0.0
@@ -2089,7 +2194,7 @@ class Metrics:
             out.append(f"{name} {value}")
         metric("herd_node_up", "gauge", "1 when the node is online")
         for node in nodes:
-            up = 1 if node.status == "online" else 0
+            up = 1 if node.status == NodeStatus.ONLINE else 0
             out.append(
                 f'herd_node_up{{node="{prom_escape(node.node_id)}",status="{node.status}"}} {up}'
             )
@@ -2433,7 +2538,7 @@ class DashboardApi:
             stall_timeout_s=self.r.config.stall_timeout_s,
             pending_nodes=tuple(
                 scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
-                for n in self.r.fleet.held_nodes.values() if n.status == "pending"))
+                for n in self.r.fleet.held_nodes.values() if n.status == NodeStatus.PENDING))
         return scoring.health_checks(inp).to_dict()
 
     async def _build_recommendations(self, now: float) -> JSON:
@@ -2744,35 +2849,11 @@ class ModelAdmin:
             return node
         raise HttpError(502, f"no node answered: {last.message if last else 'none available'}")
 
-    async def relay_plain(
-        self,
-        up: UpstreamResponse,
-        response: Response,
-        node: Node,
-    ) -> None:
+    async def relay_plain(self, up: UpstreamResponse, response: Response, node: Node) -> None:
         """Relay a node's answer as it is (admin and metadata endpoints)."""
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers.append((b"x-herd-node", node.node_id.encode()))
-        await response.start(up.status, headers)
-        relay = LineRelay(framing_of(up.header("content-type")))
-        try:
-            async for chunk in up.chunks(self.r.config.stall_timeout_s):
-                out = relay.feed(chunk)
-                if out:
-                    await response.write(out)
-            tail = relay.tail()
-            if tail:
-                await response.write(tail)
-        except (ConnectionClosed, TimeoutError) as exc:
-            up.close()
-            error = f"node {node.node_id} stopped mid-response: {exc or 'timeout'}"
-            record = midstream_error_record(relay.framing, error)
-            if not record or response.status != 200 or up.header("content-length"):
-                raise ClientGone(error) from None  # cannot end this body cleanly
-            await response.write(record)
-        except BaseException:
-            up.close()
-            raise
+        out = RelayOutcome(LineRelay(framing_of(up.header("content-type"))))
+        await relay_answer(up, response, [(b"x-herd-node", node.node_id.encode())], out,
+                           node_id=node.node_id, stall_timeout_s=self.r.config.stall_timeout_s)
 
     async def h_pull(self, request: Request, response: Response) -> None:
         self.r.guard_browser_mutation(request)
@@ -3067,10 +3148,10 @@ class Admission:
         node = self.r.fleet.nodes.get(node_id)
         slots = 1
         if node is not None and kind in ("image", "stt"):
-            slots = self.r.proxy.capability_slots(node, kind, model)
+            slots = self.r.jobs.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
             slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
-                                      self.r.policy, self.r.fleet.learned_slots(node_id, model))
+                                      self.r.policy, self.r.learner.learned_slots(node_id, model))
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
         elif q.slots != slots:
@@ -3081,7 +3162,7 @@ class Admission:
         self, model: str, kind: str
     ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
         if kind in ("image", "stt"):
-            for node in self.r.proxy.capability_models(kind).get(model, []):
+            for node in self.r.jobs.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
         else:
             for node in self.r.fleet.nodes.values():
@@ -3181,7 +3262,7 @@ class Admission:
     def _slot_usable(self, node: Node, model: str, now: float) -> bool:
         """A handed-over slot is still worth taking (fleet changes re-score everyone; this
         catches what changed since without scoring: status and breakers)."""
-        if node.status in ("offline", "draining") or not node.reachable:
+        if node.status in scoring.UNROUTABLE_STATUSES or not node.reachable:
             return False
         return all(
             scoring.breaker_allows(self.r.fleet.breakers.get(key), now)
@@ -3247,14 +3328,123 @@ class Admission:
             self._wake_waiters()
 
 
+class Learner:
+    """What herd learns by watching nodes work, and owns: parallel slots per node:model and
+    per node (Ollama's own durations against herd's in-flight count at dispatch), memory
+    capacity and keep-alive per node (from successive /api/ps readings) and prompt-cache
+    affinity (which node holds which prompt prefix in its KV cache). The learning rules are
+    scoring's pure functions; this is their state and glue. Learned facts outlive a node's
+    absence (a re-approved node keeps them)."""
+
+    def __init__(self, policy: scoring.Policy, configured_slots: Mapping[str, int]) -> None:
+        self.policy = policy
+        self.configured_slots = configured_slots  # --slots: facts win over learning
+        self.slot_bounds: dict[tuple[str, str], scoring.SlotBounds] = {}
+        self.node_slot_bounds: dict[str, scoring.SlotBounds] = {}
+        self.memory_bounds: dict[str, scoring.MemoryBounds] = {}
+        self.ps_seen: dict[str, Mapping[str, scoring.LoadedModel]] = {}
+        self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
+        self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
+        self.affinity_writes = 0
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        b = self.slot_bounds.get((node_id, model))
+        if b is None or b.n == 0:
+            b = self.node_slot_bounds.get(node_id)
+        return scoring.learned_slots(b, time.time(), self.policy)
+
+    def learn_memory(self, node: Node, now: float) -> None:
+        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
+        after = dict(node.snapshot(now).loaded)
+        before = self.ps_seen.get(node.node_id, {})
+        self.ps_seen[node.node_id] = after
+        self.memory_bounds[node.node_id] = scoring.learn_memory(
+            self.memory_bounds.get(node.node_id), before, after, now, self.policy)
+
+    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
+                      m: Mapping[str, Any]) -> None:
+        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
+        key = (node_id, model)
+        end = time.monotonic()
+        ends = self.run_ends.get(key)
+        if ends is None:
+            ends = self.run_ends[key] = deque(maxlen=256)
+        total = final.get("total_duration") if final else None
+        if (isinstance(total, int | float) and not isinstance(total, bool)
+                and attempt.dispatch_k > 0):
+            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
+            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
+                                               attempt.dispatch_hot)
+            if queue_ms is not None:
+                run_start = end - (pe + ev) / 1000.0
+                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
+                clean_k = attempt.dispatch_k - finished
+                tol = 0.25 + 0.02 * queue_ms / 1000.0
+                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
+                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
+                    clean_k = min(clean_k, 1)
+                self.slot_bounds[key] = scoring.learn_slots(
+                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
+                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
+                    now=time.time(), policy=self.policy, started_as_one_ended=freed)
+                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
+                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
+        ends.append(end)
+
+    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
+        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
+        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
+        self.affinity.move_to_end(key)
+        self.affinity_writes += 1
+        if (len(self.affinity) > self.policy.affinity_max_entries
+                or self.affinity_writes % 1024 == 0):
+            for k in scoring.affinity_evictions(self.affinity, now, self.policy):
+                self.affinity.pop(k, None)
+
+    def learned_public(
+        self, node: Node, stats: Mapping[tuple[str, str], scoring.ServiceStats], now: float
+    ) -> JSON:
+        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
+        configured = self.configured_slots.get(node.node_id)
+        nb = self.node_slot_bounds.get(node.node_id)
+        source = ("configured" if configured else "reported" if node.num_parallel
+                  else "learned" if nb is not None and nb.n else "probing")
+        models: dict[str, JSON] = {}
+        for (nid, model), b in self.slot_bounds.items():
+            if nid == node.node_id:
+                models.setdefault(model, {})["slots"] = b.to_dict(now, self.policy)
+        for (nid, model), st in stats.items():
+            if nid != node.node_id:
+                continue
+            models.setdefault(model, {}).update({
+                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
+                "loads_seen": st.load_n,
+                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
+                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
+                "samples": st.count - st.failures,
+            })
+        mb = self.memory_bounds.get(node.node_id)
+        return {
+            "slots": {
+                "source": source,
+                "in_use": scoring.slots_for(node.num_parallel, configured, self.policy,
+                                            self.learned_slots(node.node_id, "")),
+                **(nb.to_dict(now, self.policy) if nb is not None else {"observations": 0}),
+            },
+            "memory": mb.to_dict(now, self.policy) if mb is not None else None,
+            "models": models,
+        }
+
+
 class Fleet:
     """The fleet model: the nodes (and the held ones awaiting consent), what herd learned
     about them, their breakers and service stats; polling, heartbeats, consent and
     ``/fleet/status``. Tells the others that the fleet changed through ``on_change``."""
 
-    def __init__(self, router: Router, on_change: Callable[[], None],
+    def __init__(self, router: Router, learner: Learner, on_change: Callable[[], None],
                  on_node_gone: Callable[[str], None]) -> None:
         self.r = router
+        self.learner = learner  # what was learned about the nodes (slots, memory, affinity)
         self.on_change = on_change  # the fleet changed: waiters re-score
         self.on_node_gone = on_node_gone  # a node left the fleet: drop what is keyed by it
         self.nodes: dict[str, Node] = {}
@@ -3267,13 +3457,6 @@ class Fleet:
         self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
         self.breakers: dict[str, scoring.BreakerState] = {}
         # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
-        self.slot_bounds: dict[tuple[str, str], scoring.SlotBounds] = {}
-        self.node_slot_bounds: dict[str, scoring.SlotBounds] = {}
-        self.memory_bounds: dict[str, scoring.MemoryBounds] = {}
-        self.ps_seen: dict[str, Mapping[str, scoring.LoadedModel]] = {}
-        self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
-        self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
-        self.affinity_writes = 0
 
     def add_static_node(self, url: str, source: str, now: float) -> Node:
         url = normalize_url(url)
@@ -3340,7 +3523,7 @@ class Fleet:
             node.poll_failures += 1
             node.last_error = str(errors[0]) or type(errors[0]).__name__
             node.reachable = False
-            new = "degraded" if node.poll_failures < 3 else "offline"
+            new = NodeStatus.DEGRADED if node.poll_failures < 3 else NodeStatus.OFFLINE
             self._set_status(node, new, now)
             return False
         node.poll_failures = 0
@@ -3349,18 +3532,18 @@ class Fleet:
         node.last_error = ""
         if isinstance(ps, dict) and isinstance(ps.get("models"), list):
             node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
-            self.learn_memory(node, now)
+            self.learner.learn_memory(node, now)
         if isinstance(tags, dict) and isinstance(tags.get("models"), list):
             node.available = [m for m in tags["models"] if isinstance(m, dict)]
         if isinstance(version, dict):
             node.version = str(version.get("version") or "")
-        if node.status != "draining":
-            self._set_status(node, "online", now)
+        if node.status != NodeStatus.DRAINING:
+            self._set_status(node, NodeStatus.ONLINE, now)
         if self._routing_key(node, now) != before:
             self.on_change()
         return True
 
-    def _set_status(self, node: Node, status: str, now: float) -> None:
+    def _set_status(self, node: Node, status: NodeStatus, now: float) -> None:
         if node.status != status:
             log.info("node %s: %s -> %s", node.node_id, node.status, status)
             self.r.store.record_event(
@@ -3375,13 +3558,13 @@ class Fleet:
         while True:
             now = time.time()
             for node in list(self.nodes.values()):
-                if node.source != "agent" or node.status in ("offline", "draining"):
+                if node.source != "agent" or node.status in scoring.UNROUTABLE_STATUSES:
                     continue
                 silence = now - node.last_seen
                 if silence > 3 * node.interval_s:
-                    self._set_status(node, "offline", now)
+                    self._set_status(node, NodeStatus.OFFLINE, now)
                 elif silence > 1.5 * node.interval_s:
-                    self._set_status(node, "degraded", now)
+                    self._set_status(node, NodeStatus.DEGRADED, now)
             await asyncio.sleep(min(1.0, self.r.config.heartbeat_interval_s / 4))
 
     def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
@@ -3410,7 +3593,7 @@ class Fleet:
         reported_cap = node.max_loaded_models if node is not None else None
         if reported_cap:
             snap = dataclasses.replace(snap, max_loaded=reported_cap)
-        mb = self.memory_bounds.get(snap.node_id)
+        mb = self.learner.memory_bounds.get(snap.node_id)
         if mb is None:
             return snap
         if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
@@ -3436,111 +3619,30 @@ class Fleet:
             node.set_loaded([m for m in node.loaded if scoring.normalize_model(
                 str(m.get("name") or m.get("model") or "")) not in gone], now)
 
-    def learned_slots(self, node_id: str, model: str) -> int | None:
-        b = self.slot_bounds.get((node_id, model))
-        if b is None or b.n == 0:
-            b = self.node_slot_bounds.get(node_id)
-        return scoring.learned_slots(b, time.time(), self.r.policy)
-
-    def learn_memory(self, node: Node, now: float) -> None:
-        """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
-        after = dict(node.snapshot(now).loaded)
-        before = self.ps_seen.get(node.node_id, {})
-        self.ps_seen[node.node_id] = after
-        self.memory_bounds[node.node_id] = scoring.learn_memory(
-            self.memory_bounds.get(node.node_id), before, after, now, self.r.policy)
-
-    def learn_timings(self, attempt: Attempt, node_id: str, model: str, final: JSON | None,
-                      m: Mapping[str, Any]) -> None:
-        """Ollama's own durations against herd's in-flight count at dispatch: slot bounds."""
-        key = (node_id, model)
-        end = time.monotonic()
-        ends = self.run_ends.get(key)
-        if ends is None:
-            ends = self.run_ends[key] = deque(maxlen=256)
-        total = final.get("total_duration") if final else None
-        if (isinstance(total, int | float) and not isinstance(total, bool)
-                and attempt.dispatch_k > 0):
-            pe, ev = float(m["prompt_eval_ms"] or 0.0), float(m["eval_ms"] or 0.0)
-            queue_ms = scoring.hidden_queue_ms(total / 1e6, float(m["load_ms"] or 0.0), pe, ev,
-                                               attempt.dispatch_hot)
-            if queue_ms is not None:
-                run_start = end - (pe + ev) / 1000.0
-                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
-                clean_k = attempt.dispatch_k - finished
-                tol = 0.25 + 0.02 * queue_ms / 1000.0
-                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
-                if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
-                    clean_k = min(clean_k, 1)
-                self.slot_bounds[key] = scoring.learn_slots(
-                    self.slot_bounds.get(key), concurrency=attempt.dispatch_k,
-                    concurrency_clean=clean_k, queue_ms=queue_ms, work_ms=pe + ev,
-                    now=time.time(), policy=self.r.policy, started_as_one_ended=freed)
-                self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
-                    [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
-        ends.append(end)
-
-    def remember_prefix(self, key: str, node_id: str, tokens: int, now: float) -> None:
-        """Prompt-cache affinity: this prefix now lives in that node's KV cache."""
-        self.affinity[key] = scoring.AffinityEntry(node_id, now, tokens)
-        self.affinity.move_to_end(key)
-        self.affinity_writes += 1
-        if (len(self.affinity) > self.r.policy.affinity_max_entries
-                or self.affinity_writes % 1024 == 0):
-            for k in scoring.affinity_evictions(self.affinity, now, self.r.policy):
-                self.affinity.pop(k, None)
-
-    def learned_public(self, node: Node, now: float) -> JSON:
-        """What herd has learned about a node, and how sure it is (for /fleet/status)."""
-        configured = self.r.config.slots.get(node.node_id)
-        nb = self.node_slot_bounds.get(node.node_id)
-        source = ("configured" if configured else "reported" if node.num_parallel
-                  else "learned" if nb is not None and nb.n else "probing")
-        models: dict[str, JSON] = {}
-        for (nid, model), b in self.slot_bounds.items():
-            if nid == node.node_id:
-                models.setdefault(model, {})["slots"] = b.to_dict(now, self.r.policy)
-        for (nid, model), st in self.stats.items():
-            if nid != node.node_id:
-                continue
-            models.setdefault(model, {}).update({
-                "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
-                "loads_seen": st.load_n,
-                "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
-                "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
-                "samples": st.count - st.failures,
-            })
-        mb = self.memory_bounds.get(node.node_id)
-        return {
-            "slots": {
-                "source": source,
-                "in_use": scoring.slots_for(node.num_parallel, configured, self.r.policy,
-                                            self.learned_slots(node.node_id, "")),
-                **(nb.to_dict(now, self.r.policy) if nb is not None else {"observations": 0}),
-            },
-            "memory": mb.to_dict(now, self.r.policy) if mb is not None else None,
-            "models": models,
-        }
-
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
         for key in (node_id, f"{node_id}:{model}"):
             state = self.breakers.get(key)
-            if state is not None and state.state != "closed" and scoring.breaker_allows(state, now):
+            if (
+                state is not None
+                and state.state != CircuitState.CLOSED
+                and scoring.breaker_allows(state, now)
+            ):
                 self.breakers[key] = scoring.breaker_begin_probe(state, now, self.r.policy)
 
     def breaker_failure(self, node_id: str, model: str, kind: str, now: float) -> None:
-        if kind == "status_4xx":
+        if kind == AnswerKind.STATUS_4XX:
             return  # the request's own fault (scoring.classify_answer): not the node's
         total = max(1, len(self.nodes))
-        ejected = sum(1 for k, s in self.breakers.items() if ":" not in k and s.state == "open")
+        ejected = sum(
+            1 for k, s in self.breakers.items() if ":" not in k and s.state == CircuitState.OPEN
+        )
         share = (ejected + 1) / total  # the share ejected if this breaker opened too
-        node_key_kinds = ("connect", "reset", "timeout_first_byte")
-        keys = [node_id] if kind in node_key_kinds else [f"{node_id}:{model}", node_id]
+        keys = [node_id] if kind in scoring.NO_ANSWER_KINDS else [f"{node_id}:{model}", node_id]
         for key in keys:
             state = self.breakers.get(key, scoring.BreakerState())
             new = scoring.breaker_on_failure(state, now, self.r.policy, share, kind)
-            if new.state == "open" and state.state != "open":
+            if new.state == CircuitState.OPEN and state.state != CircuitState.OPEN:
                 log.warning(
                     "breaker open for %s after %s failure(s)", key, new.consecutive_failures
                 )
@@ -3550,7 +3652,7 @@ class Fleet:
         node = self.nodes.get(node_id)
         if node is not None:
             node.loading.pop(model, None)
-            if kind == "connect":
+            if kind == AnswerKind.CONNECT:
                 node.reachable = False
 
     def breaker_success(self, node_id: str, model: str, now: float) -> None:
@@ -3563,7 +3665,7 @@ class Fleet:
             node.reachable = True
 
     def healthy_nodes(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.status in ("online", "degraded")]
+        return [n for n in self.nodes.values() if n.status in scoring.ROUTABLE_STATUSES]
 
     def nodes_with(self, model: str, *, healthy: bool = True) -> list[Node]:
         pool = self.healthy_nodes() if healthy else list(self.nodes.values())
@@ -3606,7 +3708,8 @@ class Fleet:
         for entry in nodes:
             br = self.breakers.get(entry["node_id"])
             entry["breaker"] = dataclasses.asdict(br) if br is not None else None
-            entry["learned"] = self.learned_public(self.nodes[entry["node_id"]], now)
+            entry["learned"] = self.learner.learned_public(
+                self.nodes[entry["node_id"]], self.stats, now)
         return {
             "router_id": self.r.router_id,
             "version": __version__,
@@ -3621,7 +3724,9 @@ class Fleet:
             },
             "nodes": nodes,
             "pending_nodes": self.held_public(now),
-            "queues": {f"{q.node_id}:{q.model}": q.public() for q in self.r.queues.values()},
+            "queues": {
+                f"{q.node_id}:{q.model}": q.public() for q in self.r.admission.queues.values()
+            },
             "pulls": list(self.r.model_admin.pull_jobs.values()),
             "settings": dict(self.r.settings),
             "routers": self.r.routers_public(now),
@@ -3670,7 +3775,7 @@ class Fleet:
             raise HttpError(409, f"node id '{node_id}' is taken by a static node")
         if (
             node is not None
-            and node.status in ("online", "degraded")
+            and node.status in scoring.ROUTABLE_STATUSES
             and not signed
             and node.agent_addr
             and node.agent_addr != addr
@@ -3725,14 +3830,14 @@ class Fleet:
         node.capabilities_report = report.capabilities
         node.errors = list(report.errors)
         if admission != "approved":
-            node.status = admission  # pending | rejected: held, never routed to
+            node.status = NodeStatus(admission)  # pending | rejected: held, never routed to
         elif report.draining:
-            self._set_status(node, "draining", now)
+            self._set_status(node, NodeStatus.DRAINING, now)
         elif not node.reachable:
             node.last_error = "agent reports its Ollama unreachable"
-            self._set_status(node, "degraded", now)
+            self._set_status(node, NodeStatus.DEGRADED, now)
         else:
-            self._set_status(node, "online", now)
+            self._set_status(node, NodeStatus.ONLINE, now)
         if before != self._routing_key(node, now):
             self.on_change()
         return {
@@ -3928,7 +4033,11 @@ class Fleet:
             self.nodes[node_id] = node
             now = time.time()
             fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
-            new = ("online" if node.reachable else "degraded") if fresh else "offline"
+            new = (
+                (NodeStatus.ONLINE if node.reachable else NodeStatus.DEGRADED)
+                if fresh
+                else NodeStatus.OFFLINE
+            )
             self._set_status(node, new, now)
             joined = True
         await response.json({"ok": True, "node_id": node_id, "admission": "approved",
@@ -3943,7 +4052,7 @@ class Fleet:
             self.on_node_gone(node_id)
         node = node or self.held_nodes.get(node_id)
         if node is not None:
-            node.status, node.held_since = "rejected", time.time()
+            node.status, node.held_since = NodeStatus.REJECTED, time.time()
             node.held_reason = "rejected by an operator"
         await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
                              "addr": addr, "ollama_url": url})
@@ -3975,6 +4084,10 @@ class Fleet:
     # ---------------------------------------------------------------- image and speech ----
 
     # ---------------------------------------------------------------- admin protection ----
+
+
+# one attempt on a chosen node; raises UpstreamFailure while nothing reached the client
+Send = Callable[[Node, scoring.RouteRequest, scoring.Choice], Awaitable[None]]
 
 
 class Proxy:
@@ -4080,7 +4193,7 @@ class Proxy:
                 ("x-herd-retries", "0"),
             ],
         )
-        self.trace(attempt, status="completed", http_status=200, model=model)
+        self.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
 
     async def serve_routed(
         self,
@@ -4155,7 +4268,7 @@ class Proxy:
                     norm, send_body.get("messages"), send_body.get("prompt"),
                     send_body.get("system"), self.r.policy)
                 attempt.affinity_tokens = est
-                hit = scoring.affinity_lookup(keys, self.r.fleet.affinity, time.time(),
+                hit = scoring.affinity_lookup(keys, self.r.learner.affinity, time.time(),
                                               self.r.policy)
             rreq = scoring.RouteRequest(
                 model=norm,
@@ -4167,9 +4280,10 @@ class Proxy:
                 cache_node=hit.node_id if hit is not None else None,
                 cached_tokens=min(est, hit.tokens) if hit is not None else 0,
             )
+            send = self._inference_send(request, response, payload, attempt)
             try:
                 await self.route_with_retries(
-                    request, response, rreq, payload, attempt, served_model, snaps
+                    request, response, rreq, attempt, served_model, send, snaps
                 )
                 return
             except HttpError as exc:
@@ -4178,8 +4292,8 @@ class Proxy:
                 if exc.status == 404 and self.r.settings.get("auto_pull") and not pinned \
                         and await self.r.model_admin.auto_pull(served_model, attempt):
                     try:
-                        await self.route_with_retries(request, response, rreq, payload,
-                                                      attempt, served_model)
+                        await self.route_with_retries(request, response, rreq, attempt,
+                                                      served_model, send)
                         return
                     except HttpError as again:
                         if again.kind != "unservable":
@@ -4189,7 +4303,7 @@ class Proxy:
         assert first_error is not None
         self.trace(
             attempt,
-            status="rejected" if first_error.status == 503 else "failed",
+            status=TraceStatus.REJECTED if first_error.status == 503 else TraceStatus.FAILED,
             http_status=first_error.status,
             error=first_error.message,
         )
@@ -4209,17 +4323,33 @@ class Proxy:
             kind="unservable",
         )
 
+    def _inference_send(
+        self, request: Request, response: Response, payload: bytes, attempt: Attempt
+    ) -> Send:
+        def send(node: Node, rreq: scoring.RouteRequest, choice: scoring.Choice) -> Awaitable[None]:
+            return self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+
+        return send
+
     async def route_with_retries(
         self,
         request: Request,
         response: Response,
         rreq: scoring.RouteRequest,
-        payload: bytes,
         attempt: Attempt,
         served_model: str,
+        send: Send,
         snaps: list[scoring.NodeSnapshot] | None = None,
+        *,
+        replayable: bool = True,
     ) -> None:
-        """``snaps``: a fleet snapshot the caller just took, used for the first choice."""
+        """The one attempt loop (inference, image and speech): choose a node through
+        Admission, ``send`` the request there while holding its slot, and on a failure
+        before the first byte reached the client retry on the next-best node.
+
+        ``snaps``: a fleet snapshot the caller just took, used for the first choice.
+        ``replayable``: False when the request body is a stream that a failed attempt may
+        have consumed (an upload): then only a failed connect is retried."""
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         base_retries = attempt.retries  # retries spent on earlier models of the chain
@@ -4230,7 +4360,7 @@ class Proxy:
                 node, queue, choice, queue_ms = await self.r.admission.acquire(rreq, snaps)
                 snaps = None
             except asyncio.CancelledError:
-                self.trace(attempt, status="client_disconnected", http_status=0,
+                self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=0,
                            error="client disconnected while queued", model=served_model,
                            node_id="")
                 raise
@@ -4238,7 +4368,7 @@ class Proxy:
                 if last is not None:  # every candidate failed: the client gets the last failure
                     self.trace(
                         attempt,
-                        status="failed",
+                        status=TraceStatus.FAILED,
                         http_status=last.status,
                         error=f"no node left to try: {last.message}",
                         model=served_model,
@@ -4246,20 +4376,22 @@ class Proxy:
                     )
                     await self._send_failure(request, response, last, attempt)
                     return
-                if rej.choice.retry_after_s is not None:
-                    retry_after = max(1, math.ceil(rej.choice.retry_after_s))
+                job = rreq.kind in CAPABILITY_KINDS  # its nodes offer the model: busy
+                if rej.choice.retry_after_s is not None or job:
+                    retry_after = max(1, math.ceil(rej.choice.retry_after_s or 5))
+                    what = f"all {rreq.kind} nodes" if job else "all nodes"
                     self.trace(
                         attempt,
-                        status="rejected",
+                        status=TraceStatus.REJECTED,
                         http_status=503,
-                        error=f"all nodes are busy: {rej.message}",
+                        error=f"{what} are busy: {rej.message}",
                         choice=rej.choice,
                         model=served_model,
                     )
                     self.r.metrics.rejected += 1
                     raise HttpError(
                         503,
-                        f"all nodes are busy: {rej.message}",
+                        f"{what} are busy: {rej.message}",
                         headers=[("retry-after", str(retry_after))],
                     ) from None
                 raise self._unservable(rreq, rej.choice, served_model) from None
@@ -4278,18 +4410,19 @@ class Proxy:
                 self.r.metrics.retries += 1
             ok = False
             try:
-                await self.attempt_on(request, response, node, rreq, payload, attempt, choice)
+                await send(node, rreq, choice)
                 ok = True
                 return
             except UpstreamFailure as fail:
                 now = time.time()
                 self.r.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
-                decision = scoring.retry_decision(len(tried), fail.kind, False, self.r.policy)
+                spent = not replayable and fail.kind != AnswerKind.CONNECT
+                decision = scoring.retry_decision(len(tried), fail.kind, spent, self.r.policy)
                 tried.add(node.node_id)
                 last = fail
                 self.trace(
                     attempt,
-                    status="retried" if decision.retry else "failed",
+                    status=TraceStatus.RETRIED if decision.retry else TraceStatus.FAILED,
                     http_status=fail.status if not decision.retry else 0,
                     error=fail.message,
                     choice=choice,
@@ -4319,11 +4452,15 @@ class Proxy:
         if attempt.retries and is_openai_path(request.path):
             # herd already tried other nodes: an SDK retrying on top multiplies the attempts
             headers.append(("x-should-retry", "false"))
-        if fail.body and fail.status >= 400:
+        if fail.body and fail.status >= 400 and attempt.kind not in CAPABILITY_KINDS:
+            # an inference node answers in the client's dialect; an agent's job service
+            # does not, so its failure is re-said in the client's dialect (below)
             ctype = header_value(fail.headers, b"content-type") or "application/json"
             await response.send(fail.status, fail.body, ctype, headers)
             return
-        status = 504 if fail.kind == "timeout_first_byte" else 502
+        status = 504 if fail.kind == AnswerKind.TIMEOUT_FIRST_BYTE else 502
+        if attempt.kind in CAPABILITY_KINDS and fail.status >= 400:
+            status = fail.status
         raise HttpError(status, fail.message, headers=headers)
 
     def upstream_request_headers(self, request: Request) -> Headers:
@@ -4368,7 +4505,7 @@ class Proxy:
                     raise UpstreamFailure(
                         "reset", f"node {node.node_id} answered {up.status}, then: {broken}"
                     )
-                if verdict.kind == "model_not_found":
+                if verdict.kind == AnswerKind.MODEL_NOT_FOUND:
                     # the node lost the model since its last report: refresh it, try elsewhere
                     self.r._spawn(self.r.fleet.refresh_node(node), "refresh")
                     raise UpstreamFailure(
@@ -4408,7 +4545,7 @@ class Proxy:
             )
         except asyncio.CancelledError:
             if not response.headers_sent:  # (once relaying, the relay traces it)
-                self.trace(attempt, status="client_disconnected", http_status=0,
+                self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=0,
                            error="client disconnected before the node answered",
                            choice=choice, model=attempt.served_model, node_id=node.node_id)
             raise
@@ -4426,70 +4563,17 @@ class Proxy:
         chunks: AsyncIterator[bytes] | None = None,
         complete: bool = False,
     ) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        if complete:
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"content-length", str(len(first)).encode()))
-        headers += [
-            (b"x-herd-node", node.node_id.encode()),
-            (b"x-herd-model", attempt.served_model.encode()),
-            (b"x-herd-retries", str(attempt.retries).encode()),
-            (b"x-request-id", attempt.request_id.encode()),
-        ]
-        framing = framing_of(up.header("content-type"))
-        relay = LineRelay(framing)
-        raw_body = bytearray()
-        first_at: float | None = None
-        status, error = "completed", ""
+        out = RelayOutcome(LineRelay(framing_of(up.header("content-type"))), keep=4 * MiB)
         try:
-            await response.start(up.status, headers)
-            out = relay.feed(first)
-            if framing == "raw" and len(raw_body) < 4 * MiB:
-                raw_body += first
-            if out:
-                await response.write(out)
-                first_at = time.monotonic()
-            if chunks is not None:
-                try:
-                    async for chunk in chunks:
-                        out = relay.feed(chunk)
-                        if framing == "raw" and len(raw_body) < 4 * MiB:
-                            raw_body += chunk
-                        if out:
-                            await response.write(out)
-                            if first_at is None:
-                                first_at = time.monotonic()
-                    tail = relay.tail()
-                    if tail:
-                        await response.write(tail)
-                except TimeoutError:
-                    up.close()
-                    status = "reaped"
-                    error = (
-                        f"node {node.node_id} made no progress for "
-                        f"{self.r.config.stall_timeout_s:g}s; request reaped"
-                    )
-                    self.r.metrics.reaped += 1
-                except ConnectionClosed as exc:
-                    status = "incomplete"
-                    error = f"node {node.node_id} disconnected mid-stream: {exc}"
-                if status != "completed":
-                    record = midstream_error_record(framing, error)
-                    if not record or up.header("content-length"):
-                        raise ClientGone(error)  # a sized body cannot be ended cleanly
-                    await response.write(record)
-            await response.end()  # the client has everything; bookkeeping comes after
-        except (ClientGone, asyncio.CancelledError) as exc:
-            up.close()
-            if status == "completed" or isinstance(exc, asyncio.CancelledError):
-                status, error = "client_disconnected", "client disconnected"
-            self._finish(
-                attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-            )
+            await relay_answer(
+                up, response, herd_headers(node.node_id, attempt), out,
+                node_id=node.node_id, stall_timeout_s=self.r.config.stall_timeout_s,
+                first=first, chunks=chunks, complete=complete,
+            )  # fmt: skip
+        except (ClientGone, asyncio.CancelledError):
+            self._finish(attempt, node, rreq, choice, out, up.status)
             raise
-        self._finish(
-            attempt, node, rreq, choice, status, up.status, error, first_at, relay, raw_body
-        )
+        self._finish(attempt, node, rreq, choice, out, up.status)
 
     def _finish(
         self,
@@ -4497,13 +4581,14 @@ class Proxy:
         node: Node,
         rreq: scoring.RouteRequest,
         choice: scoring.Choice,
-        status: str,
+        out: RelayOutcome,
         http_status: int,
-        error: str,
-        first_at: float | None,
-        relay: LineRelay,
-        raw_body: bytearray,
     ) -> None:
+        status, error, first_at, relay, raw_body = (
+            out.status, out.error, out.first_at, out.relay, out.body
+        )
+        if status == TraceStatus.REAPED:
+            self.r.metrics.reaped += 1
         now = time.time()
         final = relay.final_object()
         if final is None and raw_body:
@@ -4511,7 +4596,7 @@ class Proxy:
                 obj = json.loads(bytes(raw_body))
                 final = obj if isinstance(obj, dict) else None
         m = metrics_from_final(final)
-        ok = status == "completed" and http_status < 400
+        ok = status == TraceStatus.COMPLETED and http_status < 400
         total_ms = (time.monotonic() - attempt.started) * 1000
         ttft_ms = (first_at - attempt.started) * 1000 if first_at is not None else None
         if ok:
@@ -4519,7 +4604,7 @@ class Proxy:
             self.r.fleet.mark_loaded(node, rreq.model, rreq.num_ctx, now)
         elif status in ("incomplete", "reaped"):
             self.r.fleet.breaker_failure(node.node_id, rreq.model, "reset", now)
-        if status != "client_disconnected" and http_status < 400:
+        if status != TraceStatus.CLIENT_DISCONNECTED and http_status < 400:
             obs = scoring.Observation(
                 ok=ok,
                 load_ms=m["load_ms"] or 0.0,
@@ -4535,11 +4620,11 @@ class Proxy:
             stats = self.r.fleet.stats
             stats[key] = scoring.observe(stats.get(key), obs, self.r.policy)
             if ok:
-                self.r.fleet.learn_timings(attempt, node.node_id, rreq.model, final, m)
+                self.r.learner.learn_timings(attempt, node.node_id, rreq.model, final, m)
         if ok and attempt.affinity_key is not None:
-            self.r.fleet.remember_prefix(attempt.affinity_key, node.node_id,
+            self.r.learner.remember_prefix(attempt.affinity_key, node.node_id,
                                  attempt.affinity_tokens + (m["completion_tokens"] or 0), now)
-        if status == "completed" and http_status >= 400:
+        if status == TraceStatus.COMPLETED and http_status >= 400:
             # a relayed error answer (the client's own 4xx): keep the text the client got
             status = scoring.classify_answer(http_status).trace_status
             error = error or error_text(bytes(raw_body))
@@ -4559,7 +4644,7 @@ class Proxy:
         self,
         attempt: Attempt,
         *,
-        status: str,
+        status: TraceStatus,
         http_status: int,
         error: str = "",
         choice: scoring.Choice | None = None,
@@ -4599,7 +4684,7 @@ class Proxy:
             client_ip=attempt.client_ip,
         )
         self.r.store.record_trace(rec)
-        if status != "retried":
+        if status != TraceStatus.RETRIED:
             self.r.metrics.observe(attempt.endpoint, attempt.kind, status, latency_ms / 1000)
             if attempt.fallback_used:
                 self.r.metrics.fallbacks += 1
@@ -4617,6 +4702,16 @@ class Proxy:
             f" error={error}" if error else "",
             extra={"request_id": attempt.request_id, "node": rec.node_id, "model": rec.model},
         )
+
+
+class MediaJobs:
+    """Image generation and speech-to-text: the endpoints (validation, multipart uploads,
+    OpenAI shapes) of jobs an agent's service runs. Each job goes through Proxy's one attempt
+    loop (``route_with_retries``) and its answer through the one relay (``relay_answer``).
+    Owns no state: the capability models come from the fleet's reports."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
 
     def capability_models(self, kind: str) -> dict[str, list[Node]]:
         """Models of a capability (``image`` / ``stt``) → healthy nodes whose agent serves it."""
@@ -4659,54 +4754,51 @@ class Proxy:
         return name
 
     async def capability_call(
-        self, request: Request, kind: str, model: str, path: str,
-        body: bytes | AsyncIterator[bytes], headers: Headers, attempt: Attempt,
-    ) -> tuple[UpstreamResponse, Node]:
-        """Route an image/STT job; retries before any byte of a streamed body is spent."""
-        tried: set[str] = set()
-        last: UpstreamFailure | None = None
-        while True:
-            rreq = scoring.RouteRequest(model=model, kind=kind, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq)
-            except Rejected as rej:
-                if last is not None:  # retried already: the SDK should not multiply it
-                    no_retry = [("x-should-retry", "false")] if is_openai_path(request.path) else []
-                    raise HttpError(502, last.message, headers=no_retry) from None
-                retry = rej.choice.retry_after_s
-                raise HttpError(503, f"all {kind} nodes are busy: {rej.message}",
-                                headers=[("retry-after", str(max(1, math.ceil(retry or 5))))]
-                                ) from None
-            attempt.queue_ms += queue_ms
-            attempt.node_id, attempt.served_model = node.node_id, model
-            attempt.retries = len(tried)
+        self, request: Request, response: Response, attempt: Attempt, path: str,
+        body: bytes | AsyncIterator[bytes], headers: Headers,
+        handle: Callable[[UpstreamResponse, Node], Awaitable[None]],
+    ) -> None:
+        """Route an image/STT job through the one attempt loop: ``path`` on the chosen
+        agent's job service; ``handle`` turns its answer into the client's, in the slot."""
+        model = attempt.original_model
+
+        async def send(node: Node, rreq: scoring.RouteRequest, choice: scoring.Choice) -> None:
             base = str(node.capabilities.get("service_url"))
-            ok = False
-            try:
-                up = await self.r.pool.request(base, "POST", path, headers, body,
-                                             head_timeout=self.r.config.first_byte_timeout_s)
-                if up.status >= 500:
-                    data = await up.read(limit=MiB, idle_timeout=10)
-                    raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
-                                          f"{up.status}: {error_text(data)}",
-                                          status=up.status, body=data, headers=up.headers)
-                ok = not scoring.classify_answer(up.status).node_fault
-                self.r.fleet.breaker_success(node.node_id, model, time.time())
-                return up, node
-            except UpstreamFailure as fail:
-                self.r.fleet.breaker_failure(node.node_id, model, fail.kind, time.time())
-                streamed = not isinstance(body, bytes) and fail.kind != "connect"
-                decision = scoring.retry_decision(len(tried), fail.kind, streamed, self.r.policy)
-                self.trace(attempt, status="retried" if decision.retry else "failed",
-                           http_status=0 if decision.retry else fail.status,
-                           error=fail.message, choice=choice, model=model, node_id=node.node_id)
-                if not decision.retry:
-                    raise HttpError(fail.status if fail.status >= 400 else 502,
-                                    fail.message) from None
-                tried.add(node.node_id)
-                last = fail
-            finally:
-                self.r.admission.release(queue, ok)
+            up = await self.r.pool.request(base, "POST", path, headers, body,
+                                           head_timeout=self.r.config.first_byte_timeout_s)
+            if up.status >= 500:
+                data = await up.read(limit=MiB, idle_timeout=10)
+                raise UpstreamFailure("status_5xx", f"node {node.node_id} answered "
+                                      f"{up.status}: {error_text(data)}",
+                                      status=up.status, body=data, headers=up.headers)
+            self.r.fleet.breaker_success(node.node_id, model, time.time())
+            await handle(up, node)
+
+        rreq = scoring.RouteRequest(model=model, kind=attempt.kind)
+        await self.r.proxy.route_with_retries(request, response, rreq, attempt, model, send,
+                                      replayable=isinstance(body, bytes))
+
+    async def relay_job(self, up: UpstreamResponse, node: Node, response: Response,
+                        attempt: Attempt) -> None:
+        """Relay a job's answer as it is (the one relay) and trace it."""
+        keep = 64 * 1024 if up.status >= 400 else 0  # an error's text, for the trace
+        out = RelayOutcome(LineRelay(framing_of(up.header("content-type"))), keep=keep)
+
+        def trace() -> None:
+            status = out.status
+            if status == TraceStatus.COMPLETED:
+                status = scoring.classify_answer(up.status).trace_status
+            self.r.proxy.trace(attempt, status=status, http_status=up.status,
+                       error=out.error or error_text(bytes(out.body)), model=attempt.served_model)
+
+        try:
+            await relay_answer(up, response, herd_headers(node.node_id, attempt), out,
+                               node_id=node.node_id,
+                               stall_timeout_s=self.r.config.stall_timeout_s)
+        except (ClientGone, asyncio.CancelledError):
+            trace()
+            raise
+        trace()
 
     def capability_attempt(self, request: Request, kind: str, model: str) -> Attempt:
         return Attempt(request_id=request.request_id, kind=kind, endpoint=request.path,
@@ -4730,10 +4822,12 @@ class Proxy:
         model = self.resolve_capability_model("image", requested)
         attempt = self.capability_attempt(request, "image", model)
         body["model"] = model
-        up, node = await self.capability_call(
-            request, "image", model, "/api/generate-image", dumps(body),
-            [(b"content-type", b"application/json")], attempt)
-        await self.finish_capability(up, node, response, attempt, model)
+
+        async def relay(up: UpstreamResponse, node: Node) -> None:
+            await self.relay_job(up, node, response, attempt)
+
+        await self.capability_call(request, response, attempt, "/api/generate-image",
+                                   dumps(body), [(b"content-type", b"application/json")], relay)
 
     async def h_v1_images(self, request: Request, response: Response) -> None:
         body = await request.json(4 * MiB)
@@ -4756,29 +4850,34 @@ class Proxy:
         attempt = self.capability_attempt(request, "image", model)
         images: list[JSON] = []
         node_ids: list[str] = []
-        for i in range(n):
-            job = {"model": model, "prompt": prompt, "width": width, "height": height}
-            if isinstance(body.get("seed"), int):
-                job["seed"] = int(body["seed"]) + i
-            up, node = await self.capability_call(
-                request, "image", model, "/api/generate-image", dumps(job),
-                [(b"content-type", b"application/json")], attempt)
+
+        async def collect(up: UpstreamResponse, node: Node) -> None:
             data = await up.read(limit=256 * MiB, idle_timeout=self.r.config.stall_timeout_s)
             if up.status >= 400:
                 message = error_text(data, 500)
                 await response.send(up.status, error_body(request.path, up.status, message),
                                     "application/json")
-                self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+                self.r.proxy.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
                            http_status=up.status, error=message, model=model)
                 return
             images.append({"b64_json": base64.b64encode(data).decode(),
                            "revised_prompt": prompt})
             node_ids.append(node.node_id)
+
+        for i in range(n):
+            job = {"model": model, "prompt": prompt, "width": width, "height": height}
+            if isinstance(body.get("seed"), int):
+                job["seed"] = int(body["seed"]) + i
+            await self.capability_call(request, response, attempt, "/api/generate-image",
+                                       dumps(job), [(b"content-type", b"application/json")],
+                                       collect)
+            if response.headers_sent:
+                return  # an error answer went out
         await response.json({"created": int(time.time()), "data": images},
                             headers=[("x-herd-node", ",".join(node_ids)),
                                      ("x-herd-model", model),
                                      ("x-herd-retries", str(attempt.retries))])
-        self.trace(attempt, status="completed", http_status=200, model=model)
+        self.r.proxy.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
 
     async def multipart_prefix(self, request: Request, limit: int
                                ) -> tuple[dict[str, str], bytes, AsyncIterator[bytes]]:
@@ -4823,10 +4922,12 @@ class Proxy:
         model = self.resolve_capability_model("stt", requested)
         attempt = self.capability_attempt(request, "stt", model)
         headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        await self.finish_capability(up, node, response, attempt, model)
+
+        async def relay(up: UpstreamResponse, node: Node) -> None:
+            await self.relay_job(up, node, response, attempt)
+
+        await self.capability_call(request, response, attempt,
+                                   f"/api/transcribe?model={model}", body, headers, relay)
 
     async def h_v1_transcriptions(self, request: Request, response: Response) -> None:
         fields, _, body = await self.multipart_prefix(request, self.r.limits.max_upload_bytes)
@@ -4836,15 +4937,20 @@ class Proxy:
             raise HttpError(400, f"unsupported response_format {fmt!r}")
         attempt = self.capability_attempt(request, "stt", model)
         headers = [(b"content-type", (request.header("content-type") or "").encode())]
-        up, node = await self.capability_call(request, "stt", model,
-                                              f"/api/transcribe?model={model}", body, headers,
-                                              attempt)
-        data = await up.read(limit=64 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+        answers: list[tuple[UpstreamResponse, Node, bytes]] = []
+
+        async def read(up: UpstreamResponse, node: Node) -> None:
+            data = await up.read(limit=64 * MiB, idle_timeout=self.r.config.stall_timeout_s)
+            answers.append((up, node, data))
+
+        await self.capability_call(request, response, attempt,
+                                   f"/api/transcribe?model={model}", body, headers, read)
+        up, node, data = answers[0]
         herd_headers = [("x-herd-node", node.node_id), ("x-herd-model", model),
                         ("x-herd-retries", str(attempt.retries))]
         if up.status >= 400:
             message = error_text(data, 500)
-            self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
+            self.r.proxy.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
                        http_status=up.status, error=message, model=model)
             await response.send(up.status, error_body(request.path, up.status, message),
                                 "application/json", herd_headers)
@@ -4852,7 +4958,7 @@ class Proxy:
         result = json.loads(data)
         text = str(result.get("text") or "")
         chunks = [c for c in result.get("chunks") or [] if isinstance(c, dict)]
-        self.trace(attempt, status="completed", http_status=200, model=model)
+        self.r.proxy.trace(attempt, status=TraceStatus.COMPLETED, http_status=200, model=model)
         if fmt == "text":
             await response.send(200, text.encode(), "text/plain; charset=utf-8", herd_headers)
         elif fmt in ("srt", "vtt"):
@@ -4868,30 +4974,6 @@ class Proxy:
                                 headers=herd_headers)
         else:
             await response.json({"text": text}, headers=herd_headers)
-
-    async def finish_capability(self, up: UpstreamResponse, node: Node, response: Response,
-                                attempt: Attempt, model: str) -> None:
-        headers = [(k, v) for k, v in up.headers if k not in RESPONSE_DROP]
-        headers += [(b"x-herd-node", node.node_id.encode()), (b"x-herd-model", model.encode()),
-                    (b"x-herd-retries", str(attempt.retries).encode())]
-        await response.start(up.status, headers)
-        head = bytearray()  # the start of an error answer, for its trace
-        try:
-            async for chunk in up.chunks(self.r.config.stall_timeout_s):
-                if up.status >= 400 and len(head) < 64 * 1024:
-                    head += chunk
-                await response.write(chunk)
-        except (ConnectionClosed, TimeoutError) as exc:
-            self.trace(attempt, status="incomplete", http_status=up.status, error=str(exc),
-                       model=model)
-            raise ClientGone(f"node {node.node_id} stopped mid-response") from None
-        except ClientGone:
-            up.close()
-            self.trace(attempt, status="client_disconnected", http_status=up.status,
-                       model=model)
-            raise
-        self.trace(attempt, status=scoring.classify_answer(up.status).trace_status,
-                   http_status=up.status, error=error_text(bytes(head)), model=model)
 
 
 # =======================================================================================
@@ -4917,9 +4999,11 @@ class Router:
         self.started_at = time.time()
         self.background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(self)
-        self.fleet = Fleet(self, on_change=self.admission._wake_waiters,
+        self.learner = Learner(self.policy, config.slots)
+        self.fleet = Fleet(self, self.learner, on_change=self.admission._wake_waiters,
                            on_node_gone=self._node_gone)
         self.proxy = Proxy(self)
+        self.jobs = MediaJobs(self)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
@@ -4927,65 +5011,6 @@ class Router:
         self.mdns_state = "starting" if config.mdns else "off"
         self.peers: RouterBrowser | None = None  # the other routers of the fleet (mDNS)
         self.peer_health: dict[str, JSON] = {}  # mDNS name → their /healthz, probed
-
-    # Thin delegates to the collaborators that own these (tests and tools reach in here).
-
-    @property
-    def queues(self) -> dict[tuple[str, str], SlotQueue]:
-        return self.admission.queues
-
-    @property
-    def waiters(self) -> dict[int, Waiter]:
-        return self.admission.waiters
-
-    def queue_for(self, node_id: str, model: str, kind: str) -> SlotQueue:
-        return self.admission.queue_for(node_id, model, kind)
-
-    @property
-    def nodes(self) -> dict[str, Node]:
-        return self.fleet.nodes
-
-    @property
-    def held_nodes(self) -> dict[str, Node]:
-        return self.fleet.held_nodes
-
-    @property
-    def admissions(self) -> dict[str, JSON]:
-        return self.fleet.admissions
-
-    @property
-    def stats(self) -> dict[tuple[str, str], scoring.ServiceStats]:
-        return self.fleet.stats
-
-    @property
-    def breakers(self) -> dict[str, scoring.BreakerState]:
-        return self.fleet.breakers
-
-    async def refresh_node(self, node: Node) -> bool:
-        return await self.fleet.refresh_node(node)
-
-    def apply_heartbeat(self, beat: JSON, addr: str, now: float, *, signed: bool) -> JSON:
-        return self.fleet.apply_heartbeat(beat, addr, now, signed=signed)
-
-    def fleet_status(self, now: float) -> JSON:
-        return self.fleet.fleet_status(now)
-
-    def status_json(self, doc: JSON) -> bytes:
-        return self.fleet.status_json(doc)
-
-    def learned_slots(self, node_id: str, model: str) -> int | None:
-        return self.fleet.learned_slots(node_id, model)
-
-    def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
-        return self.fleet._snapshots(now)
-
-    async def acquire(
-        self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
-    ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        return await self.admission.acquire(rreq, snaps)
-
-    def release(self, q: SlotQueue, ok: bool) -> None:
-        self.admission.release(q, ok)
 
     # ---------------------------------------------------------------- lifecycle ----------
 
@@ -5081,10 +5106,10 @@ class Router:
         }
         for path in INFERENCE_PATHS:
             r[path] = {"POST": self.proxy.h_inference}
-        r["/api/generate-image"] = {"POST": self.proxy.h_generate_image}
-        r["/v1/images/generations"] = {"POST": self.proxy.h_v1_images}
-        r["/api/transcribe"] = {"POST": self.proxy.h_transcribe}
-        r["/v1/audio/transcriptions"] = {"POST": self.proxy.h_v1_transcriptions}
+        r["/api/generate-image"] = {"POST": self.jobs.h_generate_image}
+        r["/v1/images/generations"] = {"POST": self.jobs.h_v1_images}
+        r["/api/transcribe"] = {"POST": self.jobs.h_transcribe}
+        r["/v1/audio/transcriptions"] = {"POST": self.jobs.h_v1_transcriptions}
         return r
 
     async def dispatch(self, request: Request, response: Response) -> None:
@@ -5283,7 +5308,7 @@ class Router:
         node = self.fleet.nodes.get(str(wanted))
         if node is None:
             raise HttpError(404, f"node '{wanted}' is not in the fleet")
-        if node.status not in ("online", "degraded"):
+        if node.status not in scoring.ROUTABLE_STATUSES:
             raise HttpError(503, f"node '{wanted}' is {node.status}")
         return node
 

@@ -50,6 +50,61 @@ def is_valid_model_name(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# States (StrEnum: a member equals its string, so JSON, SQLite and old comparisons hold)
+# ---------------------------------------------------------------------------------------
+
+
+class NodeStatus(StrEnum):
+    """A node's state in the fleet. Held nodes (waiting for consent) are ``pending`` or
+    ``rejected`` and never routed to."""
+
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+    DRAINING = "draining"
+    PENDING = "pending"
+    REJECTED = "rejected"
+
+
+ROUTABLE_STATUSES = frozenset({NodeStatus.ONLINE, NodeStatus.DEGRADED})
+UNROUTABLE_STATUSES = frozenset({NodeStatus.OFFLINE, NodeStatus.DRAINING})  # never scored
+
+
+class CircuitState(StrEnum):
+    """A circuit breaker's state (``BreakerState.state``)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class AnswerKind(StrEnum):
+    """What one attempt's answer was: ``ok`` or a failure kind (``classify_answer``)."""
+
+    OK = "ok"
+    CONNECT = "connect"  # never connected
+    RESET = "reset"  # connection dropped before an answer
+    TIMEOUT_FIRST_BYTE = "timeout_first_byte"
+    STATUS_5XX = "status_5xx"
+    BUSY = "busy"  # 429, 503 or "server busy": saturated
+    STATUS_4XX = "status_4xx"  # the request's own fault
+    MODEL_NOT_FOUND = "model_not_found"  # a model the node listed is gone (stale tags)
+
+
+class TraceStatus(StrEnum):
+    """An attempt's trace status; ``store.STATUSES`` holds the same set (a test checks)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRIED = "retried"
+    INCOMPLETE = "incomplete"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    REAPED = "reaped"
+    REJECTED = "rejected"
+    CLIENT_ERROR = "client_error"  # the node refused the request itself (4xx)
+
+
+# ---------------------------------------------------------------------------------------
 # Snapshots (what the router knows, frozen at decision time)
 # ---------------------------------------------------------------------------------------
 
@@ -82,7 +137,7 @@ class NodeSnapshot:
     """Everything scoring needs to know about one node, at one instant."""
 
     node_id: str
-    status: str  # "online" | "degraded" | "offline" | "draining"
+    status: NodeStatus
     ram_total: int  # bytes; 0 = unknown
     ram_available: int  # bytes; 0 = unknown
     vram_total: int = 0  # bytes of GPU memory (0 = none or unknown; unified memory counts as RAM)
@@ -963,7 +1018,7 @@ def affinity_evictions(
 
 @dataclass(frozen=True, slots=True)
 class BreakerState:
-    state: str = "closed"  # "closed" | "open" | "half_open"
+    state: CircuitState = CircuitState.CLOSED
     consecutive_failures: int = 0
     trips: int = 0  # how many times it opened (recently): back-off grows with it
     open_until: float = 0.0  # epoch s: no traffic before this
@@ -1003,13 +1058,13 @@ def breaker_on_failure(
     trips = s.trips
     if s.opened_at and now - s.opened_at > policy.breaker_reset_after_s:
         trips = 0  # an old trip no longer counts toward the back-off
-    if s.state == "open" and now < s.open_until:
+    if s.state == CircuitState.OPEN and now < s.open_until:
         return replace(s, consecutive_failures=failures)  # a straggler: stays open
-    if s.state != "closed":
+    if s.state != CircuitState.CLOSED:
         # the probe (half-open, or open with its back-off over) failed: re-open, longer
         trips += 1
         return BreakerState(
-            state="open",
+            state=CircuitState.OPEN,
             consecutive_failures=failures,
             trips=trips,
             open_until=now + breaker_backoff_s(trips, policy),
@@ -1020,13 +1075,15 @@ def breaker_on_failure(
     ):
         trips += 1
         return BreakerState(
-            state="open",
+            state=CircuitState.OPEN,
             consecutive_failures=failures,
             trips=trips,
             open_until=now + breaker_backoff_s(trips, policy),
             opened_at=now,
         )
-    return replace(s, state="closed", consecutive_failures=failures, probe_in_flight=False)
+    return replace(
+        s, state=CircuitState.CLOSED, consecutive_failures=failures, probe_in_flight=False
+    )
 
 
 def breaker_on_success(state: BreakerState | None, now: float, policy: Policy) -> BreakerState:
@@ -1036,26 +1093,27 @@ def breaker_on_success(state: BreakerState | None, now: float, policy: Policy) -
     trips = s.trips
     if s.opened_at and now - s.opened_at > policy.breaker_reset_after_s:
         trips = 0
-    return BreakerState(state="closed", trips=trips, opened_at=s.opened_at if trips else 0.0)
+    opened_at = s.opened_at if trips else 0.0
+    return BreakerState(state=CircuitState.CLOSED, trips=trips, opened_at=opened_at)
 
 
 def breaker_allows(state: BreakerState | None, now: float) -> bool:
     """May traffic go there now? Closed: yes. Open: only once the back-off has passed (as a
     half-open probe). Half-open: only while no probe is in flight (or the probe is overdue)."""
-    if state is None or state.state == "closed":
+    if state is None or state.state == CircuitState.CLOSED:
         return True
-    if state.state == "open":
+    if state.state == CircuitState.OPEN:
         return now >= state.open_until
     return not state.probe_in_flight or now >= state.probe_deadline
 
 
 def breaker_begin_probe(state: BreakerState, now: float, policy: Policy) -> BreakerState:
     """The router sends the one probe request to an open breaker whose back-off passed."""
-    if state.state == "closed":
+    if state.state == CircuitState.CLOSED:
         return state
     return replace(
         state,
-        state="half_open",
+        state=CircuitState.HALF_OPEN,
         probe_in_flight=True,
         probe_deadline=now + policy.breaker_probe_timeout_s,
     )
@@ -1065,9 +1123,19 @@ def breaker_begin_probe(state: BreakerState, now: float, policy: Policy) -> Brea
 # Retry decisions
 # ---------------------------------------------------------------------------------------
 
-RETRYABLE_FAILURES = frozenset({"connect", "reset", "timeout_first_byte", "status_5xx", "busy"})
-FAILURE_KINDS = RETRYABLE_FAILURES | {"status_4xx", "model_not_found"}
-NO_ANSWER_KINDS = frozenset({"connect", "reset", "timeout_first_byte"})
+RETRYABLE_FAILURES = frozenset(
+    {
+        AnswerKind.CONNECT,
+        AnswerKind.RESET,
+        AnswerKind.TIMEOUT_FIRST_BYTE,
+        AnswerKind.STATUS_5XX,
+        AnswerKind.BUSY,
+    }
+)
+FAILURE_KINDS = RETRYABLE_FAILURES | {AnswerKind.STATUS_4XX, AnswerKind.MODEL_NOT_FOUND}
+NO_ANSWER_KINDS = frozenset(
+    {AnswerKind.CONNECT, AnswerKind.RESET, AnswerKind.TIMEOUT_FIRST_BYTE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1080,9 +1148,9 @@ class AnswerClass:
     (``completed`` | ``client_error`` | ``failed``).
     """
 
-    kind: str
+    kind: AnswerKind
     node_fault: bool
-    trace_status: str
+    trace_status: TraceStatus
 
 
 def classify_answer(
@@ -1101,18 +1169,19 @@ def classify_answer(
     support tools``, 413, 422, a 404 for a model the node never listed, ...) is the
     client's error: the node did its job, and any node would answer the same.
     """
+    failed = TraceStatus.FAILED
     if status <= 0 or no_answer:
-        kind = no_answer if no_answer in NO_ANSWER_KINDS else "reset"
-        return AnswerClass(kind, True, "failed")
+        kind = AnswerKind(no_answer) if no_answer in NO_ANSWER_KINDS else AnswerKind.RESET
+        return AnswerClass(kind, True, failed)
     if 200 <= status < 400:
-        return AnswerClass("ok", False, "completed")
+        return AnswerClass(AnswerKind.OK, False, TraceStatus.COMPLETED)
     if status == 429 or status == 503 or (500 <= status < 600 and b"server busy" in body):
-        return AnswerClass("busy", True, "failed")
+        return AnswerClass(AnswerKind.BUSY, True, failed)
     if status == 404 and b"not found" in body and node_lists_model:
-        return AnswerClass("model_not_found", True, "failed")
+        return AnswerClass(AnswerKind.MODEL_NOT_FOUND, True, failed)
     if 400 <= status < 500 and status != 408:
-        return AnswerClass("status_4xx", False, "client_error")
-    return AnswerClass("status_5xx", True, "failed")
+        return AnswerClass(AnswerKind.STATUS_4XX, False, TraceStatus.CLIENT_ERROR)
+    return AnswerClass(AnswerKind.STATUS_5XX, True, failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1130,11 +1199,11 @@ def retry_decision(
         return RetryDecision(False, "bytes already reached the client; cannot replay")
     if failure not in FAILURE_KINDS:
         return RetryDecision(False, f"unknown failure kind {failure!r}; not retried")
-    if failure == "status_4xx":
+    if failure == AnswerKind.STATUS_4XX:
         return RetryDecision(False, "client error (4xx) would fail the same way elsewhere")
     if attempt >= policy.max_retries:
         return RetryDecision(False, f"retry budget exhausted ({attempt}/{policy.max_retries})")
-    if failure == "model_not_found":
+    if failure == AnswerKind.MODEL_NOT_FOUND:
         return RetryDecision(True, "model missing on that node (stale tags); trying another")
     return RetryDecision(True, f"{failure} before the first byte; retry {attempt + 1}")
 
@@ -1345,7 +1414,7 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     hot: dict[str, int] = {}
     have: dict[str, int] = {}
     for n in nodes:
-        if n.status not in ("online", "degraded") or not n.reachable:
+        if n.status not in ROUTABLE_STATUSES or not n.reachable:
             continue
         for name, lm in n.loaded.items():
             if lm.expires_at is None or lm.expires_at > now:
@@ -1353,6 +1422,291 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
         for name in set(n.available) | set(n.loaded):
             have[name] = have.get(name, 0) + 1
     return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What eligibility learned about one node for one request; every factor reads it."""
+
+    q: QueueSnapshot
+    slots: int
+    outstanding: int
+    lm: LoadedModel | None
+    state: str  # hot|reload|loading|warm|cold, from ``_thermal``
+    thermal: Factor
+    resident: bool  # hot or loading: no cold load to pay for
+    model_bytes: int
+    fast_total: int
+    fast_free: int
+    need: int  # bytes the model needs resident (loaded size, or the estimate to load it)
+    offload: bool  # a load would spill past fast memory (partial CPU offload)
+
+
+def _eligibility(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    q: QueueSnapshot,
+    breakers: Mapping[str, BreakerState],
+    now: float,
+    policy: Policy,
+) -> str | _Facts:
+    """Why ``node`` cannot serve ``req`` (a reason), or the facts its factors need."""
+    nid = node.node_id
+    slots = max(1, q.slots)
+    if req.pinned_node is not None and nid != req.pinned_node:
+        return f"not the pinned node ({req.pinned_node})"
+    if nid in req.exclude:
+        return "already tried for this request"
+    if node.status == NodeStatus.OFFLINE:
+        return "node offline"
+    if node.status == NodeStatus.DRAINING:
+        return "node draining"
+    if not node.reachable:
+        return "node's Ollama unreachable from the router"
+    for key, what in ((nid, "node"), (breaker_key(nid, req.model), "node:model")):
+        b = breakers.get(key)
+        if not breaker_allows(b, now):
+            assert b is not None
+            if b.state == CircuitState.OPEN:
+                return f"circuit open ({what}) for {max(0.0, b.open_until - now):.0f}s more"
+            return f"circuit half-open ({what}), probe in flight"
+    lm = node.loaded.get(req.model)
+    am = node.available.get(req.model)
+    if lm is None and am is None:
+        return f"model '{req.model}' not on this node"
+    if req.needs_vision and am is not None and am.capabilities and "vision" not in am.capabilities:
+        return f"model '{req.model}' has no vision capability"
+    state, t_value, t_contrib, t_reason = _thermal(node, req, now, policy)
+    resident = state == "hot" or state == "loading"
+    model_bytes = am.size if am is not None and am.size > 0 else (lm.size if lm else 0)
+    fast_total, fast_free, spill = _memory(node)
+    need = lm.size if lm is not None else resident_bytes(model_bytes, req.num_ctx, slots, policy)
+    if state == "reload" and lm is not None:
+        need = max(need, resident_bytes(model_bytes, req.num_ctx, slots, policy))
+    offload = False
+    if not resident and fast_total > 0 and need > 0 and not node.memory_learned:
+        if need > fast_total + spill:
+            return f"does not fit: needs ~{_gb(need)}, node has {_gb(fast_total + spill)}"
+        offload = need > fast_total
+    if not resident and node.memory_pressure == "critical":
+        return "memory pressure critical: cold load withheld"
+    return _Facts(
+        q,
+        slots,
+        q.pending + q.in_flight,
+        lm,
+        state,
+        Factor("thermal", t_value, t_contrib, t_reason),
+        resident,
+        model_bytes,
+        fast_total,
+        fast_free,
+        need,
+        offload,
+    )
+
+
+def _memory_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    f: _Facts,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    now: float,
+    policy: Policy,
+    spread: Mapping[str, tuple[int, int]] | None,
+) -> Factor:
+    """Memory fit: resident, room to spare, or what a load would evict."""
+    need, fast_total, fast_free = f.need, f.fast_total, f.fast_free
+    count_full = (
+        node.max_loaded > 0
+        and not f.resident
+        and sum(1 for name in node.loaded if name != req.model) >= node.max_loaded
+    )
+    if f.resident and f.state == "hot":
+        return Factor("memory", 1.0, policy.memory_weight, "already resident")
+    if count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
+        contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
+        return Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
+    if fast_total <= 0 or need <= 0:
+        return Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown")
+    if f.state == "loading":
+        return Factor("memory", 1.0, policy.memory_weight, "memory already reserved")
+    if node.memory_learned == "learned_fit" and fast_free < need and not count_full:
+        # only a lower bound is known (the most seen resident at once): past it, a load may
+        # fit or evict; as unknown as no memory figure at all
+        return Factor(
+            "memory",
+            fast_free / need,
+            0.5 * policy.memory_weight,
+            f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
+            "may fit or evict",
+        )
+    ratio = fast_free / need
+    if f.offload:
+        contrib = -policy.offload_penalty - policy.eviction_weight
+        why = f"needs ~{_gb(need)} > {_gb(fast_total)} VRAM: partial CPU offload"
+    elif ratio >= 1.0:
+        span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
+        contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
+        why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
+    else:
+        contrib, why = _eviction_cost(
+            node, req.model, need - fast_free, queues, now, policy, spread
+        )
+        why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
+    return Factor("memory", ratio, contrib, why)
+
+
+def _queue_factor(f: _Facts, policy: Policy) -> Factor:
+    """Queue depth: requests ahead per slot."""
+    depth = f.outstanding / f.slots
+    return Factor(
+        "queue",
+        depth,
+        -policy.queue_weight * depth,
+        f"{f.q.in_flight} in flight + {f.q.pending} pending on {f.slots} slot(s)",
+    )
+
+
+def _wait_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    f: _Facts,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    now: float,
+    policy: Policy,
+    node_in_flight: int,
+) -> tuple[Factor, float]:
+    """Expected seconds until this request completes (queue + load + run), and the prefill
+    seconds a cached conversation prefix saves."""
+    nid = node.node_id
+    state, slots, q = f.state, f.slots, f.q
+    st = stats.get((nid, req.model))
+    bw, load_bps = node_rates(nid, node.available, stats)
+    svc = expected_service_s(st, req, False, policy, model_bytes=f.model_bytes, node_bandwidth=bw)
+    load = 0.0
+    if state in ("cold", "warm", "reload"):
+        load = _load_s(st, f.model_bytes, load_bps, policy)
+        if state in ("warm", "reload"):
+            load *= policy.warm_load_factor
+    elif state == "loading":
+        started = node.loading.get(req.model, now)
+        load = max(0.0, _load_s(st, f.model_bytes, load_bps, policy) - max(0.0, now - started))
+    typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
+    ahead = max(0, f.outstanding - slots + 1)
+    queue_wait = ahead * typical / slots
+    concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
+    saved = 0.0
+    if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
+        tps = _prefill_tps(st, f.model_bytes, bw, policy)
+        saved = min(svc, req.cached_tokens / tps)
+    slow, learned = stream_slowdown(nid, stats, policy)
+    # a learned slowdown: the measured speed already ran beside ``eval_k_ewma`` streams on
+    # average, rescale it to the streams running now (the prior keeps the old, cruder rule)
+    base_k = 0.0
+    if learned and st is not None and st.conc_n > 0 and st.eval_tps_ewma > 0:
+        base_k = st.eval_k_ewma
+    run = (svc - saved) * (1.0 + slow * concurrent) / (1.0 + slow * base_k)
+    expected = queue_wait + load + run
+    factor = Factor(
+        "wait",
+        expected,
+        -policy.wait_weight * expected,
+        f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
+        + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
+    )
+    return factor, saved
+
+
+def _cache_factor(req: RouteRequest, nid: str, state: str, saved: float, policy: Policy) -> Factor:
+    """The node that served this conversation's prefix: a bonus when the prefill is saved."""
+    bonus = policy.cache_bonus if saved > 0 else 0.0
+    # the saved prefill already shortens "wait"; bound the total pull of the cache
+    bonus = min(bonus, max(0.0, policy.cache_max_points - policy.wait_weight * saved))
+    return Factor(
+        "cache",
+        saved,
+        bonus,
+        f"served this conversation's prefix (~{req.cached_tokens} tokens): "
+        + (f"~{saved:.1f}s prefill saved" if saved > 0 else f"no saving ({state})"),
+    )
+
+
+def _affinity_factor(f: _Facts, policy: Policy) -> Factor:
+    """Role affinity: large models to big machines, small models to small ones."""
+    size = f.model_bytes or f.need
+    if f.fast_total <= 0 or size <= 0:
+        return Factor("affinity", 0.5, 0.0, "machine size unknown")
+    bigness = min(1.0, f.fast_total / policy.large_machine_bytes)
+    if size >= policy.large_model_bytes:
+        val, why = bigness, "large model prefers a big machine"
+    elif size <= policy.small_model_bytes:
+        val, why = 1.0 - bigness, "small model leaves big machines to big models"
+    else:
+        val, why = 0.5, "mid-size model"
+    return Factor("affinity", val, policy.affinity_weight * val, why)
+
+
+def _availability_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+    policy: Policy,
+) -> Factor:
+    """Availability: probing breakers, failure streaks and rate, degraded, memory pressure."""
+    nid = node.node_id
+    penalty = 0.0
+    notes: list[str] = []
+    for key in (nid, breaker_key(nid, req.model)):
+        b = breakers.get(key)
+        if b is None:
+            continue
+        if b.state != CircuitState.CLOSED:
+            penalty += policy.probe_penalty
+            notes.append("probing after circuit open")
+        elif b.consecutive_failures > 0:
+            penalty += policy.streak_penalty * min(
+                1.0, b.consecutive_failures / max(1, policy.breaker_threshold)
+            )
+            notes.append(f"{b.consecutive_failures} recent failure(s)")
+    st = stats.get((nid, req.model))
+    if st is not None and st.failure_rate > 0:
+        penalty += st.failure_rate
+        notes.append(f"failure rate {st.failure_rate:.0%}")
+    if node.status == NodeStatus.DEGRADED:
+        penalty += policy.degraded_penalty
+        notes.append("node degraded")
+    if node.memory_pressure == "warn":
+        penalty += policy.pressure_penalty
+        notes.append("memory pressure")
+    return Factor(
+        "availability",
+        max(0.0, 1.0 - penalty),
+        -policy.availability_weight * penalty,
+        "; ".join(notes) if notes else "healthy",
+    )
+
+
+def _context_factor(req: RouteRequest, f: _Facts, policy: Policy) -> Factor:
+    """Context fit of a hot model's loaded window for the prompt estimate."""
+    ctx = f.lm.context_length if f.lm is not None else None
+    if f.state == "hot" and ctx is not None and req.est_tokens > 0:
+        if req.est_tokens > ctx:
+            return Factor(
+                "context",
+                ctx / req.est_tokens,
+                -policy.context_weight,
+                f"prompt ~{req.est_tokens} tokens exceeds loaded context {ctx}",
+            )
+        r = ctx / req.est_tokens
+        bonus = policy.context_headroom_bonus * min(1.0, max(0.0, r - 1.0))
+        return Factor("context", r, bonus, f"prompt ~{req.est_tokens} tokens fits context {ctx}")
+    if f.state == "reload":
+        return Factor("context", 0.0, 0.0, "context changes with the reload")
+    if f.state == "hot":
+        return Factor("context", 1.0, 0.0, "no prompt estimate or window unknown")
+    return Factor("context", 1.0, 0.0, "context set at load")
 
 
 def _score_node(
@@ -1366,249 +1720,36 @@ def _score_node(
     node_in_flight: int,
     spread: Mapping[str, tuple[int, int]] | None = None,
 ) -> Score:
+    """Eligibility, then one factor each: thermal, memory, queue, wait, (cache), affinity,
+    availability, context; the total is their sum in that order."""
     nid = node.node_id
     q = queues.get((nid, req.model))
     if q is None:
         q = QueueSnapshot(slots=slot_count(node, None, policy))
-    slots = max(1, q.slots)
-    outstanding = q.pending + q.in_flight
-    # -- eligibility ------------------------------------------------------------------
-    if req.pinned_node is not None and nid != req.pinned_node:
-        return _ineligible(nid, f"not the pinned node ({req.pinned_node})", outstanding)
-    if nid in req.exclude:
-        return _ineligible(nid, "already tried for this request", outstanding)
-    if node.status == "offline":
-        return _ineligible(nid, "node offline", outstanding)
-    if node.status == "draining":
-        return _ineligible(nid, "node draining", outstanding)
-    if not node.reachable:
-        return _ineligible(nid, "node's Ollama unreachable from the router", outstanding)
-    for key, what in ((nid, "node"), (breaker_key(nid, req.model), "node:model")):
-        b = breakers.get(key)
-        if not breaker_allows(b, now):
-            assert b is not None
-            if b.state == "open":
-                why = f"circuit open ({what}) for {max(0.0, b.open_until - now):.0f}s more"
-            else:
-                why = f"circuit half-open ({what}), probe in flight"
-            return _ineligible(nid, why, outstanding)
-    lm = node.loaded.get(req.model)
-    am = node.available.get(req.model)
-    if lm is None and am is None:
-        return _ineligible(nid, f"model '{req.model}' not on this node", outstanding)
-    if req.needs_vision and am is not None and am.capabilities and "vision" not in am.capabilities:
-        return _ineligible(nid, f"model '{req.model}' has no vision capability", outstanding)
-    state, t_value, t_contrib, t_reason = _thermal(node, req, now, policy)
-    resident = state == "hot" or state == "loading"
-    model_bytes = am.size if am is not None and am.size > 0 else (lm.size if lm else 0)
-    fast_total, fast_free, spill = _memory(node)
-    need = lm.size if lm is not None else resident_bytes(model_bytes, req.num_ctx, slots, policy)
-    if state == "reload" and lm is not None:
-        need = max(need, resident_bytes(model_bytes, req.num_ctx, slots, policy))
-    offload = False
-    if not resident and fast_total > 0 and need > 0 and not node.memory_learned:
-        if need > fast_total + spill:
-            return _ineligible(
-                nid,
-                f"does not fit: needs ~{_gb(need)}, node has {_gb(fast_total + spill)}",
-                outstanding,
-            )
-        offload = need > fast_total
-    if not resident and node.memory_pressure == "critical":
-        return _ineligible(nid, "memory pressure critical: cold load withheld", outstanding)
-
-    factors: list[Factor] = [Factor("thermal", t_value, t_contrib, t_reason)]
-
-    # -- 2. memory fit ------------------------------------------------------------------
-    count_full = (
-        node.max_loaded > 0
-        and not resident
-        and sum(1 for name in node.loaded if name != req.model) >= node.max_loaded
-    )
-    if resident and state == "hot":
-        factors.append(Factor("memory", 1.0, policy.memory_weight, "already resident"))
-    elif count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
-        contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
-        factors.append(
-            Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
-        )
-    elif fast_total <= 0 or need <= 0:
-        factors.append(Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown"))
-    elif state == "loading":
-        factors.append(Factor("memory", 1.0, policy.memory_weight, "memory already reserved"))
-    elif node.memory_learned == "learned_fit" and fast_free < need and not count_full:
-        # only a lower bound is known (the most seen resident at once): past it, a load may
-        # fit or evict; as unknown as no memory figure at all
-        factors.append(
-            Factor(
-                "memory",
-                fast_free / need,
-                0.5 * policy.memory_weight,
-                f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
-                "may fit or evict",
-            )
-        )
-    else:
-        ratio = fast_free / need
-        if offload:
-            contrib = -policy.offload_penalty - policy.eviction_weight
-            why = f"needs ~{_gb(need)} > {_gb(fast_total)} VRAM: partial CPU offload"
-        elif ratio >= 1.0:
-            span = max(policy.memory_comfort_ratio - 1.0, 1e-9)
-            contrib = policy.memory_weight * min(1.0, (ratio - 1.0) / span)
-            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free"
-        else:
-            contrib, why = _eviction_cost(
-                node, req.model, need - fast_free, queues, now, policy, spread
-            )
-            why = f"needs ~{_gb(need)}, {_gb(fast_free)} free: {why}"
-        factors.append(Factor("memory", ratio, contrib, why))
-
-    # -- 3. queue depth -----------------------------------------------------------------
-    depth = outstanding / slots
-    factors.append(
-        Factor(
-            "queue",
-            depth,
-            -policy.queue_weight * depth,
-            f"{q.in_flight} in flight + {q.pending} pending on {slots} slot(s)",
-        )
-    )
-
-    # -- 4. wait: expected seconds until this request completes ------------------------
-    st = stats.get((nid, req.model))
-    bw, load_bps = node_rates(nid, node.available, stats)
-    cold = state in ("cold", "warm", "reload")
-    svc = expected_service_s(st, req, False, policy, model_bytes=model_bytes, node_bandwidth=bw)
-    load = 0.0
-    if cold:
-        load = _load_s(st, model_bytes, load_bps, policy)
-        if state in ("warm", "reload"):
-            load *= policy.warm_load_factor
-    elif state == "loading":
-        started = node.loading.get(req.model, now)
-        load = max(0.0, _load_s(st, model_bytes, load_bps, policy) - max(0.0, now - started))
-    typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
-    ahead = max(0, outstanding - slots + 1)
-    queue_wait = ahead * typical / slots
-    concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
-    saved = 0.0
-    if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
-        tps = _prefill_tps(st, model_bytes, bw, policy)
-        saved = min(svc, req.cached_tokens / tps)
-    slow, learned = stream_slowdown(nid, stats, policy)
-    # a learned slowdown: the measured speed already ran beside ``eval_k_ewma`` streams on
-    # average, rescale it to the streams running now (the prior keeps the old, cruder rule)
-    base_k = 0.0
-    if learned and st is not None and st.conc_n > 0 and st.eval_tps_ewma > 0:
-        base_k = st.eval_k_ewma
-    run = (svc - saved) * (1.0 + slow * concurrent) / (1.0 + slow * base_k)
-    expected = queue_wait + load + run
-    factors.append(
-        Factor(
-            "wait",
-            expected,
-            -policy.wait_weight * expected,
-            f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
-            + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
-        )
-    )
-
+    f = _eligibility(req, node, q, breakers, now, policy)
+    if isinstance(f, str):
+        return _ineligible(nid, f, q.pending + q.in_flight)
+    wait, saved = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
+    factors = [
+        f.thermal,
+        _memory_factor(req, node, f, queues, now, policy, spread),
+        _queue_factor(f, policy),
+        wait,
+    ]
     if saved > 0 or req.cache_node == nid:
-        bonus = policy.cache_bonus if saved > 0 else 0.0
-        # the saved prefill already shortens "wait"; bound the total pull of the cache
-        bonus = min(bonus, max(0.0, policy.cache_max_points - policy.wait_weight * saved))
-        factors.append(
-            Factor(
-                "cache",
-                saved,
-                bonus,
-                f"served this conversation's prefix (~{req.cached_tokens} tokens): "
-                + (f"~{saved:.1f}s prefill saved" if saved > 0 else f"no saving ({state})"),
-            )
-        )
-
-    # -- 5. role affinity ---------------------------------------------------------------
-    size = model_bytes or need
-    if fast_total <= 0 or size <= 0:
-        factors.append(Factor("affinity", 0.5, 0.0, "machine size unknown"))
-    else:
-        bigness = min(1.0, fast_total / policy.large_machine_bytes)
-        if size >= policy.large_model_bytes:
-            val, why = bigness, "large model prefers a big machine"
-        elif size <= policy.small_model_bytes:
-            val, why = 1.0 - bigness, "small model leaves big machines to big models"
-        else:
-            val, why = 0.5, "mid-size model"
-        factors.append(Factor("affinity", val, policy.affinity_weight * val, why))
-
-    # -- 6. availability ----------------------------------------------------------------
-    penalty = 0.0
-    notes: list[str] = []
-    for key in (nid, breaker_key(nid, req.model)):
-        b = breakers.get(key)
-        if b is None:
-            continue
-        if b.state != "closed":
-            penalty += policy.probe_penalty
-            notes.append("probing after circuit open")
-        elif b.consecutive_failures > 0:
-            penalty += policy.streak_penalty * min(
-                1.0, b.consecutive_failures / max(1, policy.breaker_threshold)
-            )
-            notes.append(f"{b.consecutive_failures} recent failure(s)")
-    if st is not None and st.failure_rate > 0:
-        penalty += st.failure_rate
-        notes.append(f"failure rate {st.failure_rate:.0%}")
-    if node.status == "degraded":
-        penalty += policy.degraded_penalty
-        notes.append("node degraded")
-    if node.memory_pressure == "warn":
-        penalty += policy.pressure_penalty
-        notes.append("memory pressure")
-    factors.append(
-        Factor(
-            "availability",
-            max(0.0, 1.0 - penalty),
-            -policy.availability_weight * penalty,
-            "; ".join(notes) if notes else "healthy",
-        )
-    )
-
-    # -- 7. context fit -----------------------------------------------------------------
-    ctx = lm.context_length if lm is not None else None
-    if state == "hot" and ctx is not None and req.est_tokens > 0:
-        if req.est_tokens > ctx:
-            factors.append(
-                Factor(
-                    "context",
-                    ctx / req.est_tokens,
-                    -policy.context_weight,
-                    f"prompt ~{req.est_tokens} tokens exceeds loaded context {ctx}",
-                )
-            )
-        else:
-            r = ctx / req.est_tokens
-            bonus = policy.context_headroom_bonus * min(1.0, max(0.0, r - 1.0))
-            factors.append(
-                Factor("context", r, bonus, f"prompt ~{req.est_tokens} tokens fits context {ctx}")
-            )
-    elif state == "reload":
-        factors.append(Factor("context", 0.0, 0.0, "context changes with the reload"))
-    elif state == "hot":
-        factors.append(Factor("context", 1.0, 0.0, "no prompt estimate or window unknown"))
-    else:
-        factors.append(Factor("context", 1.0, 0.0, "context set at load"))
-
-    total = sum(f.contribution for f in factors)
+        factors.append(_cache_factor(req, nid, f.state, saved, policy))
+    factors.append(_affinity_factor(f, policy))
+    factors.append(_availability_factor(req, node, stats, breakers, policy))
+    factors.append(_context_factor(req, f, policy))
+    total = sum(x.contribution for x in factors)
     return Score(
         nid,
         total,
         True,
-        f"{state}, ~{expected:.1f}s expected",
+        f"{f.state}, ~{wait.value:.1f}s expected",
         tuple(factors),
-        outstanding,
-        q.in_flight < slots,
+        f.outstanding,
+        q.in_flight < f.slots,
     )
 
 
@@ -1764,7 +1905,7 @@ def _reject_no_eligible(
             f"model '{req.model}' not found on any node",
             reject_kind="not_found",
         )
-    if all(n.status in ("offline", "draining") or not n.reachable for n in nodes):
+    if all(n.status in UNROUTABLE_STATUSES or not n.reachable for n in nodes):
         return Choice("reject", None, ranked, "all nodes offline", reject_kind="offline")
     reasons = "; ".join(f"{s.node_id}: {s.reason}" for s in ranked)
     retry: float | None = None
@@ -1773,7 +1914,7 @@ def _reject_no_eligible(
             b.open_until - now
             for n in nodes
             for k in (n.node_id, breaker_key(n.node_id, req.model))
-            if (b := breakers.get(k)) is not None and b.state == "open"
+            if (b := breakers.get(k)) is not None and b.state == CircuitState.OPEN
         ]
         if waits:
             retry = float(
@@ -1883,7 +2024,7 @@ def _size(name: str, nodes: Sequence[NodeSnapshot]) -> int:
 
 
 def _live(nodes: Sequence[NodeSnapshot]) -> list[NodeSnapshot]:
-    return [n for n in nodes if n.status not in ("offline", "draining") and n.reachable]
+    return [n for n in nodes if n.status not in UNROUTABLE_STATUSES and n.reachable]
 
 
 def protect_context(
@@ -2518,7 +2659,7 @@ def _check_unreachable(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]
             and e.timestamp >= since
             and str(e.detail.get("kind", "")) in ("connect", "reset", "timeout_first_byte")
         ]
-        if n.breaker is not None and n.breaker.state != "closed" and conn_events:
+        if n.breaker is not None and n.breaker.state != CircuitState.CLOSED and conn_events:
             signals.append(
                 f"its circuit breaker opened {len(conn_events)}x in the last "
                 f"{pol.recent_s / 60:.0f} min on {conn_events[0].detail.get('kind')} failures"
@@ -3263,7 +3404,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
         if n.status == "offline":
             continue
         b = n.breaker
-        if b is not None and b.state != "closed" and n.node_id not in unreachable:
+        if b is not None and b.state != CircuitState.CLOSED and n.node_id not in unreachable:
             wait = max(0.0, b.open_until - inp.now)
             out.append(
                 HealthCheck(
@@ -3278,7 +3419,7 @@ def _check_breakers(inp: HealthInput, pol: HealthPolicy) -> list[HealthCheck]:
                 )
             )
         for model, mb in sorted(n.model_breakers.items()):
-            if mb.state == "closed":
+            if mb.state == CircuitState.CLOSED:
                 continue
             wait = max(0.0, mb.open_until - inp.now)
             out.append(

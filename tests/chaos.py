@@ -220,7 +220,7 @@ async def run_scenario(
         await router.start()
         try:
             async with asyncio.timeout(15):
-                while sum(n.status == "online" for n in router.nodes.values()) < 6:
+                while sum(n.status == "online" for n in router.fleet.nodes.values()) < 6:
                     await asyncio.sleep(0.05)
             port = router.address[1]
             await asyncio.sleep(0.2)
@@ -254,8 +254,8 @@ async def run_scenario(
                 async with asyncio.timeout(5):
                     while router_tasks() > result.tasks_before:
                         await asyncio.sleep(0.05)
-            result.in_flight_after = sum(q.in_flight for q in router.queues.values())
-            result.pending_after = sum(q.pending for q in router.queues.values())
+            result.in_flight_after = sum(q.in_flight for q in router.admission.queues.values())
+            result.pending_after = sum(q.pending for q in router.admission.queues.values())
             result.tasks_after = router_tasks()
             if os.environ.get("CHAOS_DEBUG"):
                 for t in asyncio.all_tasks():

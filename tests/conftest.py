@@ -86,7 +86,7 @@ class RunningRouter:
         """Until ``nodes`` nodes are online and the merged tags hold ``models`` models."""
         async with asyncio.timeout(timeout):
             while True:
-                online = [n for n in self.router.nodes.values() if n.status == "online"]
+                online = [n for n in self.router.fleet.nodes.values() if n.status == "online"]
                 if len(online) >= nodes and len(self.router.merged_tags()) >= models:
                     return
                 await asyncio.sleep(0.02)

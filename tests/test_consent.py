@@ -106,12 +106,12 @@ async def test_stranger_is_pending_and_gets_nothing_until_approved(
         FakeOllama([FakeModel("llama3.2:3b")]) as fake,
         FakeOllama([FakeModel("llama3.2:3b")]) as other,
     ):
-        reply = r.router.apply_heartbeat(
+        reply = r.router.fleet.apply_heartbeat(
             beat("studio", fake.url), STRANGER, time.time(), signed=False
         )
         assert reply["ok"] is True and reply["admission"] == "pending"
         assert "approve" in reply["admission_reason"]
-        assert "studio" not in r.router.nodes
+        assert "studio" not in r.router.fleet.nodes
         st = await status(r)
         assert st["nodes"] == [] and st["fleet"]["nodes_pending"] == 1
         (held,) = st["pending_nodes"]
@@ -135,38 +135,38 @@ async def test_stranger_is_pending_and_gets_nothing_until_approved(
         assert code == 404
         code, err = await admin(r, "approve", {"node_id": "bad id!"})
         assert code == 400
-        assert "studio" not in r.router.nodes
+        assert "studio" not in r.router.fleet.nodes
 
         code, ok = await admin(
             r, "approve", {"node_id": "studio", "addr": STRANGER, "ollama_url": fake.url}
         )
         assert code == 200 and ok["joined"] is True, ok
-        assert r.router.nodes["studio"].status == "online"
+        assert r.router.fleet.nodes["studio"].status == "online"
         assert await generate(r) == (200, "studio")
         assert len(fake.requests_to("/api/generate")) == 1
-        reply = r.router.apply_heartbeat(
+        reply = r.router.fleet.apply_heartbeat(
             beat("studio", fake.url), STRANGER, time.time(), signed=False
         )
         assert reply["admission"] == "approved"
         assert (await status(r))["pending_nodes"] == []
 
         # a changed Ollama URL (or address) sends it back to pending, out of routing at once
-        reply = r.router.apply_heartbeat(
+        reply = r.router.fleet.apply_heartbeat(
             beat("studio", other.url), STRANGER, time.time(), signed=False
         )
         assert reply["admission"] == "pending" and "URL changed" in reply["admission_reason"]
-        assert "studio" not in r.router.nodes
+        assert "studio" not in r.router.fleet.nodes
         assert await generate(r) == (404, "")
         assert other.requests_to("/api/generate") == []
-        reply = r.router.apply_heartbeat(
+        reply = r.router.fleet.apply_heartbeat(
             beat("studio", fake.url), "10.77.0.8", time.time(), signed=False
         )
         assert reply["admission"] == "pending" and "address changed" in reply["admission_reason"]
         # back at what was approved: in again
-        reply = r.router.apply_heartbeat(
+        reply = r.router.fleet.apply_heartbeat(
             beat("studio", fake.url), STRANGER, time.time(), signed=False
         )
-        assert reply["admission"] == "approved" and "studio" in r.router.nodes
+        assert reply["admission"] == "approved" and "studio" in r.router.fleet.nodes
         await r.router.store.flush()
         kinds = [e["kind"] for e in await r.router.store.events(50, node_id="studio")]
         assert {"node_pending", "node_approved", "node_left"} <= set(kinds)
@@ -177,12 +177,12 @@ async def test_rejection_persists_across_restart(
 ) -> None:
     data = tmp_path / "shared-data"
     r = await make_router([], data_dir=data)
-    r.router.apply_heartbeat(
+    r.router.fleet.apply_heartbeat(
         beat("intruder", "http://10.77.0.9:11434"), "10.77.0.9", time.time(), signed=False
     )
     code, ok = await admin(r, "reject", {"node_id": "intruder"}, token=False)
     assert code == 200 and ok["admission"] == "rejected"
-    reply = r.router.apply_heartbeat(
+    reply = r.router.fleet.apply_heartbeat(
         beat("intruder", "http://10.77.0.9:11434"), "10.77.0.9", time.time(), signed=False
     )
     assert reply["admission"] == "rejected"
@@ -193,10 +193,10 @@ async def test_rejection_persists_across_restart(
     r2 = await make_router([], data_dir=data)
     (held,) = (await status(r2))["pending_nodes"]  # listed before it beats again
     assert (held["node_id"], held["state"], held["addr"]) == ("intruder", "rejected", "10.77.0.9")
-    reply = r2.router.apply_heartbeat(
+    reply = r2.router.fleet.apply_heartbeat(
         beat("intruder", "http://10.77.0.9:11434"), "10.77.0.9", time.time(), signed=False
     )
-    assert reply["admission"] == "rejected" and "intruder" not in r2.router.nodes
+    assert reply["admission"] == "rejected" and "intruder" not in r2.router.fleet.nodes
     # an operator may change their mind
     code, ok = await admin(
         r2,
@@ -204,7 +204,7 @@ async def test_rejection_persists_across_restart(
         {"node_id": "intruder", "addr": "10.77.0.9", "ollama_url": "http://10.77.0.9:11434"},
     )
     assert code == 200 and ok["joined"] is True
-    assert "intruder" in r2.router.nodes
+    assert "intruder" in r2.router.fleet.nodes
 
 
 async def test_reject_takes_an_approved_node_out_but_not_a_trusted_one(
@@ -212,19 +212,19 @@ async def test_reject_takes_an_approved_node_out_but_not_a_trusted_one(
 ) -> None:
     r = await make_router([])
     url = "http://10.77.0.7:11434"
-    r.router.apply_heartbeat(beat("studio", url), STRANGER, time.time(), signed=False)
+    r.router.fleet.apply_heartbeat(beat("studio", url), STRANGER, time.time(), signed=False)
     assert (await admin(r, "approve", {"node_id": "studio", "addr": STRANGER, "ollama_url": url}))[
         0
     ] == 200
-    assert "studio" in r.router.nodes
+    assert "studio" in r.router.fleet.nodes
     code, _ = await admin(r, "reject", {"node_id": "studio"})
-    assert code == 200 and "studio" not in r.router.nodes
-    assert r.router.held_nodes["studio"].status == "rejected"
+    assert code == 200 and "studio" not in r.router.fleet.nodes
+    assert r.router.fleet.held_nodes["studio"].status == "rejected"
     # a loopback agent joined by trust: rejecting it would not hold, so it is refused
     code, _, _ = await raw_request(
         r.port, "POST", "/heartbeat", herd.dumps(beat("local", "http://127.0.0.1:9"))
     )
-    assert code == 200 and "local" in r.router.nodes
+    assert code == 200 and "local" in r.router.fleet.nodes
     code, err = await admin(r, "reject", {"node_id": "local"})
     assert code == 409 and "stop its agent" in err["error"]
 
@@ -234,11 +234,11 @@ async def test_a_node_taken_out_leaves_no_idle_queue_blob_pin_or_pull_job_behind
 ) -> None:
     r = await make_router([])
     url = "http://10.77.0.7:11434"
-    r.router.apply_heartbeat(beat("studio", url), STRANGER, time.time(), signed=False)
+    r.router.fleet.apply_heartbeat(beat("studio", url), STRANGER, time.time(), signed=False)
     code, _ = await admin(r, "approve", {"node_id": "studio", "addr": STRANGER, "ollama_url": url})
-    assert code == 200 and "studio" in r.router.nodes
-    r.router.queue_for("studio", "llama3.2:3b", "text")
-    busy = r.router.queue_for("studio", "qwen2.5:7b", "text")
+    assert code == 200 and "studio" in r.router.fleet.nodes
+    r.router.admission.queue_for("studio", "llama3.2:3b", "text")
+    busy = r.router.admission.queue_for("studio", "qwen2.5:7b", "text")
     busy.take()  # a request still in flight there: its queue stays until it is idle
     r.router.model_admin.blob_pins["sha256:" + "ab" * 32] = "studio"
     r.router.model_admin.blob_pins["sha256:" + "cd" * 32] = "elsewhere"
@@ -246,8 +246,8 @@ async def test_a_node_taken_out_leaves_no_idle_queue_blob_pin_or_pull_job_behind
     jobs["studio:a"] = {"id": "studio:a", "node_id": "studio", "status": "done"}
     jobs["studio:b"] = {"id": "studio:b", "node_id": "studio", "status": "pulling"}
     code, _ = await admin(r, "reject", {"node_id": "studio"})
-    assert code == 200 and "studio" not in r.router.nodes
-    assert set(r.router.queues) == {("studio", "qwen2.5:7b")}
+    assert code == 200 and "studio" not in r.router.fleet.nodes
+    assert set(r.router.admission.queues) == {("studio", "qwen2.5:7b")}
     assert list(r.router.model_admin.blob_pins.values()) == ["elsewhere"]
     assert list(jobs) == ["studio:b"]  # the finished pull goes, the running one stays
 
@@ -259,10 +259,10 @@ async def test_open_fleet_lets_everyone_in_with_one_warning(
         r = await make_router([], open_fleet=True)
     warnings = [rec.getMessage() for rec in caplog.records if "open fleet" in rec.getMessage()]
     assert len(warnings) == 1 and "without approval" in warnings[0]
-    reply = r.router.apply_heartbeat(
+    reply = r.router.fleet.apply_heartbeat(
         beat("studio", "http://10.77.0.7:11434"), STRANGER, time.time(), signed=False
     )
-    assert reply["admission"] == "approved" and r.router.nodes["studio"].status == "online"
+    assert reply["admission"] == "approved" and r.router.fleet.nodes["studio"].status == "online"
     settings = json.loads((await raw_request(r.port, "GET", "/dashboard/api/settings"))[2])
     assert settings["config"]["open_fleet"] is True
 
@@ -277,7 +277,7 @@ async def test_fleet_key_router_admits_an_unsigned_local_agent_only(
     # an Ollama elsewhere is not this machine's agent: without the key, 401 as before
     elsewhere = herd.dumps(beat("there", "http://10.77.0.7:11434"))
     code, _, _ = await raw_request(r.port, "POST", "/heartbeat", elsewhere)
-    assert code == 401 and "there" not in r.router.nodes and not r.router.held_nodes
+    assert code == 401 and "there" not in r.router.fleet.nodes and not r.router.fleet.held_nodes
     # a signature, if given, must be right even for a local agent
     bad = {"x-herd-signature": herd.sign("wrong", int(time.time()), local)}
     code, _, _ = await raw_request(r.port, "POST", "/heartbeat", local, bad)
@@ -288,19 +288,20 @@ async def test_pending_nodes_are_bounded(make_router: RouterFactory) -> None:
     r = await make_router([])
     now = time.time()
     for i in range(herd.MAX_HELD_NODES + 20):
-        r.router.apply_heartbeat(
+        r.router.fleet.apply_heartbeat(
             beat(f"n{i}", f"http://10.78.{i // 250}.{i % 250}:1"),
             f"10.78.{i // 250}.{i % 250}",
             now + i,
             signed=False,
         )
-    assert len(r.router.held_nodes) == herd.MAX_HELD_NODES
-    assert "n0" not in r.router.held_nodes and f"n{herd.MAX_HELD_NODES + 19}" in r.router.held_nodes
+    assert len(r.router.fleet.held_nodes) == herd.MAX_HELD_NODES
+    held = r.router.fleet.held_nodes
+    assert "n0" not in held and f"n{herd.MAX_HELD_NODES + 19}" in held
 
 
 async def test_health_card_lists_nodes_waiting(make_router: RouterFactory) -> None:
     r = await make_router([])
-    r.router.apply_heartbeat(
+    r.router.fleet.apply_heartbeat(
         beat("studio", "http://10.77.0.7:11434"), STRANGER, time.time(), signed=False
     )
     code, _, raw = await raw_request(r.port, "GET", "/dashboard/api/health")
@@ -638,7 +639,7 @@ async def test_dashboard_approve_button_and_health_card(
     async with FakeOllama([FakeModel("llama3.2:3b")]) as fake:
         hostile = beat("studio", fake.url)
         hostile["hardware"]["chip"] = dash.XSS
-        r.router.apply_heartbeat(hostile, STRANGER, time.time(), signed=False)
+        r.router.fleet.apply_heartbeat(hostile, STRANGER, time.time(), signed=False)
         page, watch = await dash.open_page(browser, r.url + "/dashboard" + dash.POLL)
         row = '#pending-rows > [data-key="studio"]'
         await page.wait_for_selector(row)
@@ -663,7 +664,7 @@ async def test_dashboard_approve_button_and_health_card(
         kinds = [kind for kind, _ in watch.dialogs]
         assert kinds == ["confirm", "prompt"], watch.dialogs  # are you sure; the admin token
         assert STRANGER in watch.dialogs[0][1] and fake.url in watch.dialogs[0][1]
-        assert r.router.nodes["studio"].status == "online"
-        assert r.router.admissions["studio"]["addr"] == STRANGER
+        assert r.router.fleet.nodes["studio"].status == "online"
+        assert r.router.fleet.admissions["studio"]["addr"] == STRANGER
         assert await generate(r) == (200, "studio")
         assert watch.errors == [] and watch.unexpected_dialogs() == []

@@ -239,7 +239,7 @@ async def fleet(
 
 
 def id_of(r: RunningRouter, fake: FakeOllama) -> str:
-    return next(n.node_id for n in r.router.nodes.values() if n.url == fake.url)
+    return next(n.node_id for n in r.router.fleet.nodes.values() if n.url == fake.url)
 
 
 async def select_tab(page: Any, name: str) -> None:

@@ -286,7 +286,7 @@ def test_wait_targets_are_the_nodes_whose_slot_the_waiter_takes() -> None:
 
 
 def _node(r: RunningRouter, fake: FakeOllama) -> str:
-    for n in r.router.nodes.values():
+    for n in r.router.fleet.nodes.values():
         if n.url == f"http://127.0.0.1:{fake.port}":
             return n.node_id
     raise AssertionError("fake not in fleet")
@@ -307,7 +307,7 @@ def _prompts(fake: FakeOllama) -> list[str]:
 
 async def _queued(r: RunningRouter, n: int) -> None:
     async with asyncio.timeout(5):
-        while sum(q.pending for q in r.router.queues.values()) < n:
+        while sum(q.pending for q in r.router.admission.queues.values()) < n:
             await asyncio.sleep(0.005)
 
 
@@ -332,7 +332,7 @@ async def test_waiter_that_cannot_use_a_slot_keeps_its_place(
                                           _body("busy-b", 10, _node(r, b)))),
     ]
     async with asyncio.timeout(5):
-        while sum(q.in_flight for q in r.router.queues.values()) < 2:
+        while sum(q.in_flight for q in r.router.admission.queues.values()) < 2:
             await asyncio.sleep(0.005)
     w1 = asyncio.ensure_future(
         raw_request(r.port, "POST", "/api/generate", _body("w1", 2, node_a)))
@@ -346,7 +346,7 @@ async def test_waiter_that_cannot_use_a_slot_keeps_its_place(
     assert [s for s, _, _ in results] == [200] * 5
     assert _prompts(a) == ["busy-a", "w1", "w3"]  # w3 did not take w1's slot on A
     assert results[3][1]["x-herd-node"] == _node(r, b)
-    assert all(q.in_flight == 0 and q.pending == 0 for q in r.router.queues.values())
+    assert all(q.in_flight == 0 and q.pending == 0 for q in r.router.admission.queues.values())
 
 
 @pytest.mark.both_loops
@@ -363,7 +363,7 @@ async def test_fifo_under_saturation_no_barging(
     fill = [asyncio.ensure_future(
         raw_request(r.port, "POST", "/api/generate", _body("fill", 800)))]
     async with asyncio.timeout(5):
-        while sum(q.in_flight for q in r.router.queues.values()) < 1:
+        while sum(q.in_flight for q in r.router.admission.queues.values()) < 1:
             await asyncio.sleep(0.005)
     queued = []
     for i in range(10):
@@ -388,7 +388,7 @@ async def test_fifo_under_saturation_no_barging(
     assert [s for s, _, _ in results] == [200] * 11 and sum(sent) > 0
     order = [p for p in _prompts(fake) if not p.startswith("fill")]
     assert order[:10] == [f"q{i}" for i in range(10)], order[:16]
-    assert all(q.in_flight == 0 and q.pending == 0 for q in r.router.queues.values())
+    assert all(q.in_flight == 0 and q.pending == 0 for q in r.router.admission.queues.values())
 
 
 @pytest.mark.both_loops
@@ -404,22 +404,22 @@ async def test_newcomer_does_not_take_the_slot_freed_for_a_waiter(
     router = r.router
     router.config.slots[_node(r, fake)] = 1
     rreq = scoring.RouteRequest(model="llama3.2:3b")
-    _, first, _, _ = await router.acquire(rreq)
-    waiter = asyncio.ensure_future(router.acquire(rreq))
+    _, first, _, _ = await router.admission.acquire(rreq)
+    waiter = asyncio.ensure_future(router.admission.acquire(rreq))
     async with asyncio.timeout(5):
         while first.pending < 1:
             await asyncio.sleep(0.001)
-    newcomer = asyncio.ensure_future(router.acquire(rreq))  # scheduled before the wake-up
-    router.release(first, True)
+    newcomer = asyncio.ensure_future(router.admission.acquire(rreq))  # scheduled before the wake-up
+    router.admission.release(first, True)
     done, _ = await asyncio.wait([waiter, newcomer], timeout=5,
                                  return_when=asyncio.FIRST_COMPLETED)
     assert done == {waiter}
     _, q, choice, queue_ms = waiter.result()
     assert q is first and choice.action == "dispatch" and queue_ms >= 0
     assert first.in_flight == 1 and first.pending == 1  # the newcomer waits
-    router.release(q, True)
+    router.admission.release(q, True)
     _, q2, _, _ = await asyncio.wait_for(newcomer, 5)
-    router.release(q2, True)
+    router.admission.release(q2, True)
     assert first.in_flight == 0 and first.pending == 0
 
 
@@ -433,29 +433,30 @@ async def test_polls_that_change_nothing_wake_no_waiter(
     r = await make_router([fake.url], poll_interval_s=30.0)
     await r.wait_ready(models=2)
     router = r.router
-    node = router.nodes[_node(r, fake)]
+    node = router.fleet.nodes[_node(r, fake)]
     router.config.slots[node.node_id] = 1  # told 1 slot, so the second request waits
     rreq = scoring.RouteRequest(model="llama3.2:3b")
-    _, held, _, _ = await router.acquire(rreq)
-    task = asyncio.ensure_future(router.acquire(rreq))
+    _, held, _, _ = await router.admission.acquire(rreq)
+    task = asyncio.ensure_future(router.admission.acquire(rreq))
     async with asyncio.timeout(5):
-        while not router.waiters or next(iter(router.waiters.values())).fut is None:
+        waiters = router.admission.waiters
+        while not waiters or next(iter(waiters.values())).fut is None:
             await asyncio.sleep(0.001)
-    waiter = next(iter(router.waiters.values()))
+    waiter = next(iter(router.admission.waiters.values()))
     first = waiter.fut
     assert first is not None
     for _ in range(3):
-        assert await router.refresh_node(node)
+        assert await router.fleet.refresh_node(node)
     await asyncio.sleep(0.01)
     assert waiter.fut is first and not first.done()  # still asleep, same wait
     status, _, _ = await raw_request(fake.port, "POST", "/api/generate",
                                      b'{"model":"qwen2.5:7b","prompt":"x","stream":false}')
     assert status == 200
-    assert await router.refresh_node(node)
+    assert await router.fleet.refresh_node(node)
     assert first.done()  # the fleet changed: it re-scores (and waits again)
     await asyncio.sleep(0.01)
     assert not task.done() and held.pending == 1
-    router.release(held, True)
+    router.admission.release(held, True)
     _, q, _, _ = await asyncio.wait_for(task, 5)
-    router.release(q, True)
-    assert held.in_flight == 0 and held.pending == 0 and not router.waiters
+    router.admission.release(q, True)
+    assert held.in_flight == 0 and held.pending == 0 and not router.admission.waiters

@@ -69,8 +69,8 @@ async def test_status_document_is_exactly_the_status_and_follows_new_model_lists
         status, _, body = await raw_request(
             r.port, "POST", "/heartbeat", json.dumps(beat).encode())
         assert status == 200, body
-    doc = router.fleet_status(time.time())
-    assert json.loads(router.status_json(doc)) == json.loads(json.dumps(doc))
+    doc = router.fleet.fleet_status(time.time())
+    assert json.loads(router.fleet.status_json(doc)) == json.loads(json.dumps(doc))
     beat = _beat(1)
     beat["ollama"]["available"] = [{"name": "fresh:1b", "size": 1, "details": {}}]
     status, _, _ = await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat).encode())
@@ -80,5 +80,5 @@ async def test_status_document_is_exactly_the_status_and_follows_new_model_lists
     assert [m["name"] for m in nodes["gpu1"]["available_models"]] == ["fresh:1b"]
     untouched = [m["name"] for m in nodes["gpu2"]["available_models"]]
     assert untouched == [f"m2-{k}:7b" for k in range(4)]
-    doc = router.fleet_status(time.time())
-    assert json.loads(router.status_json(doc)) == json.loads(json.dumps(doc))
+    doc = router.fleet.fleet_status(time.time())
+    assert json.loads(router.fleet.status_json(doc)) == json.loads(json.dumps(doc))

@@ -632,9 +632,9 @@ async def test_health_and_recommendations_through_the_router(make_router: Router
         assert not [c for c in healthy["checks"] if c["id"] == "node_offline"]
 
         a.refuse_connections()
-        dead = next(n.node_id for n in r.router.nodes.values() if n.url == a.url)
+        dead = next(n.node_id for n in r.router.fleet.nodes.values() if n.url == a.url)
         async with asyncio.timeout(10):
-            while r.router.nodes[dead].status != "offline":
+            while r.router.fleet.nodes[dead].status != "offline":
                 await asyncio.sleep(0.05)
         await r.router.store.flush()
         cached = await get_json(r.port, "/dashboard/api/health")
@@ -654,7 +654,7 @@ async def test_health_and_recommendations_through_the_router(make_router: Router
 
         recs = await get_json(r.port, "/dashboard/api/recommendations")
         by_node = {n["node_id"]: n for n in recs["nodes"]}
-        assert set(by_node) == set(r.router.nodes)
+        assert set(by_node) == set(r.router.fleet.nodes)
         alive = next(n for n in by_node if n != dead)
         assert any(
             x["model"] == "llama3.2:3b" and x["action"] in ("keep", "load")

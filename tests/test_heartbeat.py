@@ -43,23 +43,23 @@ async def test_malformed_beats_change_nothing(make_router: RouterFactory) -> Non
     ):
         status, _, data = await raw_request(r.port, "POST", "/heartbeat", body)
         assert status == 400, data
-    assert r.router.nodes == {}
+    assert r.router.fleet.nodes == {}
 
 
 async def test_takeover_from_another_address_is_refused(make_router: RouterFactory) -> None:
     r = await make_router([])
-    node = r.router.nodes.setdefault(
+    node = r.router.fleet.nodes.setdefault(
         "studio", herd.Node(node_id="studio", url="http://x:1", source="agent")
     )
     node.status, node.agent_addr, node.last_seen = "online", "10.9.9.9", time.time()
     status, _, data = await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat()).encode())
     assert status == 409 and "another address" in json.loads(data)["error"]
-    assert r.router.nodes["studio"].url == "http://x:1"
+    assert r.router.fleet.nodes["studio"].url == "http://x:1"
 
 
 async def test_draining_node_leaves_at_once(make_router: RouterFactory) -> None:
     r = await make_router([])
     await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat()).encode())
-    assert r.router.nodes["studio"].status == "online"
+    assert r.router.fleet.nodes["studio"].status == "online"
     await raw_request(r.port, "POST", "/heartbeat", json.dumps(beat(draining=True)).encode())
-    assert r.router.nodes["studio"].status == "draining"
+    assert r.router.fleet.nodes["studio"].status == "draining"

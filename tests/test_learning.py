@@ -278,7 +278,7 @@ async def test_router_learns_slots_from_timings_and_routes_by_them(
                             load_delay_s=0.0)
     r = await make_router([big.url, small.url])
     await r.wait_ready(nodes=2)
-    ids = {n.url: n.node_id for n in r.router.nodes.values()}
+    ids = {n.url: n.node_id for n in r.router.fleet.nodes.values()}
     bid, sid = ids[big.url.rstrip("/")], ids[small.url.rstrip("/")]
     client = ollama.AsyncClient(host=r.url)
 
@@ -296,15 +296,15 @@ async def test_router_learns_slots_from_timings_and_routes_by_them(
         for _ in range(6):
             await burst(6)
         model = "llama3.2:3b"
-        assert r.router.learned_slots(sid, model) == 1
-        assert (r.router.learned_slots(bid, model) or 0) >= 4
-        assert r.router.queue_for(bid, model, "text").slots >= 4
-        assert r.router.queue_for(sid, model, "text").slots == 1
+        assert r.router.learner.learned_slots(sid, model) == 1
+        assert (r.router.learner.learned_slots(bid, model) or 0) >= 4
+        assert r.router.admission.queue_for(bid, model, "text").slots >= 4
+        assert r.router.admission.queue_for(sid, model, "text").slots == 1
         small.reset_stats()
         served = await burst(6)
         assert served.count(bid) >= 4, served
         assert small.max_active_seen <= 1
-        status = r.router.fleet_status(r.router.started_at + 1)
+        status = r.router.fleet.fleet_status(r.router.started_at + 1)
         learned = {n["node_id"]: n["learned"] for n in status["nodes"]}
         assert learned[sid]["slots"]["source"] == "learned"
         assert learned[sid]["slots"]["tight"] is True
@@ -430,13 +430,13 @@ async def test_router_feeds_the_streams_in_flight_into_what_it_learns(
                            load_delay_s=0.0)
     r = await make_router([fake.url])
     await r.wait_ready(nodes=1)
-    (nid,) = [n.node_id for n in r.router.nodes.values()]
+    (nid,) = [n.node_id for n in r.router.fleet.nodes.values()]
     client = ollama.AsyncClient(host=r.url)
     try:
         await client.generate(model="llama3.2:3b", prompt="warm")
         await asyncio.gather(*(client.generate(model="llama3.2:3b", prompt=f"q{i}")
                                for i in range(3)))
-        st = r.router.stats[(nid, "llama3.2:3b")]
+        st = r.router.fleet.stats[(nid, "llama3.2:3b")]
         assert st.conc_n == 4
         assert st.conc_kk - st.conc_k**2 > 0  # the stream counts differed
         assert 0.0 < st.conc_k < 2.0

@@ -461,7 +461,7 @@ async def test_one_job_at_a_time_and_bounded_queue(make_stack: Callable[..., Any
 
 async def test_heartbeats_flow_during_a_long_job(make_stack: Callable[..., Any]) -> None:
     s: Stack = await make_stack()
-    node = s.router.router.nodes[s.node_id]
+    node = s.router.router.fleet.nodes[s.node_id]
     task = asyncio.ensure_future(raw_request(
         s.router.port, "POST", "/api/generate-image", b'{"prompt":"sleep=2.4 slow"}'
     ))  # fmt: skip

@@ -174,3 +174,28 @@ async def test_transcribe_rejects_non_multipart(mm: Any) -> None:
     r, _, _ = mm
     status, _, data = await raw_request(r.port, "POST", "/api/transcribe", b'{"x":1}')
     assert status == 400 and "multipart" in json.loads(data)["error"]
+
+
+async def test_jobs_go_through_the_one_attempt_loop_and_relay(mm: Any) -> None:
+    """Image and speech jobs share inference's attempt loop and relay (issue 14): their
+    answer carries the same herd headers (the request id too), and a job that fails on
+    every node ends with one terminal ``failed`` trace row after the ``retried`` ones."""
+    r, a, b = mm
+    body = b'{"model":"z-image-turbo","prompt":"x","width":16,"height":16}'
+    status, headers, data = await raw_request(
+        r.port, "POST", "/api/generate-image", body, {"x-request-id": "job-ok"}
+    )
+    assert status == 200 and data == PNG
+    assert headers["x-request-id"] == "job-ok"
+    assert headers["x-herd-model"] == "z-image-turbo:latest"
+    a.fail_next = b.fail_next = 1
+    status, headers, data = await raw_request(
+        r.port, "POST", "/api/generate-image", body, {"x-request-id": "job-bad"}
+    )
+    # the last node's failure, in the client's dialect (as inference relays a node's 5xx)
+    assert status == 500 and "backend crashed" in json.loads(data)["error"]
+    await r.router.store.flush()
+    rows = [t for t in await r.router.store.traces(limit=20) if t["request_id"] == "job-bad"]
+    statuses = sorted(t["status"] for t in rows)
+    assert statuses == ["failed", "retried", "retried"], rows
+    assert all(t["kind"] == "image" for t in rows)

@@ -164,7 +164,7 @@ async def test_agent_beats_every_router_on_its_own(make_router: RouterFactory) -
             # a router that does not hold our key: refused on that link only
             other = agent.link(foreign.url)
             assert other.beats_ok == 0 and "401" in other.last_error
-            assert "multi" not in foreign.router.nodes
+            assert "multi" not in foreign.router.fleet.nodes
             # ... and asked again with back-off, not every beat
             assert other.beats_failed < agent.link(dead).beats_failed
             # the router that asked for a beat every second gets one every second
@@ -179,15 +179,15 @@ async def test_agent_beats_every_router_on_its_own(make_router: RouterFactory) -
 
             # need_full is per router: r2 loses the node (say, restarted), only r2 gets
             # the full model list again
-            r1_list = r1.router.nodes["multi"].available
-            del r2.router.nodes["multi"]
+            r1_list = r1.router.fleet.nodes["multi"].available
+            del r2.router.fleet.nodes["multi"]
             await wait_until(
-                lambda: "multi" in r2.router.nodes
-                and r2.router.nodes["multi"].available_names() == {"llama3.2:3b"},
+                lambda: "multi" in r2.router.fleet.nodes
+                and r2.router.fleet.nodes["multi"].available_names() == {"llama3.2:3b"},
                 3,
                 "r2 fed in full again",
             )
-            assert r1.router.nodes["multi"].available is r1_list  # r1 never re-sent it
+            assert r1.router.fleet.nodes["multi"].available is r1_list  # r1 never re-sent it
 
             # the dead router comes back on its port: fed again within 2 beats
             back = await make_router(
@@ -301,13 +301,13 @@ async def test_fleet_status_lists_the_other_routers_of_the_fleet(
     stranger = await make_router([], **{**opts, "fleet_id": fleet + "-other"})
 
     def peers() -> list[JSON]:
-        return list(r1.router.fleet_status(time.time())["routers"]["peers"])
+        return list(r1.router.fleet.fleet_status(time.time())["routers"]["peers"])
 
     await wait_until(lambda: [p["state"] for p in peers()] == ["ready"], 15, "r2 seen by r1")
     (peer,) = peers()
     assert peer["router_id"] == r2.router.router_id and peer["url"] == r2.url
     assert peer["version"] == herd.__version__
-    status = r1.router.fleet_status(time.time())["routers"]
+    status = r1.router.fleet.fleet_status(time.time())["routers"]
     assert status["mdns"] == "on" and status["self"]["router_id"] == r1.router.router_id
     assert stranger.router.router_id not in {p["router_id"] for p in peers()}
     _, _, raw = await raw_request(r1.port, "GET", "/fleet/status")
@@ -326,11 +326,11 @@ async def test_without_zeroconf_the_router_runs_and_says_so(
     monkeypatch.setitem(sys.modules, "zeroconf.asyncio", None)
     r = await make_router([], mdns=True)
     await wait_until(
-        lambda: r.router.fleet_status(time.time())["routers"]["mdns"] == "unavailable",
+        lambda: r.router.fleet.fleet_status(time.time())["routers"]["mdns"] == "unavailable",
         5,
         "mdns marked unavailable",
     )
-    assert r.router.fleet_status(time.time())["routers"]["peers"] == []
+    assert r.router.fleet.fleet_status(time.time())["routers"]["peers"] == []
     assert (await raw_request(r.port, "GET", "/healthz"))[0] == 200
 
 
@@ -405,7 +405,7 @@ async def test_agent_reports_to_every_router_mdns_lists(make_router: RouterFacto
                 r3.router.router_id,
             }
             assert all(ln.source == "mdns" for ln in agent.links.values())
-            assert "everywhere" not in stranger.router.nodes
+            assert "everywhere" not in stranger.router.fleet.nodes
         finally:
             agent.stopping.set()
             await asyncio.wait_for(run, 10)

@@ -45,7 +45,7 @@ QWEN = FakeModel(name="qwen2.5:7b", size=4_700_000_000, family="qwen2")
 
 
 def status_of(router: RunningRouter, node_id: str) -> str | None:
-    node = router.router.nodes.get(node_id)
+    node = router.router.fleet.nodes.get(node_id)
     return node.status if node is not None else None
 
 
@@ -200,7 +200,7 @@ async def test_available_list_is_sent_only_when_it_changes(make_router: RouterFa
             assert len(fake.requests_to("/api/tags")) == 4  # one per beat, never more
             assert len(fake.requests_to("/api/ps")) == 4
             assert len(fake.requests_to("/api/version")) == 1  # refreshed once a minute
-            node = router.router.nodes["lister"]
+            node = router.router.fleet.nodes["lister"]
             assert node.available_names() == {"llama3.2:3b"}
 
             fake.add_model(QWEN)  # a pull on the node: the next beat carries the new list
@@ -209,11 +209,11 @@ async def test_available_list_is_sent_only_when_it_changes(make_router: RouterFa
             assert node.available_names() == {"llama3.2:3b", "qwen2.5:7b"}
 
             # a router that lost the list (restart) asks for it once: need_full
-            del router.router.nodes["lister"]
+            del router.router.fleet.nodes["lister"]
             reply = await agent.beat_once(router.url)
             assert reply["need_full"] is True
             await agent.beat_once(router.url)
-            assert router.router.nodes["lister"].available_names() == {
+            assert router.router.fleet.nodes["lister"].available_names() == {
                 "llama3.2:3b",
                 "qwen2.5:7b",
             }
@@ -289,7 +289,7 @@ async def test_fleet_key_signs_both_ways(make_router: RouterFactory) -> None:
         router.port, "POST", "/heartbeat", body, {"x-herd-signature": stale}
     )
     assert code == 401
-    assert "keyed" not in router.router.nodes
+    assert "keyed" not in router.router.fleet.nodes
     good = herd.sign(key, int(time.time()), body)
     code, hdrs, raw = await raw_request(
         router.port, "POST", "/heartbeat", body, {"x-herd-signature": good}
@@ -308,7 +308,7 @@ async def test_fleet_key_signs_both_ways(make_router: RouterFactory) -> None:
             with pytest.raises(herd_node.BeatFailed) as info:
                 await wrong.beat_once(router.url)
             assert info.value.kind == "unauthorized"
-            assert "wrong-agent" not in router.router.nodes
+            assert "wrong-agent" not in router.router.fleet.nodes
         finally:
             await agent.stop()
             await wrong.stop()
@@ -344,14 +344,14 @@ async def test_takeover_from_another_address_is_refused(make_router: RouterFacto
         router.port, "POST", "/heartbeat", thief, local_addr=("127.0.0.2", 0)
     )
     assert code == 409, raw
-    assert router.router.nodes["victim"].url == "http://127.0.0.1:11111"
+    assert router.router.fleet.nodes["victim"].url == "http://127.0.0.1:11111"
     # once the real node is offline, the id may be reused from elsewhere
-    router.router.nodes["victim"].status = "offline"
+    router.router.fleet.nodes["victim"].status = "offline"
     code, _, _ = await raw_request(
         router.port, "POST", "/heartbeat", thief, local_addr=("127.0.0.2", 0)
     )
     assert code == 200
-    assert router.router.nodes["victim"].url == "http://127.0.0.2:6666"
+    assert router.router.fleet.nodes["victim"].url == "http://127.0.0.2:6666"
 
 
 async def test_signed_beat_may_move_a_node(make_router: RouterFactory) -> None:
@@ -365,7 +365,7 @@ async def test_signed_beat_may_move_a_node(make_router: RouterFactory) -> None:
         router.port, "POST", "/heartbeat", moved, sig, local_addr=("127.0.0.2", 0)
     )
     assert code == 200
-    assert router.router.nodes["mover"].url == "http://127.0.0.2:11111"
+    assert router.router.fleet.nodes["mover"].url == "http://127.0.0.2:11111"
 
 
 @pytest.mark.parametrize(
@@ -388,13 +388,13 @@ async def test_malformed_beat_is_400_and_changes_nothing(
     router = await make_router([], heartbeat_interval_s=INTERVAL)
     good = beat("steady", "http://127.0.0.1:11111")
     assert (await raw_request(router.port, "POST", "/heartbeat", herd.dumps(good)))[0] == 200
-    before = router.router.nodes["steady"].public(0.0)
+    before = router.router.fleet.nodes["steady"].public(0.0)
     broken = {**good, "node_id": "steady", **change}
     code, _, raw = await raw_request(router.port, "POST", "/heartbeat", herd.dumps(broken))
     assert code == 400, raw
     assert reason in json.loads(raw)["error"]
-    assert router.router.nodes["steady"].public(0.0) == before
-    router.router._snapshots(time.time())  # the fleet model still snapshots cleanly
+    assert router.router.fleet.nodes["steady"].public(0.0) == before
+    router.router.fleet._snapshots(time.time())  # the fleet model still snapshots cleanly
 
 
 # =======================================================================================
@@ -546,14 +546,14 @@ async def test_without_psutil_memory_comes_from_proc(
         await agent.start(script=no_psutil)
         await wait_until(lambda: status_of(router, "bare") == "online", 10, "psutil-less agent")
         await asyncio.sleep(INTERVAL * 2.5)  # a second sample gives CPU utilisation
-        hw = router.router.nodes["bare"].hardware
+        hw = router.router.fleet.nodes["bare"].hardware
         meminfo = herd_node.parse_meminfo(await asyncio.to_thread(Path("/proc/meminfo").read_text))
         assert hw["memory"]["total_bytes"] == meminfo["MemTotal"]
         assert 0 < hw["memory"]["available_bytes"] <= meminfo["MemTotal"]
         assert hw["cpu"]["cores"] == os.cpu_count()
         assert hw["cpu"]["utilization_pct"] is not None
         assert hw["disk"]["free_bytes"] > 0
-        assert router.router.nodes["bare"].errors == []
+        assert router.router.fleet.nodes["bare"].errors == []
         agent.signal(signal.SIGTERM)
         assert await agent.wait() == 0
         assert agent.log().count("psutil is not installed") == 1

@@ -261,7 +261,7 @@ async def test_resident_model_body_is_still_forwarded_verbatim(
     await r.wait_ready(models=4)
     body = b'{"model": "plain:1b", "prompt": "first", "stream": false}'
     await through(r, fake, "/api/generate", body)
-    await r.router.refresh_node(next(iter(r.router.nodes.values())))  # resident, 4096
+    await r.router.fleet.refresh_node(next(iter(r.router.fleet.nodes.values())))  # resident, 4096
     body = b'{"model": "plain:1b", "prompt": "second", "stream": false}'
     await verbatim(r, fake, "/api/generate", body)
 
@@ -579,8 +579,8 @@ async def test_keep_alive_forms_match_ollama(
     await r.wait_ready(models=4, nodes=2)
     for fake in (a, b, direct):  # resident everywhere
         await raw_request(fake.port, "POST", "/api/generate", b'{"model": "plain:1b"}')
-    for n in r.router.nodes.values():
-        await r.router.refresh_node(n)
+    for n in r.router.fleet.nodes.values():
+        await r.router.fleet.refresh_node(n)
     expect = expected_keep_alive(value)
     for path, empty in (("/api/generate", {"prompt": ""}), ("/api/chat", {"messages": []})):
         body = json.dumps({"model": PLAIN, **empty, "keep_alive": value}).encode()
@@ -600,8 +600,8 @@ async def test_keep_alive_forms_match_ollama(
             assert PLAIN not in a.loaded and PLAIN not in b.loaded and PLAIN not in direct.loaded
             for fake in (a, b, direct):  # load again for the next path
                 await raw_request(fake.port, "POST", "/api/generate", b'{"model": "plain:1b"}')
-            for n in r.router.nodes.values():
-                await r.router.refresh_node(n)
+            for n in r.router.fleet.nodes.values():
+                await r.router.fleet.refresh_node(n)
         else:  # a load: one node got the request with the client's keep_alive, as sent
             assert len(served) == 1
             assert served[0].requests_to(path)[-1].json()["keep_alive"] == value
@@ -670,7 +670,7 @@ async def test_push_streams_progress_and_errors(node: Any) -> None:
 
 async def test_pull_with_herd_field_is_rewritten_without_it(node: Any) -> None:
     r, fake = node
-    nid = next(iter(r.router.nodes))
+    nid = next(iter(r.router.fleet.nodes))
     body = b'{"model": "plain:1b", "stream": false, "node_id": "%s"}' % nid.encode()
     status, _, _, rec = await through(r, fake, "/api/pull", body)
     assert status == 200 and rec.json() == {"model": PLAIN, "stream": False}

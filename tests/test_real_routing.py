@@ -54,8 +54,8 @@ async def test_real_tokens_through_herd(make_router: RouterFactory, real_node: R
         assert [row["status"] for row in rows[:2]] == ["completed", "completed"]
         assert rows[1]["completion_tokens"]  # the native chat's final chunk metrics
         # herd learned real service times for that node:model from Ollama-style metrics
-        key = next(k for k in r.router.stats if k[1].startswith("smollm2"))
-        assert r.router.stats[key].count >= 1
+        key = next(k for k in r.router.fleet.stats if k[1].startswith("smollm2"))
+        assert r.router.fleet.stats[key].count >= 1
     finally:
         await fake.stop()
 

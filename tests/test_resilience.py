@@ -23,7 +23,7 @@ GEN = b'{"model":"llama3.2:3b","prompt":"x","stream":false}'
 
 
 def node_of(r: RunningRouter, fake: FakeOllama) -> str:
-    for n in r.router.nodes.values():
+    for n in r.router.fleet.nodes.values():
         if n.url == f"http://127.0.0.1:{fake.port}":
             return n.node_id
     raise AssertionError("fake not in fleet")
@@ -47,7 +47,7 @@ async def test_5xx_before_first_byte_is_retried_elsewhere(two_nodes: Any) -> Non
     r, a, b = two_nodes
     # make A the obvious winner (hot), then break it for inference only
     await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    await r.router.refresh_node(r.router.nodes[node_of(r, a)])
+    await r.router.fleet.refresh_node(r.router.fleet.nodes[node_of(r, a)])
     a.fail_next(500, count=1, path="/api/generate")
     status, headers, body = await raw_request(r.port, "POST", "/api/generate", GEN)
     assert status == 200 and json.loads(body)["done"] is True
@@ -79,7 +79,7 @@ async def test_first_byte_timeout_retries(
     r = await make_router([a.url, b.url], first_byte_timeout_s=0.5)
     await r.wait_ready(nodes=2)
     await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: A wins
+    await r.router.fleet.refresh_node(r.router.fleet.nodes[node_of(r, a)])  # A is hot: A wins
     a.stall_s = 5.0  # ...and hangs before its first byte; after 0.5 s B is tried
     served = []
     for _ in range(2):
@@ -99,7 +99,7 @@ async def test_breaker_ejects_unreachable_node(
     r = await make_router([a.url, b.url], poll_interval_s=60.0)
     await r.wait_ready(nodes=2)
     await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    await r.router.refresh_node(r.router.nodes[node_of(r, a)])  # A is hot: it would win
+    await r.router.fleet.refresh_node(r.router.fleet.nodes[node_of(r, a)])  # A is hot: it would win
     a.refuse_connections()
     for _ in range(6):
         status, headers, _ = await raw_request(r.port, "POST", "/api/generate", GEN)
@@ -164,7 +164,7 @@ async def test_vram_fallback_serves_loaded_model_and_can_be_refused(
     r = await make_router([fake.url])
     await r.wait_ready(models=2)
     await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    await r.router.refresh_node(next(iter(r.router.nodes.values())))
+    await r.router.fleet.refresh_node(next(iter(r.router.fleet.nodes.values())))
     r.router.settings["vram_fallback"] = True
     body = b'{"model":"llama3.1:8b","prompt":"x","stream":false}'
     status, headers, data = await raw_request(r.port, "POST", "/api/generate", body)
@@ -184,7 +184,7 @@ async def test_context_protection_avoids_reload(
     r = await make_router([fake.url])
     await r.wait_ready()
     await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    await r.router.refresh_node(next(iter(r.router.nodes.values())))
+    await r.router.fleet.refresh_node(next(iter(r.router.fleet.nodes.values())))
     loads_before = len(fake.load_events)
     body = b'{"model":"llama3.2:3b","prompt":"x","stream":false,"options":{"num_ctx":4096}}'
     status, _, _ = await raw_request(r.port, "POST", "/api/generate", body)
@@ -207,7 +207,7 @@ async def test_reaper_cancels_stalled_stream(
     assert status == 200
     last = json.loads(data.splitlines()[-1])
     assert "reaped" in last["error"]
-    assert all(q.in_flight == 0 for q in r.router.queues.values())
+    assert all(q.in_flight == 0 for q in r.router.admission.queues.values())
     rows = await traces(r, status="reaped")
     assert rows and rows[0]["node_id"]
 
@@ -249,7 +249,7 @@ async def test_runner_up_is_prewarmed_when_queue_is_deep(
     r = await make_router([a.url, b.url])
     await r.wait_ready(nodes=2)
     await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    await r.router.refresh_node(r.router.nodes[node_of(r, a)])
+    await r.router.fleet.refresh_node(r.router.fleet.nodes[node_of(r, a)])
     results = await asyncio.gather(
         *(raw_request(r.port, "POST", "/api/generate", GEN) for _ in range(8))
     )
@@ -311,7 +311,7 @@ async def test_client_gone_while_queued_frees_everything(
     await r.wait_ready()
     busy = asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", GEN))
     async with asyncio.timeout(5):
-        while not any(q.in_flight for q in r.router.queues.values()):
+        while not any(q.in_flight for q in r.router.admission.queues.values()):
             await asyncio.sleep(0.01)
     _reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
     writer.write(
@@ -322,11 +322,11 @@ async def test_client_gone_while_queued_frees_everything(
     )
     await writer.drain()
     async with asyncio.timeout(5):
-        while not any(q.pending for q in r.router.queues.values()):
+        while not any(q.pending for q in r.router.admission.queues.values()):
             await asyncio.sleep(0.01)
     writer.close()
     async with asyncio.timeout(5):
-        while any(q.pending for q in r.router.queues.values()):
+        while any(q.pending for q in r.router.admission.queues.values()):
             await asyncio.sleep(0.01)
     assert (await busy)[0] == 200
     rows = await traces(r, status="client_disconnected")

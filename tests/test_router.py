@@ -40,7 +40,7 @@ async def fleet(make_router: RouterFactory, make_fake: FakeFactory) -> Any:
 
 
 def node_id(r: RunningRouter, fake: FakeOllama) -> str:
-    for n in r.router.nodes.values():
+    for n in r.router.fleet.nodes.values():
         if n.url == f"http://127.0.0.1:{fake.port}":
             return n.node_id
     raise AssertionError("fake not in fleet")
@@ -280,7 +280,7 @@ async def test_hot_model_wins_and_headers_name_the_node(fleet: Any) -> None:
         b.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","prompt":"warm"}'
     )
     async with asyncio.timeout(5):
-        while "llama3.2:3b" not in r.router.nodes[node_id(r, b)].loaded_names():
+        while "llama3.2:3b" not in r.router.fleet.nodes[node_id(r, b)].loaded_names():
             await asyncio.sleep(0.05)
     for _ in range(3):
         status, headers, _ = await raw_request(
@@ -412,7 +412,7 @@ async def test_client_disconnect_cancels_upstream(
         while fake.cancelled < 1:
             await asyncio.sleep(0.02)
     async with asyncio.timeout(5):
-        while any(q.in_flight for q in r.router.queues.values()):
+        while any(q.in_flight for q in r.router.admission.queues.values()):
             await asyncio.sleep(0.02)
     await r.router.store.flush()
     rows = await r.router.store.traces(limit=5, status="client_disconnected")
@@ -436,7 +436,7 @@ async def test_client_hanging_up_before_any_byte_cancels_the_node_request(
             await asyncio.sleep(0.02)
     writer.close()
     async with asyncio.timeout(5):  # the answer would take ~50 s at 20 tokens/s
-        while fake.cancelled < 1 or any(q.in_flight for q in r.router.queues.values()):
+        while fake.cancelled < 1 or any(q.in_flight for q in r.router.admission.queues.values()):
             await asyncio.sleep(0.02)
     await r.router.store.flush()
     (row,) = await r.router.store.traces(limit=5, status="client_disconnected")
@@ -478,7 +478,7 @@ async def test_saturation_gives_503_with_retry_after(
         )
     )
     async with asyncio.timeout(5):
-        while not any(q.in_flight for q in r.router.queues.values()):
+        while not any(q.in_flight for q in r.router.admission.queues.values()):
             await asyncio.sleep(0.01)
     status, headers, data = await raw_request(
         r.port,
@@ -512,8 +512,8 @@ async def test_unload_fans_out(fleet: Any) -> None:
     r, a, b = fleet
     for fake in (a, b):
         await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
-    for n in r.router.nodes.values():
-        await r.router.refresh_node(n)
+    for n in r.router.fleet.nodes.values():
+        await r.router.fleet.refresh_node(n)
     status, _, data = await raw_request(
         r.port, "POST", "/api/generate", b'{"model":"llama3.2:3b","keep_alive":0}'
     )

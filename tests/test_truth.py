@@ -122,11 +122,11 @@ async def test_client_4xx_is_not_the_nodes_failure(
     for _ in range(4):
         status, _, _ = await chat(r, {"model": "llama3.2:3b", "messages": msg, "stream": False})
         assert status == 200
-    (nid,) = r.router.nodes
+    (nid,) = r.router.fleet.nodes
     assert len(fake.requests_to("/api/chat")) == 9  # a client error is never retried
     assert all(b.state == "closed" and b.consecutive_failures == 0
-               for b in r.router.breakers.values())
-    stats = r.router.stats.get((nid, "llama3.2:3b"))
+               for b in r.router.fleet.breakers.values())
+    stats = r.router.fleet.stats.get((nid, "llama3.2:3b"))
     assert stats is not None and stats.failures == 0
 
     await r.router.store.flush()
@@ -451,7 +451,7 @@ async def test_context_protection_rewrites_only_what_spares_a_reload(
     r = await make_router([fake.url])
     await r.wait_ready()
     await raw_request(fake.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')  # load
-    await r.router.refresh_node(next(iter(r.router.nodes.values())))
+    await r.router.fleet.refresh_node(next(iter(r.router.fleet.nodes.values())))
 
     plain = b'{"model":"llama3.2:3b","prompt":"x","stream":false}'
     status, _, _ = await raw_request(r.port, "POST", "/api/generate", plain)
@@ -521,7 +521,9 @@ async def test_client_4xx_from_an_image_agent_is_not_its_failure(
         )
         assert status == 400 and json.loads(body)["error"] == "width must be a multiple of 8"
         assert headers["x-herd-retries"] == "0"
-        queues = [q for q in r.router.queues.values() if q.model.startswith("z-image-turbo")]
+        queues = [
+            q for q in r.router.admission.queues.values() if q.model.startswith("z-image-turbo")
+        ]
         assert queues and all(q.failed == 0 and q.done == 1 for q in queues)
         await r.router.store.flush()
         (t,) = await r.router.store.traces(5)

@@ -1,0 +1,115 @@
+"""One room per responsibility (issue 14): the shape of herd.py, checked through its AST.
+
+Each check here failed on the code before the change it guards."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+TREE = ast.parse((Path(__file__).resolve().parent.parent / "herd.py").read_text("utf-8"))
+CLASSES = {n.name: n for n in TREE.body if isinstance(n, ast.ClassDef)}
+FUNCTIONS = {n.name: n for n in TREE.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def _callers(name: str, scopes: dict[str, ast.AST]) -> set[str]:
+    """Functions (``Class.method`` or ``function``) among ``scopes`` that call ``name``."""
+    found: set[str] = set()
+    for scope_name, scope in scopes.items():
+        funcs = (
+            [scope]
+            if isinstance(scope, ast.FunctionDef | ast.AsyncFunctionDef)
+            else [f for f in scope.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
+        )
+        for fn in funcs:
+            for call in ast.walk(fn):
+                if not isinstance(call, ast.Call):
+                    continue
+                f = call.func
+                called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if called == name:
+                    label = scope_name if scope is fn else f"{scope_name}.{fn.name}"
+                    found.add(label)
+    return found
+
+
+def test_no_class_in_herd_is_much_over_700_lines() -> None:
+    sizes = {name: c.end_lineno - c.lineno + 1 for name, c in CLASSES.items() if c.end_lineno}
+    assert {name: n for name, n in sizes.items() if n > 750} == {}
+
+
+def test_one_attempt_loop() -> None:
+    """Inference, image and speech all take a node slot in one place, the attempt loop."""
+    rooms = {k: CLASSES[k] for k in ("Proxy", "MediaJobs", "ModelAdmin", "DashboardApi")}
+    assert _callers("acquire", rooms) == {"Proxy.route_with_retries"}
+    assert _callers("route_with_retries", {"MediaJobs": CLASSES["MediaJobs"]}) == {
+        "MediaJobs.capability_call"
+    }
+
+
+def test_one_relay() -> None:
+    """Only ``relay_answer`` ends a broken stream; every relay of a node's answer uses it."""
+    scopes: dict[str, ast.AST] = {**CLASSES, **FUNCTIONS}
+    assert _callers("midstream_error_record", scopes) == {"relay_answer"}
+    assert _callers("relay_answer", scopes) == {
+        "Proxy._relay_response",
+        "MediaJobs.relay_job",
+        "ModelAdmin.relay_plain",
+    }
+
+
+def _init_attrs(cls: str) -> set[str]:
+    init = next(
+        f for f in CLASSES[cls].body if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+    )
+    return {
+        t.attr
+        for n in ast.walk(init)
+        if isinstance(n, ast.Assign | ast.AnnAssign)
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Attribute)
+    }
+
+
+def test_the_learner_owns_what_is_learned_and_the_fleet_does_not() -> None:
+    learned = {"slot_bounds", "node_slot_bounds", "memory_bounds", "ps_seen", "run_ends",
+               "affinity", "affinity_writes"}  # fmt: skip
+    assert learned <= _init_attrs("Learner")
+    assert learned & _init_attrs("Fleet") == set()
+
+
+def test_learner_on_its_own() -> None:
+    """The Learner needs no router: a policy and the configured slots."""
+    import dataclasses
+
+    import herd
+    import scoring
+
+    policy = dataclasses.replace(scoring.Policy(), affinity_max_entries=2)
+    learner = herd.Learner(policy, {"gpu": 3})
+    for i in range(1, 1025):  # the 1024th write sweeps the table down to its bound
+        learner.remember_prefix(f"prefix{i}", "gpu", 100, 1000.0 + i)
+    assert list(learner.affinity) == ["prefix1023", "prefix1024"]
+    node = herd.Node("gpu", "http://127.0.0.1:1", "static")
+    public = learner.learned_public(node, {("gpu", "m:latest"): scoring.ServiceStats()}, 2000.0)
+    assert public["slots"]["source"] == "configured" and public["slots"]["in_use"] == 3
+    assert public["memory"] is None and "m:latest" in public["models"]
+    assert learner.learned_slots("gpu", "m:latest") == scoring.learned_slots(None, 0.0, policy)
+
+
+def test_router_has_no_delegates_to_its_collaborators() -> None:
+    """State and operations are reached at their owner (``router.fleet.nodes``,
+    ``router.admission.acquire``), not through Router pass-throughs."""
+    owned = {
+        "Fleet": {"nodes", "held_nodes", "admissions", "stats", "breakers", "refresh_node",
+                  "apply_heartbeat", "fleet_status", "status_json", "_snapshots"},
+        "Admission": {"queues", "waiters", "queue_for", "acquire", "release"},
+        "Learner": {"learned_slots"},
+    }  # fmt: skip
+    router = {
+        f.name
+        for f in CLASSES["Router"].body
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    for owner, names in owned.items():
+        assert router & names == set(), owner
