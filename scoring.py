@@ -194,6 +194,8 @@ class Policy:
     warm_window_s: float = 600.0  # how long an unloaded model counts as warm (page cache)
     warm_load_factor: float = 0.5  # a warm load takes this share of a cold load's time
     loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
+    fit_load_credit: float = 0.0  # share of hot_bonus a cold load earns when it fits in known
+    # free memory and evicts nothing (its cost is then the load time, already in "wait")
     # -- 2. memory fit ----------------------------------------------------------------
     memory_weight: float = 10.0  # full headroom (or already resident) earns this much
     memory_comfort_ratio: float = 2.0  # free / needed at which headroom counts in full
@@ -1557,6 +1559,17 @@ def _memory_factor(
     return Factor("memory", ratio, contrib, why)
 
 
+def _fits_free(req: RouteRequest, node: NodeSnapshot, f: _Facts) -> bool:
+    """A cold (or warm) load that fits in memory known to be free (reported, or within the
+    largest resident set seen), without offload and under the loaded-models cap: it evicts
+    nothing, so it costs its load time and no future request anything."""
+    if f.state not in ("cold", "warm") or f.fast_total <= 0 or f.need <= 0 or f.offload:
+        return False
+    if node.max_loaded > 0 and sum(1 for n in node.loaded if n != req.model) >= node.max_loaded:
+        return False
+    return f.fast_free >= f.need
+
+
 def _queue_factor(f: _Facts, policy: Policy) -> Factor:
     """Queue depth: requests ahead per slot."""
     depth = f.outstanding / f.slots
@@ -1730,8 +1743,16 @@ def _score_node(
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
     wait, saved = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
+    thermal = f.thermal
+    if policy.fit_load_credit > 0 and _fits_free(req, node, f):
+        credit = policy.fit_load_credit * policy.hot_bonus
+        thermal = replace(
+            thermal,
+            contribution=thermal.contribution + credit,
+            reason=f"{thermal.reason}; fits in free memory, evicts nothing (+{credit:.0f})",
+        )
     factors = [
-        f.thermal,
+        thermal,
         _memory_factor(req, node, f, queues, now, policy, spread),
         _queue_factor(f, policy),
         wait,
