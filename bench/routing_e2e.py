@@ -753,8 +753,10 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                                           [*herd_args, *told])
                 disps[p] = Dispatcher(p, sims[p], pools, seed, router)
             elif p.startswith("herd-node["):  # a variant: --node plus its own extra flags
-                extra = variants[p]
-                router = await start_herd(procs, herd_dir, tmp, p, sims[p], interval,
+                extra = [a for a in variants[p] if not a.startswith("@dir=")]
+                vdir = next((a[5:] for a in variants[p]
+                             if a.startswith("@dir=")), herd_dir)
+                router = await start_herd(procs, vdir, tmp, p, sims[p], interval,
                                           [*herd_args, *extra])
                 disps[p] = Dispatcher(p, sims[p], pools, seed, router)
             elif p == "herd-agents":
@@ -943,7 +945,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:FLAGS",
                    help="also run herd-node[LABEL] with these extra router flags (space "
                         "separated), on its own fleet in the same run: a paired A/B, e.g. "
-                        "'hb5:--scoring=hot_bonus=5' (repeatable; no target)")
+                        "'hb5:--scoring=hot_bonus=5'; '@dir=PATH' among the flags runs another "
+                        "checkout's herd.py, e.g. 'old:@dir=/tmp/old' (repeatable; no target)")
     p.add_argument("--dump-requests", metavar="FILE",
                    help="append every request's result (policy, node, latency, the node's "
                         "own timings) to this JSONL file, for diagnosis")
@@ -962,7 +965,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants: dict[str, list[str]] = {}
     for v in args.variant:
         label, _, flags = v.partition(":")
-        variants[f"herd-node[{label}]"] = flags.split()
+        variants[f"herd-node[{label}]"] = [
+            f"@dir={os.path.abspath(a[5:])}" if a.startswith("@dir=") else a
+            for a in flags.split()]
     rev = subprocess.run(["git", "-C", herd_dir, "log", "-1", "--format=%h %s"],
                          capture_output=True, text=True, check=False, timeout=10).stdout.strip()
     print(f"herd from {herd_dir} ({rev or 'not a git checkout'})")
