@@ -2390,6 +2390,17 @@ def requested_num_ctx(body: JSON) -> int | None:
     return None
 
 
+def requested_max_tokens(body: JSON) -> int | None:
+    """The client's cap on completion tokens, in any dialect: Ollama ``options.num_predict``
+    (a positive one: -1 and -2 mean no cap), OpenAI ``max_tokens`` /
+    ``max_completion_tokens``, Responses ``max_output_tokens``."""
+    opts = body.get("options")
+    values = [opts.get("num_predict")] if isinstance(opts, dict) else []
+    values += [body.get(k) for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")]
+    caps = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(caps) if caps else None
+
+
 def without_node_id(raw: bytes, body: JSON) -> bytes:
     """The body to forward once herd's ``node_id`` is taken out: the client's own bytes when
     it had none (and is a plain UTF-8 JSON object), else ``body`` re-serialised without it."""
@@ -4275,6 +4286,7 @@ class Proxy:
                 kind=attempt.kind,
                 est_tokens=est,
                 num_ctx=requested_num_ctx(send_body),
+                max_tokens=requested_max_tokens(send_body),
                 needs_vision=vision,
                 pinned_node=pinned,
                 cache_node=hit.node_id if hit is not None else None,

@@ -330,6 +330,9 @@ class RouteRequest:
     pinned_node: str | None = None  # explicit node: only that node is eligible
     cache_node: str | None = None  # node that last served this prompt's prefix (KV cache)
     cached_tokens: int = 0  # estimated tokens of that prefix
+    max_tokens: int | None = None  # the client's cap on completion tokens (num_predict, ...)
+    completion_tokens: float = 0.0  # expected completion tokens (score_nodes fills it in
+    # from the whole fleet's history of this model, capped by max_tokens; 0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +539,10 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
         mean = _ewma(s.total_ms_ewma, n, total, a)
         var = 0.0 if n == 0 else (1 - a) * (s.total_ms_var + a * (total - s.total_ms_ewma) ** 2)
         service = max(0.0, total - (load_ms if loaded else 0.0))
+        if obs.eval_ms > 0:
+            # what a request queued behind this one waits for: its prefill and decode, not
+            # the time it spent queued inside Ollama itself (that would count queues twice)
+            service = min(service, max(0.0, obs.prompt_eval_ms) + obs.eval_ms)
         tmax = max(s.total_max, total)
         if n == 0:
             q = total
@@ -630,13 +637,17 @@ def expected_service_s(
         prompt_tps = decode_tps * policy.prompt_speedup
     else:
         prompt_tps = policy.default_prompt_tokens_per_s
-    if stats is not None and stats.eval_tps_ewma > 0:
+    if req.completion_tokens > 0:
+        completion = req.completion_tokens
+    elif stats is not None and stats.eval_tps_ewma > 0:
         completion = stats.completion_tokens_ewma
     elif stats is not None and stats.service_ms_ewma > 0:
         # history without token metrics (e.g. a proxy that hides them): use it as is
         return load + stats.service_ms_ewma / 1000.0
     else:
         completion = policy.default_completion_tokens
+    if req.max_tokens is not None and req.max_tokens > 0:
+        completion = min(completion, float(req.max_tokens))
     return load + max(0, req.est_tokens) / prompt_tps + completion / decode_tps
 
 
@@ -1399,6 +1410,7 @@ def score_nodes(
     for (nid, _m), q in queues.items():
         busy[nid] = busy.get(nid, 0) + q.in_flight
     spread = model_spread(nodes, now)
+    req = with_completion_estimate(req, stats)
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
@@ -1409,6 +1421,28 @@ def score_nodes(
     eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
     rejected.sort(key=lambda s: s.node_id)
     return tuple(eligible) + tuple(rejected)
+
+
+def with_completion_estimate(
+    req: RouteRequest, stats: Mapping[tuple[str, str], ServiceStats]
+) -> RouteRequest:
+    """``req`` with ``completion_tokens`` filled in: how long this model's answers have
+    been on any node (the length of an answer is the workload's, not the machine's, so
+    every node's samples count; a node that never served the model still gets the fleet's
+    figure), capped by the client's own ``max_tokens``. Unchanged when already set or
+    nothing is known."""
+    if req.completion_tokens > 0 or req.kind != "text":
+        return req
+    n = total = 0.0
+    for (_nid, model), st in stats.items():
+        if model == req.model and st.eval_tps_ewma > 0 and st.completion_tokens_ewma > 0:
+            w = float(min(st.count, 50))
+            n += w
+            total += w * st.completion_tokens_ewma
+    tokens = total / n if n > 0 else 0.0
+    if req.max_tokens is not None and req.max_tokens > 0:
+        tokens = min(tokens, float(req.max_tokens)) if tokens > 0 else 0.0
+    return replace(req, completion_tokens=tokens) if tokens > 0 else req
 
 
 def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[int, int]]:
