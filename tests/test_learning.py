@@ -442,3 +442,86 @@ async def test_router_feeds_the_streams_in_flight_into_what_it_learns(
         assert 0.0 < st.conc_k < 2.0
     finally:
         await client._client.aclose()
+
+
+# ---------------------------------------------------------------- estimates -------------
+
+
+def test_service_time_excludes_the_time_queued_inside_ollama() -> None:
+    """A request that waited 6 s inside Ollama for a slot, then ran 2 s: the next one queued
+    behind it waits for ~2 s of work, not 8 (counting Ollama's queue in the service time
+    made every queue look deeper the longer it was)."""
+    queued = scoring.Observation(ok=True, prompt_tokens=100, prompt_eval_ms=500.0,
+                                 completion_tokens=100, eval_ms=1500.0, total_ms=8000.0)
+    st = scoring.observe(None, queued, P)
+    assert st.service_ms_ewma == 2000.0
+    assert st.total_ms_ewma == 8000.0  # the client's latency is still what it was
+    # a proxy that hides Ollama's timings: only herd's own clock is left
+    blind = scoring.observe(None, scoring.Observation(ok=True, total_ms=8000.0), P)
+    assert blind.service_ms_ewma == 8000.0
+
+
+def test_answer_length_comes_from_the_whole_fleet_and_the_clients_cap() -> None:
+    """A node that never served the model expects the fleet's answer length (not the
+    250-token prior), and a client's num_predict caps it."""
+    obs = scoring.Observation(ok=True, completion_tokens=60, eval_ms=1200.0, total_ms=1300.0)
+    st = scoring.observe(None, obs, P)
+    stats = {("a", "m:latest"): st}
+    req = RouteRequest("m:latest", est_tokens=100)
+    assert scoring.with_completion_estimate(req, stats).completion_tokens == 60.0
+    assert scoring.with_completion_estimate(
+        dataclasses.replace(req, max_tokens=20), stats).completion_tokens == 20.0
+    # nothing known: unchanged (the prior applies), even with a cap
+    assert scoring.with_completion_estimate(dataclasses.replace(req, model="x"), stats) \
+        .completion_tokens == 0.0
+    # node b has no history: 60 tokens at b's prior speed, not the 250-token default
+    lone = scoring.expected_service_s(None, dataclasses.replace(req, completion_tokens=60.0),
+                                      False, P, model_bytes=2 * GB)
+    prior = scoring.expected_service_s(None, req, False, P, model_bytes=2 * GB)
+    assert prior / lone > 3.5
+    bare = dataclasses.replace(req, est_tokens=0)  # decode only
+    capped = scoring.expected_service_s(st, dataclasses.replace(bare, max_tokens=6), False, P)
+    assert capped == scoring.expected_service_s(st, bare, False, P) / 10
+
+
+def test_a_load_into_free_memory_can_beat_a_busy_hot_node_with_fit_credit() -> None:
+    """Node "hot" has the model loaded, one slot and a queue; node "roomy" has the room to
+    load it without evicting anything. Without credit the 50-point residency bonus keeps
+    every request on "hot" (lock-in); with fit_load_credit a free load competes on time.
+    A load that would evict a model earns no credit."""
+    req = RouteRequest("new", est_tokens=100)
+    hot = node("hot", {"new": lm("new", 4, 280)}, 8, "learned")
+    roomy = node("roomy", {}, 20, "learned")
+    queues = {("hot", "new"): QueueSnapshot(in_flight=1, slots=1),
+              ("roomy", "new"): QueueSnapshot(slots=2)}
+    locked = scoring.choose(req, [hot, roomy], queues, {}, {}, NOW, 0.0, P)
+    assert (locked.action, locked.wait_for) == ("wait", "hot")
+    credit = dataclasses.replace(P, fit_load_credit=0.8)
+    choice = scoring.choose(req, [hot, roomy], queues, {}, {}, NOW, 0.0, credit)
+    assert choice.node_id == "roomy"
+    thermal = choice.ranked[0].factor("thermal")
+    assert thermal is not None and "evicts nothing" in thermal.reason
+    tight = node("roomy", {"a": lm("a", 6, 280)}, 8, "learned")  # the load evicts "a"
+    choice = scoring.choose(req, [hot, tight], queues, {}, {}, NOW, 0.0, credit)
+    tight_score = next(s for s in choice.ranked if s.node_id == "roomy")
+    thermal = tight_score.factor("thermal")
+    assert thermal is not None and "evicts nothing" not in thermal.reason
+
+
+def test_the_clients_token_cap_is_read_in_every_dialect() -> None:
+    import herd
+
+    cases: list[tuple[dict[str, object], int | None]] = [
+        ({"options": {"num_predict": 64}}, 64),
+        ({"options": {"num_predict": -1}}, None),  # -1: no cap; -2: fill the context
+        ({"options": {"num_predict": -2}}, None),
+        ({"options": {"num_predict": True}}, None),
+        ({"max_tokens": 300}, 300),
+        ({"max_completion_tokens": 128, "max_tokens": 512}, 128),
+        ({"max_output_tokens": 40}, 40),
+        ({"max_tokens": "100"}, None),
+        ({}, None),
+        ({"options": "x"}, None),
+    ]
+    for body, want in cases:
+        assert herd.requested_max_tokens(body) == want, body
