@@ -2014,6 +2014,7 @@ class SlotQueue:
     model: str
     kind: str = "text"
     slots: int = 1
+    sure: int = 0  # slots confirmed (told, reported or seen at once); 0: all of them
     pending: int = 0
     in_flight: int = 0
     done: int = 0
@@ -2028,9 +2029,9 @@ class SlotQueue:
         snapshot instead of building a new one."""
         snap = self.last_snapshot
         if (snap.in_flight != self.in_flight or snap.pending != self.pending
-                or snap.slots != self.slots):
+                or snap.slots != self.slots or snap.sure != self.sure):
             snap = self.last_snapshot = scoring.QueueSnapshot(
-                pending=self.pending, in_flight=self.in_flight, slots=self.slots
+                pending=self.pending, in_flight=self.in_flight, slots=self.slots, sure=self.sure
             )
         return snap
 
@@ -3158,15 +3159,20 @@ class Admission:
         q = self.queues.get(key)
         node = self.r.fleet.nodes.get(node_id)
         slots = 1
+        sure = 0
         if node is not None and kind in ("image", "stt"):
             slots = self.r.jobs.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
+            told = self.r.config.slots.get(node_id) or node.num_parallel
             slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
                                       self.r.policy, self.r.learner.learned_slots(node_id, model))
+            if not told:  # learned: only what ran at once is sure, the rest is a probe
+                sure = min(slots, self.r.learner.sure_slots(node_id, model))
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
         elif q.slots != slots:
             q.resize(slots)  # more slots: hand them to waiters at once
+        q.sure = sure
         return q
 
     def _queue_snapshots(
@@ -3363,6 +3369,12 @@ class Learner:
         if b is None or b.n == 0:
             b = self.node_slot_bounds.get(node_id)
         return scoring.learned_slots(b, time.time(), self.policy)
+
+    def sure_slots(self, node_id: str, model: str) -> int:
+        b = self.slot_bounds.get((node_id, model))
+        if b is None or b.n == 0:
+            b = self.node_slot_bounds.get(node_id)
+        return scoring.sure_slots(b)
 
     def learn_memory(self, node: Node, now: float) -> None:
         """Fold a fresh /api/ps reading into what the node's memory is known to hold."""

@@ -167,6 +167,8 @@ class QueueSnapshot:
     pending: int = 0
     in_flight: int = 0
     slots: int = 1
+    sure: int = 0  # slots known to run at once (told, reported or seen); 0: all of them.
+    # Admitted slots past ``sure`` are a probe: the request may queue inside Ollama.
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,6 +271,8 @@ class Policy:
     slot_clean_max_ms: float = 60.0  # hidden time at or below this (or clean_share): no queue
     slot_clean_share: float = 0.03
     slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
+    probe_risk: float = 0.5  # chance a request on an unconfirmed (probe) slot queues inside
+    # Ollama behind the ones in flight: its expected wait counts that much of their rest
     slot_bound_ttl_s: float = 300.0  # an upper bound older than this is probed again
     memory_bound_ttl_s: float = 1800.0  # an eviction bound older than this is forgotten
     # -- prompt-cache affinity ---------------------------------------------------------------
@@ -827,6 +831,11 @@ def learned_slots(bounds: SlotBounds | None, now: float, policy: Policy) -> int 
     if bounds.hi > 0 and now - bounds.hi_at <= policy.slot_bound_ttl_s:
         return max(1, min(bounds.hi - 1, policy.max_slots))
     return max(1, min(max(1, bounds.lo) + 1, policy.max_slots))
+
+
+def sure_slots(bounds: SlotBounds | None) -> int:
+    """Slots seen running at once on a node:model (at least 1): admitting more is a probe."""
+    return max(1, bounds.lo) if bounds is not None else 1
 
 
 def node_slot_bounds(per_model: Sequence[SlotBounds]) -> SlotBounds:
@@ -1642,6 +1651,9 @@ def _wait_factor(
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     ahead = max(0, f.outstanding - slots + 1)
     queue_wait = ahead * typical / slots
+    probe = ahead == 0 and 0 < q.sure < slots and q.in_flight >= q.sure
+    if probe:  # a slot herd admits to find the node's parallelism, not one it has seen
+        queue_wait += policy.probe_risk * typical / (q.in_flight + 1)
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
     saved = 0.0
     if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
@@ -1660,7 +1672,8 @@ def _wait_factor(
         expected,
         -policy.wait_weight * expected,
         f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
-        + (" (measured)" if st is not None and st.count > 0 else " (prior)"),
+        + (" (measured)" if st is not None and st.count > 0 else " (prior)")
+        + ("; an unconfirmed (probe) slot" if probe else ""),
     )
     return factor, saved
 

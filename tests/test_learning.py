@@ -525,3 +525,27 @@ def test_the_clients_token_cap_is_read_in_every_dialect() -> None:
     ]
     for body, want in cases:
         assert herd.requested_max_tokens(body) == want, body
+
+
+def test_a_probe_slot_counts_the_risk_of_queueing_inside_ollama() -> None:
+    """Node a has one request running and a second slot herd only admits to find out
+    whether it exists (nothing ran two at once there yet); node b is idle. The probe's
+    expected time carries half the rest of the running request, so a tie goes to b; a
+    second slot that was seen (or told) carries nothing."""
+    snaps, _ = two_hot_nodes()
+    probe = {("a", "m:latest"): QueueSnapshot(in_flight=1, slots=2, sure=1),
+             ("b", "m:latest"): QueueSnapshot(slots=2, sure=1)}
+    req = RouteRequest("m:latest", est_tokens=100)
+    choice = scoring.choose(req, snaps, probe, {}, {}, NOW, 0.0, P)
+    assert choice.node_id == "b"
+    a = next(s for s in choice.ranked if s.node_id == "a")
+    wait_a = a.factor("wait")
+    assert wait_a is not None and "probe" in wait_a.reason and "0.0s queue" not in wait_a.reason
+    seen = {**probe, ("a", "m:latest"): QueueSnapshot(in_flight=1, slots=2, sure=2)}
+    a2 = next(s for s in scoring.score_nodes(req, snaps, seen, {}, {}, NOW, P)
+              if s.node_id == "a")
+    w2 = a2.factor("wait")
+    assert w2 is not None and "probe" not in w2.reason and "0.0s queue" in w2.reason
+    assert a2.total > a.total
+    assert scoring.sure_slots(None) == 1
+    assert scoring.sure_slots(SlotBounds(lo=3, clean=2)) == 3
