@@ -3614,14 +3614,18 @@ class Fleet:
         """A node nobody reports memory for gets the capacity learned from /api/ps."""
         node = self.nodes.get(snap.node_id)
         reported_cap = node.max_loaded_models if node is not None else None
-        if reported_cap:
-            snap = dataclasses.replace(snap, max_loaded=reported_cap)
         mb = self.learner.memory_bounds.get(snap.node_id)
+        cap = reported_cap or (mb.model_cap if mb is not None else 0)
+        if not cap:  # Ollama's default, until the node shows more loaded at once
+            seen = max(mb.max_models if mb is not None else 0, len(snap.loaded))
+            if seen <= self.r.policy.default_max_loaded:
+                cap = self.r.policy.default_max_loaded
+        if cap and cap != snap.max_loaded:
+            snap = dataclasses.replace(snap, max_loaded=cap)
         if mb is None:
             return snap
-        if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
-            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s,
-                                       max_loaded=reported_cap or mb.model_cap)
+        if mb.keep_alive_s > 0:
+            snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s)
         if snap.ram_total > 0 or snap.vram_total > 0:
             return snap
         cap, how = mb.capacity(now, self.r.policy)

@@ -196,6 +196,8 @@ class Policy:
     warm_window_s: float = 600.0  # how long an unloaded model counts as warm (page cache)
     warm_load_factor: float = 0.5  # a warm load takes this share of a cold load's time
     loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
+    default_max_loaded: int = 3  # Ollama's own default OLLAMA_MAX_LOADED_MODELS (3 per GPU,
+    # 3 on CPU): the cap assumed for a node until it reports one or shows more loaded at once
     fit_load_credit: float = 0.0  # share of hot_bonus a cold load earns when it fits in known
     # free memory and evicts nothing (its cost is then the load time, already in "wait")
     # -- 2. memory fit ----------------------------------------------------------------
@@ -1353,7 +1355,7 @@ def predicted_evictions(
         q = queues.get((node.node_id, req.model))
         slots = max(1, q.slots) if q is not None else slot_count(node, None, policy)
         deficit = resident_bytes(am.size, req.num_ctx, slots, policy) - fast_free
-    if node.max_loaded > 0 and len(node.loaded) >= node.max_loaded:
+    if node.max_loaded > 0 and resident_count(node, req.model) >= node.max_loaded:
         deficit = max(deficit, 1)  # the count is full: the least recently used goes
     if deficit <= 0:
         return ()
@@ -1565,7 +1567,7 @@ def _memory_factor(
     count_full = (
         node.max_loaded > 0
         and not f.resident
-        and sum(1 for name in node.loaded if name != req.model) >= node.max_loaded
+        and resident_count(node, req.model) >= node.max_loaded
     )
     if f.resident and f.state == "hot":
         return Factor("memory", 1.0, policy.memory_weight, "already resident")
@@ -1602,13 +1604,21 @@ def _memory_factor(
     return Factor("memory", ratio, contrib, why)
 
 
+def resident_count(node: NodeSnapshot, besides: str) -> int:
+    """Models resident on ``node`` or being loaded there (a load herd sent counts before
+    ``/api/ps`` shows it), ``besides`` not counted."""
+    names = set(node.loaded) | set(node.loading)
+    names.discard(besides)
+    return len(names)
+
+
 def _fits_free(req: RouteRequest, node: NodeSnapshot, f: _Facts) -> bool:
     """A cold (or warm) load that fits in memory known to be free (reported, or within the
     largest resident set seen), without offload and under the loaded-models cap: it evicts
     nothing, so it costs its load time and no future request anything."""
     if f.state not in ("cold", "warm") or f.fast_total <= 0 or f.need <= 0 or f.offload:
         return False
-    if node.max_loaded > 0 and sum(1 for n in node.loaded if n != req.model) >= node.max_loaded:
+    if node.max_loaded > 0 and resident_count(node, req.model) >= node.max_loaded:
         return False
     return f.fast_free >= f.need
 

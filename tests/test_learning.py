@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import ollama
 
@@ -549,3 +550,52 @@ def test_a_probe_slot_counts_the_risk_of_queueing_inside_ollama() -> None:
     assert a2.total > a.total
     assert scoring.sure_slots(None) == 1
     assert scoring.sure_slots(SlotBounds(lo=3, clean=2)) == 3
+
+
+def test_the_model_count_cap_counts_loads_in_flight() -> None:
+    """With Ollama's cap of 3 models, a node holding two and loading a third is full: a
+    fourth model evicts one (it earns no fit credit and its victims are predicted)."""
+    req = RouteRequest("new", est_tokens=100)
+    snap = dataclasses.replace(
+        node("n", {"a": lm("a", 2, 280), "b": lm("b", 2, 290)}, 64, "learned"),
+        loading={"c": NOW - 1.0}, max_loaded=3)
+    queues = {("n", "new"): QueueSnapshot(slots=1)}
+    assert scoring.resident_count(snap, "new") == 3
+    assert scoring.resident_count(snap, "a") == 2
+    assert scoring.predicted_evictions(req, snap, queues, P) == ("a",)
+    s = scoring.score_nodes(req, [snap], queues, {}, {}, NOW,
+                            dataclasses.replace(P, fit_load_credit=0.8))[0]
+    mem = s.factor("memory")
+    assert mem is not None and "3 models loaded" in mem.reason and mem.contribution < 0
+    thermal = s.factor("thermal")
+    assert thermal is not None and "evicts nothing" not in thermal.reason
+
+
+async def test_an_agentless_node_is_assumed_to_hold_ollamas_default_three_models(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Nobody reports the node's OLLAMA_MAX_LOADED_MODELS: herd assumes Ollama's default (3)
+    while it has seen no more than that loaded at once, and drops the guess once it sees a
+    fourth (the node was set higher)."""
+    models = [FakeModel(name=f"m{i}:1b", size=500_000_000, family="llama") for i in range(4)]
+    fake = await make_fake(models, max_loaded_models=5, tokens_per_s=200, response_tokens=4,
+                           load_delay_s=0.0)
+    r = await make_router([fake.url])
+    await r.wait_ready(nodes=1)
+    client = ollama.AsyncClient(host=r.url)
+    fleet = r.router.fleet
+    node_obj = next(iter(fleet.nodes.values()))
+    try:
+        assert fleet._snapshots(time.time())[0].max_loaded == 3
+        for m in models:
+            await client.generate(model=m.name, prompt="hi", keep_alive="5m")
+        for _ in range(50):  # the next poll of /api/ps shows all four
+            await fleet.refresh_node(node_obj)
+            r.router.learner.learn_memory(node_obj, time.time())
+            if len(node_obj.snapshot(time.time()).loaded) == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert len(node_obj.snapshot(time.time()).loaded) == 4
+        assert fleet._snapshots(time.time())[0].max_loaded == 0
+    finally:
+        await client._client.aclose()
