@@ -3444,10 +3444,16 @@ class Learner:
                 "loads_seen": st.load_n,
                 "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
                 "decode_tokens_per_s": round(st.eval_tps_ewma, 1) or None,
+                "answer_tokens": round(st.completion_tokens_ewma) or None,
                 "samples": st.count - st.failures,
             })
         mb = self.memory_bounds.get(node.node_id)
+        slow, slow_learned = scoring.stream_slowdown(node.node_id, stats, self.policy)
         return {
+            "decode_slowdown": {  # each other stream on the node slows a new one by this
+                "per_stream": round(slow, 3),
+                "basis": "learned" if slow_learned else "prior",
+            },
             "slots": {
                 "source": source,
                 "in_use": scoring.slots_for(node.num_parallel, configured, self.policy,

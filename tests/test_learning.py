@@ -312,6 +312,9 @@ async def test_router_learns_slots_from_timings_and_routes_by_them(
         assert learned[sid]["models"][model]["slots"]["estimate"] == 1
         assert learned[bid]["models"][model]["samples"] > 0
         assert learned[bid]["memory"]["fits_bytes"] >= SLOW.size  # seen in its /api/ps
+        assert learned[bid]["models"][model]["answer_tokens"] == 12
+        assert learned[bid]["decode_slowdown"]["basis"] in ("learned", "prior")
+        assert learned[bid]["decode_slowdown"]["per_stream"] >= 0
     finally:
         await client._client.aclose()
 
