@@ -1492,6 +1492,8 @@ def _bad_fields(obj: object, where: str, *numbers: str) -> str | None:
 
 
 def _entry_name(m: JSON) -> str:
+    """The model key of a reported /api/ps or /api/tags entry: the one place a node's model
+    names are normalised (``LoadedModels.of`` / ``AvailableModels.of`` keep the result)."""
     return scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
 
 
@@ -1521,6 +1523,7 @@ class LoadedModels:
     entries: tuple[JSON, ...] = ()
     models: Mapping[str, scoring.LoadedModel] = field(default_factory=dict)
     names: frozenset[str] = frozenset()
+    named: tuple[tuple[str, JSON], ...] = ()  # (model key, entry) for each entry
 
     @classmethod
     def of(cls, entries: Iterable[object]) -> LoadedModels:
@@ -1528,8 +1531,8 @@ class LoadedModels:
         non-numeric sizes are skipped); heartbeats are checked whole by ``OllamaReport``."""
         kept = tuple(m for m in entries if isinstance(m, dict) and not _loaded_problem(m))
         models: dict[str, scoring.LoadedModel] = {}
-        for m in kept:
-            name = _entry_name(m)
+        named = tuple((_entry_name(m), m) for m in kept)
+        for name, m in named:
             ctx = m.get("context_length")
             models[name] = scoring.LoadedModel(
                 name=name,
@@ -1538,7 +1541,7 @@ class LoadedModels:
                 context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
                 expires_at=parse_rfc3339(m.get("expires_at")),
             )
-        return cls(kept, MappingProxyType(models), frozenset(models))
+        return cls(kept, MappingProxyType(models), frozenset(models), named)
 
 
 @dataclass(frozen=True)
@@ -1549,14 +1552,15 @@ class AvailableModels:
     entries: tuple[JSON, ...] = ()
     models: Mapping[str, scoring.AvailableModel] = field(default_factory=dict)
     names: frozenset[str] = frozenset()
+    named: tuple[tuple[str, JSON], ...] = ()  # (model key, entry) for each entry
 
     @classmethod
     def of(cls, entries: Iterable[object]) -> AvailableModels:
         """Like ``LoadedModels.of``: valid entries only."""
         kept = tuple(m for m in entries if isinstance(m, dict) and not _available_problem(m))
         models: dict[str, scoring.AvailableModel] = {}
-        for m in kept:
-            name = _entry_name(m)
+        named = tuple((_entry_name(m), m) for m in kept)
+        for name, m in named:
             details = m.get("details") if isinstance(m.get("details"), dict) else {}
             assert isinstance(details, dict)
             families = details.get("families") or []
@@ -1569,7 +1573,7 @@ class AvailableModels:
                 parameter_size=str(details.get("parameter_size") or ""),
                 capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
             )
-        return cls(kept, MappingProxyType(models), frozenset(models))
+        return cls(kept, MappingProxyType(models), frozenset(models), named)
 
     @functools.cached_property
     def public(self) -> list[JSON]:
@@ -1684,6 +1688,7 @@ class CapabilitiesReport:
 
     raw: JSON = field(default_factory=dict)
     models: tuple[tuple[str, str], ...] = ()  # (kind, normalised model name)
+    slots: Mapping[tuple[str, str], int] = field(default_factory=dict)  # as reported, 1..64
 
     @classmethod
     def parse(cls, raw: object) -> CapabilitiesReport:
@@ -1694,12 +1699,17 @@ class CapabilitiesReport:
         for kind in ("image", "stt"):
             if raw.get(kind) is not None and not isinstance(raw.get(kind), list):
                 raise _malformed(f"capabilities.{kind} must be a list")
-        return cls(raw, tuple(
-            (kind, scoring.normalize_model(str(entry["name"])))
+        named = [
+            ((kind, scoring.normalize_model(str(entry["name"]))), entry)
             for kind in ("image", "stt")
             for entry in raw.get(kind) or ()
             if isinstance(entry, dict) and entry.get("name")
-        ))
+        ]
+        slots = {
+            key: n for key, entry in named
+            if isinstance(n := entry.get("slots"), int) and 0 < n <= 64
+        }  # fmt: skip
+        return cls(raw, tuple(key for key, _ in named), MappingProxyType(slots))
 
 
 @dataclass(frozen=True, slots=True)
@@ -2451,8 +2461,7 @@ class DashboardApi:
             swap_total = num(mem, "swap_total_bytes")
             swap_free = num(mem, "swap_free_bytes")
             on_disk: list[scoring.DiskModel] = []
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+            for name, m in node.available_models.named:
                 am = snap.available.get(name)
                 on_disk.append(scoring.DiskModel(
                     name=name, size=int(m.get("size") or 0),
@@ -2462,9 +2471,7 @@ class DashboardApi:
             caps: dict[str, tuple[str, ...]] = {}
             for kind in ("image", "stt"):
                 caps[kind] = tuple(
-                    scoring.normalize_model(str(e["name"]))
-                    for e in node.capabilities.get(kind) or []
-                    if isinstance(e, dict) and e.get("name"))
+                    name for k, name in node.capabilities_report.models if k == kind)
             prefix = f"{node.node_id}:"
             model_breakers = {k[len(prefix):]: b for k, b in self.r.fleet.breakers.items()
                               if k.startswith(prefix)}
@@ -2613,7 +2620,7 @@ class DashboardApi:
         rows = await self.r.store.models(days, now=time.time())
         by_model = {str(r.get("model")): r for r in rows}
         out: list[JSON] = []
-        names = {scoring.normalize_model(str(m.get("name") or "")) for m in self.r.merged_tags()}
+        names = {_entry_name(m) for m in self.r.merged_tags()}
         for name in sorted(names | set(by_model)):
             entry: JSON = dict(by_model.get(name) or {"model": name, "requests": 0})
             entry["loaded_on"] = sorted(n.node_id for n in self.r.fleet.healthy_nodes()
@@ -3048,8 +3055,7 @@ class ModelAdmin:
         for node in self.r.fleet.nodes.values():
             loaded = node.loaded_names()
             models: list[JSON] = []
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or ""))
+            for name, m in node.available_models.named:
                 stats = last_used.get((node.node_id, name)) or {}
                 models.append({"name": m.get("name"), "size": m.get("size"),
                                "modified_at": m.get("modified_at"), "loaded": name in loaded,
@@ -3649,8 +3655,7 @@ class Fleet:
         snap = self._with_learned(node.snapshot(now), now)
         gone = scoring.predicted_evictions(rreq, snap, queues, self.r.policy)
         if gone:
-            node.set_loaded([m for m in node.loaded if scoring.normalize_model(
-                str(m.get("name") or m.get("model") or "")) not in gone], now)
+            node.set_loaded([m for name, m in node.loaded_models.named if name not in gone], now)
 
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""
@@ -4094,10 +4099,8 @@ class Fleet:
         """After serving, the model is resident: say so before the next poll confirms it."""
         if model in node.loaded_names():
             return
-        size = 0
-        for m in node.available:
-            if scoring.normalize_model(str(m.get("name") or "")) == model:
-                size = int(m.get("size") or 0)
+        am = node.available_models.models.get(model)
+        size = am.size if am is not None else 0
         node.set_loaded(
             [
                 *node.loaded,
@@ -4250,70 +4253,10 @@ class Proxy:
         vision = needs_vision(body)
         first_error: HttpError | None = None
         for index, model in enumerate(chain):
-            served_model = model
-            send_body = body
-            vram_fallback = bool(
-                allow_vram_fallback and self.r.settings.get("vram_fallback") and not pinned
-            )
-            protect = bool(self.r.settings.get("context_protection"))
-            # one fleet snapshot serves both pre-routing decisions for this model
-            snaps = self.r.fleet._snapshots(time.time()) if vram_fallback or protect else None
-            if snaps is not None and vram_fallback:
-                alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
-                if alt is not None:
-                    served_model, why = alt
-                    log.info(
-                        "request %s: vram fallback %s -> %s (%s)",
-                        attempt.request_id,
-                        model,
-                        served_model,
-                        why,
-                    )
-            if snaps is not None and protect:
-                decision = scoring.protect_context(
-                    served_model,
-                    requested_num_ctx(body),
-                    est,
-                    snaps,
-                    allow_upgrade=allow_vram_fallback,
-                )
-                if decision.action != "keep":
-                    log.debug(
-                        "request %s: context protection %s (%s)",
-                        attempt.request_id,
-                        decision.action,
-                        decision.reason,
-                    )
-                    send_body = apply_context_decision(send_body, decision)
-                    served_model = decision.model
-            if served_model != model or send_body is not body or index > 0:
-                send_body = dict(send_body)
-                send_body["model"] = (
-                    served_model if served_model != model or index > 0 else send_body.get("model")
-                )
-            attempt.fallback_used = index > 0 or served_model != model
-            payload = raw if raw is not None and send_body is body else dumps(send_body)
-            norm = scoring.normalize_model(served_model)
-            hit: scoring.AffinityEntry | None = None
-            attempt.affinity_key = None
-            if attempt.kind == "text" and not pinned:
-                keys, attempt.affinity_key = scoring.prefix_keys(
-                    norm, send_body.get("messages"), send_body.get("prompt"),
-                    send_body.get("system"), self.r.policy)
-                attempt.affinity_tokens = est
-                hit = scoring.affinity_lookup(keys, self.r.learner.affinity, time.time(),
-                                              self.r.policy)
-            rreq = scoring.RouteRequest(
-                model=norm,
-                kind=attempt.kind,
-                est_tokens=est,
-                num_ctx=requested_num_ctx(send_body),
-                max_tokens=requested_max_tokens(send_body),
-                needs_vision=vision,
-                pinned_node=pinned,
-                cache_node=hit.node_id if hit is not None else None,
-                cached_tokens=min(est, hit.tokens) if hit is not None else 0,
-            )
+            served_model, payload, rreq, snaps = self._prepare(
+                model, index, body, raw, attempt, est, vision,
+                allow_vram_fallback=allow_vram_fallback, pinned=pinned,
+            )  # fmt: skip
             send = self._inference_send(request, response, payload, attempt)
             try:
                 await self.route_with_retries(
@@ -4343,6 +4286,89 @@ class Proxy:
         )
         self.r.metrics.rejected += 1
         raise first_error
+
+    def _prepare(
+        self,
+        model: str,
+        index: int,
+        body: JSON,
+        raw: bytes | None,
+        attempt: Attempt,
+        est: int,
+        vision: bool,
+        *,
+        allow_vram_fallback: bool,
+        pinned: str | None,
+    ) -> tuple[str, bytes, scoring.RouteRequest, list[scoring.NodeSnapshot] | None]:
+        """One model of the chain (``index`` 0 = the one asked for): VRAM fallback and
+        context protection may change the model and the body; the prompt-cache affinity
+        hint. Returns the served model, the bytes to send, the routing request and the
+        fleet snapshot taken for the decisions (reused for the first choice)."""
+        served_model = model
+        send_body = body
+        vram_fallback = bool(
+            allow_vram_fallback and self.r.settings.get("vram_fallback") and not pinned
+        )
+        protect = bool(self.r.settings.get("context_protection"))
+        # one fleet snapshot serves both pre-routing decisions for this model
+        snaps = self.r.fleet._snapshots(time.time()) if vram_fallback or protect else None
+        if snaps is not None and vram_fallback:
+            alt = scoring.vram_fallback(model, snaps, vision, attempt.kind)
+            if alt is not None:
+                served_model, why = alt
+                log.info(
+                    "request %s: vram fallback %s -> %s (%s)",
+                    attempt.request_id,
+                    model,
+                    served_model,
+                    why,
+                )
+        if snaps is not None and protect:
+            decision = scoring.protect_context(
+                served_model,
+                requested_num_ctx(body),
+                est,
+                snaps,
+                allow_upgrade=allow_vram_fallback,
+            )
+            if decision.action != "keep":
+                log.debug(
+                    "request %s: context protection %s (%s)",
+                    attempt.request_id,
+                    decision.action,
+                    decision.reason,
+                )
+                send_body = apply_context_decision(send_body, decision)
+                served_model = decision.model
+        if served_model != model or send_body is not body or index > 0:
+            send_body = dict(send_body)
+            send_body["model"] = (
+                served_model if served_model != model or index > 0 else send_body.get("model")
+            )
+        attempt.fallback_used = index > 0 or served_model != model
+        payload = raw if raw is not None and send_body is body else dumps(send_body)
+        norm = scoring.normalize_model(served_model)
+        hit: scoring.AffinityEntry | None = None
+        attempt.affinity_key = None
+        if attempt.kind == "text" and not pinned:
+            keys, attempt.affinity_key = scoring.prefix_keys(
+                norm, send_body.get("messages"), send_body.get("prompt"),
+                send_body.get("system"), self.r.policy)
+            attempt.affinity_tokens = est
+            hit = scoring.affinity_lookup(keys, self.r.learner.affinity, time.time(),
+                                          self.r.policy)
+        rreq = scoring.RouteRequest(
+            model=norm,
+            kind=attempt.kind,
+            est_tokens=est,
+            num_ctx=requested_num_ctx(send_body),
+            max_tokens=requested_max_tokens(send_body),
+            needs_vision=vision,
+            pinned_node=pinned,
+            cache_node=hit.node_id if hit is not None else None,
+            cached_tokens=min(est, hit.tokens) if hit is not None else 0,
+        )
+        return served_model, payload, rreq, snaps
 
     def _unservable(
         self, rreq: scoring.RouteRequest, choice: scoring.Choice, display: str
@@ -4754,19 +4780,14 @@ class MediaJobs:
             url = node.capabilities.get("service_url")
             if not isinstance(url, str) or not url:
                 continue
-            for entry in node.capabilities.get(kind) or []:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                    out.setdefault(scoring.normalize_model(entry["name"]), []).append(node)
+            for k, name in node.capabilities_report.models:
+                if k == kind:
+                    out.setdefault(name, []).append(node)
         return out
 
     def capability_slots(self, node: Node, kind: str, model: str) -> int:
-        for entry in node.capabilities.get(kind) or []:
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
-                    and scoring.normalize_model(entry["name"]) == model:
-                slots = entry.get("slots")
-                if isinstance(slots, int) and 0 < slots <= 64:
-                    return slots
-        return 1  # agents run one job per backend at a time
+        # agents run one job per backend at a time unless they say otherwise
+        return node.capabilities_report.slots.get((kind, model), 1)
 
     def resolve_capability_model(self, kind: str, requested: str | None) -> str:
         toggle = "image_generation" if kind == "image" else "transcription"
@@ -5273,8 +5294,7 @@ class Router:
         """Union of /api/tags over healthy nodes, one entry per model name."""
         by_name: dict[str, list[JSON]] = {}
         for node in self.fleet.healthy_nodes():
-            for m in node.available:
-                name = scoring.normalize_model(str(m.get("name") or m.get("model") or ""))
+            for name, m in node.available_models.named:
                 by_name.setdefault(name, []).append(m)
         merged: list[JSON] = []
         for entries in by_name.values():
@@ -5326,7 +5346,7 @@ class Router:
         wanted = request.path[len("/v1/models/") :]
         key = scoring.normalize_model(wanted)
         for m in self.merged_tags():
-            if scoring.normalize_model(str(m.get("name") or m.get("model") or "")) == key:
+            if _entry_name(m) == key:
                 await response.json(self.v1_model_entry(m))
                 return
         raise self.model_not_found(f'"{wanted}"')

@@ -944,6 +944,10 @@ class JobGate:
                 self.completed += 1
 
 
+# discovery's log of one backend: (kind, backend, found, detail)
+Note = Callable[[str, str, bool, str], None]
+
+
 @dataclass(eq=False)
 class Backend:
     """One model an image/STT backend serves on this node."""
@@ -1182,7 +1186,6 @@ class JobService:
 
     def discover(self, which: Callable[[str], str | None] = shutil.which) -> None:
         """Find the backends this machine has; one log line per backend found or missing."""
-        cfg = self.config
         apple = platform.system() == "Darwin" and platform.machine() == "arm64"
         found: list[str] = []
 
@@ -1191,7 +1194,15 @@ class JobService:
             if ok:
                 found.append(backend)
 
-        # image: mflux, DiffusionKit (Apple Silicon), command template; Ollama models per beat
+        self._discover_image(which, apple, note)
+        self._discover_stt(which, note)
+
+    def _discover_image(
+        self, which: Callable[[str], str | None], apple: bool, note: Note
+    ) -> None:
+        """Image: mflux, DiffusionKit (Apple Silicon), a command template; Ollama's image
+        models come with each beat."""
+        cfg = self.config
         mflux_gate = self._gate()
         for exe, (name, template) in MFLUX_TEMPLATES.items():
             path = which(exe) if apple else None
@@ -1234,7 +1245,9 @@ class JobService:
             "(names with image capability, e.g. x/z-image-turbo)"
         )
 
-        # speech-to-text: faster-whisper, whisper.cpp, Qwen3-ASR, command template
+    def _discover_stt(self, which: Callable[[str], str | None], note: Note) -> None:
+        """Speech-to-text: faster-whisper, whisper.cpp, Qwen3-ASR, a command template."""
+        cfg = self.config
         fw_ok = importlib.util.find_spec("faster_whisper") is not None
         model, name = self._whisper_model()
         if fw_ok and model:

@@ -2258,7 +2258,7 @@ def vram_fallback(
 #                    `RecommendationReport` `recommendations` `usable_bytes`
 #
 # Names it takes from the routing half: `Policy` `LoadedModel` `BreakerState`
-# `resident_bytes` `_gb` `_GB`.
+# `CircuitState` `resident_bytes` `_gb` `_GB`.
 
 # ---------------------------------------------------------------------------------------
 # Health checks

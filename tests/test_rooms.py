@@ -113,3 +113,52 @@ def test_router_has_no_delegates_to_its_collaborators() -> None:
     }
     for owner, names in owned.items():
         assert router & names == set(), owner
+
+
+def test_reported_model_names_are_normalised_in_one_place() -> None:
+    """A node's /api/ps, /api/tags and capability entries get their model key where the
+    report is parsed (``_entry_name``, ``CapabilitiesReport.parse``), not at each use."""
+    scopes: dict[str, ast.AST] = {**CLASSES, **FUNCTIONS}
+    sites: set[str] = set()
+    for scope_name, scope in scopes.items():
+        for fn in ast.walk(scope):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for call in ast.walk(fn):
+                if (
+                    isinstance(call, ast.Call)
+                    and isinstance(call.func, ast.Attribute)
+                    and call.func.attr == "normalize_model"
+                    and "'name'" in ast.unparse(call.args[0])
+                ):
+                    sites.add(fn.name if scope is fn else f"{scope_name}.{fn.name}")
+    assert sites == {"_entry_name", "CapabilitiesReport.parse"}
+
+
+def test_parsed_reports_carry_names_and_job_slots() -> None:
+    import herd
+
+    tags = herd.AvailableModels.of([{"name": "Llama3", "size": 5}, {"model": "Qwen:7B"}])
+    assert [name for name, _ in tags.named] == ["llama3:latest", "qwen:7b"]
+    assert tags.named[0][1] is tags.entries[0]  # the entry as reported, for relaying
+    caps = herd.CapabilitiesReport.parse(
+        {
+            "image": [{"name": "Z-Image", "slots": 3}, {"name": "flux"}],
+            "stt": [{"name": "whisper", "slots": 99}],  # out of bounds: the default
+        }
+    )
+    assert caps.slots == {("image", "z-image:latest"): 3}
+
+
+def test_long_functions_named_in_the_issue_are_split() -> None:
+    node_tree = ast.parse((Path(__file__).resolve().parent.parent / "herd_node.py").read_text())
+    sizes = {
+        f.name: f.end_lineno - f.lineno + 1
+        for tree in (TREE, node_tree)
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+        and f.name in ("serve_routed", "discover")
+        and f.end_lineno is not None
+    }
+    assert sizes.keys() == {"serve_routed", "discover"}
+    assert max(sizes.values()) <= 60, sizes
