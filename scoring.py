@@ -198,6 +198,9 @@ class Policy:
     loading_bonus: float = 50.0  # the model is being loaded there already (joins that load)
     default_max_loaded: int = 3  # Ollama's own default OLLAMA_MAX_LOADED_MODELS (3 per GPU,
     # 3 on CPU): the cap assumed for a node until it reports one or shows more loaded at once
+    hot_load_factor: float = 0.0  # > 0: the residency bonus is at most this many of the
+    # model's own load times (in wait points), so a small, quick-loading model is not held
+    # behind a queue on the one node that has it (0: the flat hot_bonus / loading_bonus)
     fit_load_credit: float = 0.0  # share of hot_bonus a cold load earns when it fits in known
     # free memory and evicts nothing (its cost is then the load time, already in "wait")
     # -- 2. memory fit ----------------------------------------------------------------
@@ -1604,6 +1607,38 @@ def _memory_factor(
     return Factor("memory", ratio, contrib, why)
 
 
+def _thermal_factor(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    f: _Facts,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    policy: Policy,
+) -> Factor:
+    """Residency: ``_thermal``'s bonus, capped at ``hot_load_factor`` load times when that
+    is set, plus ``fit_load_credit`` for a cold load into memory known to be free."""
+    nid = node.node_id
+    thermal = f.thermal
+    if policy.hot_load_factor > 0 and f.state in ("hot", "loading") and thermal.contribution > 0:
+        _bw, load_bps = node_rates(nid, node.available, stats)
+        load_s = _load_s(stats.get((nid, req.model)), f.model_bytes, load_bps, policy)
+        cap = policy.wait_weight * policy.hot_load_factor * load_s
+        if cap < thermal.contribution:
+            thermal = replace(
+                thermal,
+                contribution=cap,
+                reason=f"{thermal.reason}; worth {policy.hot_load_factor:g} x its "
+                f"~{load_s:.1f}s load",
+            )
+    if policy.fit_load_credit > 0 and _fits_free(req, node, f):
+        credit = policy.fit_load_credit * policy.hot_bonus
+        thermal = replace(
+            thermal,
+            contribution=thermal.contribution + credit,
+            reason=f"{thermal.reason}; fits in free memory, evicts nothing (+{credit:.0f})",
+        )
+    return thermal
+
+
 def resident_count(node: NodeSnapshot, besides: str) -> int:
     """Models resident on ``node`` or being loaded there (a load herd sent counts before
     ``/api/ps`` shows it), ``besides`` not counted."""
@@ -1800,14 +1835,7 @@ def _score_node(
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
     wait, saved = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
-    thermal = f.thermal
-    if policy.fit_load_credit > 0 and _fits_free(req, node, f):
-        credit = policy.fit_load_credit * policy.hot_bonus
-        thermal = replace(
-            thermal,
-            contribution=thermal.contribution + credit,
-            reason=f"{thermal.reason}; fits in free memory, evicts nothing (+{credit:.0f})",
-        )
+    thermal = _thermal_factor(req, node, f, stats, policy)
     factors = [
         thermal,
         _memory_factor(req, node, f, queues, now, policy, spread),
