@@ -642,11 +642,12 @@ async def start_herd(procs: Procs, herd_dir: str, tmp: str, tag: str, nodes: lis
 
 
 async def start_agents(procs: Procs, herd_dir: str, tmp: str, router: str, fleet: Fleet,
-                       sims: list[str], interval: float, host_memory: bool) -> None:
+                       sims: list[str], interval: float, host_memory: bool,
+                       tag: str = "") -> None:
     for spec, url in zip(fleet.nodes, sims, strict=True):
         args = ["--router-url", router, "--ollama-url", url, "--node-id", spec.name,
                 "--advertise-url", url, "--port", "0", "--interval", str(interval),
-                "--data-dir", os.path.join(tmp, f"agent-{spec.name}"), "--log-level", "WARNING",
+                "--data-dir", os.path.join(tmp, f"agent{tag}-{spec.name}"), "--log-level", "WARNING",
                 "--whisper-model", "none"]
         env = {"OLLAMA_NUM_PARALLEL": str(spec.slots),
                "OLLAMA_MAX_LOADED_MODELS": str(spec.max_loaded)}
@@ -756,8 +757,13 @@ async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                 extra = [a for a in variants[p] if not a.startswith("@dir=")]
                 vdir = next((a[5:] for a in variants[p]
                              if a.startswith("@dir=")), herd_dir)
-                router = await start_herd(procs, vdir, tmp, p, sims[p], interval,
-                                          [*herd_args, *extra])
+                agents = "@agents" in extra
+                extra = [a for a in extra if a != "@agents"]
+                router = await start_herd(procs, vdir, tmp, p, [] if agents else sims[p],
+                                          interval, [*herd_args, *extra])
+                if agents:
+                    await start_agents(procs, vdir, tmp, router, fleet, sims[p], interval,
+                                       host_memory, tag=p[len("herd-node"):])
                 disps[p] = Dispatcher(p, sims[p], pools, seed, router)
             elif p == "herd-agents":
                 router = await start_herd(procs, herd_dir, tmp, p, [], interval, herd_args)
@@ -946,7 +952,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also run herd-node[LABEL] with these extra router flags (space "
                         "separated), on its own fleet in the same run: a paired A/B, e.g. "
                         "'hb5:--scoring=hot_bonus=5'; '@dir=PATH' among the flags runs another "
-                        "checkout's herd.py, e.g. 'old:@dir=/tmp/old' (repeatable; no target)")
+                        "checkout's herd.py, e.g. 'old:@dir=/tmp/old'; '@agents' runs it "
+                        "with one agent per node, as herd-agents (repeatable; no target)")
     p.add_argument("--dump-requests", metavar="FILE",
                    help="append every request's result (policy, node, latency, the node's "
                         "own timings) to this JSONL file, for diagnosis")
