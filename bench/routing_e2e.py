@@ -647,8 +647,8 @@ async def start_agents(procs: Procs, herd_dir: str, tmp: str, router: str, fleet
     for spec, url in zip(fleet.nodes, sims, strict=True):
         args = ["--router-url", router, "--ollama-url", url, "--node-id", spec.name,
                 "--advertise-url", url, "--port", "0", "--interval", str(interval),
-                "--data-dir", os.path.join(tmp, f"agent{tag}-{spec.name}"), "--log-level", "WARNING",
-                "--whisper-model", "none"]
+                "--data-dir", os.path.join(tmp, f"agent{tag}-{spec.name}"),
+                "--log-level", "WARNING", "--whisper-model", "none"]
         env = {"OLLAMA_NUM_PARALLEL": str(spec.slots),
                "OLLAMA_MAX_LOADED_MODELS": str(spec.max_loaded)}
         if host_memory:
