@@ -3,8 +3,8 @@ each in front of its own identical fleet of simulated Ollama nodes (``bench/sim_
 
 Usage::
 
-    python bench/routing_e2e.py --quick          # 3-node fleet, seed 1, ~75 s
-    python bench/routing_e2e.py                  # 3 fleets x 3 seeds, ~14 min
+    python bench/routing_e2e.py --quick          # 3-node fleet, seed 1, ~90 s
+    python bench/routing_e2e.py                  # 3 fleets x 3 seeds, ~20 min
     python bench/routing_e2e.py --fleet mixed --seeds 1 2 --duration 60
     python bench/routing_e2e.py --policies lo herd-node       # fewer processes
     python bench/routing_e2e.py --herd-dir /work/wt-x         # another checkout's herd
@@ -926,12 +926,14 @@ def summary(report: list[JSON]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3-node fleet, seed 1, 25 s")
+    p.add_argument("--quick", action="store_true", help="3-node fleet, seed 1, 40 s")
     p.add_argument("--fleet", action="append", choices=("three", "mixed", "onebig"),
                    help="fleets to run (repeatable; default all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--duration", type=float, default=35.0,
-                   help="seconds of measured arrivals per run (default 35; --quick 25)")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds of measured arrivals per run (default 60; --quick 40): "
+                        "30-odd requests make p99 the maximum and one early placement the "
+                        "whole verdict")
     p.add_argument("--warmup", type=float, default=8.0,
                    help="seconds of unmeasured arrivals first (the fleet starts empty)")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
@@ -967,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   for k, f in fleets(args.keep_alive).items()}
     names = args.fleet or (["three"] if args.quick else list(all_fleets))
     seeds = [1] if args.quick else args.seeds
-    duration = 25.0 if args.quick and args.duration == 35.0 else args.duration
+    duration = 40.0 if args.quick and args.duration == 60.0 else args.duration
     herd_dir = os.path.abspath(args.herd_dir)
     variants: dict[str, list[str]] = {}
     for v in args.variant:
