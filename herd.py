@@ -2025,6 +2025,7 @@ class SlotQueue:
     kind: str = "text"
     slots: int = 1
     sure: int = 0  # slots confirmed (told, reported or seen at once); 0: all of them
+    progress_at: float = 0.0  # epoch s a slot last freed, or the idle queue took a request
     pending: int = 0
     in_flight: int = 0
     done: int = 0
@@ -2039,9 +2040,11 @@ class SlotQueue:
         snapshot instead of building a new one."""
         snap = self.last_snapshot
         if (snap.in_flight != self.in_flight or snap.pending != self.pending
-                or snap.slots != self.slots or snap.sure != self.sure):
+                or snap.slots != self.slots or snap.sure != self.sure
+                or snap.progress_at != self.progress_at):
             snap = self.last_snapshot = scoring.QueueSnapshot(
-                pending=self.pending, in_flight=self.in_flight, slots=self.slots, sure=self.sure
+                pending=self.pending, in_flight=self.in_flight, slots=self.slots,
+                sure=self.sure, progress_at=self.progress_at,
             )
         return snap
 
@@ -2058,11 +2061,14 @@ class SlotQueue:
         }
 
     def take(self) -> None:
+        if self.in_flight == 0:
+            self.progress_at = time.time()
         self.in_flight += 1
 
     def release(self) -> None:
         """A slot frees: it goes to the longest-waiting waiter of this queue, if any."""
         self.in_flight -= 1
+        self.progress_at = time.time()
         self.hand_over()
 
     def resize(self, slots: int) -> None:
@@ -2080,6 +2086,8 @@ class SlotQueue:
     def hand_over(self) -> None:
         while self.in_flight < max(1, self.slots) and self.waiters:
             _, w = self.waiters.popitem(last=False)
+            if self.in_flight == 0:
+                self.progress_at = time.time()
             self.in_flight += 1
             w.grant(self)
 

@@ -169,6 +169,7 @@ class QueueSnapshot:
     slots: int = 1
     sure: int = 0  # slots known to run at once (told, reported or seen); 0: all of them.
     # Admitted slots past ``sure`` are a probe: the request may queue inside Ollama.
+    progress_at: float = 0.0  # epoch s a slot last freed (or the queue last became busy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,6 +277,8 @@ class Policy:
     slot_clean_max_ms: float = 60.0  # hidden time at or below this (or clean_share): no queue
     slot_clean_share: float = 0.03
     slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
+    stall_aware: bool = True  # a queue whose slots have not freed for longer than they
+    # should expects to wait at least that long again (see QueueSnapshot.progress_at)
     probe_risk: float = 0.5  # chance a request on an unconfirmed (probe) slot queues inside
     # Ollama behind the ones in flight: its expected wait counts that much of their rest
     slot_bound_ttl_s: float = 300.0  # an upper bound older than this is probed again
@@ -1696,6 +1699,15 @@ def _wait_factor(
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     ahead = max(0, f.outstanding - slots + 1)
     queue_wait = ahead * typical / slots
+    stalled = 0.0
+    if policy.stall_aware and ahead > 0 and q.progress_at > 0:
+        stalled = now - q.progress_at
+    if stalled > typical / slots:
+        # no slot has freed for longer than one should take (the node is stuck behind a
+        # load or a drain, or slower than measured): expect to wait at least that long again
+        queue_wait = max(queue_wait, stalled + (ahead - 1) * typical / slots)
+    else:
+        stalled = 0.0
     probe = ahead == 0 and 0 < q.sure < slots and q.in_flight >= q.sure
     if probe:  # a slot herd admits to find the node's parallelism, not one it has seen
         queue_wait += policy.probe_risk * typical / (q.in_flight + 1)
@@ -1718,7 +1730,8 @@ def _wait_factor(
         -policy.wait_weight * expected,
         f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
         + (" (measured)" if st is not None and st.count > 0 else " (prior)")
-        + ("; an unconfirmed (probe) slot" if probe else ""),
+        + ("; an unconfirmed (probe) slot" if probe else "")
+        + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else ""),
     )
     return factor, saved
 

@@ -602,3 +602,43 @@ async def test_an_agentless_node_is_assumed_to_hold_ollamas_default_three_models
         assert fleet._snapshots(time.time())[0].max_loaded == 0
     finally:
         await client._client.aclose()
+
+
+def test_a_queue_whose_slots_stopped_freeing_expects_to_wait_that_long_again() -> None:
+    """Node a's one slot has not freed for 12 s where requests take ~1 s (stuck behind a
+    load or a drain inside Ollama): a request queued there expects >= 12 s, so an idle b
+    with the model hot wins; a slot that freed a moment ago expects the usual ~1 s."""
+    snaps, _ = two_hot_nodes()
+    obs = scoring.Observation(ok=True, completion_tokens=50, eval_ms=900.0, total_ms=1000.0)
+    st = scoring.observe(None, obs, P)
+    stats = {("a", "m:latest"): st, ("b", "m:latest"): st}
+    req = RouteRequest("m:latest", est_tokens=10)
+    stuck = {("a", "m:latest"): QueueSnapshot(in_flight=1, slots=1, progress_at=NOW - 12.0),
+             ("b", "m:latest"): QueueSnapshot(in_flight=1, slots=1, progress_at=NOW - 0.2)}
+    ranked = scoring.score_nodes(req, snaps, stuck, stats, {}, NOW, P)
+    wait = {s.node_id: s.factor("wait") for s in ranked}
+    wa, wb = wait["a"], wait["b"]
+    assert wa is not None and wb is not None
+    assert wa.value >= 12.0 and "no slot freed for 12" in wa.reason
+    assert wb.value < 3.0 and "no slot freed" not in wb.reason
+    assert ranked[0].node_id == "b"
+    off = dataclasses.replace(P, stall_aware=False)
+    wa_off = next(s for s in scoring.score_nodes(req, snaps, stuck, stats, {}, NOW, off)
+                  if s.node_id == "a").factor("wait")
+    assert wa_off is not None and wa_off.value < 3.0
+
+
+def test_slot_queue_records_when_a_slot_last_freed() -> None:
+    import herd
+
+    q = herd.SlotQueue(node_id="n", model="m:latest", slots=2)
+    assert q.snapshot().progress_at == 0.0
+    q.take()
+    first = q.progress_at
+    assert first > 0 and q.snapshot().progress_at == first
+    time.sleep(0.01)
+    q.take()  # a busy queue taking another request is no progress
+    assert q.progress_at == first
+    q.release()
+    assert q.progress_at > first
+    assert q.snapshot().progress_at == q.progress_at
