@@ -2030,7 +2030,6 @@ class SlotQueue:
     in_flight: int = 0
     done: int = 0
     failed: int = 0
-    last_used: float = 0.0
     waiters: OrderedDict[int, Waiter] = field(default_factory=OrderedDict, repr=False)
     last_snapshot: scoring.QueueSnapshot = field(default_factory=scoring.QueueSnapshot,
                                                  repr=False)
@@ -3304,7 +3303,6 @@ class Admission:
         self, node: Node, q: SlotQueue, rreq: scoring.RouteRequest, choice: scoring.Choice,
         now: float, start: float,
     ) -> tuple[Node, SlotQueue, scoring.Choice, float]:
-        q.last_used = now
         if rreq.kind in ("text", "embed") and rreq.model not in node.loaded_names():
             node.loading.setdefault(rreq.model, now)
             self.r.fleet.note_evictions(node, rreq, self._queue_snapshots(rreq.model, rreq.kind),
