@@ -1319,23 +1319,27 @@ def _victims(
     model: str,
     deficit: int,
     queues: Mapping[tuple[str, str], QueueSnapshot],
+    drain: bool = False,
 ) -> tuple[list[tuple[float, str, int]], int]:
     """Idle models Ollama would evict (least recently used first, by ``expires_at``) to free
     ``deficit`` bytes, as (expires_at, name, size), and the bytes they free. Models with
-    requests in flight or queued cannot be evicted."""
+    requests in flight or queued cannot be evicted at once; with ``drain``, when the idle
+    ones are not enough, busy ones follow (least recently used first): Ollama marks them,
+    lets their requests finish, and unloads them, with the node's queue blocked meanwhile."""
     idle: list[tuple[float, str, int]] = []
+    busy: list[tuple[float, str, int]] = []
     for name, lm in node.loaded.items():
         if name == model:
             continue
         q = queues.get((node.node_id, name))
-        if q is not None and q.in_flight + q.pending > 0:
-            continue
         exp = lm.expires_at if lm.expires_at is not None else math.inf
-        idle.append((exp, name, lm.size))
+        (busy if q is not None and q.in_flight + q.pending > 0 else idle).append(
+            (exp, name, lm.size)
+        )
     idle.sort()
     out: list[tuple[float, str, int]] = []
     freed = 0
-    for victim in idle:
+    for victim in idle + (sorted(busy) if drain else []):
         if freed >= deficit:
             break
         out.append(victim)
@@ -1351,7 +1355,9 @@ def predicted_evictions(
 ) -> tuple[str, ...]:
     """Models that loading ``req.model`` on ``node`` is expected to evict (the router stops
     counting them as hot there at once, instead of at the next ``/api/ps``): for memory
-    (known or bounded, not a mere lower bound) or for the number of loaded models."""
+    (known or bounded, not a mere lower bound) or for the number of loaded models. Busy
+    models count too when the idle ones are not enough: Ollama drains and then unloads
+    them, and takes no new request for them meanwhile."""
     if req.model in node.loaded:
         return ()
     deficit = 0
@@ -1365,7 +1371,7 @@ def predicted_evictions(
         deficit = max(deficit, 1)  # the count is full: the least recently used goes
     if deficit <= 0:
         return ()
-    victims, _freed = _victims(node, req.model, deficit, queues)
+    victims, _freed = _victims(node, req.model, deficit, queues, drain=True)
     return tuple(name for _exp, name, _size in victims)
 
 

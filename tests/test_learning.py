@@ -182,9 +182,13 @@ def test_a_learned_lower_bound_alone_does_not_predict_an_eviction() -> None:
         req, node("n", {"a": lm("a", 6, 280)}, 8, "learned_fit"), queues, P) == ()
     assert scoring.predicted_evictions(
         req, node("n", {"a": lm("a", 2, 280)}, 20, "learned"), queues, P) == ()
+    # a busy model is not spared: Ollama drains it (no new requests for it) and unloads it
     busy = {**queues, ("n", "a"): QueueSnapshot(in_flight=1)}
     assert scoring.predicted_evictions(
-        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"), busy, P) == ()
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"), busy, P) == ("a",)
+    # idle models go first; a busy one only when they are not enough
+    two = node("n", {"a": lm("a", 3, 280), "b": lm("b", 3, 100)}, 8, "learned")
+    assert scoring.predicted_evictions(req, two, busy, P) == ("b",)
 
 
 # ---------------------------------------------------------------------- affinity -------
