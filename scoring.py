@@ -279,6 +279,8 @@ class Policy:
     slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
     stall_aware: bool = True  # a queue whose slots have not freed for longer than they
     # should expects to wait at least that long again (see QueueSnapshot.progress_at)
+    impact_weight: float = 1.0  # seconds of delay a request imposes on the streams it runs
+    # beside (decode slows for all of them) count this much against a node (0: ignore them)
     probe_risk: float = 0.5  # chance a request on an unconfirmed (probe) slot queues inside
     # Ollama behind the ones in flight: its expected wait counts that much of their rest
     slot_bound_ttl_s: float = 300.0  # an upper bound older than this is probed again
@@ -1686,9 +1688,10 @@ def _wait_factor(
     now: float,
     policy: Policy,
     node_in_flight: int,
-) -> tuple[Factor, float]:
-    """Expected seconds until this request completes (queue + load + run), and the prefill
-    seconds a cached conversation prefix saves."""
+) -> tuple[Factor, float, float]:
+    """Expected seconds until this request completes (queue + load + run), the prefill
+    seconds a cached conversation prefix saves, and the delay it adds to the node's other
+    streams (``_impact_s``)."""
     nid = node.node_id
     state, slots, q = f.state, f.slots, f.q
     st = stats.get((nid, req.model))
@@ -1739,7 +1742,17 @@ def _wait_factor(
         + ("; an unconfirmed (probe) slot" if probe else "")
         + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else ""),
     )
-    return factor, saved
+    return factor, saved, _impact_s(concurrent, slow, run, policy)
+
+
+def _impact_s(others: int, slow: float, run: float, policy: Policy) -> float:
+    """Seconds of delay a new stream adds to the ``others`` already decoding on the node:
+    each runs ``slow`` x slower per extra stream while they overlap (on average half the
+    new request's run, the others being half done)."""
+    if others <= 0 or slow <= 0 or policy.impact_weight <= 0:
+        return 0.0
+    overlap = 0.5 * run
+    return policy.impact_weight * others * slow * overlap / (1.0 + slow * (others - 1))
 
 
 def _cache_factor(req: RouteRequest, nid: str, state: str, saved: float, policy: Policy) -> Factor:
@@ -1853,7 +1866,7 @@ def _score_node(
     f = _eligibility(req, node, q, breakers, now, policy)
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
-    wait, saved = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
+    wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
     thermal = _thermal_factor(req, node, f, stats, policy)
     factors = [
         thermal,
@@ -1863,6 +1876,9 @@ def _score_node(
     ]
     if saved > 0 or req.cache_node == nid:
         factors.append(_cache_factor(req, nid, f.state, saved, policy))
+    if impact > 0:
+        factors.append(Factor("impact", impact, -policy.wait_weight * impact,
+                              f"slows the node's other streams by ~{impact:.1f}s in all"))
     factors.append(_affinity_factor(f, policy))
     factors.append(_availability_factor(req, node, stats, breakers, policy))
     factors.append(_context_factor(req, f, policy))

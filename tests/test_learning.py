@@ -418,7 +418,8 @@ def test_a_learned_slowdown_makes_a_busy_node_expect_its_real_time() -> None:
     assert fast is not None and slow is not None
     req = RouteRequest("m:latest", est_tokens=100)
     stats = {("a", "m:latest"): fast, ("b", "m:latest"): slow}
-    choice = scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, P)
+    own = dataclasses.replace(P, impact_weight=0.0)  # the request's own time alone
+    choice = scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, own)
     assert choice.node_id == "b"
     wait_a = next(s for s in choice.ranked if s.node_id == "a").factor("wait")
     assert wait_a is not None
@@ -426,7 +427,7 @@ def test_a_learned_slowdown_makes_a_busy_node_expect_its_real_time() -> None:
     assert 3.0 < wait_a.value < 3.5
     # without the stream counts, herd only has the average speed and the prior
     blind = {k: dataclasses.replace(v, conc_n=0) for k, v in stats.items()}
-    assert scoring.choose(req, snaps, queues, blind, {}, NOW, 0.0, P).node_id == "a"
+    assert scoring.choose(req, snaps, queues, blind, {}, NOW, 0.0, own).node_id == "a"
 
 
 async def test_router_feeds_the_streams_in_flight_into_what_it_learns(
@@ -646,3 +647,29 @@ def test_slot_queue_records_when_a_slot_last_freed() -> None:
     q.release()
     assert q.progress_at > first
     assert q.snapshot().progress_at == q.progress_at
+
+
+def test_a_stream_counts_the_delay_it_adds_to_the_others_on_its_node() -> None:
+    """Node a is faster for this request alone even with 5 streams on it (1.75 s against
+    b's 2 s), but a sixth stream slows those 5 down: counting that delay (the "impact"
+    factor, ~0.4 s here) sends the request to the idle node b; with impact_weight 0 only
+    its own time counts and a wins. (The queue-depth factor is off to isolate the two.)"""
+    snaps, queues = two_hot_nodes(slots=8)
+    queues[("a", "m:latest")] = QueueSnapshot(in_flight=5, slots=8)
+    fast: scoring.ServiceStats | None = None
+    slow: scoring.ServiceStats | None = None
+    for _ in range(30):
+        fast = scoring.observe(fast, decode_obs(0, 0.0, solo_tps=100.0), P)
+        slow = scoring.observe(slow, decode_obs(0, 0.0, solo_tps=50.0), P)
+    assert fast is not None and slow is not None
+    stats = {("a", "m:latest"): fast, ("b", "m:latest"): slow}
+    req = RouteRequest("m:latest", est_tokens=0)
+    pol = dataclasses.replace(P, queue_weight=0.0)
+    alone = dataclasses.replace(pol, impact_weight=0.0)
+    assert scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, alone).node_id == "a"
+    choice = scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, pol)
+    assert choice.node_id == "b"
+    a = next(s for s in choice.ranked if s.node_id == "a")
+    impact = a.factor("impact")
+    assert impact is not None and impact.value > 0 and "other streams" in impact.reason
+    assert choice.ranked[0].factor("impact") is None  # nobody else runs on b
