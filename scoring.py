@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -549,6 +549,49 @@ def expected_service_s(
     return load + max(0, req.est_tokens) / prompt_tps + completion / decode_tps
 
 
+class FleetStats(Mapping[tuple[str, str], ServiceStats]):
+    """Every ``node:model``'s statistics (read-only), also grouped by node, built once.
+
+    ``score_nodes`` wraps its ``stats`` in one: the per-node learning (``node_rates``,
+    ``stream_slowdown``) then reads a node's own entries instead of scanning the whole
+    fleet's for every node it scores. Same entries, same order, same results."""
+
+    __slots__ = ("_all", "_by_node")
+
+    def __init__(self, stats: Mapping[tuple[str, str], ServiceStats]) -> None:
+        self._all = stats
+        self._by_node: dict[str, list[tuple[tuple[str, str], ServiceStats]]] | None = None
+
+    def __getitem__(self, key: tuple[str, str]) -> ServiceStats:
+        return self._all[key]
+
+    def get(self, key: tuple[str, str], default: object = None) -> ServiceStats | None:  # type: ignore[override]
+        return self._all.get(key, default)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def node_items(self, node_id: str) -> Sequence[tuple[tuple[str, str], ServiceStats]]:
+        """``node_id``'s entries, in the order the whole mapping holds them."""
+        if self._by_node is None:
+            self._by_node = {}
+            for key, st in self._all.items():
+                self._by_node.setdefault(key[0], []).append((key, st))
+        return self._by_node.get(node_id, ())
+
+
+def _node_items(
+    stats: Mapping[tuple[str, str], ServiceStats], node_id: str
+) -> Iterable[tuple[tuple[str, str], ServiceStats]]:
+    """The entries of ``stats`` that may belong to ``node_id`` (callers still check)."""
+    if isinstance(stats, FleetStats):
+        return stats.node_items(node_id)
+    return stats.items()
+
+
 def stream_slowdown(
     node_id: str, stats: Mapping[tuple[str, str], ServiceStats], policy: Policy
 ) -> tuple[float, bool]:
@@ -561,7 +604,7 @@ def stream_slowdown(
     that barely varied: the prior ``busy_slowdown``.
     """
     w_sum = c_sum = 0.0
-    for (n, _m), st in stats.items():
+    for (n, _m), st in _node_items(stats, node_id):
         if n != node_id or st.conc_n < policy.slowdown_min_n:
             continue
         var = st.conc_kk - st.conc_k * st.conc_k
@@ -588,7 +631,7 @@ def node_rates(
     a model never served on a node still gets a node-specific prior.
     """
     bw_sum = bw_n = ld_sum = ld_n = 0.0
-    for (n, m), st in stats.items():
+    for (n, m), st in _node_items(stats, node_id):
         if n != node_id:
             continue
         am = available.get(m)
@@ -1294,6 +1337,8 @@ def score_nodes(
     for (nid, _m), q in queues.items():
         busy[nid] = busy.get(nid, 0) + q.in_flight
     spread = model_spread(nodes, now)
+    if not isinstance(stats, FleetStats):
+        stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
