@@ -1685,6 +1685,11 @@ class Node:
     loading: dict[str, float] = field(default_factory=dict)  # model → when a load was sent
     held_since: float = 0.0  # pending / rejected (consent): since when, and why
     held_reason: str = ""
+    # the last snapshot and what it was built from (``snapshot`` reuses it while unchanged)
+    snap_cache: SnapshotCache | None = field(default=None, repr=False, compare=False)
+    # the snapshot with what the router learned folded in, and the inputs of that
+    # (``Fleet._with_learned``): snapshot, reported model cap, memory bounds, capacity
+    learned_cache: LearnedCache | None = field(default=None, repr=False, compare=False)
 
     # the reports' entries as reported (read-only: replaced by polls and heartbeats)
     @property
@@ -1731,6 +1736,45 @@ class Node:
                 del self.recently_unloaded[name]
 
     def snapshot(self, now: float) -> scoring.NodeSnapshot:
+        """What scoring reads of this node at ``now``. Every request snapshots every node:
+        while nothing it is built from changed (the reports are frozen objects, replaced
+        whole; the two small dicts are compared by value) and ``now`` has not passed a
+        loaded model's expiry or a load's 900 s horizon, the same frozen snapshot serves."""
+        c = self.snap_cache
+        if (
+            c is not None
+            and c.since <= now <= c.expires
+            and now < c.loading_until
+            and c.status == self.status
+            and c.reachable == self.reachable
+            and c.loaded_models is self.loaded_models
+            and c.available_models is self.available_models
+            and c.hardware_report is self.hardware_report
+            and c.capabilities_report is self.capabilities_report
+            and c.num_parallel == self.num_parallel
+            and c.loading == self.loading
+            and c.snap.recently_unloaded == self.recently_unloaded
+        ):
+            return c.snap
+        snap = self._build_snapshot(now)
+        self.snap_cache = SnapshotCache(
+            snap=snap,
+            since=now,
+            expires=min((lm.expires_at for lm in snap.loaded.values()
+                         if lm.expires_at is not None), default=math.inf),
+            loading_until=min((t + 900 for t in snap.loading.values()), default=math.inf),
+            status=self.status,
+            reachable=self.reachable,
+            loaded_models=self.loaded_models,
+            available_models=self.available_models,
+            hardware_report=self.hardware_report,
+            capabilities_report=self.capabilities_report,
+            num_parallel=self.num_parallel,
+            loading=dict(self.loading),
+        )
+        return snap
+
+    def _build_snapshot(self, now: float) -> scoring.NodeSnapshot:
         loaded = {name: lm for name, lm in self.loaded_models.models.items()
                   if lm.expires_at is None or lm.expires_at >= now}  # expired: unloading
         available = dict(self.available_models.models)
@@ -1797,6 +1841,30 @@ class Node:
     def available_json(self) -> bytes:
         """``available_public()`` encoded, once per reported list (most of /fleet/status)."""
         return self.available_models.encoded
+
+
+LearnedCache = tuple[scoring.NodeSnapshot, int | None, "scoring.MemoryBounds | None",
+                     tuple[int, str] | None, scoring.NodeSnapshot]
+
+
+@dataclass(slots=True, frozen=True)
+class SnapshotCache:
+    """A node's last snapshot, the inputs it was built from, and the span of ``now`` it
+    holds for (``since`` .. the first loaded model's expiry, before the first load in
+    progress turns 900 s old)."""
+
+    snap: scoring.NodeSnapshot
+    since: float
+    expires: float
+    loading_until: float
+    status: str
+    reachable: bool
+    loaded_models: LoadedModels
+    available_models: AvailableModels
+    hardware_report: HardwareReport
+    capabilities_report: CapabilitiesReport
+    num_parallel: int | None
+    loading: dict[str, float]
 
 
 NODE_TOP_FIELDS = frozenset({"memory", "cpu", "disk"})  # hardware shown at a node's top level
@@ -2121,6 +2189,21 @@ def prom_escape(value: str) -> str:
 # =======================================================================================
 # Request bookkeeping
 # =======================================================================================
+
+
+def ended_since(ends: deque[float], since: float, run_start: float, tol: float
+                ) -> tuple[int, bool]:
+    """Of the answers that ended after ``since`` (``ends``: end times in time order): how
+    many ended by ``run_start``, and whether one ended within ``tol`` of it. Reads only
+    those newest entries, not the whole history."""
+    finished = 0
+    freed = False
+    for t in reversed(ends):
+        if t <= since:
+            break
+        finished += t <= run_start
+        freed = freed or abs(t - run_start) <= tol
+    return finished, freed
 
 
 @dataclass(slots=True)
@@ -3405,20 +3488,36 @@ class Fleet:
         return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]
 
     def _with_learned(self, snap: scoring.NodeSnapshot, now: float) -> scoring.NodeSnapshot:
-        """A node nobody reports memory for gets the capacity learned from /api/ps."""
+        """A node nobody reports memory for gets the capacity learned from /api/ps. The
+        result is reused while its inputs are the same objects and values."""
         node = self.nodes.get(snap.node_id)
         reported_cap = node.max_loaded_models if node is not None else None
+        mb = self.memory_bounds.get(snap.node_id)
+        cap = mb.capacity(now, self.r.policy) if mb is not None else None
+        hit = node.learned_cache if node is not None else None
+        if (hit is not None and hit[0] is snap and hit[1] == reported_cap and hit[2] is mb
+                and hit[3] == cap):
+            return hit[4]
+        out = self._apply_learned(snap, reported_cap, mb, cap)
+        if node is not None:
+            node.learned_cache = (snap, reported_cap, mb, cap, out)
+        return out
+
+    @staticmethod
+    def _apply_learned(
+        snap: scoring.NodeSnapshot, reported_cap: int | None, mb: scoring.MemoryBounds | None,
+        capacity: tuple[int, str] | None,
+    ) -> scoring.NodeSnapshot:
         if reported_cap:
             snap = dataclasses.replace(snap, max_loaded=reported_cap)
-        mb = self.memory_bounds.get(snap.node_id)
-        if mb is None:
+        if mb is None or capacity is None:
             return snap
         if mb.keep_alive_s > 0 or (mb.model_cap and not reported_cap):
             snap = dataclasses.replace(snap, keep_alive_s=mb.keep_alive_s,
                                        max_loaded=reported_cap or mb.model_cap)
         if snap.ram_total > 0 or snap.vram_total > 0:
             return snap
-        cap, how = mb.capacity(now, self.r.policy)
+        cap, how = capacity
         if cap <= 0:
             return snap
         used = sum(lm.size for lm in snap.loaded.values())
@@ -3466,10 +3565,9 @@ class Fleet:
                                                attempt.dispatch_hot)
             if queue_ms is not None:
                 run_start = end - (pe + ev) / 1000.0
-                finished = sum(1 for t in ends if attempt.dispatch_mono < t <= run_start)
-                clean_k = attempt.dispatch_k - finished
                 tol = 0.25 + 0.02 * queue_ms / 1000.0
-                freed = any(abs(t - run_start) <= tol for t in ends if t > attempt.dispatch_mono)
+                finished, freed = ended_since(ends, attempt.dispatch_mono, run_start, tol)
+                clean_k = attempt.dispatch_k - finished
                 if not attempt.dispatch_hot:  # a load's wait may hide a slot wait: k=1 only
                     clean_k = min(clean_k, 1)
                 self.slot_bounds[key] = scoring.learn_slots(

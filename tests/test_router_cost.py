@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import time
+from collections import deque
 from typing import Any
+
+import pytest
 
 import herd
 import scoring
@@ -83,3 +88,125 @@ def test_score_nodes_reads_each_stats_entry_once_not_once_per_node() -> None:
                 == scoring.node_rates(n.node_id, n.available, by_node))
         assert (scoring.stream_slowdown(n.node_id, dict(stats), scoring.Policy())
                 == scoring.stream_slowdown(n.node_id, by_node, scoring.Policy()))
+
+
+# ---------------------------------------------------------------------------------------
+# Node.snapshot: one frozen snapshot while nothing it is built from changed
+# ---------------------------------------------------------------------------------------
+
+T0 = 1_790_000_000.0
+
+
+def static_node() -> herd.Node:
+    node = herd.Node(node_id="n1", url="http://127.0.0.1:1", source="static",
+                     status="online", reachable=True)
+    node.available = [{"name": "a:1b", "size": 1 << 30}, {"name": "b:1b", "size": 2 << 30}]
+    node.set_loaded([{"name": "a:1b", "size": 1 << 30, "size_vram": 0,
+                      "expires_at": herd.rfc3339(T0 + 100)}], T0)
+    return node
+
+
+def test_node_snapshot_is_reused_while_unchanged() -> None:
+    node = static_node()
+    first = node.snapshot(T0)
+    assert node.snapshot(T0 + 5) is first
+    assert node.snapshot(T0 + 99) is first
+
+
+@pytest.mark.parametrize("change", [
+    "status", "reachable", "loaded", "available", "hardware", "capabilities",
+    "num_parallel", "loading", "loading_gone", "unloaded", "expiry", "loading_age",
+    "clock_back",
+])
+def test_node_snapshot_follows_every_change(change: str) -> None:
+    """After any change the snapshot is rebuilt, equal to one built from scratch."""
+    node = static_node()
+    now = T0 + 10
+    node.loading["b:1b"] = T0
+    before = node.snapshot(now)
+    if change == "status":
+        node.status = "degraded"
+    elif change == "reachable":
+        node.reachable = False
+    elif change == "loaded":
+        node.set_loaded([], now)
+    elif change == "available":
+        node.available = [{"name": "c:1b", "size": 1}]
+    elif change == "hardware":
+        node.hardware_report = herd.HardwareReport.parse(
+            {"memory": {"total_bytes": 64 << 30, "available_bytes": 1 << 30}})
+    elif change == "capabilities":
+        node.capabilities_report = herd.CapabilitiesReport.parse(
+            {"image": [{"name": "flux"}]})
+    elif change == "num_parallel":
+        node.num_parallel = 4
+    elif change == "loading":
+        node.loading["c:1b"] = now
+    elif change == "loading_gone":
+        del node.loading["b:1b"]
+    elif change == "unloaded":
+        node.recently_unloaded["z:1b"] = now
+    elif change == "expiry":
+        now = T0 + 100.5  # a:1b's keep-alive ran out: no longer hot
+    elif change == "loading_age":
+        now = T0 + 900.5  # the load sent at T0 is no longer "loading"
+    elif change == "clock_back":
+        now = T0 + 1  # the wall clock stepped back: rebuilt, not trusted
+    after = node.snapshot(now)
+    assert after is not before
+    assert after == node._build_snapshot(now)
+    assert after != before or change == "clock_back"
+    assert node.snapshot(now) is after  # and reused again from there
+
+
+async def test_learned_snapshot_is_reused_while_unchanged(
+        make_router: Any, make_fake: Any) -> None:
+    fake = await make_fake()
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    fleet = r.router.fleet
+    now = time.time()
+    first = fleet._snapshots(now)
+    assert all(a is b for a, b in zip(first, fleet._snapshots(now + 1), strict=True))
+    node = next(iter(fleet.nodes.values()))
+    node.max_loaded_models = 7  # a reported model cap is folded in: a new snapshot
+    again = fleet._snapshots(now + 1)
+    assert again[0] is not first[0] and again[0].max_loaded == 7
+    assert fleet._snapshots(now + 2)[0] is again[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Slot learning reads the answers that ended during this one, not all 256 remembered
+# ---------------------------------------------------------------------------------------
+
+
+class CountingDeque(deque[float]):
+    pulled = 0
+
+    def __iter__(self) -> Any:
+        for t in super().__iter__():
+            self.pulled += 1
+            yield t
+
+    def __reversed__(self) -> Any:
+        for t in super().__reversed__():
+            self.pulled += 1
+            yield t
+
+
+def test_ended_since_reads_only_the_newest_entries() -> None:
+    ends = CountingDeque([float(t) for t in range(250)], maxlen=256)
+    ends.extend([300.0, 301.5, 303.0])
+    assert herd.ended_since(ends, since=299.0, run_start=301.6, tol=0.25) == (2, True)
+    assert ends.pulled <= 4  # the 3 newer ones and the first older one, not 2 x 253
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ended_since_matches_a_full_scan(seed: int) -> None:
+    rng = random.Random(seed)
+    ends = deque(sorted(rng.uniform(0, 100) for _ in range(rng.randint(0, 256))),
+                 maxlen=256)
+    since, run_start, tol = rng.uniform(0, 100), rng.uniform(0, 110), rng.uniform(0, 3)
+    finished = sum(1 for t in ends if since < t <= run_start)
+    freed = any(abs(t - run_start) <= tol for t in ends if t > since)
+    assert herd.ended_since(ends, since, run_start, tol) == (finished, freed)
