@@ -316,7 +316,7 @@ class HttpStream:
     """The only code that reads or writes a connection, for the server and the client side
     alike (tests/test_purity.py checks it)."""
 
-    __slots__ = ("conn", "corked", "peer", "reader", "writer")
+    __slots__ = ("conn", "corked", "drain_above", "peer", "reader", "writer")
     READ_SIZE = 256 * 1024
 
     def __init__(
@@ -331,6 +331,9 @@ class HttpStream:
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self.corked: list[bytes | bytearray | memoryview] = []
+        # a send waits for the peer (drain) only once the transport holds more than its
+        # high-water mark, as asyncio's own flow control would: no drain() call per chunk
+        self.drain_above = writer.transport.get_write_buffer_limits()[1]
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
@@ -357,6 +360,31 @@ class HttpStream:
                 event = self.conn.next_event()
                 if event is not h11.NEED_DATA:
                     return cast("h11.Event | type[h11.PAUSED]", event)
+
+    async def receive_watched(self, watch: IdleWatch) -> h11.Event | type[h11.PAUSED]:
+        """Next h11 event; each wait for bytes is bounded by ``watch`` (one timer per
+        response, see ``IdleWatch``): a wait that overruns raises ``TimeoutError``."""
+        conn = self.conn
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:  # already buffered: no wait
+            return event  # type: ignore[return-value]
+        watch.begin()
+        try:
+            while True:
+                try:
+                    data = await self.reader.read(self.READ_SIZE)
+                except (ConnectionError, OSError):
+                    data = b""
+                conn.receive_data(data)
+                event = conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event  # type: ignore[return-value]
+        except asyncio.CancelledError:
+            if watch.timed_out():
+                raise TimeoutError from None
+            raise
+        finally:
+            watch.reading = False
 
     def _refuse_impossible_request_line(self) -> None:
         if self.conn.their_state is not h11.IDLE:
@@ -392,6 +420,8 @@ class HttpStream:
             raise ConnectionClosed("connection closed")
         self.writer.writelines(self.corked)
         self.corked.clear()
+        if self.writer.transport.get_write_buffer_size() <= self.drain_above:
+            return  # the transport took it (asyncio pauses writing only above this)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -985,22 +1015,18 @@ class IdleWatch:
 
     async def receive(self, stream: HttpStream) -> h11.Event | type[h11.PAUSED]:
         """``stream``'s next event, reading as needed, each read bounded as above."""
+        return await stream.receive_watched(self)
+
+    def begin(self) -> None:
+        """A wait for the node's bytes starts now."""
         self.since = self._loop.time()
         self.reading = True
         if self.handle is None:
             self.handle = self._loop.call_at(self.since + self.timeout, self._check)
-        try:
-            while True:
-                stream.conn.receive_data(await stream._read())
-                event = stream.conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return cast("h11.Event | type[h11.PAUSED]", event)
-        except asyncio.CancelledError:
-            if self.expired and self._task is not None and self._task.uncancel() == 0:
-                raise TimeoutError from None
-            raise
-        finally:
-            self.reading = False
+
+    def timed_out(self) -> bool:
+        """In a cancelled wait: was the cancel this watch's own (the wait overran)?"""
+        return self.expired and self._task is not None and self._task.uncancel() == 0
 
     def close(self) -> None:
         if self.handle is not None:
@@ -1047,12 +1073,7 @@ class UpstreamResponse:
                         if idle_timeout is not None:
                             watch = IdleWatch(idle_timeout)
                     else:
-                        ev = stream.conn.next_event()
-                        event = (
-                            await watch.receive(stream)
-                            if ev is h11.NEED_DATA
-                            else cast("h11.Event | type[h11.PAUSED]", ev)
-                        )
+                        event = await stream.receive_watched(watch)
                 except h11.RemoteProtocolError as exc:
                     raise ConnectionClosed(f"node broke the response: {exc}") from None
                 if isinstance(event, h11.Data):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import deque
 from typing import Any
 
+import h11
 import pytest
 
 import herd
@@ -210,3 +212,54 @@ def test_ended_since_matches_a_full_scan(seed: int) -> None:
     finished = sum(1 for t in ends if since < t <= run_start)
     freed = any(abs(t - run_start) <= tol for t in ends if t > since)
     assert herd.ended_since(ends, since, run_start, tol) == (finished, freed)
+
+
+# ---------------------------------------------------------------------------------------
+# HttpStream.send waits for the peer only past the transport's high-water mark
+# ---------------------------------------------------------------------------------------
+
+
+async def test_send_drains_only_past_the_high_water_mark() -> None:
+    """Small writes to a reading peer do not call ``drain()`` each (a coroutine per
+    chunk); a peer that stops reading still holds the sender once the transport is full."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = \
+        asyncio.Queue()
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await accepted.put((r, w))
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer_reader, peer_writer = await accepted.get()
+    stream = herd.HttpStream(reader, writer, h11.CLIENT)
+    drains = 0
+    real_drain = writer.drain
+
+    async def counting_drain() -> None:
+        nonlocal drains
+        drains += 1
+        await real_drain()
+
+    writer.drain = counting_drain  # type: ignore[method-assign]
+    try:
+        await stream.send(h11.Request(method="POST", target="/", headers=[
+            (b"host", b"x"), (b"transfer-encoding", b"chunked")]))
+        for _ in range(100):
+            await stream.send(h11.Data(data=b'{"response":"tok","done":false}\n'))
+        got = b""
+        while got.count(b"done") < 100:
+            got += await peer_reader.read(65536)
+        assert drains == 0
+        # the peer stops reading: sends fill the socket, then the transport, then wait
+        big = b"x" * 65536
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(2.0):
+                for _ in range(10_000):  # bounded: ~650 MB would never fit in buffers
+                    await stream.send(h11.Data(data=big))
+        assert drains >= 1
+        assert writer.transport.get_write_buffer_size() <= stream.drain_above + len(big) * 2
+    finally:
+        stream.close()
+        peer_writer.close()
+        server.close()
