@@ -1868,6 +1868,46 @@ LearnedCache = tuple[scoring.NodeSnapshot, int | None, "scoring.MemoryBounds | N
                      tuple[int, str] | None, scoring.NodeSnapshot]
 
 
+class StatsTable(dict[tuple[str, str], scoring.ServiceStats]):
+    """``Fleet.stats``: a dict that counts its changes (``version``), so what is derived
+    from it can be reused until the next one (``Fleet.stats_view``)."""
+
+    version = 0
+
+    def __setitem__(self, key: tuple[str, str], value: scoring.ServiceStats) -> None:
+        super().__setitem__(key, value)
+        self.version += 1
+
+    def __delitem__(self, key: tuple[str, str]) -> None:
+        super().__delitem__(key)
+        self.version += 1
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[tuple[str, str], scoring.ServiceStats]:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, *args: Any) -> Any:
+        self.version += 1
+        return super().setdefault(*args)
+
+    def __ior__(self, other: Any) -> StatsTable:  # type: ignore[override,misc]
+        self.version += 1
+        super().__ior__(other)
+        return self
+
+
 @dataclass(slots=True, frozen=True)
 class SnapshotCache:
     """A node's last snapshot, the inputs it was built from, and the span of ``now`` it
@@ -3234,7 +3274,7 @@ class Admission:
                     rreq,
                     snaps,
                     queues,
-                    self.r.fleet.stats,
+                    self.r.fleet.stats_view(),
                     self.r.fleet.breakers,
                     now,
                     self.r.rng.random(),
@@ -3368,7 +3408,8 @@ class Fleet:
         self.admissions: dict[str, JSON] = {}
         self.own_addrs: frozenset[str] = frozenset()
         self.own_addrs_at = 0.0
-        self.stats: dict[tuple[str, str], scoring.ServiceStats] = {}
+        self.stats: StatsTable = StatsTable()
+        self._stats_view: tuple[int, scoring.FleetStats] | None = None
         self.breakers: dict[str, scoring.BreakerState] = {}
         # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
         self.slot_bounds: dict[tuple[str, str], scoring.SlotBounds] = {}
@@ -3504,6 +3545,14 @@ class Fleet:
             snap.vram_available >> 30,
             repr(node.capabilities),
         )
+
+    def stats_view(self) -> scoring.FleetStats:
+        """``stats`` for scoring: one view (per-node groups and what scoring derives from
+        them, e.g. learned decode rates) shared by every request until ``stats`` changes."""
+        view = self._stats_view
+        if view is None or view[0] != self.stats.version:
+            view = self._stats_view = (self.stats.version, scoring.FleetStats(self.stats))
+        return view[1]
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
         return [self._with_learned(n.snapshot(now), now) for n in self.nodes.values()]

@@ -556,11 +556,15 @@ class FleetStats(Mapping[tuple[str, str], ServiceStats]):
     ``stream_slowdown``) then reads a node's own entries instead of scanning the whole
     fleet's for every node it scores. Same entries, same order, same results."""
 
-    __slots__ = ("_all", "_by_node")
+    __slots__ = ("_all", "_by_node", "_rates", "_slowdown")
 
     def __init__(self, stats: Mapping[tuple[str, str], ServiceStats]) -> None:
         self._all = stats
         self._by_node: dict[str, list[tuple[tuple[str, str], ServiceStats]]] | None = None
+        # per node, what was derived from its entries (valid while this view is: a caller
+        # that keeps one across requests replaces it whenever its statistics change)
+        self._rates: dict[str, tuple[Mapping[str, AvailableModel], tuple[float, float]]] = {}
+        self._slowdown: dict[str, tuple[Policy, tuple[float, bool]]] = {}
 
     def __getitem__(self, key: tuple[str, str]) -> ServiceStats:
         return self._all[key]
@@ -603,6 +607,19 @@ def stream_slowdown(
     models' estimates are averaged by sample count. Too few samples, or a stream count
     that barely varied: the prior ``busy_slowdown``.
     """
+    if isinstance(stats, FleetStats):
+        hit = stats._slowdown.get(node_id)
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        slow = _stream_slowdown(node_id, stats, policy)
+        stats._slowdown[node_id] = (policy, slow)
+        return slow
+    return _stream_slowdown(node_id, stats, policy)
+
+
+def _stream_slowdown(
+    node_id: str, stats: Mapping[tuple[str, str], ServiceStats], policy: Policy
+) -> tuple[float, bool]:
     w_sum = c_sum = 0.0
     for (n, _m), st in _node_items(stats, node_id):
         if n != node_id or st.conc_n < policy.slowdown_min_n:
@@ -630,6 +647,21 @@ def node_rates(
     Decoding is memory-bound, so ``tokens/s x model bytes`` is roughly constant per machine:
     a model never served on a node still gets a node-specific prior.
     """
+    if isinstance(stats, FleetStats):
+        hit = stats._rates.get(node_id)
+        if hit is not None and hit[0] is available:
+            return hit[1]
+        rates = _node_rates(node_id, available, stats)
+        stats._rates[node_id] = (available, rates)
+        return rates
+    return _node_rates(node_id, available, stats)
+
+
+def _node_rates(
+    node_id: str,
+    available: Mapping[str, AvailableModel],
+    stats: Mapping[tuple[str, str], ServiceStats],
+) -> tuple[float, float]:
     bw_sum = bw_n = ld_sum = ld_n = 0.0
     for (n, m), st in _node_items(stats, node_id):
         if n != node_id:

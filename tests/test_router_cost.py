@@ -9,6 +9,7 @@ from collections import deque
 from typing import Any
 
 import h11
+import httpx
 import pytest
 
 import herd
@@ -263,3 +264,69 @@ async def test_send_drains_only_past_the_high_water_mark() -> None:
         stream.close()
         peer_writer.close()
         server.close()
+
+
+# ---------------------------------------------------------------------------------------
+# What scoring derives from the statistics is shared by requests until they change
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_kept_stats_view_scores_the_next_request_without_rereading_stats() -> None:
+    snaps, stats = fleet_of(20, 8)
+    view = scoring.FleetStats(stats)
+    req = scoring.RouteRequest(model="m3:1b", est_tokens=20)
+    first = scoring.score_nodes(req, snaps, {}, view, {}, 1000.0, scoring.Policy())
+    read = stats.visited
+    assert read <= len(stats)
+    other = scoring.RouteRequest(model="m5:1b", est_tokens=200)
+    second = scoring.score_nodes(other, snaps, {}, view, {}, 1001.0, scoring.Policy())
+    assert stats.visited == read  # per-node rates and slowdowns came from the view
+    assert first == scoring.score_nodes(req, snaps, {}, dict(stats), {}, 1000.0,
+                                        scoring.Policy())
+    assert second == scoring.score_nodes(other, snaps, {}, dict(stats), {}, 1001.0,
+                                         scoring.Policy())
+
+
+def test_stats_table_counts_every_change() -> None:
+    t = herd.StatsTable()
+    st = scoring.ServiceStats()
+    seen = [t.version]
+
+    def changed() -> None:
+        assert t.version > seen[-1]
+        seen.append(t.version)
+
+    t[("a", "m")] = st
+    changed()
+    t.update({("b", "m"): st})
+    changed()
+    t.setdefault(("c", "m"), st)
+    changed()
+    t.pop(("c", "m"))
+    changed()
+    del t[("b", "m")]
+    changed()
+    t |= {("d", "m"): st}
+    changed()
+    t.popitem()
+    changed()
+    t.clear()
+    changed()
+
+
+async def test_fleet_stats_view_lasts_until_the_stats_change(
+        make_router: Any, make_fake: Any) -> None:
+    fake = await make_fake()
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    fleet = r.router.fleet
+    view = fleet.stats_view()
+    assert fleet.stats_view() is view
+    async with httpx.AsyncClient(base_url=r.url, timeout=10) as c:
+        resp = await c.post("/api/generate", json={"model": "llama3.2:3b", "prompt": "hi",
+                                                   "stream": False})
+        assert resp.status_code == 200
+    fresh = fleet.stats_view()
+    assert fresh is not view  # the answer's timings were learned: a new view
+    assert dict(fresh.items()) == dict(fleet.stats)
+    assert fleet.stats_view() is fresh
