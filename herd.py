@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import gc
 import hashlib
 import hmac
 import http
@@ -6137,6 +6138,7 @@ async def serve(config: Config) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     host, port = await router.start()
+    tune_gc()
     shown = config.host if config.host not in ("", "0.0.0.0", "::") else host
     print(f"herd listening on {shown}:{port}", flush=True)
     try:
@@ -6153,6 +6155,24 @@ async def serve(config: Config) -> None:
     finally:
         log.info("shutting down: finishing in-flight requests (grace %.0fs)", config.grace_s)
         await router.stop()
+
+
+GC_YOUNG_ALLOCATIONS = 20_000  # young collections: every this many allocations (CPython: 700)
+
+
+def tune_gc(logger: logging.Logger = log) -> None:
+    """For a long-running server, once started: what is alive now (modules, classes, the
+    router's tables) is frozen out of the cyclic collector, so a full collection does not
+    walk it again and again; and young collections run every ``GC_YOUNG_ALLOCATIONS``
+    allocations instead of 700 (a request allocates hundreds of short-lived objects, most
+    freed by reference counting anyway). With 1,000 streams in flight the collector took
+    about 5 % of herd's CPU, with full collections of ~55 ms each."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, GC_YOUNG_ALLOCATIONS), middle, old)
+    logger.info("garbage collector: %d startup objects frozen, young collections every %d "
+                "allocations", gc.get_freeze_count(), gc.get_threshold()[0])
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
