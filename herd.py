@@ -4146,6 +4146,26 @@ class Fleet:
     # ---------------------------------------------------------------- admin protection ----
 
 
+class FactorJson:
+    """A scoring factor's JSON text for the trace store, remembered (bounded): most factors
+    repeat request after request ("loaded in memory (hot)", "healthy", ...), and at 20
+    nodes a request's breakdown holds 140 of them. Called on the store's writer thread."""
+
+    __slots__ = ("limit", "memo")
+
+    def __init__(self, limit: int = 8192) -> None:
+        self.memo: dict[scoring.Factor, str] = {}
+        self.limit = limit
+
+    def __call__(self, factor: scoring.Factor) -> str:
+        text = self.memo.get(factor)
+        if text is None:
+            if len(self.memo) >= self.limit:
+                self.memo.clear()
+            text = self.memo[factor] = factor.to_json()
+        return text
+
+
 class Proxy:
     """Inference: prepare a request, choose (through Admission), try with retries and
     fallbacks, relay the answer, write its trace; image and speech jobs. Owns the count of
@@ -4154,6 +4174,7 @@ class Proxy:
     def __init__(self, router: Router) -> None:
         self.r = router
         self.active_requests = 0
+        self.factor_json = FactorJson()
 
     async def h_inference(self, request: Request, response: Response) -> None:
         kind, dialect = INFERENCE_PATHS[request.path]
@@ -4749,7 +4770,9 @@ class Proxy:
             original_model=attempt.original_model,
             node_id=node_id if node_id is not None else attempt.node_id,
             score=winner.total if winner is not None else None,
-            scores_breakdown=choice.breakdown if choice is not None else None,  # lazy
+            # lazy: built as JSON text on the store's writer thread
+            scores_breakdown=(functools.partial(choice.breakdown_json, self.factor_json)
+                              if choice is not None else None),
             status=status,
             http_status=http_status,
             error_message=error if len(error) <= TRACE_ERROR_MAX

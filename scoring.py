@@ -256,6 +256,21 @@ class Factor:
             "reason": self.reason,
         }
 
+    def to_json(self) -> str:
+        """``to_dict()`` as compact JSON text, as the trace store encodes it."""
+        return (f'{{"name":{_json_str(self.name)},'
+                f'"value":{_json_float(round(self.value, 4) + 0.0)},'
+                f'"contribution":{_json_float(round(self.contribution, 3) + 0.0)},'
+                f'"reason":{_json_str(self.reason)}}}')
+
+
+def _json_str(value: str) -> str:
+    return json.encoder.encode_basestring(value)
+
+
+def _json_float(value: float) -> str:
+    return float.__repr__(value) if math.isfinite(value) else json.dumps(value)
+
 
 @dataclass(frozen=True, slots=True)
 class Score:
@@ -281,6 +296,15 @@ class Score:
             "reason": self.reason,
             "factors": [f.to_dict() for f in self.factors],
         }
+
+    def to_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
+        """``to_dict()`` as compact JSON text; ``factor_json`` encodes each factor (a
+        caller may remember the encodings of factors it saw before)."""
+        return (f'{{"node_id":{_json_str(self.node_id)},'
+                f'"total":{_json_float(round(self.total, 3) + 0.0)},'
+                f'"eligible":{"true" if self.eligible else "false"},'
+                f'"reason":{_json_str(self.reason)},'
+                f'"factors":[{",".join(factor_json(f) for f in self.factors)}]}}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +344,16 @@ class Choice:
             "runner_up": r.to_dict() if r else None,
             "others": [s.to_dict() for s in self.ranked if s is not w and s is not r],
         }
+
+    def breakdown_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
+        """``breakdown()`` as the compact JSON text the trace store writes, without the
+        dicts in between (at 20 nodes that is 140 factors per request)."""
+        w, r = self.winner, self.runner_up
+        others = ",".join(s.to_json(factor_json) for s in self.ranked
+                          if s is not w and s is not r)
+        return (f'{{"winner":{w.to_json(factor_json) if w else "null"},'
+                f'"runner_up":{r.to_json(factor_json) if r else "null"},'
+                f'"others":[{others}]}}')
 
 
 # ---------------------------------------------------------------------------------------

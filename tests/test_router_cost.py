@@ -14,6 +14,7 @@ import pytest
 
 import herd
 import scoring
+import store
 
 
 def test_queue_snapshot_is_reused_while_unchanged_and_follows_every_change() -> None:
@@ -330,3 +331,56 @@ async def test_fleet_stats_view_lasts_until_the_stats_change(
     assert fresh is not view  # the answer's timings were learned: a new view
     assert dict(fresh.items()) == dict(fleet.stats)
     assert fleet.stats_view() is fresh
+
+
+# ---------------------------------------------------------------------------------------
+# The trace's scores breakdown: JSON text built straight from the scores
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_breakdown_json_is_the_stores_encoding_of_breakdown(seed: int) -> None:
+    rng = random.Random(seed)
+    snaps, stats = fleet_of(rng.randint(1, 20), rng.randint(1, 8))
+    breakers = {snaps[0].node_id: scoring.BreakerState(state="open", open_until=1e12)}
+    req = scoring.RouteRequest(model="m0:1b", est_tokens=rng.randint(0, 50_000),
+                               exclude=frozenset({snaps[-1].node_id}) if seed % 3 else
+                               frozenset())
+    queues = {(n.node_id, "m0:1b"): scoring.QueueSnapshot(in_flight=rng.randint(0, 9),
+                                                          slots=8) for n in snaps}
+    choice = scoring.choose(req, snaps, queues, dict(stats), breakers, 1000.0,
+                            rng.random(), scoring.Policy())
+    memo = herd.FactorJson(limit=16)  # small: the bound is exercised too
+    text = choice.breakdown_json(memo)
+    assert text == store._dumps(choice.breakdown())  # byte for byte
+    assert choice.breakdown_json(memo) == text  # and again from remembered factors
+    assert len(memo.memo) <= 16
+
+
+def test_a_factor_with_odd_text_and_numbers_encodes_like_json() -> None:
+    for f in (scoring.Factor("wait", -0.0, -0.00001, 'quote " backslash \\ tab\t é ✓'),
+              scoring.Factor("x", float("inf"), float("nan"), ""),
+              scoring.Factor("y", 1e-7, 123456789.123456, "\u2028")):
+        assert f.to_json() == store._dumps(f.to_dict())
+
+
+async def test_trace_rows_store_the_breakdown_text(make_router: Any, make_fake: Any) -> None:
+    fake = await make_fake()
+    r = await make_router([fake.url])
+    await r.wait_ready()
+    async with httpx.AsyncClient(base_url=r.url, timeout=10) as c:
+        resp = await c.post("/api/generate", json={"model": "llama3.2:3b", "prompt": "hi",
+                                                   "stream": False})
+        assert resp.status_code == 200
+        rid = resp.headers["x-request-id"]
+        async with asyncio.timeout(10):
+            while True:
+                got = (await c.get("/dashboard/api/traces?limit=5")).json()
+                rows = [t for t in got.get("traces", got) if t["request_id"] == rid]
+                if rows:
+                    break
+                await asyncio.sleep(0.05)
+    sb = rows[0]["scores_breakdown"]
+    assert sb["winner"]["node_id"] == rows[0]["node_id"]
+    assert [f["name"] for f in sb["winner"]["factors"]][:2] == ["thermal", "memory"]
+    assert sb["runner_up"] is None and sb["others"] == []
