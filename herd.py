@@ -1284,13 +1284,21 @@ class LineRelay:
             return chunk
         sep = self.sep
         if self.buf:
-            self.buf += chunk
-            cut = self.buf.rfind(sep)
-            if cut < 0:
-                return b""
-            cut += len(sep)
-            out = bytes(self.buf[:cut])
-            del self.buf[:cut]
+            cut = chunk.rfind(sep)
+            if cut >= 0:  # the last record ends in this chunk: held part + chunk, one copy
+                cut += len(sep)
+                view = memoryview(chunk)
+                out = b"".join((self.buf, view[:cut]))
+                self.buf.clear()
+                self.buf += view[cut:]
+            else:  # none ends here (or a separator straddles the two): append and look
+                self.buf += chunk
+                cut = self.buf.rfind(sep)
+                if cut < 0:
+                    return b""
+                cut += len(sep)
+                out = bytes(self.buf[:cut])
+                del self.buf[:cut]
         elif chunk.endswith(sep):  # whole records, nothing held: no copy
             out = chunk
         else:  # nothing held: copy only the complete records out, hold the partial rest

@@ -384,3 +384,26 @@ async def test_trace_rows_store_the_breakdown_text(make_router: Any, make_fake: 
     assert sb["winner"]["node_id"] == rows[0]["node_id"]
     assert [f["name"] for f in sb["winner"]["factors"]][:2] == ["thermal", "memory"]
     assert sb["runner_up"] is None and sb["others"] == []
+
+
+# ---------------------------------------------------------------------------------------
+# LineRelay: a held partial record and the next chunk leave together in one copy
+# ---------------------------------------------------------------------------------------
+
+
+def test_line_relay_joins_a_held_record_with_the_chunk_that_ends_it() -> None:
+    relay = herd.LineRelay("ndjson")
+    assert relay.feed(b'{"a":1}\n{"b"') == b'{"a":1}\n'
+    assert relay.feed(b':2}\n{"c":3}\n{"d"') == b'{"b":2}\n{"c":3}\n'
+    assert relay.feed(b":4") == b""  # still no end: held
+    assert relay.feed(b'}\n{"done":true}\n') == b'{"d":4}\n{"done":true}\n'
+    assert relay.final_object() == {"done": True}
+    assert relay.tail() == b""
+
+
+def test_line_relay_finds_an_sse_separator_split_across_chunks() -> None:
+    relay = herd.LineRelay("sse")
+    assert relay.feed(b"data: 1\n\ndata: 2\n") == b"data: 1\n\n"
+    # the blank line ending event 2 arrives as the next chunk's first byte
+    assert relay.feed(b"\ndata: 3") == b"data: 2\n\n"
+    assert relay.feed(b"\n\n") == b"data: 3\n\n"
