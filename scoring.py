@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 
@@ -364,6 +364,21 @@ class Factor:
             "reason": self.reason,
         }
 
+    def to_json(self) -> str:
+        """``to_dict()`` as compact JSON text, as the trace store encodes it."""
+        return (f'{{"name":{_json_str(self.name)},'
+                f'"value":{_json_float(round(self.value, 4) + 0.0)},'
+                f'"contribution":{_json_float(round(self.contribution, 3) + 0.0)},'
+                f'"reason":{_json_str(self.reason)}}}')
+
+
+def _json_str(value: str) -> str:
+    return json.encoder.encode_basestring(value)
+
+
+def _json_float(value: float) -> str:
+    return float.__repr__(value) if math.isfinite(value) else json.dumps(value)
+
 
 @dataclass(frozen=True, slots=True)
 class Score:
@@ -389,6 +404,15 @@ class Score:
             "reason": self.reason,
             "factors": [f.to_dict() for f in self.factors],
         }
+
+    def to_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
+        """``to_dict()`` as compact JSON text; ``factor_json`` encodes each factor (a
+        caller may remember the encodings of factors it saw before)."""
+        return (f'{{"node_id":{_json_str(self.node_id)},'
+                f'"total":{_json_float(round(self.total, 3) + 0.0)},'
+                f'"eligible":{"true" if self.eligible else "false"},'
+                f'"reason":{_json_str(self.reason)},'
+                f'"factors":[{",".join(factor_json(f) for f in self.factors)}]}}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +452,16 @@ class Choice:
             "runner_up": r.to_dict() if r else None,
             "others": [s.to_dict() for s in self.ranked if s is not w and s is not r],
         }
+
+    def breakdown_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
+        """``breakdown()`` as the compact JSON text the trace store writes, without the
+        dicts in between (at 20 nodes that is 140 factors per request)."""
+        w, r = self.winner, self.runner_up
+        others = ",".join(s.to_json(factor_json) for s in self.ranked
+                          if s is not w and s is not r)
+        return (f'{{"winner":{w.to_json(factor_json) if w else "null"},'
+                f'"runner_up":{r.to_json(factor_json) if r else "null"},'
+                f'"others":[{others}]}}')
 
 
 # ---------------------------------------------------------------------------------------
@@ -665,6 +699,54 @@ def expected_service_s(
     return load + max(0, req.est_tokens) / prompt_tps + completion / decode_tps
 
 
+class FleetStats(Mapping[tuple[str, str], ServiceStats]):
+    """Every ``node:model``'s statistics (read-only), also grouped by node, built once.
+
+    ``score_nodes`` wraps its ``stats`` in one: the per-node learning (``node_rates``,
+    ``stream_slowdown``) then reads a node's own entries instead of scanning the whole
+    fleet's for every node it scores. Same entries, same order, same results."""
+
+    __slots__ = ("_all", "_answer", "_by_node", "_rates", "_slowdown")
+
+    def __init__(self, stats: Mapping[tuple[str, str], ServiceStats]) -> None:
+        self._all = stats
+        self._by_node: dict[str, list[tuple[tuple[str, str], ServiceStats]]] | None = None
+        # per node, what was derived from its entries (valid while this view is: a caller
+        # that keeps one across requests replaces it whenever its statistics change)
+        self._rates: dict[str, tuple[Mapping[str, AvailableModel], tuple[float, float]]] = {}
+        self._slowdown: dict[str, tuple[Policy, tuple[float, bool]]] = {}
+        self._answer: dict[str, float] = {}  # model -> its answers' length, fleet-wide
+
+    def __getitem__(self, key: tuple[str, str]) -> ServiceStats:
+        return self._all[key]
+
+    def get(self, key: tuple[str, str], default: object = None) -> ServiceStats | None:  # type: ignore[override]
+        return self._all.get(key, default)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def node_items(self, node_id: str) -> Sequence[tuple[tuple[str, str], ServiceStats]]:
+        """``node_id``'s entries, in the order the whole mapping holds them."""
+        if self._by_node is None:
+            self._by_node = {}
+            for key, st in self._all.items():
+                self._by_node.setdefault(key[0], []).append((key, st))
+        return self._by_node.get(node_id, ())
+
+
+def _node_items(
+    stats: Mapping[tuple[str, str], ServiceStats], node_id: str
+) -> Iterable[tuple[tuple[str, str], ServiceStats]]:
+    """The entries of ``stats`` that may belong to ``node_id`` (callers still check)."""
+    if isinstance(stats, FleetStats):
+        return stats.node_items(node_id)
+    return stats.items()
+
+
 def stream_slowdown(
     node_id: str, stats: Mapping[tuple[str, str], ServiceStats], policy: Policy
 ) -> tuple[float, bool]:
@@ -676,8 +758,21 @@ def stream_slowdown(
     models' estimates are averaged by sample count. Too few samples, or a stream count
     that barely varied: the prior ``busy_slowdown``.
     """
+    if isinstance(stats, FleetStats):
+        hit = stats._slowdown.get(node_id)
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        slow = _stream_slowdown(node_id, stats, policy)
+        stats._slowdown[node_id] = (policy, slow)
+        return slow
+    return _stream_slowdown(node_id, stats, policy)
+
+
+def _stream_slowdown(
+    node_id: str, stats: Mapping[tuple[str, str], ServiceStats], policy: Policy
+) -> tuple[float, bool]:
     w_sum = c_sum = 0.0
-    for (n, _m), st in stats.items():
+    for (n, _m), st in _node_items(stats, node_id):
         if n != node_id or st.conc_n < policy.slowdown_min_n:
             continue
         var = st.conc_kk - st.conc_k * st.conc_k
@@ -703,8 +798,23 @@ def node_rates(
     Decoding is memory-bound, so ``tokens/s x model bytes`` is roughly constant per machine:
     a model never served on a node still gets a node-specific prior.
     """
+    if isinstance(stats, FleetStats):
+        hit = stats._rates.get(node_id)
+        if hit is not None and hit[0] is available:
+            return hit[1]
+        rates = _node_rates(node_id, available, stats)
+        stats._rates[node_id] = (available, rates)
+        return rates
+    return _node_rates(node_id, available, stats)
+
+
+def _node_rates(
+    node_id: str,
+    available: Mapping[str, AvailableModel],
+    stats: Mapping[tuple[str, str], ServiceStats],
+) -> tuple[float, float]:
     bw_sum = bw_n = ld_sum = ld_n = 0.0
-    for (n, m), st in stats.items():
+    for (n, m), st in _node_items(stats, node_id):
         if n != node_id:
             continue
         am = available.get(m)
@@ -1435,6 +1545,8 @@ def score_nodes(
     for (nid, _m), q in queues.items():
         busy[nid] = busy.get(nid, 0) + q.in_flight
     spread = model_spread(nodes, now)
+    if not isinstance(stats, FleetStats):
+        stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
     eligible: list[Score] = []
     rejected: list[Score] = []
@@ -1458,13 +1570,18 @@ def with_completion_estimate(
     nothing is known."""
     if req.completion_tokens > 0 or req.kind != "text":
         return req
-    n = total = 0.0
-    for (_nid, model), st in stats.items():
-        if model == req.model and st.eval_tps_ewma > 0 and st.completion_tokens_ewma > 0:
-            w = float(min(st.count, 50))
-            n += w
-            total += w * st.completion_tokens_ewma
-    tokens = total / n if n > 0 else 0.0
+    memo = stats._answer if isinstance(stats, FleetStats) else None
+    tokens = memo.get(req.model) if memo is not None else None
+    if tokens is None:
+        n = total = 0.0
+        for (_nid, model), st in stats.items():
+            if model == req.model and st.eval_tps_ewma > 0 and st.completion_tokens_ewma > 0:
+                w = float(min(st.count, 50))
+                n += w
+                total += w * st.completion_tokens_ewma
+        tokens = total / n if n > 0 else 0.0
+        if memo is not None:
+            memo[req.model] = tokens
     if req.max_tokens is not None and req.max_tokens > 0:
         tokens = min(tokens, float(req.max_tokens)) if tokens > 0 else 0.0
     return replace(req, completion_tokens=tokens) if tokens > 0 else req

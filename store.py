@@ -105,9 +105,9 @@ class TraceRecord:
     original_model: str = ""
     node_id: str = ""
     score: float | None = None
-    # a dict, or a callable returning one: the router passes its frozen choice's
-    # ``breakdown`` unevaluated, so building it happens on the writer thread
-    scores_breakdown: dict[str, object] | Callable[[], dict[str, object]] | None = None
+    # a dict, or a callable returning one or its JSON text: the router passes its frozen
+    # choice's breakdown unevaluated, so building it happens on the writer thread
+    scores_breakdown: (dict[str, object] | Callable[[], dict[str, object] | str] | None) = None
     status: str = "completed"
     http_status: int = 0
     error_message: str = ""
@@ -618,7 +618,8 @@ def _clean_tags(tags: Iterable[object]) -> list[str]:
 def _trace_values(r: TraceRecord, tags: list[str]) -> tuple[object, ...]:
     """A ``request_traces`` row without its id (``TRACE_COLUMNS[1:]``)."""
     sb = r.scores_breakdown
-    breakdown = None if sb is None else _dumps(sb() if callable(sb) else sb)
+    built = sb() if callable(sb) else sb
+    breakdown = built if built is None or isinstance(built, str) else _dumps(built)
     return (
         str(r.request_id),
         float(r.timestamp),

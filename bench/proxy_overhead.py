@@ -237,6 +237,7 @@ async def run_herd(
     )
     router = herd.Router(cfg)
     _, port = await router.start()
+    herd.tune_gc()  # as ``python herd.py`` does once started
     prof = None
     if profile:
         import cProfile

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+import herd
 from tests.child_process import help_text, start_herd, stop
 from tests.fake_ollama import FakeModel, FakeOllama
 from tests.http_helpers import raw_request
@@ -132,3 +134,15 @@ def test_scoring_overrides_parse_and_fail_loudly(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SystemExit) as exc:
         herd.config_from_args(["--scoring", "hot_bonus=lots"])
     assert exc.value.code == 2
+
+
+async def test_tunes_the_garbage_collector_once_started(tmp_path: Path,
+                                                        fake: FakeOllama) -> None:
+    """``python herd.py`` freezes its startup objects out of the cyclic collector and runs
+    young collections less often (issue 16), and says so in its log."""
+    err = await version_then_stop(["--no-mdns", "--data-dir", str(tmp_path), "--node", fake.url])
+    match = re.search(r"garbage collector: (\d+) startup objects frozen, young collections "
+                      r"every (\d+) allocations", err)
+    assert match is not None, err
+    assert int(match[1]) > 10_000  # modules, classes, functions: far more than this
+    assert int(match[2]) == herd.GC_YOUNG_ALLOCATIONS
