@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
+from typing import TypeVar
 
 # ---------------------------------------------------------------------------------------
 # Names
@@ -738,6 +739,23 @@ class FleetStats(Mapping[tuple[str, str], ServiceStats]):
         return self._by_node.get(node_id, ())
 
 
+_T = TypeVar("_T")
+_K = TypeVar("_K")
+
+
+def _memoised(
+    cache: dict[str, tuple[_K, _T]], key: str, basis: _K, compute: Callable[[], _T]
+) -> _T:
+    """``cache[key]``'s value while it was computed from this very ``basis`` object (a
+    policy, a node's model list), else ``compute()``, remembered."""
+    hit = cache.get(key)
+    if hit is not None and hit[0] is basis:
+        return hit[1]
+    value = compute()
+    cache[key] = (basis, value)
+    return value
+
+
 def _node_items(
     stats: Mapping[tuple[str, str], ServiceStats], node_id: str
 ) -> Iterable[tuple[tuple[str, str], ServiceStats]]:
@@ -759,12 +777,8 @@ def stream_slowdown(
     that barely varied: the prior ``busy_slowdown``.
     """
     if isinstance(stats, FleetStats):
-        hit = stats._slowdown.get(node_id)
-        if hit is not None and hit[0] is policy:
-            return hit[1]
-        slow = _stream_slowdown(node_id, stats, policy)
-        stats._slowdown[node_id] = (policy, slow)
-        return slow
+        return _memoised(stats._slowdown, node_id, policy,
+                         lambda: _stream_slowdown(node_id, stats, policy))
     return _stream_slowdown(node_id, stats, policy)
 
 
@@ -799,12 +813,8 @@ def node_rates(
     a model never served on a node still gets a node-specific prior.
     """
     if isinstance(stats, FleetStats):
-        hit = stats._rates.get(node_id)
-        if hit is not None and hit[0] is available:
-            return hit[1]
-        rates = _node_rates(node_id, available, stats)
-        stats._rates[node_id] = (available, rates)
-        return rates
+        return _memoised(stats._rates, node_id, available,
+                         lambda: _node_rates(node_id, available, stats))
     return _node_rates(node_id, available, stats)
 
 
