@@ -652,8 +652,9 @@ def test_slot_queue_records_when_a_slot_last_freed() -> None:
 def test_a_stream_counts_the_delay_it_adds_to_the_others_on_its_node() -> None:
     """Node a is faster for this request alone even with 5 streams on it (1.75 s against
     b's 2 s), but a sixth stream slows those 5 down: counting that delay (the "impact"
-    factor, ~0.4 s here) sends the request to the idle node b; with impact_weight 0 only
-    its own time counts and a wins. (The queue-depth factor is off to isolate the two.)"""
+    factor, ~0.4 s here) sends the request to the idle node b; with impact_weight 0 (the
+    default) only its own time counts and a wins. (The queue-depth factor is off to
+    isolate the two.)"""
     snaps, queues = two_hot_nodes(slots=8)
     queues[("a", "m:latest")] = QueueSnapshot(in_flight=5, slots=8)
     fast: scoring.ServiceStats | None = None
@@ -664,7 +665,7 @@ def test_a_stream_counts_the_delay_it_adds_to_the_others_on_its_node() -> None:
     assert fast is not None and slow is not None
     stats = {("a", "m:latest"): fast, ("b", "m:latest"): slow}
     req = RouteRequest("m:latest", est_tokens=0)
-    pol = dataclasses.replace(P, queue_weight=0.0)
+    pol = dataclasses.replace(P, queue_weight=0.0, impact_weight=1.0)
     alone = dataclasses.replace(pol, impact_weight=0.0)
     assert scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, alone).node_id == "a"
     choice = scoring.choose(req, snaps, queues, stats, {}, NOW, 0.0, pol)
