@@ -2169,6 +2169,9 @@ class SlotQueue:
     done: int = 0
     failed: int = 0
     waiters: OrderedDict[int, Waiter] = field(default_factory=OrderedDict, repr=False)
+    # epoch s each request in flight started, oldest first (a release retires the oldest:
+    # the one most likely done; it tells scoring when the next slot should free)
+    starts: deque[float] = field(default_factory=deque, repr=False)
     last_snapshot: scoring.QueueSnapshot = field(default_factory=scoring.QueueSnapshot,
                                                  repr=False)
 
@@ -2178,10 +2181,12 @@ class SlotQueue:
         snap = self.last_snapshot
         if (snap.in_flight != self.in_flight or snap.pending != self.pending
                 or snap.slots != self.slots or snap.sure != self.sure
-                or snap.progress_at != self.progress_at):
+                or snap.progress_at != self.progress_at
+                or snap.oldest_at != (self.starts[0] if self.starts else 0.0)):
             snap = self.last_snapshot = scoring.QueueSnapshot(
                 pending=self.pending, in_flight=self.in_flight, slots=self.slots,
                 sure=self.sure, progress_at=self.progress_at,
+                oldest_at=self.starts[0] if self.starts else 0.0,
             )
         return snap
 
@@ -2198,13 +2203,17 @@ class SlotQueue:
         }
 
     def take(self) -> None:
+        now = time.time()
         if self.in_flight == 0:
-            self.progress_at = time.time()
+            self.progress_at = now
         self.in_flight += 1
+        self.starts.append(now)
 
     def release(self) -> None:
         """A slot frees: it goes to the longest-waiting waiter of this queue, if any."""
         self.in_flight -= 1
+        if self.starts:
+            self.starts.popleft()
         self.progress_at = time.time()
         self.hand_over()
 
@@ -2223,9 +2232,11 @@ class SlotQueue:
     def hand_over(self) -> None:
         while self.in_flight < max(1, self.slots) and self.waiters:
             _, w = self.waiters.popitem(last=False)
+            now = time.time()
             if self.in_flight == 0:
-                self.progress_at = time.time()
+                self.progress_at = now
             self.in_flight += 1
+            self.starts.append(now)
             w.grant(self)
 
 

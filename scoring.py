@@ -171,6 +171,7 @@ class QueueSnapshot:
     sure: int = 0  # slots known to run at once (told, reported or seen); 0: all of them.
     # Admitted slots past ``sure`` are a probe: the request may queue inside Ollama.
     progress_at: float = 0.0  # epoch s a slot last freed (or the queue last became busy)
+    oldest_at: float = 0.0  # epoch s the oldest request in flight started (0: none known)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1836,6 +1837,11 @@ def _wait_factor(
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     ahead = max(0, f.outstanding - slots + 1)
     queue_wait = ahead * typical / slots
+    if ahead > 0 and q.oldest_at > 0 and q.in_flight >= slots:
+        # the first slot frees when the oldest request in flight ends, not in typical/slots:
+        # requests that started together (a burst) end together
+        first = max(0.0, typical - (now - q.oldest_at))
+        queue_wait = max(queue_wait, first + (ahead - 1) * typical / slots)
     stalled = 0.0
     if policy.stall_aware and ahead > 0 and q.progress_at > 0:
         stalled = now - q.progress_at

@@ -674,3 +674,43 @@ def test_a_stream_counts_the_delay_it_adds_to_the_others_on_its_node() -> None:
     impact = a.factor("impact")
     assert impact is not None and impact.value > 0 and "other streams" in impact.reason
     assert choice.ranked[0].factor("impact") is None  # nobody else runs on b
+
+
+def test_a_full_queue_expects_its_oldest_request_to_end_not_a_share_of_one() -> None:
+    """Node a's 8 slots all started 0.5 s ago on 5 s requests (a burst): its first slot
+    frees in ~4.5 s, not in 5/8 s, so a request does not wait there for the "better" node
+    while b is free and expected to finish in ~3 s. A queue whose oldest request is nearly
+    done still expects the short wait."""
+    snaps, _ = two_hot_nodes(slots=8)
+    five = scoring.observe(None, scoring.Observation(
+        ok=True, completion_tokens=100, eval_ms=5000.0, total_ms=5000.0), P)
+    req = RouteRequest("m:latest", est_tokens=0)
+    stats = {("a", "m:latest"): five, ("b", "m:latest"): five}
+    burst = {("a", "m:latest"): QueueSnapshot(in_flight=8, slots=8, progress_at=NOW - 0.5,
+                                              oldest_at=NOW - 0.5),
+             ("b", "m:latest"): QueueSnapshot(in_flight=0, slots=8)}
+    wait = {s.node_id: s.factor("wait") for s in
+            scoring.score_nodes(req, snaps, burst, stats, {}, NOW, P)}
+    wa = wait["a"]
+    assert wa is not None and "4.5s queue" in wa.reason
+    nearly = {**burst, ("a", "m:latest"): QueueSnapshot(in_flight=8, slots=8,
+                                                        progress_at=NOW - 0.5,
+                                                        oldest_at=NOW - 4.9)}
+    wn = next(s for s in scoring.score_nodes(req, snaps, nearly, stats, {}, NOW, P)
+              if s.node_id == "a").factor("wait")
+    assert wn is not None and "0.6s queue" in wn.reason  # 5/8 s: the steady-state share
+
+
+def test_slot_queue_keeps_the_start_of_its_oldest_request() -> None:
+    import herd
+
+    q = herd.SlotQueue(node_id="n", model="m:latest", slots=2)
+    q.take()
+    first = q.snapshot().oldest_at
+    time.sleep(0.01)
+    q.take()
+    assert q.snapshot().oldest_at == first
+    q.release()
+    assert q.snapshot().oldest_at > first
+    q.release()
+    assert q.snapshot().oldest_at == 0.0

@@ -26,13 +26,13 @@ def test_queue_snapshot_is_reused_while_unchanged_and_follows_every_change() -> 
     busy = q.progress_at  # the queue became busy: the stall clock starts
     assert busy > 0
     assert q.snapshot() == scoring.QueueSnapshot(pending=0, in_flight=1, slots=8,
-                                                 progress_at=busy)
+                                                 progress_at=busy, oldest_at=busy)
     q.pending += 1
     assert q.snapshot() == scoring.QueueSnapshot(pending=1, in_flight=1, slots=8,
-                                                 progress_at=busy)
+                                                 progress_at=busy, oldest_at=busy)
     q.resize(4)
     assert q.snapshot() == scoring.QueueSnapshot(pending=1, in_flight=1, slots=4,
-                                                 progress_at=busy)
+                                                 progress_at=busy, oldest_at=busy)
     q.sure = 2
     assert q.snapshot().sure == 2
     q.pending -= 1
