@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import _common  # noqa: E402
+from bench.lib import common as _common  # noqa: E402
 
 NODES = 20
 ROUNDS = 200

@@ -50,8 +50,8 @@ import h11
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import _common  # noqa: E402
-from bench._common import (  # noqa: E402
+from bench.lib import common as _common  # noqa: E402
+from bench.lib.common import (  # noqa: E402
     cpu_s,
     next_event,
     ready_line,

@@ -1,5 +1,5 @@
 """End-to-end routing benchmark: the real ``python herd.py`` against client-side balancers,
-each in front of its own identical fleet of simulated Ollama nodes (``bench/sim_ollama.py``).
+each in front of its own identical fleet of simulated Ollama nodes (``bench/lib/sim_ollama.py``).
 
 Usage::
 
@@ -87,11 +87,11 @@ from typing import Any
 
 import h11
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from sim_ollama import GB, NodeSpec, SimModel, canonical
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.lib.sim_ollama import GB, NodeSpec, SimModel, canonical  # noqa: E402
+
 BASELINES = ("rr", "random", "lo")
 POLICIES = (*BASELINES, "herd-node", "herd-slots", "herd-agents")
 JSON = dict[str, Any]
@@ -623,7 +623,7 @@ sys.exit(herd_node.main(sys.argv[1:]))
 async def start_sims(procs: Procs, fleet: Fleet) -> list[str]:
     spec = json.dumps([n.to_json() for n in fleet.nodes])
     ports = await procs.start(
-        [sys.executable, os.path.join(ROOT, "bench", "sim_ollama.py"), "--spec", spec],
+        [sys.executable, os.path.join(ROOT, "bench", "lib", "sim_ollama.py"), "--spec", spec],
         r"listening on 127\.0\.0\.1:(\d+)", count=len(fleet.nodes))
     return [f"http://127.0.0.1:{p}" for p in ports]
 

@@ -4,7 +4,7 @@ against round-robin, least-outstanding, random and the anchor's (ollama-herd) fo
 Only a fast in-process check of the scoring function: it hands ``choose`` perfect snapshots
 (memory, slots) that the real router never has. The routing claim itself is measured end to
 end by ``bench/routing_e2e.py`` (the real ``python herd.py`` over HTTP in front of simulated
-Ollama nodes, ``bench/sim_ollama.py``).
+Ollama nodes, ``bench/lib/sim_ollama.py``).
 
 Deterministic (seeded), bounded, no I/O beyond printing; ``python bench/routing_sim.py``.
 

@@ -46,7 +46,7 @@ import h11
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import (  # noqa: E402
+from bench.lib.common import (  # noqa: E402
     Proc,
     cpu_s,
     herd_ready,

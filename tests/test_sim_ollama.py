@@ -1,4 +1,4 @@
-"""bench/sim_ollama.py, the simulated Ollama node of the end-to-end routing benchmark, over
+"""bench/lib/sim_ollama.py, the simulated Ollama node of the end-to-end routing benchmark, over
 real HTTP: the mechanics the benchmark's verdict rests on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.sim_ollama import BUSY_ERROR, GB, NodeSpec, SimModel, SimNode, SimServer
+from bench.lib.sim_ollama import BUSY_ERROR, GB, NodeSpec, SimModel, SimNode, SimServer
 
 TOKEN_S = 0.02  # decode time per token of a 1 GB model at 50 GB/s
 

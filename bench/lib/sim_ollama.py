@@ -39,9 +39,9 @@ chat replays the same history on every fleet.
 
 Run::
 
-    python bench/sim_ollama.py --port 0 --memory-gb 16 --slots 2 \\
+    python bench/lib/sim_ollama.py --port 0 --memory-gb 16 --slots 2 \\
         --model llama3.2:3b=2.0 --model qwen2.5:7b=4.7
-    python bench/sim_ollama.py --spec-file fleet.json   # several nodes, one process
+    python bench/lib/sim_ollama.py --spec-file fleet.json   # several nodes, one process
 
 Each node prints ``sim-ollama NAME listening on 127.0.0.1:PORT``.
 """
