@@ -451,8 +451,8 @@ def main() -> int:
             herd_rss = rss_mb(herd.p.pid)
             relay_rss = rss_mb(relay.p.pid)
         finally:
-            for p in reversed(procs):
-                p.stop()
+            for proc in reversed(procs):
+                proc.stop()
         ok = report(res, herd_rss, relay_rss)
         if args.profile and os.path.exists(prof):
             import pstats
