@@ -4631,55 +4631,13 @@ class Proxy:
         while True:
             if tried:
                 rreq = dataclasses.replace(rreq, exclude=frozenset(tried))
-            try:
-                node, queue, choice, queue_ms = await self.r.admission.acquire(rreq, snaps)
-                snaps = None
-            except asyncio.CancelledError:
-                self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=0,
-                           error="client disconnected while queued", model=served_model,
-                           node_id="")
-                raise
-            except Rejected as rej:
-                if last is not None:  # every candidate failed: the client gets the last failure
-                    self.trace(
-                        attempt,
-                        status=TraceStatus.FAILED,
-                        http_status=last.status,
-                        error=f"no node left to try: {last.message}",
-                        model=served_model,
-                        node_id="",
-                    )
-                    await self._send_failure(request, response, last, attempt)
-                    return
-                job = rreq.kind in CAPABILITY_KINDS  # its nodes offer the model: busy
-                if rej.choice.retry_after_s is not None or job:
-                    retry_after = max(1, math.ceil(rej.choice.retry_after_s or 5))
-                    what = f"all {rreq.kind} nodes" if job else "all nodes"
-                    self.trace(
-                        attempt,
-                        status=TraceStatus.REJECTED,
-                        http_status=503,
-                        error=f"{what} are busy: {rej.message}",
-                        choice=rej.choice,
-                        model=served_model,
-                    )
-                    self.r.metrics.rejected += 1
-                    raise HttpError(
-                        503,
-                        f"{what} are busy: {rej.message}",
-                        headers=[("retry-after", str(retry_after))],
-                    ) from None
-                raise self._unservable(rreq, rej.choice, served_model) from None
-            attempt.queue_ms += queue_ms
-            attempt.dispatch_k = queue.in_flight
-            attempt.dispatch_streams = sum(
-                q.in_flight for q in self.r.admission.queues.values()
-                if q.node_id == node.node_id) - 1
-            attempt.dispatch_mono = time.monotonic()
-            attempt.dispatch_hot = (rreq.model in node.loaded_names()
-                                    and rreq.model not in node.loading)
-            attempt.node_id = node.node_id
-            attempt.served_model = served_model
+            got = await self._acquire_or_answer(request, response, rreq, attempt, served_model,
+                                                snaps, last)
+            if got is None:
+                return  # every candidate failed: the client got the last failure
+            node, queue, choice, queue_ms = got
+            snaps = None
+            self._mark_dispatch(attempt, node, queue, rreq, served_model, queue_ms)
             attempt.retries = base_retries + len(tried)  # one failed node per attempt
             if tried:
                 self.r.metrics.retries += 1
@@ -4689,32 +4647,91 @@ class Proxy:
                 ok = True
                 return
             except UpstreamFailure as fail:
-                now = time.time()
-                self.r.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, now)
-                spent = not replayable and fail.kind != AnswerKind.CONNECT
-                decision = scoring.retry_decision(len(tried), fail.kind, spent, self.r.policy)
+                retry = self._note_failure(attempt, node, rreq, choice, served_model, fail,
+                                           len(tried), replayable)
                 tried.add(node.node_id)
                 last = fail
-                self.trace(
-                    attempt,
-                    status=TraceStatus.RETRIED if decision.retry else TraceStatus.FAILED,
-                    http_status=fail.status if not decision.retry else 0,
-                    error=fail.message,
-                    choice=choice,
-                    model=served_model,
-                    node_id=node.node_id,
-                )
-                if not decision.retry:
+                if not retry:
                     await self._send_failure(request, response, fail, attempt)
                     return
-                log.warning(
-                    "request %s: %s failed before first byte (%s); retrying",
-                    attempt.request_id,
-                    node.node_id,
-                    fail.message,
-                )
             finally:
                 self.r.admission.release(queue, ok)
+
+    async def _acquire_or_answer(
+        self,
+        request: Request,
+        response: Response,
+        rreq: scoring.RouteRequest,
+        attempt: Attempt,
+        served_model: str,
+        snaps: list[scoring.NodeSnapshot] | None,
+        last: UpstreamFailure | None,
+    ) -> tuple[Node, SlotQueue, scoring.Choice, float] | None:
+        """A slot on the chosen node, or why not: None once the client has been sent the
+        last node's failure (every candidate failed); a busy fleet raises 503 with
+        Retry-After, a model no node can serve raises its 404/400; a client gone while
+        queued is traced and re-raised."""
+        try:
+            return await self.r.admission.acquire(rreq, snaps)
+        except asyncio.CancelledError:
+            self.trace(attempt, status=TraceStatus.CLIENT_DISCONNECTED, http_status=0,
+                       error="client disconnected while queued", model=served_model,
+                       node_id="")
+            raise
+        except Rejected as rej:
+            if last is not None:  # every candidate failed: the client gets the last failure
+                self.trace(attempt, status=TraceStatus.FAILED, http_status=last.status,
+                           error=f"no node left to try: {last.message}", model=served_model,
+                           node_id="")
+                await self._send_failure(request, response, last, attempt)
+                return None
+            job = rreq.kind in CAPABILITY_KINDS  # its nodes offer the model: busy
+            if rej.choice.retry_after_s is None and not job:
+                raise self._unservable(rreq, rej.choice, served_model) from None
+            retry_after = max(1, math.ceil(rej.choice.retry_after_s or 5))
+            what = f"all {rreq.kind} nodes" if job else "all nodes"
+            self.trace(attempt, status=TraceStatus.REJECTED, http_status=503,
+                       error=f"{what} are busy: {rej.message}", choice=rej.choice,
+                       model=served_model)
+            self.r.metrics.rejected += 1
+            raise HttpError(503, f"{what} are busy: {rej.message}",
+                            headers=[("retry-after", str(retry_after))]) from None
+
+    def _mark_dispatch(self, attempt: Attempt, node: Node, queue: SlotQueue,
+                       rreq: scoring.RouteRequest, served_model: str, queue_ms: float) -> None:
+        """What the learning needs to know about this dispatch, on the attempt."""
+        attempt.queue_ms += queue_ms
+        attempt.dispatch_k = queue.in_flight
+        attempt.dispatch_streams = sum(
+            q.in_flight for q in self.r.admission.queues.values()
+            if q.node_id == node.node_id) - 1
+        attempt.dispatch_mono = time.monotonic()
+        attempt.dispatch_hot = (rreq.model in node.loaded_names()
+                                and rreq.model not in node.loading)
+        attempt.node_id = node.node_id
+        attempt.served_model = served_model
+
+    def _note_failure(self, attempt: Attempt, node: Node, rreq: scoring.RouteRequest,
+                      choice: scoring.Choice, served_model: str, fail: UpstreamFailure,
+                      tried: int, replayable: bool) -> bool:
+        """A node failed before the first byte reached the client: its breaker, a trace row
+        (retried or failed), and whether to try the next node."""
+        self.r.fleet.breaker_failure(node.node_id, rreq.model, fail.kind, time.time())
+        spent = not replayable and fail.kind != AnswerKind.CONNECT
+        decision = scoring.retry_decision(tried, fail.kind, spent, self.r.policy)
+        self.trace(
+            attempt,
+            status=TraceStatus.RETRIED if decision.retry else TraceStatus.FAILED,
+            http_status=fail.status if not decision.retry else 0,
+            error=fail.message,
+            choice=choice,
+            model=served_model,
+            node_id=node.node_id,
+        )
+        if decision.retry:
+            log.warning("request %s: %s failed before first byte (%s); retrying",
+                        attempt.request_id, node.node_id, fail.message)
+        return decision.retry
 
     async def _send_failure(
         self, request: Request, response: Response, fail: UpstreamFailure, attempt: Attempt

@@ -41,7 +41,8 @@ def test_no_class_in_herd_is_much_over_700_lines() -> None:
 def test_one_attempt_loop() -> None:
     """Inference, image and speech all take a node slot in one place, the attempt loop."""
     rooms = {k: CLASSES[k] for k in ("Proxy", "MediaJobs", "ModelAdmin", "DashboardApi")}
-    assert _callers("acquire", rooms) == {"Proxy.route_with_retries"}
+    assert _callers("acquire", rooms) == {"Proxy._acquire_or_answer"}
+    assert _callers("_acquire_or_answer", rooms) == {"Proxy.route_with_retries"}
     assert _callers("route_with_retries", {"MediaJobs": CLASSES["MediaJobs"]}) == {
         "MediaJobs.capability_call"
     }
