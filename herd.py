@@ -1546,6 +1546,40 @@ def _available_problem(m: object) -> str | None:
     return None
 
 
+def _kept_named(
+    entries: Iterable[object], problem: Callable[[object], str | None]
+) -> tuple[tuple[JSON, ...], tuple[tuple[str, JSON], ...]]:
+    """The valid entries of a reported model list, and each with its normalised name."""
+    kept = tuple(m for m in entries if isinstance(m, dict) and not problem(m))
+    return kept, tuple((_entry_name(m), m) for m in kept)
+
+
+def _loaded_model(name: str, m: JSON) -> scoring.LoadedModel:
+    ctx = m.get("context_length")
+    return scoring.LoadedModel(
+        name=name,
+        size=int(m.get("size") or 0),
+        size_vram=int(m.get("size_vram") or 0),
+        context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
+        expires_at=parse_rfc3339(m.get("expires_at")),
+    )
+
+
+def _available_model(name: str, m: JSON) -> scoring.AvailableModel:
+    raw = m.get("details")
+    details: JSON = raw if isinstance(raw, dict) else {}
+    families = details.get("families") or []
+    caps = m.get("capabilities") or []
+    return scoring.AvailableModel(
+        name=name,
+        size=int(m.get("size") or 0),
+        family=str(details.get("family") or ""),
+        families=tuple(str(f) for f in families if isinstance(f, str)),
+        parameter_size=str(details.get("parameter_size") or ""),
+        capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedModels:
     """An /api/ps ``models`` list: the entries as reported, and parsed by model name."""
@@ -1559,18 +1593,8 @@ class LoadedModels:
     def of(cls, entries: Iterable[object]) -> LoadedModels:
         """Parse valid entries (a poll keeps what it can read: non-objects and entries with
         non-numeric sizes are skipped); heartbeats are checked whole by ``OllamaReport``."""
-        kept = tuple(m for m in entries if isinstance(m, dict) and not _loaded_problem(m))
-        models: dict[str, scoring.LoadedModel] = {}
-        named = tuple((_entry_name(m), m) for m in kept)
-        for name, m in named:
-            ctx = m.get("context_length")
-            models[name] = scoring.LoadedModel(
-                name=name,
-                size=int(m.get("size") or 0),
-                size_vram=int(m.get("size_vram") or 0),
-                context_length=int(ctx) if isinstance(ctx, int | float) and ctx else None,
-                expires_at=parse_rfc3339(m.get("expires_at")),
-            )
+        kept, named = _kept_named(entries, _loaded_problem)
+        models = {name: _loaded_model(name, m) for name, m in named}
         return cls(kept, MappingProxyType(models), frozenset(models), named)
 
 
@@ -1587,22 +1611,8 @@ class AvailableModels:
     @classmethod
     def of(cls, entries: Iterable[object]) -> AvailableModels:
         """Like ``LoadedModels.of``: valid entries only."""
-        kept = tuple(m for m in entries if isinstance(m, dict) and not _available_problem(m))
-        models: dict[str, scoring.AvailableModel] = {}
-        named = tuple((_entry_name(m), m) for m in kept)
-        for name, m in named:
-            details = m.get("details") if isinstance(m.get("details"), dict) else {}
-            assert isinstance(details, dict)
-            families = details.get("families") or []
-            caps = m.get("capabilities") or []
-            models[name] = scoring.AvailableModel(
-                name=name,
-                size=int(m.get("size") or 0),
-                family=str(details.get("family") or ""),
-                families=tuple(str(f) for f in families if isinstance(f, str)),
-                parameter_size=str(details.get("parameter_size") or ""),
-                capabilities=tuple(str(c) for c in caps if isinstance(c, str)),
-            )
+        kept, named = _kept_named(entries, _available_problem)
+        models = {name: _available_model(name, m) for name, m in named}
         return cls(kept, MappingProxyType(models), frozenset(models), named)
 
     @functools.cached_property
