@@ -3550,17 +3550,19 @@ class Learner:
         self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
         self.affinity_writes = 0
 
-    def learned_slots(self, node_id: str, model: str) -> int | None:
+    def _slot_bounds_for(self, node_id: str, model: str) -> scoring.SlotBounds | None:
+        """The node:model's bounds, or the node's best-evidenced ones before it has any."""
         b = self.slot_bounds.get((node_id, model))
         if b is None or b.n == 0:
             b = self.node_slot_bounds.get(node_id)
-        return scoring.learned_slots(b, time.time(), self.policy)
+        return b
+
+    def learned_slots(self, node_id: str, model: str) -> int | None:
+        return scoring.learned_slots(self._slot_bounds_for(node_id, model), time.time(),
+                                     self.policy)
 
     def sure_slots(self, node_id: str, model: str) -> int:
-        b = self.slot_bounds.get((node_id, model))
-        if b is None or b.n == 0:
-            b = self.node_slot_bounds.get(node_id)
-        return scoring.sure_slots(b)
+        return scoring.sure_slots(self._slot_bounds_for(node_id, model))
 
     def learn_memory(self, node: Node, now: float) -> None:
         """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
