@@ -1835,25 +1835,7 @@ def _wait_factor(
         started = node.loading.get(req.model, now)
         load = max(0.0, _load_s(st, f.model_bytes, load_bps, policy) - max(0.0, now - started))
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
-    ahead = max(0, f.outstanding - slots + 1)
-    queue_wait = ahead * typical / slots
-    if ahead > 0 and q.oldest_at > 0 and q.in_flight >= slots:
-        # the first slot frees when the oldest request in flight ends, not in typical/slots:
-        # requests that started together (a burst) end together
-        first = max(0.0, typical - (now - q.oldest_at))
-        queue_wait = max(queue_wait, first + (ahead - 1) * typical / slots)
-    stalled = 0.0
-    if policy.stall_aware and ahead > 0 and q.progress_at > 0:
-        stalled = now - q.progress_at
-    if stalled > typical / slots:
-        # no slot has freed for longer than one should take (the node is stuck behind a
-        # load or a drain, or slower than measured): expect to wait at least that long again
-        queue_wait = max(queue_wait, stalled + (ahead - 1) * typical / slots)
-    else:
-        stalled = 0.0
-    probe = ahead == 0 and 0 < q.sure < slots and q.in_flight >= q.sure
-    if probe:  # a slot herd admits to find the node's parallelism, not one it has seen
-        queue_wait += policy.probe_risk * typical / (q.in_flight + 1)
+    queue_wait, stalled, probe = _queue_wait_s(q, f.outstanding, slots, typical, now, policy)
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
     saved = 0.0
     if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
@@ -1877,6 +1859,34 @@ def _wait_factor(
         + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else ""),
     )
     return factor, saved, _impact_s(concurrent, slow, run, policy)
+
+
+def _queue_wait_s(
+    q: QueueSnapshot, outstanding: int, slots: int, typical: float, now: float, policy: Policy
+) -> tuple[float, float, bool]:
+    """(seconds until this request gets a slot, seconds no slot has freed when that is
+    overdue else 0, whether it would run on a probe slot).
+
+    Requests ahead share the slots (``ahead x typical / slots``); a full queue's first slot
+    frees when its oldest request should end (a burst ends together); a queue whose slots
+    stopped freeing (stuck behind a load or drain inside Ollama) expects that long again; a
+    slot past the ones seen running at once risks queueing inside Ollama."""
+    ahead = max(0, outstanding - slots + 1)
+    share = typical / slots
+    wait = ahead * share
+    if ahead > 0 and q.oldest_at > 0 and q.in_flight >= slots:
+        wait = max(wait, max(0.0, typical - (now - q.oldest_at)) + (ahead - 1) * share)
+    stalled = 0.0
+    if policy.stall_aware and ahead > 0 and q.progress_at > 0:
+        stalled = now - q.progress_at
+    if stalled > share:
+        wait = max(wait, stalled + (ahead - 1) * share)
+    else:
+        stalled = 0.0
+    probe = ahead == 0 and 0 < q.sure < slots and q.in_flight >= q.sure
+    if probe:
+        wait += policy.probe_risk * typical / (q.in_flight + 1)
+    return wait, stalled, probe
 
 
 def _impact_s(others: int, slow: float, run: float, policy: Policy) -> float:
