@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -140,3 +141,12 @@ __all__ = [
     "scoring",
     "skip_or_fail",
 ]
+
+
+@pytest.fixture(autouse=True)
+def collect_leaks_here() -> Iterator[None]:
+    """A full collection as each test ends: a socket or transport it left open is reported
+    (warnings are errors) by the test that leaked it, not by whichever later test happens
+    to run when the collector does."""
+    yield
+    gc.collect()
