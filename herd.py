@@ -2442,6 +2442,7 @@ class Attempt:
     dispatch_mono: float = 0.0
     dispatch_hot: bool = False  # the model was resident there when it was sent
     dispatch_streams: int = 0  # other requests herd had in flight on that node (any model)
+    dispatch_load_queued: bool = False  # it was sent cold while another load was under way
     affinity_key: str | None = None  # prompt-prefix key to remember once served
     affinity_tokens: int = 0
 
@@ -3551,11 +3552,14 @@ class Learner:
         self.affinity_writes = 0
 
     def _slot_bounds_for(self, node_id: str, model: str) -> scoring.SlotBounds | None:
-        """The node:model's bounds, or the node's best-evidenced ones before it has any."""
+        """The node:model's bounds, or the node's best-evidenced ones before it has any; a
+        rarely used model's lower bound is lifted to what the node has shown
+        (``scoring.lift_slot_bounds``)."""
         b = self.slot_bounds.get((node_id, model))
+        nb = self.node_slot_bounds.get(node_id)
         if b is None or b.n == 0:
-            b = self.node_slot_bounds.get(node_id)
-        return b
+            return nb
+        return scoring.lift_slot_bounds(b, nb) if nb is not None else b
 
     def learned_slots(self, node_id: str, model: str) -> int | None:
         return scoring.learned_slots(self._slot_bounds_for(node_id, model), time.time(),
@@ -4720,6 +4724,11 @@ class Proxy:
         attempt.dispatch_mono = time.monotonic()
         attempt.dispatch_hot = (rreq.model in node.loaded_names()
                                 and rreq.model not in node.loading)
+        attempt.dispatch_load_queued = False
+        if self.r.policy.serial_loads and not attempt.dispatch_hot and len(node.loading) > 1:
+            now = time.time()
+            attempt.dispatch_load_queued = scoring.other_load_under_way(
+                node.snapshot(now), rreq.model, self.r.fleet.stats_view(), now, self.r.policy)
         attempt.node_id = node.node_id
         attempt.served_model = served_model
 
@@ -4919,6 +4928,7 @@ class Proxy:
                 ttft_ms=ttft_ms,
                 total_ms=total_ms,
                 streams=max(0, attempt.dispatch_streams),
+                load_queued=attempt.dispatch_load_queued,
             )
             key = (node.node_id, rreq.model)
             stats = self.r.fleet.stats

@@ -278,6 +278,9 @@ class Policy:
     slot_queue_share: float = 0.1  # ... and at least this share of the request's own work
     slot_clean_max_ms: float = 60.0  # hidden time at or below this (or clean_share): no queue
     slot_clean_share: float = 0.03
+    serial_loads: bool = True  # a node loads one model at a time: a load waits for those
+    # already sent there (and a load that waited teaches nothing about load speed)
+    slot_probe_growth: float = 2.0  # no upper bound known: admit this x the slots seen
     slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
     stall_aware: bool = True  # a queue whose slots have not freed for longer than they
     # should expects to wait at least that long again (see QueueSnapshot.progress_at)
@@ -485,6 +488,8 @@ class Observation:
     ttft_ms: float | None = None
     total_ms: float = 0.0
     streams: int | None = None  # other streams in flight on the node at dispatch (None: unknown)
+    load_queued: bool = False  # another load was under way there at dispatch: its load time
+    # includes the wait for that one, so it is not a sample of this model's load speed
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +557,7 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
     ok_n = count - 1 - failures
     load_ms = max(0.0, obs.load_ms)
     loaded = load_ms >= policy.load_observed_min_ms
-    if loaded:
+    if loaded and not obs.load_queued:
         ch["load_ms_ewma"] = _ewma(s.load_ms_ewma, s.load_n, load_ms, a)
         ch["load_n"] = s.load_n + 1
     if obs.prompt_tokens > 0 and obs.prompt_eval_ms > 0:
@@ -648,6 +653,41 @@ def _load_s(
         bps = node_load_bps if node_load_bps > 0 else policy.load_bytes_per_s
         return policy.load_overhead_s + model_bytes / bps
     return policy.default_load_s
+
+
+def load_ends(
+    node: NodeSnapshot,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    load_bps: float,
+    policy: Policy,
+) -> dict[str, float]:
+    """When each load herd sent to ``node`` should be done (same clock as
+    ``node.loading``): Ollama loads one model at a time, so a load sent while another is
+    under way starts when that one ends."""
+    if not node.loading:
+        return {}
+    out: dict[str, float] = {}
+    end = -math.inf
+    for model, sent in sorted(node.loading.items(), key=lambda kv: kv[1]):
+        am = node.available.get(model)
+        took = _load_s(stats.get((node.node_id, model)), am.size if am is not None else 0,
+                       load_bps, policy)
+        end = max(sent, end) + took
+        out[model] = end
+    return out
+
+
+def other_load_under_way(
+    node: NodeSnapshot, model: str, stats: Mapping[tuple[str, str], ServiceStats], now: float,
+    policy: Policy,
+) -> bool:
+    """A load of another model sent to ``node`` is expected to be still running at ``now``
+    (so a load of ``model`` sent now waits for it)."""
+    if not node.loading or not any(m != model for m in node.loading):
+        return False
+    _bw, load_bps = node_rates(node.node_id, node.available, stats)
+    return any(m != model and end > now
+               for m, end in load_ends(node, stats, load_bps, policy).items())
 
 
 def expected_service_s(
@@ -954,15 +994,19 @@ def learned_slots(bounds: SlotBounds | None, now: float, policy: Policy) -> int 
     """Slots to admit on a node:model from what was learned (None: nothing learned and
     ``slot_probe`` off).
 
-    A known upper bound (fresh) gives ``hi - 1``; without one herd admits one more than it
-    has seen run at once, so the bound is found under load (one request may queue inside
-    Ollama to find it, after which the bound holds for ``slot_bound_ttl_s``).
+    A known upper bound (fresh) gives ``hi - 1``; without one herd admits more than it has
+    seen run at once (``slot_probe_growth`` times, at least one more), so the bound is found
+    under load in a few steps (a request or two may queue inside Ollama to find it, after
+    which the bound holds for ``slot_bound_ttl_s``). Growing by one at a time kept requests
+    waiting in herd's queue behind slots the node had: a model used now and then on a
+    4-slot node never got past 2.
     """
     if bounds is None or bounds.n == 0:
         return 2 if policy.slot_probe else None
     if bounds.hi > 0 and now - bounds.hi_at <= policy.slot_bound_ttl_s:
         return max(1, min(bounds.hi - 1, policy.max_slots))
-    return max(1, min(max(1, bounds.lo) + 1, policy.max_slots))
+    lo = max(1, bounds.lo)
+    return max(1, min(max(lo + 1, math.ceil(lo * policy.slot_probe_growth)), policy.max_slots))
 
 
 def sure_slots(bounds: SlotBounds | None) -> int:
@@ -970,15 +1014,27 @@ def sure_slots(bounds: SlotBounds | None) -> int:
     return max(1, bounds.lo) if bounds is not None else 1
 
 
+def lift_slot_bounds(own: SlotBounds, node: SlotBounds) -> SlotBounds:
+    """A node:model's bounds with the node's lower bound where the model's own evidence does
+    not contradict it: ``OLLAMA_NUM_PARALLEL`` is one setting per server, so a node seen
+    running 4 requests of one model at once has 4 slots for a rarely used model too, until
+    that model queues below it (its own upper bound wins)."""
+    if node.lo <= own.lo or (own.hi > 0 and node.lo >= own.hi):
+        return own
+    return replace(own, lo=node.lo)
+
+
 def node_slot_bounds(per_model: Sequence[SlotBounds]) -> SlotBounds:
     """A node's slots for a model it has not served yet, from the models it has: Ollama's
     ``OLLAMA_NUM_PARALLEL`` is one setting per server, so the best-evidenced model stands
-    for the node."""
+    for the node, with the most any model was seen running at once as its lower bound
+    (unless that model's own upper bound says less)."""
     best = SlotBounds()
     for b in per_model:
         if (b.tight(), b.n) > (best.tight(), best.n):
             best = b
-    return best
+    # any model seen running k at once shows the server runs k at once
+    return lift_slot_bounds(best, SlotBounds(lo=max((b.lo for b in per_model), default=0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1827,13 +1883,20 @@ def _wait_factor(
     bw, load_bps = node_rates(nid, node.available, stats)
     svc = expected_service_s(st, req, False, policy, model_bytes=f.model_bytes, node_bandwidth=bw)
     load = 0.0
+    ends = load_ends(node, stats, load_bps, policy) if node.loading else {}
     if state in ("cold", "warm", "reload"):
         load = _load_s(st, f.model_bytes, load_bps, policy)
         if state in ("warm", "reload"):
             load *= policy.warm_load_factor
+        if policy.serial_loads and ends:  # it starts once the loads already sent are done
+            load += max(0.0, max(ends.values()) - now)
     elif state == "loading":
-        started = node.loading.get(req.model, now)
-        load = max(0.0, _load_s(st, f.model_bytes, load_bps, policy) - max(0.0, now - started))
+        if policy.serial_loads:
+            load = max(0.0, ends.get(req.model, now) - now)
+        else:
+            started = node.loading.get(req.model, now)
+            load = max(0.0, _load_s(st, f.model_bytes, load_bps, policy)
+                       - max(0.0, now - started))
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     queue_wait, stalled, probe = _queue_wait_s(q, f.outstanding, slots, typical, now, policy)
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)

@@ -9,6 +9,7 @@ import dataclasses
 import time
 
 import ollama
+import pytest
 
 import scoring
 from scoring import (
@@ -55,8 +56,10 @@ def test_no_queueing_at_k_in_flight_means_at_least_k_slots() -> None:
     assert (b.lo, b.hi) == (3, 0)
     # only 2 of the 3 still ran when it started: evidence for 2, not 3
     assert learn(None, 3, 10.0, clean_k=2).lo == 2
-    # no upper bound yet: admit one more than seen, to find the bound under load
-    assert scoring.learned_slots(b, NOW, P) == 4
+    # no upper bound yet: admit twice what was seen, to find the bound under load quickly
+    assert scoring.learned_slots(b, NOW, P) == 6
+    assert scoring.learned_slots(b, NOW, dataclasses.replace(P, slot_probe_growth=1.0)) == 4
+    assert scoring.learned_slots(learn(None, 1, 5.0), NOW, P) == 2  # at least one more
 
 
 def test_queueing_at_k_in_flight_means_fewer_than_k_slots() -> None:
@@ -109,6 +112,24 @@ def test_node_bounds_come_from_the_best_evidenced_model() -> None:
     tight = learn(learn(learn(None, 3, 0.0), 4, 2500.0), 4, 2500.0)
     assert scoring.node_slot_bounds([loose, loose, tight]) == tight
     assert scoring.node_slot_bounds([]) == SlotBounds()
+
+
+def test_a_model_seen_running_k_at_once_lifts_the_nodes_lower_bound() -> None:
+    many = learn(learn(None, 1, 0.0), 1, 0.0)  # best evidenced, but never ran 2 at once
+    four = learn(None, 4, 0.0)
+    node = scoring.node_slot_bounds([many, four])
+    assert (node.lo, node.n) == (4, 2)
+    # a rarely used model borrows the node's lower bound while its own evidence allows it
+    rare = learn(None, 1, 0.0)
+    assert scoring.lift_slot_bounds(rare, node).lo == 4
+    assert scoring.learned_slots(scoring.lift_slot_bounds(rare, node), NOW, P) == 8
+    # ... but its own upper bound wins: it queued at 2, so it has 1 (a big model, say)
+    capped = learn(learn(learn(None, 1, 0.0), 2, 3000.0), 2, 3000.0)
+    assert capped.hi == 2
+    assert scoring.lift_slot_bounds(capped, node) == capped
+    # a best-evidenced model that queued below the others' concurrency keeps its bound
+    tight = learn(learn(learn(None, 1, 0.0), 2, 3000.0), 2, 3000.0)
+    assert scoring.node_slot_bounds([tight, four]).lo == 1
 
 
 # ---------------------------------------------------------------------- memory ---------
@@ -714,3 +735,52 @@ def test_slot_queue_keeps_the_start_of_its_oldest_request() -> None:
     assert q.snapshot().oldest_at > first
     q.release()
     assert q.snapshot().oldest_at == 0.0
+
+
+def test_a_cold_load_waits_for_the_loads_already_sent_to_the_node() -> None:
+    """Ollama loads one model at a time: a cold load sent while a 40 GB load is under way
+    starts when that one ends, and a request joining a load waits for its place in line.
+    (A trace showed a 7b load sent behind a 70b load take 18 s, not 2.)"""
+    base = dataclasses.replace(
+        node("n", {}, 96, "learned"),
+        available={"big": AvailableModel("big", 40 * GB), "small": AvailableModel("small", 4 * GB),
+                   "other": AvailableModel("other", 4 * GB)})
+    req = RouteRequest("small", est_tokens=100)
+    queues = {("n", "small"): QueueSnapshot(slots=1)}
+
+    def load_part(snap: NodeSnapshot, policy: Policy = P) -> float:
+        s = scoring.score_nodes(req, [snap], queues, {}, {}, NOW, policy)[0]
+        w = s.factor("wait")
+        assert w is not None
+        return float(w.reason.split(" queue + ")[1].split("s load")[0])
+
+    alone = load_part(base)
+    behind = dataclasses.replace(base, loading={"big": NOW - 2.0})
+    _bw, bps = scoring.node_rates("n", behind.available, {})
+    big_left = scoring.load_ends(behind, {}, bps, P)["big"] - NOW
+    assert big_left > 5.0
+    assert load_part(behind) == pytest.approx(alone + big_left, abs=0.11)
+    assert load_part(behind, dataclasses.replace(P, serial_loads=False)) == pytest.approx(
+        alone, abs=0.05)
+    # two loads in line: the second starts when the first ends, whenever it was sent
+    line = dataclasses.replace(base, loading={"big": NOW - 2.0, "other": NOW - 1.0})
+    ends = scoring.load_ends(line, {}, bps, P)
+    assert ends["other"] == pytest.approx(ends["big"] + (alone), abs=0.05)
+    joining = dataclasses.replace(line, loading={**line.loading, "small": NOW - 0.5})
+    assert load_part(joining) == pytest.approx(scoring.load_ends(joining, {}, bps, P)["small"]
+                                               - NOW, abs=0.11)
+    assert scoring.other_load_under_way(line, "small", {}, NOW, P)
+    assert not scoring.other_load_under_way(line, "small", {}, NOW + 3600, P)
+    assert not scoring.other_load_under_way(
+        dataclasses.replace(base, loading={"small": NOW}), "small", {}, NOW, P)
+
+
+def test_a_load_that_waited_for_another_teaches_no_load_time() -> None:
+    first = scoring.observe(None, scoring.Observation(ok=True, load_ms=2000.0,
+                                                      total_ms=4000.0), P)
+    assert first.load_ms_ewma == 2000.0 and first.load_n == 1
+    queued = scoring.Observation(ok=True, load_ms=18000.0, total_ms=20000.0,
+                                 load_queued=True)
+    after = scoring.observe(first, queued, P)
+    assert (after.load_ms_ewma, after.load_n) == (2000.0, 1)
+    assert after.service_ms_ewma == 2000.0  # still not counted as service time
