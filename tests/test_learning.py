@@ -784,3 +784,23 @@ def test_a_load_that_waited_for_another_teaches_no_load_time() -> None:
     after = scoring.observe(first, queued, P)
     assert (after.load_ms_ewma, after.load_n) == (2000.0, 1)
     assert after.service_ms_ewma == 2000.0  # still not counted as service time
+
+
+def test_a_rarely_used_model_gets_the_slots_its_node_has_shown() -> None:
+    """The learner's slots for a model seen once (alone) on a node that ran 4 of another
+    model at once: 4 proven, so no wait in herd's queue behind a slot count of 2."""
+    import herd
+
+    learner = herd.Learner(P, {})
+    learner.slot_bounds[("big", "small")] = learn(None, 4, 0.0)
+    learner.slot_bounds[("big", "rare")] = learn(None, 1, 0.0)
+    learner.node_slot_bounds["big"] = scoring.node_slot_bounds(
+        list(learner.slot_bounds.values()))
+    assert learner.sure_slots("big", "rare") == 4
+    assert (learner.learned_slots("big", "rare") or 0) >= 5
+    assert learner.learned_slots("big", "never") == learner.learned_slots("big", "small")
+    # the rare model queued at 2 twice: its own bound wins
+    t = time.time()
+    learner.slot_bounds[("big", "rare")] = learn(learn(learn(None, 1, 0.0, now=t), 2, 3000.0,
+                                                       now=t), 2, 3000.0, now=t)
+    assert learner.learned_slots("big", "rare") == 1
