@@ -280,7 +280,8 @@ class Policy:
     slot_clean_share: float = 0.03
     serial_loads: bool = True  # a node loads one model at a time: a load waits for those
     # already sent there (and a load that waited teaches nothing about load speed)
-    slot_probe_growth: float = 2.0  # no upper bound known: admit this x the slots seen
+    slot_probe_growth: float = 1.0  # no upper bound known: admit this x the slots seen
+    # (at least one more); 2 found 4-slot nodes faster but queued long requests in Ollama
     slot_probe: bool = True  # unknown slots: admit 2 (one more than 1) to find out
     stall_aware: bool = True  # a queue whose slots have not freed for longer than they
     # should expects to wait at least that long again (see QueueSnapshot.progress_at)
@@ -1947,8 +1948,9 @@ def _queue_wait_s(
     else:
         stalled = 0.0
     probe = ahead == 0 and 0 < q.sure < slots and q.in_flight >= q.sure
-    if probe:
-        wait += policy.probe_risk * typical / (q.in_flight + 1)
+    if probe:  # if the node has only the slots seen, it waits for the oldest to end
+        left = typical - (now - q.oldest_at) if q.oldest_at > 0 else 0.0
+        wait += policy.probe_risk * (left if left > 0 else typical / (q.in_flight + 1))
     return wait, stalled, probe
 
 

@@ -792,7 +792,8 @@ class FakeOllama:
     line), :meth:`refuse_connections` / :meth:`revive` (same port).
 
     Observation: ``requests`` (:class:`RecordedRequest`), ``loaded`` (:class:`LoadedState`
-    by model name), ``active``, ``max_active_seen``, ``max_in_flight_seen`` (per model),
+    by model name), ``active``, ``max_active_seen``, ``max_present_seen`` (waiting or
+    running), ``max_in_flight_seen`` (per model),
     ``queued``, ``cancelled`` (inference requests stopped because the client went away,
     queued or generating), ``dropped`` (die_after_chunks), ``rejected_busy``,
     ``load_events`` [(model, num_ctx)], ``unload_events`` [(model, reason)], ``blobs``,
@@ -855,6 +856,7 @@ class FakeOllama:
         self.requests: list[RecordedRequest] = []
         self.active = 0
         self.max_active_seen = 0
+        self.max_present_seen = 0  # requests inside at once, waiting for a slot or running
         self.max_in_flight_seen: dict[str, int] = {}
         self.cancelled = 0
         self.dropped = 0
@@ -962,6 +964,7 @@ class FakeOllama:
     def reset_stats(self) -> None:
         self.requests.clear()
         self.max_active_seen = self.active
+        self.max_present_seen = self.active + self.queued
         self.max_in_flight_seen = {k: v.in_flight for k, v in self.loaded.items()}
         self.cancelled = 0
         self.dropped = 0
@@ -1160,6 +1163,7 @@ class FakeOllama:
             raise _HTTPError(503, BUSY_ERROR)
         t0 = time.perf_counter_ns()
         self.queued += 1
+        self.max_present_seen = max(self.max_present_seen, self.queued + self.active)
         try:
             st = await self._acquire(m, num_ctx, keep_alive)
         finally:

@@ -56,9 +56,10 @@ def test_no_queueing_at_k_in_flight_means_at_least_k_slots() -> None:
     assert (b.lo, b.hi) == (3, 0)
     # only 2 of the 3 still ran when it started: evidence for 2, not 3
     assert learn(None, 3, 10.0, clean_k=2).lo == 2
-    # no upper bound yet: admit twice what was seen, to find the bound under load quickly
-    assert scoring.learned_slots(b, NOW, P) == 6
-    assert scoring.learned_slots(b, NOW, dataclasses.replace(P, slot_probe_growth=1.0)) == 4
+    # no upper bound yet: admit one more than seen, to find the bound under load (or
+    # slot_probe_growth x as many, faster but riskier)
+    assert scoring.learned_slots(b, NOW, P) == 4
+    assert scoring.learned_slots(b, NOW, dataclasses.replace(P, slot_probe_growth=2.0)) == 6
     assert scoring.learned_slots(learn(None, 1, 5.0), NOW, P) == 2  # at least one more
 
 
@@ -122,7 +123,7 @@ def test_a_model_seen_running_k_at_once_lifts_the_nodes_lower_bound() -> None:
     # a rarely used model borrows the node's lower bound while its own evidence allows it
     rare = learn(None, 1, 0.0)
     assert scoring.lift_slot_bounds(rare, node).lo == 4
-    assert scoring.learned_slots(scoring.lift_slot_bounds(rare, node), NOW, P) == 8
+    assert scoring.learned_slots(scoring.lift_slot_bounds(rare, node), NOW, P) == 5
     # ... but its own upper bound wins: it queued at 2, so it has 1 (a big model, say)
     capped = learn(learn(learn(None, 1, 0.0), 2, 3000.0), 2, 3000.0)
     assert capped.hi == 2
@@ -329,7 +330,7 @@ async def test_router_learns_slots_from_timings_and_routes_by_them(
         small.reset_stats()
         served = await burst(6)
         assert served.count(bid) >= 4, served
-        assert small.max_active_seen <= 1
+        assert small.max_present_seen <= 1  # none waited inside it
         status = r.router.fleet.fleet_status(r.router.started_at + 1)
         learned = {n["node_id"]: n["learned"] for n in status["nodes"]}
         assert learned[sid]["slots"]["source"] == "learned"
@@ -579,6 +580,18 @@ def test_a_probe_slot_counts_the_risk_of_queueing_inside_ollama() -> None:
     assert a2.total > a.total
     assert scoring.sure_slots(None) == 1
     assert scoring.sure_slots(SlotBounds(lo=3, clean=2)) == 3
+
+
+def test_a_probe_behind_a_long_running_request_risks_the_rest_of_it() -> None:
+    """Probing a third slot beside two 20 s answers that started 4 s ago: if the node has
+    only the two slots, the probe waits ~16 s for the older one, so its risk is priced
+    from that, not from a share of a typical answer."""
+    q = QueueSnapshot(in_flight=2, slots=3, sure=2, oldest_at=NOW - 4.0)
+    wait, _stalled, probe = scoring._queue_wait_s(q, 2, 3, 20.0, NOW, P)
+    assert probe and wait == pytest.approx(P.probe_risk * 16.0)
+    overdue = dataclasses.replace(q, oldest_at=NOW - 30.0)  # past its time: a share
+    wait, _stalled, probe = scoring._queue_wait_s(overdue, 2, 3, 20.0, NOW, P)
+    assert probe and wait == pytest.approx(P.probe_risk * 20.0 / 3)
 
 
 def test_the_model_count_cap_counts_loads_in_flight() -> None:

@@ -236,7 +236,9 @@ async def test_queue_waits_for_a_slot_then_serves(
         *(raw_request(r.port, "POST", "/api/generate", GEN) for _ in range(5))
     )
     assert [s for s, _, _ in results] == [200] * 5
-    assert fake.max_active_seen == 1  # nothing piled up inside Ollama
+    # nothing piled up inside Ollama: herd, not told the node's slots, probes a second one
+    # once (to learn the count), and the other requests wait in herd's own queue
+    assert fake.max_present_seen <= 2
     rows = await traces(r, status="completed")
     assert max(row["queue_ms"] for row in rows) > 0
 

@@ -490,7 +490,7 @@ async def test_saturation_gives_503_with_retry_after(
     assert headers.get("x-should-retry") == "true"
     assert json.loads(data)["error"]["message"]
     assert (await slow)[0] == 200
-    assert fake.max_active_seen == 1
+    assert fake.max_present_seen == 1
 
 
 async def test_loopback_host_check_is_satisfied(fleet: Any) -> None:
