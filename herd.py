@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import http
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -3734,7 +3735,7 @@ LEARNED_TYPES: Mapping[str, Callable[..., object]] = MappingProxyType({
     LEARNED_AFFINITY: scoring.AffinityEntry,  # key: the prompt-prefix hash
 })
 LEARNED_PAIR_KINDS = frozenset({LEARNED_SLOTS, LEARNED_STATS})
-LEARNED_OTHER_ROWS = 10_000  # rows kept beyond the affinity map's bound (Policy)
+LEARNED_MAX_ROWS = 10_000  # rows kept per kind (affinity: its bound in Policy)
 
 
 @dataclass(slots=True)
@@ -3809,49 +3810,81 @@ class LearningKeeper:
 
     Restored once at start, before the listener opens; saved every
     ``Config.learning_save_interval_s`` by a background task and once at a clean stop. A
-    save sends only the facts whose object changed since the last committed save (learned
-    state is frozen objects, replaced on every change, so identity is the test) and the keys
-    that went; the store's writer thread serialises and writes them. Rows not updated for
-    ``Config.learning_max_age_s`` (a node that never came back) are dropped."""
+    save sends only what changed since the last committed save, found without serialising
+    anything on the loop: learned state is frozen objects, replaced on every change, so for
+    slots, memory and stats (a few per node:model) identity against the last save tells;
+    the affinity map (up to ``Policy.affinity_max_entries``) is in write order, so the
+    entries written since are its last ``Learner.affinity_writes`` - (writes then). The
+    store's writer thread serialises and writes them. Rows are bounded per kind
+    (``limits``): age (``Config.learning_max_age_s``; affinity its TTL) and count."""
 
     def __init__(self, router: Router) -> None:
         self.r = router
         self.saved: dict[str, dict[object, object]] = {}  # kind -> key -> object committed
+        self.affinity_writes = 0  # Learner.affinity_writes at the last committed save
         self.gone: list[tuple[str, str]] = []  # rows to delete at the next save
         self.restored: RestoredLearning | None = None  # None: not restored (off, or no start)
         self.saves = 0
         self.facts_written = 0
+        self.lock = asyncio.Lock()
 
     def tables(self) -> dict[str, Mapping[Any, object]]:
+        """The learned tables kept by identity diff (the affinity map is kept by order)."""
         learner = self.r.learner
         return {LEARNED_SLOTS: learner.slot_bounds, LEARNED_MEMORY: learner.memory_bounds,
-                LEARNED_STATS: self.r.fleet.stats, LEARNED_AFFINITY: learner.affinity}
+                LEARNED_STATS: self.r.fleet.stats}
 
-    def changes(self, now: float) -> tuple[
-            list[store.LearnedFact], list[tuple[str, str]], dict[str, dict[object, object]]]:
-        """(facts changed since the last save, keys gone, the tables as of now)."""
-        facts: list[store.LearnedFact] = []
+    def limits(self) -> dict[str, tuple[float, int]]:
+        """kind -> (max age s, max rows) of ``learned_facts``."""
+        age, policy = self.r.config.learning_max_age_s, self.r.policy
+        return {**dict.fromkeys(self.tables(), (age, LEARNED_MAX_ROWS)),
+                LEARNED_AFFINITY: (min(age, policy.affinity_ttl_s),
+                                   policy.affinity_max_entries)}
+
+    def changes(self) -> tuple[dict[str, dict[object, object]], list[tuple[str, str]],
+                               dict[str, dict[object, object]], int]:
+        """(kind -> {key: fact} changed since the last save, (kind, key text) gone, the
+        identity-kept tables as of now, the affinity write count as of now)."""
+        snapshot = {kind: dict(table) for kind, table in self.tables().items()}
+        changed: dict[str, dict[object, object]] = {}
         gone = list(self.gone)
-        snapshot: dict[str, dict[object, object]] = {}
-        for kind, table in self.tables().items():
+        for kind, current in snapshot.items():
             saved = self.saved.get(kind, {})
-            current = snapshot[kind] = dict(table)
-            for key, value in current.items():
-                if saved.get(key) is not value:
-                    node_id = (value.node_id if isinstance(value, scoring.AffinityEntry)
-                               else key[0] if isinstance(key, tuple) else str(key))
-                    facts.append(store.LearnedFact(kind, learned_key_text(key), node_id,
-                                                   value, now))
-            gone.extend((kind, learned_key_text(k)) for k in saved.keys() - current.keys())
-        return facts, gone, snapshot
+            new = changed[kind] = {k: v for k, v in current.items() if saved.get(k) is not v}
+            added = sum(1 for k in new if k not in saved)
+            if len(saved) + added > len(current):  # some keys went
+                gone += ((kind, learned_key_text(k)) for k in saved.keys() - current.keys())
+        learner = self.r.learner
+        writes = learner.affinity_writes
+        recent = min(writes - self.affinity_writes, len(learner.affinity))
+        # every key written since is among the last `recent` (each write moved it to the
+        # end); evicted ones age out of the table by the affinity limits
+        changed[LEARNED_AFFINITY] = dict(
+            itertools.islice(reversed(learner.affinity.items()), max(0, recent)))
+        return changed, gone, snapshot, writes
+
+    async def facts(self, changed: Mapping[str, Mapping[object, object]], now: float,
+                    chunk: int = 250) -> list[store.LearnedFact]:
+        """The store's rows for ``changed``, built ``chunk`` at a time with the loop free
+        in between (frozen objects in this call's own dicts: nothing changes meanwhile)."""
+        out: list[store.LearnedFact] = []
+        for kind, table in changed.items():
+            for key, value in table.items():
+                node_id, at = ((value.node_id, value.at)  # an entry ages from its last use
+                               if isinstance(value, scoring.AffinityEntry)
+                               else (key[0] if isinstance(key, tuple) else str(key), now))
+                out.append(store.LearnedFact(kind, learned_key_text(key), node_id, value, at))
+                if len(out) % chunk == 0:
+                    await asyncio.sleep(0)
+        return out
 
     async def restore(self, now: float) -> RestoredLearning:
-        facts = await self.r.store.load_learned(now=now,
-                                                max_age_s=self.r.config.learning_max_age_s)
+        facts = await self.r.store.load_learned(now=now, limits=self.limits())
         got = self.r.learner.restore_state(facts, self.r.fleet.stats, now)
         self.restored = got
         self.gone = list(got.skipped)
         self.saved = {kind: dict(table) for kind, table in self.tables().items()}
+        self.affinity_writes = self.r.learner.affinity_writes
         log.info("restored learning for %d nodes: slots for %d models, memory for %d nodes, "
                  "%d affinity entries, service stats for %d node:models%s",
                  got.nodes, got.slots, got.memory, got.affinity, got.stats,
@@ -3864,20 +3897,18 @@ class LearningKeeper:
     async def save(self) -> int:
         """Write what changed since the last save; the number of facts written (0 when
         nothing changed or the store failed, which it logged)."""
-        now = time.time()
-        facts, gone, snapshot = self.changes(now)
-        if not facts and not gone:
-            return 0
-        policy = self.r.policy
-        ok = await self.r.store.save_learned(
-            facts, gone, now=now, max_age_s=self.r.config.learning_max_age_s,
-            max_rows=policy.affinity_max_entries + LEARNED_OTHER_ROWS)
-        if not ok:
-            return 0
-        self.saved, self.gone = snapshot, []
-        self.saves += 1
-        self.facts_written += len(facts)
-        return len(facts)
+        async with self.lock:  # the periodic save and the one at stop never interleave
+            now = time.time()
+            changed, gone, snapshot, writes = self.changes()
+            if not gone and not any(changed.values()):
+                return 0
+            facts = await self.facts(changed, now)
+            if not await self.r.store.save_learned(facts, gone, now=now, limits=self.limits()):
+                return 0
+            self.saved, self.affinity_writes, self.gone = snapshot, writes, []
+            self.saves += 1
+            self.facts_written += len(facts)
+            return len(facts)
 
     async def run(self) -> None:
         """The background task: save every ``learning_save_interval_s``."""

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
@@ -483,7 +483,7 @@ _SCHEMA_V7 = (
         updated_at REAL NOT NULL,
         PRIMARY KEY (kind, key)
     ) WITHOUT ROWID""",
-    "CREATE INDEX idx_learned_updated ON learned_facts(updated_at)",
+    "CREATE INDEX idx_learned_age ON learned_facts(kind, updated_at)",
 )
 
 
@@ -928,26 +928,51 @@ class LearnedFact:
 
 
 def _fact_json(value: object) -> str:
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
+    if is_dataclass(value) and not isinstance(value, type):  # its fields, not a deep copy
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+LearnedLimits = Mapping[str, tuple[float, int]]  # kind -> (max age s, max rows)
+
+
+def _bound_learned(conn: sqlite3.Connection, limits: LearnedLimits, now: float) -> int:
+    """Per kind: delete rows not updated within its age, then the oldest beyond its count.
+    Returns the rows deleted. Kinds without limits are left alone."""
+    deleted = 0
+    for kind, (max_age_s, max_rows) in limits.items():
+        cur = conn.execute(
+            "DELETE FROM learned_facts WHERE kind = ? AND updated_at < ?", (kind, now - max_age_s)
+        )
+        deleted += max(0, cur.rowcount)
+        count = conn.execute("SELECT count(*) FROM learned_facts WHERE kind = ?", (kind,))
+        over = int(count.fetchone()[0]) - max(0, max_rows)
+        if over > 0:
+            conn.execute(
+                "DELETE FROM learned_facts WHERE kind = ? AND key IN (SELECT key FROM "
+                "learned_facts WHERE kind = ? ORDER BY updated_at LIMIT ?)",
+                (kind, kind, over),
+            )
+            deleted += over
+    return deleted
 
 
 def _write_learned(
     conn: sqlite3.Connection,
     facts: Sequence[LearnedFact],
     gone: Sequence[tuple[str, str]],
-    horizon: float,
-    max_rows: int,
-) -> int:
-    """Upsert ``facts``, delete ``gone`` (kind, key) and rows older than ``horizon``, then
-    the oldest rows beyond ``max_rows``; one transaction. Returns the rows kept."""
+    limits: LearnedLimits,
+    now: float,
+) -> None:
+    """Upsert ``facts``, delete ``gone`` (kind, key), bound each kind; one transaction."""
     rows: list[tuple[str, str, str, str, float]] = []
-    for f in facts:  # serialised here, on the writer thread, not on the event loop
+    for i, f in enumerate(facts):  # serialised here, on the writer thread, not on the loop
         try:
             rows.append((f.kind, f.key, f.node_id, _fact_json(f.value), f.updated_at))
         except (TypeError, ValueError) as exc:  # NaN, or something JSON cannot hold
             log.warning("store.learned_fact_unwritable: %s %s: %s", f.kind, f.key, exc)
+        if i % 64 == 63:
+            _yield_gil()  # thousands of facts: let the event loop have the GIL meanwhile
     with _atomic(conn):
         conn.executemany(
             "INSERT INTO learned_facts (kind, key, node_id, value, updated_at) "
@@ -957,25 +982,18 @@ def _write_learned(
             rows,
         )
         conn.executemany("DELETE FROM learned_facts WHERE kind = ? AND key = ?", gone)
-        conn.execute("DELETE FROM learned_facts WHERE updated_at < ?", (horizon,))
-        kept: int = conn.execute("SELECT count(*) FROM learned_facts").fetchone()[0]
-        if kept > max_rows:
-            conn.execute(
-                "DELETE FROM learned_facts WHERE (kind, key) IN (SELECT kind, key FROM "
-                "learned_facts ORDER BY updated_at LIMIT ?)",
-                (kept - max_rows,),
-            )
-            kept = max_rows
-    return kept
+        _bound_learned(conn, limits, now)
 
 
-def _load_learned(conn: sqlite3.Connection, horizon: float) -> list[LearnedFact]:
-    """Drop rows older than ``horizon``, return the rest oldest first; a row whose value is
+def _load_learned(
+    conn: sqlite3.Connection, limits: LearnedLimits, now: float
+) -> list[LearnedFact]:
+    """Bound each kind (old rows go), return the rest oldest first; a row whose value is
     not JSON is skipped with a log line and deleted."""
     out: list[LearnedFact] = []
     broken: list[tuple[str, str]] = []
     with _atomic(conn):
-        aged = conn.execute("DELETE FROM learned_facts WHERE updated_at < ?", (horizon,))
+        dropped = _bound_learned(conn, limits, now)
         for row in conn.execute(
             "SELECT kind, key, node_id, value, updated_at FROM learned_facts ORDER BY updated_at"
         ):
@@ -993,11 +1011,11 @@ def _load_learned(conn: sqlite3.Connection, horizon: float) -> list[LearnedFact]
             updated = float(row["updated_at"])
             out.append(LearnedFact(row["kind"], row["key"], row["node_id"], value, updated))
         conn.executemany("DELETE FROM learned_facts WHERE kind = ? AND key = ?", broken)
-    if aged.rowcount > 0:
+    if dropped:
         log.info(
-            "store.learned_aged_out: %d learned facts older than the age limit dropped",
-            aged.rowcount,
-            extra={"rows": aged.rowcount},
+            "store.learned_aged_out: %d learned facts past their age or count limit dropped",
+            dropped,
+            extra={"rows": dropped},
         )
     return out
 
@@ -1948,27 +1966,26 @@ class Store:
         gone: Sequence[tuple[str, str]] = (),
         *,
         now: float,
-        max_age_s: float,
-        max_rows: int,
+        limits: LearnedLimits,
     ) -> bool:
-        """Persist changed learned facts (upsert), forget ``gone`` ``(kind, key)`` ones and
-        those not updated for ``max_age_s``; keep at most ``max_rows`` (the newest).
-        Serialised and written on the writer thread. False (and a log line) when SQLite
-        failed, so a full disk costs the router its memory of a restart, not a crash."""
-        facts, gone = list(facts), list(gone)
+        """Persist changed learned facts (upsert) and forget ``gone`` ``(kind, key)`` ones;
+        per kind, ``limits[kind] = (max_age_s, max_rows)`` drops rows not updated for that
+        long, then the oldest beyond that many. Serialised and written on the writer
+        thread. False (and a log line) when SQLite failed: a full disk costs the router its
+        memory of a restart, not a crash."""
+        facts, gone, limits = list(facts), list(gone), dict(limits)
         try:
-            await self._write(
-                lambda c: _write_learned(c, facts, gone, now - max_age_s, max(0, max_rows))
-            )
+            await self._write(lambda c: _write_learned(c, facts, gone, limits, now))
         except sqlite3.Error as exc:
             log.warning("store.learned_save_failed: %s", exc)
             return False
         return True
 
-    async def load_learned(self, *, now: float, max_age_s: float) -> list[LearnedFact]:
-        """Every learned fact updated within ``max_age_s`` (older ones are deleted), oldest
+    async def load_learned(self, *, now: float, limits: LearnedLimits) -> list[LearnedFact]:
+        """Every learned fact within ``limits`` (the others are deleted first), oldest
         first, ``value`` decoded from JSON."""
-        return await self._write(lambda c: _load_learned(c, now - max_age_s))
+        limits = dict(limits)
+        return await self._write(lambda c: _load_learned(c, limits, now))
 
     async def create_benchmark(self, params: Mapping[str, object], *, now: float) -> int:
         """A new run in status ``pending``; returns its ``run_id``."""

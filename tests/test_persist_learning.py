@@ -198,6 +198,33 @@ async def test_learning_is_saved_periodically_and_only_what_changed(
         assert ("memory", bid) in rows
 
 
+async def test_affinity_saves_only_what_was_written_since_and_stays_bounded(
+    make_router: RouterFactory, tmp_path: Path
+) -> None:
+    """The affinity map is saved by its write order: a save writes the entries written
+    since the last one (not the whole map); rows of evicted entries go by the map's bound."""
+    data = tmp_path / "data"
+    r = await make_router([], data_dir=data, poll_interval_s=60.0,
+                          policy={"affinity_max_entries": 5})
+    keeper, learner = r.router.learning, r.router.learner
+    now = time.time()
+    for i in range(5):
+        learner.remember_prefix(f"k{i}", "gpu", 100 + i, now - 50 + i)
+    assert await keeper.save() == 5
+    assert await keeper.save() == 0
+    learner.remember_prefix("k1", "gpu", 500, now)  # served again
+    learner.remember_prefix("k5", "cpu", 10, now)  # new: k0, the least recent, is evicted
+    assert "k0" not in learner.affinity
+    assert await keeper.save() == 2
+    rows = {key: json.loads(v["value"]) for (kind, key), v in facts_in(data).items()
+            if kind == "affinity"}
+    assert rows == {"k1": {"node_id": "gpu", "at": now, "tokens": 500},
+                    "k2": {"node_id": "gpu", "at": now - 48, "tokens": 102},
+                    "k3": {"node_id": "gpu", "at": now - 47, "tokens": 103},
+                    "k4": {"node_id": "gpu", "at": now - 46, "tokens": 104},
+                    "k5": {"node_id": "cpu", "at": now, "tokens": 10}}
+
+
 async def test_no_persist_learning_keeps_nothing(
     make_router: RouterFactory, make_fake: FakeFactory, tmp_path: Path
 ) -> None:
@@ -230,7 +257,8 @@ async def saved(data: Path, facts: list[store.LearnedFact], now: float) -> None:
     s = store.Store(data, prune_interval_s=None)
     await s.open()
     try:
-        assert await s.save_learned(facts, now=now, max_age_s=30 * DAY, max_rows=1000)
+        limits = dict.fromkeys(["slots", "memory", "stats", "affinity"], (30 * DAY, 1000))
+        assert await s.save_learned(facts, now=now, limits=limits)
     finally:
         await s.close()
 

@@ -365,8 +365,8 @@ class LearnedBounds:
 
 async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: Path) -> None:
     """A v6 database gains ``learned_facts`` (traces kept). Facts are upserted by (kind, key),
-    deleted when gone, aged out by ``updated_at`` (on save and on load), capped at
-    ``max_rows`` (the newest kept); values are the JSON of a dataclass's fields."""
+    deleted when gone, bounded per kind by age (``updated_at``) and count (the newest kept),
+    on save and on load; values are the JSON of a dataclass's fields."""
     data = tmp_path / "data"
     data.mkdir()
     conn = store._connect_writer(data / "latency.db")
@@ -378,21 +378,23 @@ async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: 
     )
     conn.close()
     fact = store.LearnedFact
+    day = store.DAY
+    limits = {"slots": (day, 10), "memory": (day, 10), "affinity": (600.0, 3)}
     s = Store(data, prune_interval_s=None)
     await s.open()
     try:
         assert user_version(data / "latency.db") == len(MIGRATIONS) == 7
-        assert await s.load_learned(now=NOW, max_age_s=store.DAY) == []
+        assert await s.load_learned(now=NOW, limits=limits) == []
         bounds = LearnedBounds(lo=2, hi_at=NOW - 10)  # a frozen dataclass, as the router's
         ok = await s.save_learned(
             [fact("slots", '["a", "m"]', "a", bounds, NOW - 10),
              fact("memory", "a", "a", {"fits": 1}, NOW - 5),
-             fact("memory", "old", "old", {"fits": 2}, NOW - 2 * store.DAY),
+             fact("memory", "old", "old", {"fits": 2}, NOW - 2 * day),
              fact("memory", "nan", "nan", {"fits": math.nan}, NOW)],
-            now=NOW, max_age_s=store.DAY, max_rows=10,
+            now=NOW, limits=limits,
         )
         assert ok  # the NaN row is refused alone, with a log line; the old one aged out
-        loaded = await s.load_learned(now=NOW, max_age_s=store.DAY)
+        loaded = await s.load_learned(now=NOW, limits=limits)
         assert [(f.kind, f.key, f.node_id, f.updated_at) for f in loaded] == [
             ("slots", '["a", "m"]', "a", NOW - 10), ("memory", "a", "a", NOW - 5)]
         assert loaded[0].value == {"lo": 2, "hi_at": NOW - 10}
@@ -400,16 +402,19 @@ async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: 
         await s.save_learned(
             [fact("memory", "a", "a", {"fits": 3}, NOW)],
             [("slots", '["a", "m"]')],
-            now=NOW, max_age_s=store.DAY, max_rows=10,
+            now=NOW, limits=limits,
         )
-        loaded = await s.load_learned(now=NOW, max_age_s=store.DAY)
+        loaded = await s.load_learned(now=NOW, limits=limits)
         assert [(f.key, f.value) for f in loaded] == [("a", {"fits": 3})]
         many = [fact("affinity", f"k{i}", "a", {"i": i}, NOW + i) for i in range(5)]
-        await s.save_learned(many, now=NOW + 5, max_age_s=store.DAY, max_rows=3)
-        kept = await s.load_learned(now=NOW + 5, max_age_s=store.DAY)
-        assert [f.key for f in kept] == ["k2", "k3", "k4"]  # the newest 3
+        await s.save_learned(many, now=NOW + 5, limits=limits)
+        kept = await s.load_learned(now=NOW + 5, limits=limits)
+        assert [f.key for f in kept] == ["a", "k2", "k3", "k4"]  # the newest 3 affinity rows
+        # 20 minutes later: the affinity rows are past their own age, memory is not
+        kept = await s.load_learned(now=NOW + 1200, limits=limits)
+        assert [f.key for f in kept] == ["a"]
         # a day later, on load: nothing was updated within the age limit
-        assert await s.load_learned(now=NOW + 2 * store.DAY, max_age_s=store.DAY) == []
+        assert await s.load_learned(now=NOW + 2 * day, limits=limits) == []
     finally:
         await s.close()
     s = Store(data, prune_interval_s=None)
