@@ -3648,12 +3648,12 @@ class Learner:
                     out.skipped.append((f.kind, f.key))  # stale: no node still caches it
                     continue
                 affinity.append((key, value))
+                continue
             self.restored[(f.kind, key)] = value
         for key, entry in sorted(affinity, key=lambda ke: ke[1].at):  # LRU order: oldest first
             self.affinity[key] = entry
         for k in scoring.affinity_evictions(self.affinity, now, self.policy):
             self.affinity.pop(k, None)
-            self.restored.pop((LEARNED_AFFINITY, k), None)
         slot_nodes = {n for n, _m in self.slot_bounds}
         for node_id in slot_nodes:
             self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
@@ -3913,7 +3913,7 @@ class LearningKeeper:
     async def run(self) -> None:
         """The background task: save every ``learning_save_interval_s``."""
         while True:
-            await asyncio.sleep(self.r.config.learning_save_interval_s)
+            await asyncio.sleep(max(0.05, self.r.config.learning_save_interval_s))
             await self.save()
 
 

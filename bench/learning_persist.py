@@ -173,7 +173,14 @@ async def run() -> int:
     print(f"target diff <= {TARGET_DIFF_RATIO}x baseline: {'ok' if ok_diff else 'MISS'}; "
           f"loop gap <= {TARGET_GAP_RATIO}x idle + {GAP_SLACK_MS} ms: "
           f"{'ok' if ok_gap else 'MISS'}")
-    return 0 if ok_diff and ok_gap else 1
+    return exit_code(diff_ratio, max(gap, first_gap), idle_gap)
+
+
+def exit_code(diff_ratio: float, gap_ms: float, idle_gap_ms: float) -> int:
+    """0 when both targets are met; a NaN (a broken run) is no pass."""
+    ok = (diff_ratio <= TARGET_DIFF_RATIO
+          and gap_ms <= TARGET_GAP_RATIO * idle_gap_ms + GAP_SLACK_MS)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
