@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable
@@ -21,8 +22,10 @@ import pytest
 import herd
 import scoring
 import store
+from tests.child_process import start_herd, stop
 from tests.conftest import FakeFactory, RouterFactory, RunningRouter
 from tests.fake_ollama import FakeModel, FakeOllama
+from tests.http_helpers import raw_request
 
 MODEL = "llama3.2:3b"
 SLOW = FakeModel(name=MODEL, size=2_000_000_000, family="llama")
@@ -360,3 +363,36 @@ def test_learned_value_refuses_what_it_cannot_trust(raw: object, why: str) -> No
         herd.learned_value(scoring.SlotBounds, hints, raw)
     assert herd.learned_value(scoring.SlotBounds, hints, {"lo": 2, "hi_at": 5}) == (
         scoring.SlotBounds(lo=2, hi_at=5.0))
+
+
+async def test_python_herd_py_restores_after_sigterm_and_the_flag_turns_it_off(
+    make_fake: FakeFactory, tmp_path: Path
+) -> None:
+    """The real program: learn, SIGTERM (saved on the way out), start again (restored and
+    said so before it listens); with ``--no-persist-learning`` nothing is restored."""
+    node = await make_fake([SLOW], num_parallel=2, tokens_per_s=200, response_tokens=5,
+                           load_delay_s=0.0)
+    args = ["--no-mdns", "--data-dir", str(tmp_path), "--node", node.url,
+            "--poll-interval", "0.2"]
+    proc, port = await start_herd(args)
+    try:
+        async with asyncio.timeout(10):
+            while not json.loads((await raw_request(port, "GET", "/api/tags"))[2])["models"]:
+                await asyncio.sleep(0.05)
+        body = json.dumps({"model": MODEL, "prompt": "hi", "stream": False}).encode()
+        for _ in range(3):
+            status, _, _ = await raw_request(port, "POST", "/api/generate", body)
+            assert status == 200
+    finally:
+        code, err = await stop(proc)
+    assert code == 0, err
+    assert re.search(r"learning saved at stop: [1-9]\d* facts", err), err
+    proc, _ = await start_herd(args)
+    code, err = await stop(proc)
+    assert code == 0, err
+    assert re.search(r"restored learning for 1 nodes: slots for [01] models, memory for 1 "
+                     r"nodes, 0 affinity entries, service stats for 1 node:models", err), err
+    proc, _ = await start_herd([*args, "--no-persist-learning"])
+    code, err = await stop(proc)
+    assert "restored learning" not in err
+    assert "learning is not kept across restarts (--no-persist-learning)" in err
