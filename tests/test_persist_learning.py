@@ -117,7 +117,7 @@ async def test_learned_slots_memory_stats_and_affinity_survive_a_restart(
         first = [{"role": "user", "content": "remember the number 42"}]
         cache_node, reply = await chat(client, first)
     learner = r.router.learner
-    before_slots = {k: v for k, v in learner.slot_bounds.items()}
+    before_slots = dict(learner.slot_bounds)
     before_memory = dict(learner.memory_bounds)
     assert before_memory[bid].fits >= SLOW.size
     before_stats = dict(r.router.fleet.stats)
@@ -126,7 +126,7 @@ async def test_learned_slots_memory_stats_and_affinity_survive_a_restart(
     await r.router.stop()
 
     caplog.set_level(logging.INFO, logger="herd")
-    # no polls before the checks below: what the new router knows is what it restored
+    # one poll at start, then none for a minute: what it knows is what it restored
     r2 = await make_router([big.url, small.url], data_dir=data, poll_interval_s=60.0)
     restored = [m for m in caplog.messages if m.startswith("restored learning for")]
     assert restored == ["restored learning for 2 nodes: slots for 2 models, memory for 2 "
