@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import http
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+import typing
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import (
@@ -2289,6 +2291,9 @@ class Config:
     admin_token: str | None = None
     api_keys: list[str] = field(default_factory=list)
     trusted_hosts: list[str] = field(default_factory=list)  # extra Host names for admin calls
+    persist_learning: bool = True  # keep what was learned across restarts (learned_facts)
+    learning_save_interval_s: float = 30.0
+    learning_max_age_s: float = 7 * 86400.0  # a fact not updated for this long is dropped
 
 
 DEFAULT_SETTINGS: dict[str, object] = {
@@ -3550,6 +3555,9 @@ class Learner:
         self.run_ends: dict[tuple[str, str], deque[float]] = {}  # monotonic ends of answers
         self.affinity: OrderedDict[str, scoring.AffinityEntry] = OrderedDict()
         self.affinity_writes = 0
+        # facts restored from the store at start (LearningKeeper), (kind, key) -> the object
+        # restored: a fact still that object was not observed again in this run
+        self.restored: dict[tuple[str, object], object] = {}
 
     def _slot_bounds_for(self, node_id: str, model: str) -> scoring.SlotBounds | None:
         """The node:model's bounds, or the node's best-evidenced ones before it has any; a
@@ -3615,6 +3623,63 @@ class Learner:
             for k in scoring.affinity_evictions(self.affinity, now, self.policy):
                 self.affinity.pop(k, None)
 
+    def restore_state(self, facts: Iterable[store.LearnedFact], stats: StatsTable,
+                      now: float) -> RestoredLearning:
+        """Install what an earlier run learned (rows of the store's ``learned_facts``, oldest
+        first) into the tables here and ``stats`` (``Fleet.stats``). A row that does not
+        parse (another herd version, edited by hand) is skipped with a log line; an affinity
+        entry past its TTL is dropped."""
+        out = RestoredLearning()
+        hints = {kind: typing.get_type_hints(cls) for kind, cls in LEARNED_TYPES.items()}
+        affinity: list[tuple[str, scoring.AffinityEntry]] = []
+        for f in facts:
+            try:
+                key = learned_key(f.kind, f.key)
+                value = learned_value(LEARNED_TYPES[f.kind], hints[f.kind], f.value)
+            except (KeyError, ValueError) as exc:
+                log.warning("learning: skipped a saved %s fact %r: %s", f.kind, f.key,
+                            exc if not isinstance(exc, KeyError) else "unknown kind")
+                out.skipped.append((f.kind, f.key))
+                continue
+            if isinstance(value, scoring.SlotBounds) and isinstance(key, tuple):
+                self.slot_bounds[key] = value
+            elif isinstance(value, scoring.MemoryBounds) and isinstance(key, str):
+                self.memory_bounds[key] = value
+            elif isinstance(value, scoring.ServiceStats) and isinstance(key, tuple):
+                stats[key] = value
+            elif isinstance(value, scoring.AffinityEntry) and isinstance(key, str):
+                if now - value.at > self.policy.affinity_ttl_s:
+                    out.skipped.append((f.kind, f.key))  # stale: no node still caches it
+                    continue
+                affinity.append((key, value))
+                continue
+            self.restored[(f.kind, key)] = value
+        for key, entry in sorted(affinity, key=lambda ke: ke[1].at):  # LRU order: oldest first
+            self.affinity[key] = entry
+        for k in scoring.affinity_evictions(self.affinity, now, self.policy):
+            self.affinity.pop(k, None)
+        slot_nodes = {n for n, _m in self.slot_bounds}
+        for node_id in slot_nodes:
+            self.node_slot_bounds[node_id] = scoring.node_slot_bounds(
+                [b for (n, _m), b in self.slot_bounds.items() if n == node_id])
+        out.slots = len(self.slot_bounds)
+        out.memory = len(self.memory_bounds)
+        out.stats = len(stats)
+        out.affinity = len(self.affinity)
+        out.nodes = len(slot_nodes | set(self.memory_bounds) | {n for n, _m in stats})
+        return out
+
+    def is_restored(self, kind: str, key: object, value: object) -> bool:
+        """Whether ``value`` (a fact now) is still what was restored at start."""
+        was = self.restored.get((kind, key))
+        if was is None or was is value:
+            return was is not None
+        if isinstance(was, scoring.MemoryBounds) and isinstance(value, scoring.MemoryBounds):
+            # polls replace the object; the bounds are the earlier run's until they change
+            return (was.fits, was.evicts_at, was.model_cap) == (
+                value.fits, value.evicts_at, value.model_cap)
+        return False
+
     def learned_public(
         self, node: Node, stats: Mapping[tuple[str, str], scoring.ServiceStats], now: float
     ) -> JSON:
@@ -3626,11 +3691,15 @@ class Learner:
         models: dict[str, JSON] = {}
         for (nid, model), b in self.slot_bounds.items():
             if nid == node.node_id:
-                models.setdefault(model, {})["slots"] = b.to_dict(now, self.policy)
+                models.setdefault(model, {})["slots"] = {
+                    **b.to_dict(now, self.policy),
+                    "restored": self.is_restored(LEARNED_SLOTS, (nid, model), b),
+                }
         for (nid, model), st in stats.items():
             if nid != node.node_id:
                 continue
             models.setdefault(model, {}).update({
+                "stats_restored": self.is_restored(LEARNED_STATS, (nid, model), st),
                 "load_s": round(st.load_ms_ewma / 1000, 2) if st.load_n else None,
                 "loads_seen": st.load_n,
                 "prefill_tokens_per_s": round(st.prompt_tps_ewma, 1) or None,
@@ -3651,9 +3720,205 @@ class Learner:
                                             self.learned_slots(node.node_id, "")),
                 **(nb.to_dict(now, self.policy) if nb is not None else {"observations": 0}),
             },
-            "memory": mb.to_dict(now, self.policy) if mb is not None else None,
+            "memory": None if mb is None else {
+                **mb.to_dict(now, self.policy),
+                "restored": self.is_restored(LEARNED_MEMORY, node.node_id, mb),
+            },
             "models": models,
         }
+
+
+# What the Learner and Fleet.stats learned, kept across restarts (LearningKeeper): the kind
+# of each table in the store's learned_facts, and the frozen type of its facts.
+LEARNED_SLOTS, LEARNED_MEMORY, LEARNED_STATS, LEARNED_AFFINITY = (
+    "slots", "memory", "stats", "affinity")
+LEARNED_TYPES: Mapping[str, Callable[..., object]] = MappingProxyType({
+    LEARNED_SLOTS: scoring.SlotBounds,  # key: [node_id, model]
+    LEARNED_MEMORY: scoring.MemoryBounds,  # key: node_id
+    LEARNED_STATS: scoring.ServiceStats,  # key: [node_id, model]
+    LEARNED_AFFINITY: scoring.AffinityEntry,  # key: the prompt-prefix hash
+})
+LEARNED_PAIR_KINDS = frozenset({LEARNED_SLOTS, LEARNED_STATS})
+LEARNED_MAX_ROWS = 10_000  # rows kept per kind (affinity: its bound in Policy)
+
+
+@dataclass(slots=True)
+class RestoredLearning:
+    """What ``Learner.restore_state`` put back (counts of facts) and the rows it skipped."""
+
+    nodes: int = 0
+    slots: int = 0
+    memory: int = 0
+    stats: int = 0
+    affinity: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def learned_key(kind: str, raw: str) -> tuple[str, str] | str:
+    """A table's key from its ``learned_facts`` text: ``[node_id, model]`` or the text."""
+    if kind not in LEARNED_PAIR_KINDS:
+        return raw
+    try:
+        pair = json.loads(raw)
+    except ValueError:
+        pair = None
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        raise ValueError(f"key {raw!r} is not [node_id, model]")
+    return (pair[0], pair[1])
+
+
+def learned_key_text(key: object) -> str:
+    """The ``learned_facts`` text of a table's key (``learned_key`` reads it back)."""
+    return json.dumps(list(key)) if isinstance(key, tuple) else str(key)
+
+
+def learned_value(cls: Callable[..., object], hints: Mapping[str, Any], raw: object) -> object:
+    """A frozen dataclass of learned state from the JSON object of its fields. A field an
+    older herd did not write takes its default; a field this herd does not know, a number
+    that is negative, not finite or of the wrong type, is a ValueError (the row is
+    skipped)."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}")
+    values: dict[str, object] = {}
+    for name, value in raw.items():
+        want = hints[name]
+        if ((want is str and isinstance(value, str))
+                or (want is int and type(value) is int and value >= 0)):
+            values[name] = value
+        elif want is float and _finite_number(value):
+            values[name] = float(cast(float, value))
+        elif (want not in (str, int, float) and isinstance(value, dict)
+              and all(isinstance(k, str) and _finite_number(v) for k, v in value.items())):
+            values[name] = {k: float(v) for k, v in value.items()}  # name -> epoch s
+        else:
+            kind = getattr(want, "__name__", want)
+            raise ValueError(f"field {name}: {value!r} is not a valid {kind}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a field without a default is missing
+        raise ValueError(str(exc)) from None
+
+
+def _finite_number(value: object) -> bool:
+    """A JSON number (not a bool) that is finite and not negative."""
+    return type(value) in (int, float) and math.isfinite(cast(float, value)) and cast(
+        float, value) >= 0
+
+
+class LearningKeeper:
+    """What herd learned (``Learner``: slot and memory bounds, prompt-cache affinity;
+    ``Fleet.stats``) survives a restart, as rows of the store's ``learned_facts``.
+
+    Restored once at start, before the listener opens; saved every
+    ``Config.learning_save_interval_s`` by a background task and once at a clean stop. A
+    save sends only what changed since the last committed save, found without serialising
+    anything on the loop: learned state is frozen objects, replaced on every change, so for
+    slots, memory and stats (a few per node:model) identity against the last save tells;
+    the affinity map (up to ``Policy.affinity_max_entries``) is in write order, so the
+    entries written since are its last ``Learner.affinity_writes`` - (writes then). The
+    store's writer thread serialises and writes them. Rows are bounded per kind
+    (``limits``): age (``Config.learning_max_age_s``; affinity its TTL) and count."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+        self.saved: dict[str, dict[object, object]] = {}  # kind -> key -> object committed
+        self.affinity_writes = 0  # Learner.affinity_writes at the last committed save
+        self.gone: list[tuple[str, str]] = []  # rows to delete at the next save
+        self.restored: RestoredLearning | None = None  # None: not restored (off, or no start)
+        self.saves = 0
+        self.facts_written = 0
+        self.lock = asyncio.Lock()
+
+    def tables(self) -> dict[str, Mapping[Any, object]]:
+        """The learned tables kept by identity diff (the affinity map is kept by order)."""
+        learner = self.r.learner
+        return {LEARNED_SLOTS: learner.slot_bounds, LEARNED_MEMORY: learner.memory_bounds,
+                LEARNED_STATS: self.r.fleet.stats}
+
+    def limits(self) -> dict[str, tuple[float, int]]:
+        """kind -> (max age s, max rows) of ``learned_facts``."""
+        age, policy = self.r.config.learning_max_age_s, self.r.policy
+        return {**dict.fromkeys(self.tables(), (age, LEARNED_MAX_ROWS)),
+                LEARNED_AFFINITY: (min(age, policy.affinity_ttl_s),
+                                   policy.affinity_max_entries)}
+
+    def changes(self) -> tuple[dict[str, dict[object, object]], list[tuple[str, str]],
+                               dict[str, dict[object, object]], int]:
+        """(kind -> {key: fact} changed since the last save, (kind, key text) gone, the
+        identity-kept tables as of now, the affinity write count as of now)."""
+        snapshot = {kind: dict(table) for kind, table in self.tables().items()}
+        changed: dict[str, dict[object, object]] = {}
+        gone = list(self.gone)
+        for kind, current in snapshot.items():
+            saved = self.saved.get(kind, {})
+            new = changed[kind] = {k: v for k, v in current.items() if saved.get(k) is not v}
+            added = sum(1 for k in new if k not in saved)
+            if len(saved) + added > len(current):  # some keys went
+                gone += ((kind, learned_key_text(k)) for k in saved.keys() - current.keys())
+        learner = self.r.learner
+        writes = learner.affinity_writes
+        recent = min(writes - self.affinity_writes, len(learner.affinity))
+        # every key written since is among the last `recent` (each write moved it to the
+        # end); evicted ones age out of the table by the affinity limits
+        changed[LEARNED_AFFINITY] = dict(
+            itertools.islice(reversed(learner.affinity.items()), max(0, recent)))
+        return changed, gone, snapshot, writes
+
+    async def facts(self, changed: Mapping[str, Mapping[object, object]], now: float,
+                    chunk: int = 250) -> list[store.LearnedFact]:
+        """The store's rows for ``changed``, built ``chunk`` at a time with the loop free
+        in between (frozen objects in this call's own dicts: nothing changes meanwhile)."""
+        out: list[store.LearnedFact] = []
+        for kind, table in changed.items():
+            for key, value in table.items():
+                node_id, at = ((value.node_id, value.at)  # an entry ages from its last use
+                               if isinstance(value, scoring.AffinityEntry)
+                               else (key[0] if isinstance(key, tuple) else str(key), now))
+                out.append(store.LearnedFact(kind, learned_key_text(key), node_id, value, at))
+                if len(out) % chunk == 0:
+                    await asyncio.sleep(0)
+        return out
+
+    async def restore(self, now: float) -> RestoredLearning:
+        facts = await self.r.store.load_learned(now=now, limits=self.limits())
+        got = self.r.learner.restore_state(facts, self.r.fleet.stats, now)
+        self.restored = got
+        self.gone = list(got.skipped)
+        self.saved = {kind: dict(table) for kind, table in self.tables().items()}
+        self.affinity_writes = self.r.learner.affinity_writes
+        log.info("restored learning for %d nodes: slots for %d models, memory for %d nodes, "
+                 "%d affinity entries, service stats for %d node:models%s",
+                 got.nodes, got.slots, got.memory, got.affinity, got.stats,
+                 f" ({len(got.skipped)} saved facts skipped)" if got.skipped else "",
+                 extra={"nodes": got.nodes, "slots": got.slots, "memory": got.memory,
+                        "affinity": got.affinity, "stats": got.stats,
+                        "skipped": len(got.skipped)})
+        return got
+
+    async def save(self) -> int:
+        """Write what changed since the last save; the number of facts written (0 when
+        nothing changed or the store failed, which it logged)."""
+        async with self.lock:  # the periodic save and the one at stop never interleave
+            now = time.time()
+            changed, gone, snapshot, writes = self.changes()
+            if not gone and not any(changed.values()):
+                return 0
+            facts = await self.facts(changed, now)
+            if not await self.r.store.save_learned(facts, gone, now=now, limits=self.limits()):
+                return 0
+            self.saved, self.affinity_writes, self.gone = snapshot, writes, []
+            self.saves += 1
+            self.facts_written += len(facts)
+            return len(facts)
+
+    async def run(self) -> None:
+        """The background task: save every ``learning_save_interval_s``."""
+        while True:
+            await asyncio.sleep(max(0.05, self.r.config.learning_save_interval_s))
+            await self.save()
 
 
 class Fleet:
@@ -5317,6 +5582,7 @@ class Router:
         self.jobs = MediaJobs(self)
         self.dashboard = DashboardApi(self)
         self.model_admin = ModelAdmin(self)
+        self.learning = LearningKeeper(self)
         self.routes: dict[str, dict[str, Handler]] = self._route_table()
         self.draining = False  # SIGTERM received: /healthz answers 503
         self.mdns_state = "starting" if config.mdns else "off"
@@ -5333,6 +5599,10 @@ class Router:
                 self.settings[key] = value
         await self.fleet.load_admissions()
         now = time.time()
+        if self.config.persist_learning:
+            await self.learning.restore(now)
+        else:
+            log.info("learning is not kept across restarts (--no-persist-learning)")
         for url in self.config.nodes:
             self.fleet.add_static_node(url, "static", now)
         self.address = await self.server.start(self.config.host, self.config.port)
@@ -5344,6 +5614,8 @@ class Router:
             )
         self._spawn(self.fleet._poll_loop(), "poller")
         self._spawn(self.fleet._monitor_loop(), "monitor")
+        if self.config.persist_learning:
+            self._spawn(self.learning.run(), "learning")
         if self.config.local_ollama:
             self._spawn(self.fleet._probe_local(self.config.local_ollama), "local-probe")
         elif not self.config.nodes:
@@ -5387,6 +5659,9 @@ class Router:
         if self.background:
             await asyncio.wait(list(self.background), timeout=3)
         self.pool.close()
+        if self.learning.restored is not None:  # the store is open and learning is kept
+            written = await self.learning.save()
+            log.info("learning saved at stop: %d facts changed since the last save", written)
         await self.store.close()
 
     # ---------------------------------------------------------------- polling -------------
@@ -6214,6 +6489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true",
                    default=env_default("HERD_MDNS", "1") in ("0", "false", "off"),
                    help="do not advertise by mDNS [HERD_MDNS=0]")
+    p.add_argument("--no-persist-learning", action="store_true",
+                   default=env_default("HERD_PERSIST_LEARNING", "1") in ("0", "false", "off"),
+                   help="forget what was learned about the nodes (slots, memory, speeds, "
+                   "cache affinity) at exit instead of keeping it in latency.db "
+                   "[HERD_PERSIST_LEARNING=0]")
     p.add_argument("--slots", action="append", default=[],
                    help="NODE=N parallel slots for a node, repeatable [HERD_SLOTS]")
     p.add_argument("--scoring", action="append", default=[], metavar="KEY=VALUE",
@@ -6283,6 +6563,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         admin_token=args.admin_token or None,
         api_keys=keys,
         trusted_hosts=trusted,
+        persist_learning=not args.no_persist_learning,
     )
 
 

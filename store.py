@@ -18,6 +18,8 @@ Responsibilities:
     over a week merge 168 histograms instead of 168 x nodes x models.
   * A reader thread with its own read-only connection answers queries (WAL lets it read
     while the writer commits); the loop awaits it through ``run_in_executor``.
+  * Learned facts (``learned_facts``): what the router learned about its nodes, saved
+    as changed rows (``save_learned``) and read once at start (``load_learned``), aged out.
   * ``setup_jsonl_logging``: a rotated JSON-lines log file, written off the event loop.
 
 Never: import herd/scoring, run SQL on the event loop thread, or hold a transaction across
@@ -46,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
@@ -467,6 +469,29 @@ def _client_errors_v6(conn: sqlite3.Connection) -> None:
             )
 
 
+_SCHEMA_V7 = (
+    # What the router learned about its nodes (issue 15: slot and memory bounds, service
+    # statistics, prompt-cache affinity), so a restart does not route blind. One row per
+    # fact: ``kind`` (the router's name for the table it came from) and ``key`` identify it,
+    # ``value`` is the JSON of the fact's fields, ``updated_at`` the last time it changed
+    # (rows older than the router's age limit are dropped).
+    """CREATE TABLE learned_facts (
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX idx_learned_age ON learned_facts(kind, updated_at)",
+)
+
+
+def _learned_facts_v7(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V7:
+        conn.execute(statement)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _create_schema_v1,
@@ -475,6 +500,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _fleet_rollups_v4,
     _node_admissions_v5,
     _client_errors_v6,
+    _learned_facts_v7,
 )
 
 
@@ -886,6 +912,112 @@ def _write_admission(
             "ollama_url = excluded.ollama_url, decided_at = excluded.decided_at",
             (node_id, decision, addr, url, now),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedFact:
+    """One learned fact (a row of ``learned_facts``). Written: ``value`` is a dataclass
+    instance (stored as the JSON object of its fields) or a JSON-able value. Loaded:
+    ``value`` is the decoded JSON; what it means is the router's business."""
+
+    kind: str
+    key: str
+    node_id: str
+    value: object
+    updated_at: float
+
+
+def _fact_json(value: object) -> str:
+    if is_dataclass(value) and not isinstance(value, type):  # its fields, not a deep copy
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+LearnedLimits = Mapping[str, tuple[float, int]]  # kind -> (max age s, max rows)
+
+
+def _bound_learned(conn: sqlite3.Connection, limits: LearnedLimits, now: float) -> int:
+    """Per kind: delete rows not updated within its age, then the oldest beyond its count.
+    Returns the rows deleted. Kinds without limits are left alone."""
+    deleted = 0
+    for kind, (max_age_s, max_rows) in limits.items():
+        cur = conn.execute(
+            "DELETE FROM learned_facts WHERE kind = ? AND updated_at < ?", (kind, now - max_age_s)
+        )
+        deleted += max(0, cur.rowcount)
+        count = conn.execute("SELECT count(*) FROM learned_facts WHERE kind = ?", (kind,))
+        over = int(count.fetchone()[0]) - max(0, max_rows)
+        if over > 0:
+            conn.execute(
+                "DELETE FROM learned_facts WHERE kind = ? AND key IN (SELECT key FROM "
+                "learned_facts WHERE kind = ? ORDER BY updated_at LIMIT ?)",
+                (kind, kind, over),
+            )
+            deleted += over
+    return deleted
+
+
+def _write_learned(
+    conn: sqlite3.Connection,
+    facts: Sequence[LearnedFact],
+    gone: Sequence[tuple[str, str]],
+    limits: LearnedLimits,
+    now: float,
+) -> None:
+    """Upsert ``facts``, delete ``gone`` (kind, key), bound each kind; one transaction."""
+    rows: list[tuple[str, str, str, str, float]] = []
+    for i, f in enumerate(facts):  # serialised here, on the writer thread, not on the loop
+        try:
+            rows.append((f.kind, f.key, f.node_id, _fact_json(f.value), f.updated_at))
+        except (TypeError, ValueError) as exc:  # NaN, or something JSON cannot hold
+            log.warning("store.learned_fact_unwritable: %s %s: %s", f.kind, f.key, exc)
+        if i % 64 == 63:
+            _yield_gil()  # thousands of facts: let the event loop have the GIL meanwhile
+    with _atomic(conn):
+        conn.executemany(
+            "INSERT INTO learned_facts (kind, key, node_id, value, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, key) DO UPDATE SET "
+            "node_id = excluded.node_id, value = excluded.value, "
+            "updated_at = excluded.updated_at",
+            rows,
+        )
+        conn.executemany("DELETE FROM learned_facts WHERE kind = ? AND key = ?", gone)
+        _bound_learned(conn, limits, now)
+
+
+def _load_learned(
+    conn: sqlite3.Connection, limits: LearnedLimits, now: float
+) -> list[LearnedFact]:
+    """Bound each kind (old rows go), return the rest oldest first; a row whose value is
+    not JSON is skipped with a log line and deleted."""
+    out: list[LearnedFact] = []
+    broken: list[tuple[str, str]] = []
+    with _atomic(conn):
+        dropped = _bound_learned(conn, limits, now)
+        for row in conn.execute(
+            "SELECT kind, key, node_id, value, updated_at FROM learned_facts ORDER BY updated_at"
+        ):
+            try:
+                value = json.loads(row["value"])
+            except (TypeError, ValueError) as exc:
+                log.warning(
+                    "store.learned_fact_skipped: %s %r is not JSON (%s)",
+                    row["kind"],
+                    row["key"],
+                    exc,
+                )
+                broken.append((row["kind"], row["key"]))
+                continue
+            updated = float(row["updated_at"])
+            out.append(LearnedFact(row["kind"], row["key"], row["node_id"], value, updated))
+        conn.executemany("DELETE FROM learned_facts WHERE kind = ? AND key = ?", broken)
+    if dropped:
+        log.info(
+            "store.learned_aged_out: %d learned facts past their age or count limit dropped",
+            dropped,
+            extra={"rows": dropped},
+        )
+    return out
 
 
 BENCHMARK_FIELDS = frozenset(
@@ -1827,6 +1959,33 @@ class Store:
         if decision not in ("approved", "rejected"):
             raise ValueError(f"unknown admission decision {decision!r}")
         await self._write(lambda c: _write_admission(c, node_id, decision, addr, ollama_url, now))
+
+    async def save_learned(
+        self,
+        facts: Sequence[LearnedFact],
+        gone: Sequence[tuple[str, str]] = (),
+        *,
+        now: float,
+        limits: LearnedLimits,
+    ) -> bool:
+        """Persist changed learned facts (upsert) and forget ``gone`` ``(kind, key)`` ones;
+        per kind, ``limits[kind] = (max_age_s, max_rows)`` drops rows not updated for that
+        long, then the oldest beyond that many. Serialised and written on the writer
+        thread. False (and a log line) when SQLite failed: a full disk costs the router its
+        memory of a restart, not a crash."""
+        facts, gone, limits = list(facts), list(gone), dict(limits)
+        try:
+            await self._write(lambda c: _write_learned(c, facts, gone, limits, now))
+        except sqlite3.Error as exc:
+            log.warning("store.learned_save_failed: %s", exc)
+            return False
+        return True
+
+    async def load_learned(self, *, now: float, limits: LearnedLimits) -> list[LearnedFact]:
+        """Every learned fact within ``limits`` (the others are deleted first), oldest
+        first, ``value`` decoded from JSON."""
+        limits = dict(limits)
+        return await self._write(lambda c: _load_learned(c, limits, now))
 
     async def create_benchmark(self, params: Mapping[str, object], *, now: float) -> int:
         """A new run in status ``pending``; returns its ``run_id``."""

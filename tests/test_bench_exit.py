@@ -55,6 +55,15 @@ def test_store_overhead_exit_code() -> None:
     assert so.exit_code(1.06, so.TARGET_RATIO) == 1
 
 
+def test_learning_persist_exit_code() -> None:
+    lp = bench("learning_persist")
+    assert (lp.TARGET_DIFF_RATIO, lp.TARGET_GAP_RATIO, lp.GAP_SLACK_MS) == (0.25, 3.0, 5.0)
+    assert lp.exit_code(0.25, 11.0, 2.0) == 0
+    assert lp.exit_code(0.26, 1.0, 2.0) == 1
+    assert lp.exit_code(0.01, 11.1, 2.0) == 1
+    assert lp.exit_code(float("nan"), 1.0, 2.0) == 1
+
+
 def outcome(ok: bool, clean: bool) -> Outcome:
     return Outcome("generate", 200 if ok else 502, ok, clean, 0.01)
 

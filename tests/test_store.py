@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -331,7 +332,7 @@ async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) ->
             await s.set_node_admission("x", "maybe", addr="", ollama_url="", now=NOW)
     finally:
         await s.close()
-    assert user_version(data / "latency.db") == len(MIGRATIONS) == 6
+    assert user_version(data / "latency.db") == len(MIGRATIONS) == 7
     s = Store(data, prune_interval_s=None)
     await s.open()
     try:
@@ -352,6 +353,74 @@ async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) ->
                 "decided_at": NOW + 1,
             },
         }
+    finally:
+        await s.close()
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedBounds:
+    lo: int
+    hi_at: float
+
+
+async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: Path) -> None:
+    """A v6 database gains ``learned_facts`` (traces kept). Facts are upserted by (kind, key),
+    deleted when gone, bounded per kind by age (``updated_at``) and count (the newest kept),
+    on save and on load; values are the JSON of a dataclass's fields."""
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = store._connect_writer(data / "latency.db")
+    assert store._migrate(conn, MIGRATIONS[:6]) == 6
+    conn.execute(
+        "INSERT INTO request_traces (request_id, timestamp, model, node_id, status, latency_ms) "
+        "VALUES ('kept', ?, 'm', 'a', 'completed', 1)",
+        (NOW,),
+    )
+    conn.close()
+    fact = store.LearnedFact
+    day = store.DAY
+    limits = {"slots": (day, 10), "memory": (day, 10), "affinity": (600.0, 3)}
+    s = Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        assert user_version(data / "latency.db") == len(MIGRATIONS) == 7
+        assert await s.load_learned(now=NOW, limits=limits) == []
+        bounds = LearnedBounds(lo=2, hi_at=NOW - 10)  # a frozen dataclass, as the router's
+        ok = await s.save_learned(
+            [fact("slots", '["a", "m"]', "a", bounds, NOW - 10),
+             fact("memory", "a", "a", {"fits": 1}, NOW - 5),
+             fact("memory", "old", "old", {"fits": 2}, NOW - 2 * day),
+             fact("memory", "nan", "nan", {"fits": math.nan}, NOW)],
+            now=NOW, limits=limits,
+        )
+        assert ok  # the NaN row is refused alone, with a log line; the old one aged out
+        loaded = await s.load_learned(now=NOW, limits=limits)
+        assert [(f.kind, f.key, f.node_id, f.updated_at) for f in loaded] == [
+            ("slots", '["a", "m"]', "a", NOW - 10), ("memory", "a", "a", NOW - 5)]
+        assert loaded[0].value == {"lo": 2, "hi_at": NOW - 10}
+        assert loaded[1].value == {"fits": 1}
+        await s.save_learned(
+            [fact("memory", "a", "a", {"fits": 3}, NOW)],
+            [("slots", '["a", "m"]')],
+            now=NOW, limits=limits,
+        )
+        loaded = await s.load_learned(now=NOW, limits=limits)
+        assert [(f.key, f.value) for f in loaded] == [("a", {"fits": 3})]
+        many = [fact("affinity", f"k{i}", "a", {"i": i}, NOW + i) for i in range(5)]
+        await s.save_learned(many, now=NOW + 5, limits=limits)
+        kept = await s.load_learned(now=NOW + 5, limits=limits)
+        assert [f.key for f in kept] == ["a", "k2", "k3", "k4"]  # the newest 3 affinity rows
+        # 20 minutes later: the affinity rows are past their own age, memory is not
+        kept = await s.load_learned(now=NOW + 1200, limits=limits)
+        assert [f.key for f in kept] == ["a"]
+        # a day later, on load: nothing was updated within the age limit
+        assert await s.load_learned(now=NOW + 2 * day, limits=limits) == []
+    finally:
+        await s.close()
+    s = Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        assert [t["request_id"] for t in await s.traces()] == ["kept"]
     finally:
         await s.close()
 
