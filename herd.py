@@ -4126,11 +4126,15 @@ class Fleet:
                        queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
                        now: float) -> None:
         """A cold load was just sent: the models it will evict stop counting as hot there
-        now, not at the next /api/ps (which corrects the guess either way)."""
+        now, not at the next /api/ps (which corrects the guess either way); when busy ones
+        must drain first, the load (and the node's scheduler) waits for them."""
         snap = self._with_learned(node.snapshot(now), now)
         gone = scoring.predicted_evictions(rreq, snap, queues, self.r.policy)
         if gone:
+            drain = scoring.drain_s(rreq, snap, queues, self.stats_view(), now, self.r.policy)
             node.set_loaded([m for name, m in node.loaded_models.named if name not in gone], now)
+            if drain > 0 and rreq.model in node.loading:  # the load starts once they drain
+                node.loading[rreq.model] = max(node.loading[rreq.model], now + drain)
 
     def breakers_probe(self, node_id: str, model: str, now: float) -> None:
         """Taking a half-open breaker's single probe marks it in flight."""

@@ -278,6 +278,8 @@ class Policy:
     slot_queue_share: float = 0.1  # ... and at least this share of the request's own work
     slot_clean_max_ms: float = 60.0  # hidden time at or below this (or clean_share): no queue
     slot_clean_share: float = 0.03
+    drain_aware: bool = True  # a load that must wait for a busy model to drain expects that
+    # wait, and every request sent to the node meanwhile waits with it
     serial_loads: bool = True  # a node loads one model at a time: a load waits for those
     # already sent there (and a load that waited teaches nothing about load speed)
     slot_probe_growth: float = 1.0  # no upper bound known: admit this x the slots seen
@@ -1556,6 +1558,43 @@ def predicted_evictions(
     return tuple(name for _exp, name, _size in victims)
 
 
+def drain_s(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    now: float,
+    policy: Policy,
+) -> float:
+    """Seconds before a load of ``req.model`` on ``node`` can start: when it must evict a
+    model with requests running (``predicted_evictions``), Ollama lets them finish first,
+    and its scheduler takes no other request meanwhile. The last of a victim's requests
+    ends about one answer after it started (the oldest's rest when it runs alone)."""
+    if not policy.drain_aware or req.model in node.loaded:
+        return 0.0
+    wait = 0.0
+    for name in predicted_evictions(req, node, queues, policy):
+        q = queues.get((node.node_id, name))
+        if q is None or q.in_flight <= 0:
+            continue
+        st = stats.get((node.node_id, name))
+        typical = (st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0
+                   else policy.default_completion_tokens / policy.default_tokens_per_s)
+        left = typical
+        if q.in_flight == 1 and q.oldest_at > 0:
+            left = max(0.0, typical - (now - q.oldest_at))
+        wait = max(wait, left)
+    return wait
+
+
+def node_blocked_s(node: NodeSnapshot, model: str, now: float) -> float:
+    """Seconds the node's scheduler stays blocked by a draining load herd sent there (a
+    ``loading`` time in the future is when that load can start) for a request of
+    ``model``; the model being loaded itself waits through ``load_ends`` instead."""
+    starts = [t for m, t in node.loading.items() if t > now and m != model]
+    return max(starts) - now if starts else 0.0
+
+
 def _eviction_cost(
     node: NodeSnapshot,
     model: str,
@@ -1874,6 +1913,7 @@ def _wait_factor(
     now: float,
     policy: Policy,
     node_in_flight: int,
+    drain: float = 0.0,
 ) -> tuple[Factor, float, float]:
     """Expected seconds until this request completes (queue + load + run), the prefill
     seconds a cached conversation prefix saves, and the delay it adds to the node's other
@@ -1891,6 +1931,7 @@ def _wait_factor(
             load *= policy.warm_load_factor
         if policy.serial_loads and ends:  # it starts once the loads already sent are done
             load += max(0.0, max(ends.values()) - now)
+        load += drain  # ... and once the models it evicts have finished their requests
     elif state == "loading":
         if policy.serial_loads:
             load = max(0.0, ends.get(req.model, now) - now)
@@ -1900,6 +1941,8 @@ def _wait_factor(
                        - max(0.0, now - started))
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     queue_wait, stalled, probe = _queue_wait_s(q, f.outstanding, slots, typical, now, policy)
+    blocked = node_blocked_s(node, req.model, now) if policy.drain_aware else 0.0
+    queue_wait = max(queue_wait, blocked)
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
     saved = 0.0
     if req.cache_node == nid and state == "hot" and req.cached_tokens > 0 and req.kind == "text":
@@ -1920,7 +1963,9 @@ def _wait_factor(
         f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
         + (" (measured)" if st is not None and st.count > 0 else " (prior)")
         + ("; an unconfirmed (probe) slot" if probe else "")
-        + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else ""),
+        + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else "")
+        + (f"; {drain:.1f}s for a busy model to drain first" if drain > 0 else "")
+        + (f"; the node is blocked by a drain for {blocked:.1f}s" if blocked > 0 else ""),
     )
     return factor, saved, _impact_s(concurrent, slow, run, policy)
 
@@ -2075,7 +2120,8 @@ def _score_node(
     f = _eligibility(req, node, q, breakers, now, policy)
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
-    wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight)
+    drain = drain_s(req, node, queues, stats, now, policy) if not f.resident else 0.0
+    wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight, drain)
     thermal = _thermal_factor(req, node, f, stats, policy)
     factors = [
         thermal,

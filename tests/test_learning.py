@@ -15,6 +15,7 @@ import scoring
 from scoring import (
     AffinityEntry,
     AvailableModel,
+    Factor,
     LoadedModel,
     NodeSnapshot,
     Policy,
@@ -817,3 +818,79 @@ def test_a_rarely_used_model_gets_the_slots_its_node_has_shown() -> None:
     learner.slot_bounds[("big", "rare")] = learn(learn(learn(None, 1, 0.0, now=t), 2, 3000.0,
                                                        now=t), 2, 3000.0, now=t)
     assert learner.learned_slots("big", "rare") == 1
+
+
+def test_a_load_that_must_drain_a_busy_model_waits_for_it_and_blocks_the_node() -> None:
+    """Ollama's cap of 3 models, all three busy: a fourth model's load waits until a victim's
+    requests end (its scheduler takes nothing else meanwhile). The new request expects that
+    wait, and once herd has sent such a load (its ``loading`` time is when the load can
+    start), every other request to the node expects it too."""
+    st = scoring.observe(None, scoring.Observation(ok=True, prompt_tokens=100,
+                                                   prompt_eval_ms=1000.0, completion_tokens=100,
+                                                   eval_ms=9000.0, total_ms=10000.0), P)
+    loaded = {m: lm(m, 2, 280) for m in ("a", "b", "c")}
+    snap = dataclasses.replace(node("n", loaded, 64, "learned"), max_loaded=3)
+    busy = {("n", m): QueueSnapshot(in_flight=1, slots=2, oldest_at=NOW - 4.0)
+            for m in ("a", "b", "c")}
+    stats = {("n", m): st for m in ("a", "b", "c")}
+    req = RouteRequest("new", est_tokens=100)
+    assert scoring.predicted_evictions(req, snap, busy, P)
+    assert scoring.drain_s(req, snap, busy, stats, NOW, P) == pytest.approx(6.0)  # 10 - 4
+    assert scoring.drain_s(req, snap, busy, stats, NOW, dataclasses.replace(
+        P, drain_aware=False)) == 0.0
+    idle = {**busy, ("n", "a"): QueueSnapshot(slots=2)}  # an idle victim: no wait
+    assert scoring.drain_s(req, snap, idle, stats, NOW, P) == 0.0
+
+    def wait_of(r: RouteRequest, s: NodeSnapshot, policy: Policy = P) -> Factor:
+        w = scoring.score_nodes(r, [s], busy, stats, {}, NOW, policy)[0].factor("wait")
+        assert w is not None
+        return w
+
+    w = wait_of(req, snap)
+    assert "6.0s for a busy model to drain first" in w.reason
+    blind = wait_of(req, snap, dataclasses.replace(P, drain_aware=False))
+    assert w.value - blind.value == pytest.approx(6.0, abs=0.01)
+    # herd sent that load: it starts in 6 s, and a hot model's request waits for it
+    sent = dataclasses.replace(snap, loading={"new": NOW + 6.0})
+    assert scoring.node_blocked_s(sent, "a", NOW) == pytest.approx(6.0)
+    assert scoring.node_blocked_s(sent, "new", NOW) == 0.0  # it waits through its load
+    assert scoring.node_blocked_s(sent, "a", NOW + 7.0) == 0.0
+    hot = wait_of(RouteRequest("a", est_tokens=100), sent)
+    assert "blocked by a drain for 6.0s" in hot.reason and hot.value >= 6.0
+
+
+async def test_the_router_dates_a_draining_load_to_when_it_can_start(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Fleet.note_evictions, for a load sent to a node whose three models are all busy,
+    moves the load's start (``Node.loading``) to when a victim is expected to drain, so the
+    node's other requests expect the wait too."""
+    models = [FakeModel(name=n, size=1_000_000_000) for n in ("a:1b", "b:1b", "c:1b", "d:1b")]
+    fake = await make_fake(models, max_loaded_models=3, tokens_per_s=100, response_tokens=20,
+                           load_delay_s=0.0)
+    r = await make_router([fake.url])
+    await r.wait_ready(nodes=1)
+    client = ollama.AsyncClient(host=r.url)
+    try:
+        for name in ("a:1b", "b:1b", "c:1b"):
+            await client.generate(model=name, prompt="hi", stream=False)
+    finally:
+        await client._client.aclose()
+    fleet = r.router.fleet
+    (node,) = fleet.nodes.values()
+    assert await fleet.refresh_node(node)
+    now = time.time()
+    assert set(node.snapshot(now).loaded) == {"a:1b", "b:1b", "c:1b"}
+    busy = {(node.node_id, m): QueueSnapshot(in_flight=1, slots=2, oldest_at=now)
+            for m in ("a:1b", "b:1b", "c:1b")}  # each just started a ~0.2 s answer
+    rreq = RouteRequest("d:1b", est_tokens=10)
+    node.loading["d:1b"] = now
+    fleet.note_evictions(node, rreq, busy, now)
+    assert node.loading["d:1b"] > now  # starts once a busy victim has drained
+    assert scoring.node_blocked_s(node.snapshot(now), "a:1b", now) > 0
+    # idle victims: nothing to wait for
+    node.loading["d:1b"] = now
+    idle = {k: QueueSnapshot(slots=2) for k in busy}
+    assert await fleet.refresh_node(node)
+    fleet.note_evictions(node, rreq, idle, now)
+    assert node.loading["d:1b"] == now
