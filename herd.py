@@ -43,6 +43,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -2184,6 +2185,9 @@ class SlotQueue:
     starts: deque[float] = field(default_factory=deque, repr=False)
     last_snapshot: scoring.QueueSnapshot = field(default_factory=scoring.QueueSnapshot,
                                                  repr=False)
+    # requests in flight per node, every model: shared by all the queues of one Admission
+    # (kept as slots are taken and freed, so no request sums every queue)
+    node_in_flight: dict[str, int] = field(default_factory=dict, repr=False)
 
     def snapshot(self) -> scoring.QueueSnapshot:
         """Every request snapshots every queue: an unchanged queue returns the same (frozen)
@@ -2217,11 +2221,13 @@ class SlotQueue:
         if self.in_flight == 0:
             self.progress_at = now
         self.in_flight += 1
+        self.node_in_flight[self.node_id] = self.node_in_flight.get(self.node_id, 0) + 1
         self.starts.append(now)
 
     def release(self) -> None:
         """A slot frees: it goes to the longest-waiting waiter of this queue, if any."""
         self.in_flight -= 1
+        self.node_in_flight[self.node_id] -= 1
         if self.starts:
             self.starts.popleft()
         self.progress_at = time.time()
@@ -2246,8 +2252,36 @@ class SlotQueue:
             if self.in_flight == 0:
                 self.progress_at = now
             self.in_flight += 1
+            self.node_in_flight[self.node_id] = self.node_in_flight.get(self.node_id, 0) + 1
             self.starts.append(now)
             w.grant(self)
+
+
+class QueueView(Mapping[tuple[str, str], scoring.QueueSnapshot]):
+    """Admission's queues as scoring reads them: a queue is snapshotted when it is looked
+    up, so a request snapshots the queues of its own model (and of an eviction's victims),
+    not every queue of the fleet."""
+
+    __slots__ = ("_queues",)
+
+    def __init__(self, queues: Mapping[tuple[str, str], SlotQueue]) -> None:
+        self._queues = queues
+
+    def __getitem__(self, key: tuple[str, str]) -> scoring.QueueSnapshot:
+        return self._queues[key].snapshot()
+
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
+        q = self._queues.get(key)
+        return default if q is None else q.snapshot()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._queues
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._queues)
+
+    def __len__(self) -> int:
+        return len(self._queues)
 
 
 class Rejected(Exception):
@@ -3331,6 +3365,8 @@ class Admission:
     def __init__(self, router: Router) -> None:
         self.r = router
         self.queues: dict[tuple[str, str], SlotQueue] = {}
+        self.node_in_flight: dict[str, int] = {}  # every queue's in_flight, summed by node
+        self.queue_view = QueueView(self.queues)
         self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
         self.waiter_seq = 0
         self.prewarming: set[tuple[str, str]] = set()
@@ -3356,15 +3392,16 @@ class Admission:
             if not told:  # learned: only what ran at once is sure, the rest is a probe
                 sure = min(slots, self.r.learner.sure_slots(node_id, model))
         if q is None:
-            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
+            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots,
+                                             node_in_flight=self.node_in_flight)
         elif q.slots != slots:
             q.resize(slots)  # more slots: hand them to waiters at once
         q.sure = sure
         return q
 
-    def _queue_snapshots(
-        self, model: str, kind: str
-    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
+    def _queue_snapshots(self, model: str, kind: str) -> QueueView:
+        """The queues as scoring reads them, each ``model``'s queue up to date (its slots);
+        a queue is snapshotted only when scoring looks it up."""
         if kind in ("image", "stt"):
             for node in self.r.jobs.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
@@ -3372,7 +3409,7 @@ class Admission:
             for node in self.r.fleet.nodes.values():
                 if node.has_model(model):
                     self.queue_for(node.node_id, model, kind)
-        return {k: q.snapshot() for k, q in self.queues.items()}
+        return self.queue_view
 
     async def acquire(
         self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
@@ -3425,6 +3462,7 @@ class Admission:
                         if waiter is not None and waiter.expired
                         else loop.time() - start
                     ),
+                    node_in_flight=self.node_in_flight,
                 )
                 snaps = None  # after a wait, the next round takes a fresh snapshot
                 self.maybe_prewarm(rreq, choice, queues)
@@ -3489,6 +3527,8 @@ class Admission:
         for key in [k for k, q in self.queues.items()
                     if k[0] == node_id and not (q.in_flight or q.pending or q.waiters)]:
             del self.queues[key]
+        if not self.node_in_flight.get(node_id):
+            self.node_in_flight.pop(node_id, None)
 
     def release(self, q: SlotQueue, ok: bool) -> None:
         if ok:
@@ -4714,9 +4754,7 @@ class Proxy:
         """What the learning needs to know about this dispatch, on the attempt."""
         attempt.queue_ms += queue_ms
         attempt.dispatch_k = queue.in_flight
-        attempt.dispatch_streams = sum(
-            q.in_flight for q in self.r.admission.queues.values()
-            if q.node_id == node.node_id) - 1
+        attempt.dispatch_streams = self.r.admission.node_in_flight.get(node.node_id, 0) - 1
         attempt.dispatch_mono = time.monotonic()
         attempt.dispatch_hot = (rreq.model in node.loaded_names()
                                 and rreq.model not in node.loading)

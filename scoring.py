@@ -1550,13 +1550,20 @@ def score_nodes(
     breakers: Mapping[str, BreakerState],
     now: float,
     policy: Policy,
+    node_in_flight: Mapping[str, int] | None = None,
 ) -> tuple[Score, ...]:
     """Score every node for ``req``: eligible nodes by total (desc; ties by fewest
-    outstanding, then node id), then ineligible nodes, each with its reason."""
-    busy: dict[str, int] = {}
-    for (nid, _m), q in queues.items():
-        busy[nid] = busy.get(nid, 0) + q.in_flight
-    spread = model_spread(nodes, now)
+    outstanding, then node id), then ineligible nodes, each with its reason.
+
+    ``node_in_flight``: requests in flight per node, all models (the sum of ``queues``'
+    ``in_flight`` by node, which is what is computed when it is not given)."""
+    busy = node_in_flight
+    if busy is None:
+        counted: dict[str, int] = {}
+        for (nid, _m), q in queues.items():
+            counted[nid] = counted.get(nid, 0) + q.in_flight
+        busy = counted
+    spread = SpreadOnDemand(nodes, now)
     if not isinstance(stats, FleetStats):
         stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
@@ -1597,6 +1604,32 @@ def with_completion_estimate(
     if req.max_tokens is not None and req.max_tokens > 0:
         tokens = min(tokens, float(req.max_tokens)) if tokens > 0 else 0.0
     return replace(req, completion_tokens=tokens) if tokens > 0 else req
+
+
+class SpreadOnDemand(Mapping[str, tuple[int, int]]):
+    """``model_spread(nodes, now)``, built the first time it is read: only an eviction
+    cost reads it, so a request whose model is resident everywhere never builds it."""
+
+    __slots__ = ("_built", "_nodes", "_now")
+
+    def __init__(self, nodes: Sequence[NodeSnapshot], now: float) -> None:
+        self._nodes = nodes
+        self._now = now
+        self._built: dict[str, tuple[int, int]] | None = None
+
+    def _spread(self) -> dict[str, tuple[int, int]]:
+        if self._built is None:
+            self._built = model_spread(self._nodes, self._now)
+        return self._built
+
+    def __getitem__(self, model: str) -> tuple[int, int]:
+        return self._spread()[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spread())
+
+    def __len__(self) -> int:
+        return len(self._spread())
 
 
 def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[int, int]]:
@@ -2107,6 +2140,7 @@ def choose(
     rand: float,
     policy: Policy,
     waited_s: float = 0.0,
+    node_in_flight: Mapping[str, int] | None = None,
 ) -> Choice:
     """Dispatch, wait or reject.
 
@@ -2122,7 +2156,7 @@ def choose(
       breakers stand in the way), or saturated for ``max_queue_wait_s`` (``retry_after_s``
       from the measured service times).
     """
-    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy)
+    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy, node_in_flight)
     eligible = [s for s in ranked if s.eligible]
     if not eligible:
         return _reject_no_eligible(req, nodes, ranked, breakers, now, policy)

@@ -1,0 +1,203 @@
+"""herd's per-request and per-line work, cut to what routing needs (issue 16, third round):
+what each shortcut must keep exactly as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import herd
+import scoring
+from tests.conftest import FakeFactory, RouterFactory
+from tests.fake_ollama import FakeModel
+from tests.http_helpers import raw_request
+from tests.test_router_cost import fleet_of
+
+# ---------------------------------------------------------------------------------------
+# scoring: the model spread is built only when an eviction cost reads it
+# ---------------------------------------------------------------------------------------
+
+
+def _count_spreads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = scoring.model_spread
+
+    def counting(nodes: Any, now: float) -> dict[str, tuple[int, int]]:
+        calls.append(1)
+        return real(nodes, now)
+
+    monkeypatch.setattr(scoring, "model_spread", counting)
+    return calls
+
+
+def test_spread_is_not_built_when_the_model_is_resident_everywhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    snaps, stats = fleet_of(20, 8)  # every model loaded on every node
+    calls = _count_spreads(monkeypatch)
+    ranked = scoring.score_nodes(scoring.RouteRequest(model="m3:1b", est_tokens=20), snaps,
+                                 {}, stats, {}, 1000.0, scoring.Policy())
+    assert all(s.eligible for s in ranked)
+    assert calls == []
+
+
+def _evicting_fleet(seed: int) -> list[scoring.NodeSnapshot]:
+    """Nodes full of loaded models (some idle, some not everywhere), so that the asked
+    model's load must evict: the eviction cost reads the spread of the victims."""
+    rng = random.Random(seed)
+    names = [f"v{j}:1b" for j in range(6)]
+    snaps = []
+    for i in range(6):
+        loaded = {m: scoring.LoadedModel(m, 8 << 30, 8 << 30, 4096,
+                                         1000.0 + rng.uniform(-10, 600))
+                  for m in rng.sample(names, rng.randint(1, 4))}
+        snaps.append(scoring.NodeSnapshot(
+            node_id=f"n{i}", status="online", ram_total=32 << 30,
+            ram_available=rng.choice([1, 4, 20]) << 30, loaded=loaded,
+            available={m: scoring.AvailableModel(m, 8 << 30) for m in [*names, "ask:1b"]},
+            max_loaded=rng.choice([0, 2, 3]),
+        ))
+    return snaps
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_lazy_spread_scores_exactly_like_the_eager_one(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snaps = _evicting_fleet(seed)
+    req = scoring.RouteRequest(model="ask:1b", est_tokens=50)
+    pol = scoring.Policy()
+    lazy = scoring.score_nodes(req, snaps, {}, {}, {}, 1000.0, pol)
+    eager = tuple(
+        scoring._score_node(req, n, {}, {}, {}, 1000.0, pol, 0,
+                            scoring.model_spread(snaps, 1000.0))
+        for n in snaps
+    )
+    assert sorted(lazy, key=lambda s: s.node_id) == sorted(eager, key=lambda s: s.node_id)
+    calls = _count_spreads(monkeypatch)
+    scoring.score_nodes(req, snaps, {}, {}, {}, 1000.0, pol)
+    assert len(calls) <= 1  # built once per request at most, however many nodes evict
+    if any("evict" in f.reason for s in lazy for f in s.factors):
+        assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------
+# per-node requests in flight: kept by the queues, not summed over every queue
+# ---------------------------------------------------------------------------------------
+
+
+def test_score_nodes_with_counts_ranks_like_summing_the_queues() -> None:
+    snaps, stats = fleet_of(20, 8)
+    rng = random.Random(7)
+    queues = {(f"n{i}", f"m{j}:1b"): scoring.QueueSnapshot(in_flight=rng.randint(0, 8), slots=8)
+              for i in range(20) for j in range(8)}
+    counts: dict[str, int] = {}
+    for (nid, _m), q in queues.items():
+        counts[nid] = counts.get(nid, 0) + q.in_flight
+    req = scoring.RouteRequest(model="m2:1b", est_tokens=20)
+    pol = scoring.Policy()
+    summed = scoring.choose(req, snaps, queues, stats, {}, 1000.0, 0.3, pol)
+    given_counts = scoring.choose(req, snaps, queues, stats, {}, 1000.0, 0.3, pol,
+                                  node_in_flight=counts)
+    assert summed == given_counts
+    # the counts are what the wait factor reads: different counts, different scores
+    other = scoring.choose(req, snaps, queues, stats, {}, 1000.0, 0.3, pol,
+                           node_in_flight={k: v + 5 for k, v in counts.items()})
+    assert other.ranked != summed.ranked
+
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["take", "release", "wait", "leave", "resize"]),
+              st.integers(0, 3), st.integers(1, 3)),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=OPS)
+def test_node_counts_equal_the_sum_of_their_queues(ops: list[tuple[str, int, int]]) -> None:
+    """Slots taken, freed, handed over to waiters (on several queues of two nodes), waiters
+    leaving with a slot handed but not taken, capacity changes: each node's count is
+    always the sum of its queues' ``in_flight``."""
+    counts: dict[str, int] = {}
+    queues = [herd.SlotQueue(node_id=f"n{i // 2}", model=f"m{i % 2}", slots=1,
+                             node_in_flight=counts) for i in range(4)]
+    waiters: list[herd.Waiter] = []
+    held: list[herd.SlotQueue] = []
+    seq = 0
+    for op, i, n in ops:
+        q = queues[i]
+        if op == "take":
+            q.take()
+            held.append(q)
+        elif op == "release" and held:
+            held.pop(i % len(held)).release()
+        elif op == "wait":
+            seq += 1
+            w = herd.Waiter(seq)
+            w.register(queues[(i + k) % 4] for k in range(n))
+            waiters.append(w)
+        elif op == "leave" and waiters:
+            waiters.pop(i % len(waiters)).leave()  # a granted slot goes on
+        elif op == "resize":
+            q.resize(n)
+        for w in waiters:  # a granted waiter takes its slot
+            got = w.take()
+            if got is not None:
+                held.append(got)
+        waiters = [w for w in waiters if w.queues]
+        for node in ("n0", "n1"):
+            assert counts.get(node, 0) == sum(x.in_flight for x in queues if x.node_id == node)
+
+
+def test_queue_view_snapshots_only_what_is_looked_up() -> None:
+    queues = {(f"n{i}", "m"): herd.SlotQueue(node_id=f"n{i}", model="m", slots=4)
+              for i in range(3)}
+    queues[("n1", "m")].take()
+    view = herd.QueueView(queues)
+    assert dict(view) == {k: q.snapshot() for k, q in queues.items()}
+    assert view.get(("n1", "m")) == scoring.QueueSnapshot(
+        in_flight=1, slots=4, progress_at=queues[("n1", "m")].progress_at,
+        oldest_at=queues[("n1", "m")].starts[0])
+    assert view.get(("n9", "m")) is None and ("n9", "m") not in view
+    queues[("n2", "m")].take()  # live: the next lookup sees the change
+    assert view[("n2", "m")].in_flight == 1
+
+
+CHAT = FakeModel(name="chat:1b", size=1_000_000_000)
+CODE = FakeModel(name="code:1b", size=1_000_000_000)
+
+
+@pytest.mark.both_loops
+async def test_streams_at_dispatch_count_the_other_models_on_the_node(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """A request dispatched while another model's request runs on the same node learns
+    that it ran beside one other stream (``Observation.streams``), and the per-node count
+    is back to zero after."""
+    fake = await make_fake([CHAT, CODE], num_parallel=4, tokens_per_s=50, response_tokens=30)
+    r = await make_router([fake.url], poll_interval_s=30.0)
+    await r.wait_ready(models=2)
+    body = {"model": "chat:1b", "prompt": "long", "stream": False}
+    first = asyncio.ensure_future(
+        raw_request(r.port, "POST", "/api/generate", json.dumps(body).encode()))
+    async with asyncio.timeout(5):
+        while not r.router.admission.node_in_flight.get(next(iter(r.router.fleet.nodes))):
+            await asyncio.sleep(0.005)
+    short = {"model": "code:1b", "prompt": "short", "stream": False,
+             "options": {"num_predict": 2}}
+    status, headers, _ = await raw_request(r.port, "POST", "/api/generate",
+                                           json.dumps(short).encode())
+    assert status == 200
+    assert (await first)[0] == 200
+    node = headers["x-herd-node"]
+    stats = r.router.fleet.stats
+    assert stats[(node, "code:1b")].conc_k == 1.0  # beside the chat request
+    assert stats[(node, "chat:1b")].conc_k == 0.0  # alone when it was dispatched
+    assert r.router.admission.node_in_flight[node] == 0
