@@ -1647,9 +1647,11 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Facts:
-    """What eligibility learned about one node for one request; every factor reads it."""
+    """What eligibility learned about one node for one request; every factor reads it.
+    Not frozen: built for every node of every request and never kept, it is not worth a
+    frozen dataclass's construction cost (its fields go through ``object.__setattr__``)."""
 
     q: QueueSnapshot
     slots: int
