@@ -4,7 +4,11 @@ what each shortcut must keep exactly as it was."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
+import inspect
 import json
+import pickle
 import random
 from typing import Any
 
@@ -85,6 +89,49 @@ def test_lazy_spread_scores_exactly_like_the_eager_one(
     assert len(calls) <= 1  # built once per request at most, however many nodes evict
     if any("evict" in f.reason for s in lazy for f in s.factors):
         assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------
+# Factor and Score: hand-written __init__ (a mutable twin while filled), same records
+# ---------------------------------------------------------------------------------------
+
+SAMPLES: dict[type, list[tuple[Any, ...]]] = {
+    scoring.Factor: [("wait", 1.5, -3.25, "~1.5s expected"), ("memory", -0.0, 0.0, "")],
+    scoring.Score: [("n1", 12.5, True, "hot", (scoring.Factor("a", 1.0, 2.0, "b"),), 3, False),
+                    ("n2", 0.0, False, "offline")],
+}
+
+
+@pytest.mark.parametrize("cls", [scoring.Factor, scoring.Score])
+def test_hand_written_init_is_the_generated_one(cls: type) -> None:
+    """Same parameters and defaults as the frozen dataclass's own ``__init__`` (a field
+    added to the class but not to its ``__init__`` fails here), same slots in its twin,
+    and the same records: equal, hashable, frozen, replaceable, picklable."""
+    spec = dataclasses.fields(cls)
+    stock = dataclasses.make_dataclass(
+        cls.__name__, [(f.name, f.type, dataclasses.field(default=f.default)) for f in spec],
+        frozen=True, slots=True)
+
+    def params(c: type) -> list[tuple[str, object, object]]:
+        return [(p.name, p.default, p.kind) for p in inspect.signature(c).parameters.values()]
+
+    assert params(cls) == params(stock)
+    twin = scoring._FactorFields if cls is scoring.Factor else scoring._ScoreFields
+    assert sorted(twin.__slots__) == sorted(f.name for f in spec)
+    for args in SAMPLES[cls]:
+        built, ref = cls(*args), stock(*args)
+        assert type(built) is cls
+        assert dataclasses.astuple(built) == dataclasses.astuple(ref)
+        by_name = cls(**{f.name: getattr(built, f.name) for f in spec})
+        assert by_name == built and hash(by_name) == hash(built)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(built, spec[0].name, "changed")
+        changed = dataclasses.replace(built, reason="other")
+        assert type(changed) is cls and changed.reason == "other" and changed != built
+        assert pickle.loads(pickle.dumps(built)) == built == copy.deepcopy(built)
+        assert repr(built) == repr(ref).replace(stock.__qualname__, cls.__qualname__, 1)
+    with pytest.raises(TypeError):
+        cls()
 
 
 # ---------------------------------------------------------------------------------------
