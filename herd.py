@@ -320,7 +320,7 @@ class HttpStream:
     """The only code that reads or writes a connection, for the server and the client side
     alike (tests/test_purity.py checks it)."""
 
-    __slots__ = ("conn", "corked", "drain_above", "peer", "reader", "writer")
+    __slots__ = ("conn", "corked", "drain_above", "peer", "reader", "watches", "writer")
     READ_SIZE = 256 * 1024
 
     def __init__(
@@ -340,6 +340,35 @@ class HttpStream:
         self.drain_above = writer.transport.get_write_buffer_limits()[1]
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.watches: dict[float, IdleWatch] | None = None
+
+    def watch(self, timeout: float) -> IdleWatch:
+        """This connection's bound of ``timeout`` seconds on a wait, for the task serving
+        it: one lazily re-armed timer kept across its requests (``IdleWatch``), instead
+        of a timer made and cancelled per wait (``asyncio.timeout``)."""
+        if self.watches is None:
+            self.watches = {}
+        w = self.watches.get(timeout)
+        if w is None:
+            w = self.watches[timeout] = IdleWatch(timeout)
+        return w
+
+    def close_watches(self) -> None:
+        for w in (self.watches or {}).values():
+            w.close()
+        self.watches = None
+
+    async def read_watched(self, watch: IdleWatch) -> bytes:
+        """The next bytes (b"" at EOF), the wait bounded by ``watch`` (``TimeoutError``)."""
+        watch.begin()
+        try:
+            return await self._read()
+        except asyncio.CancelledError:
+            if watch.timed_out():
+                raise TimeoutError from None
+            raise
+        finally:
+            watch.reading = False
 
     async def _read(self) -> bytes:
         try:
@@ -791,6 +820,8 @@ class HttpServer:
                 self.lingering.discard(stream)
                 await stream.linger_close()
             self.connections.discard(task)
+            if stream is not None:
+                stream.close_watches()
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -801,8 +832,7 @@ class HttpServer:
             try:
                 if not first and not stream.conn.trailing_data[0]:
                     # idle keep-alive: wait for the next request's first byte...
-                    async with asyncio.timeout(self.limits.keepalive_idle_s):
-                        data = await stream._read()
+                    data = await stream.read_watched(stream.watch(self.limits.keepalive_idle_s))
                     stream.conn.receive_data(data)
                 # ...then the whole head must arrive within the header deadline
                 event = await stream.receive(
@@ -1022,9 +1052,11 @@ class IdleWatch:
         return await stream.receive_watched(self)
 
     def begin(self) -> None:
-        """A wait for the node's bytes starts now."""
+        """A wait for the node's bytes starts now (a watch kept across waits, as
+        ``HttpStream.watch`` keeps one per connection, starts over after a timeout)."""
         self.since = self._loop.time()
         self.reading = True
+        self.expired = False
         if self.handle is None:
             self.handle = self._loop.call_at(self.since + self.timeout, self._check)
 
@@ -1057,13 +1089,15 @@ class UpstreamResponse:
         return header_value(self.headers, name.encode())
 
     async def chunks(
-        self, idle_timeout: float | None = None, first_timeout: float | None = None
+        self, idle_timeout: float | None = None, first_timeout: float | None = None,
+        *, first_watch: IdleWatch | None = None,
     ) -> AsyncIterator[bytes]:
         """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk, and
-        ``first_timeout`` (when given) the wait for the first one instead.
+        ``first_timeout`` (when given) the wait for the first one instead, or
+        ``first_watch``: the caller's kept bound (``HttpStream.watch``).
 
-        The first wait has its own timer; the later ones share one ``IdleWatch`` per
-        response (no timer per chunk): the same bound, checked lazily."""
+        The first wait has its own timer (or the caller's watch); the later ones share one
+        ``IdleWatch`` per response (no timer per chunk): the same bound, checked lazily."""
         if self._done:
             return
         timeout = first_timeout if first_timeout is not None else idle_timeout
@@ -1073,7 +1107,10 @@ class UpstreamResponse:
             while True:
                 try:
                     if watch is None:
-                        event = await stream.receive(timeout)
+                        if first_watch is not None:
+                            event = await stream.receive_watched(first_watch)
+                        else:
+                            event = await stream.receive(timeout)
                         if idle_timeout is not None:
                             watch = IdleWatch(idle_timeout)
                     else:
@@ -1169,8 +1206,12 @@ class Pool:
         body: bytes | AsyncIterator[bytes] | None = None,
         *,
         head_timeout: float | None = None,
+        head_watch: IdleWatch | None = None,
     ) -> UpstreamResponse:
         """Send one request; returns once the response head arrived.
+
+        ``head_watch`` (instead of ``head_timeout``): the caller's kept bound on the wait
+        for the head (``HttpStream.watch``: no timer made per request).
 
         Failures raise UpstreamFailure with a kind: ``connect`` (nothing reached the node),
         ``reset`` (the connection broke), ``timeout_first_byte`` (no response head in time).
@@ -1206,13 +1247,19 @@ class Pool:
                         if chunk:
                             await stream.send(h11.Data(data=chunk))
                 await stream.send(h11.EndOfMessage())
-                event = await stream.receive(head_timeout)
-                while isinstance(event, h11.InformationalResponse):
+                if head_watch is not None:
+                    event = await stream.receive_watched(head_watch)
+                    while isinstance(event, h11.InformationalResponse):
+                        event = await stream.receive_watched(head_watch)
+                else:
                     event = await stream.receive(head_timeout)
+                    while isinstance(event, h11.InformationalResponse):
+                        event = await stream.receive(head_timeout)
             except TimeoutError:
                 stream.close()
+                waited = head_watch.timeout if head_watch is not None else head_timeout
                 raise UpstreamFailure(
-                    "timeout_first_byte", f"no response from {netloc} within {head_timeout:g}s"
+                    "timeout_first_byte", f"no response from {netloc} within {waited:g}s"
                 ) from None
             except (
                 ConnectionClosed,
@@ -4826,13 +4873,14 @@ class Proxy:
         """One attempt: raises UpstreamFailure when nothing reached the client yet."""
         try:
             timeout = self.r.config.first_byte_timeout_s
+            first_byte = request.http.watch(timeout)  # the connection's, kept across requests
             up = await self.r.pool.request(
                 node.url,
                 "POST",
                 request.target,
                 self.upstream_request_headers(request),
                 payload,
-                head_timeout=timeout,
+                head_watch=first_byte,
             )
             if not 200 <= up.status < 400:
                 broken = ""
@@ -4870,7 +4918,7 @@ class Proxy:
                     up, response, node, rreq, attempt, choice, first=data, complete=True
                 )
                 return
-            chunks = up.chunks(self.r.config.stall_timeout_s, first_timeout=timeout)
+            chunks = up.chunks(self.r.config.stall_timeout_s, first_watch=first_byte)
             try:
                 first = await anext(chunks, b"")
             except TimeoutError:

@@ -10,6 +10,7 @@ import inspect
 import json
 import pickle
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -248,3 +249,112 @@ async def test_streams_at_dispatch_count_the_other_models_on_the_node(
     assert stats[(node, "code:1b")].conc_k == 1.0  # beside the chat request
     assert stats[(node, "chat:1b")].conc_k == 0.0  # alone when it was dispatched
     assert r.router.admission.node_in_flight[node] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# per-connection kept bounds (HttpStream.watch): keep-alive idle and the node's first byte
+# ---------------------------------------------------------------------------------------
+
+
+class Quiet:
+    """A loopback peer that sends a byte only when asked."""
+
+    def __init__(self) -> None:
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def connect(self) -> herd.HttpStream:
+        async def conn(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            self.writers.append(w)
+
+        self.server = await asyncio.start_server(conn, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):
+            while not self.writers:
+                await asyncio.sleep(0.005)
+        return herd.HttpStream(reader, writer, herd.h11.CLIENT)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.both_loops
+async def test_a_kept_watch_bounds_every_wait_even_after_a_timeout() -> None:
+    peer = Quiet()
+    stream = await peer.connect()
+    loop = asyncio.get_running_loop()
+    try:
+        watch = stream.watch(0.2)
+        assert stream.watch(0.2) is watch  # one per bound and connection
+        for _ in range(2):  # a timed-out watch bounds the next wait just the same
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                await stream.read_watched(watch)
+            assert 0.15 < loop.time() - t0 < 1.5
+        loop.call_later(0.1, peer.writers[0].write, b"x")
+        assert await stream.read_watched(watch) == b"x"  # in time: the bytes
+        # waits that are each short but add up to more than the bound never time out
+        for i in range(6):
+            loop.call_later(0.08, peer.writers[0].write, b"%d" % i)
+            assert await stream.read_watched(watch) == b"%d" % i
+        # an outside cancellation stays a cancellation
+        task = asyncio.ensure_future(stream.read_watched(watch))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        stream.close_watches()
+        assert stream.watches is None
+        stream.close()
+        peer.close()
+
+
+@pytest.mark.both_loops
+async def test_keep_alive_requests_arm_no_timer_each(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """40 requests on one keep-alive connection: the idle bound between requests and the
+    bound on the node's first byte are the connection's kept watches, not a timer made
+    and cancelled per request (asyncio.timeout armed two per request before)."""
+    fake = await make_fake([CHAT], tokens_per_s=0, load_delay_s=0)
+    r = await make_router([fake.url], poll_interval_s=30.0)
+    await r.wait_ready()
+    loop = asyncio.get_running_loop()
+    armed: list[float] = []
+    real_call_at = loop.call_at
+
+    def counting_call_at(when: float, cb, *args, **kwargs):  # type: ignore[no-untyped-def]
+        frame = sys._getframe(1)
+        while frame is not None:  # herd's timers only (the fake node arms its own)
+            if frame.f_code.co_filename == herd.__file__:
+                armed.append(when)
+                break
+            frame = frame.f_back
+        return real_call_at(when, cb, *args, **kwargs)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    body = json.dumps({"model": "chat:1b", "prompt": "hi", "stream": False}).encode()
+    head = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+
+    async def one() -> None:
+        writer.write(head + body)
+        conn_head = await reader.readuntil(b"\r\n\r\n")
+        assert conn_head.startswith(b"HTTP/1.1 200"), conn_head
+        length = int(conn_head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+
+    try:
+        await one()  # warm: the pool's connection, the watches
+        loop.call_at = counting_call_at  # type: ignore[method-assign]
+        for _ in range(40):
+            await one()
+    finally:
+        loop.call_at = real_call_at  # type: ignore[method-assign]
+        writer.close()
+    assert len(armed) <= 2, f"{len(armed)} timers armed for 40 keep-alive requests"
