@@ -2237,8 +2237,8 @@ class SlotQueue:
     node_in_flight: dict[str, int] = field(default_factory=dict, repr=False)
 
     def snapshot(self) -> scoring.QueueSnapshot:
-        """Every request snapshots every queue: an unchanged queue returns the same (frozen)
-        snapshot instead of building a new one."""
+        """Scoring snapshots the queues it looks up (``QueueView``): an unchanged queue
+        returns the same (frozen) snapshot instead of building a new one."""
         snap = self.last_snapshot
         if (snap.in_flight != self.in_flight or snap.pending != self.pending
                 or snap.slots != self.slots or snap.sure != self.sure

@@ -358,3 +358,20 @@ async def test_keep_alive_requests_arm_no_timer_each(
         loop.call_at = real_call_at  # type: ignore[method-assign]
         writer.close()
     assert len(armed) <= 2, f"{len(armed)} timers armed for 40 keep-alive requests"
+
+
+# ---------------------------------------------------------------------------------------
+# bench/instructions.py: a verdict that can fail
+# ---------------------------------------------------------------------------------------
+
+
+def test_instructions_bench_misses_when_herd_costs_more_than_its_target(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.test_bench_exit import bench
+
+    instr = bench("instructions")
+    assert instr.report([("relay", 1.0e6), ("herd", 2.6e6)]) is False
+    assert "MISS" in capsys.readouterr().out
+    assert instr.report([("relay", 1.0e6), ("herd", 1.4e6), ("herd, 20 nodes", 9e6)]) is True
+    assert "PASS" in capsys.readouterr().out
