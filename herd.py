@@ -45,6 +45,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -321,7 +322,7 @@ class HttpStream:
     """The only code that reads or writes a connection, for the server and the client side
     alike (tests/test_purity.py checks it)."""
 
-    __slots__ = ("conn", "corked", "drain_above", "peer", "reader", "writer")
+    __slots__ = ("conn", "corked", "drain_above", "peer", "reader", "watches", "writer")
     READ_SIZE = 256 * 1024
 
     def __init__(
@@ -341,6 +342,35 @@ class HttpStream:
         self.drain_above = writer.transport.get_write_buffer_limits()[1]
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.watches: dict[float, IdleWatch] | None = None
+
+    def watch(self, timeout: float) -> IdleWatch:
+        """This connection's bound of ``timeout`` seconds on a wait, for the task serving
+        it: one lazily re-armed timer kept across its requests (``IdleWatch``), instead
+        of a timer made and cancelled per wait (``asyncio.timeout``)."""
+        if self.watches is None:
+            self.watches = {}
+        w = self.watches.get(timeout)
+        if w is None:
+            w = self.watches[timeout] = IdleWatch(timeout)
+        return w
+
+    def close_watches(self) -> None:
+        for w in (self.watches or {}).values():
+            w.close()
+        self.watches = None
+
+    async def read_watched(self, watch: IdleWatch) -> bytes:
+        """The next bytes (b"" at EOF), the wait bounded by ``watch`` (``TimeoutError``)."""
+        watch.begin()
+        try:
+            return await self._read()
+        except asyncio.CancelledError:
+            if watch.timed_out():
+                raise TimeoutError from None
+            raise
+        finally:
+            watch.reading = False
 
     async def _read(self) -> bytes:
         try:
@@ -792,6 +822,8 @@ class HttpServer:
                 self.lingering.discard(stream)
                 await stream.linger_close()
             self.connections.discard(task)
+            if stream is not None:
+                stream.close_watches()
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -802,8 +834,7 @@ class HttpServer:
             try:
                 if not first and not stream.conn.trailing_data[0]:
                     # idle keep-alive: wait for the next request's first byte...
-                    async with asyncio.timeout(self.limits.keepalive_idle_s):
-                        data = await stream._read()
+                    data = await stream.read_watched(stream.watch(self.limits.keepalive_idle_s))
                     stream.conn.receive_data(data)
                 # ...then the whole head must arrive within the header deadline
                 event = await stream.receive(
@@ -1023,9 +1054,11 @@ class IdleWatch:
         return await stream.receive_watched(self)
 
     def begin(self) -> None:
-        """A wait for the node's bytes starts now."""
+        """A wait for the node's bytes starts now (a watch kept across waits, as
+        ``HttpStream.watch`` keeps one per connection, starts over after a timeout)."""
         self.since = self._loop.time()
         self.reading = True
+        self.expired = False
         if self.handle is None:
             self.handle = self._loop.call_at(self.since + self.timeout, self._check)
 
@@ -1058,13 +1091,15 @@ class UpstreamResponse:
         return header_value(self.headers, name.encode())
 
     async def chunks(
-        self, idle_timeout: float | None = None, first_timeout: float | None = None
+        self, idle_timeout: float | None = None, first_timeout: float | None = None,
+        *, first_watch: IdleWatch | None = None,
     ) -> AsyncIterator[bytes]:
         """The body as it arrives. ``idle_timeout`` bounds the wait for each chunk, and
-        ``first_timeout`` (when given) the wait for the first one instead.
+        ``first_timeout`` (when given) the wait for the first one instead, or
+        ``first_watch``: the caller's kept bound (``HttpStream.watch``).
 
-        The first wait has its own timer; the later ones share one ``IdleWatch`` per
-        response (no timer per chunk): the same bound, checked lazily."""
+        The first wait has its own timer (or the caller's watch); the later ones share one
+        ``IdleWatch`` per response (no timer per chunk): the same bound, checked lazily."""
         if self._done:
             return
         timeout = first_timeout if first_timeout is not None else idle_timeout
@@ -1074,7 +1109,10 @@ class UpstreamResponse:
             while True:
                 try:
                     if watch is None:
-                        event = await stream.receive(timeout)
+                        if first_watch is not None:
+                            event = await stream.receive_watched(first_watch)
+                        else:
+                            event = await stream.receive(timeout)
                         if idle_timeout is not None:
                             watch = IdleWatch(idle_timeout)
                     else:
@@ -1170,8 +1208,12 @@ class Pool:
         body: bytes | AsyncIterator[bytes] | None = None,
         *,
         head_timeout: float | None = None,
+        head_watch: IdleWatch | None = None,
     ) -> UpstreamResponse:
         """Send one request; returns once the response head arrived.
+
+        ``head_watch`` (instead of ``head_timeout``): the caller's kept bound on the wait
+        for the head (``HttpStream.watch``: no timer made per request).
 
         Failures raise UpstreamFailure with a kind: ``connect`` (nothing reached the node),
         ``reset`` (the connection broke), ``timeout_first_byte`` (no response head in time).
@@ -1207,13 +1249,19 @@ class Pool:
                         if chunk:
                             await stream.send(h11.Data(data=chunk))
                 await stream.send(h11.EndOfMessage())
-                event = await stream.receive(head_timeout)
-                while isinstance(event, h11.InformationalResponse):
+                if head_watch is not None:
+                    event = await stream.receive_watched(head_watch)
+                    while isinstance(event, h11.InformationalResponse):
+                        event = await stream.receive_watched(head_watch)
+                else:
                     event = await stream.receive(head_timeout)
+                    while isinstance(event, h11.InformationalResponse):
+                        event = await stream.receive(head_timeout)
             except TimeoutError:
                 stream.close()
+                waited = head_watch.timeout if head_watch is not None else head_timeout
                 raise UpstreamFailure(
-                    "timeout_first_byte", f"no response from {netloc} within {head_timeout:g}s"
+                    "timeout_first_byte", f"no response from {netloc} within {waited:g}s"
                 ) from None
             except (
                 ConnectionClosed,
@@ -2186,10 +2234,13 @@ class SlotQueue:
     starts: deque[float] = field(default_factory=deque, repr=False)
     last_snapshot: scoring.QueueSnapshot = field(default_factory=scoring.QueueSnapshot,
                                                  repr=False)
+    # requests in flight per node, every model: shared by all the queues of one Admission
+    # (kept as slots are taken and freed, so no request sums every queue)
+    node_in_flight: dict[str, int] = field(default_factory=dict, repr=False)
 
     def snapshot(self) -> scoring.QueueSnapshot:
-        """Every request snapshots every queue: an unchanged queue returns the same (frozen)
-        snapshot instead of building a new one."""
+        """Scoring snapshots the queues it looks up (``QueueView``): an unchanged queue
+        returns the same (frozen) snapshot instead of building a new one."""
         snap = self.last_snapshot
         if (snap.in_flight != self.in_flight or snap.pending != self.pending
                 or snap.slots != self.slots or snap.sure != self.sure
@@ -2219,11 +2270,13 @@ class SlotQueue:
         if self.in_flight == 0:
             self.progress_at = now
         self.in_flight += 1
+        self.node_in_flight[self.node_id] = self.node_in_flight.get(self.node_id, 0) + 1
         self.starts.append(now)
 
     def release(self) -> None:
         """A slot frees: it goes to the longest-waiting waiter of this queue, if any."""
         self.in_flight -= 1
+        self.node_in_flight[self.node_id] -= 1
         if self.starts:
             self.starts.popleft()
         self.progress_at = time.time()
@@ -2248,8 +2301,36 @@ class SlotQueue:
             if self.in_flight == 0:
                 self.progress_at = now
             self.in_flight += 1
+            self.node_in_flight[self.node_id] = self.node_in_flight.get(self.node_id, 0) + 1
             self.starts.append(now)
             w.grant(self)
+
+
+class QueueView(Mapping[tuple[str, str], scoring.QueueSnapshot]):
+    """Admission's queues as scoring reads them: a queue is snapshotted when it is looked
+    up, so a request snapshots the queues of its own model (and of an eviction's victims),
+    not every queue of the fleet."""
+
+    __slots__ = ("_queues",)
+
+    def __init__(self, queues: Mapping[tuple[str, str], SlotQueue]) -> None:
+        self._queues = queues
+
+    def __getitem__(self, key: tuple[str, str]) -> scoring.QueueSnapshot:
+        return self._queues[key].snapshot()
+
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
+        q = self._queues.get(key)
+        return default if q is None else q.snapshot()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._queues
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._queues)
+
+    def __len__(self) -> int:
+        return len(self._queues)
 
 
 class Rejected(Exception):
@@ -3337,6 +3418,8 @@ class Admission:
     def __init__(self, router: Router) -> None:
         self.r = router
         self.queues: dict[tuple[str, str], SlotQueue] = {}
+        self.node_in_flight: dict[str, int] = {}  # every queue's in_flight, summed by node
+        self.queue_view = QueueView(self.queues)
         self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
         self.waiter_seq = 0
         self.prewarming: set[tuple[str, str]] = set()
@@ -3362,15 +3445,16 @@ class Admission:
             if not told:  # learned: only what ran at once is sure, the rest is a probe
                 sure = min(slots, self.r.learner.sure_slots(node_id, model))
         if q is None:
-            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots)
+            q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots,
+                                             node_in_flight=self.node_in_flight)
         elif q.slots != slots:
             q.resize(slots)  # more slots: hand them to waiters at once
         q.sure = sure
         return q
 
-    def _queue_snapshots(
-        self, model: str, kind: str
-    ) -> dict[tuple[str, str], scoring.QueueSnapshot]:
+    def _queue_snapshots(self, model: str, kind: str) -> QueueView:
+        """The queues as scoring reads them, each ``model``'s queue up to date (its slots);
+        a queue is snapshotted only when scoring looks it up."""
         if kind in ("image", "stt"):
             for node in self.r.jobs.capability_models(kind).get(model, []):
                 self.queue_for(node.node_id, model, kind)
@@ -3378,7 +3462,7 @@ class Admission:
             for node in self.r.fleet.nodes.values():
                 if node.has_model(model):
                     self.queue_for(node.node_id, model, kind)
-        return {k: q.snapshot() for k, q in self.queues.items()}
+        return self.queue_view
 
     async def acquire(
         self, rreq: scoring.RouteRequest, snaps: list[scoring.NodeSnapshot] | None = None
@@ -3431,6 +3515,7 @@ class Admission:
                         if waiter is not None and waiter.expired
                         else loop.time() - start
                     ),
+                    node_in_flight=self.node_in_flight,
                 )
                 snaps = None  # after a wait, the next round takes a fresh snapshot
                 self.maybe_prewarm(rreq, choice, queues)
@@ -3495,6 +3580,8 @@ class Admission:
         for key in [k for k, q in self.queues.items()
                     if k[0] == node_id and not (q.in_flight or q.pending or q.waiters)]:
             del self.queues[key]
+        if not self.node_in_flight.get(node_id):
+            self.node_in_flight.pop(node_id, None)
 
     def release(self, q: SlotQueue, ok: bool) -> None:
         if ok:
@@ -4987,9 +5074,7 @@ class Proxy:
         """What the learning needs to know about this dispatch, on the attempt."""
         attempt.queue_ms += queue_ms
         attempt.dispatch_k = queue.in_flight
-        attempt.dispatch_streams = sum(
-            q.in_flight for q in self.r.admission.queues.values()
-            if q.node_id == node.node_id) - 1
+        attempt.dispatch_streams = self.r.admission.node_in_flight.get(node.node_id, 0) - 1
         attempt.dispatch_mono = time.monotonic()
         attempt.dispatch_hot = (rreq.model in node.loaded_names()
                                 and rreq.model not in node.loading)
@@ -5066,13 +5151,14 @@ class Proxy:
         """One attempt: raises UpstreamFailure when nothing reached the client yet."""
         try:
             timeout = self.r.config.first_byte_timeout_s
+            first_byte = request.http.watch(timeout)  # the connection's, kept across requests
             up = await self.r.pool.request(
                 node.url,
                 "POST",
                 request.target,
                 self.upstream_request_headers(request),
                 payload,
-                head_timeout=timeout,
+                head_watch=first_byte,
             )
             if not 200 <= up.status < 400:
                 broken = ""
@@ -5110,7 +5196,7 @@ class Proxy:
                     up, response, node, rreq, attempt, choice, first=data, complete=True
                 )
                 return
-            chunks = up.chunks(self.r.config.stall_timeout_s, first_timeout=timeout)
+            chunks = up.chunks(self.r.config.stall_timeout_s, first_watch=first_byte)
             try:
                 first = await anext(chunks, b"")
             except TimeoutError:

@@ -358,12 +358,38 @@ class RouteRequest:
     # from the whole fleet's history of this model, capped by max_tokens; 0: unknown)
 
 
-@dataclass(frozen=True, slots=True)
+# Factor and Score are built for every node of every request (on a 20-node fleet that was
+# half of ``choose``). A frozen dataclass's generated ``__init__`` sends every field through
+# ``object.__setattr__``, 2-3x the cost of a plain attribute store; their ``__init__``
+# instead lets the record be, while it is filled, a mutable twin with the same slots
+# (``_FactorFields``, ``_ScoreFields``), then sets ``__class__`` back. ``test_hot_path``
+# checks the signatures and the results against the generated ones.
+_become = object.__setattr__
+
+
+class _FactorFields:
+    __slots__ = ("contribution", "name", "reason", "value")
+    name: str
+    value: float
+    contribution: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Factor:
     name: str
     value: float
     contribution: float
     reason: str
+
+    def __init__(self, name: str, value: float, contribution: float, reason: str) -> None:
+        _become(self, "__class__", _FactorFields)
+        f: _FactorFields = self  # type: ignore[assignment]
+        f.name = name
+        f.value = value
+        f.contribution = contribution
+        f.reason = reason
+        f.__class__ = Factor  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -389,7 +415,19 @@ def _json_float(value: float) -> str:
     return float.__repr__(value) if math.isfinite(value) else json.dumps(value)
 
 
-@dataclass(frozen=True, slots=True)
+class _ScoreFields:
+    __slots__ = ("eligible", "factors", "free_slot", "node_id", "outstanding", "reason",
+                 "total")
+    node_id: str
+    total: float
+    eligible: bool
+    reason: str
+    factors: tuple[Factor, ...]
+    outstanding: int
+    free_slot: bool
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Score:
     node_id: str
     total: float
@@ -398,6 +436,20 @@ class Score:
     factors: tuple[Factor, ...] = ()
     outstanding: int = 0  # pending + in_flight of this node:model (tie-break)
     free_slot: bool = True  # in_flight < slots
+
+    def __init__(self, node_id: str, total: float, eligible: bool, reason: str,
+                 factors: tuple[Factor, ...] = (), outstanding: int = 0,
+                 free_slot: bool = True) -> None:
+        _become(self, "__class__", _ScoreFields)  # see _become
+        s: _ScoreFields = self  # type: ignore[assignment]
+        s.node_id = node_id
+        s.total = total
+        s.eligible = eligible
+        s.reason = reason
+        s.factors = factors
+        s.outstanding = outstanding
+        s.free_slot = free_slot
+        s.__class__ = Score  # type: ignore[assignment]
 
     def factor(self, name: str) -> Factor | None:
         for f in self.factors:
@@ -1646,13 +1698,20 @@ def score_nodes(
     breakers: Mapping[str, BreakerState],
     now: float,
     policy: Policy,
+    node_in_flight: Mapping[str, int] | None = None,
 ) -> tuple[Score, ...]:
     """Score every node for ``req``: eligible nodes by total (desc; ties by fewest
-    outstanding, then node id), then ineligible nodes, each with its reason."""
-    busy: dict[str, int] = {}
-    for (nid, _m), q in queues.items():
-        busy[nid] = busy.get(nid, 0) + q.in_flight
-    spread = model_spread(nodes, now)
+    outstanding, then node id), then ineligible nodes, each with its reason.
+
+    ``node_in_flight``: requests in flight per node, all models (the sum of ``queues``'
+    ``in_flight`` by node, which is what is computed when it is not given)."""
+    busy = node_in_flight
+    if busy is None:
+        counted: dict[str, int] = {}
+        for (nid, _m), q in queues.items():
+            counted[nid] = counted.get(nid, 0) + q.in_flight
+        busy = counted
+    spread = SpreadOnDemand(nodes, now)
     if not isinstance(stats, FleetStats):
         stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
@@ -1695,6 +1754,32 @@ def with_completion_estimate(
     return replace(req, completion_tokens=tokens) if tokens > 0 else req
 
 
+class SpreadOnDemand(Mapping[str, tuple[int, int]]):
+    """``model_spread(nodes, now)``, built the first time it is read: only an eviction
+    cost reads it, so a request whose model is resident everywhere never builds it."""
+
+    __slots__ = ("_built", "_nodes", "_now")
+
+    def __init__(self, nodes: Sequence[NodeSnapshot], now: float) -> None:
+        self._nodes = nodes
+        self._now = now
+        self._built: dict[str, tuple[int, int]] | None = None
+
+    def _spread(self) -> dict[str, tuple[int, int]]:
+        if self._built is None:
+            self._built = model_spread(self._nodes, self._now)
+        return self._built
+
+    def __getitem__(self, model: str) -> tuple[int, int]:
+        return self._spread()[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spread())
+
+    def __len__(self) -> int:
+        return len(self._spread())
+
+
 def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[int, int]]:
     """model -> (live nodes where it is loaded, live nodes that have it at all)."""
     hot: dict[str, int] = {}
@@ -1710,9 +1795,11 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Facts:
-    """What eligibility learned about one node for one request; every factor reads it."""
+    """What eligibility learned about one node for one request; every factor reads it.
+    Not frozen: built for every node of every request and never kept, it is not worth a
+    frozen dataclass's construction cost (its fields go through ``object.__setattr__``)."""
 
     q: QueueSnapshot
     slots: int
@@ -2218,6 +2305,7 @@ def choose(
     rand: float,
     policy: Policy,
     waited_s: float = 0.0,
+    node_in_flight: Mapping[str, int] | None = None,
 ) -> Choice:
     """Dispatch, wait or reject.
 
@@ -2233,7 +2321,7 @@ def choose(
       breakers stand in the way), or saturated for ``max_queue_wait_s`` (``retry_after_s``
       from the measured service times).
     """
-    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy)
+    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy, node_in_flight)
     eligible = [s for s in ranked if s.eligible]
     if not eligible:
         return _reject_no_eligible(req, nodes, ranked, breakers, now, policy)
