@@ -6,6 +6,7 @@ Usage::
     python bench/routing_e2e.py --quick          # 3-node fleet, seed 1, ~90 s
     python bench/routing_e2e.py                  # 3 fleets x 3 seeds, ~20 min
     python bench/routing_e2e.py --fleet mixed --seeds 1 2 --duration 60
+    python bench/routing_e2e.py --repeat 3       # each cell 3 times, targets on the medians
     python bench/routing_e2e.py --policies lo herd-node       # fewer processes
     python bench/routing_e2e.py --herd-dir /work/wt-x         # another checkout's herd
     python bench/routing_e2e.py --herd-arg=--max-queue-wait=10  # extra router flags
@@ -719,6 +720,47 @@ def figures(policy: str, all_results: list[Result], stats: list[JSON],
         retries=sum(r.retries for r in results), cached_share=cached / ptoks if ptoks else 0.0)
 
 
+def median_figures(runs: Sequence[dict[str, PolicyFigures]]) -> dict[str, PolicyFigures]:
+    """One cell's repeated runs as one set of figures, field by field the median over the
+    runs (the upper median of an even count); failures and wrong-model answers take the
+    worst run, so a target that forbids them still sees every one. A single run is
+    returned as it is."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out: dict[str, PolicyFigures] = {}
+    for policy in runs[0]:
+        rows = [r[policy] for r in runs if policy in r]
+        fields: dict[str, Any] = {"policy": policy}
+        for fld in dataclasses.fields(PolicyFigures):
+            if fld.name == "policy":
+                continue
+            xs = [getattr(f, fld.name) for f in rows]
+            if fld.name in ("failed", "wrong_model"):
+                fields[fld.name] = max(xs)
+                continue
+            known = sorted(x for x in xs if not (isinstance(x, float) and math.isnan(x)))
+            value = known[len(known) // 2] if known else math.nan
+            fields[fld.name] = value
+        out[policy] = PolicyFigures(**fields)
+    return out
+
+
+def spread_line(runs: Sequence[dict[str, PolicyFigures]]) -> str:
+    """Each herd policy's mean over the best baseline's, run by run: how far one run can
+    be trusted."""
+    parts = []
+    for policy in runs[0]:
+        if not policy.startswith("herd"):
+            continue
+        ratios = []
+        for r in runs:
+            best = best_baseline(r)
+            if best is not None and policy in r:
+                ratios.append(f"{r[policy].mean / best.mean:.2f}")
+        parts.append(f"{policy} {' '.join(ratios)}")
+    return "   mean/best per run: " + "; ".join(parts)
+
+
 async def run_one(fleet: Fleet, seed: int, warmup: float, duration: float,
                   policies: Sequence[str],
                   interval: float, herd_args: Sequence[str], host_memory: bool,
@@ -930,6 +972,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fleet", action="append", choices=("three", "mixed", "onebig"),
                    help="fleets to run (repeatable; default all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every fleet and seed this many times and judge the targets on "
+                        "each figure's median over the runs (a cell moves by about +-0.2 "
+                        "of lo's mean from one run to the next on a shared 2-core machine)")
     p.add_argument("--duration", type=float, default=60.0,
                    help="seconds of measured arrivals per run (default 60; --quick 40): "
                         "30-odd requests make p99 the maximum and one early placement the "
@@ -985,23 +1031,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     for name in names:
         for seed in seeds:
-            try:
-                figs = asyncio.run(run_one(all_fleets[name], seed, args.warmup, duration,
-                                           args.policies,
-                                           args.info_interval, args.herd_arg,
-                                           args.agent_host_memory, not args.quiet,
-                                           herd_dir, args.dump_requests, variants,
-                                           args.keep_data))
-            except RuntimeError as exc:
-                print(f"setup failed: {exc}", file=sys.stderr)
-                return 2
+            runs: list[dict[str, PolicyFigures]] = []
+            for attempt in range(max(1, args.repeat)):
+                if args.repeat > 1:
+                    print(f"   -- run {attempt + 1} of {args.repeat}")
+                try:
+                    runs.append(asyncio.run(run_one(
+                        all_fleets[name], seed, args.warmup, duration, args.policies,
+                        args.info_interval, args.herd_arg, args.agent_host_memory,
+                        not args.quiet, herd_dir, args.dump_requests, variants,
+                        args.keep_data)))
+                except RuntimeError as exc:
+                    print(f"setup failed: {exc}", file=sys.stderr)
+                    return 2
+                if args.repeat > 1:
+                    table(runs[-1])
+            figs = median_figures(runs)
+            if len(runs) > 1:
+                print(f"   == {name} s{seed}: median of {len(runs)} runs")
+                print(spread_line(runs))
             table(figs)
             missed = verdict(figs)
             for m in missed:
                 print(f"   MISSED {m}")
             missed_all += [f"{name}/s{seed}: {m}" for m in missed]
-            report.append({"fleet": name, "seed": seed,
+            report.append({"fleet": name, "seed": seed, "runs": len(runs),
                            "policies": {k: v.__dict__ for k, v in figs.items()},
+                           "each_run": [{k: v.__dict__ for k, v in r.items()} for r in runs],
                            "missed": missed})
     summary(report)
     print(f"\nwall time {time.monotonic() - started:.0f} s")

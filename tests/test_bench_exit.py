@@ -75,3 +75,29 @@ def test_chaos_exit_code() -> None:
     assert ch.exit_code(fine, fine) == 0
     assert ch.exit_code(fine, lost) == 1
     assert ch.exit_code(lost, fine) == 1
+
+
+def test_routing_e2e_judges_repeated_runs_on_their_medians() -> None:
+    """``--repeat N``: one lucky or unlucky run no longer decides a cell. Each figure is its
+    median over the runs, a failed request in any run still counts, and the verdict is
+    the same function a single run uses."""
+    e2e = bench("routing_e2e")
+
+    def run(herd_mean: float, failed: int = 0) -> dict[str, object]:
+        def figs(policy: str, mean: float, cold: int, failed: int = 0) -> object:
+            return e2e.PolicyFigures(
+                policy=policy, n=60, failed=failed, mean=mean, p50=mean, p99=3 * mean,
+                ttft_p50=0.5, chat_ttft_p50=0.2 if policy.startswith("herd") else 1.0,
+                cold_loads=cold, evictions=0, wrong_model=0, retries=0, cached_share=0.0)
+        return {"lo": figs("lo", 10.0, 20), "herd-node": figs("herd-node", herd_mean, 4, failed)}
+
+    good, bad = run(5.0), run(9.0)
+    assert e2e.verdict(e2e.median_figures([good])) == []
+    assert e2e.verdict(e2e.median_figures([bad]))  # a single run decides alone
+    assert e2e.verdict(e2e.median_figures([good, bad, good])) == []  # one bad run of three
+    missed = e2e.verdict(e2e.median_figures([bad, good, bad]))
+    assert any("mean 0.90x" in m for m in missed)  # the median run is the bad one
+    # a failure in any run is a failure of the cell
+    assert any("failed requests" in m
+               for m in e2e.verdict(e2e.median_figures([good, run(5.0, failed=1), good])))
+    assert "herd-node 0.50 0.90 0.50" in e2e.spread_line([good, bad, good])
