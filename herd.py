@@ -3439,11 +3439,13 @@ class Admission:
         if node is not None and kind in ("image", "stt"):
             slots = self.r.jobs.capability_slots(node, kind, model)
         elif node is not None:  # configured > reported > learned parallelism
-            told = self.r.config.slots.get(node_id) or node.num_parallel
-            slots = scoring.slots_for(node.num_parallel, self.r.config.slots.get(node_id),
-                                      self.r.policy, self.r.learner.learned_slots(node_id, model))
-            if not told:  # learned: only what ran at once is sure, the rest is a probe
-                sure = min(slots, self.r.learner.sure_slots(node_id, model))
+            configured = self.r.config.slots.get(node_id)
+            if configured or node.num_parallel:  # told: what is learned does not count
+                slots = scoring.slots_for(node.num_parallel, configured, self.r.policy, None)
+            else:  # learned: only what ran at once is sure, the rest is a probe
+                learned, seen = self.r.learner.slots_and_sure(node_id, model)
+                slots = scoring.slots_for(None, None, self.r.policy, learned)
+                sure = min(slots, seen)
         if q is None:
             q = self.queues[key] = SlotQueue(node_id=node_id, model=model, kind=kind, slots=slots,
                                              node_in_flight=self.node_in_flight)
@@ -3660,8 +3662,11 @@ class Learner:
         return scoring.learned_slots(self._slot_bounds_for(node_id, model), time.time(),
                                      self.policy)
 
-    def sure_slots(self, node_id: str, model: str) -> int:
-        return scoring.sure_slots(self._slot_bounds_for(node_id, model))
+    def slots_and_sure(self, node_id: str, model: str) -> tuple[int | None, int]:
+        """``learned_slots`` and ``sure_slots`` from one lookup of the bounds (every
+        request asks both of every node that has its model)."""
+        b = self._slot_bounds_for(node_id, model)
+        return scoring.learned_slots(b, time.time(), self.policy), scoring.sure_slots(b)
 
     def learn_memory(self, node: Node, now: float) -> None:
         """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
@@ -4218,7 +4223,8 @@ class Fleet:
         snap = self._with_learned(node.snapshot(now), now)
         gone = scoring.predicted_evictions(rreq, snap, queues, self.r.policy)
         if gone:
-            drain = scoring.drain_s(rreq, snap, queues, self.stats_view(), now, self.r.policy)
+            drain = scoring.drain_wait_s(snap, gone, queues, self.stats_view(), now,
+                                         self.r.policy)
             node.set_loaded([m for name, m in node.loaded_models.named if name not in gone], now)
             if drain > 0 and rreq.model in node.loading:  # the load starts once they drain
                 node.loading[rreq.model] = max(node.loading[rreq.model], now + drain)

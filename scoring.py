@@ -797,6 +797,14 @@ def expected_service_s(
     return load + max(0, req.est_tokens) / prompt_tps + completion / decode_tps
 
 
+def _typical_service_s(stats: ServiceStats | None, req: RouteRequest, policy: Policy) -> float:
+    """What a request queued behind one of ``req.model``'s answers waits for: the learned
+    service time (Ollama's own queue excluded), else the expected one."""
+    if stats is not None and stats.service_ms_ewma > 0:
+        return stats.service_ms_ewma / 1000.0
+    return expected_service_s(stats, req, False, policy)
+
+
 class FleetStats(Mapping[tuple[str, str], ServiceStats]):
     """Every ``node:model``'s statistics (read-only), also grouped by node, built once.
 
@@ -1620,18 +1628,38 @@ def drain_s(
 ) -> float:
     """Seconds before a load of ``req.model`` on ``node`` can start: when it must evict a
     model with requests running (``predicted_evictions``), Ollama lets them finish first,
-    and its scheduler takes no other request meanwhile. The last of a victim's requests
-    ends about one answer after it started (the oldest's rest when it runs alone)."""
+    and its scheduler takes no other request meanwhile (``drain_wait_s``). A node with no
+    other model busy has nothing to drain, and is not asked for its evictions."""
     if not policy.drain_aware or req.model in node.loaded:
         return 0.0
+    nid = node.node_id
+    if not any(name != req.model and (q := queues.get((nid, name))) is not None
+               and q.in_flight > 0 for name in node.loaded):
+        return 0.0
+    return drain_wait_s(node, predicted_evictions(req, node, queues, policy), queues, stats,
+                        now, policy)
+
+
+def drain_wait_s(
+    node: NodeSnapshot,
+    victims: Sequence[str],
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: Mapping[tuple[str, str], ServiceStats],
+    now: float,
+    policy: Policy,
+) -> float:
+    """Seconds until the busy ones among ``victims`` have finished their running answers:
+    the last of a victim's requests ends about one answer (``_typical_service_s``) after
+    it started, the oldest's rest when it runs alone."""
+    if not policy.drain_aware:
+        return 0.0
     wait = 0.0
-    for name in predicted_evictions(req, node, queues, policy):
+    for name in victims:
         q = queues.get((node.node_id, name))
         if q is None or q.in_flight <= 0:
             continue
-        st = stats.get((node.node_id, name))
-        typical = (st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0
-                   else policy.default_completion_tokens / policy.default_tokens_per_s)
+        typical = _typical_service_s(stats.get((node.node_id, name)), RouteRequest(name),
+                                     policy)
         left = typical
         if q.in_flight == 1 and q.oldest_at > 0:
             left = max(0.0, typical - (now - q.oldest_at))
@@ -2286,11 +2314,7 @@ def _slot_free_estimate_s(
 ) -> float:
     q = queues.get((score.node_id, req.model), QueueSnapshot())
     slots = max(1, q.slots)
-    st = stats.get((score.node_id, req.model))
-    if st is not None and st.service_ms_ewma > 0:
-        svc = st.service_ms_ewma / 1000.0
-    else:
-        svc = expected_service_s(st, req, False, policy)
+    svc = _typical_service_s(stats.get((score.node_id, req.model)), req, policy)
     ahead = max(1, q.pending + q.in_flight - slots + 1)
     return ahead * svc / slots
 

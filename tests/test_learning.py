@@ -810,8 +810,9 @@ def test_a_rarely_used_model_gets_the_slots_its_node_has_shown() -> None:
     learner.slot_bounds[("big", "rare")] = learn(None, 1, 0.0)
     learner.node_slot_bounds["big"] = scoring.node_slot_bounds(
         list(learner.slot_bounds.values()))
-    assert learner.sure_slots("big", "rare") == 4
-    assert (learner.learned_slots("big", "rare") or 0) >= 5
+    learned, sure = learner.slots_and_sure("big", "rare")
+    assert sure == 4 and learned == learner.learned_slots("big", "rare")
+    assert (learned or 0) >= 5
     assert learner.learned_slots("big", "never") == learner.learned_slots("big", "small")
     # the rare model queued at 2 twice: its own bound wins
     t = time.time()
