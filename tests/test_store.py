@@ -165,11 +165,26 @@ async def test_open_creates_and_migrates_from_empty(tmp_path: Path) -> None:
     } <= indexes
 
 
-async def test_migrates_from_previous_version_and_backfills_rollups(tmp_path: Path) -> None:
+def store_at(
+    tmp_path: Path, version: int, *, kept_trace: bool = False
+) -> tuple[Path, sqlite3.Connection]:
+    """A data dir whose database was migrated to ``version`` only (an older herd's), with
+    one trace row ``kept`` when asked; returns the dir and the open writer connection."""
     data = tmp_path / "data"
     data.mkdir()
     conn = store._connect_writer(data / "latency.db")
-    assert store._migrate(conn, MIGRATIONS[:1]) == 1
+    assert store._migrate(conn, MIGRATIONS[:version]) == version
+    if kept_trace:
+        conn.execute(
+            "INSERT INTO request_traces (request_id, timestamp, model, node_id, status, "
+            "latency_ms) VALUES ('kept', ?, 'm', 'a', 'completed', 1)",
+            (NOW,),
+        )
+    return data, conn
+
+
+async def test_migrates_from_previous_version_and_backfills_rollups(tmp_path: Path) -> None:
+    data, conn = store_at(tmp_path, 1)
     conn.execute(
         "INSERT INTO request_traces (request_id, timestamp, model, node_id, status, latency_ms, "
         "tags) VALUES ('old-1', ?, 'llama3:latest', 'a', 'completed', 250, '[\"app:x\"]')",
@@ -191,10 +206,7 @@ async def test_migrates_from_previous_version_and_backfills_rollups(tmp_path: Pa
 
 
 async def test_v3_rewrites_old_histograms_dense_with_the_same_analytics(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    conn = store._connect_writer(data / "latency.db")
-    assert store._migrate(conn, MIGRATIONS[:2]) == 2
+    _data, conn = store_at(tmp_path, 2)
     write_before_v4(
         conn,
         [
@@ -252,10 +264,7 @@ async def test_v4_backfills_fleet_rollups_with_the_same_trends(
     tmp_path: Path, chunk_hours: int | None
 ) -> None:
     """From v3 (through ``_migrate``, or the step alone in chunks of 7 hours)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    conn = store._connect_writer(data / "latency.db")
-    assert store._migrate(conn, MIGRATIONS[:3]) == 3
+    data, conn = store_at(tmp_path, 3)
     # 40 days: more than the hourly retention (the backfill copies whatever hours exist).
     old = fleet_dataset(3000, span_days=40)
     for start in range(0, len(old), 250):
@@ -307,15 +316,7 @@ async def test_v4_backfills_fleet_rollups_with_the_same_trends(
 async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) -> None:
     """A v4 database gains ``node_admissions`` (traces kept); decisions survive a reopen and
     the last decision about a node id wins."""
-    data = tmp_path / "data"
-    data.mkdir()
-    conn = store._connect_writer(data / "latency.db")
-    assert store._migrate(conn, MIGRATIONS[:4]) == 4
-    conn.execute(
-        "INSERT INTO request_traces (request_id, timestamp, model, node_id, status, latency_ms) "
-        "VALUES ('kept', ?, 'm', 'a', 'completed', 1)",
-        (NOW,),
-    )
+    data, conn = store_at(tmp_path, 4, kept_trace=True)
     conn.close()
     s = Store(data, prune_interval_s=None)
     await s.open()
@@ -367,15 +368,7 @@ async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: 
     """A v6 database gains ``learned_facts`` (traces kept). Facts are upserted by (kind, key),
     deleted when gone, bounded per kind by age (``updated_at``) and count (the newest kept),
     on save and on load; values are the JSON of a dataclass's fields."""
-    data = tmp_path / "data"
-    data.mkdir()
-    conn = store._connect_writer(data / "latency.db")
-    assert store._migrate(conn, MIGRATIONS[:6]) == 6
-    conn.execute(
-        "INSERT INTO request_traces (request_id, timestamp, model, node_id, status, latency_ms) "
-        "VALUES ('kept', ?, 'm', 'a', 'completed', 1)",
-        (NOW,),
-    )
+    data, conn = store_at(tmp_path, 6, kept_trace=True)
     conn.close()
     fact = store.LearnedFact
     day = store.DAY
