@@ -1888,6 +1888,10 @@ class Node:
     interval_s: float = 5.0
     last_beat_stamp: float = 0.0  # agent clock of the last accepted signed beat
     loading: dict[str, float] = field(default_factory=dict)  # model → when a load was sent
+    # model → the model whose load (sent by herd, not done yet) is expected to evict it:
+    # Ollama serves it no new request meanwhile, so a poll listing it does not make it hot
+    evicting: dict[str, str] = field(default_factory=dict)
+    ps_listed: LoadedModels = field(default_factory=LoadedModels)  # before ``evicting``
     held_since: float = 0.0  # pending / rejected (consent): since when, and why
     held_reason: str = ""
     # the last snapshot and what it was built from (``snapshot`` reuses it while unchanged)
@@ -1928,14 +1932,24 @@ class Node:
 
     def set_loaded(self, entries: Iterable[object] | LoadedModels, now: float) -> None:
         before = self.loaded_names()
-        self.loaded_models = (
-            entries if isinstance(entries, LoadedModels) else LoadedModels.of(entries))
-        after = self.loaded_names()
+        loaded = entries if isinstance(entries, LoadedModels) else LoadedModels.of(entries)
+        self.ps_listed = loaded
+        for back in loaded.names:
+            self.loading.pop(back, None)  # its load is done
+        if self.evicting:
+            # a victim stays out until the load that evicts it is done (or given up): listed
+            # meanwhile, it is draining, and a request for it would wait for that load and
+            # then reload it; once that load is done, what is listed is the truth
+            self.evicting = {v: by for v, by in self.evicting.items() if by in self.loading}
+            if self.evicting.keys() & loaded.names:
+                loaded = LoadedModels.of(
+                    [e for name, e in loaded.named if name not in self.evicting])
+        self.loaded_models = loaded
+        after = loaded.names
         for gone in before - after:
             self.recently_unloaded[gone] = now
         for back in after:
             self.recently_unloaded.pop(back, None)
-            self.loading.pop(back, None)
         for name, when in list(self.recently_unloaded.items()):
             if now - when > 3600:
                 del self.recently_unloaded[name]
@@ -3519,8 +3533,8 @@ class Admission:
                     ),
                     node_in_flight=self.node_in_flight,
                 )
+                self.maybe_prewarm(rreq, choice, queues, snaps)
                 snaps = None  # after a wait, the next round takes a fresh snapshot
-                self.maybe_prewarm(rreq, choice, queues)
                 if choice.action == "dispatch" and choice.node_id in self.r.fleet.nodes:
                     node = self.r.fleet.nodes[choice.node_id]
                     q = self.queue_for(node.node_id, rreq.model, rreq.kind)
@@ -3593,23 +3607,30 @@ class Admission:
         q.release()
 
     def maybe_prewarm(self, rreq: scoring.RouteRequest, choice: scoring.Choice,
-                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot]) -> None:
+                      queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
+                      snaps: Sequence[scoring.NodeSnapshot]) -> None:
         """A deep queue on the winner: load the model on the runner-up before it is needed."""
         if rreq.kind not in ("text", "embed"):
             return
-        target = scoring.prewarm_target(rreq, choice, queues, self.r.policy)
+        target = scoring.prewarm_target(rreq, choice, queues, self.r.policy, snaps)
         if target is None or target not in self.r.fleet.nodes:
             return
         key = (target, rreq.model)
         if key in self.prewarming:
             return
         self.prewarming.add(key)
-        self.r._spawn(self.prewarm(self.r.fleet.nodes[target], rreq.model, rreq.kind), "prewarm")
+        node = self.r.fleet.nodes[target]
+        # a load like any other: it queues behind loads under way there (serial loads),
+        # requests for it join it, and what it evicts stops counting as hot
+        node.loading.setdefault(rreq.model, time.time())
+        self.r.fleet.note_evictions(node, rreq, queues, time.time())
+        self.r._spawn(self.prewarm(node, rreq.model, rreq.kind), "prewarm")
 
     async def prewarm(self, node: Node, model: str, kind: str) -> None:
         path = "/api/embed" if kind == "embed" else "/api/generate"
         body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
         log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
+        loaded = False
         try:
             async with asyncio.timeout(self.r.config.first_byte_timeout_s):
                 up = await self.r.pool.request(node.url, "POST", path,
@@ -3617,11 +3638,14 @@ class Admission:
                                              dumps(body))
                 await up.read()
             if up.status == 200:
+                loaded = True
                 self.r.fleet.mark_loaded(node, model, None, time.time())
                 self.r.store.record_event("prewarm", node.node_id, {"model": model})
         except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
             log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
         finally:
+            if not loaded:
+                node.loading.pop(model, None)
             self.prewarming.discard((node.node_id, model))
             self._wake_waiters()
 
@@ -3670,7 +3694,8 @@ class Learner:
 
     def learn_memory(self, node: Node, now: float) -> None:
         """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
-        after = dict(node.snapshot(now).loaded)
+        after = {name: lm for name, lm in node.ps_listed.models.items()  # draining ones too
+                 if lm.expires_at is None or lm.expires_at >= now}
         before = self.ps_seen.get(node.node_id, {})
         self.ps_seen[node.node_id] = after
         self.memory_bounds[node.node_id] = scoring.learn_memory(
@@ -4034,6 +4059,7 @@ class Fleet:
         self.stats: StatsTable = StatsTable()
         self._stats_view: tuple[int, scoring.FleetStats] | None = None
         self.breakers: dict[str, scoring.BreakerState] = {}
+        self.refreshing: set[str] = set()  # nodes with an early /api/ps read under way
         # learned from Ollama's own timings and /api/ps (agent reports and --slots win)
 
     def add_static_node(self, url: str, source: str, now: float) -> Node:
@@ -4120,6 +4146,23 @@ class Fleet:
         if self._routing_key(node, now) != before:
             self.on_change()
         return True
+
+    def refresh_soon(self, node: Node) -> None:
+        """Read a polled node's /api/ps now, not at the next poll: a load herd sent there
+        has just finished (what it evicted is gone now), or a request herd sent to a model
+        it believed resident was answered after a load (something evicted it unseen). One
+        read at a time per node; agent nodes report on their own beat."""
+        if node.source not in ("static", "local") or node.node_id in self.refreshing:
+            return
+        self.refreshing.add(node.node_id)
+
+        async def read() -> None:
+            try:
+                await self.refresh_node(node)
+            finally:
+                self.refreshing.discard(node.node_id)
+
+        self.r._spawn(read(), "refresh")
 
     def _set_status(self, node: Node, status: NodeStatus, now: float) -> None:
         if node.status != status:
@@ -4225,7 +4268,8 @@ class Fleet:
         if gone:
             drain = scoring.drain_wait_s(snap, gone, queues, self.stats_view(), now,
                                          self.r.policy)
-            node.set_loaded([m for name, m in node.loaded_models.named if name not in gone], now)
+            node.evicting.update(dict.fromkeys(gone, rreq.model))
+            node.set_loaded(node.loaded_models, now)
             if drain > 0 and rreq.model in node.loading:  # the load starts once they drain
                 node.loading[rreq.model] = max(node.loading[rreq.model], now + drain)
 
@@ -5214,6 +5258,8 @@ class Proxy:
                 ) from None
             except ConnectionClosed as exc:
                 raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
+            if not attempt.dispatch_hot:  # the load is done: see what it evicted now
+                self.r.fleet.refresh_soon(node)
             await self._relay_response(
                 up, response, node, rreq, attempt, choice, first=first, chunks=chunks
             )
@@ -5296,6 +5342,8 @@ class Proxy:
             stats[key] = scoring.observe(stats.get(key), obs, self.r.policy)
             if ok:
                 self.r.learner.learn_timings(attempt, node.node_id, rreq.model, final, m)
+                if attempt.dispatch_hot and obs.load_ms >= self.r.policy.unseen_load_ms:
+                    self.r.fleet.refresh_soon(node)  # it had been evicted unseen
         if ok and attempt.affinity_key is not None:
             self.r.learner.remember_prefix(attempt.affinity_key, node.node_id,
                                  attempt.affinity_tokens + (m["completion_tokens"] or 0), now)

@@ -251,6 +251,9 @@ class Policy:
     retry_after_max_s: float = 120.0
     tie_epsilon: float = 1e-6  # totals this close are a tie
     prewarm_queue_depth: int = 3  # winner's outstanding >= this -> pre-warm the runner-up
+    prewarm_needs_room: bool = False  # pre-warm only where the model fits in memory known
+    # to be free (or nothing is resident there); measured worse (#15): pre-warms that may
+    # evict are how herd spreads a busy model, and they count as loads (evictions included)
     # -- retries ----------------------------------------------------------------------
     max_retries: int = 2
     # -- circuit breaker --------------------------------------------------------------
@@ -280,6 +283,13 @@ class Policy:
     slot_clean_share: float = 0.03
     drain_aware: bool = True  # a load that must wait for a busy model to drain expects that
     # wait, and every request sent to the node meanwhile waits with it
+    uncertain_evict_p: float = 0.0  # > 0: a load past the largest resident set seen (memory
+    # known only as a lower bound) is priced this share of the eviction it may cause, the
+    # rest as unknown memory; measured worse at 0.5 (#15), so off
+    predict_uncertain_evictions: bool = False  # such a load's would-be victims stop counting
+    # as hot at once (the next /api/ps puts back what stayed); off with the pricing
+    unseen_load_ms: float = 500.0  # a request sent to a resident model that reports a load
+    # this long found it evicted: the router reads that node's /api/ps at once
     serial_loads: bool = True  # a node loads one model at a time: a load waits for those
     # already sent there (and a load that waited teaches nothing about load speed)
     slot_probe_growth: float = 1.0  # no upper bound known: admit this x the slots seen
@@ -1598,7 +1608,8 @@ def predicted_evictions(
 ) -> tuple[str, ...]:
     """Models that loading ``req.model`` on ``node`` is expected to evict (the router stops
     counting them as hot there at once, instead of at the next ``/api/ps``): for memory
-    (known or bounded, not a mere lower bound) or for the number of loaded models. Busy
+    (known or bounded; a mere lower bound with ``predict_uncertain_evictions``) or for the
+    number of loaded models. Busy
     models count too when the idle ones are not enough: Ollama drains and then unloads
     them, and takes no new request for them meanwhile."""
     if req.model in node.loaded:
@@ -1606,7 +1617,8 @@ def predicted_evictions(
     deficit = 0
     fast_total, fast_free, _spill = _memory(node)
     am = node.available.get(req.model)
-    if fast_total > 0 and node.memory_learned != "learned_fit" and am is not None and am.size:
+    if (fast_total > 0 and am is not None and am.size
+            and (node.memory_learned != "learned_fit" or policy.predict_uncertain_evictions)):
         q = queues.get((node.node_id, req.model))
         slots = max(1, q.slots) if q is not None else slot_count(node, None, policy)
         deficit = resident_bytes(am.size, req.num_ctx, slots, policy) - fast_free
@@ -1934,13 +1946,20 @@ def _memory_factor(
         return Factor("memory", 1.0, policy.memory_weight, "memory already reserved")
     if node.memory_learned == "learned_fit" and fast_free < need and not count_full:
         # only a lower bound is known (the most seen resident at once): past it, a load may
-        # fit or evict; as unknown as no memory figure at all
+        # fit or evict; priced as unknown memory, and uncertain_evict_p of the eviction
+        p = policy.uncertain_evict_p
+        contrib = 0.5 * policy.memory_weight
+        why = "may fit or evict"
+        if p > 0:
+            cost, victims = _eviction_cost(node, req.model, need - fast_free, queues, now,
+                                           policy, spread)
+            contrib = (1.0 - p) * contrib + p * cost
+            why = f"may fit or evict ({victims}, p={p:g})"
         return Factor(
             "memory",
             fast_free / need,
-            0.5 * policy.memory_weight,
-            f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): "
-            "may fit or evict",
+            contrib,
+            f"needs ~{_gb(need)}, {_gb(fast_free)} known free (learned lower bound): {why}",
         )
     ratio = fast_free / need
     if f.offload:
@@ -2460,11 +2479,15 @@ def prewarm_target(
     choice: Choice,
     queues: Mapping[tuple[str, str], QueueSnapshot],
     policy: Policy,
+    nodes: Sequence[NodeSnapshot] = (),
 ) -> str | None:
     """Runner-up node to pre-warm (load-only request) when the winner's queue is deep.
 
     Only a runner-up that is eligible, does not have the model hot or loading, and can
-    load it without evicting anything (memory factor >= 0).
+    load it without evicting anything: memory factor >= 0 and, with ``prewarm_needs_room``,
+    room known to be free (memory factor value >= 1) or nothing resident or loading there
+    (``nodes``: the snapshots scored). Memory that is unknown, or known only as a lower
+    bound the load would pass, may evict a model in use; nobody asked for this load.
     """
     target = choice.node_id or choice.wait_for
     if target is None or choice.action == "reject":
@@ -2481,6 +2504,10 @@ def prewarm_target(
             return None  # runner-up already has it (hot or loading)
         if memory is not None and memory.contribution < 0:
             return None  # would evict other models
+        if policy.prewarm_needs_room and memory is not None and memory.value < 1.0:
+            snap = next((n for n in nodes if n.node_id == s.node_id), None)
+            if snap is None or snap.loaded or snap.loading:
+                return None  # may evict: not known to fit, and something is resident
         return s.node_id
     return None
 

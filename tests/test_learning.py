@@ -185,26 +185,40 @@ def test_learned_memory_steers_a_cold_load_away_from_an_eviction() -> None:
     assert mem is not None and "evicts a" in mem.reason and mem.contribution < 0
 
 
-def test_a_learned_lower_bound_alone_does_not_predict_an_eviction() -> None:
+def test_a_load_past_a_learned_lower_bound_is_unknown_or_priced_as_a_maybe_eviction() -> None:
+    """"The most seen at once" does not say what else fits: by default a load past it is
+    as unknown as no memory figure at all, and predicts no eviction. With
+    ``uncertain_evict_p`` it costs that share of the eviction (the rest as unknown memory),
+    and with ``predict_uncertain_evictions`` its would-be victims stop counting as hot."""
     req = RouteRequest("new", est_tokens=100)
     queues = {("n", "new"): QueueSnapshot(slots=1)}
-    scores = []
-    for how in ("learned_fit", "learned"):
+
+    def memory(how: str, policy: scoring.Policy = P) -> scoring.Factor:
         snap = node("n", {"a": lm("a", 6, 280)}, 8, how)
-        s = scoring.score_nodes(req, [snap], queues, {}, {}, NOW, P)
+        s = scoring.score_nodes(req, [snap], queues, {}, {}, NOW, policy)
         assert s[0].eligible
-        scores.append(s[0].factor("memory"))
-    fit, bounded = scores
-    assert fit is not None and bounded is not None and bounded.contribution < 0
-    # "the most seen at once" says nothing about what else fits: neither room nor eviction
+        f = s[0].factor("memory")
+        assert f is not None
+        return f
+
+    fit, bounded = memory("learned_fit"), memory("learned")
+    assert bounded.contribution < 0 and "evicts a" in bounded.reason
     assert fit.contribution == 0.5 * P.memory_weight and "lower bound" in fit.reason
     # only a bounded memory predicts which models a load evicts (the router drops them)
-    assert scoring.predicted_evictions(req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"),
-                                       queues, P) == ("a",)
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned"), queues, P) == ("a",)
     assert scoring.predicted_evictions(
         req, node("n", {"a": lm("a", 6, 280)}, 8, "learned_fit"), queues, P) == ()
     assert scoring.predicted_evictions(
         req, node("n", {"a": lm("a", 2, 280)}, 20, "learned"), queues, P) == ()
+    # the knobs on: priced as a maybe-eviction, and predicted
+    on = dataclasses.replace(P, uncertain_evict_p=0.5, predict_uncertain_evictions=True)
+    priced = memory("learned_fit", on)
+    assert priced.contribution == pytest.approx(
+        0.5 * 0.5 * P.memory_weight + 0.5 * bounded.contribution)
+    assert "evicts a" in priced.reason
+    assert scoring.predicted_evictions(
+        req, node("n", {"a": lm("a", 6, 280)}, 8, "learned_fit"), queues, on) == ("a",)
     # a busy model is not spared: Ollama drains it (no new requests for it) and unloads it
     busy = {**queues, ("n", "a"): QueueSnapshot(in_flight=1)}
     assert scoring.predicted_evictions(
@@ -895,3 +909,78 @@ async def test_the_router_dates_a_draining_load_to_when_it_can_start(
     assert await fleet.refresh_node(node)
     fleet.note_evictions(node, rreq, idle, now)
     assert node.loading["d:1b"] == now
+
+
+async def test_a_predicted_victim_stays_out_of_the_resident_set_until_its_load_is_done(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """A model a load herd sent is expected to evict is draining: /api/ps lists it until
+    the load starts, but Ollama serves it no new request (they wait for the load, then
+    reload it). A poll listing it meanwhile does not make it hot again; memory learning
+    still sees the listing; once the evicting load is done, the listing is the truth."""
+    models = [FakeModel(name=n, size=1_000_000_000) for n in ("a:1b", "b:1b", "c:1b", "d:1b")]
+    fake = await make_fake(models, max_loaded_models=3, tokens_per_s=100, response_tokens=20,
+                           load_delay_s=0.0)
+    r = await make_router([fake.url], poll_interval_s=3600.0)
+    await r.wait_ready(nodes=1)
+    async with ollama.AsyncClient(host=r.url) as client:
+        for name in ("a:1b", "b:1b", "c:1b"):
+            await client.generate(model=name, prompt="hi", stream=False)
+    fleet = r.router.fleet
+    (node,) = fleet.nodes.values()
+    assert await fleet.refresh_node(node)
+    now = time.time()
+    busy = {(node.node_id, m): QueueSnapshot(in_flight=1, slots=2, oldest_at=now)
+            for m in ("a:1b", "b:1b", "c:1b")}
+    node.loading["d:1b"] = now
+    fleet.note_evictions(node, RouteRequest("d:1b", est_tokens=10), busy, now)
+    victims = set(node.evicting)
+    assert len(victims) == 1 and victims < {"a:1b", "b:1b", "c:1b"}
+    assert await fleet.refresh_node(node)  # still listed: nothing has loaded d yet
+    assert victims <= node.ps_listed.names
+    assert not victims & node.loaded_names()
+    assert not victims & set(node.snapshot(time.time()).loaded)
+    # the load is done (Ollama evicted its least recently used model): the listing wins
+    async with ollama.AsyncClient(host=fake.url) as direct:
+        await direct.generate(model="d:1b", prompt="hi", stream=False)
+    assert await fleet.refresh_node(node)
+    assert not node.evicting and "d:1b" not in node.loading
+    assert node.loaded_names() == node.ps_listed.names
+    assert "d:1b" in node.loaded_names() and len(node.loaded_names()) == 3
+
+
+async def test_the_router_reads_ps_when_a_load_ends_or_a_resident_model_was_evicted_unseen(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """Between polls herd's view of what is resident goes stale exactly when a load
+    happens. It reads the node's /api/ps at once when a load it sent answers its first
+    byte, and when a model it believed resident answered after a load of its own (it had
+    been evicted unseen) — not a poll interval later."""
+    fake = await make_fake([SLOW], load_delay_s=0.6, tokens_per_s=0, response_tokens=3)
+    r = await make_router([fake.url], poll_interval_s=3600.0)
+    await r.wait_ready()
+    body = {"model": SLOW.name, "prompt": "hi", "stream": False}
+
+    async def ps_reads_after(request: dict[str, object], target: str, before: int) -> int:
+        async with ollama.AsyncClient(host=target) as client:
+            await client.generate(**request)  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            while len(fake.requests_to("/api/ps")) == before:
+                await asyncio.sleep(0.01)
+        return len(fake.requests_to("/api/ps"))
+
+    reads = len(fake.requests_to("/api/ps"))
+    reads = await ps_reads_after(body, r.url, reads)  # a cold load through herd
+    node = next(iter(r.router.fleet.nodes.values()))
+    assert SLOW.name in node.loaded_names()
+    # evicted behind herd's back: herd still believes it resident (no poll comes)
+    async with ollama.AsyncClient(host=fake.url) as direct:
+        await direct.generate(model=SLOW.name, prompt="", keep_alive=0)
+    assert SLOW.name in node.loaded_names()
+    quiet = len(fake.requests_to("/api/ps"))
+    await asyncio.sleep(0.3)
+    assert len(fake.requests_to("/api/ps")) == quiet  # nothing else reads it
+    reads = await ps_reads_after(body, r.url, quiet)  # answered after a reload: read now
+    await r.router.store.flush()
+    rows = await r.router.store.traces(limit=10, status="completed")
+    assert len(rows) == 2 and all(row["load_ms"] >= 500 for row in rows)

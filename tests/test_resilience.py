@@ -260,6 +260,34 @@ async def test_runner_up_is_prewarmed_when_queue_is_deep(
     assert served == {node_of(r, a), node_of(r, b)}  # the cold node took overflow
 
 
+async def test_a_prewarm_is_a_load_like_any_other(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """While the runner-up loads the model for a pre-warm, herd counts that load (requests
+    for the model join it; other loads there queue behind it), and forgets it once done."""
+    a = await make_fake([LLAMA], tokens_per_s=50, num_parallel=1, response_tokens=10)
+    b = await make_fake([LLAMA], tokens_per_s=50, num_parallel=1, response_tokens=10,
+                        load_delay_s=1.0)
+    r = await make_router([a.url, b.url])
+    await r.wait_ready(nodes=2)
+    await raw_request(a.port, "POST", "/api/generate", b'{"model":"llama3.2:3b"}')
+    await r.router.fleet.refresh_node(r.router.fleet.nodes[node_of(r, a)])
+    calls = [asyncio.ensure_future(raw_request(r.port, "POST", "/api/generate", GEN))
+             for _ in range(8)]
+    node_b = r.router.fleet.nodes[node_of(r, b)]
+    admission = r.router.admission
+    async with asyncio.timeout(10):
+        while not admission.prewarming:
+            await asyncio.sleep(0.01)
+    assert LLAMA.name in node_b.loading  # the pre-warm's load, counted from its start
+    results = await asyncio.gather(*calls)
+    assert all(s == 200 for s, _, _ in results)
+    async with asyncio.timeout(10):
+        while admission.prewarming:
+            await asyncio.sleep(0.01)
+    assert LLAMA.name not in node_b.loading and LLAMA.name in node_b.loaded_names()
+
+
 async def test_concurrent_callers_share_one_auto_pull(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:

@@ -475,6 +475,30 @@ def test_prewarm_runner_up_when_queue_is_deep() -> None:
     assert prewarm_target(req(), ch, deep, P) is None
 
 
+def test_prewarm_only_where_the_model_is_known_to_fit() -> None:
+    """With ``prewarm_needs_room`` a pre-warm nobody asked for must not evict: a runner-up
+    whose memory is unknown, or known only as a lower bound the load would pass, is
+    pre-warmed only when nothing is resident or loading there. Off by default (#15: the
+    pre-warms that may evict are how herd spreads a busy model)."""
+    strict = replace(P, prewarm_needs_room=True)
+    a = node("a", hot=True, num_parallel=4)
+    deep = {("a", M): QueueSnapshot(0, 3, 4)}
+    other = loaded("other", 2)
+    unknown = node("b", ram=0, free=0, num_parallel=4, loaded_models=(other,))
+    lower_bound = node("b", ram=3, free=1, num_parallel=4, loaded_models=(other,),
+                       memory_learned="learned_fit")
+    roomy = node("b", ram=64, free=48, num_parallel=4, loaded_models=(other,))
+    empty = node("b", ram=0, free=0, num_parallel=4)
+    for runner_up, want in ((unknown, None), (lower_bound, None), (roomy, "b"),
+                            (empty, "b")):
+        ch = pick([a, runner_up], queues=deep, policy=strict)
+        assert ch.node_id == "a"
+        assert prewarm_target(req(), ch, deep, strict, [a, runner_up]) == want, runner_up
+    # the default: any runner-up that does not evict for sure
+    ch = pick([a, unknown], queues=deep)
+    assert prewarm_target(req(), ch, deep, P, [a, unknown]) == "b"
+
+
 # ---------------------------------------------------------------------------------------
 # circuit breaker
 # ---------------------------------------------------------------------------------------
