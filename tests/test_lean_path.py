@@ -1,0 +1,175 @@
+"""herd's per-request work, fourth round (issue 16): what each cheaper path must keep
+exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import scoring
+from scoring import Observation, Policy, ServiceStats
+
+# ---------------------------------------------------------------------------------------
+# learning: a finished request folded into its statistics without ``replace``
+# ---------------------------------------------------------------------------------------
+
+
+def reference_observe(
+    stats: ServiceStats | None, obs: Observation, policy: Policy
+) -> ServiceStats:
+    """``observe`` as it was before issue 16's fourth round: one generic ``replace``."""
+    s = stats if stats is not None else ServiceStats()
+    a = policy.ewma_alpha
+    count = s.count + 1
+    failures = s.failures + (0 if obs.ok else 1)
+    ch: dict[str, float | int] = {
+        "count": count,
+        "failures": failures,
+        "failure_rate": scoring._ewma(s.failure_rate, s.count, 0.0 if obs.ok else 1.0, a),
+    }
+    if not obs.ok:
+        return dataclasses.replace(s, **ch)  # type: ignore[arg-type]
+    ok_n = count - 1 - failures
+    load_ms = max(0.0, obs.load_ms)
+    loaded = load_ms >= policy.load_observed_min_ms
+    if loaded and not obs.load_queued:
+        ch["load_ms_ewma"] = scoring._ewma(s.load_ms_ewma, s.load_n, load_ms, a)
+        ch["load_n"] = s.load_n + 1
+    if obs.prompt_tokens > 0 and obs.prompt_eval_ms > 0:
+        tps = obs.prompt_tokens / (obs.prompt_eval_ms / 1000.0)
+        ch["prompt_tps_ewma"] = scoring._ewma(s.prompt_tps_ewma, s.prompt_tps_n, tps, a)
+        ch["prompt_tps_n"] = s.prompt_tps_n + 1
+    if obs.completion_tokens > 0 and obs.eval_ms > 0:
+        tps = obs.completion_tokens / (obs.eval_ms / 1000.0)
+        ch["eval_tps_ewma"] = scoring._ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a)
+        ch["eval_tps_n"] = s.eval_tps_n + 1
+        if obs.streams is not None and obs.streams >= 0:
+            k = float(obs.streams)
+            y = obs.eval_ms / 1000.0 / obs.completion_tokens
+            b, n = policy.slowdown_alpha, s.conc_n
+            ch.update(
+                conc_n=n + 1,
+                eval_k_ewma=scoring._ewma(s.eval_k_ewma, n, k, a),
+                conc_k=scoring._ewma(s.conc_k, n, k, b),
+                conc_kk=scoring._ewma(s.conc_kk, n, k * k, b),
+                conc_y=scoring._ewma(s.conc_y, n, y, b),
+                conc_ky=scoring._ewma(s.conc_ky, n, k * y, b),
+            )
+    ch["completion_tokens_ewma"] = scoring._ewma(
+        s.completion_tokens_ewma, ok_n, float(max(0, obs.completion_tokens)), a
+    )
+    ch["prompt_tokens_ewma"] = scoring._ewma(
+        s.prompt_tokens_ewma, ok_n, float(max(0, obs.prompt_tokens)), a
+    )
+    if obs.ttft_ms is not None and obs.ttft_ms >= 0:
+        ch["ttft_ms_ewma"] = scoring._ewma(s.ttft_ms_ewma, s.ttft_n, obs.ttft_ms, a)
+        ch["ttft_n"] = s.ttft_n + 1
+    total = max(0.0, obs.total_ms)
+    if total > 0:
+        n = s.total_n
+        mean = scoring._ewma(s.total_ms_ewma, n, total, a)
+        var = 0.0 if n == 0 else (1 - a) * (s.total_ms_var + a * (total - s.total_ms_ewma) ** 2)
+        service = max(0.0, total - (load_ms if loaded else 0.0))
+        if obs.eval_ms > 0:
+            # what a request queued behind this one waits for: its prefill and decode, not
+            # the time it spent queued inside Ollama itself (that would count queues twice)
+            service = min(service, max(0.0, obs.prompt_eval_ms) + obs.eval_ms)
+        tmax = max(s.total_max, total)
+        if n == 0:
+            q = total
+        else:
+            # stochastic-approximation quantile; the step scales with the spread seen so far
+            step = a * max(var**0.5, 0.05 * mean, 1.0)
+            tau = policy.quantile
+            if total > s.total_p:
+                q = s.total_p + step * tau
+            elif total < s.total_p:
+                q = s.total_p - step * (1.0 - tau)
+            else:
+                q = s.total_p
+        ch.update(
+            total_ms_ewma=mean,
+            total_ms_var=var,
+            service_ms_ewma=scoring._ewma(s.service_ms_ewma, n, service, a),
+            total_n=n + 1,
+            total_max=tmax,
+            total_p=min(max(q, 0.0), tmax),
+        )
+    return dataclasses.replace(s, **ch)  # type: ignore[arg-type]
+
+
+def test_stats_copy_copies_every_field() -> None:
+    """``_stats_copy`` is written out field by field: a field added to ``ServiceStats``
+    but not to the copy fails here."""
+    spec = dataclasses.fields(ServiceStats)
+    assert scoring._StatsFields.__slots__ == tuple(f.name for f in spec)
+    values: dict[str, Any] = {f.name: i + 1 if f.type == "int" else i + 0.5
+                              for i, f in enumerate(spec)}
+    src = ServiceStats(**values)
+    twin = scoring._stats_copy(src)
+    assert type(twin) is scoring._StatsFields
+    assert all(getattr(twin, f.name) == getattr(src, f.name) for f in spec)
+
+
+def test_observe_builds_no_record_through_replace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One finished request costs no ``dataclasses.replace`` (it collected all 25 fields by
+    name through ``object.__setattr__``); the result is a real, frozen ``ServiceStats``."""
+    calls: list[int] = []
+    real = dataclasses.replace
+
+    def counting(obj: Any, /, **changes: Any) -> Any:
+        calls.append(1)
+        return real(obj, **changes)
+
+    monkeypatch.setattr(scoring, "replace", counting)
+    policy = Policy()
+    stats = None
+    for ok in (True, False, True):
+        stats = scoring.observe(stats, Observation(ok=ok, prompt_tokens=9, prompt_eval_ms=3.0,
+                                                   completion_tokens=12, eval_ms=40.0,
+                                                   ttft_ms=8.0, total_ms=55.0, streams=1),
+                                policy)
+    assert calls == []
+    assert type(stats) is ServiceStats and stats.count == 3 and stats.failures == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.count = 0  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(stats)) == stats == copy.deepcopy(stats)
+    assert hash(stats) == hash(dataclasses.replace(stats))
+
+
+_obs = st.builds(
+    Observation,
+    ok=st.booleans(),
+    load_ms=st.sampled_from([0.0, 50.0, 900.0, 4000.0]),
+    prompt_tokens=st.integers(0, 5000),
+    prompt_eval_ms=st.floats(0, 5000, allow_nan=False, allow_subnormal=False),
+    completion_tokens=st.integers(0, 2000),
+    eval_ms=st.floats(0, 60000, allow_nan=False, allow_subnormal=False),
+    ttft_ms=st.none() | st.floats(-1, 9000, allow_nan=False, allow_subnormal=False),
+    total_ms=st.floats(-1, 90000, allow_nan=False, allow_subnormal=False),
+    streams=st.none() | st.integers(-1, 8),
+    load_queued=st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_obs, min_size=1, max_size=40), st.floats(0.01, 0.5))
+def test_observe_folds_exactly_like_replace(obs: list[Observation], alpha: float) -> None:
+    """Field for field, bit for bit the record the generic ``replace`` built, along any
+    sequence of attempts; the record passed in is left as it was (observe stays pure)."""
+    policy = dataclasses.replace(Policy(), ewma_alpha=alpha)
+    new: ServiceStats | None = None
+    ref: ServiceStats | None = None
+    for o in obs:
+        before = new
+        kept = dataclasses.astuple(before) if before is not None else None
+        new = scoring.observe(before, o, policy)
+        ref = reference_observe(ref, o, policy)
+        assert dataclasses.astuple(new) == dataclasses.astuple(ref)
+        assert before is None or dataclasses.astuple(before) == kept
