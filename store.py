@@ -703,10 +703,12 @@ class _Prepared:
 
 
 def _prepare(
-    traces: Sequence[TraceRecord], pause: Callable[[], None] | None = None, every: int = 8
+    traces: Sequence[TraceRecord], pause: Callable[[], None] | None = None, every: int = 8,
+    *, fleet: bool = True,
 ) -> _Prepared:
     """Row values (scores breakdown JSON included), tag rows and hourly rollup sums (the
-    fleet-wide ones merged from the node x model sums: one merge per key, none per trace).
+    fleet-wide ones merged from the node x model sums: one merge per key, none per trace;
+    ``fleet=False``: not yet, the writer folds the hourly sums of several batches first).
 
     This is the part of a write that holds the GIL (the SQL lets go of it), so the writer
     passes ``pause`` to give the event loop the GIL back every ``every`` traces: without
@@ -721,7 +723,8 @@ def _prepare(
         _fold_hourly(p.hourly, r, tags)
         if pause is not None and i % every == every - 1:
             pause()
-    p.fleet = _fleet_of(p.hourly, pause, every)
+    if fleet:
+        p.fleet = _fleet_of(p.hourly, pause, every)
     return p
 
 
@@ -730,8 +733,12 @@ def _write_batch(
     traces: Sequence[TraceRecord],
     events: Sequence[_Event],
     prepared: _Prepared | None = None,
+    *,
+    rollups: bool = True,
 ) -> None:
-    """Insert traces (with their tags and rollups) and events in one transaction."""
+    """Insert traces (with their tags and, with ``rollups``, their rollups) and events in
+    one transaction. Without ``rollups`` the caller folds ``prepared.hourly`` into the
+    rollups later (``_write_rollups``)."""
     p = prepared if prepared is not None else _prepare(traces)
     with _atomic(conn):
         if traces:
@@ -749,13 +756,26 @@ def _write_batch(
             _insert_many(
                 conn, _INSERT_TAG, 3, [(tag, ts, first_id + i) for tag, ts, i in p.tag_rows]
             )
-            _upsert_rollups(conn, p.hourly)
-            _merge_rows(conn, _FLEET, p.fleet)
+            if rollups:
+                _upsert_rollups(conn, p.hourly)
+                _merge_rows(conn, _FLEET, p.fleet)
         if events:
             conn.executemany(
                 _INSERT_EVENT,
                 [(e.timestamp, e.kind, e.node_id, _dumps(dict(e.detail))) for e in events],
             )
+
+
+def _write_rollups(
+    conn: sqlite3.Connection, hourly: dict[_RollupKey, _Agg],
+    pause: Callable[[], None] | None = None,
+) -> None:
+    """Merge hourly sums (several batches' worth) into ``rollups`` and ``fleet_rollups``, in
+    one transaction."""
+    fleet = _fleet_of(hourly, pause)
+    with _atomic(conn):
+        _upsert_rollups(conn, hourly)
+        _merge_rows(conn, _FLEET, fleet)
 
 
 def _add_to_rollups(
@@ -1685,6 +1705,8 @@ class Store:
         "_reader",
         "_reader_conn",
         "_records_written",
+        "_rollups",
+        "_rollups_due",
         "_settings",
         "_state",
         "_taken",
@@ -1699,6 +1721,7 @@ class Store:
         "max_queue",
         "prune_interval_s",
         "retention_days",
+        "rollup_interval_s",
         "writer_nice",
     )
 
@@ -1712,6 +1735,7 @@ class Store:
         prune_interval_s: float | None = 3600.0,
         max_queue: int = MAX_QUEUE,
         writer_nice: int = 10,
+        rollup_interval_s: float = 2.0,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.db_path = self.data_dir / DB_FILENAME
@@ -1722,6 +1746,14 @@ class Store:
         self.prune_interval_s = prune_interval_s
         self.max_queue = max_queue
         self.writer_nice = writer_nice
+        # The usage rollups of committed traces, summed on the writer thread over up to
+        # rollup_interval_s (0: with each batch, in its transaction) and then merged into
+        # the stored rows at once, and before any task (flush, a write, shutdown) or prune
+        # runs: a rollup merge reads, merges and rewrites two histograms per key, so it is
+        # the costly part of a batch, and at a few requests per batch it was most of it.
+        self.rollup_interval_s = rollup_interval_s
+        self._rollups: dict[_RollupKey, _Agg] = {}  # writer thread only
+        self._rollups_due = math.inf  # writer clock (monotonic) of the next merge
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         # Records made on the event loop wait in _pending for up to flush_interval_s and
         # then cross to the writer as one _Batch. _given (loop side) and _taken (writer
@@ -2066,7 +2098,7 @@ class Store:
         interval = self.prune_interval_s
         next_prune = time.monotonic() if interval is not None else math.inf
         while True:
-            timeout = min(deadline, next_prune) - time.monotonic()
+            timeout = min(deadline, next_prune, self._rollups_due) - time.monotonic()
             try:
                 item: _Item | None = self._queue.get(
                     timeout=None if math.isinf(timeout) else max(timeout, 0.0)
@@ -2086,6 +2118,7 @@ class Store:
                     deadline = time.monotonic() + self.flush_interval_s
             elif item is not None:
                 self._commit(conn, traces, events)
+                self._flush_rollups(conn)  # a task sees every earlier record in the rollups
                 deadline = math.inf
                 if isinstance(item, _Shutdown):
                     return item
@@ -2093,6 +2126,8 @@ class Store:
             if len(traces) + len(events) >= self.batch_max or time.monotonic() >= deadline:
                 self._commit(conn, traces, events)
                 deadline = math.inf
+            if time.monotonic() >= self._rollups_due:
+                self._flush_rollups(conn, _yield_gil)
             if (
                 interval is not None
                 and not traces
@@ -2113,8 +2148,11 @@ class Store:
             # Pause for the loop while keeping up; when records pile up (a burst), write
             # flat out instead: the writer would otherwise wait for the GIL after each pause.
             keeping_up = self._given - self._taken < self.batch_max
-            _write_batch(conn, traces, events,
-                         _prepare(traces, _yield_gil if keeping_up else None))
+            now_too = self.rollup_interval_s <= 0
+            prepared = _prepare(traces, _yield_gil if keeping_up else None, fleet=now_too)
+            _write_batch(conn, traces, events, prepared, rollups=now_too)
+            if not now_too:
+                self._fold_rollups(prepared.hourly)
             self._batches_written += 1
             self._records_written += len(traces)
             self._events_written += len(events)
@@ -2135,6 +2173,32 @@ class Store:
         self._db_bytes = _db_bytes(conn)
         self._writer_cpu_s = time.thread_time()
 
+    def _fold_rollups(self, hourly: dict[_RollupKey, _Agg]) -> None:
+        """Add a committed batch's hourly sums to the ones waiting for ``_flush_rollups``."""
+        pending = self._rollups
+        for key, agg in hourly.items():
+            mine = pending.get(key)
+            if mine is None:
+                pending[key] = agg  # the batch's own: nothing else holds it
+            else:
+                mine.merge(agg)
+        if pending and math.isinf(self._rollups_due):
+            self._rollups_due = time.monotonic() + self.rollup_interval_s
+
+    def _flush_rollups(
+        self, conn: sqlite3.Connection, pause: Callable[[], None] | None = None
+    ) -> None:
+        """Merge the waiting rollup sums into the stored rows (one transaction)."""
+        self._rollups_due = math.inf
+        if not self._rollups:
+            return
+        pending, self._rollups = self._rollups, {}
+        try:
+            _write_rollups(conn, pending, pause)
+        except Exception:
+            self._write_errors += 1
+            log.exception("store.rollups_failed", extra={"keys": len(pending)})
+
     def _prune_now(self, conn: sqlite3.Connection, now: float) -> int:
         deleted = _prune(
             conn,
@@ -2150,6 +2214,7 @@ class Store:
         return deleted
 
     def _maybe_prune(self, conn: sqlite3.Connection) -> None:
+        self._flush_rollups(conn)  # expired rollups go only once their sums are stored
         try:
             self._prune_now(conn, time.time())
         except Exception:

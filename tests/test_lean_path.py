@@ -3,9 +3,12 @@ exactly as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import pickle
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scoring
+import store
 from scoring import Observation, Policy, ServiceStats
 
 # ---------------------------------------------------------------------------------------
@@ -173,3 +177,97 @@ def test_observe_folds_exactly_like_replace(obs: list[Observation], alpha: float
         ref = reference_observe(ref, o, policy)
         assert dataclasses.astuple(new) == dataclasses.astuple(ref)
         assert before is None or dataclasses.astuple(before) == kept
+
+
+# ---------------------------------------------------------------------------------------
+# store: usage rollups summed on the writer over an interval, merged into the rows at once
+# ---------------------------------------------------------------------------------------
+
+D0 = 20717 * store.DAY  # 2026-09-21 00:00 UTC
+NOW = D0 + 12 * store.HOUR + 1800
+
+
+def _traces(n: int, start: int = 0) -> list[store.TraceRecord]:
+    """Varied traces: three nodes, two models, tags, failures, two hours."""
+    out = []
+    for i in range(start, start + n):
+        ok = i % 7 != 0
+        out.append(store.TraceRecord(
+            f"r{i}", NOW - (i % 2) * store.HOUR - i, model=f"m{i % 2}", node_id=f"n{i % 3}",
+            status="completed" if ok else "failed", http_status=200 if ok else 502,
+            latency_ms=5.0 + 3 * (i % 11), time_to_first_token_ms=2.0 + i % 5,
+            prompt_tokens=10 + i % 4, completion_tokens=12, eval_ms=30.0, load_ms=None,
+            queue_ms=float(i % 3), tags=[f"t{i % 4}"] if i % 2 else []))
+    return out
+
+
+def _requests(models: list[dict[str, object]]) -> int:
+    return sum(int(m["requests"]) for m in models)  # type: ignore[call-overload]
+
+
+async def _written(s: store.Store, n: int) -> None:
+    """Until the writer committed ``n`` traces on its own (no flush), bounded."""
+    deadline = time.monotonic() + 10
+    while s.stats().records_written < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert s.stats().records_written == n
+
+
+async def test_rollups_wait_for_their_interval_then_equal_the_per_batch_ones(
+    tmp_path: Path,
+) -> None:
+    """Rollups merged once per ``rollup_interval_s`` (here: never by the clock) hold, once a
+    flush merges them, exactly what merging every batch into them (interval 0, the old
+    way) holds; until then the traces are written and the rollups wait."""
+    now_store = store.Store(tmp_path / "a", prune_interval_s=None, flush_interval_s=0.02,
+                            rollup_interval_s=0)
+    later = store.Store(tmp_path / "b", prune_interval_s=None, flush_interval_s=0.02,
+                        rollup_interval_s=3600)
+    await now_store.open()
+    await later.open()
+    try:
+        for part in range(4):  # several batches
+            for s in (now_store, later):
+                for r in _traces(25, part * 25):
+                    s.record_trace(r)
+            await _written(later, 25 * (part + 1))
+        await _written(now_store, 100)
+        assert len(await later.traces(limit=1000)) == 100
+        assert await later.models(days=2, now=NOW) == []  # summed, not merged yet
+        assert _requests(await now_store.models(days=2, now=NOW)) == 100
+        await later.flush()  # a task: the waiting sums are merged before it runs
+        for query in ("usage", "models", "apps", "node_model_stats"):
+            got = await getattr(later, query)(days=2, now=NOW)
+            assert got == await getattr(now_store, query)(days=2, now=NOW), query
+        assert await later.trends(48, now=NOW) == await now_store.trends(48, now=NOW)
+    finally:
+        await now_store.close()
+        await later.close()
+
+
+async def test_waiting_rollups_are_merged_by_the_clock_and_at_close(tmp_path: Path) -> None:
+    s = store.Store(tmp_path / "d", prune_interval_s=None, flush_interval_s=0.02,
+                    rollup_interval_s=0.1)
+    await s.open()
+    try:
+        for r in _traces(30):
+            s.record_trace(r)
+        deadline = time.monotonic() + 10
+        while not await s.models(days=2, now=NOW) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # no flush: the writer's clock merges them
+        assert _requests(await s.models(days=2, now=NOW)) == 30
+    finally:
+        await s.close()
+    slow = store.Store(tmp_path / "e", prune_interval_s=None, flush_interval_s=0.02,
+                       rollup_interval_s=3600)
+    await slow.open()
+    for r in _traces(30):
+        slow.record_trace(r)
+    await _written(slow, 30)
+    await slow.close()  # shutdown merges what waits
+    reopened = store.Store(tmp_path / "e", prune_interval_s=None)
+    await reopened.open()
+    try:
+        assert _requests(await reopened.models(days=2, now=NOW)) == 30
+    finally:
+        await reopened.close()
