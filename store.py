@@ -791,15 +791,14 @@ def _add_to_rollups(
 
 def _fold_hourly(hourly: dict[_RollupKey, _Agg], r: TraceRecord, tags: list[str]) -> None:
     """Add one trace to its hourly keys: its node x model, and each of its tags."""
-    c = _Contribution(r)
     bucket = _floor(r.timestamp, HOUR)
-    keys: list[_RollupKey] = [(HOUR, bucket, r.node_id, r.model, "")]
-    keys += [(HOUR, bucket, "", "", tag) for tag in tags]
-    for key in keys:
-        agg = hourly.get(key)
-        if agg is None:
-            agg = hourly[key] = _Agg()
-        agg.add(c)
+    key: _RollupKey = (HOUR, bucket, r.node_id, r.model, "")
+    agg = hourly.get(key)
+    if agg is None:
+        agg = hourly[key] = _Agg()
+    agg.add_trace(r)
+    for tag in tags:
+        _group(hourly, (HOUR, bucket, "", "", tag)).add_trace(r)
 
 
 def _fleet_of(
@@ -1478,7 +1477,12 @@ class _Hist:
         return lo - self.lo
 
     def add(self, b: int, n: int = 1) -> None:
-        self.counts[self._span(b, b)] += n
+        counts = self.counts
+        i = b - self.lo
+        if 0 <= i < len(counts):  # the usual case: a bin the histogram already spans
+            counts[i] += n
+        else:
+            counts[self._span(b, b)] += n
 
     def merge(self, other: _Hist) -> None:
         theirs = other.counts
@@ -1518,38 +1522,6 @@ _LOAD_SUM, _LOAD_N, _COLD = _I["load_ms_sum"], _I["load_n"], _I["cold_loads"]
 _QUEUE, _FALLBACKS = _I["queue_ms_sum"], _I["fallbacks"]
 
 
-class _Contribution:
-    """What one trace adds to a rollup, computed once however many keys it feeds."""
-
-    __slots__ = ("latency_bin", "timestamp", "ttft_bin", "vec")
-
-    def __init__(self, r: TraceRecord) -> None:
-        v = [0.0] * len(ROLLUP_SUMS)
-        v[_STATUS_INDEX.get(r.status, _FAILED)] = 1
-        if r.prompt_tokens is not None:
-            v[_PROMPT] = int(r.prompt_tokens)
-        if r.completion_tokens is not None:
-            v[_COMPLETION] = int(r.completion_tokens)
-            if r.eval_ms is not None and r.eval_ms > 0:
-                v[_EVAL_TOKENS], v[_EVAL_MS] = int(r.completion_tokens), float(r.eval_ms)
-        self.latency_bin: int | None = None
-        self.ttft_bin: int | None = None
-        if r.status == "completed":
-            # Latency and TTFT describe served requests; failures would skew them both ways.
-            v[_LATENCY_SUM], v[_LATENCY_N] = float(r.latency_ms), 1
-            self.latency_bin = _bin(float(r.latency_ms))
-            if r.time_to_first_token_ms is not None:
-                v[_TTFT_SUM], v[_TTFT_N] = float(r.time_to_first_token_ms), 1
-                self.ttft_bin = _bin(float(r.time_to_first_token_ms))
-        if r.load_ms is not None:
-            v[_LOAD_SUM], v[_LOAD_N] = float(r.load_ms), 1
-            v[_COLD] = float(r.load_ms) >= COLD_LOAD_MS
-        v[_QUEUE] = float(r.queue_ms)
-        v[_FALLBACKS] = bool(r.fallback_used)
-        self.vec = v
-        self.timestamp = float(r.timestamp)
-
-
 class _Agg:
     """Additive summary of traces: the in-memory twin of one rollup row."""
 
@@ -1569,14 +1541,41 @@ class _Agg:
         agg.first_ts, agg.last_ts = row["first_ts"], row["last_ts"]
         return agg
 
-    def add(self, c: _Contribution) -> None:
-        self.sums = list(map(operator.add, self.sums, c.vec))
-        if c.latency_bin is not None:
-            self.latency_hist.add(c.latency_bin)
-        if c.ttft_bin is not None:
-            self.ttft_hist.add(c.ttft_bin)
-        self.first_ts = min(self.first_ts, c.timestamp)
-        self.last_ts = max(self.last_ts, c.timestamp)
+    def add_trace(self, r: TraceRecord) -> None:
+        """Add what one trace contributes, in place: each sum it feeds (the others would
+        add 0), and its latency and TTFT to the histograms (served requests only: failures
+        would skew them both ways)."""
+        v = self.sums
+        v[_STATUS_INDEX.get(r.status, _FAILED)] += 1
+        if r.prompt_tokens is not None:
+            v[_PROMPT] += int(r.prompt_tokens)
+        if r.completion_tokens is not None:
+            v[_COMPLETION] += int(r.completion_tokens)
+            if r.eval_ms is not None and r.eval_ms > 0:
+                v[_EVAL_TOKENS] += int(r.completion_tokens)
+                v[_EVAL_MS] += float(r.eval_ms)
+        if r.status == "completed":
+            latency = float(r.latency_ms)
+            v[_LATENCY_SUM] += latency
+            v[_LATENCY_N] += 1
+            self.latency_hist.add(_bin(latency))
+            if r.time_to_first_token_ms is not None:
+                ttft = float(r.time_to_first_token_ms)
+                v[_TTFT_SUM] += ttft
+                v[_TTFT_N] += 1
+                self.ttft_hist.add(_bin(ttft))
+        if r.load_ms is not None:
+            load = float(r.load_ms)
+            v[_LOAD_SUM] += load
+            v[_LOAD_N] += 1
+            v[_COLD] += load >= COLD_LOAD_MS
+        v[_QUEUE] += float(r.queue_ms)
+        v[_FALLBACKS] += bool(r.fallback_used)
+        ts = float(r.timestamp)
+        if ts < self.first_ts:
+            self.first_ts = ts
+        if ts > self.last_ts:
+            self.last_ts = ts
 
     def merge(self, other: _Agg, *, hists: bool = True) -> None:
         self.sums = list(map(operator.add, self.sums, other.sums))

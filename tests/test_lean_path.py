@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import math
+import operator
 import pickle
 import time
 from pathlib import Path
@@ -175,7 +177,8 @@ def test_observe_folds_exactly_like_replace(obs: list[Observation], alpha: float
         kept = dataclasses.astuple(before) if before is not None else None
         new = scoring.observe(before, o, policy)
         ref = reference_observe(ref, o, policy)
-        assert dataclasses.astuple(new) == dataclasses.astuple(ref)
+        # repr: exact for floats, and nan (inf - inf in an EWMA) equals itself
+        assert repr(dataclasses.astuple(new)) == repr(dataclasses.astuple(ref))
         assert before is None or dataclasses.astuple(before) == kept
 
 
@@ -271,3 +274,78 @@ async def test_waiting_rollups_are_merged_by_the_clock_and_at_close(tmp_path: Pa
         assert _requests(await reopened.models(days=2, now=NOW)) == 30
     finally:
         await reopened.close()
+
+
+def _reference_fold(traces: list[store.TraceRecord]) -> dict[Any, tuple[Any, ...]]:
+    """The hourly sums as they were folded before: a 0-padded vector per trace, added
+    elementwise to every key it feeds; histograms by bin."""
+    out: dict[Any, tuple[list[float], float, float, list[int], list[int]]] = {}
+    ix = store._I
+    for r in traces:
+        v = [0.0] * len(store.ROLLUP_SUMS)
+        v[store._STATUS_INDEX.get(r.status, ix["failed"])] = 1
+        lat: list[int] = []
+        ttft: list[int] = []
+        if r.prompt_tokens is not None:
+            v[ix["prompt_tokens"]] = int(r.prompt_tokens)
+        if r.completion_tokens is not None:
+            v[ix["completion_tokens"]] = int(r.completion_tokens)
+            if r.eval_ms is not None and r.eval_ms > 0:
+                v[ix["eval_tokens"]], v[ix["eval_ms"]] = int(r.completion_tokens), r.eval_ms
+        if r.status == "completed":
+            v[ix["latency_sum"]], v[ix["latency_n"]] = float(r.latency_ms), 1
+            lat.append(store._bin(r.latency_ms))
+            if r.time_to_first_token_ms is not None:
+                v[ix["ttft_sum"]], v[ix["ttft_n"]] = float(r.time_to_first_token_ms), 1
+                ttft.append(store._bin(r.time_to_first_token_ms))
+        if r.load_ms is not None:
+            v[ix["load_ms_sum"]], v[ix["load_n"]] = float(r.load_ms), 1
+            v[ix["cold_loads"]] = float(r.load_ms) >= store.COLD_LOAD_MS
+        v[ix["queue_ms_sum"]] = float(r.queue_ms)
+        v[ix["fallbacks"]] = bool(r.fallback_used)
+        bucket = store._floor(r.timestamp, store.HOUR)
+        keys = [(store.HOUR, bucket, r.node_id, r.model, "")]
+        keys += [(store.HOUR, bucket, "", "", t) for t in store._clean_tags(r.tags)]
+        for key in keys:
+            sums, first, last, lats, ttfts = out.get(
+                key, ([0.0] * len(v), math.inf, -math.inf, [], []))
+            out[key] = (list(map(operator.add, sums, v)), min(first, r.timestamp),
+                        max(last, r.timestamp), lats + lat, ttfts + ttft)
+    return {k: (sums, first, last, sorted(lats), sorted(ttfts))
+            for k, (sums, first, last, lats, ttfts) in out.items()}
+
+
+def _bins(h: Any) -> list[int]:
+    return sorted(b for i, n in enumerate(h.counts) for b in [h.lo + i] * n)
+
+
+_trace = st.builds(
+    store.TraceRecord,
+    request_id=st.just("r"),
+    timestamp=st.floats(NOW - 3 * store.HOUR, NOW),
+    model=st.sampled_from(["a", "b"]),
+    node_id=st.sampled_from(["n1", "n2"]),
+    status=st.sampled_from([*store.STATUSES, "odd"]),
+    latency_ms=st.floats(-1, 1e6, allow_nan=False, allow_subnormal=False),
+    time_to_first_token_ms=st.none() | st.floats(0, 1e5, allow_nan=False),
+    queue_ms=st.floats(-0.0, 1e4, allow_nan=False),
+    prompt_tokens=st.none() | st.integers(0, 10**6),
+    completion_tokens=st.none() | st.integers(0, 10**6),
+    load_ms=st.none() | st.floats(0, 1e5, allow_nan=False),
+    eval_ms=st.none() | st.floats(-1, 1e5, allow_nan=False),
+    fallback_used=st.booleans(),
+    tags=st.lists(st.sampled_from(["x", "y", " z "]), max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_trace, max_size=30))
+def test_hourly_fold_in_place_equals_the_vector_fold(traces: list[store.TraceRecord]) -> None:
+    """Each sum, bound and histogram bin exactly as the per-trace vector fold made them."""
+    got = store._prepare(traces, fleet=False).hourly
+    want = _reference_fold(traces)
+    assert set(got) == set(want)
+    for key, agg in got.items():
+        sums, first, last, lats, ttfts = want[key]
+        assert agg.sums == sums and (agg.first_ts, agg.last_ts) == (first, last), key
+        assert _bins(agg.latency_hist) == lats and _bins(agg.ttft_hist) == ttfts
