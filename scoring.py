@@ -2338,6 +2338,8 @@ def _score_node(
 
 def _pick(cands: Sequence[Score], rand: float, policy: Policy) -> Score:
     """Best total; ties (within tie_epsilon) -> fewest outstanding -> ``rand``."""
+    if len(cands) == 1:  # one candidate (one node holds the model): nothing to compare
+        return cands[0]
     top = max(s.total for s in cands)
     tied = [s for s in cands if s.total >= top - policy.tie_epsilon]
     fewest = min(s.outstanding for s in tied)

@@ -1823,11 +1823,17 @@ class Store:
 
     # -- non-blocking writes --------------------------------------------------------------
 
-    def record_trace(self, rec: TraceRecord) -> None:
-        """Queue one trace for the writer; never blocks or raises (drops when full)."""
+    def record_trace(self, rec: TraceRecord, *, owned: bool = False) -> None:
+        """Queue one trace for the writer; never blocks or raises (drops when full).
+
+        ``owned``: the caller hands the record over (it made it for this call and will not
+        change it or its tags again), so it is queued as it is instead of copied."""
         try:
             if self._state is _State.CLOSED or self._given - self._taken >= self.max_queue:
                 self._note_drop()
+                return
+            if owned:
+                self._enqueue(rec)
                 return
             # A copy (attrgetter + constructor: ~5x cheaper than copy.copy), so the router
             # may keep mutating its record for the next attempt.

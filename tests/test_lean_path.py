@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import math
 import operator
 import pickle
@@ -17,9 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import herd
 import scoring
 import store
 from scoring import Observation, Policy, ServiceStats
+from tests.conftest import FakeFactory, RouterFactory
+from tests.fake_ollama import FakeModel
 
 # ---------------------------------------------------------------------------------------
 # learning: a finished request folded into its statistics without ``replace``
@@ -349,3 +353,98 @@ def test_hourly_fold_in_place_equals_the_vector_fold(traces: list[store.TraceRec
         sums, first, last, lats, ttfts = want[key]
         assert agg.sums == sums and (agg.first_ts, agg.last_ts) == (first, last), key
         assert _bins(agg.latency_hist) == lats and _bins(agg.ttft_hist) == ttfts
+
+
+# ---------------------------------------------------------------------------------------
+# the request: its body taken from h11's buffer, its headers looked up in one map
+# ---------------------------------------------------------------------------------------
+
+CHAT = FakeModel(name="chat:1b", size=1_000_000_000)
+
+
+async def _post(port: int, parts: list[bytes], pause: float = 0.0) -> bytes:
+    """Write ``parts`` on one connection (``pause`` between them); the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i, part in enumerate(parts):
+            if i and pause:
+                await asyncio.sleep(pause)
+            writer.write(part)
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def _head(length: int, *extra: bytes) -> bytes:
+    return (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n" + b"".join(extra)
+            + b"Content-Length: %d\r\n\r\n" % length)
+
+
+async def test_a_body_that_came_with_its_head_is_read_from_the_buffer(
+    make_router: RouterFactory, make_fake: FakeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small body in the head's packet is taken from h11's buffer (no async generator,
+    no wait); one still on its way is waited for with the same limits, counted from the
+    bytes that came first."""
+    fake = await make_fake([CHAT], tokens_per_s=0, load_delay_s=0)
+    r = await make_router([fake.url], poll_interval_s=30.0)
+    await r.wait_ready()
+    waits: list[int] = []
+    real = herd.Request.body_chunks
+
+    def counting(self: herd.Request, limit: int, **kw: Any) -> Any:
+        waits.append(kw.get("_total", 0))
+        return real(self, limit, **kw)
+
+    monkeypatch.setattr(herd.Request, "body_chunks", counting)
+    body = json.dumps({"model": "chat:1b", "prompt": "hi", "stream": False}).encode()
+    answer = await _post(r.port, [_head(len(body)) + body])
+    assert answer.startswith(b"HTTP/1.1 200") and b'"done":true' in answer
+    assert waits == []
+    cut = len(body) // 2  # half with the head, half 0.2 s later
+    answer = await _post(r.port, [_head(len(body)) + body[:cut], body[cut:]], pause=0.2)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"done":true' in answer
+    assert waits == [cut]
+    r.router.limits.max_json_bytes = len(body) - 1  # chunked: no length to refuse up front
+    chunked = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+    first, rest = body[:cut], body[cut:]
+    answer = await _post(r.port, [chunked + b"%x\r\n%s\r\n" % (len(first), first),
+                                  b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest)], pause=0.2)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"request body too large" in answer and waits == [cut, cut]
+
+
+async def test_a_repeated_request_header_counts_with_its_first_value(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    fake = await make_fake([CHAT], tokens_per_s=0, load_delay_s=0)
+    r = await make_router([fake.url], poll_interval_s=30.0)
+    await r.wait_ready()
+    body = json.dumps({"model": "chat:1b", "prompt": "hi", "stream": False}).encode()
+    answer = await _post(r.port, [_head(len(body), b"X-Request-Id: first-one\r\n",
+                                        b"x-request-id: second\r\n") + body])
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"x-request-id: first-one\r\n" in answer.lower()
+
+
+async def test_a_trace_handed_over_is_queued_as_it_is(tmp_path: Path) -> None:
+    """``record_trace(owned=True)``: the caller's record itself goes to the writer (the
+    router makes one per trace); without it the record is copied, as before."""
+    s = store.Store(tmp_path / "o", prune_interval_s=None, flush_interval_s=3600)
+    await s.open()
+    try:
+        mine = store.TraceRecord("own", NOW, node_id="n1", tags=["a"])
+        kept = store.TraceRecord("copy", NOW, node_id="n1", tags=["a"])
+        s.record_trace(mine, owned=True)
+        s.record_trace(kept)
+        assert s._pending[0] is mine and s._pending[1] is not kept
+        kept.node_id, kept.tags[0] = "changed", "changed"  # the caller's to change
+        await s.flush()
+        rows = {row["request_id"]: row for row in await s.traces(limit=10)}
+        assert rows["copy"]["node_id"] == "n1" and rows["copy"]["tags"] == ["a"]
+        assert rows["own"]["node_id"] == "n1"
+    finally:
+        await s.close()
