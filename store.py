@@ -11,8 +11,11 @@ Responsibilities:
     loop) a few times a second rather than once per request. Records made on another
     thread are queued one by one. Pruning runs periodically on the writer thread.
   * Hourly and daily rollups (counters, sums and log-bucket latency/TTFT histograms per
-    bucket x node x model x tag) are updated in the same transaction as the traces they
-    summarise. Analytics read a few hundred rollup rows instead of scanning traces, and
+    bucket x node x model x tag) are summed on the writer and merged into their rows once
+    per ``rollup_interval_s``, in a transaction that also moves ``rollup_watermark`` (the
+    last trace counted); open folds any trace above it (a crash), so they never disagree
+    with the traces, but reads lag them by up to that interval (``flush()`` merges first).
+    Analytics read a few hundred rollup rows instead of scanning traces, and
     rollups outlive the pruning of raw traces. ``fleet_rollups`` holds one more hourly row
     per bucket for the whole fleet (every node x model row of that hour summed), so trends
     over a week merge 168 histograms instead of 168 x nodes x models.
@@ -492,6 +495,30 @@ def _learned_facts_v7(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+_SCHEMA_V8 = (
+    # The rollups' watermark (issue 16): every trace with id <= trace_id is counted in
+    # ``rollups`` and ``fleet_rollups``. The writer merges the rollup sums of committed
+    # traces once per ``rollup_interval_s``, moving the watermark in that same transaction,
+    # and at open folds the traces above it (committed, not yet summed: a crash), so usage
+    # and traces never disagree. One row.
+    """CREATE TABLE rollup_watermark (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        trace_id INTEGER NOT NULL
+    )""",
+)
+
+
+def _rollup_watermark_v8(conn: sqlite3.Connection) -> None:
+    """Add ``rollup_watermark`` at the newest trace: before v8 every trace's rollups were
+    written in its own transaction."""
+    for statement in _SCHEMA_V8:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO rollup_watermark (one, trace_id) "
+        "SELECT 1, COALESCE(MAX(id), 0) FROM request_traces"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _create_schema_v1,
@@ -501,6 +528,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _node_admissions_v5,
     _client_errors_v6,
     _learned_facts_v7,
+    _rollup_watermark_v8,
 )
 
 
@@ -735,18 +763,20 @@ def _write_batch(
     prepared: _Prepared | None = None,
     *,
     rollups: bool = True,
-) -> None:
-    """Insert traces (with their tags and, with ``rollups``, their rollups) and events in
-    one transaction. Without ``rollups`` the caller folds ``prepared.hourly`` into the
-    rollups later (``_write_rollups``)."""
+) -> int:
+    """Insert traces (with their tags and, with ``rollups``, their rollups, the watermark
+    moved past them) and events in one transaction; return the last trace's id (0: none).
+    Without ``rollups`` the caller folds ``prepared.hourly`` into the rollups later
+    (``_write_rollups``, with the watermark)."""
     p = prepared if prepared is not None else _prepare(traces)
+    last_id = 0
     with _atomic(conn):
         if traces:
             # Explicit row ids, so trace_tags can reference them without a round trip per
-            # row; safe because BEGIN IMMEDIATE makes this the only writer.
-            first_id: int = conn.execute(
-                "SELECT COALESCE(MAX(id), 0) + 1 FROM request_traces"
-            ).fetchone()[0]
+            # row; safe because BEGIN IMMEDIATE makes this the only writer. Above the
+            # watermark too: pruning may have deleted every trace below it.
+            first_id: int = conn.execute(_NEXT_TRACE_ID).fetchone()[0]
+            last_id = first_id + len(p.rows) - 1
             _insert_many(
                 conn,
                 _INSERT_TRACE,
@@ -759,23 +789,56 @@ def _write_batch(
             if rollups:
                 _upsert_rollups(conn, p.hourly)
                 _merge_rows(conn, _FLEET, p.fleet)
+                conn.execute(_SET_WATERMARK, (last_id,))
         if events:
             conn.executemany(
                 _INSERT_EVENT,
                 [(e.timestamp, e.kind, e.node_id, _dumps(dict(e.detail))) for e in events],
             )
+    return last_id
+
+
+_NEXT_TRACE_ID = (
+    "SELECT MAX(COALESCE((SELECT MAX(id) FROM request_traces), 0), "
+    "COALESCE((SELECT trace_id FROM rollup_watermark), 0)) + 1"
+)
+_SET_WATERMARK = "UPDATE rollup_watermark SET trace_id = ?"
 
 
 def _write_rollups(
-    conn: sqlite3.Connection, hourly: dict[_RollupKey, _Agg],
+    conn: sqlite3.Connection, hourly: dict[_RollupKey, _Agg], watermark: int,
     pause: Callable[[], None] | None = None,
 ) -> None:
-    """Merge hourly sums (several batches' worth) into ``rollups`` and ``fleet_rollups``, in
-    one transaction."""
+    """Merge hourly sums (several batches' worth) into ``rollups`` and ``fleet_rollups``,
+    and move the watermark to ``watermark`` (the last trace they count), in one
+    transaction."""
     fleet = _fleet_of(hourly, pause)
     with _atomic(conn):
         _upsert_rollups(conn, hourly)
         _merge_rows(conn, _FLEET, fleet)
+        conn.execute(_SET_WATERMARK, (watermark,))
+
+
+def _catch_up_rollups(conn: sqlite3.Connection, chunk: int = 10000) -> int:
+    """Fold the traces above the watermark (committed, their rollup sums lost with the
+    process that wrote them) into the rollups, a chunk at a time, each with its watermark
+    move; return how many traces that was."""
+    row = conn.execute("SELECT trace_id FROM rollup_watermark").fetchone()
+    after = int(row[0]) if row is not None else 0
+    folded = 0
+    while True:
+        rows = conn.execute(
+            "SELECT * FROM request_traces WHERE id > ? ORDER BY id LIMIT ?", (after, chunk)
+        ).fetchall()
+        if not rows:
+            return folded
+        hourly: dict[_RollupKey, _Agg] = {}
+        for trace_row in rows:
+            r = _record_from_row(trace_row)
+            _fold_hourly(hourly, r, _clean_tags(r.tags))
+        after = int(rows[-1]["id"])
+        _write_rollups(conn, hourly, after)
+        folded += len(rows)
 
 
 def _add_to_rollups(
@@ -1706,6 +1769,8 @@ class Store:
         "_records_written",
         "_rollups",
         "_rollups_due",
+        "_rollups_id",
+        "_rollups_lost",
         "_settings",
         "_state",
         "_taken",
@@ -1750,8 +1815,14 @@ class Store:
         # the stored rows at once, and before any task (flush, a write, shutdown) or prune
         # runs: a rollup merge reads, merges and rewrites two histograms per key, so it is
         # the costly part of a batch, and at a few requests per batch it was most of it.
+        # Crash-safe: the merge moves the watermark (``rollup_watermark``) to the last trace
+        # it counts, in its transaction, and open folds the traces above it first. Until
+        # the merge, reads of rollups (usage, models, apps, trends, ...) lag the traces by up
+        # to rollup_interval_s; ``flush()`` merges.
         self.rollup_interval_s = rollup_interval_s
         self._rollups: dict[_RollupKey, _Agg] = {}  # writer thread only
+        self._rollups_id = 0  # the last trace id _rollups counts (writer thread only)
+        self._rollups_lost = False  # a merge failed: fold from the traces (writer only)
         self._rollups_due = math.inf  # writer clock (monotonic) of the next merge
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         # Records made on the event loop wait in _pending for up to flush_interval_s and
@@ -1945,7 +2016,9 @@ class Store:
 
     async def usage(self, days: float = 7, *, now: float) -> dict[str, object]:
         """Per UTC day x node x model (``rows``), plus ``totals``, ``by_day`` (every day),
-        ``by_node`` and ``by_model``; read from daily rollups, so pruning does not affect it."""
+        ``by_node`` and ``by_model``; read from daily rollups, so pruning does not affect it.
+        Like every rollup read it lags the traces by up to ``rollup_interval_s`` (after
+        ``flush()`` it counts every trace recorded before)."""
         return await self._read(lambda c: _select_usage(c, days, now))
 
     async def models(self, days: float = 7, *, now: float) -> list[dict[str, object]]:
@@ -2076,6 +2149,12 @@ class Store:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             conn = _connect_writer(self.db_path)
             _migrate(conn)
+            caught_up = _catch_up_rollups(conn)
+            if caught_up:
+                log.warning(
+                    "store.rollups_caught_up: %d traces above the watermark folded",
+                    caught_up, extra={"traces": caught_up},
+                )
             settings = _select_settings(conn)
             self._db_bytes = _db_bytes(conn)
         except Exception as exc:  # noqa: BLE001 - delivered to open()
@@ -2153,11 +2232,7 @@ class Store:
             # Pause for the loop while keeping up; when records pile up (a burst), write
             # flat out instead: the writer would otherwise wait for the GIL after each pause.
             keeping_up = self._given - self._taken < self.batch_max
-            now_too = self.rollup_interval_s <= 0
-            prepared = _prepare(traces, _yield_gil if keeping_up else None, fleet=now_too)
-            _write_batch(conn, traces, events, prepared, rollups=now_too)
-            if not now_too:
-                self._fold_rollups(prepared.hourly)
+            self._commit_batch(conn, traces, events, _yield_gil if keeping_up else None)
             self._batches_written += 1
             self._records_written += len(traces)
             self._events_written += len(events)
@@ -2167,7 +2242,7 @@ class Store:
             )
             for single_t, single_e in [([t], []) for t in traces] + [([], [e]) for e in events]:
                 try:
-                    _write_batch(conn, single_t, single_e)
+                    self._commit_batch(conn, single_t, single_e)
                     self._records_written += len(single_t)
                     self._events_written += len(single_e)
                 except Exception:
@@ -2178,8 +2253,22 @@ class Store:
         self._db_bytes = _db_bytes(conn)
         self._writer_cpu_s = time.thread_time()
 
-    def _fold_rollups(self, hourly: dict[_RollupKey, _Agg]) -> None:
-        """Add a committed batch's hourly sums to the ones waiting for ``_flush_rollups``."""
+    def _commit_batch(
+        self, conn: sqlite3.Connection, traces: list[TraceRecord], events: list[_Event],
+        pause: Callable[[], None] | None = None,
+    ) -> None:
+        """One transaction of traces and events; their rollups in it too, or (with a
+        ``rollup_interval_s``) summed for ``_flush_rollups``."""
+        now_too = self.rollup_interval_s <= 0
+        prepared = _prepare(traces, pause, fleet=now_too)
+        last_id = _write_batch(conn, traces, events, prepared, rollups=now_too)
+        if not now_too and last_id:
+            self._fold_rollups(prepared.hourly, last_id)
+
+    def _fold_rollups(self, hourly: dict[_RollupKey, _Agg], last_id: int) -> None:
+        """Add a committed batch's hourly sums (its traces up to ``last_id``) to the ones
+        waiting for ``_flush_rollups``."""
+        self._rollups_id = last_id
         pending = self._rollups
         for key, agg in hourly.items():
             mine = pending.get(key)
@@ -2193,15 +2282,23 @@ class Store:
     def _flush_rollups(
         self, conn: sqlite3.Connection, pause: Callable[[], None] | None = None
     ) -> None:
-        """Merge the waiting rollup sums into the stored rows (one transaction)."""
+        """Merge the waiting rollup sums into the stored rows and move the watermark past
+        the traces they count (one transaction). After a failed merge, fold the traces
+        above the watermark from the database instead (their sums in memory went with it)."""
         self._rollups_due = math.inf
-        if not self._rollups:
+        if not self._rollups and not self._rollups_lost:
             return
         pending, self._rollups = self._rollups, {}
         try:
-            _write_rollups(conn, pending, pause)
+            if self._rollups_lost:
+                _catch_up_rollups(conn)
+                self._rollups_lost = False
+            else:
+                _write_rollups(conn, pending, self._rollups_id, pause)
         except Exception:
             self._write_errors += 1
+            self._rollups_lost = True
+            self._rollups_due = time.monotonic() + max(self.rollup_interval_s, 1.0)
             log.exception("store.rollups_failed", extra={"keys": len(pending)})
 
     def _prune_now(self, conn: sqlite3.Connection, now: float) -> int:

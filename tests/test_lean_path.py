@@ -10,6 +10,9 @@ import json
 import math
 import operator
 import pickle
+import signal
+import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -278,6 +281,152 @@ async def test_waiting_rollups_are_merged_by_the_clock_and_at_close(tmp_path: Pa
         assert _requests(await reopened.models(days=2, now=NOW)) == 30
     finally:
         await reopened.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the rollup watermark: a crash between a batch and the rollup merge loses no usage
+# ---------------------------------------------------------------------------------------
+
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _crash_child(data: str, merged: int, pending: int) -> None:
+    """A store process that merges ``merged`` traces into the rollups, commits ``pending``
+    more whose sums wait for the (hour-long) rollup clock, says so and waits to be killed."""
+
+    async def main() -> None:
+        s = store.Store(Path(data), prune_interval_s=None, flush_interval_s=0.02,
+                        rollup_interval_s=3600)
+        await s.open()
+        for r in _traces(merged):
+            s.record_trace(r)
+        await s.flush()  # merged, the watermark moved past them
+        for r in _traces(pending, merged):
+            s.record_trace(r)
+        await _written(s, merged + pending)
+        print("written", flush=True)
+        await asyncio.sleep(60)  # SIGKILLed here, the pending sums never merged
+
+    asyncio.run(main())
+
+
+def _watermark_and_requests(db: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(db)
+    try:
+        (mark,) = conn.execute("SELECT trace_id FROM rollup_watermark").fetchone()
+        (n,) = conn.execute(
+            "SELECT COALESCE(SUM(completed + failed), 0) FROM rollups "
+            "WHERE span = ? AND tag = ''", (store.DAY,)
+        ).fetchone()
+        return int(mark), int(n)
+    finally:
+        conn.close()
+
+
+async def test_a_killed_store_reopens_with_usage_equal_to_merging_every_batch(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL after traces were committed but before their rollup sums were merged: the
+    database holds the traces and rollups of the merged ones only (the watermark says
+    which); reopening folds the rest once, so every rollup read equals what a store that
+    merged each batch in its own transaction reports, and a second reopen adds nothing."""
+    merged, pending = 40, 60
+    data = tmp_path / "killed"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        f"from tests.test_lean_path import _crash_child; "
+        f"_crash_child({str(data)!r}, {merged}, {pending})",
+        cwd=_REPO, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        assert line == b"written\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    assert child.returncode == -signal.SIGKILL
+    db = data / store.DB_FILENAME
+    # What the crash left: every trace, the rollups of the merged ones only.
+    assert _watermark_and_requests(db) == (merged, merged)
+
+    reference = store.Store(tmp_path / "every-batch", prune_interval_s=None,
+                            flush_interval_s=0.02, rollup_interval_s=0)
+    await reference.open()
+    try:
+        for r in _traces(merged + pending):
+            reference.record_trace(r)
+        await reference.flush()
+        for _ in range(2):  # the second reopen finds nothing above the watermark
+            s = store.Store(data, prune_interval_s=None, rollup_interval_s=3600)
+            await s.open()
+            try:
+                assert len(await s.traces(limit=1000)) == merged + pending
+                for query in ("usage", "models", "apps", "node_model_stats"):
+                    got = await getattr(s, query)(days=2, now=NOW)
+                    assert got == await getattr(reference, query)(days=2, now=NOW), query
+                assert await s.trends(48, now=NOW) == await reference.trends(48, now=NOW)
+            finally:
+                await s.close()
+            assert _watermark_and_requests(db) == (merged + pending, merged + pending)
+    finally:
+        await reference.close()
+
+
+async def test_trace_ids_stay_above_the_watermark_after_pruning_every_trace(
+    tmp_path: Path,
+) -> None:
+    """Pruning may delete every trace below the watermark; new traces must still get ids
+    above it, or a crash before their merge would leave them out of the rollups for good."""
+    s = store.Store(tmp_path / "p", prune_interval_s=None, flush_interval_s=0.02,
+                    rollup_interval_s=3600)
+    await s.open()
+    try:
+        for r in _traces(20):
+            s.record_trace(r)
+        await s.flush()
+        assert await s.prune(now=NOW + 60 * store.DAY) == 20
+        for r in _traces(5, 20):
+            s.record_trace(r)
+        await _written(s, 25)
+        ids = [int(t["id"]) for t in await s.traces(limit=100)]  # type: ignore[call-overload]
+        assert sorted(ids) == list(range(21, 26))
+    finally:
+        await s.close()
+
+
+async def test_a_failed_rollup_merge_is_folded_again_from_the_traces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's sums live in memory only: when its transaction fails (rolled back), the
+    next merge folds the traces above the watermark from the database instead."""
+    real = store._write_rollups
+    failures = []
+
+    def fail_once(*args: Any, **kwargs: Any) -> None:
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_write_rollups", fail_once)
+    s = store.Store(tmp_path / "f", prune_interval_s=None, flush_interval_s=0.02,
+                    rollup_interval_s=3600)
+    await s.open()
+    try:
+        for r in _traces(30):
+            s.record_trace(r)
+        await s.flush()  # this merge fails
+        assert failures and s.stats().write_errors == 1
+        assert await s.models(days=2, now=NOW) == []
+        for r in _traces(10, 30):
+            s.record_trace(r)
+        await s.flush()  # folds all 40 from the traces
+        assert _requests(await s.models(days=2, now=NOW)) == 40
+    finally:
+        await s.close()
+    assert _watermark_and_requests(tmp_path / "f" / store.DB_FILENAME) == (40, 40)
 
 
 def _reference_fold(traces: list[store.TraceRecord]) -> dict[Any, tuple[Any, ...]]:
