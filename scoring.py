@@ -594,6 +594,9 @@ class ServiceStats:
     conc_ky: float = 0.0
 
 
+_EMPTY_STATS = ServiceStats()
+
+
 def _ewma(old: float, n: int, x: float, alpha: float) -> float:
     """EWMA whose first sample is taken as is (no bias toward 0)."""
     if n <= 0:
@@ -603,69 +606,136 @@ def _ewma(old: float, n: int, x: float, alpha: float) -> float:
     return old + a * (x - old)
 
 
+class _StatsFields:
+    """``ServiceStats``'s mutable twin (same slots, same order): ``observe`` fills a new
+    record as one of these, then makes it a ``ServiceStats`` (see ``_become``). A frozen
+    dataclass's ``replace`` sends all 25 fields through ``object.__setattr__`` after
+    collecting them by name; this is a plain store per field."""
+
+    __slots__ = ServiceStats.__slots__
+    count: int
+    failures: int
+    failure_rate: float
+    load_n: int
+    load_ms_ewma: float
+    prompt_tps_ewma: float
+    prompt_tps_n: int
+    eval_tps_ewma: float
+    eval_tps_n: int
+    completion_tokens_ewma: float
+    prompt_tokens_ewma: float
+    ttft_ms_ewma: float
+    ttft_n: int
+    total_ms_ewma: float
+    total_ms_var: float
+    service_ms_ewma: float
+    total_n: int
+    total_p: float
+    total_max: float
+    conc_n: int
+    eval_k_ewma: float
+    conc_k: float
+    conc_kk: float
+    conc_y: float
+    conc_ky: float
+
+
+def _stats_copy(s: ServiceStats) -> _StatsFields:
+    """A field-by-field copy of ``s`` as its mutable twin (written out: 5x a loop over the
+    names; ``test_hot_path`` checks that every field is copied)."""
+    n = object.__new__(_StatsFields)
+    n.count = s.count
+    n.failures = s.failures
+    n.failure_rate = s.failure_rate
+    n.load_n = s.load_n
+    n.load_ms_ewma = s.load_ms_ewma
+    n.prompt_tps_ewma = s.prompt_tps_ewma
+    n.prompt_tps_n = s.prompt_tps_n
+    n.eval_tps_ewma = s.eval_tps_ewma
+    n.eval_tps_n = s.eval_tps_n
+    n.completion_tokens_ewma = s.completion_tokens_ewma
+    n.prompt_tokens_ewma = s.prompt_tokens_ewma
+    n.ttft_ms_ewma = s.ttft_ms_ewma
+    n.ttft_n = s.ttft_n
+    n.total_ms_ewma = s.total_ms_ewma
+    n.total_ms_var = s.total_ms_var
+    n.service_ms_ewma = s.service_ms_ewma
+    n.total_n = s.total_n
+    n.total_p = s.total_p
+    n.total_max = s.total_max
+    n.conc_n = s.conc_n
+    n.eval_k_ewma = s.eval_k_ewma
+    n.conc_k = s.conc_k
+    n.conc_kk = s.conc_kk
+    n.conc_y = s.conc_y
+    n.conc_ky = s.conc_ky
+    return n
+
+
 def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> ServiceStats:
     """Fold one attempt into the statistics (pure; O(1) time and space).
 
-    Built with one ``replace`` (the router calls this for every request it serves).
-    """
-    s = stats if stats is not None else ServiceStats()
+    The new record is a copy of the old one, changed in place before anyone sees it (the
+    router calls this for every request it serves; ``_StatsFields``)."""
+    s = stats if stats is not None else _EMPTY_STATS
+    n = _stats_copy(s)
     a = policy.ewma_alpha
-    count = s.count + 1
-    failures = s.failures + (0 if obs.ok else 1)
-    ch: dict[str, float | int] = {
-        "count": count,
-        "failures": failures,
-        "failure_rate": _ewma(s.failure_rate, s.count, 0.0 if obs.ok else 1.0, a),
-    }
-    if not obs.ok:
-        return replace(s, **ch)  # type: ignore[arg-type]
-    ok_n = count - 1 - failures
+    ok = obs.ok
+    n.count = count = s.count + 1
+    n.failures = failures = s.failures + (0 if ok else 1)
+    n.failure_rate = _ewma(s.failure_rate, s.count, 0.0 if ok else 1.0, a)
+    if ok:
+        _observe_ok(s, n, obs, policy, a, count - 1 - failures)
+    n.__class__ = ServiceStats  # type: ignore[assignment]
+    return n  # type: ignore[return-value]
+
+
+def _observe_ok(
+    s: ServiceStats, n: _StatsFields, obs: Observation, policy: Policy, a: float, ok_n: int
+) -> None:
+    """The part of ``observe`` for a successful attempt: ``n`` (a copy of ``s``) updated."""
     load_ms = max(0.0, obs.load_ms)
     loaded = load_ms >= policy.load_observed_min_ms
     if loaded and not obs.load_queued:
-        ch["load_ms_ewma"] = _ewma(s.load_ms_ewma, s.load_n, load_ms, a)
-        ch["load_n"] = s.load_n + 1
+        n.load_ms_ewma = _ewma(s.load_ms_ewma, s.load_n, load_ms, a)
+        n.load_n = s.load_n + 1
     if obs.prompt_tokens > 0 and obs.prompt_eval_ms > 0:
         tps = obs.prompt_tokens / (obs.prompt_eval_ms / 1000.0)
-        ch["prompt_tps_ewma"] = _ewma(s.prompt_tps_ewma, s.prompt_tps_n, tps, a)
-        ch["prompt_tps_n"] = s.prompt_tps_n + 1
+        n.prompt_tps_ewma = _ewma(s.prompt_tps_ewma, s.prompt_tps_n, tps, a)
+        n.prompt_tps_n = s.prompt_tps_n + 1
     if obs.completion_tokens > 0 and obs.eval_ms > 0:
         tps = obs.completion_tokens / (obs.eval_ms / 1000.0)
-        ch["eval_tps_ewma"] = _ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a)
-        ch["eval_tps_n"] = s.eval_tps_n + 1
+        n.eval_tps_ewma = _ewma(s.eval_tps_ewma, s.eval_tps_n, tps, a)
+        n.eval_tps_n = s.eval_tps_n + 1
         if obs.streams is not None and obs.streams >= 0:
             k = float(obs.streams)
             y = obs.eval_ms / 1000.0 / obs.completion_tokens
-            b, n = policy.slowdown_alpha, s.conc_n
-            ch.update(
-                conc_n=n + 1,
-                eval_k_ewma=_ewma(s.eval_k_ewma, n, k, a),
-                conc_k=_ewma(s.conc_k, n, k, b),
-                conc_kk=_ewma(s.conc_kk, n, k * k, b),
-                conc_y=_ewma(s.conc_y, n, y, b),
-                conc_ky=_ewma(s.conc_ky, n, k * y, b),
-            )
-    ch["completion_tokens_ewma"] = _ewma(
+            b, c = policy.slowdown_alpha, s.conc_n
+            n.conc_n = c + 1
+            n.eval_k_ewma = _ewma(s.eval_k_ewma, c, k, a)
+            n.conc_k = _ewma(s.conc_k, c, k, b)
+            n.conc_kk = _ewma(s.conc_kk, c, k * k, b)
+            n.conc_y = _ewma(s.conc_y, c, y, b)
+            n.conc_ky = _ewma(s.conc_ky, c, k * y, b)
+    n.completion_tokens_ewma = _ewma(
         s.completion_tokens_ewma, ok_n, float(max(0, obs.completion_tokens)), a
     )
-    ch["prompt_tokens_ewma"] = _ewma(
-        s.prompt_tokens_ewma, ok_n, float(max(0, obs.prompt_tokens)), a
-    )
+    n.prompt_tokens_ewma = _ewma(s.prompt_tokens_ewma, ok_n, float(max(0, obs.prompt_tokens)), a)
     if obs.ttft_ms is not None and obs.ttft_ms >= 0:
-        ch["ttft_ms_ewma"] = _ewma(s.ttft_ms_ewma, s.ttft_n, obs.ttft_ms, a)
-        ch["ttft_n"] = s.ttft_n + 1
+        n.ttft_ms_ewma = _ewma(s.ttft_ms_ewma, s.ttft_n, obs.ttft_ms, a)
+        n.ttft_n = s.ttft_n + 1
     total = max(0.0, obs.total_ms)
     if total > 0:
-        n = s.total_n
-        mean = _ewma(s.total_ms_ewma, n, total, a)
-        var = 0.0 if n == 0 else (1 - a) * (s.total_ms_var + a * (total - s.total_ms_ewma) ** 2)
+        c = s.total_n
+        mean = _ewma(s.total_ms_ewma, c, total, a)
+        var = 0.0 if c == 0 else (1 - a) * (s.total_ms_var + a * (total - s.total_ms_ewma) ** 2)
         service = max(0.0, total - (load_ms if loaded else 0.0))
         if obs.eval_ms > 0:
             # what a request queued behind this one waits for: its prefill and decode, not
             # the time it spent queued inside Ollama itself (that would count queues twice)
             service = min(service, max(0.0, obs.prompt_eval_ms) + obs.eval_ms)
         tmax = max(s.total_max, total)
-        if n == 0:
+        if c == 0:
             q = total
         else:
             # stochastic-approximation quantile; the step scales with the spread seen so far
@@ -677,15 +747,12 @@ def observe(stats: ServiceStats | None, obs: Observation, policy: Policy) -> Ser
                 q = s.total_p - step * (1.0 - tau)
             else:
                 q = s.total_p
-        ch.update(
-            total_ms_ewma=mean,
-            total_ms_var=var,
-            service_ms_ewma=_ewma(s.service_ms_ewma, n, service, a),
-            total_n=n + 1,
-            total_max=tmax,
-            total_p=min(max(q, 0.0), tmax),
-        )
-    return replace(s, **ch)  # type: ignore[arg-type]
+        n.total_ms_ewma = mean
+        n.total_ms_var = var
+        n.service_ms_ewma = _ewma(s.service_ms_ewma, c, service, a)
+        n.total_n = c + 1
+        n.total_max = tmax
+        n.total_p = min(max(q, 0.0), tmax)
 
 
 def _decode_tps(
@@ -1059,7 +1126,9 @@ def learn_slots(
         lo = max(b.lo, k)
         hi = b.hi if b.hi > lo else 0  # ran k at once: an upper bound <= k was wrong
         suspect = b.suspect if b.suspect > k else 0
-        return replace(b, lo=lo, hi=hi, suspect=suspect, clean=b.clean + 1, last_at=now)
+        # the usual outcome, once per request: the fields by position, not replace()
+        # (which collects all seven by name); test_lean_path checks it against replace
+        return SlotBounds(lo, hi, b.hi_at, suspect, b.clean + 1, b.queued, now)
     return b
 
 
@@ -1791,7 +1860,13 @@ def with_completion_estimate(
             memo[req.model] = tokens
     if req.max_tokens is not None and req.max_tokens > 0:
         tokens = min(tokens, float(req.max_tokens)) if tokens > 0 else 0.0
-    return replace(req, completion_tokens=tokens) if tokens > 0 else req
+    if tokens <= 0:
+        return req
+    # once per request: the fields by position, not replace() (which collects all eleven
+    # by name); test_lean_path checks it against replace with every field set
+    return RouteRequest(req.model, req.kind, req.est_tokens, req.num_ctx, req.needs_vision,
+                        req.exclude, req.pinned_node, req.cache_node, req.cached_tokens,
+                        req.max_tokens, tokens)
 
 
 class SpreadOnDemand(Mapping[str, tuple[int, int]]):
@@ -2290,6 +2365,8 @@ def _score_node(
 
 def _pick(cands: Sequence[Score], rand: float, policy: Policy) -> Score:
     """Best total; ties (within tie_epsilon) -> fewest outstanding -> ``rand``."""
+    if len(cands) == 1:  # one candidate (one node holds the model): nothing to compare
+        return cands[0]
     top = max(s.total for s in cands)
     tied = [s for s in cands if s.total >= top - policy.tie_epsilon]
     fewest = min(s.outstanding for s in tied)

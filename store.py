@@ -11,8 +11,11 @@ Responsibilities:
     loop) a few times a second rather than once per request. Records made on another
     thread are queued one by one. Pruning runs periodically on the writer thread.
   * Hourly and daily rollups (counters, sums and log-bucket latency/TTFT histograms per
-    bucket x node x model x tag) are updated in the same transaction as the traces they
-    summarise. Analytics read a few hundred rollup rows instead of scanning traces, and
+    bucket x node x model x tag) are summed on the writer and merged into their rows once
+    per ``rollup_interval_s``, in a transaction that also moves ``rollup_watermark`` (the
+    last trace counted); open folds any trace above it (a crash), so they never disagree
+    with the traces, but reads lag them by up to that interval (``flush()`` merges first).
+    Analytics read a few hundred rollup rows instead of scanning traces, and
     rollups outlive the pruning of raw traces. ``fleet_rollups`` holds one more hourly row
     per bucket for the whole fleet (every node x model row of that hour summed), so trends
     over a week merge 168 histograms instead of 168 x nodes x models.
@@ -492,6 +495,30 @@ def _learned_facts_v7(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+_SCHEMA_V8 = (
+    # The rollups' watermark (issue 16): every trace with id <= trace_id is counted in
+    # ``rollups`` and ``fleet_rollups``. The writer merges the rollup sums of committed
+    # traces once per ``rollup_interval_s``, moving the watermark in that same transaction,
+    # and at open folds the traces above it (committed, not yet summed: a crash), so usage
+    # and traces never disagree. One row.
+    """CREATE TABLE rollup_watermark (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        trace_id INTEGER NOT NULL
+    )""",
+)
+
+
+def _rollup_watermark_v8(conn: sqlite3.Connection) -> None:
+    """Add ``rollup_watermark`` at the newest trace: before v8 every trace's rollups were
+    written in its own transaction."""
+    for statement in _SCHEMA_V8:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO rollup_watermark (one, trace_id) "
+        "SELECT 1, COALESCE(MAX(id), 0) FROM request_traces"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _create_schema_v1,
@@ -501,6 +528,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _node_admissions_v5,
     _client_errors_v6,
     _learned_facts_v7,
+    _rollup_watermark_v8,
 )
 
 
@@ -703,10 +731,12 @@ class _Prepared:
 
 
 def _prepare(
-    traces: Sequence[TraceRecord], pause: Callable[[], None] | None = None, every: int = 8
+    traces: Sequence[TraceRecord], pause: Callable[[], None] | None = None, every: int = 8,
+    *, fleet: bool = True,
 ) -> _Prepared:
     """Row values (scores breakdown JSON included), tag rows and hourly rollup sums (the
-    fleet-wide ones merged from the node x model sums: one merge per key, none per trace).
+    fleet-wide ones merged from the node x model sums: one merge per key, none per trace;
+    ``fleet=False``: not yet, the writer folds the hourly sums of several batches first).
 
     This is the part of a write that holds the GIL (the SQL lets go of it), so the writer
     passes ``pause`` to give the event loop the GIL back every ``every`` traces: without
@@ -721,7 +751,8 @@ def _prepare(
         _fold_hourly(p.hourly, r, tags)
         if pause is not None and i % every == every - 1:
             pause()
-    p.fleet = _fleet_of(p.hourly, pause, every)
+    if fleet:
+        p.fleet = _fleet_of(p.hourly, pause, every)
     return p
 
 
@@ -730,16 +761,22 @@ def _write_batch(
     traces: Sequence[TraceRecord],
     events: Sequence[_Event],
     prepared: _Prepared | None = None,
-) -> None:
-    """Insert traces (with their tags and rollups) and events in one transaction."""
+    *,
+    rollups: bool = True,
+) -> int:
+    """Insert traces (with their tags and, with ``rollups``, their rollups, the watermark
+    moved past them) and events in one transaction; return the last trace's id (0: none).
+    Without ``rollups`` the caller folds ``prepared.hourly`` into the rollups later
+    (``_write_rollups``, with the watermark)."""
     p = prepared if prepared is not None else _prepare(traces)
+    last_id = 0
     with _atomic(conn):
         if traces:
             # Explicit row ids, so trace_tags can reference them without a round trip per
-            # row; safe because BEGIN IMMEDIATE makes this the only writer.
-            first_id: int = conn.execute(
-                "SELECT COALESCE(MAX(id), 0) + 1 FROM request_traces"
-            ).fetchone()[0]
+            # row; safe because BEGIN IMMEDIATE makes this the only writer. Above the
+            # watermark too: pruning may have deleted every trace below it.
+            first_id: int = conn.execute(_NEXT_TRACE_ID).fetchone()[0]
+            last_id = first_id + len(p.rows) - 1
             _insert_many(
                 conn,
                 _INSERT_TRACE,
@@ -749,13 +786,59 @@ def _write_batch(
             _insert_many(
                 conn, _INSERT_TAG, 3, [(tag, ts, first_id + i) for tag, ts, i in p.tag_rows]
             )
-            _upsert_rollups(conn, p.hourly)
-            _merge_rows(conn, _FLEET, p.fleet)
+            if rollups:
+                _upsert_rollups(conn, p.hourly)
+                _merge_rows(conn, _FLEET, p.fleet)
+                conn.execute(_SET_WATERMARK, (last_id,))
         if events:
             conn.executemany(
                 _INSERT_EVENT,
                 [(e.timestamp, e.kind, e.node_id, _dumps(dict(e.detail))) for e in events],
             )
+    return last_id
+
+
+_NEXT_TRACE_ID = (
+    "SELECT MAX(COALESCE((SELECT MAX(id) FROM request_traces), 0), "
+    "COALESCE((SELECT trace_id FROM rollup_watermark), 0)) + 1"
+)
+_SET_WATERMARK = "UPDATE rollup_watermark SET trace_id = ?"
+
+
+def _write_rollups(
+    conn: sqlite3.Connection, hourly: dict[_RollupKey, _Agg], watermark: int,
+    pause: Callable[[], None] | None = None,
+) -> None:
+    """Merge hourly sums (several batches' worth) into ``rollups`` and ``fleet_rollups``,
+    and move the watermark to ``watermark`` (the last trace they count), in one
+    transaction."""
+    fleet = _fleet_of(hourly, pause)
+    with _atomic(conn):
+        _upsert_rollups(conn, hourly)
+        _merge_rows(conn, _FLEET, fleet)
+        conn.execute(_SET_WATERMARK, (watermark,))
+
+
+def _catch_up_rollups(conn: sqlite3.Connection, chunk: int = 10000) -> int:
+    """Fold the traces above the watermark (committed, their rollup sums lost with the
+    process that wrote them) into the rollups, a chunk at a time, each with its watermark
+    move; return how many traces that was."""
+    row = conn.execute("SELECT trace_id FROM rollup_watermark").fetchone()
+    after = int(row[0]) if row is not None else 0
+    folded = 0
+    while True:
+        rows = conn.execute(
+            "SELECT * FROM request_traces WHERE id > ? ORDER BY id LIMIT ?", (after, chunk)
+        ).fetchall()
+        if not rows:
+            return folded
+        hourly: dict[_RollupKey, _Agg] = {}
+        for trace_row in rows:
+            r = _record_from_row(trace_row)
+            _fold_hourly(hourly, r, _clean_tags(r.tags))
+        after = int(rows[-1]["id"])
+        _write_rollups(conn, hourly, after)
+        folded += len(rows)
 
 
 def _add_to_rollups(
@@ -771,15 +854,14 @@ def _add_to_rollups(
 
 def _fold_hourly(hourly: dict[_RollupKey, _Agg], r: TraceRecord, tags: list[str]) -> None:
     """Add one trace to its hourly keys: its node x model, and each of its tags."""
-    c = _Contribution(r)
     bucket = _floor(r.timestamp, HOUR)
-    keys: list[_RollupKey] = [(HOUR, bucket, r.node_id, r.model, "")]
-    keys += [(HOUR, bucket, "", "", tag) for tag in tags]
-    for key in keys:
-        agg = hourly.get(key)
-        if agg is None:
-            agg = hourly[key] = _Agg()
-        agg.add(c)
+    key: _RollupKey = (HOUR, bucket, r.node_id, r.model, "")
+    agg = hourly.get(key)
+    if agg is None:
+        agg = hourly[key] = _Agg()
+    agg.add_trace(r)
+    for tag in tags:
+        _group(hourly, (HOUR, bucket, "", "", tag)).add_trace(r)
 
 
 def _fleet_of(
@@ -1458,7 +1540,12 @@ class _Hist:
         return lo - self.lo
 
     def add(self, b: int, n: int = 1) -> None:
-        self.counts[self._span(b, b)] += n
+        counts = self.counts
+        i = b - self.lo
+        if 0 <= i < len(counts):  # the usual case: a bin the histogram already spans
+            counts[i] += n
+        else:
+            counts[self._span(b, b)] += n
 
     def merge(self, other: _Hist) -> None:
         theirs = other.counts
@@ -1498,38 +1585,6 @@ _LOAD_SUM, _LOAD_N, _COLD = _I["load_ms_sum"], _I["load_n"], _I["cold_loads"]
 _QUEUE, _FALLBACKS = _I["queue_ms_sum"], _I["fallbacks"]
 
 
-class _Contribution:
-    """What one trace adds to a rollup, computed once however many keys it feeds."""
-
-    __slots__ = ("latency_bin", "timestamp", "ttft_bin", "vec")
-
-    def __init__(self, r: TraceRecord) -> None:
-        v = [0.0] * len(ROLLUP_SUMS)
-        v[_STATUS_INDEX.get(r.status, _FAILED)] = 1
-        if r.prompt_tokens is not None:
-            v[_PROMPT] = int(r.prompt_tokens)
-        if r.completion_tokens is not None:
-            v[_COMPLETION] = int(r.completion_tokens)
-            if r.eval_ms is not None and r.eval_ms > 0:
-                v[_EVAL_TOKENS], v[_EVAL_MS] = int(r.completion_tokens), float(r.eval_ms)
-        self.latency_bin: int | None = None
-        self.ttft_bin: int | None = None
-        if r.status == "completed":
-            # Latency and TTFT describe served requests; failures would skew them both ways.
-            v[_LATENCY_SUM], v[_LATENCY_N] = float(r.latency_ms), 1
-            self.latency_bin = _bin(float(r.latency_ms))
-            if r.time_to_first_token_ms is not None:
-                v[_TTFT_SUM], v[_TTFT_N] = float(r.time_to_first_token_ms), 1
-                self.ttft_bin = _bin(float(r.time_to_first_token_ms))
-        if r.load_ms is not None:
-            v[_LOAD_SUM], v[_LOAD_N] = float(r.load_ms), 1
-            v[_COLD] = float(r.load_ms) >= COLD_LOAD_MS
-        v[_QUEUE] = float(r.queue_ms)
-        v[_FALLBACKS] = bool(r.fallback_used)
-        self.vec = v
-        self.timestamp = float(r.timestamp)
-
-
 class _Agg:
     """Additive summary of traces: the in-memory twin of one rollup row."""
 
@@ -1549,14 +1604,41 @@ class _Agg:
         agg.first_ts, agg.last_ts = row["first_ts"], row["last_ts"]
         return agg
 
-    def add(self, c: _Contribution) -> None:
-        self.sums = list(map(operator.add, self.sums, c.vec))
-        if c.latency_bin is not None:
-            self.latency_hist.add(c.latency_bin)
-        if c.ttft_bin is not None:
-            self.ttft_hist.add(c.ttft_bin)
-        self.first_ts = min(self.first_ts, c.timestamp)
-        self.last_ts = max(self.last_ts, c.timestamp)
+    def add_trace(self, r: TraceRecord) -> None:
+        """Add what one trace contributes, in place: each sum it feeds (the others would
+        add 0), and its latency and TTFT to the histograms (served requests only: failures
+        would skew them both ways)."""
+        v = self.sums
+        v[_STATUS_INDEX.get(r.status, _FAILED)] += 1
+        if r.prompt_tokens is not None:
+            v[_PROMPT] += int(r.prompt_tokens)
+        if r.completion_tokens is not None:
+            v[_COMPLETION] += int(r.completion_tokens)
+            if r.eval_ms is not None and r.eval_ms > 0:
+                v[_EVAL_TOKENS] += int(r.completion_tokens)
+                v[_EVAL_MS] += float(r.eval_ms)
+        if r.status == "completed":
+            latency = float(r.latency_ms)
+            v[_LATENCY_SUM] += latency
+            v[_LATENCY_N] += 1
+            self.latency_hist.add(_bin(latency))
+            if r.time_to_first_token_ms is not None:
+                ttft = float(r.time_to_first_token_ms)
+                v[_TTFT_SUM] += ttft
+                v[_TTFT_N] += 1
+                self.ttft_hist.add(_bin(ttft))
+        if r.load_ms is not None:
+            load = float(r.load_ms)
+            v[_LOAD_SUM] += load
+            v[_LOAD_N] += 1
+            v[_COLD] += load >= COLD_LOAD_MS
+        v[_QUEUE] += float(r.queue_ms)
+        v[_FALLBACKS] += bool(r.fallback_used)
+        ts = float(r.timestamp)
+        if ts < self.first_ts:
+            self.first_ts = ts
+        if ts > self.last_ts:
+            self.last_ts = ts
 
     def merge(self, other: _Agg, *, hists: bool = True) -> None:
         self.sums = list(map(operator.add, self.sums, other.sums))
@@ -1685,6 +1767,10 @@ class Store:
         "_reader",
         "_reader_conn",
         "_records_written",
+        "_rollups",
+        "_rollups_due",
+        "_rollups_id",
+        "_rollups_lost",
         "_settings",
         "_state",
         "_taken",
@@ -1699,6 +1785,7 @@ class Store:
         "max_queue",
         "prune_interval_s",
         "retention_days",
+        "rollup_interval_s",
         "writer_nice",
     )
 
@@ -1712,6 +1799,7 @@ class Store:
         prune_interval_s: float | None = 3600.0,
         max_queue: int = MAX_QUEUE,
         writer_nice: int = 10,
+        rollup_interval_s: float = 2.0,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.db_path = self.data_dir / DB_FILENAME
@@ -1722,6 +1810,20 @@ class Store:
         self.prune_interval_s = prune_interval_s
         self.max_queue = max_queue
         self.writer_nice = writer_nice
+        # The usage rollups of committed traces, summed on the writer thread over up to
+        # rollup_interval_s (0: with each batch, in its transaction) and then merged into
+        # the stored rows at once, and before any task (flush, a write, shutdown) or prune
+        # runs: a rollup merge reads, merges and rewrites two histograms per key, so it is
+        # the costly part of a batch, and at a few requests per batch it was most of it.
+        # Crash-safe: the merge moves the watermark (``rollup_watermark``) to the last trace
+        # it counts, in its transaction, and open folds the traces above it first. Until
+        # the merge, reads of rollups (usage, models, apps, trends, ...) lag the traces by up
+        # to rollup_interval_s; ``flush()`` merges.
+        self.rollup_interval_s = rollup_interval_s
+        self._rollups: dict[_RollupKey, _Agg] = {}  # writer thread only
+        self._rollups_id = 0  # the last trace id _rollups counts (writer thread only)
+        self._rollups_lost = False  # a merge failed: fold from the traces (writer only)
+        self._rollups_due = math.inf  # writer clock (monotonic) of the next merge
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         # Records made on the event loop wait in _pending for up to flush_interval_s and
         # then cross to the writer as one _Batch. _given (loop side) and _taken (writer
@@ -1792,11 +1894,17 @@ class Store:
 
     # -- non-blocking writes --------------------------------------------------------------
 
-    def record_trace(self, rec: TraceRecord) -> None:
-        """Queue one trace for the writer; never blocks or raises (drops when full)."""
+    def record_trace(self, rec: TraceRecord, *, owned: bool = False) -> None:
+        """Queue one trace for the writer; never blocks or raises (drops when full).
+
+        ``owned``: the caller hands the record over (it made it for this call and will not
+        change it or its tags again), so it is queued as it is instead of copied."""
         try:
             if self._state is _State.CLOSED or self._given - self._taken >= self.max_queue:
                 self._note_drop()
+                return
+            if owned:
+                self._enqueue(rec)
                 return
             # A copy (attrgetter + constructor: ~5x cheaper than copy.copy), so the router
             # may keep mutating its record for the next attempt.
@@ -1908,7 +2016,9 @@ class Store:
 
     async def usage(self, days: float = 7, *, now: float) -> dict[str, object]:
         """Per UTC day x node x model (``rows``), plus ``totals``, ``by_day`` (every day),
-        ``by_node`` and ``by_model``; read from daily rollups, so pruning does not affect it."""
+        ``by_node`` and ``by_model``; read from daily rollups, so pruning does not affect it.
+        Like every rollup read it lags the traces by up to ``rollup_interval_s`` (after
+        ``flush()`` it counts every trace recorded before)."""
         return await self._read(lambda c: _select_usage(c, days, now))
 
     async def models(self, days: float = 7, *, now: float) -> list[dict[str, object]]:
@@ -2039,6 +2149,12 @@ class Store:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             conn = _connect_writer(self.db_path)
             _migrate(conn)
+            caught_up = _catch_up_rollups(conn)
+            if caught_up:
+                log.warning(
+                    "store.rollups_caught_up: %d traces above the watermark folded",
+                    caught_up, extra={"traces": caught_up},
+                )
             settings = _select_settings(conn)
             self._db_bytes = _db_bytes(conn)
         except Exception as exc:  # noqa: BLE001 - delivered to open()
@@ -2066,7 +2182,7 @@ class Store:
         interval = self.prune_interval_s
         next_prune = time.monotonic() if interval is not None else math.inf
         while True:
-            timeout = min(deadline, next_prune) - time.monotonic()
+            timeout = min(deadline, next_prune, self._rollups_due) - time.monotonic()
             try:
                 item: _Item | None = self._queue.get(
                     timeout=None if math.isinf(timeout) else max(timeout, 0.0)
@@ -2086,6 +2202,7 @@ class Store:
                     deadline = time.monotonic() + self.flush_interval_s
             elif item is not None:
                 self._commit(conn, traces, events)
+                self._flush_rollups(conn)  # a task sees every earlier record in the rollups
                 deadline = math.inf
                 if isinstance(item, _Shutdown):
                     return item
@@ -2093,6 +2210,8 @@ class Store:
             if len(traces) + len(events) >= self.batch_max or time.monotonic() >= deadline:
                 self._commit(conn, traces, events)
                 deadline = math.inf
+            if time.monotonic() >= self._rollups_due:
+                self._flush_rollups(conn, _yield_gil)
             if (
                 interval is not None
                 and not traces
@@ -2113,8 +2232,7 @@ class Store:
             # Pause for the loop while keeping up; when records pile up (a burst), write
             # flat out instead: the writer would otherwise wait for the GIL after each pause.
             keeping_up = self._given - self._taken < self.batch_max
-            _write_batch(conn, traces, events,
-                         _prepare(traces, _yield_gil if keeping_up else None))
+            self._commit_batch(conn, traces, events, _yield_gil if keeping_up else None)
             self._batches_written += 1
             self._records_written += len(traces)
             self._events_written += len(events)
@@ -2124,7 +2242,7 @@ class Store:
             )
             for single_t, single_e in [([t], []) for t in traces] + [([], [e]) for e in events]:
                 try:
-                    _write_batch(conn, single_t, single_e)
+                    self._commit_batch(conn, single_t, single_e)
                     self._records_written += len(single_t)
                     self._events_written += len(single_e)
                 except Exception:
@@ -2134,6 +2252,54 @@ class Store:
         events.clear()
         self._db_bytes = _db_bytes(conn)
         self._writer_cpu_s = time.thread_time()
+
+    def _commit_batch(
+        self, conn: sqlite3.Connection, traces: list[TraceRecord], events: list[_Event],
+        pause: Callable[[], None] | None = None,
+    ) -> None:
+        """One transaction of traces and events; their rollups in it too, or (with a
+        ``rollup_interval_s``) summed for ``_flush_rollups``."""
+        now_too = self.rollup_interval_s <= 0
+        prepared = _prepare(traces, pause, fleet=now_too)
+        last_id = _write_batch(conn, traces, events, prepared, rollups=now_too)
+        if not now_too and last_id:
+            self._fold_rollups(prepared.hourly, last_id)
+
+    def _fold_rollups(self, hourly: dict[_RollupKey, _Agg], last_id: int) -> None:
+        """Add a committed batch's hourly sums (its traces up to ``last_id``) to the ones
+        waiting for ``_flush_rollups``."""
+        self._rollups_id = last_id
+        pending = self._rollups
+        for key, agg in hourly.items():
+            mine = pending.get(key)
+            if mine is None:
+                pending[key] = agg  # the batch's own: nothing else holds it
+            else:
+                mine.merge(agg)
+        if pending and math.isinf(self._rollups_due):
+            self._rollups_due = time.monotonic() + self.rollup_interval_s
+
+    def _flush_rollups(
+        self, conn: sqlite3.Connection, pause: Callable[[], None] | None = None
+    ) -> None:
+        """Merge the waiting rollup sums into the stored rows and move the watermark past
+        the traces they count (one transaction). After a failed merge, fold the traces
+        above the watermark from the database instead (their sums in memory went with it)."""
+        self._rollups_due = math.inf
+        if not self._rollups and not self._rollups_lost:
+            return
+        pending, self._rollups = self._rollups, {}
+        try:
+            if self._rollups_lost:
+                _catch_up_rollups(conn)
+                self._rollups_lost = False
+            else:
+                _write_rollups(conn, pending, self._rollups_id, pause)
+        except Exception:
+            self._write_errors += 1
+            self._rollups_lost = True
+            self._rollups_due = time.monotonic() + max(self.rollup_interval_s, 1.0)
+            log.exception("store.rollups_failed", extra={"keys": len(pending)})
 
     def _prune_now(self, conn: sqlite3.Connection, now: float) -> int:
         deleted = _prune(
@@ -2150,6 +2316,7 @@ class Store:
         return deleted
 
     def _maybe_prune(self, conn: sqlite3.Connection) -> None:
+        self._flush_rollups(conn)  # expired rollups go only once their sums are stored
         try:
             self._prune_now(conn, time.time())
         except Exception:

@@ -333,7 +333,7 @@ async def test_v5_node_admissions_persist_and_migrate_from_v4(tmp_path: Path) ->
             await s.set_node_admission("x", "maybe", addr="", ollama_url="", now=NOW)
     finally:
         await s.close()
-    assert user_version(data / "latency.db") == len(MIGRATIONS) == 7
+    assert user_version(data / "latency.db") == len(MIGRATIONS) == 8
     s = Store(data, prune_interval_s=None)
     await s.open()
     try:
@@ -376,7 +376,7 @@ async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: 
     s = Store(data, prune_interval_s=None)
     await s.open()
     try:
-        assert user_version(data / "latency.db") == len(MIGRATIONS) == 7
+        assert user_version(data / "latency.db") == len(MIGRATIONS) == 8
         assert await s.load_learned(now=NOW, limits=limits) == []
         bounds = LearnedBounds(lo=2, hi_at=NOW - 10)  # a frozen dataclass, as the router's
         ok = await s.save_learned(
