@@ -351,6 +351,9 @@ async def test_keep_alive_requests_arm_no_timer_each(
 
     try:
         await one()  # warm: the pool's connection, the watches
+        async with asyncio.timeout(5):  # and the /api/ps read its cold load asked for
+            while r.router.fleet.refreshing:
+                await asyncio.sleep(0.01)
         loop.call_at = counting_call_at  # type: ignore[method-assign]
         for _ in range(40):
             await one()
