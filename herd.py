@@ -87,6 +87,7 @@ HOP_BY_HOP = frozenset(
 OLLAMA_RUNNING = b"Ollama is running"
 MiB = 1024 * 1024
 MAX_HELD_NODES = 256  # pending/rejected agent nodes kept in memory (consent)
+LOAD_LISTED_DONE_S = 300.0  # a load herd sent, listed by /api/ps this long: done anyway
 REASON_PHRASES = MappingProxyType({s.value: s.phrase.encode() for s in http.HTTPStatus})
 # Body fields herd reads and strips before forwarding an inference request
 # ("metadata" only loses its "tags", and only when it has them).
@@ -1965,7 +1966,12 @@ class Node:
         loaded = entries if isinstance(entries, LoadedModels) else LoadedModels.of(entries)
         self.ps_listed = loaded
         for back in loaded.names:
-            self.loading.pop(back, None)  # its load is done
+            # Ollama lists a model from the moment its load starts: a load herd sent is
+            # done when an answer for it begins (``load_done``), not when it is listed;
+            # one listed this long after it was sent is done whoever saw it end
+            sent = self.loading.get(back)
+            if sent is not None and now - sent > LOAD_LISTED_DONE_S:
+                del self.loading[back]
         if self.evicting:
             # a victim stays out until the load that evicts it is done (or given up): listed
             # meanwhile, it is draining, and a request for it would wait for that load and
@@ -1983,6 +1989,13 @@ class Node:
         for name, when in list(self.recently_unloaded.items()):
             if now - when > 3600:
                 del self.recently_unloaded[name]
+
+    def load_done(self, model: str) -> None:
+        """An answer for ``model`` began here (or it loaded for a pre-warm): no load of it
+        is under way any more, and what that load was to evict is gone (the next /api/ps
+        read says what stayed)."""
+        if self.loading.pop(model, None) is not None and self.evicting:
+            self.evicting = {v: by for v, by in self.evicting.items() if by != model}
 
     def snapshot(self, now: float) -> scoring.NodeSnapshot:
         """What scoring reads of this node at ``now``. Every request snapshots every node:
@@ -3675,7 +3688,7 @@ class Admission:
             log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
         finally:
             if not loaded:
-                node.loading.pop(model, None)
+                node.load_done(model)  # failed: no load under way either
             self.prewarming.discard((node.node_id, model))
             self._wake_waiters()
 
@@ -4335,7 +4348,7 @@ class Fleet:
             self.breakers[key] = new
         node = self.nodes.get(node_id)
         if node is not None:
-            node.loading.pop(model, None)
+            node.load_done(model)
             if kind == AnswerKind.CONNECT:
                 node.reachable = False
 
@@ -4743,6 +4756,7 @@ class Fleet:
 
     def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
         """After serving, the model is resident: say so before the next poll confirms it."""
+        node.load_done(model)
         if model in node.loaded_names():
             return
         am = node.available_models.models.get(model)
@@ -5288,7 +5302,9 @@ class Proxy:
                 ) from None
             except ConnectionClosed as exc:
                 raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
-            if not attempt.dispatch_hot:  # the load is done: see what it evicted now
+            if rreq.model in node.loading:  # an answer began: its load is done
+                node.load_done(rreq.model)
+            if not attempt.dispatch_hot:  # see what the load evicted, now
                 self.r.fleet.refresh_soon(node)
             await self._relay_response(
                 up, response, node, rreq, attempt, choice, first=first, chunks=chunks

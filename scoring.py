@@ -1614,7 +1614,11 @@ def resident_bytes(model_bytes: int, num_ctx: int | None, slots: int, policy: Po
 def _thermal(
     node: NodeSnapshot, req: RouteRequest, now: float, policy: Policy
 ) -> tuple[str, float, float, str]:
-    """(state, value, contribution, reason); state in hot|reload|loading|warm|cold."""
+    """(state, value, contribution, reason); state in hot|reload|loading|warm|cold. A load
+    herd sent is "loading" until an answer shows it done, though /api/ps lists the model
+    from the moment its load starts."""
+    if req.model in node.loading:
+        return "loading", 0.75, policy.loading_bonus, "being loaded for an earlier request"
     lm = node.loaded.get(req.model)
     if lm is not None and (lm.expires_at is None or lm.expires_at > now):
         ctx = lm.context_length
@@ -1626,8 +1630,6 @@ def _thermal(
                 f"loaded with num_ctx {ctx}, request asks {req.num_ctx}: Ollama reloads",
             )
         return "hot", 1.0, policy.hot_bonus, "loaded in memory (hot)"
-    if req.model in node.loading:
-        return "loading", 0.75, policy.loading_bonus, "being loaded for an earlier request"
     t = node.recently_unloaded.get(req.model)
     if lm is not None:
         t = max(t or 0.0, lm.expires_at or 0.0)

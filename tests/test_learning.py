@@ -940,10 +940,18 @@ async def test_a_predicted_victim_stays_out_of_the_resident_set_until_its_load_i
     assert victims <= node.ps_listed.names
     assert not victims & node.loaded_names()
     assert not victims & set(node.snapshot(time.time()).loaded)
-    # the load is done (Ollama evicted its least recently used model): the listing wins
+    # Ollama lists a model from the start of its load: listed is not loaded
     async with ollama.AsyncClient(host=fake.url) as direct:
-        await direct.generate(model="d:1b", prompt="hi", stream=False)
+        await direct.generate(model="d:1b", prompt="", stream=False)  # load-only
     assert await fleet.refresh_node(node)
+    assert "d:1b" in node.ps_listed.names and "d:1b" in node.loading and node.evicting
+    # an answer for d through herd shows the load done; herd reads /api/ps then, and the
+    # listing (Ollama evicted its least recently used model) is the truth again
+    async with ollama.AsyncClient(host=r.url) as client:
+        await client.generate(model="d:1b", prompt="hi", stream=False)
+    async with asyncio.timeout(5):
+        while fleet.refreshing or "d:1b" in node.loading:
+            await asyncio.sleep(0.01)
     assert not node.evicting and "d:1b" not in node.loading
     assert node.loaded_names() == node.ps_listed.names
     assert "d:1b" in node.loaded_names() and len(node.loaded_names()) == 3
@@ -984,3 +992,18 @@ async def test_the_router_reads_ps_when_a_load_ends_or_a_resident_model_was_evic
     await r.router.store.flush()
     rows = await r.router.store.traces(limit=10, status="completed")
     assert len(rows) == 2 and all(row["load_ms"] >= 500 for row in rows)
+
+
+def test_a_load_herd_sent_is_loading_while_ps_lists_the_model() -> None:
+    """Ollama lists a model in /api/ps from the moment its load starts: a model herd sent a
+    load for is "loading" (join it, expect the rest of the load) until an answer shows the
+    load done, not "hot" at the first listing."""
+    req = RouteRequest("a", est_tokens=100)
+    listed = node("n", {"a": lm("a", 2, 280)}, 8, "learned")
+    queues = {("n", "a"): QueueSnapshot(slots=1)}
+    loading = dataclasses.replace(listed, loading={"a": NOW - 1})
+    for snap, state in ((listed, "hot"), (loading, "loading")):
+        (s,) = scoring.score_nodes(req, [snap], queues, {}, {}, NOW, P)
+        thermal = s.factor("thermal")
+        assert thermal is not None and thermal.value == (1.0 if state == "hot" else 0.75)
+        assert ("being loaded" in thermal.reason) == (state == "loading")
