@@ -1116,7 +1116,9 @@ def learn_slots(
         lo = max(b.lo, k)
         hi = b.hi if b.hi > lo else 0  # ran k at once: an upper bound <= k was wrong
         suspect = b.suspect if b.suspect > k else 0
-        return replace(b, lo=lo, hi=hi, suspect=suspect, clean=b.clean + 1, last_at=now)
+        # the usual outcome, once per request: the fields by position, not replace()
+        # (which collects all seven by name); test_lean_path checks it against replace
+        return SlotBounds(lo, hi, b.hi_at, suspect, b.clean + 1, b.queued, now)
     return b
 
 
@@ -1846,7 +1848,13 @@ def with_completion_estimate(
             memo[req.model] = tokens
     if req.max_tokens is not None and req.max_tokens > 0:
         tokens = min(tokens, float(req.max_tokens)) if tokens > 0 else 0.0
-    return replace(req, completion_tokens=tokens) if tokens > 0 else req
+    if tokens <= 0:
+        return req
+    # once per request: the fields by position, not replace() (which collects all eleven
+    # by name); test_lean_path checks it against replace with every field set
+    return RouteRequest(req.model, req.kind, req.est_tokens, req.num_ctx, req.needs_vision,
+                        req.exclude, req.pinned_node, req.cache_node, req.cached_tokens,
+                        req.max_tokens, tokens)
 
 
 class SpreadOnDemand(Mapping[str, tuple[int, int]]):

@@ -597,3 +597,50 @@ async def test_a_trace_handed_over_is_queued_as_it_is(tmp_path: Path) -> None:
         assert rows["own"]["node_id"] == "n1"
     finally:
         await s.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the per-request copies of RouteRequest and SlotBounds made by position, not replace()
+# ---------------------------------------------------------------------------------------
+
+
+def test_the_completion_estimate_keeps_every_other_field_of_the_request() -> None:
+    """``with_completion_estimate`` builds its copy by position: with every field set
+    (none at its default, so a field added later fails here until it is passed too), the
+    result is ``replace(req, completion_tokens=...)``."""
+    req = scoring.RouteRequest(
+        model="m:1b", kind="text", est_tokens=7, num_ctx=4096, needs_vision=True,
+        exclude=frozenset({"x"}), pinned_node="p", cache_node="c", cached_tokens=5,
+        max_tokens=30,
+    )
+    for f in dataclasses.fields(scoring.RouteRequest):
+        if f.name not in ("kind", "completion_tokens"):  # "text": the only kind estimated
+            assert getattr(req, f.name) != f.default, f.name
+    stats = {("n1", "m:1b"): ServiceStats(count=10, eval_tps_ewma=50.0,
+                                          completion_tokens_ewma=20.0)}
+    got = scoring.with_completion_estimate(req, stats)
+    assert got == dataclasses.replace(req, completion_tokens=20.0)
+    capped = scoring.with_completion_estimate(dataclasses.replace(req, max_tokens=8), stats)
+    assert capped == dataclasses.replace(req, max_tokens=8, completion_tokens=8.0)
+    assert scoring.with_completion_estimate(req, {}) is req  # nothing known: unchanged
+
+
+@given(
+    lo=st.integers(0, 8), hi=st.integers(0, 10), suspect=st.integers(0, 10),
+    clean=st.integers(0, 100), queued=st.integers(0, 100), k=st.integers(1, 40),
+)
+def test_a_clean_observation_folds_into_the_slot_bounds_as_replace_did(
+    lo: int, hi: int, suspect: int, clean: int, queued: int, k: int
+) -> None:
+    """``learn_slots``' usual outcome (a request that did not queue) by position: equal to
+    the ``replace`` it was, every other field kept."""
+    policy = Policy()
+    b = scoring.SlotBounds(lo=lo, hi=hi, hi_at=5.0, suspect=suspect, clean=clean,
+                           queued=queued, last_at=1.0)
+    got = scoring.learn_slots(b, concurrency=k, concurrency_clean=k, queue_ms=0.0,
+                              work_ms=100.0, now=9.0, policy=policy)
+    kk = min(k, policy.max_slots)
+    new_lo = max(lo, kk)
+    assert got == dataclasses.replace(
+        b, lo=new_lo, hi=hi if hi > new_lo else 0, suspect=suspect if suspect > kk else 0,
+        clean=clean + 1, last_at=9.0)
