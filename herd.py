@@ -4794,15 +4794,18 @@ class FactorJson:
     __slots__ = ("limit", "memo")
 
     def __init__(self, limit: int = 8192) -> None:
-        self.memo: dict[scoring.Factor, str] = {}
+        # keyed by the factor's fields as a tuple: the same equality as the Factor's own,
+        # without a call of its generated __hash__ and __eq__ per factor looked up
+        self.memo: dict[tuple[str, float, float, str], str] = {}
         self.limit = limit
 
     def __call__(self, factor: scoring.Factor) -> str:
-        text = self.memo.get(factor)
+        key = (factor.name, factor.value, factor.contribution, factor.reason)
+        text = self.memo.get(key)
         if text is None:
             if len(self.memo) >= self.limit:
                 self.memo.clear()
-            text = self.memo[factor] = factor.to_json()
+            text = self.memo[key] = factor.to_json()
         return text
 
 

@@ -483,7 +483,7 @@ class Score:
                 f'"total":{_json_float(round(self.total, 3) + 0.0)},'
                 f'"eligible":{"true" if self.eligible else "false"},'
                 f'"reason":{_json_str(self.reason)},'
-                f'"factors":[{",".join(factor_json(f) for f in self.factors)}]}}')
+                f'"factors":[{",".join(map(factor_json, self.factors))}]}}')
 
 
 @dataclass(frozen=True, slots=True)

@@ -644,3 +644,17 @@ def test_a_clean_observation_folds_into_the_slot_bounds_as_replace_did(
     assert got == dataclasses.replace(
         b, lo=new_lo, hi=hi if hi > new_lo else 0, suspect=suspect if suspect > kk else 0,
         clean=clean + 1, last_at=9.0)
+
+
+def test_factor_json_remembers_a_factor_by_its_fields() -> None:
+    """``FactorJson`` keyed by the fields as a tuple: equal factors made apart (each request
+    makes its own) share one entry, found as the Factor's own equality would find it."""
+    memo = herd.FactorJson()
+    a = scoring.Factor("wait", 0.25, -0.5, "queue 1 ahead")
+    b = scoring.Factor("wait", 0.25, -0.5, "queue 1 ahead")
+    c = scoring.Factor("wait", 0.25, -0.5, "queue 2 ahead")
+    assert a is not b and a == b and a != c
+    assert [memo(f) for f in (a, b, c)] == [a.to_json(), a.to_json(), c.to_json()]
+    assert len(memo.memo) == 2
+    nan = scoring.Factor("x", float("nan"), 0.0, "")
+    assert memo(nan) == nan.to_json() == memo(nan)

@@ -418,6 +418,31 @@ async def test_v7_learned_facts_migrate_from_v6_and_keep_what_changed(tmp_path: 
         await s.close()
 
 
+async def test_v8_watermark_starts_at_the_newest_trace_of_a_v7_database(tmp_path: Path) -> None:
+    """A v7 database wrote each trace's rollups with it, so v8's watermark starts at its
+    newest trace: opening it folds nothing twice, and new traces count once more each."""
+    data, conn = store_at(tmp_path, 7)
+    write_before_v4(conn, [rec(f"old-{i}", NOW - 60 - i, model="m", node_id="a",
+                               status="completed", latency_ms=100) for i in range(5)])
+    conn.close()
+    s = Store(data, prune_interval_s=None)
+    await s.open()
+    try:
+        assert user_version(data / "latency.db") == len(MIGRATIONS) == 8
+        assert [m["requests"] for m in await s.models(days=1, now=NOW)] == [5]
+        s.record_trace(rec("new", NOW - 1, model="m", node_id="a", status="completed",
+                           latency_ms=100))
+        await s.flush()
+        assert [m["requests"] for m in await s.models(days=1, now=NOW)] == [6]
+    finally:
+        await s.close()
+    conn = sqlite3.connect(data / "latency.db")
+    try:
+        assert conn.execute("SELECT trace_id FROM rollup_watermark").fetchall() == [(6,)]
+    finally:
+        conn.close()
+
+
 async def test_migrations_are_idempotent_and_refuse_newer_schema(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for _ in range(2):
