@@ -470,6 +470,9 @@ def test_prewarm_runner_up_when_queue_is_deep() -> None:
     assert prewarm_target(req(), ch, deep, P) == "b"
     shallow = {("a", M): QueueSnapshot(0, 1, 4)}
     assert prewarm_target(req(), pick([a, b], queues=shallow), shallow, P) is None
+    # two outstanding are enough (prewarm_queue_depth 2; 3 measured worse, #15)
+    two = {("a", M): QueueSnapshot(in_flight=2, slots=4)}
+    assert prewarm_target(req(), pick([a, b], queues=two), two, P) == "b"
     both_hot = [a, node("b", hot=True, num_parallel=4)]
     ch = pick(both_hot, queues=deep)
     assert prewarm_target(req(), ch, deep, P) is None
