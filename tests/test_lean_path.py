@@ -223,6 +223,15 @@ async def _written(s: store.Store, n: int) -> None:
     assert s.stats().records_written == n
 
 
+async def assert_same_rollups(got: store.Store, want: store.Store) -> None:
+    """Every rollup read (usage, models, apps, node_model_stats, trends) of ``got`` equals
+    ``want``'s."""
+    for query in ("usage", "models", "apps", "node_model_stats"):
+        mine = await getattr(got, query)(days=2, now=NOW)
+        assert mine == await getattr(want, query)(days=2, now=NOW), query
+    assert await got.trends(48, now=NOW) == await want.trends(48, now=NOW)
+
+
 async def test_rollups_wait_for_their_interval_then_equal_the_per_batch_ones(
     tmp_path: Path,
 ) -> None:
@@ -246,10 +255,7 @@ async def test_rollups_wait_for_their_interval_then_equal_the_per_batch_ones(
         assert await later.models(days=2, now=NOW) == []  # summed, not merged yet
         assert _requests(await now_store.models(days=2, now=NOW)) == 100
         await later.flush()  # a task: the waiting sums are merged before it runs
-        for query in ("usage", "models", "apps", "node_model_stats"):
-            got = await getattr(later, query)(days=2, now=NOW)
-            assert got == await getattr(now_store, query)(days=2, now=NOW), query
-        assert await later.trends(48, now=NOW) == await now_store.trends(48, now=NOW)
+        await assert_same_rollups(later, now_store)
     finally:
         await now_store.close()
         await later.close()
@@ -363,10 +369,7 @@ async def test_a_killed_store_reopens_with_usage_equal_to_merging_every_batch(
             await s.open()
             try:
                 assert len(await s.traces(limit=1000)) == merged + pending
-                for query in ("usage", "models", "apps", "node_model_stats"):
-                    got = await getattr(s, query)(days=2, now=NOW)
-                    assert got == await getattr(reference, query)(days=2, now=NOW), query
-                assert await s.trends(48, now=NOW) == await reference.trends(48, now=NOW)
+                await assert_same_rollups(s, reference)
             finally:
                 await s.close()
             assert _watermark_and_requests(db) == (merged + pending, merged + pending)
