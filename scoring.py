@@ -252,6 +252,10 @@ class Policy:
     tie_epsilon: float = 1e-6  # totals this close are a tie
     prewarm_queue_depth: int = 2  # winner's outstanding >= this -> pre-warm the runner-up
     # (3 before #15: 2 measured 12-16 % lower mean latency over 18 cells)
+    prewarm_spares_busy: bool = True  # where the model is not known to fit, pre-warm only a
+    # node whose resident models are all idle and that loads nothing now: a speculative
+    # load there may evict a model with answers running (a drain that blocks the node,
+    # then its reload) or wait behind another load
     prewarm_needs_room: bool = False  # pre-warm only where the model fits in memory known
     # to be free (or nothing is resident there); measured worse (#15): pre-warms that may
     # evict are how herd spreads a busy model, and they count as loads (evictions included)
@@ -2564,10 +2568,12 @@ def prewarm_target(
     """Runner-up node to pre-warm (load-only request) when the winner's queue is deep.
 
     Only a runner-up that is eligible, does not have the model hot or loading, and can
-    load it without evicting anything: memory factor >= 0 and, with ``prewarm_needs_room``,
-    room known to be free (memory factor value >= 1) or nothing resident or loading there
-    (``nodes``: the snapshots scored). Memory that is unknown, or known only as a lower
-    bound the load would pass, may evict a model in use; nobody asked for this load.
+    load it without evicting anything for sure (memory factor >= 0). Where the model is not
+    known to fit (memory factor value < 1: memory unknown, or known only as a lower bound
+    the load would pass; ``nodes``: the snapshots scored), nobody asked for this load and
+    it may evict: with ``prewarm_spares_busy`` only a node whose resident models have no
+    request in flight or queued and that loads nothing now, with ``prewarm_needs_room``
+    only a node with nothing resident at all.
     """
     target = choice.node_id or choice.wait_for
     if target is None or choice.action == "reject":
@@ -2584,10 +2590,17 @@ def prewarm_target(
             return None  # runner-up already has it (hot or loading)
         if memory is not None and memory.contribution < 0:
             return None  # would evict other models
-        if policy.prewarm_needs_room and memory is not None and memory.value < 1.0:
+        if memory is not None and memory.value < 1.0 and (
+                policy.prewarm_needs_room or policy.prewarm_spares_busy):
             snap = next((n for n in nodes if n.node_id == s.node_id), None)
-            if snap is None or snap.loaded or snap.loading:
+            if snap is None:
+                return None
+            if policy.prewarm_needs_room and (snap.loaded or snap.loading):
                 return None  # may evict: not known to fit, and something is resident
+            if snap.loading or any(
+                    (other := queues.get((s.node_id, name))) is not None
+                    and other.in_flight + other.pending > 0 for name in snap.loaded):
+                return None  # may evict a busy model (a drain), or waits behind a load
         return s.node_id
     return None
 

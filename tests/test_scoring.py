@@ -497,9 +497,21 @@ def test_prewarm_only_where_the_model_is_known_to_fit() -> None:
         ch = pick([a, runner_up], queues=deep, policy=strict)
         assert ch.node_id == "a"
         assert prewarm_target(req(), ch, deep, strict, [a, runner_up]) == want, runner_up
-    # the default: any runner-up that does not evict for sure
+    # the default: a runner-up that does not evict for sure, and where the model is not
+    # known to fit, only while its resident models are idle and it loads nothing
     ch = pick([a, unknown], queues=deep)
     assert prewarm_target(req(), ch, deep, P, [a, unknown]) == "b"
+    busy = {**deep, ("b", "other"): QueueSnapshot(in_flight=1, slots=4)}
+    ch = pick([a, unknown], queues=busy)
+    assert prewarm_target(req(), ch, busy, P, [a, unknown]) is None
+    ch = pick([a, roomy], queues=busy)  # known to fit: busy neighbours do not matter
+    assert prewarm_target(req(), ch, busy, P, [a, roomy]) == "b"
+    loading = replace(unknown, loading={"third": NOW})
+    ch = pick([a, loading], queues=deep)
+    assert prewarm_target(req(), ch, deep, P, [a, loading]) is None
+    loose = replace(P, prewarm_spares_busy=False)
+    ch = pick([a, unknown], queues=busy, policy=loose)
+    assert prewarm_target(req(), ch, busy, loose, [a, unknown]) == "b"
 
 
 # ---------------------------------------------------------------------------------------
