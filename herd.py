@@ -582,15 +582,28 @@ class Request:
     def body_consumed(self) -> bool:
         return self._body_done
 
+    def _declared_length(self, limit: int) -> int | None:
+        """The body's Content-Length; 413 when it declares more than ``limit``."""
+        length = self.content_length
+        if length is not None and length > limit:
+            self.body_error = True
+            raise HttpError(413, f"request body too large: {length} bytes (limit {limit})")
+        return length
+
+    def _counted(self, total: int, data: bytes | bytearray, limit: int) -> int:
+        """``total`` plus a chunk of the body; 413 once past ``limit``."""
+        total += len(data)
+        if total > limit:
+            self.body_error = True
+            raise HttpError(413, f"request body too large (limit {limit} bytes)")
+        return total
+
     async def body_chunks(self, limit: int, *, _total: int = 0) -> AsyncIterator[bytes]:
         """Yield the request body as it arrives; 413 past ``limit``, 408 when it stalls.
         (``_total``: bytes of it ``read_body`` already took from the buffer.)"""
         if self._body_done:
             return
-        length = self.content_length
-        if length is not None and length > limit:
-            self.body_error = True
-            raise HttpError(413, f"request body too large: {length} bytes (limit {limit})")
+        length = self._declared_length(limit)
         total = _total
         started = time.monotonic()
         grace = 4 * self.limits.body_idle_timeout_s
@@ -609,10 +622,7 @@ class Request:
                 self.body_error = True
                 raise HttpError(408, "request body not received in time") from None
             if isinstance(event, h11.Data):
-                total += len(event.data)
-                if total > limit:
-                    self.body_error = True
-                    raise HttpError(413, f"request body too large (limit {limit} bytes)")
+                total = self._counted(total, event.data, limit)
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self._body_done = True
@@ -626,18 +636,12 @@ class Request:
         parts: list[bytes] = []
         total = 0
         if not self._body_done:
-            length = self.content_length
-            if length is not None and length > limit:
-                self.body_error = True
-                raise HttpError(413, f"request body too large: {length} bytes (limit {limit})")
+            self._declared_length(limit)
             conn = self.http.conn
             while True:
                 event = conn.next_event()
                 if type(event) is h11.Data:
-                    total += len(event.data)
-                    if total > limit:
-                        self.body_error = True
-                        raise HttpError(413, f"request body too large (limit {limit} bytes)")
+                    total = self._counted(total, event.data, limit)
                     parts.append(bytes(event.data))
                 elif type(event) is h11.EndOfMessage:
                     self._body_done = True
@@ -1679,6 +1683,14 @@ class LoadedModels:
         return cls(kept, MappingProxyType(models), frozenset(models), named)
 
 
+def unexpired(models: Mapping[str, scoring.LoadedModel],
+              now: float) -> dict[str, scoring.LoadedModel]:
+    """The loaded models whose keep-alive has not run out at ``now`` (an expired one is
+    being unloaded)."""
+    return {name: lm for name, lm in models.items()
+            if lm.expires_at is None or lm.expires_at >= now}
+
+
 @dataclass(frozen=True)
 class AvailableModels:
     """An /api/tags ``models`` list: the entries as reported, parsed by model name, and (built
@@ -2037,8 +2049,7 @@ class Node:
         return snap
 
     def _build_snapshot(self, now: float) -> scoring.NodeSnapshot:
-        loaded = {name: lm for name, lm in self.loaded_models.models.items()
-                  if lm.expires_at is None or lm.expires_at >= now}  # expired: unloading
+        loaded = unexpired(self.loaded_models.models, now)  # expired: unloading
         available = dict(self.available_models.models)
         for kind, cname in self.capabilities_report.models:
             available.setdefault(
@@ -3665,15 +3676,15 @@ class Admission:
         node = self.r.fleet.nodes[target]
         # a load like any other: it queues behind loads under way there (serial loads),
         # requests for it join it, and what it evicts stops counting as hot
-        node.loading.setdefault(rreq.model, time.time())
-        self.r.fleet.note_evictions(node, rreq, queues, time.time())
+        now = time.time()
+        node.loading.setdefault(rreq.model, now)
+        self.r.fleet.note_evictions(node, rreq, queues, now)
         self.r._spawn(self.prewarm(node, rreq.model, rreq.kind), "prewarm")
 
     async def prewarm(self, node: Node, model: str, kind: str) -> None:
         path = "/api/embed" if kind == "embed" else "/api/generate"
         body: JSON = {"model": model} if kind != "embed" else {"model": model, "input": ""}
         log.info("pre-warming %s on %s (queue is deep elsewhere)", model, node.node_id)
-        loaded = False
         try:
             async with asyncio.timeout(self.r.config.first_byte_timeout_s):
                 up = await self.r.pool.request(node.url, "POST", path,
@@ -3681,14 +3692,12 @@ class Admission:
                                              dumps(body))
                 await up.read()
             if up.status == 200:
-                loaded = True
                 self.r.fleet.mark_loaded(node, model, None, time.time())
                 self.r.store.record_event("prewarm", node.node_id, {"model": model})
         except (UpstreamFailure, ConnectionClosed, TimeoutError) as exc:
             log.info("pre-warm of %s on %s failed: %s", model, node.node_id, exc)
         finally:
-            if not loaded:
-                node.load_done(model)  # failed: no load under way either
+            node.load_done(model)  # loaded, or failed: no load of it under way either way
             self.prewarming.discard((node.node_id, model))
             self._wake_waiters()
 
@@ -3737,8 +3746,7 @@ class Learner:
 
     def learn_memory(self, node: Node, now: float) -> None:
         """Fold a fresh /api/ps reading into what the node's memory is known to hold."""
-        after = {name: lm for name, lm in node.ps_listed.models.items()  # draining ones too
-                 if lm.expires_at is None or lm.expires_at >= now}
+        after = unexpired(node.ps_listed.models, now)  # draining ones too
         before = self.ps_seen.get(node.node_id, {})
         self.ps_seen[node.node_id] = after
         self.memory_bounds[node.node_id] = scoring.learn_memory(
