@@ -647,7 +647,7 @@ class _StatsFields:
 
 def _stats_copy(s: ServiceStats) -> _StatsFields:
     """A field-by-field copy of ``s`` as its mutable twin (written out: 5x a loop over the
-    names; ``test_hot_path`` checks that every field is copied)."""
+    names; ``test_lean_path`` checks that every field is copied)."""
     n = object.__new__(_StatsFields)
     n.count = s.count
     n.failures = s.failures
