@@ -204,6 +204,9 @@ class Policy:
     hot_load_factor: float = 0.0  # > 0: the residency bonus is at most this many of the
     # model's own load times (in wait points), so a small, quick-loading model is not held
     # behind a queue on the one node that has it (0: the flat hot_bonus / loading_bonus)
+    hot_backlog_s: float = 0.0  # > 0: the residency bonus shrinks with the queue a request
+    # would wait for on the node that has the model, to nothing at this many seconds: a
+    # backlog a second replica would relieve pays for that replica's load and its risk
     fit_load_credit: float = 0.0  # share of hot_bonus a cold load earns when it fits in known
     # free memory and evicts nothing (its cost is then the load time, already in "wait")
     # -- 2. memory fit ----------------------------------------------------------------
@@ -2065,11 +2068,20 @@ def _thermal_factor(
     f: _Facts,
     stats: Mapping[tuple[str, str], ServiceStats],
     policy: Policy,
+    queued: float = 0.0,
 ) -> Factor:
     """Residency: ``_thermal``'s bonus, capped at ``hot_load_factor`` load times when that
-    is set, plus ``fit_load_credit`` for a cold load into memory known to be free."""
+    is set and shrunk by a backlog of ``queued`` seconds (``hot_backlog_s``), plus
+    ``fit_load_credit`` for a cold load into memory known to be free."""
     nid = node.node_id
     thermal = f.thermal
+    if policy.hot_backlog_s > 0 and queued > 0 and thermal.contribution > 0:
+        keep = max(0.0, 1.0 - queued / policy.hot_backlog_s)
+        thermal = replace(
+            thermal,
+            contribution=thermal.contribution * keep,
+            reason=f"{thermal.reason}; {queued:.1f}s backlog there keeps {keep:.0%} of it",
+        )
     if policy.hot_load_factor > 0 and f.state in ("hot", "loading") and thermal.contribution > 0:
         _bw, load_bps = node_rates(nid, node.available, stats)
         load_s = _load_s(stats.get((nid, req.model)), f.model_bytes, load_bps, policy)
@@ -2130,10 +2142,10 @@ def _wait_factor(
     policy: Policy,
     node_in_flight: int,
     drain: float = 0.0,
-) -> tuple[Factor, float, float]:
+) -> tuple[Factor, float, float, float]:
     """Expected seconds until this request completes (queue + load + run), the prefill
-    seconds a cached conversation prefix saves, and the delay it adds to the node's other
-    streams (``_impact_s``)."""
+    seconds a cached conversation prefix saves, the delay it adds to the node's other
+    streams (``_impact_s``), and the seconds of it spent waiting for a slot."""
     nid = node.node_id
     state, slots, q = f.state, f.slots, f.q
     st = stats.get((nid, req.model))
@@ -2183,7 +2195,7 @@ def _wait_factor(
         + (f"; {drain:.1f}s for a busy model to drain first" if drain > 0 else "")
         + (f"; the node is blocked by a drain for {blocked:.1f}s" if blocked > 0 else ""),
     )
-    return factor, saved, _impact_s(concurrent, slow, run, policy)
+    return factor, saved, _impact_s(concurrent, slow, run, policy), queue_wait
 
 
 def _queue_wait_s(
@@ -2337,8 +2349,10 @@ def _score_node(
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
     drain = drain_s(req, node, queues, stats, now, policy) if not f.resident else 0.0
-    wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight, drain)
-    thermal = _thermal_factor(req, node, f, stats, policy)
+    wait, saved, impact, queued = _wait_factor(
+        req, node, f, stats, now, policy, node_in_flight, drain
+    )
+    thermal = _thermal_factor(req, node, f, stats, policy, queued)
     factors = [
         thermal,
         _memory_factor(req, node, f, queues, now, policy, spread),
@@ -2468,11 +2482,17 @@ def choose(
             if best_any is not best_free and not best_any.free_slot:
                 reason += f"; {best_any.node_id} scores higher but is full"
             return Choice("dispatch", best_free.node_id, _reorder(ranked, best_free), reason)
+        t_full, t_free = _expected_s(best_any), _expected_s(best_free)
+        why = (
+            "still expected to finish sooner"
+            if t_full < t_free
+            else f"scores higher though expected later (~{t_full:.1f}s against ~{t_free:.1f}s)"
+        )
         return Choice(
             "wait",
             None,
             _reorder(ranked, best_any),
-            f"{best_any.node_id} is full but still expected to finish sooner "
+            f"{best_any.node_id} is full but {why} "
             f"(+{full_lead:.1f} points over {best_free.node_id})",
             wait_for=best_any.node_id,
         )

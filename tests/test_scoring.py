@@ -425,6 +425,34 @@ def test_waits_for_a_hot_full_node_rather_than_a_long_cold_load() -> None:
     assert ch.node_id == "cold"
 
 
+def test_a_backlog_on_the_hot_node_shrinks_its_residency_bonus() -> None:
+    """hot_backlog_s: the queue a request would wait for where its model is hot wears the
+    residency bonus down, so a quick load elsewhere wins over a long line; without a
+    backlog, or with the knob off, the hot node keeps the request."""
+    small = avail(size=2)
+    hot = node("hot", models=(small,), loaded_models=(loaded(size=2.5),))
+    cold = node("cold", models=(small,))
+    st = ServiceStats(
+        count=20, service_ms_ewma=4000, eval_tps_ewma=60, eval_tps_n=20, completion_tokens_ewma=200
+    )
+    stats = {("hot", M): st, ("cold", M): st}
+    line = {("hot", M): QueueSnapshot(2, 1, 1)}  # 2 waiting behind 1 busy slot: ~12 s
+    on = replace(P, hot_backlog_s=20.0)
+    ch = pick([hot, cold], queues=line, stats=stats, policy=on)
+    assert ch.action == "dispatch" and ch.node_id == "cold"
+    t = scores([hot, cold], queues=line, stats=stats, policy=on)["hot"].factor("thermal")
+    assert t is not None and t.contribution < P.hot_bonus and "backlog" in t.reason
+    # the knob off: the full bonus holds the request for the hot node (it waits for a slot)
+    off = replace(P, hot_backlog_s=0.0)
+    ch = pick([hot, cold], queues=line, stats=stats, policy=off)
+    assert ch.action == "wait" and ch.wait_for == "hot"
+    assert "expected later (~15.3s against ~5.7s)" in ch.reason  # not "sooner"
+    # no backlog: the hot node wins with the knob on, and keeps its whole bonus
+    assert pick([hot, cold], stats=stats, policy=on).node_id == "hot"
+    t = scores([hot, cold], stats=stats, policy=on)["hot"].factor("thermal")
+    assert t is not None and t.contribution == P.hot_bonus
+
+
 @pytest.mark.parametrize(
     ("nodes", "kind", "needle"),
     [
