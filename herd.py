@@ -1935,6 +1935,8 @@ class Node:
     # Ollama serves it no new request meanwhile, so a poll listing it does not make it hot
     evicting: dict[str, str] = field(default_factory=dict)
     ps_listed: LoadedModels = field(default_factory=LoadedModels)  # before ``evicting``
+    # model → requests sent here that no answer byte has come back for yet
+    awaiting: dict[str, int] = field(default_factory=dict)
     held_since: float = 0.0  # pending / rejected (consent): since when, and why
     held_reason: str = ""
     # the last snapshot and what it was built from (``snapshot`` reuses it while unchanged)
@@ -2001,6 +2003,25 @@ class Node:
         for name, when in list(self.recently_unloaded.items()):
             if now - when > 3600:
                 del self.recently_unloaded[name]
+
+    def sent(self, model: str) -> None:
+        """A request for ``model`` went to this node; ``answered`` when its first byte is
+        back or the attempt ends without one."""
+        self.awaiting[model] = self.awaiting.get(model, 0) + 1
+
+    def answered(self, model: str) -> None:
+        n = self.awaiting.get(model, 0) - 1
+        if n > 0:
+            self.awaiting[model] = n
+        else:
+            self.awaiting.pop(model, None)
+
+    def unseen_loads(self) -> list[str]:
+        """Models requests here still wait on that ``/api/ps`` no longer lists and that no
+        load herd knows of brings: Ollama evicted them (a load herd did not see coming, a
+        drain) and will load them again for those requests."""
+        listed = self.ps_listed.names
+        return [m for m in self.awaiting if m not in listed and m not in self.loading]
 
     def load_done(self, model: str) -> None:
         """An answer for ``model`` began here (or it loaded for a pre-warm): no load of it
@@ -4188,6 +4209,7 @@ class Fleet:
         if isinstance(ps, dict) and isinstance(ps.get("models"), list):
             node.set_loaded([m for m in ps["models"] if isinstance(m, dict)], now)
             self.learner.learn_memory(node, now)
+            self.note_unseen_loads(node, now)
         if isinstance(tags, dict) and isinstance(tags.get("models"), list):
             node.available = [m for m in tags["models"] if isinstance(m, dict)]
         if isinstance(version, dict):
@@ -4307,6 +4329,17 @@ class Fleet:
         used = sum(lm.size for lm in snap.loaded.values())
         return dataclasses.replace(snap, ram_total=cap, ram_available=max(0, cap - used),
                                    memory_learned=how)
+
+    def note_unseen_loads(self, node: Node, now: float) -> None:
+        """A model requests here wait on that ``/api/ps`` stopped listing is being loaded
+        again for them (``Node.unseen_loads``): from this reading on it is a load like one
+        herd sent — "loading" until an answer begins, later loads queue behind it, and what
+        it will evict stops counting as hot — instead of a surprise when those requests
+        report their load, and a cascade of requests sent to its victims meanwhile."""
+        for model in node.unseen_loads():
+            node.loading[model] = now
+            rreq = scoring.RouteRequest(model)
+            self.note_evictions(node, rreq, self.r.admission.queue_view, now)
 
     def note_evictions(self, node: Node, rreq: scoring.RouteRequest,
                        queues: Mapping[tuple[str, str], scoring.QueueSnapshot],
@@ -4527,6 +4560,7 @@ class Fleet:
         node.max_loaded_models = ollama.max_loaded_models
         if ollama.loaded is not None:
             node.set_loaded(ollama.loaded, now)
+            self.note_unseen_loads(node, now)
         if ollama.available is not None:
             node.available_models = ollama.available
             node.available_hash = ollama.available_hash
@@ -5254,6 +5288,8 @@ class Proxy:
         choice: scoring.Choice,
     ) -> None:
         """One attempt: raises UpstreamFailure when nothing reached the client yet."""
+        node.sent(rreq.model)
+        waiting = True
         try:
             timeout = self.r.config.first_byte_timeout_s
             first_byte = request.http.watch(timeout)  # the connection's, kept across requests
@@ -5313,6 +5349,8 @@ class Proxy:
                 ) from None
             except ConnectionClosed as exc:
                 raise UpstreamFailure("reset", f"node {node.node_id}: {exc}") from None
+            node.answered(rreq.model)
+            waiting = False
             if rreq.model in node.loading:  # an answer began: its load is done
                 node.load_done(rreq.model)
             if not attempt.dispatch_hot:  # see what the load evicted, now
@@ -5326,6 +5364,9 @@ class Proxy:
                            error="client disconnected before the node answered",
                            choice=choice, model=attempt.served_model, node_id=node.node_id)
             raise
+        finally:
+            if waiting:  # it ended without a byte of an answer
+                node.answered(rreq.model)
 
     async def _relay_response(
         self,

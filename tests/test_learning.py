@@ -957,6 +957,62 @@ async def test_a_predicted_victim_stays_out_of_the_resident_set_until_its_load_i
     assert "d:1b" in node.loaded_names() and len(node.loaded_names()) == 3
 
 
+async def test_a_request_waiting_on_a_model_ps_stopped_listing_is_a_load_under_way(
+    make_router: RouterFactory, make_fake: FakeFactory
+) -> None:
+    """A model evicted behind herd's back (here by a client of the node itself) while herd
+    still believes it resident: a request herd sends for it waits inside Ollama, which
+    loads it again once memory frees. The next /api/ps no longer lists it while that
+    request waits: from that reading on it is a load under way there ("loading", which
+    later requests join and later loads queue behind), not a model merely gone; the load is
+    done when the answer begins."""
+    a, b = (FakeModel(name=n, size=1_000_000_000) for n in ("a:1b", "b:1b"))
+    fake = await make_fake([a, b], max_loaded_models=1, tokens_per_s=20, response_tokens=20,
+                           load_delay_s=0.0)
+    r = await make_router([fake.url], poll_interval_s=3600.0)
+    await r.wait_ready(nodes=1)
+    fleet = r.router.fleet
+    (node,) = fleet.nodes.values()
+    async with ollama.AsyncClient(host=r.url) as client:
+        await client.generate(model="a:1b", prompt="hi", stream=False)
+    assert await fleet.refresh_node(node)
+    assert node.loaded_names() == {"a:1b"} and not node.awaiting
+
+    async def direct_b() -> None:  # evicts the idle a, then holds the node ~1 s
+        async with ollama.AsyncClient(host=fake.url) as direct:
+            await direct.generate(model="b:1b", prompt="hi", stream=False)
+
+    async def via_herd_a() -> None:
+        async with ollama.AsyncClient(host=r.url) as client:
+            await client.generate(model="a:1b", prompt="hi", stream=False)
+
+    other = asyncio.create_task(direct_b())
+    async with asyncio.timeout(5):
+        while "b:1b" not in {st.name for st in fake.loaded.values()}:
+            await asyncio.sleep(0.01)
+    assert "a:1b" in node.loaded_names()  # herd has not seen the eviction
+    ours = asyncio.create_task(via_herd_a())
+    async with asyncio.timeout(5):
+        while not node.awaiting:
+            await asyncio.sleep(0.01)
+    assert node.awaiting == {"a:1b": 1}
+    assert await fleet.refresh_node(node)
+    assert node.ps_listed.names == {"b:1b"}
+    assert "a:1b" in node.loading  # the reload Ollama owes that request
+    snap = fleet._with_learned(node.snapshot(time.time()), time.time())
+    thermal = scoring.score_nodes(RouteRequest("a:1b"), [snap], {}, {}, {}, time.time(),
+                                  r.router.policy)[0].factor("thermal")
+    assert thermal is not None and "being loaded" in thermal.reason
+    await asyncio.gather(other, ours)
+    assert not node.awaiting and "a:1b" not in node.loading  # its answer began: loaded
+    # an attempt that ends without an answer byte (a node error) is not awaited either
+    fake.fail_next(500, path="/api/generate")
+    async with ollama.AsyncClient(host=r.url) as client:
+        with pytest.raises(ollama.ResponseError):  # the only node: nowhere to retry
+            await client.generate(model="a:1b", prompt="hi", stream=False)
+    assert not node.awaiting
+
+
 async def test_the_router_reads_ps_when_a_load_ends_or_a_resident_model_was_evicted_unseen(
     make_router: RouterFactory, make_fake: FakeFactory
 ) -> None:
