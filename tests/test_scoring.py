@@ -935,15 +935,37 @@ def test_more_queue_never_raises_the_score(
 @settings(max_examples=200, deadline=None)
 @given(queue_st, st.floats(0, 64), st.sampled_from([0.5, 2, 5, 9, 20]), st.integers(0, 9000))
 def test_hot_never_scores_below_cold(q, free, size, est) -> None:
+    """With the flat residency bonus. A backlog wears the bonus down (hot_backlog_s, the
+    property below): a hot node with a long line may then score below a cold one, which
+    is the point — another node's cold load relieves that line."""
+    flat = replace(P, hot_backlog_s=0.0)
     m = avail(size=size)
     hot = node("n1", models=(m,), free=free, loaded_models=(loaded(size=size * 1.1),))
     cold = node("n1", models=(m,), free=free)
     r = req(est_tokens=est)
-    sh = scores([hot], queues={("n1", M): q}, r=r)["n1"]
-    sc = scores([cold], queues={("n1", M): q}, r=r)["n1"]
+    sh = scores([hot], queues={("n1", M): q}, r=r, policy=flat)["n1"]
+    sc = scores([cold], queues={("n1", M): q}, r=r, policy=flat)["n1"]
     assert sh.eligible
     if sc.eligible:
         assert sh.total >= sc.total
+
+
+@settings(max_examples=200, deadline=None)
+@given(queue_st, st.integers(0, 8), st.sampled_from([0.5, 2, 9, 20]))
+def test_a_backlog_wears_the_residency_bonus_down_never_below_nothing(q, more, size) -> None:
+    """hot_backlog_s: the hot node's bonus is within [0, hot_bonus], and a longer line
+    never raises it."""
+    m = avail(size=size)
+    n = node("n1", models=(m,), loaded_models=(loaded(size=size * 1.1),))
+    longer = replace(q, pending=q.pending + more)
+
+    def bonus(qs: QueueSnapshot) -> float:
+        t = scores([n], queues={("n1", M): qs})["n1"].factor("thermal")
+        assert t is not None
+        return t.contribution
+
+    b, b_longer = bonus(q), bonus(longer)
+    assert 0.0 <= b_longer <= b + 1e-9 <= P.hot_bonus + 1e-9
 
 
 @settings(max_examples=200, deadline=None)
@@ -995,15 +1017,16 @@ def test_never_waits_for_a_full_node_that_is_not_expected_sooner_than_a_free_hot
     q = {("full", M): QueueSnapshot(0, 1, 1), ("free", M): QueueSnapshot(0, 0, 1)}
     stats = {("full", M): st, ("free", M): st}
     r = req(est_tokens=2000, cache_node="full", cached_tokens=1500)
-    s = scores([full, free], queues=q, stats=stats, r=r)
+    flat = replace(P, hot_backlog_s=0.0)  # the full residency bonus despite its line
+    s = scores([full, free], queues=q, stats=stats, r=r, policy=flat)
     assert s["full"].total > s["free"].total  # it does lead on points ...
     wait_full, wait_free = s["full"].factor("wait"), s["free"].factor("wait")
     assert wait_full is not None and wait_free is not None
     assert wait_full.value > wait_free.value  # ... but is expected to finish later
-    ch = pick([full, free], queues=q, stats=stats, r=r)
+    ch = pick([full, free], queues=q, stats=stats, r=r, policy=flat)
     assert ch.action == "dispatch" and ch.node_id == "free"
     ranked = tuple(sorted(s.values(), key=lambda x: -x.total))
-    assert wait_targets(Choice("wait", None, ranked, "", wait_for="full"), P) == ()
+    assert wait_targets(Choice("wait", None, ranked, "", wait_for="full"), flat) == ()
 
 
 # -- _score_node: eligibility plus one function per factor (issue 14) -------------------
