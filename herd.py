@@ -2122,40 +2122,54 @@ LearnedCache = tuple[scoring.NodeSnapshot, int | None, "scoring.MemoryBounds | N
 
 class StatsTable(dict[tuple[str, str], scoring.ServiceStats]):
     """``Fleet.stats``: a dict that counts its changes (``version``), so what is derived
-    from it can be reused until the next one (``Fleet.stats_view``)."""
+    from it can be reused until the next one (``Fleet.stats_view``), and notes the keys
+    set or deleted since ``take_changes`` (``None``: a change it cannot name)."""
 
     version = 0
+    changed: set[tuple[str, str]] | None = None
 
     def __setitem__(self, key: tuple[str, str], value: scoring.ServiceStats) -> None:
         super().__setitem__(key, value)
-        self.version += 1
+        self._note(key)
 
     def __delitem__(self, key: tuple[str, str]) -> None:
         super().__delitem__(key)
+        self._note(key)
+
+    def _note(self, key: tuple[str, str] | None) -> None:
         self.version += 1
+        if key is None:
+            self.changed = None
+        elif self.changed is not None:
+            self.changed.add(key)
+
+    def take_changes(self) -> set[tuple[str, str]] | None:
+        """The keys changed since the last call (``None``: unknown), and start afresh."""
+        changed, self.changed = self.changed, set()
+        return changed
 
     def pop(self, *args: Any) -> Any:
-        self.version += 1
+        self._note(args[0] if args else None)
         return super().pop(*args)
 
     def popitem(self) -> tuple[tuple[str, str], scoring.ServiceStats]:
-        self.version += 1
+        self._note(None)
         return super().popitem()
 
     def clear(self) -> None:
-        self.version += 1
+        self._note(None)
         super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self.version += 1
+        self._note(None)
         super().update(*args, **kwargs)
 
     def setdefault(self, *args: Any) -> Any:
-        self.version += 1
+        self._note(args[0] if args else None)
         return super().setdefault(*args)
 
     def __ior__(self, other: Any) -> StatsTable:  # type: ignore[override,misc]
-        self.version += 1
+        self._note(None)
         super().__ior__(other)
         return self
 
@@ -4261,7 +4275,10 @@ class Fleet:
         them, e.g. learned decode rates) shared by every request until ``stats`` changes."""
         view = self._stats_view
         if view is None or view[0] != self.stats.version:
-            view = self._stats_view = (self.stats.version, scoring.FleetStats(self.stats))
+            # carried over: what was derived from the nodes whose entries did not change
+            changed = self.stats.take_changes()
+            view = self._stats_view = (self.stats.version, scoring.FleetStats(
+                self.stats, view[1] if view is not None else None, changed))
         return view[1]
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:

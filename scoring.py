@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TypeVar
@@ -892,18 +892,41 @@ class FleetStats(Mapping[tuple[str, str], ServiceStats]):
 
     ``score_nodes`` wraps its ``stats`` in one: the per-node learning (``node_rates``,
     ``stream_slowdown``) then reads a node's own entries instead of scanning the whole
-    fleet's for every node it scores. Same entries, same order, same results."""
+    fleet's for every node it scores. Same entries, same order, same results.
 
-    __slots__ = ("_all", "_answer", "_by_node", "_rates", "_slowdown")
+    ``previous`` and ``changed``: the view of the same mapping before the entries under
+    the keys in ``changed`` were set or deleted (and nothing else changed). What was derived
+    from the other nodes' entries (their groups, rates, slowdown) and the other models'
+    answer lengths is carried over instead of derived again: a finished request changes one
+    node:model, not the 20 nodes a request scores. ``test_lean_path`` checks a carried view
+    against a fresh one."""
 
-    def __init__(self, stats: Mapping[tuple[str, str], ServiceStats]) -> None:
+    __slots__ = ("_all", "_answer", "_by_node", "_rates", "_slowdown", "_stale")
+
+    def __init__(
+        self,
+        stats: Mapping[tuple[str, str], ServiceStats],
+        previous: FleetStats | None = None,
+        changed: Collection[tuple[str, str]] | None = None,
+    ) -> None:
         self._all = stats
         self._by_node: dict[str, list[tuple[tuple[str, str], ServiceStats]]] | None = None
+        self._stale: set[str] = set()  # nodes whose group in _by_node must be built again
         # per node, what was derived from its entries (valid while this view is: a caller
         # that keeps one across requests replaces it whenever its statistics change)
         self._rates: dict[str, tuple[Mapping[str, AvailableModel], tuple[float, float]]] = {}
         self._slowdown: dict[str, tuple[Policy, tuple[float, bool]]] = {}
         self._answer: dict[str, float] = {}  # model -> its answers' length, fleet-wide
+        if previous is None or changed is None or previous._all is not stats:
+            return
+        nodes = {nid for nid, _m in changed}
+        models = {m for _nid, m in changed}
+        if previous._by_node is not None:
+            self._by_node = previous._by_node.copy()
+            self._stale = previous._stale | nodes
+        self._rates = {n: v for n, v in previous._rates.items() if n not in nodes}
+        self._slowdown = {n: v for n, v in previous._slowdown.items() if n not in nodes}
+        self._answer = {m: v for m, v in previous._answer.items() if m not in models}
 
     def __getitem__(self, key: tuple[str, str]) -> ServiceStats:
         return self._all[key]
@@ -923,6 +946,18 @@ class FleetStats(Mapping[tuple[str, str], ServiceStats]):
             self._by_node = {}
             for key, st in self._all.items():
                 self._by_node.setdefault(key[0], []).append((key, st))
+        elif self._stale:  # carried over: regroup the nodes whose entries changed
+            stale, self._stale = self._stale, set()
+            groups: dict[str, list[tuple[tuple[str, str], ServiceStats]]] = {
+                nid: [] for nid in stale}
+            for key, st in self._all.items():
+                if key[0] in stale:
+                    groups[key[0]].append((key, st))
+            for nid, items in groups.items():
+                if items:
+                    self._by_node[nid] = items
+                else:
+                    self._by_node.pop(nid, None)
         return self._by_node.get(node_id, ())
 
 
