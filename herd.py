@@ -3505,6 +3505,7 @@ class Admission:
         self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
         self.waiter_seq = 0
         self.prewarming: set[tuple[str, str]] = set()
+        self.score_memo = scoring.ScoreMemo()  # factors kept from request to request
 
     def _wake_waiters(self) -> None:
         """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
@@ -3600,6 +3601,7 @@ class Admission:
                         else loop.time() - start
                     ),
                     node_in_flight=self.node_in_flight,
+                    memo=self.score_memo,
                 )
                 self.maybe_prewarm(rreq, choice, queues, snaps)
                 snaps = None  # after a wait, the next round takes a fresh snapshot

@@ -999,6 +999,9 @@ def stream_slowdown(
     that barely varied: the prior ``busy_slowdown``.
     """
     if isinstance(stats, FleetStats):
+        hit = stats._slowdown.get(node_id)
+        if hit is not None and hit[0] is policy:  # _memoised's hit, inline (per node)
+            return hit[1]
         return _memoised(stats._slowdown, node_id, policy,
                          lambda: _stream_slowdown(node_id, stats, policy))
     return _stream_slowdown(node_id, stats, policy)
@@ -1035,6 +1038,9 @@ def node_rates(
     a model never served on a node still gets a node-specific prior.
     """
     if isinstance(stats, FleetStats):
+        hit = stats._rates.get(node_id)
+        if hit is not None and hit[0] is available:  # _memoised's hit, inline (per node)
+            return hit[1]
         return _memoised(stats._rates, node_id, available,
                          lambda: _node_rates(node_id, available, stats))
     return _node_rates(node_id, available, stats)
@@ -1850,12 +1856,14 @@ def score_nodes(
     now: float,
     policy: Policy,
     node_in_flight: Mapping[str, int] | None = None,
+    memo: ScoreMemo | None = None,
 ) -> tuple[Score, ...]:
     """Score every node for ``req``: eligible nodes by total (desc; ties by fewest
     outstanding, then node id), then ineligible nodes, each with its reason.
 
     ``node_in_flight``: requests in flight per node, all models (the sum of ``queues``'
-    ``in_flight`` by node, which is what is computed when it is not given)."""
+    ``in_flight`` by node, which is what is computed when it is not given). ``memo``: the
+    caller's ``ScoreMemo`` (kept across requests), else a fresh one."""
     busy = node_in_flight
     if busy is None:
         counted: dict[str, int] = {}
@@ -1866,11 +1874,13 @@ def score_nodes(
     if not isinstance(stats, FleetStats):
         stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
+    memo = (memo if memo is not None else ScoreMemo()).bind(policy)
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
         s = _score_node(
-            req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0), spread
+            req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0), spread,
+            memo,
         )
         (eligible if s.eligible else rejected).append(s)
     eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
@@ -1952,6 +1962,45 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
+class ScoreMemo:
+    """What scoring keeps from one request to the next (the router holds one and passes it
+    to ``choose``): the factors whose every field follows from the policy and a few whole
+    numbers (an idle queue, a machine's size, a prompt against a context window, the fixed
+    texts of a hot, loading or cold model, "healthy", "already resident"), one record
+    each. Building a Factor costs about as much as the rest of its factor's work, and a
+    request over 20 nodes builds 140, most of them the same as the request before.
+    Bounded (``limit``); another policy starts afresh. Decisions and breakdowns are the
+    same with or without one (``test_lean_path``)."""
+
+    __slots__ = ("factors", "healthy", "limit", "policy", "reserved", "resident",
+                 "unknown_memory")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.policy: Policy | None = None
+        self.factors: dict[tuple[object, ...], Factor] = {}
+
+    def bind(self, policy: Policy) -> ScoreMemo:
+        """This memo for ``policy`` (emptied when it was another one)."""
+        if policy is not self.policy:
+            self.policy = policy
+            self.factors = {}
+            self.healthy = Factor("availability", 1.0, -policy.availability_weight * 0.0,
+                                  "healthy")
+            self.resident = Factor("memory", 1.0, policy.memory_weight, "already resident")
+            self.reserved = Factor("memory", 1.0, policy.memory_weight,
+                                   "memory already reserved")
+            self.unknown_memory = Factor("memory", 0.5, 0.5 * policy.memory_weight,
+                                         "memory unknown")
+        return self
+
+    def keep(self, key: tuple[object, ...], factor: Factor) -> Factor:
+        if len(self.factors) >= self.limit:
+            self.factors.clear()
+        self.factors[key] = factor
+        return factor
+
+
 @dataclass(slots=True)
 class _Facts:
     """What eligibility learned about one node for one request; every factor reads it.
@@ -1979,6 +2028,7 @@ def _eligibility(
     breakers: Mapping[str, BreakerState],
     now: float,
     policy: Policy,
+    memo: ScoreMemo | None = None,
 ) -> str | _Facts:
     """Why ``node`` cannot serve ``req`` (a reason), or the facts its factors need."""
     nid = node.node_id
@@ -1993,7 +2043,8 @@ def _eligibility(
         return "node draining"
     if not node.reachable:
         return "node's Ollama unreachable from the router"
-    for key, what in ((nid, "node"), (breaker_key(nid, req.model), "node:model")):
+    checks = ((nid, "node"), (breaker_key(nid, req.model), "node:model")) if breakers else ()
+    for key, what in checks:  # (no breaker at all, the usual case: nothing to look up)
         b = breakers.get(key)
         if not breaker_allows(b, now):
             assert b is not None
@@ -2020,13 +2071,20 @@ def _eligibility(
         offload = need > fast_total
     if not resident and node.memory_pressure == "critical":
         return "memory pressure critical: cold load withheld"
+    if memo is not None and (state == "hot" or state == "loading" or state == "cold"):
+        # fixed texts, made of the policy alone: kept
+        tkey = ("thermal", t_reason)
+        thermal = memo.factors.get(tkey) or memo.keep(
+            tkey, Factor("thermal", t_value, t_contrib, t_reason))
+    else:
+        thermal = Factor("thermal", t_value, t_contrib, t_reason)
     return _Facts(
         q,
         slots,
         q.pending + q.in_flight,
         lm,
         state,
-        Factor("thermal", t_value, t_contrib, t_reason),
+        thermal,
         resident,
         model_bytes,
         fast_total,
@@ -2044,8 +2102,12 @@ def _memory_factor(
     now: float,
     policy: Policy,
     spread: Mapping[str, tuple[int, int]] | None,
+    memo: ScoreMemo | None = None,
 ) -> Factor:
-    """Memory fit: resident, room to spare, or what a load would evict."""
+    """Memory fit: resident, room to spare, or what a load would evict (the fixed texts
+    from ``memo``)."""
+    if memo is None:
+        memo = ScoreMemo().bind(policy)
     need, fast_total, fast_free = f.need, f.fast_total, f.fast_free
     count_full = (
         node.max_loaded > 0
@@ -2053,14 +2115,14 @@ def _memory_factor(
         and resident_count(node, req.model) >= node.max_loaded
     )
     if f.resident and f.state == "hot":
-        return Factor("memory", 1.0, policy.memory_weight, "already resident")
+        return memo.resident  # Factor("memory", 1.0, policy.memory_weight, "already resident")
     if count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
         contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
         return Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
     if fast_total <= 0 or need <= 0:
-        return Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown")
+        return memo.unknown_memory  # Factor("memory", 0.5, 0.5 * weight, "memory unknown")
     if f.state == "loading":
-        return Factor("memory", 1.0, policy.memory_weight, "memory already reserved")
+        return memo.reserved  # Factor("memory", 1.0, weight, "memory already reserved")
     if node.memory_learned == "learned_fit" and fast_free < need and not count_full:
         # only a lower bound is known (the most seen resident at once): past it, a load may
         # fit or evict; priced as unknown memory, and uncertain_evict_p of the eviction
@@ -2192,7 +2254,7 @@ def _wait_factor(
                        - max(0.0, now - started))
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     queue_wait, stalled, probe = _queue_wait_s(q, f.outstanding, slots, typical, now, policy)
-    blocked = node_blocked_s(node, req.model, now) if policy.drain_aware else 0.0
+    blocked = node_blocked_s(node, req.model, now) if policy.drain_aware and node.loading else 0.0
     queue_wait = max(queue_wait, blocked)
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
     saved = 0.0
@@ -2218,7 +2280,8 @@ def _wait_factor(
         + (f"; {drain:.1f}s for a busy model to drain first" if drain > 0 else "")
         + (f"; the node is blocked by a drain for {blocked:.1f}s" if blocked > 0 else ""),
     )
-    return factor, saved, _impact_s(concurrent, slow, run, policy)
+    impact = _impact_s(concurrent, slow, run, policy) if policy.impact_weight > 0 else 0.0
+    return factor, saved, impact
 
 
 def _queue_wait_s(
@@ -2361,43 +2424,62 @@ def _score_node(
     policy: Policy,
     node_in_flight: int,
     spread: Mapping[str, tuple[int, int]] | None = None,
+    memo: ScoreMemo | None = None,
 ) -> Score:
     """Eligibility, then one factor each: thermal, memory, queue, wait, (cache), affinity,
-    availability, context; the total is their sum in that order."""
+    availability, context; the total is their sum in that order. ``memo``: ``ScoreMemo``."""
     nid = node.node_id
+    memo = memo if memo is not None else ScoreMemo().bind(policy)
     q = queues.get((nid, req.model))
     if q is None:
         q = QueueSnapshot(slots=slot_count(node, None, policy))
-    f = _eligibility(req, node, q, breakers, now, policy)
+    f = _eligibility(req, node, q, breakers, now, policy, memo)
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
-    drain = drain_s(req, node, queues, stats, now, policy) if not f.resident else 0.0
+    drain = (drain_s(req, node, queues, stats, now, policy)
+             if not f.resident and node.loaded else 0.0)  # nothing loaded: nothing drains
     wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight, drain)
     thermal = _thermal_factor(req, node, f, stats, policy)
-    factors = [
-        thermal,
-        _memory_factor(req, node, f, queues, now, policy, spread),
-        _queue_factor(f, policy),
-        wait,
-    ]
+    memory = _memory_factor(req, node, f, queues, now, policy, spread, memo)
+    kept = memo.factors  # each kept factor by what it is made of (and the memo's policy)
+    key: tuple[object, ...] = ("queue", q.in_flight, q.pending, f.slots)
+    queue = kept.get(key) or memo.keep(key, _queue_factor(f, policy))
+    key = ("affinity", f.fast_total, f.model_bytes or f.need)
+    affinity = kept.get(key) or memo.keep(key, _affinity_factor(f, policy))
+    availability = (memo.healthy if _healthy(req, node, stats, breakers)
+                    else _availability_factor(req, node, stats, breakers, policy))
+    key = ("context", f.state, f.lm.context_length if f.lm else None, req.est_tokens)
+    context = kept.get(key) or memo.keep(key, _context_factor(req, f, policy))
+    extra: tuple[Factor, ...] = ()
     if saved > 0 or req.cache_node == nid:
-        factors.append(_cache_factor(req, nid, f.state, saved, policy))
+        extra = (_cache_factor(req, nid, f.state, saved, policy),)
     if impact > 0:
-        factors.append(Factor("impact", impact, -policy.wait_weight * impact,
-                              f"slows the node's other streams by ~{impact:.1f}s in all"))
-    factors.append(_affinity_factor(f, policy))
-    factors.append(_availability_factor(req, node, stats, breakers, policy))
-    factors.append(_context_factor(req, f, policy))
-    total = sum(x.contribution for x in factors)
-    return Score(
-        nid,
-        total,
-        True,
-        f"{f.state}, ~{wait.value:.1f}s expected",
-        tuple(factors),
-        f.outstanding,
-        q.in_flight < f.slots,
-    )
+        extra += (_impact_factor(impact, policy),)
+    factors = (thermal, memory, queue, wait, *extra, affinity, availability, context)
+    total: float = 0  # added as sum() adds them, without a generator
+    for x in factors:
+        total += x.contribution
+    return Score(nid, total, True, f"{f.state}, ~{wait.value:.1f}s expected", factors,
+                 f.outstanding, q.in_flight < f.slots)
+
+
+def _healthy(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+) -> bool:
+    """Nothing for ``_availability_factor`` to note (it would say "healthy", penalty 0):
+    no breaker, no failure rate, not degraded, no memory pressure."""
+    if breakers or node.status == NodeStatus.DEGRADED or node.memory_pressure == "warn":
+        return False
+    st = stats.get((node.node_id, req.model))
+    return st is None or not st.failure_rate > 0
+
+
+def _impact_factor(impact: float, policy: Policy) -> Factor:
+    return Factor("impact", impact, -policy.wait_weight * impact,
+                  f"slows the node's other streams by ~{impact:.1f}s in all")
 
 
 # ---------------------------------------------------------------------------------------
@@ -2468,6 +2550,7 @@ def choose(
     policy: Policy,
     waited_s: float = 0.0,
     node_in_flight: Mapping[str, int] | None = None,
+    memo: ScoreMemo | None = None,
 ) -> Choice:
     """Dispatch, wait or reject.
 
@@ -2483,7 +2566,7 @@ def choose(
       breakers stand in the way), or saturated for ``max_queue_wait_s`` (``retry_after_s``
       from the measured service times).
     """
-    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy, node_in_flight)
+    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy, node_in_flight, memo)
     eligible = [s for s in ranked if s.eligible]
     if not eligible:
         return _reject_no_eligible(req, nodes, ranked, breakers, now, policy)

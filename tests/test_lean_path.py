@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -776,11 +777,12 @@ def golden_case(seed: int) -> tuple[Any, ...]:
     return req, nodes, queues, stats, breakers, now, rnd.random(), policy, waited
 
 
-def golden_text(case: tuple[Any, ...]) -> str:
+def golden_text(case: tuple[Any, ...], memo: scoring.ScoreMemo | None = None) -> str:
     """Everything a decision hands on: the choice, each score's exact fields (repr), the
     breakdown the trace stores, the waiting targets and the pre-warm."""
     req, nodes, queues, stats, breakers, now, rand, policy, waited = case
-    ch = scoring.choose(req, nodes, queues, stats, breakers, now, rand, policy, waited)
+    ch = scoring.choose(req, nodes, queues, stats, breakers, now, rand, policy, waited,
+                        memo=memo)
     return "\n".join((
         repr((ch.action, ch.node_id, ch.reason, ch.retry_after_s, ch.wait_for,
               ch.reject_kind)),
@@ -792,11 +794,13 @@ def golden_text(case: tuple[Any, ...]) -> str:
     ))
 
 
-def golden_digests() -> list[str]:
+def golden_digests(memos: Callable[[int], scoring.ScoreMemo | None] = lambda _seed: None
+                   ) -> list[str]:
+    """One digest per case; ``memos(seed)``: the ``ScoreMemo`` that case scores with."""
     import hashlib
 
-    return [hashlib.sha256(golden_text(golden_case(seed)).encode()).hexdigest()[:16]
-            for seed in range(GOLDEN_CASES)]
+    return [hashlib.sha256(golden_text(golden_case(seed), memos(seed)).encode())
+            .hexdigest()[:16] for seed in range(GOLDEN_CASES)]
 
 
 def test_scoring_decides_and_explains_exactly_as_before() -> None:
@@ -804,11 +808,21 @@ def test_scoring_decides_and_explains_exactly_as_before() -> None:
     to the last bit and the stored breakdown equal what the scoring code made before its
     20-node fast paths (``tests/scoring_golden.json``, written by ``python -m
     tests.test_lean_path --write-golden`` at 6f6fbf4). A scoring change that is meant to
-    change decisions rewrites the file, and says so."""
+    change decisions rewrites the file, and says so.
+
+    Three ways: no ``ScoreMemo`` (each request its own); one memo per policy kept across
+    its 250 cases, as the router keeps one (one of them with a limit of 40 factors, so it
+    empties often); one memo for all, its policy changing every case."""
     want = json.loads(GOLDEN.read_text())
-    got = golden_digests()
-    bad = [seed for seed, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
-    assert not bad, f"{len(bad)} of {GOLDEN_CASES} cases differ, e.g. seed {bad[:5]}"
+    per_policy = [scoring.ScoreMemo(limit=40 if k == 1 else 4096) for k in range(4)]
+    shared = scoring.ScoreMemo()
+    for name, memos in (("no memo", lambda _seed: None),
+                        ("a memo per policy", lambda seed: per_policy[seed % len(_POLICIES)]),
+                        ("one memo, policy changing", lambda _seed: shared)):
+        got = golden_digests(memos)
+        bad = [seed for seed, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+        assert not bad, f"{name}: {len(bad)} of {GOLDEN_CASES} cases differ, e.g. {bad[:5]}"
+    assert 0 < len(per_policy[1].factors) <= 40 and len(per_policy[0].factors) > 40
 
 
 @settings(max_examples=60, deadline=None)
