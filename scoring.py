@@ -2071,20 +2071,13 @@ def _eligibility(
         offload = need > fast_total
     if not resident and node.memory_pressure == "critical":
         return "memory pressure critical: cold load withheld"
-    if memo is not None and (state == "hot" or state == "loading" or state == "cold"):
-        # fixed texts, made of the policy alone: kept
-        tkey = ("thermal", t_reason)
-        thermal = memo.factors.get(tkey) or memo.keep(
-            tkey, Factor("thermal", t_value, t_contrib, t_reason))
-    else:
-        thermal = Factor("thermal", t_value, t_contrib, t_reason)
     return _Facts(
         q,
         slots,
         q.pending + q.in_flight,
         lm,
         state,
-        thermal,
+        _thermal_record(state, t_value, t_contrib, t_reason, memo),
         resident,
         model_bytes,
         fast_total,
@@ -2092,6 +2085,18 @@ def _eligibility(
         need,
         offload,
     )
+
+
+def _thermal_record(
+    state: str, value: float, contribution: float, reason: str, memo: ScoreMemo | None
+) -> Factor:
+    """The thermal factor; a hot, loading or cold one (fixed texts, made of the policy
+    alone) kept in ``memo``."""
+    if memo is None or not (state == "hot" or state == "loading" or state == "cold"):
+        return Factor("thermal", value, contribution, reason)
+    key = ("thermal", reason)
+    return memo.factors.get(key) or memo.keep(key, Factor("thermal", value, contribution,
+                                                          reason))
 
 
 def _memory_factor(
@@ -2227,10 +2232,11 @@ def _wait_factor(
     policy: Policy,
     node_in_flight: int,
     drain: float = 0.0,
+    memo: ScoreMemo | None = None,
 ) -> tuple[Factor, float, float]:
     """Expected seconds until this request completes (queue + load + run), the prefill
     seconds a cached conversation prefix saves, and the delay it adds to the node's other
-    streams (``_impact_s``)."""
+    streams (``_impact_s``). ``memo``: keeps the factor by its numbers (``_wait_record``)."""
     nid = node.node_id
     state, slots, q = f.state, f.slots, f.q
     st = stats.get((nid, req.model))
@@ -2269,19 +2275,45 @@ def _wait_factor(
         base_k = st.eval_k_ewma
     run = (svc - saved) * (1.0 + slow * concurrent) / (1.0 + slow * base_k)
     expected = queue_wait + load + run
+    factor = _wait_record(expected, queue_wait, load, run, st is not None and st.count > 0,
+                          probe, stalled, drain, blocked, policy, memo)
+    impact = _impact_s(concurrent, slow, run, policy) if policy.impact_weight > 0 else 0.0
+    return factor, saved, impact
+
+
+def _wait_record(
+    expected: float, queue_wait: float, load: float, run: float, measured: bool, probe: bool,
+    stalled: float, drain: float, blocked: float, policy: Policy, memo: ScoreMemo | None,
+) -> Factor:
+    """The wait factor, kept in ``memo`` by the numbers it is made of: the same seconds
+    give the same record (a cold node's prior, an idle hot node's measured time repeat
+    request after request). Keys tell 0.0 from -0.0 (equal as floats, not as texts)."""
+    key: tuple[object, ...] | None = None
+    if memo is not None:
+        key = ("wait", expected or _signed_zero(expected), queue_wait or _signed_zero(queue_wait),
+               load or _signed_zero(load), run or _signed_zero(run), measured, probe,
+               stalled if stalled > 0 else 0.0, drain if drain > 0 else 0.0,
+               blocked if blocked > 0 else 0.0)
+        kept = memo.factors.get(key)
+        if kept is not None:
+            return kept
     factor = Factor(
         "wait",
         expected,
         -policy.wait_weight * expected,
         f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
-        + (" (measured)" if st is not None and st.count > 0 else " (prior)")
+        + (" (measured)" if measured else " (prior)")
         + ("; an unconfirmed (probe) slot" if probe else "")
         + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else "")
         + (f"; {drain:.1f}s for a busy model to drain first" if drain > 0 else "")
         + (f"; the node is blocked by a drain for {blocked:.1f}s" if blocked > 0 else ""),
     )
-    impact = _impact_s(concurrent, slow, run, policy) if policy.impact_weight > 0 else 0.0
-    return factor, saved, impact
+    return memo.keep(key, factor) if memo is not None and key is not None else factor
+
+
+def _signed_zero(x: float) -> str:
+    """A key for a zero that keeps its sign (``0.0 == -0.0``, but they print apart)."""
+    return "-0" if math.copysign(1.0, x) < 0 else "+0"
 
 
 def _queue_wait_s(
@@ -2438,7 +2470,8 @@ def _score_node(
         return _ineligible(nid, f, q.pending + q.in_flight)
     drain = (drain_s(req, node, queues, stats, now, policy)
              if not f.resident and node.loaded else 0.0)  # nothing loaded: nothing drains
-    wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight, drain)
+    wait, saved, impact = _wait_factor(req, node, f, stats, now, policy, node_in_flight, drain,
+                                       memo)
     thermal = _thermal_factor(req, node, f, stats, policy)
     memory = _memory_factor(req, node, f, queues, now, policy, spread, memo)
     kept = memo.factors  # each kept factor by what it is made of (and the memo's policy)

@@ -825,6 +825,22 @@ def test_scoring_decides_and_explains_exactly_as_before() -> None:
     assert 0 < len(per_policy[1].factors) <= 40 and len(per_policy[0].factors) > 40
 
 
+def test_a_kept_wait_factor_tells_a_zero_from_a_negative_zero() -> None:
+    """``ScoreMemo`` keys the wait factor by its seconds; 0.0 and -0.0 are equal floats but
+    print apart ("-0.0s queue"), so each gets its own record, equal to one made afresh."""
+    policy = Policy()
+    memo = scoring.ScoreMemo().bind(policy)
+    for at in range(4):  # expected, queue, load, run seconds
+        for zero in (0.0, -0.0, 0.0, -0.0):
+            seconds = [1.5, 0.5, 0.25, 0.75]
+            seconds[at] = zero
+            args = (*seconds, True, False, 0.0, 0.0, 0.0, policy)
+            kept = scoring._wait_record(*args, memo)
+            fresh = scoring._wait_record(*args, None)
+            assert repr(kept) == repr(fresh) and kept.reason == fresh.reason
+    assert len(memo.factors) == 8
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2), st.integers(0, 3),
                           st.sets(st.integers(0, 4))), min_size=1, max_size=25))
