@@ -4818,21 +4818,45 @@ class FactorJson:
     repeat request after request ("loaded in memory (hot)", "healthy", ...), and at 20
     nodes a request's breakdown holds 140 of them. Called on the store's writer thread."""
 
-    __slots__ = ("limit", "memo")
+    __slots__ = ("limit", "lists", "memo", "seen")
 
     def __init__(self, limit: int = 8192) -> None:
         # keyed by the factor's fields as a tuple: the same equality as the Factor's own,
         # without a call of its generated __hash__ and __eq__ per factor looked up
         self.memo: dict[tuple[str, float, float, str], str] = {}
+        # and by the record itself: most factors are the very records scoring keeps from
+        # request to request (scoring.ScoreMemo); the record is held, so its id stays its own
+        self.seen: dict[int, tuple[scoring.Factor, str]] = {}
+        # a score's whole list of factors by their ids: the entry holds the records, so
+        # while it is there no other record can have those ids
+        self.lists: dict[tuple[int, ...], tuple[tuple[scoring.Factor, ...], str]] = {}
         self.limit = limit
 
     def __call__(self, factor: scoring.Factor) -> str:
+        hit = self.seen.get(id(factor))
+        if hit is not None and hit[0] is factor:
+            return hit[1]
         key = (factor.name, factor.value, factor.contribution, factor.reason)
         text = self.memo.get(key)
         if text is None:
             if len(self.memo) >= self.limit:
                 self.memo.clear()
             text = self.memo[key] = factor.to_json()
+        if len(self.seen) >= self.limit:
+            self.seen.clear()
+        self.seen[id(factor)] = (factor, text)
+        return text
+
+    def listed(self, factors: tuple[scoring.Factor, ...]) -> str:
+        """A score's factors, comma-joined (``Score.to_json``'s ``factors_json``)."""
+        key = tuple(map(id, factors))
+        hit = self.lists.get(key)
+        if hit is not None:
+            return hit[1]
+        text = ",".join(map(self, factors))
+        if len(self.lists) >= self.limit:
+            self.lists.clear()
+        self.lists[key] = (factors, text)
         return text
 
 
@@ -5465,7 +5489,8 @@ class Proxy:
             node_id=node_id if node_id is not None else attempt.node_id,
             score=winner.total if winner is not None else None,
             # lazy: built as JSON text on the store's writer thread
-            scores_breakdown=(functools.partial(choice.breakdown_json, self.factor_json)
+            scores_breakdown=(functools.partial(choice.breakdown_json, self.factor_json,
+                                                self.factor_json.listed)
                               if choice is not None else None),
             status=status,
             http_status=http_status,

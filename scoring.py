@@ -481,14 +481,18 @@ class Score:
             "factors": [f.to_dict() for f in self.factors],
         }
 
-    def to_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
-        """``to_dict()`` as compact JSON text; ``factor_json`` encodes each factor (a
-        caller may remember the encodings of factors it saw before)."""
+    def to_json(self, factor_json: Callable[[Factor], str] = Factor.to_json,
+                factors_json: Callable[[tuple[Factor, ...]], str] | None = None) -> str:
+        """``to_dict()`` as compact JSON text; ``factor_json`` encodes each factor, or
+        ``factors_json`` the comma-joined list (a caller may remember the encodings of the
+        factors it saw before)."""
+        listed = (factors_json(self.factors) if factors_json is not None
+                  else ",".join(map(factor_json, self.factors)))
         return (f'{{"node_id":{_json_str(self.node_id)},'
                 f'"total":{_json_float(round(self.total, 3) + 0.0)},'
                 f'"eligible":{"true" if self.eligible else "false"},'
                 f'"reason":{_json_str(self.reason)},'
-                f'"factors":[{",".join(map(factor_json, self.factors))}]}}')
+                f'"factors":[{listed}]}}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,14 +533,17 @@ class Choice:
             "others": [s.to_dict() for s in self.ranked if s is not w and s is not r],
         }
 
-    def breakdown_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
+    def breakdown_json(self, factor_json: Callable[[Factor], str] = Factor.to_json,
+                       factors_json: Callable[[tuple[Factor, ...]], str] | None = None
+                       ) -> str:
         """``breakdown()`` as the compact JSON text the trace store writes, without the
-        dicts in between (at 20 nodes that is 140 factors per request)."""
+        dicts in between (at 20 nodes that is 140 factors per request); ``factor_json`` and
+        ``factors_json`` as ``Score.to_json`` takes them."""
         w, r = self.winner, self.runner_up
-        others = ",".join(s.to_json(factor_json) for s in self.ranked
+        others = ",".join(s.to_json(factor_json, factors_json) for s in self.ranked
                           if s is not w and s is not r)
-        return (f'{{"winner":{w.to_json(factor_json) if w else "null"},'
-                f'"runner_up":{r.to_json(factor_json) if r else "null"},'
+        return (f'{{"winner":{w.to_json(factor_json, factors_json) if w else "null"},'
+                f'"runner_up":{r.to_json(factor_json, factors_json) if r else "null"},'
                 f'"others":[{others}]}}')
 
 

@@ -825,6 +825,25 @@ def test_scoring_decides_and_explains_exactly_as_before() -> None:
     assert 0 < len(per_policy[1].factors) <= 40 and len(per_policy[0].factors) > 40
 
 
+def test_the_trace_encodes_kept_factors_as_their_own_text() -> None:
+    """``FactorJson`` finds a factor, and a score's whole list of factors, by the records'
+    ids (scoring keeps them from request to request): over the 1,000 golden fleets scored
+    with kept memos, with a limit of 64 so the maps empty often and records die and their
+    ids come back, every breakdown equals the one encoded from scratch (each fleet scored
+    twice, so that the second finds kept records)."""
+    memos = [scoring.ScoreMemo() for _ in _POLICIES]
+    fj = herd.FactorJson(limit=64)
+    hits = 0
+    for seed in range(GOLDEN_CASES):
+        req, nodes, queues, stats, breakers, now, rand, policy, waited = golden_case(seed)
+        for _again in range(2):  # the same fleet twice: the second finds kept records
+            ch = scoring.choose(req, nodes, queues, stats, breakers, now, rand, policy,
+                                waited, memo=memos[seed % len(_POLICIES)])
+            hits += sum(tuple(map(id, s.factors)) in fj.lists for s in ch.ranked if s.factors)
+            assert ch.breakdown_json(fj, fj.listed) == ch.breakdown_json()
+    assert hits > 50, hits  # lists found again, not only encoded
+
+
 def test_a_kept_wait_factor_tells_a_zero_from_a_negative_zero() -> None:
     """``ScoreMemo`` keys the wait factor by its seconds; 0.0 and -0.0 are equal floats but
     print apart ("-0.0s queue"), so each gets its own record, equal to one made afresh."""
