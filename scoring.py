@@ -1881,18 +1881,85 @@ def score_nodes(
     if not isinstance(stats, FleetStats):
         stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
+    kept = memo is not None and not breakers  # a caller's memo: scores kept across requests
     memo = (memo if memo is not None else ScoreMemo()).bind(policy)
+    scores = memo.scores_for(req) if kept else None
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
-        s = _score_node(
-            req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0), spread,
-            memo,
-        )
+        nif = busy.get(node.node_id, 0)
+        s = _kept_score(scores, req, node, queues, stats, nif, now) if scores is not None else None
+        if s is None:
+            s = _score_node(req, node, queues, stats, breakers, now, policy, nif, spread, memo)
+            if scores is not None:
+                _keep_score(scores, s, req, node, queues, stats, nif, policy)
         (eligible if s.eligible else rejected).append(s)
     eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
     rejected.sort(key=lambda s: s.node_id)
     return tuple(eligible) + tuple(rejected)
+
+
+# A hot node with a free slot, no load under way and no breaker anywhere: its score is made
+# of the request, the node's snapshot, its queue's snapshot, its statistics (the entry,
+# its learned rates and slowdown), its requests in flight and the policy, and of ``now``
+# only through "the model has not expired yet" (checked: ``now`` < the entry's expiry).
+# Nothing else it reads (no eviction, drain, stall, probe or load path) is taken then.
+# ``ScoreMemo`` keeps such scores per request and node; they are found by those inputs'
+# identities (``test_lean_path`` scores changing fleets with and without it).
+KeptScore = tuple[NodeSnapshot, "QueueSnapshot | None", "ServiceStats | None", int, float,
+                  object, object, "Score"]
+
+
+def _kept_score(
+    scores: dict[str, KeptScore],
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: FleetStats,
+    node_in_flight: int,
+    now: float,
+) -> Score | None:
+    nid = node.node_id
+    e = scores.get(nid)
+    if e is None or e[0] is not node or not now < e[4] or e[3] != node_in_flight:
+        return None
+    if (e[1] is queues.get((nid, req.model)) and e[2] is stats.get((nid, req.model))
+            and e[5] is stats._rates.get(nid) and e[6] is stats._slowdown.get(nid)):
+        return e[7]
+    return None
+
+
+def _keep_score(
+    scores: dict[str, KeptScore],
+    score: Score,
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: FleetStats,
+    node_in_flight: int,
+    policy: Policy,
+) -> None:
+    """Keep ``score`` when it is one of those (see ``KeptScore``); else forget the node's."""
+    nid = node.node_id
+    lm = node.loaded.get(req.model)
+    q = queues.get((nid, req.model))
+    if q is not None:
+        slots = max(1, q.slots)
+        free = q.pending + q.in_flight < slots and not (0 < q.sure < slots
+                                                        and q.in_flight >= q.sure)
+    else:
+        free = True  # an idle queue of slot_count(node) slots: no stall, no probe
+    if (not score.eligible or not score.reason.startswith("hot,") or lm is None
+            or node.loading or not free):
+        scores.pop(nid, None)
+        return
+    rates, slow = stats._rates.get(nid), stats._slowdown.get(nid)
+    if rates is None or slow is None:  # not derived through the memo: not kept
+        scores.pop(nid, None)
+        return
+    until = lm.expires_at if lm.expires_at is not None else math.inf
+    scores[nid] = (node, q, stats.get((nid, req.model)), node_in_flight, until, rates, slow,
+                   score)
 
 
 def with_completion_estimate(
@@ -1979,19 +2046,22 @@ class ScoreMemo:
     Bounded (``limit``); another policy starts afresh. Decisions and breakdowns are the
     same with or without one (``test_lean_path``)."""
 
-    __slots__ = ("factors", "healthy", "limit", "policy", "reserved", "resident",
+    __slots__ = ("factors", "healthy", "limit", "policy", "reserved", "resident", "scores",
                  "unknown_memory")
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
         self.policy: Policy | None = None
         self.factors: dict[tuple[object, ...], Factor] = {}
+        # per request (its fields), per node: a score kept with what it was made of
+        self.scores: dict[RouteRequest, dict[str, KeptScore]] = {}
 
     def bind(self, policy: Policy) -> ScoreMemo:
         """This memo for ``policy`` (emptied when it was another one)."""
         if policy is not self.policy:
             self.policy = policy
             self.factors = {}
+            self.scores = {}
             self.healthy = Factor("availability", 1.0, -policy.availability_weight * 0.0,
                                   "healthy")
             self.resident = Factor("memory", 1.0, policy.memory_weight, "already resident")
@@ -2000,6 +2070,16 @@ class ScoreMemo:
             self.unknown_memory = Factor("memory", 0.5, 0.5 * policy.memory_weight,
                                          "memory unknown")
         return self
+
+    def scores_for(self, req: RouteRequest) -> dict[str, KeptScore]:
+        """The scores kept for requests equal to ``req`` (bounded: ``limit`` / 64 kinds of
+        request)."""
+        kept = self.scores.get(req)
+        if kept is None:
+            if len(self.scores) >= max(1, self.limit // 64):
+                self.scores.clear()
+            kept = self.scores[req] = {}
+        return kept
 
     def keep(self, key: tuple[object, ...], factor: Factor) -> Factor:
         if len(self.factors) >= self.limit:

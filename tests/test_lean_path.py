@@ -844,6 +844,100 @@ def test_the_trace_encodes_kept_factors_as_their_own_text() -> None:
     assert hits > 50, hits  # lists found again, not only encoded
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_kept_scores_equal_fresh_ones_while_the_fleet_changes(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ScoreMemo`` keeps the score of a hot node with a free slot (``KeptScore``). A
+    fleet of hot nodes changes step by step (the clock passes expiries, queues fill and
+    drain, statistics, snapshots, loads under way, breakers, requests in flight, the
+    prompt): every choice made with the kept memo equals one made from scratch."""
+    import random
+
+    rnd = random.Random(seed)
+    policy = _POLICIES[seed % 2]  # the default, and one that reads rates in the hot path
+    now = 1_790_000_000.0
+    model, other = "m:1b", "o:7b"
+    names = [f"n{i}" for i in range(6)]
+    nodes = {
+        nid: scoring.NodeSnapshot(
+            node_id=nid, status=scoring.NodeStatus.ONLINE, ram_total=64 * _GB,
+            ram_available=20 * _GB,
+            loaded={m: scoring.LoadedModel(m, 2 * _GB, 0, 4096, now + rnd.choice((5, 30, 900)))
+                    for m in (model, other) if m == model or rnd.random() < 0.5},
+            available={m: scoring.AvailableModel(m, 2 * _GB) for m in (model, other)},
+            max_loaded=3)
+        for nid in names}
+    queues: dict[tuple[str, str], scoring.QueueSnapshot] = {}
+    table = herd.StatsTable()
+    view: scoring.FleetStats | None = None
+    breakers: dict[str, scoring.BreakerState] = {}
+    in_flight = dict.fromkeys(names, 0)
+    memo = scoring.ScoreMemo()
+    est = 10
+    cache_node = rnd.choice((None, "n1"))  # the prompt's prefix is cached there
+    found: list[scoring.Score] = []
+    kept_score = scoring._kept_score
+
+    def counted(*args: Any) -> scoring.Score | None:
+        s = kept_score(*args)
+        if s is not None:
+            found.append(s)
+        return s
+
+    monkeypatch.setattr(scoring, "_kept_score", counted)
+    for step in range(60):
+        nid = rnd.choice(names)
+        what = rnd.randrange(9)
+        if what == 0:
+            now += rnd.choice((1.0, 7.0, 26.0))
+        elif what == 1:
+            slots = rnd.choice((1, 2, 4))
+            queues[(nid, model)] = scoring.QueueSnapshot(
+                pending=rnd.choice((0, 0, 2)), in_flight=rnd.randint(0, slots),
+                slots=slots, sure=rnd.choice((0, 1, slots)),
+                progress_at=now - rnd.choice((0, 40)), oldest_at=now - rnd.choice((0, 50)))
+        elif what == 2:
+            obs = Observation(ok=rnd.random() < 0.9, prompt_tokens=10, prompt_eval_ms=4.0,
+                              completion_tokens=50, eval_ms=rnd.uniform(500, 3000),
+                              total_ms=3000.0, streams=rnd.randint(0, 3))
+            key = (nid, rnd.choice((model, other)))
+            table[key] = scoring.observe(table.get(key), obs, policy)
+        elif what == 3:
+            n = nodes[nid]
+            loaded = dict(n.loaded)
+            loaded[model] = scoring.LoadedModel(model, 2 * _GB, 0, rnd.choice((4096, 8192)),
+                                                now + rnd.choice((5, 60)))
+            nodes[nid] = dataclasses.replace(n, loaded=loaded)
+        elif what == 4:
+            n = nodes[nid]
+            nodes[nid] = dataclasses.replace(
+                n, loading={} if n.loading else {other: now - 1})
+        elif what == 5:
+            if breakers:
+                breakers.clear()
+            else:
+                breakers[nid] = scoring.BreakerState(consecutive_failures=1)
+        elif what == 6:
+            in_flight[nid] = rnd.randint(0, 5)
+        elif what == 7:
+            est = rnd.choice((10, 10, 900))
+        else:
+            nodes[nid] = dataclasses.replace(nodes[nid], status=rnd.choice(
+                (scoring.NodeStatus.ONLINE, scoring.NodeStatus.DEGRADED)))
+        view = scoring.FleetStats(table, view, table.take_changes())
+        req = scoring.RouteRequest(model, est_tokens=est, cache_node=cache_node,
+                                   cached_tokens=300)
+        fleet = list(nodes.values())
+        got = scoring.choose(req, fleet, queues, view, breakers, now, 0.3, policy,
+                             node_in_flight=in_flight, memo=memo)
+        want = scoring.choose(req, fleet, dict(queues), scoring.FleetStats(dict(table)),
+                              dict(breakers), now, 0.3, policy, node_in_flight=in_flight)
+        assert repr(got) == repr(want), f"step {step}"
+        assert got.breakdown_json() == want.breakdown_json()
+    assert len(found) >= 10  # kept scores were found, and used
+
+
 def test_a_kept_wait_factor_tells_a_zero_from_a_negative_zero() -> None:
     """``ScoreMemo`` keys the wait factor by its seconds; 0.0 and -0.0 are equal floats but
     print apart ("-0.0s queue"), so each gets its own record, equal to one made afresh."""
