@@ -1881,7 +1881,10 @@ def score_nodes(
     if not isinstance(stats, FleetStats):
         stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
-    kept = memo is not None and not breakers  # a caller's memo: scores kept across requests
+    # a caller's memo: scores kept across requests, while no breaker says anything (a
+    # closed breaker with no failure streak, as one stays after a recovery, says nothing)
+    kept = memo is not None and all(
+        b.state == CircuitState.CLOSED and not b.consecutive_failures for b in breakers.values())
     memo = (memo if memo is not None else ScoreMemo()).bind(policy)
     scores = memo.scores_for(req) if kept else None
     eligible: list[Score] = []
@@ -1899,7 +1902,8 @@ def score_nodes(
     return tuple(eligible) + tuple(rejected)
 
 
-# A hot node with a free slot, no load under way and no breaker anywhere: its score is made
+# A hot node with a free slot, no load under way and no breaker that says anything (open,
+# half-open or counting failures) anywhere: its score is made
 # of the request, the node's snapshot, its queue's snapshot, its statistics (the entry,
 # its learned rates and slowdown), its requests in flight and the policy, and of ``now``
 # only through "the model has not expired yet" (checked: ``now`` < the entry's expiry).

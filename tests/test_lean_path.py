@@ -913,11 +913,14 @@ def test_kept_scores_equal_fresh_ones_while_the_fleet_changes(
             n = nodes[nid]
             nodes[nid] = dataclasses.replace(
                 n, loading={} if n.loading else {other: now - 1})
-        elif what == 5:
-            if breakers:
-                breakers.clear()
-            else:
-                breakers[nid] = scoring.BreakerState(consecutive_failures=1)
+        elif what == 5:  # none; one after a recovery (says nothing); a streak; open
+            breakers.clear()
+            state = rnd.choice((None, scoring.BreakerState(trips=2, opened_at=now - 50),
+                                scoring.BreakerState(consecutive_failures=1),
+                                scoring.BreakerState(state=scoring.CircuitState.OPEN,
+                                                     trips=1, open_until=now + 30)))
+            if state is not None:
+                breakers[rnd.choice((nid, f"{nid}:{model}"))] = state
         elif what == 6:
             in_flight[nid] = rnd.randint(0, 5)
         elif what == 7:
