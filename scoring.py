@@ -1945,6 +1945,9 @@ def _keep_score(
 ) -> None:
     """Keep ``score`` when it is one of those (see ``KeptScore``); else forget the node's."""
     nid = node.node_id
+    if not score.eligible or node.loading or not score.reason.startswith("hot,"):
+        scores.pop(nid, None)
+        return
     lm = node.loaded.get(req.model)
     q = queues.get((nid, req.model))
     if q is not None:
@@ -1953,8 +1956,7 @@ def _keep_score(
                                                         and q.in_flight >= q.sure)
     else:
         free = True  # an idle queue of slot_count(node) slots: no stall, no probe
-    if (not score.eligible or not score.reason.startswith("hot,") or lm is None
-            or node.loading or not free):
+    if lm is None or not free:
         scores.pop(nid, None)
         return
     rates, slow = stats._rates.get(nid), stats._slowdown.get(nid)
