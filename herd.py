@@ -2143,40 +2143,54 @@ LearnedCache = tuple[scoring.NodeSnapshot, int | None, "scoring.MemoryBounds | N
 
 class StatsTable(dict[tuple[str, str], scoring.ServiceStats]):
     """``Fleet.stats``: a dict that counts its changes (``version``), so what is derived
-    from it can be reused until the next one (``Fleet.stats_view``)."""
+    from it can be reused until the next one (``Fleet.stats_view``), and notes the keys
+    set or deleted since ``take_changes`` (``None``: a change it cannot name)."""
 
     version = 0
+    changed: set[tuple[str, str]] | None = None
 
     def __setitem__(self, key: tuple[str, str], value: scoring.ServiceStats) -> None:
         super().__setitem__(key, value)
-        self.version += 1
+        self._note(key)
 
     def __delitem__(self, key: tuple[str, str]) -> None:
         super().__delitem__(key)
+        self._note(key)
+
+    def _note(self, key: tuple[str, str] | None) -> None:
         self.version += 1
+        if key is None:
+            self.changed = None
+        elif self.changed is not None:
+            self.changed.add(key)
+
+    def take_changes(self) -> set[tuple[str, str]] | None:
+        """The keys changed since the last call (``None``: unknown), and start afresh."""
+        changed, self.changed = self.changed, set()
+        return changed
 
     def pop(self, *args: Any) -> Any:
-        self.version += 1
+        self._note(args[0] if args else None)
         return super().pop(*args)
 
     def popitem(self) -> tuple[tuple[str, str], scoring.ServiceStats]:
-        self.version += 1
+        self._note(None)
         return super().popitem()
 
     def clear(self) -> None:
-        self.version += 1
+        self._note(None)
         super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self.version += 1
+        self._note(None)
         super().update(*args, **kwargs)
 
     def setdefault(self, *args: Any) -> Any:
-        self.version += 1
+        self._note(args[0] if args else None)
         return super().setdefault(*args)
 
     def __ior__(self, other: Any) -> StatsTable:  # type: ignore[override,misc]
-        self.version += 1
+        self._note(None)
         super().__ior__(other)
         return self
 
@@ -3512,6 +3526,7 @@ class Admission:
         self.waiters: dict[int, Waiter] = {}  # every request waiting for a slot, by arrival
         self.waiter_seq = 0
         self.prewarming: set[tuple[str, str]] = set()
+        self.score_memo = scoring.ScoreMemo()  # factors kept from request to request
 
     def _wake_waiters(self) -> None:
         """The fleet changed (node state, models, memory): every waiter re-scores, in arrival
@@ -3607,6 +3622,7 @@ class Admission:
                         else loop.time() - start
                     ),
                     node_in_flight=self.node_in_flight,
+                    memo=self.score_memo,
                 )
                 self.maybe_prewarm(rreq, choice, queues, snaps)
                 snaps = None  # after a wait, the next round takes a fresh snapshot
@@ -4283,7 +4299,10 @@ class Fleet:
         them, e.g. learned decode rates) shared by every request until ``stats`` changes."""
         view = self._stats_view
         if view is None or view[0] != self.stats.version:
-            view = self._stats_view = (self.stats.version, scoring.FleetStats(self.stats))
+            # carried over: what was derived from the nodes whose entries did not change
+            changed = self.stats.take_changes()
+            view = self._stats_view = (self.stats.version, scoring.FleetStats(
+                self.stats, view[1] if view is not None else None, changed))
         return view[1]
 
     def _snapshots(self, now: float) -> list[scoring.NodeSnapshot]:
@@ -4833,21 +4852,45 @@ class FactorJson:
     repeat request after request ("loaded in memory (hot)", "healthy", ...), and at 20
     nodes a request's breakdown holds 140 of them. Called on the store's writer thread."""
 
-    __slots__ = ("limit", "memo")
+    __slots__ = ("limit", "lists", "memo", "seen")
 
     def __init__(self, limit: int = 8192) -> None:
         # keyed by the factor's fields as a tuple: the same equality as the Factor's own,
         # without a call of its generated __hash__ and __eq__ per factor looked up
         self.memo: dict[tuple[str, float, float, str], str] = {}
+        # and by the record itself: most factors are the very records scoring keeps from
+        # request to request (scoring.ScoreMemo); the record is held, so its id stays its own
+        self.seen: dict[int, tuple[scoring.Factor, str]] = {}
+        # a score's whole list of factors by their ids: the entry holds the records, so
+        # while it is there no other record can have those ids
+        self.lists: dict[tuple[int, ...], tuple[tuple[scoring.Factor, ...], str]] = {}
         self.limit = limit
 
     def __call__(self, factor: scoring.Factor) -> str:
+        hit = self.seen.get(id(factor))
+        if hit is not None and hit[0] is factor:
+            return hit[1]
         key = (factor.name, factor.value, factor.contribution, factor.reason)
         text = self.memo.get(key)
         if text is None:
             if len(self.memo) >= self.limit:
                 self.memo.clear()
             text = self.memo[key] = factor.to_json()
+        if len(self.seen) >= self.limit:
+            self.seen.clear()
+        self.seen[id(factor)] = (factor, text)
+        return text
+
+    def listed(self, factors: tuple[scoring.Factor, ...]) -> str:
+        """A score's factors, comma-joined (``Score.to_json``'s ``factors_json``)."""
+        key = tuple(map(id, factors))
+        hit = self.lists.get(key)
+        if hit is not None:
+            return hit[1]
+        text = ",".join(map(self, factors))
+        if len(self.lists) >= self.limit:
+            self.lists.clear()
+        self.lists[key] = (factors, text)
         return text
 
 
@@ -5487,7 +5530,8 @@ class Proxy:
             node_id=node_id if node_id is not None else attempt.node_id,
             score=winner.total if winner is not None else None,
             # lazy: built as JSON text on the store's writer thread
-            scores_breakdown=(functools.partial(choice.breakdown_json, self.factor_json)
+            scores_breakdown=(functools.partial(choice.breakdown_json, self.factor_json,
+                                                self.factor_json.listed)
                               if choice is not None else None),
             status=status,
             http_status=http_status,

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TypeVar
@@ -485,14 +485,18 @@ class Score:
             "factors": [f.to_dict() for f in self.factors],
         }
 
-    def to_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
-        """``to_dict()`` as compact JSON text; ``factor_json`` encodes each factor (a
-        caller may remember the encodings of factors it saw before)."""
+    def to_json(self, factor_json: Callable[[Factor], str] = Factor.to_json,
+                factors_json: Callable[[tuple[Factor, ...]], str] | None = None) -> str:
+        """``to_dict()`` as compact JSON text; ``factor_json`` encodes each factor, or
+        ``factors_json`` the comma-joined list (a caller may remember the encodings of the
+        factors it saw before)."""
+        listed = (factors_json(self.factors) if factors_json is not None
+                  else ",".join(map(factor_json, self.factors)))
         return (f'{{"node_id":{_json_str(self.node_id)},'
                 f'"total":{_json_float(round(self.total, 3) + 0.0)},'
                 f'"eligible":{"true" if self.eligible else "false"},'
                 f'"reason":{_json_str(self.reason)},'
-                f'"factors":[{",".join(map(factor_json, self.factors))}]}}')
+                f'"factors":[{listed}]}}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,14 +537,17 @@ class Choice:
             "others": [s.to_dict() for s in self.ranked if s is not w and s is not r],
         }
 
-    def breakdown_json(self, factor_json: Callable[[Factor], str] = Factor.to_json) -> str:
+    def breakdown_json(self, factor_json: Callable[[Factor], str] = Factor.to_json,
+                       factors_json: Callable[[tuple[Factor, ...]], str] | None = None
+                       ) -> str:
         """``breakdown()`` as the compact JSON text the trace store writes, without the
-        dicts in between (at 20 nodes that is 140 factors per request)."""
+        dicts in between (at 20 nodes that is 140 factors per request); ``factor_json`` and
+        ``factors_json`` as ``Score.to_json`` takes them."""
         w, r = self.winner, self.runner_up
-        others = ",".join(s.to_json(factor_json) for s in self.ranked
+        others = ",".join(s.to_json(factor_json, factors_json) for s in self.ranked
                           if s is not w and s is not r)
-        return (f'{{"winner":{w.to_json(factor_json) if w else "null"},'
-                f'"runner_up":{r.to_json(factor_json) if r else "null"},'
+        return (f'{{"winner":{w.to_json(factor_json, factors_json) if w else "null"},'
+                f'"runner_up":{r.to_json(factor_json, factors_json) if r else "null"},'
                 f'"others":[{others}]}}')
 
 
@@ -896,18 +903,41 @@ class FleetStats(Mapping[tuple[str, str], ServiceStats]):
 
     ``score_nodes`` wraps its ``stats`` in one: the per-node learning (``node_rates``,
     ``stream_slowdown``) then reads a node's own entries instead of scanning the whole
-    fleet's for every node it scores. Same entries, same order, same results."""
+    fleet's for every node it scores. Same entries, same order, same results.
 
-    __slots__ = ("_all", "_answer", "_by_node", "_rates", "_slowdown")
+    ``previous`` and ``changed``: the view of the same mapping before the entries under
+    the keys in ``changed`` were set or deleted (and nothing else changed). What was derived
+    from the other nodes' entries (their groups, rates, slowdown) and the other models'
+    answer lengths is carried over instead of derived again: a finished request changes one
+    node:model, not the 20 nodes a request scores. ``test_lean_path`` checks a carried view
+    against a fresh one."""
 
-    def __init__(self, stats: Mapping[tuple[str, str], ServiceStats]) -> None:
+    __slots__ = ("_all", "_answer", "_by_node", "_rates", "_slowdown", "_stale")
+
+    def __init__(
+        self,
+        stats: Mapping[tuple[str, str], ServiceStats],
+        previous: FleetStats | None = None,
+        changed: Collection[tuple[str, str]] | None = None,
+    ) -> None:
         self._all = stats
         self._by_node: dict[str, list[tuple[tuple[str, str], ServiceStats]]] | None = None
+        self._stale: set[str] = set()  # nodes whose group in _by_node must be built again
         # per node, what was derived from its entries (valid while this view is: a caller
         # that keeps one across requests replaces it whenever its statistics change)
         self._rates: dict[str, tuple[Mapping[str, AvailableModel], tuple[float, float]]] = {}
         self._slowdown: dict[str, tuple[Policy, tuple[float, bool]]] = {}
         self._answer: dict[str, float] = {}  # model -> its answers' length, fleet-wide
+        if previous is None or changed is None or previous._all is not stats:
+            return
+        nodes = {nid for nid, _m in changed}
+        models = {m for _nid, m in changed}
+        if previous._by_node is not None:
+            self._by_node = previous._by_node.copy()
+            self._stale = previous._stale | nodes
+        self._rates = {n: v for n, v in previous._rates.items() if n not in nodes}
+        self._slowdown = {n: v for n, v in previous._slowdown.items() if n not in nodes}
+        self._answer = {m: v for m, v in previous._answer.items() if m not in models}
 
     def __getitem__(self, key: tuple[str, str]) -> ServiceStats:
         return self._all[key]
@@ -927,6 +957,18 @@ class FleetStats(Mapping[tuple[str, str], ServiceStats]):
             self._by_node = {}
             for key, st in self._all.items():
                 self._by_node.setdefault(key[0], []).append((key, st))
+        elif self._stale:  # carried over: regroup the nodes whose entries changed
+            stale, self._stale = self._stale, set()
+            groups: dict[str, list[tuple[tuple[str, str], ServiceStats]]] = {
+                nid: [] for nid in stale}
+            for key, st in self._all.items():
+                if key[0] in stale:
+                    groups[key[0]].append((key, st))
+            for nid, items in groups.items():
+                if items:
+                    self._by_node[nid] = items
+                else:
+                    self._by_node.pop(nid, None)
         return self._by_node.get(node_id, ())
 
 
@@ -968,6 +1010,9 @@ def stream_slowdown(
     that barely varied: the prior ``busy_slowdown``.
     """
     if isinstance(stats, FleetStats):
+        hit = stats._slowdown.get(node_id)
+        if hit is not None and hit[0] is policy:  # _memoised's hit, inline (per node)
+            return hit[1]
         return _memoised(stats._slowdown, node_id, policy,
                          lambda: _stream_slowdown(node_id, stats, policy))
     return _stream_slowdown(node_id, stats, policy)
@@ -1004,6 +1049,9 @@ def node_rates(
     a model never served on a node still gets a node-specific prior.
     """
     if isinstance(stats, FleetStats):
+        hit = stats._rates.get(node_id)
+        if hit is not None and hit[0] is available:  # _memoised's hit, inline (per node)
+            return hit[1]
         return _memoised(stats._rates, node_id, available,
                          lambda: _node_rates(node_id, available, stats))
     return _node_rates(node_id, available, stats)
@@ -1819,12 +1867,14 @@ def score_nodes(
     now: float,
     policy: Policy,
     node_in_flight: Mapping[str, int] | None = None,
+    memo: ScoreMemo | None = None,
 ) -> tuple[Score, ...]:
     """Score every node for ``req``: eligible nodes by total (desc; ties by fewest
     outstanding, then node id), then ineligible nodes, each with its reason.
 
     ``node_in_flight``: requests in flight per node, all models (the sum of ``queues``'
-    ``in_flight`` by node, which is what is computed when it is not given)."""
+    ``in_flight`` by node, which is what is computed when it is not given). ``memo``: the
+    caller's ``ScoreMemo`` (kept across requests), else a fresh one."""
     busy = node_in_flight
     if busy is None:
         counted: dict[str, int] = {}
@@ -1835,16 +1885,91 @@ def score_nodes(
     if not isinstance(stats, FleetStats):
         stats = FleetStats(stats)  # per-node learning reads its own node's entries only
     req = with_completion_estimate(req, stats)
+    # a caller's memo: scores kept across requests, while no breaker says anything (a
+    # closed breaker with no failure streak, as one stays after a recovery, says nothing)
+    kept = memo is not None and all(
+        b.state == CircuitState.CLOSED and not b.consecutive_failures for b in breakers.values())
+    memo = (memo if memo is not None else ScoreMemo()).bind(policy)
+    scores = memo.scores_for(req) if kept else None
     eligible: list[Score] = []
     rejected: list[Score] = []
     for node in nodes:
-        s = _score_node(
-            req, node, queues, stats, breakers, now, policy, busy.get(node.node_id, 0), spread
-        )
+        nif = busy.get(node.node_id, 0)
+        s = _kept_score(scores, req, node, queues, stats, nif, now) if scores is not None else None
+        if s is None:
+            s = _score_node(req, node, queues, stats, breakers, now, policy, nif, spread, memo)
+            if scores is not None:
+                _keep_score(scores, s, req, node, queues, stats, nif, policy)
         (eligible if s.eligible else rejected).append(s)
     eligible.sort(key=lambda s: (-s.total, s.outstanding, s.node_id))
     rejected.sort(key=lambda s: s.node_id)
     return tuple(eligible) + tuple(rejected)
+
+
+# A hot node with a free slot, no load under way and no breaker that says anything (open,
+# half-open or counting failures) anywhere: its score is made
+# of the request, the node's snapshot, its queue's snapshot, its statistics (the entry,
+# its learned rates and slowdown), its requests in flight and the policy, and of ``now``
+# only through "the model has not expired yet" (checked: ``now`` < the entry's expiry).
+# Nothing else it reads (no eviction, drain, stall, probe or load path) is taken then.
+# ``ScoreMemo`` keeps such scores per request and node; they are found by those inputs'
+# identities (``test_lean_path`` scores changing fleets with and without it).
+KeptScore = tuple[NodeSnapshot, "QueueSnapshot | None", "ServiceStats | None", int, float,
+                  object, object, "Score"]
+
+
+def _kept_score(
+    scores: dict[str, KeptScore],
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: FleetStats,
+    node_in_flight: int,
+    now: float,
+) -> Score | None:
+    nid = node.node_id
+    e = scores.get(nid)
+    if e is None or e[0] is not node or not now < e[4] or e[3] != node_in_flight:
+        return None
+    if (e[1] is queues.get((nid, req.model)) and e[2] is stats.get((nid, req.model))
+            and e[5] is stats._rates.get(nid) and e[6] is stats._slowdown.get(nid)):
+        return e[7]
+    return None
+
+
+def _keep_score(
+    scores: dict[str, KeptScore],
+    score: Score,
+    req: RouteRequest,
+    node: NodeSnapshot,
+    queues: Mapping[tuple[str, str], QueueSnapshot],
+    stats: FleetStats,
+    node_in_flight: int,
+    policy: Policy,
+) -> None:
+    """Keep ``score`` when it is one of those (see ``KeptScore``); else forget the node's."""
+    nid = node.node_id
+    if not score.eligible or node.loading or not score.reason.startswith("hot,"):
+        scores.pop(nid, None)
+        return
+    lm = node.loaded.get(req.model)
+    q = queues.get((nid, req.model))
+    if q is not None:
+        slots = max(1, q.slots)
+        free = q.pending + q.in_flight < slots and not (0 < q.sure < slots
+                                                        and q.in_flight >= q.sure)
+    else:
+        free = True  # an idle queue of slot_count(node) slots: no stall, no probe
+    if lm is None or not free:
+        scores.pop(nid, None)
+        return
+    rates, slow = stats._rates.get(nid), stats._slowdown.get(nid)
+    if rates is None or slow is None:  # not derived through the memo: not kept
+        scores.pop(nid, None)
+        return
+    until = lm.expires_at if lm.expires_at is not None else math.inf
+    scores[nid] = (node, q, stats.get((nid, req.model)), node_in_flight, until, rates, slow,
+                   score)
 
 
 def with_completion_estimate(
@@ -1921,6 +2046,58 @@ def model_spread(nodes: Sequence[NodeSnapshot], now: float) -> dict[str, tuple[i
     return {name: (hot.get(name, 0), cnt) for name, cnt in have.items()}
 
 
+class ScoreMemo:
+    """What scoring keeps from one request to the next (the router holds one and passes it
+    to ``choose``): the factors whose every field follows from the policy and a few whole
+    numbers (an idle queue, a machine's size, a prompt against a context window, the fixed
+    texts of a hot, loading or cold model, "healthy", "already resident"), one record
+    each. Building a Factor costs about as much as the rest of its factor's work, and a
+    request over 20 nodes builds 140, most of them the same as the request before.
+    Bounded (``limit``); another policy starts afresh. Decisions and breakdowns are the
+    same with or without one (``test_lean_path``)."""
+
+    __slots__ = ("factors", "healthy", "limit", "policy", "reserved", "resident", "scores",
+                 "unknown_memory")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.policy: Policy | None = None
+        self.factors: dict[tuple[object, ...], Factor] = {}
+        # per request (its fields), per node: a score kept with what it was made of
+        self.scores: dict[RouteRequest, dict[str, KeptScore]] = {}
+
+    def bind(self, policy: Policy) -> ScoreMemo:
+        """This memo for ``policy`` (emptied when it was another one)."""
+        if policy is not self.policy:
+            self.policy = policy
+            self.factors = {}
+            self.scores = {}
+            self.healthy = Factor("availability", 1.0, -policy.availability_weight * 0.0,
+                                  "healthy")
+            self.resident = Factor("memory", 1.0, policy.memory_weight, "already resident")
+            self.reserved = Factor("memory", 1.0, policy.memory_weight,
+                                   "memory already reserved")
+            self.unknown_memory = Factor("memory", 0.5, 0.5 * policy.memory_weight,
+                                         "memory unknown")
+        return self
+
+    def scores_for(self, req: RouteRequest) -> dict[str, KeptScore]:
+        """The scores kept for requests equal to ``req`` (bounded: ``limit`` / 64 kinds of
+        request)."""
+        kept = self.scores.get(req)
+        if kept is None:
+            if len(self.scores) >= max(1, self.limit // 64):
+                self.scores.clear()
+            kept = self.scores[req] = {}
+        return kept
+
+    def keep(self, key: tuple[object, ...], factor: Factor) -> Factor:
+        if len(self.factors) >= self.limit:
+            self.factors.clear()
+        self.factors[key] = factor
+        return factor
+
+
 @dataclass(slots=True)
 class _Facts:
     """What eligibility learned about one node for one request; every factor reads it.
@@ -1948,6 +2125,7 @@ def _eligibility(
     breakers: Mapping[str, BreakerState],
     now: float,
     policy: Policy,
+    memo: ScoreMemo | None = None,
 ) -> str | _Facts:
     """Why ``node`` cannot serve ``req`` (a reason), or the facts its factors need."""
     nid = node.node_id
@@ -1962,7 +2140,8 @@ def _eligibility(
         return "node draining"
     if not node.reachable:
         return "node's Ollama unreachable from the router"
-    for key, what in ((nid, "node"), (breaker_key(nid, req.model), "node:model")):
+    checks = ((nid, "node"), (breaker_key(nid, req.model), "node:model")) if breakers else ()
+    for key, what in checks:  # (no breaker at all, the usual case: nothing to look up)
         b = breakers.get(key)
         if not breaker_allows(b, now):
             assert b is not None
@@ -1995,7 +2174,7 @@ def _eligibility(
         q.pending + q.in_flight,
         lm,
         state,
-        Factor("thermal", t_value, t_contrib, t_reason),
+        _thermal_record(state, t_value, t_contrib, t_reason, memo),
         resident,
         model_bytes,
         fast_total,
@@ -2003,6 +2182,18 @@ def _eligibility(
         need,
         offload,
     )
+
+
+def _thermal_record(
+    state: str, value: float, contribution: float, reason: str, memo: ScoreMemo | None
+) -> Factor:
+    """The thermal factor; a hot, loading or cold one (fixed texts, made of the policy
+    alone) kept in ``memo``."""
+    if memo is None or not (state == "hot" or state == "loading" or state == "cold"):
+        return Factor("thermal", value, contribution, reason)
+    key = ("thermal", reason)
+    return memo.factors.get(key) or memo.keep(key, Factor("thermal", value, contribution,
+                                                          reason))
 
 
 def _memory_factor(
@@ -2013,8 +2204,12 @@ def _memory_factor(
     now: float,
     policy: Policy,
     spread: Mapping[str, tuple[int, int]] | None,
+    memo: ScoreMemo | None = None,
 ) -> Factor:
-    """Memory fit: resident, room to spare, or what a load would evict."""
+    """Memory fit: resident, room to spare, or what a load would evict (the fixed texts
+    from ``memo``)."""
+    if memo is None:
+        memo = ScoreMemo().bind(policy)
     need, fast_total, fast_free = f.need, f.fast_total, f.fast_free
     count_full = (
         node.max_loaded > 0
@@ -2022,14 +2217,14 @@ def _memory_factor(
         and resident_count(node, req.model) >= node.max_loaded
     )
     if f.resident and f.state == "hot":
-        return Factor("memory", 1.0, policy.memory_weight, "already resident")
+        return memo.resident  # Factor("memory", 1.0, policy.memory_weight, "already resident")
     if count_full and (fast_total <= 0 or need <= 0 or fast_free >= need):
         contrib, why = _eviction_cost(node, req.model, 1, queues, now, policy, spread)
         return Factor("memory", 0.0, contrib, f"{node.max_loaded} models loaded (the most): {why}")
     if fast_total <= 0 or need <= 0:
-        return Factor("memory", 0.5, 0.5 * policy.memory_weight, "memory unknown")
+        return memo.unknown_memory  # Factor("memory", 0.5, 0.5 * weight, "memory unknown")
     if f.state == "loading":
-        return Factor("memory", 1.0, policy.memory_weight, "memory already reserved")
+        return memo.reserved  # Factor("memory", 1.0, weight, "memory already reserved")
     if node.memory_learned == "learned_fit" and fast_free < need and not count_full:
         # only a lower bound is known (the most seen resident at once): past it, a load may
         # fit or evict; priced as unknown memory, and uncertain_evict_p of the eviction
@@ -2143,10 +2338,12 @@ def _wait_factor(
     policy: Policy,
     node_in_flight: int,
     drain: float = 0.0,
+    memo: ScoreMemo | None = None,
 ) -> tuple[Factor, float, float, float]:
     """Expected seconds until this request completes (queue + load + run), the prefill
     seconds a cached conversation prefix saves, the delay it adds to the node's other
-    streams (``_impact_s``), and the seconds of it spent waiting for a slot."""
+    streams (``_impact_s``), and the seconds of it spent waiting for a slot. ``memo``:
+    keeps the factor by its numbers (``_wait_record``)."""
     nid = node.node_id
     state, slots, q = f.state, f.slots, f.q
     st = stats.get((nid, req.model))
@@ -2170,7 +2367,7 @@ def _wait_factor(
                        - max(0.0, now - started))
     typical = st.service_ms_ewma / 1000.0 if st is not None and st.service_ms_ewma > 0 else svc
     queue_wait, stalled, probe = _queue_wait_s(q, f.outstanding, slots, typical, now, policy)
-    blocked = node_blocked_s(node, req.model, now) if policy.drain_aware else 0.0
+    blocked = node_blocked_s(node, req.model, now) if policy.drain_aware and node.loading else 0.0
     queue_wait = max(queue_wait, blocked)
     concurrent = min(q.in_flight, slots - 1) + max(0, node_in_flight - q.in_flight)
     saved = 0.0
@@ -2185,18 +2382,45 @@ def _wait_factor(
         base_k = st.eval_k_ewma
     run = (svc - saved) * (1.0 + slow * concurrent) / (1.0 + slow * base_k)
     expected = queue_wait + load + run
+    factor = _wait_record(expected, queue_wait, load, run, st is not None and st.count > 0,
+                          probe, stalled, drain, blocked, policy, memo)
+    impact = _impact_s(concurrent, slow, run, policy) if policy.impact_weight > 0 else 0.0
+    return factor, saved, impact, queue_wait
+
+
+def _wait_record(
+    expected: float, queue_wait: float, load: float, run: float, measured: bool, probe: bool,
+    stalled: float, drain: float, blocked: float, policy: Policy, memo: ScoreMemo | None,
+) -> Factor:
+    """The wait factor, kept in ``memo`` by the numbers it is made of: the same seconds
+    give the same record (a cold node's prior, an idle hot node's measured time repeat
+    request after request). Keys tell 0.0 from -0.0 (equal as floats, not as texts)."""
+    key: tuple[object, ...] | None = None
+    if memo is not None:
+        key = ("wait", expected or _signed_zero(expected), queue_wait or _signed_zero(queue_wait),
+               load or _signed_zero(load), run or _signed_zero(run), measured, probe,
+               stalled if stalled > 0 else 0.0, drain if drain > 0 else 0.0,
+               blocked if blocked > 0 else 0.0)
+        kept = memo.factors.get(key)
+        if kept is not None:
+            return kept
     factor = Factor(
         "wait",
         expected,
         -policy.wait_weight * expected,
         f"~{expected:.1f}s = {queue_wait:.1f}s queue + {load:.1f}s load + {run:.1f}s run"
-        + (" (measured)" if st is not None and st.count > 0 else " (prior)")
+        + (" (measured)" if measured else " (prior)")
         + ("; an unconfirmed (probe) slot" if probe else "")
         + (f"; no slot freed for {stalled:.1f}s" if stalled > 0 else "")
         + (f"; {drain:.1f}s for a busy model to drain first" if drain > 0 else "")
         + (f"; the node is blocked by a drain for {blocked:.1f}s" if blocked > 0 else ""),
     )
-    return factor, saved, _impact_s(concurrent, slow, run, policy), queue_wait
+    return memo.keep(key, factor) if memo is not None and key is not None else factor
+
+
+def _signed_zero(x: float) -> str:
+    """A key for a zero that keeps its sign (``0.0 == -0.0``, but they print apart)."""
+    return "-0" if math.copysign(1.0, x) < 0 else "+0"
 
 
 def _queue_wait_s(
@@ -2339,45 +2563,63 @@ def _score_node(
     policy: Policy,
     node_in_flight: int,
     spread: Mapping[str, tuple[int, int]] | None = None,
+    memo: ScoreMemo | None = None,
 ) -> Score:
     """Eligibility, then one factor each: thermal, memory, queue, wait, (cache), affinity,
-    availability, context; the total is their sum in that order."""
+    availability, context; the total is their sum in that order. ``memo``: ``ScoreMemo``."""
     nid = node.node_id
+    memo = memo if memo is not None else ScoreMemo().bind(policy)
     q = queues.get((nid, req.model))
     if q is None:
         q = QueueSnapshot(slots=slot_count(node, None, policy))
-    f = _eligibility(req, node, q, breakers, now, policy)
+    f = _eligibility(req, node, q, breakers, now, policy, memo)
     if isinstance(f, str):
         return _ineligible(nid, f, q.pending + q.in_flight)
-    drain = drain_s(req, node, queues, stats, now, policy) if not f.resident else 0.0
-    wait, saved, impact, queued = _wait_factor(
-        req, node, f, stats, now, policy, node_in_flight, drain
-    )
+    drain = (drain_s(req, node, queues, stats, now, policy)
+             if not f.resident and node.loaded else 0.0)  # nothing loaded: nothing drains
+    wait, saved, impact, queued = _wait_factor(req, node, f, stats, now, policy,
+                                               node_in_flight, drain, memo)
     thermal = _thermal_factor(req, node, f, stats, policy, queued)
-    factors = [
-        thermal,
-        _memory_factor(req, node, f, queues, now, policy, spread),
-        _queue_factor(f, policy),
-        wait,
-    ]
+    memory = _memory_factor(req, node, f, queues, now, policy, spread, memo)
+    kept = memo.factors  # each kept factor by what it is made of (and the memo's policy)
+    key: tuple[object, ...] = ("queue", q.in_flight, q.pending, f.slots)
+    queue = kept.get(key) or memo.keep(key, _queue_factor(f, policy))
+    key = ("affinity", f.fast_total, f.model_bytes or f.need)
+    affinity = kept.get(key) or memo.keep(key, _affinity_factor(f, policy))
+    availability = (memo.healthy if _healthy(req, node, stats, breakers)
+                    else _availability_factor(req, node, stats, breakers, policy))
+    key = ("context", f.state, f.lm.context_length if f.lm else None, req.est_tokens)
+    context = kept.get(key) or memo.keep(key, _context_factor(req, f, policy))
+    extra: tuple[Factor, ...] = ()
     if saved > 0 or req.cache_node == nid:
-        factors.append(_cache_factor(req, nid, f.state, saved, policy))
+        extra = (_cache_factor(req, nid, f.state, saved, policy),)
     if impact > 0:
-        factors.append(Factor("impact", impact, -policy.wait_weight * impact,
-                              f"slows the node's other streams by ~{impact:.1f}s in all"))
-    factors.append(_affinity_factor(f, policy))
-    factors.append(_availability_factor(req, node, stats, breakers, policy))
-    factors.append(_context_factor(req, f, policy))
-    total = sum(x.contribution for x in factors)
-    return Score(
-        nid,
-        total,
-        True,
-        f"{f.state}, ~{wait.value:.1f}s expected",
-        tuple(factors),
-        f.outstanding,
-        q.in_flight < f.slots,
-    )
+        extra += (_impact_factor(impact, policy),)
+    factors = (thermal, memory, queue, wait, *extra, affinity, availability, context)
+    total: float = 0  # added as sum() adds them, without a generator
+    for x in factors:
+        total += x.contribution
+    return Score(nid, total, True, f"{f.state}, ~{wait.value:.1f}s expected", factors,
+                 f.outstanding, q.in_flight < f.slots)
+
+
+def _healthy(
+    req: RouteRequest,
+    node: NodeSnapshot,
+    stats: Mapping[tuple[str, str], ServiceStats],
+    breakers: Mapping[str, BreakerState],
+) -> bool:
+    """Nothing for ``_availability_factor`` to note (it would say "healthy", penalty 0):
+    no breaker, no failure rate, not degraded, no memory pressure."""
+    if breakers or node.status == NodeStatus.DEGRADED or node.memory_pressure == "warn":
+        return False
+    st = stats.get((node.node_id, req.model))
+    return st is None or not st.failure_rate > 0
+
+
+def _impact_factor(impact: float, policy: Policy) -> Factor:
+    return Factor("impact", impact, -policy.wait_weight * impact,
+                  f"slows the node's other streams by ~{impact:.1f}s in all")
 
 
 # ---------------------------------------------------------------------------------------
@@ -2448,6 +2690,7 @@ def choose(
     policy: Policy,
     waited_s: float = 0.0,
     node_in_flight: Mapping[str, int] | None = None,
+    memo: ScoreMemo | None = None,
 ) -> Choice:
     """Dispatch, wait or reject.
 
@@ -2463,7 +2706,7 @@ def choose(
       breakers stand in the way), or saturated for ``max_queue_wait_s`` (``retry_after_s``
       from the measured service times).
     """
-    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy, node_in_flight)
+    ranked = score_nodes(req, nodes, queues, stats, breakers, now, policy, node_in_flight, memo)
     eligible = [s for s in ranked if s.eligible]
     if not eligible:
         return _reject_no_eligible(req, nodes, ranked, breakers, now, policy)

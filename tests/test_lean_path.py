@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -661,3 +662,383 @@ def test_factor_json_remembers_a_factor_by_its_fields() -> None:
     assert len(memo.memo) == 2
     nan = scoring.Factor("x", float("nan"), 0.0, "")
     assert memo(nan) == nan.to_json() == memo(nan)
+
+
+# ---------------------------------------------------------------------------------------
+# scoring at 20 nodes (issue 16, sixth round): every decision and stored breakdown exactly
+# as the code before it made them
+# ---------------------------------------------------------------------------------------
+
+GOLDEN = Path(__file__).with_name("scoring_golden.json")
+GOLDEN_CASES = 1000
+_MODELS = ("m0:1b", "m1:7b", "m2:70b", "emb:latest", "vis:7b")
+_GB = 1_000_000_000
+_POLICIES = (
+    Policy(),
+    Policy(hot_load_factor=3.0, fit_load_credit=0.5, impact_weight=1.0),
+    Policy(uncertain_evict_p=0.5, predict_uncertain_evictions=True, wait_for_better=False),
+    Policy(drain_aware=False, serial_loads=False, stall_aware=False, slot_probe=False,
+           prewarm_spares_busy=False, prewarm_needs_room=True),
+)
+
+
+def _stats_for(rnd: Any, policy: Policy) -> ServiceStats | None:
+    """A node:model's statistics after a few random observations (or none at all)."""
+    out: ServiceStats | None = None
+    for _ in range(rnd.choice((0, 0, 1, 3, 12))):
+        ok = rnd.random() > 0.15
+        obs = Observation(
+            ok=ok, load_ms=rnd.choice((0.0, 100.0, 2500.0, 9000.0)),
+            prompt_tokens=rnd.choice((0, 12, 800)), prompt_eval_ms=rnd.choice((0.0, 40.0)),
+            completion_tokens=rnd.choice((0, 30, 300)), eval_ms=rnd.choice((0.0, 900.0, 6000.0)),
+            ttft_ms=rnd.choice((None, 120.0)), total_ms=rnd.uniform(50, 9000),
+            streams=rnd.choice((None, 0, 1, 3, 6)), load_queued=rnd.random() < 0.2)
+        out = scoring.observe(out, obs, policy)
+    return out
+
+
+def golden_case(seed: int) -> tuple[Any, ...]:
+    """Scoring inputs drawn from ``seed`` (``random.Random``: the same on every run):
+    1-20 nodes of every status, memory kind and residency, queues full and free, learned
+    statistics, breakers, loads under way and every request field."""
+    import random
+
+    rnd = random.Random(seed)
+    now = 1_790_000_000.0
+    policy = _POLICIES[seed % len(_POLICIES)]
+    n_nodes = rnd.choice((1, 2, 3, 5, 8, 20))
+    nodes: list[scoring.NodeSnapshot] = []
+    queues: dict[tuple[str, str], scoring.QueueSnapshot] = {}
+    stats: dict[tuple[str, str], ServiceStats] = {}
+    breakers: dict[str, scoring.BreakerState] = {}
+    for i in range(n_nodes):
+        nid = f"n{i}"
+        names = [m for m in _MODELS if rnd.random() < 0.6]
+        available = {}
+        for m in names:
+            size = rnd.choice((0, 1, 5, 40)) * _GB // 2
+            caps = rnd.choice(((), ("completion",), ("completion", "vision"), ("embedding",)))
+            available[m] = scoring.AvailableModel(m, size, capabilities=caps)
+        loaded = {}
+        for m in names:
+            if rnd.random() < 0.45:
+                exp = rnd.choice((None, now + 200, now + 3000, now - 5))
+                loaded[m] = scoring.LoadedModel(
+                    m, max(1, available[m].size) + rnd.choice((0, _GB)), 0,
+                    rnd.choice((None, 2048, 8192)), exp)
+        ram = rnd.choice((0, 0, 16, 64, 192)) * _GB
+        vram = rnd.choice((0, 0, 0, 24)) * _GB
+        nodes.append(scoring.NodeSnapshot(
+            node_id=nid,
+            status=rnd.choice(("online",) * 6 + ("degraded", "offline", "draining")),
+            ram_total=ram, ram_available=int(ram * rnd.random()),
+            vram_total=vram, vram_available=int(vram * rnd.random()),
+            memory_pressure=rnd.choice(("normal",) * 6 + ("warn", "critical")),
+            loaded=loaded, available=available,
+            recently_unloaded={m: now - rnd.choice((30, 900)) for m in names
+                               if m not in loaded and rnd.random() < 0.2},
+            num_parallel=rnd.choice((None, 1, 4)),
+            reachable=rnd.random() > 0.05,
+            loading={m: now + rnd.choice((-600, -3, 4)) for m in names
+                     if rnd.random() < 0.12},
+            memory_learned=rnd.choice(("",) * 4 + ("learned_fit", "learned")),
+            keep_alive_s=rnd.choice((0.0, 300.0)),
+            max_loaded=rnd.choice((0, 0, 2, 3)),
+        ))
+        for m in names:
+            if rnd.random() < 0.7:
+                slots = rnd.choice((1, 2, 4, 8))
+                queues[(nid, m)] = scoring.QueueSnapshot(
+                    pending=rnd.choice((0, 0, 1, 5)), in_flight=rnd.randint(0, slots + 1),
+                    slots=slots, sure=rnd.choice((0, 0, 1, slots)),
+                    progress_at=rnd.choice((0.0, now - 1, now - 60)),
+                    oldest_at=rnd.choice((0.0, now - 2, now - 90)))
+            st = _stats_for(rnd, policy)
+            if st is not None:
+                stats[(nid, m)] = st
+        for key in (nid, f"{nid}:{rnd.choice(_MODELS)}"):
+            if rnd.random() < 0.08:
+                breakers[key] = scoring.BreakerState(
+                    state=rnd.choice(tuple(scoring.CircuitState)),
+                    consecutive_failures=rnd.randint(0, 4), trips=rnd.randint(0, 3),
+                    open_until=now + rnd.choice((-5, 20)), probe_in_flight=rnd.random() < 0.5,
+                    probe_deadline=now + rnd.choice((-5, 20)))
+    model = rnd.choice((*_MODELS, "absent:1b"))
+    ids = [n.node_id for n in nodes]
+    req = scoring.RouteRequest(
+        model=model, kind="embed" if model.startswith("emb") else "text",
+        est_tokens=rnd.choice((0, 10, 3000, 20000)), num_ctx=rnd.choice((None, 2048, 8192)),
+        needs_vision=rnd.random() < 0.15,
+        exclude=frozenset(i for i in ids if rnd.random() < 0.05),
+        pinned_node=rnd.choice(ids) if rnd.random() < 0.04 else None,
+        cache_node=rnd.choice(ids) if rnd.random() < 0.3 else None,
+        cached_tokens=rnd.choice((0, 500)), max_tokens=rnd.choice((None, 20)))
+    waited = rnd.choice((0.0, 0.0, 5.0, 31.0))
+    return req, nodes, queues, stats, breakers, now, rnd.random(), policy, waited
+
+
+def golden_text(case: tuple[Any, ...], memo: scoring.ScoreMemo | None = None) -> str:
+    """Everything a decision hands on: the choice, each score's exact fields (repr), the
+    breakdown the trace stores, the waiting targets and the pre-warm."""
+    req, nodes, queues, stats, breakers, now, rand, policy, waited = case
+    ch = scoring.choose(req, nodes, queues, stats, breakers, now, rand, policy, waited,
+                        memo=memo)
+    return "\n".join((
+        repr((ch.action, ch.node_id, ch.reason, ch.retry_after_s, ch.wait_for,
+              ch.reject_kind)),
+        repr(ch.ranked),
+        ch.breakdown_json(),
+        json.dumps(ch.breakdown(), sort_keys=True),
+        repr(scoring.wait_targets(ch, policy) if ch.action == "wait" else ()),
+        repr(scoring.prewarm_target(req, ch, queues, policy, nodes)),
+    ))
+
+
+def golden_digests(memos: Callable[[int], scoring.ScoreMemo | None] = lambda _seed: None
+                   ) -> list[str]:
+    """One digest per case; ``memos(seed)``: the ``ScoreMemo`` that case scores with."""
+    import hashlib
+
+    return [hashlib.sha256(golden_text(golden_case(seed), memos(seed)).encode())
+            .hexdigest()[:16] for seed in range(GOLDEN_CASES)]
+
+
+def test_scoring_decides_and_explains_exactly_as_before() -> None:
+    """1,000 random fleets (1-20 nodes, every state scoring knows): each choice, every score
+    to the last bit and the stored breakdown equal what the scoring code made before its
+    20-node fast paths (``tests/scoring_golden.json``, written by ``python -m
+    tests.test_lean_path --write-golden`` by the scoring code before the fast paths:
+    6f6fbf4, rewritten at 7cf93da, whose ``hot_backlog_s`` and honest wait reason changed
+    331 of the 1,000 cases). A scoring change that is meant to change decisions rewrites
+    the file, and says so.
+
+    Three ways: no ``ScoreMemo`` (each request its own); one memo per policy kept across
+    its 250 cases, as the router keeps one (one of them with a limit of 40 factors, so it
+    empties often); one memo for all, its policy changing every case."""
+    want = json.loads(GOLDEN.read_text())
+    per_policy = [scoring.ScoreMemo(limit=40 if k == 1 else 4096) for k in range(4)]
+    shared = scoring.ScoreMemo()
+    for name, memos in (("no memo", lambda _seed: None),
+                        ("a memo per policy", lambda seed: per_policy[seed % len(_POLICIES)]),
+                        ("one memo, policy changing", lambda _seed: shared)):
+        got = golden_digests(memos)
+        bad = [seed for seed, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+        assert not bad, f"{name}: {len(bad)} of {GOLDEN_CASES} cases differ, e.g. {bad[:5]}"
+    assert 0 < len(per_policy[1].factors) <= 40 and len(per_policy[0].factors) > 40
+
+
+def test_the_trace_encodes_kept_factors_as_their_own_text() -> None:
+    """``FactorJson`` finds a factor, and a score's whole list of factors, by the records'
+    ids (scoring keeps them from request to request): over the 1,000 golden fleets scored
+    with kept memos, with a limit of 64 so the maps empty often and records die and their
+    ids come back, every breakdown equals the one encoded from scratch (each fleet scored
+    twice, so that the second finds kept records)."""
+    memos = [scoring.ScoreMemo() for _ in _POLICIES]
+    fj = herd.FactorJson(limit=64)
+    hits = 0
+    for seed in range(GOLDEN_CASES):
+        req, nodes, queues, stats, breakers, now, rand, policy, waited = golden_case(seed)
+        for _again in range(2):  # the same fleet twice: the second finds kept records
+            ch = scoring.choose(req, nodes, queues, stats, breakers, now, rand, policy,
+                                waited, memo=memos[seed % len(_POLICIES)])
+            hits += sum(tuple(map(id, s.factors)) in fj.lists for s in ch.ranked if s.factors)
+            assert ch.breakdown_json(fj, fj.listed) == ch.breakdown_json()
+    assert hits > 50, hits  # lists found again, not only encoded
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_kept_scores_equal_fresh_ones_while_the_fleet_changes(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ScoreMemo`` keeps the score of a hot node with a free slot (``KeptScore``). A
+    fleet of hot nodes changes step by step (the clock passes expiries, queues fill and
+    drain, statistics, snapshots, loads under way, breakers, requests in flight, the
+    prompt): every choice made with the kept memo equals one made from scratch."""
+    import random
+
+    rnd = random.Random(seed)
+    policy = _POLICIES[seed % 2]  # the default, and one that reads rates in the hot path
+    now = 1_790_000_000.0
+    model, other = "m:1b", "o:7b"
+    names = [f"n{i}" for i in range(6)]
+    nodes = {
+        nid: scoring.NodeSnapshot(
+            node_id=nid, status=scoring.NodeStatus.ONLINE, ram_total=64 * _GB,
+            ram_available=20 * _GB,
+            loaded={m: scoring.LoadedModel(m, 2 * _GB, 0, 4096, now + rnd.choice((5, 30, 900)))
+                    for m in (model, other) if m == model or rnd.random() < 0.5},
+            available={m: scoring.AvailableModel(m, 2 * _GB) for m in (model, other)},
+            max_loaded=3)
+        for nid in names}
+    queues: dict[tuple[str, str], scoring.QueueSnapshot] = {}
+    table = herd.StatsTable()
+    view: scoring.FleetStats | None = None
+    breakers: dict[str, scoring.BreakerState] = {}
+    in_flight = dict.fromkeys(names, 0)
+    memo = scoring.ScoreMemo()
+    est = 10
+    cache_node = rnd.choice((None, "n1"))  # the prompt's prefix is cached there
+    found: list[scoring.Score] = []
+    kept_score = scoring._kept_score
+
+    def counted(*args: Any) -> scoring.Score | None:
+        s = kept_score(*args)
+        if s is not None:
+            found.append(s)
+        return s
+
+    monkeypatch.setattr(scoring, "_kept_score", counted)
+    for step in range(60):
+        nid = rnd.choice(names)
+        what = rnd.randrange(9)
+        if what == 0:
+            now += rnd.choice((1.0, 7.0, 26.0))
+        elif what == 1:
+            slots = rnd.choice((1, 2, 4))
+            queues[(nid, model)] = scoring.QueueSnapshot(
+                pending=rnd.choice((0, 0, 2)), in_flight=rnd.randint(0, slots),
+                slots=slots, sure=rnd.choice((0, 1, slots)),
+                progress_at=now - rnd.choice((0, 40)), oldest_at=now - rnd.choice((0, 50)))
+        elif what == 2:
+            obs = Observation(ok=rnd.random() < 0.9, prompt_tokens=10, prompt_eval_ms=4.0,
+                              completion_tokens=50, eval_ms=rnd.uniform(500, 3000),
+                              total_ms=3000.0, streams=rnd.randint(0, 3))
+            key = (nid, rnd.choice((model, other)))
+            table[key] = scoring.observe(table.get(key), obs, policy)
+        elif what == 3:
+            n = nodes[nid]
+            loaded = dict(n.loaded)
+            loaded[model] = scoring.LoadedModel(model, 2 * _GB, 0, rnd.choice((4096, 8192)),
+                                                now + rnd.choice((5, 60)))
+            nodes[nid] = dataclasses.replace(n, loaded=loaded)
+        elif what == 4:
+            n = nodes[nid]
+            nodes[nid] = dataclasses.replace(
+                n, loading={} if n.loading else {other: now - 1})
+        elif what == 5:  # none; one after a recovery (says nothing); a streak; open
+            breakers.clear()
+            state = rnd.choice((None, scoring.BreakerState(trips=2, opened_at=now - 50),
+                                scoring.BreakerState(consecutive_failures=1),
+                                scoring.BreakerState(state=scoring.CircuitState.OPEN,
+                                                     trips=1, open_until=now + 30)))
+            if state is not None:
+                breakers[rnd.choice((nid, f"{nid}:{model}"))] = state
+        elif what == 6:
+            in_flight[nid] = rnd.randint(0, 5)
+        elif what == 7:
+            est = rnd.choice((10, 10, 900))
+        else:
+            nodes[nid] = dataclasses.replace(nodes[nid], status=rnd.choice(
+                (scoring.NodeStatus.ONLINE, scoring.NodeStatus.DEGRADED)))
+        view = scoring.FleetStats(table, view, table.take_changes())
+        req = scoring.RouteRequest(model, est_tokens=est, cache_node=cache_node,
+                                   cached_tokens=300)
+        fleet = list(nodes.values())
+        got = scoring.choose(req, fleet, queues, view, breakers, now, 0.3, policy,
+                             node_in_flight=in_flight, memo=memo)
+        want = scoring.choose(req, fleet, dict(queues), scoring.FleetStats(dict(table)),
+                              dict(breakers), now, 0.3, policy, node_in_flight=in_flight)
+        assert repr(got) == repr(want), f"step {step}"
+        assert got.breakdown_json() == want.breakdown_json()
+    assert len(found) >= 10  # kept scores were found, and used
+
+
+def test_a_kept_wait_factor_tells_a_zero_from_a_negative_zero() -> None:
+    """``ScoreMemo`` keys the wait factor by its seconds; 0.0 and -0.0 are equal floats but
+    print apart ("-0.0s queue"), so each gets its own record, equal to one made afresh."""
+    policy = Policy()
+    memo = scoring.ScoreMemo().bind(policy)
+    for at in range(4):  # expected, queue, load, run seconds
+        for zero in (0.0, -0.0, 0.0, -0.0):
+            seconds = [1.5, 0.5, 0.25, 0.75]
+            seconds[at] = zero
+            args = (*seconds, True, False, 0.0, 0.0, 0.0, policy)
+            kept = scoring._wait_record(*args, memo)
+            fresh = scoring._wait_record(*args, None)
+            assert repr(kept) == repr(fresh) and kept.reason == fresh.reason
+    assert len(memo.factors) == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2), st.integers(0, 3),
+                          st.sets(st.integers(0, 4))), min_size=1, max_size=25))
+def test_a_carried_stats_view_equals_a_fresh_one(
+    steps: list[tuple[int, int, int, set[int]]]
+) -> None:
+    """``Fleet.stats_view`` carries what was derived from the nodes whose statistics did
+    not change into the next view (``FleetStats(previous=, changed=)``): after any run of
+    sets and deletes, each view reading only some nodes, every node's group, rates,
+    slowdown, the answer length per model and the scores equal a view built fresh."""
+    policy = Policy()
+    names = ["m0:1b", "m1:7b", "m2:1b"]
+    snaps = loaded_fleet(5, names)
+    table = herd.StatsTable()
+    view = None
+    for nid, mid, op, reads in steps:
+        key = (f"n{nid}", names[mid])
+        if op == 0 and key in table:
+            del table[key]
+        elif op == 1:
+            table.pop(key, None)
+        else:
+            obs = Observation(ok=True, load_ms=3000.0 * op, prompt_tokens=10,
+                              prompt_eval_ms=5.0 + nid, completion_tokens=40 + 10 * mid,
+                              eval_ms=900.0 + 37 * nid * op, total_ms=1200.0,
+                              streams=(nid + op) % 4)
+            for _ in range(op * 4):
+                table[key] = scoring.observe(table.get(key), obs, policy)
+        changed = table.take_changes()
+        view = scoring.FleetStats(table, view, changed)
+        fresh = scoring.FleetStats(dict(table))
+        for r in sorted(reads):  # a view reads only the nodes it scores
+            n = snaps[r]
+            assert list(view.node_items(n.node_id)) == list(fresh.node_items(n.node_id))
+            assert (scoring.node_rates(n.node_id, n.available, view)
+                    == scoring.node_rates(n.node_id, n.available, fresh))
+            assert (scoring.stream_slowdown(n.node_id, view, policy)
+                    == scoring.stream_slowdown(n.node_id, fresh, policy))
+        for m in names:
+            req = scoring.RouteRequest(m, est_tokens=30)
+            assert (scoring.with_completion_estimate(req, view)
+                    == scoring.with_completion_estimate(req, fresh))
+            if reads:
+                assert (scoring.score_nodes(req, snaps, {}, view, {}, 1000.0, policy)
+                        == scoring.score_nodes(req, snaps, {}, fresh, {}, 1000.0, policy))
+
+
+def loaded_fleet(nodes: int, names: list[str]) -> list[scoring.NodeSnapshot]:
+    """``nodes`` online snapshots, each with ``names`` loaded (sizes 1-3 GB)."""
+    sizes = {m: (1 + j) << 30 for j, m in enumerate(names)}
+    return [
+        scoring.NodeSnapshot(
+            node_id=f"n{i}", status=scoring.NodeStatus.ONLINE, ram_total=64 << 30,
+            ram_available=32 << 30,
+            loaded={m: scoring.LoadedModel(m, sizes[m], sizes[m], 4096, None) for m in names},
+            available={m: scoring.AvailableModel(m, sizes[m]) for m in names},
+        )
+        for i in range(nodes)
+    ]
+
+
+def test_the_stats_table_names_what_changed_since_the_last_view() -> None:
+    """What ``Fleet.stats_view`` may carry over: the keys set or deleted since the last
+    view; a change it cannot name (update, clear, popitem) carries nothing over."""
+    table = herd.StatsTable()
+    assert table.take_changes() is None  # nothing taken yet: unknown
+    table[("a", "m")] = ServiceStats(count=1)
+    table.setdefault(("b", "m"), ServiceStats())
+    table.pop(("c", "m"), None)
+    assert table.take_changes() == {("a", "m"), ("b", "m"), ("c", "m")}
+    del table[("a", "m")]
+    assert table.take_changes() == {("a", "m")}
+    assert table.take_changes() == set()
+    for change in (lambda: table.update({("d", "m"): ServiceStats()}), table.clear,
+                   lambda: table.__ior__({("e", "m"): ServiceStats()}), table.popitem):
+        version = table.version
+        change()
+        assert table.version > version and table.take_changes() is None
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write-golden"]:
+    GOLDEN.write_text(json.dumps(golden_digests(), indent=0) + "\n")
+    print(f"wrote {GOLDEN}")
