@@ -2928,7 +2928,8 @@ class DashboardApi:
             stall_timeout_s=self.r.config.stall_timeout_s,
             pending_nodes=tuple(
                 scoring.PendingNode(n.node_id, n.agent_addr, n.url, n.held_since, n.held_reason)
-                for n in self.r.fleet.held_nodes.values() if n.status == NodeStatus.PENDING))
+                for n in self.r.fleet.consent.held_nodes.values()
+                if n.status == NodeStatus.PENDING))
         return scoring.health_checks(inp).to_dict()
 
     async def _build_recommendations(self, now: float) -> JSON:
@@ -4126,10 +4127,233 @@ class LearningKeeper:
             await self.save()
 
 
+class Consent:
+    """Who may join the fleet (issue 18): agent nodes held while they wait for an operator's
+    approval or after a rejection (never routed to), the operator's decisions (store table
+    ``node_admissions``), this machine's own addresses (an agent here needs no approval),
+    and the approve / reject endpoints. A held node that is approved joins ``Fleet.nodes``.
+    """
+
+    def __init__(self, router: Router, fleet: Fleet) -> None:
+        self.r = router
+        self.fleet = fleet
+        self.held_nodes: dict[str, Node] = {}
+        self.admissions: dict[str, JSON] = {}
+        self.own_addrs: frozenset[str] = frozenset()
+        self.own_addrs_at = 0.0
+
+    async def load_admissions(self) -> None:
+        self.admissions = await self.r.store.node_admissions()
+        await self.refresh_own_addresses(time.time())
+        if self.r.config.open_fleet:
+            log.warning(
+                "open fleet (--open-fleet): any host that can reach this router may join as a "
+                "node and receive prompts, without approval"
+            )
+
+    async def refresh_own_addresses(self, now: float) -> None:
+        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
+            return
+        self.own_addrs_at = now
+        self.own_addrs = await asyncio.to_thread(own_addresses)
+
+    def is_own_address(self, host: str) -> bool:
+        """A loopback address or one of this machine's own (no DNS: names never are, but
+        ``localhost``)."""
+        if host == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback or str(ip) in self.own_addrs
+
+    def is_local_agent(self, addr: str, url: str) -> bool:
+        """An agent on the router's own machine: it beats from here and its Ollama is here."""
+        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
+
+    def local_beat(self, raw: bytes, addr: str) -> bool:
+        try:
+            beat = json.loads(raw)
+            return isinstance(beat, dict) and self.is_local_agent(
+                addr, normalize_url(str(beat.get("ollama_url"))))
+        except ValueError:
+            return False
+
+    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
+        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
+        if signed:
+            return "approved", "signed with the fleet key"
+        if self.is_local_agent(addr, url):
+            return "approved", "agent on the router's own machine"
+        if self.r.config.open_fleet:
+            return "approved", "open fleet (--open-fleet)"
+        record = self.admissions.get(node_id)
+        if record is None:
+            return "pending", "new node: an operator has to approve it"
+        if record.get("decision") == "rejected":
+            return "rejected", "rejected by an operator"
+        if record.get("addr") != addr:
+            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
+        if record.get("ollama_url") != url:
+            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
+                               "since approval")
+        return "approved", "approved by an operator"
+
+    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
+                  why: str) -> Node:
+        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
+        node = self.fleet.nodes.pop(node_id, None)
+        if node is not None:
+            self.r.store.record_event("node_left", node_id, {"reason": why})
+            self.fleet.on_change()
+            self.fleet.on_node_gone(node_id)
+        else:
+            node = self.held_nodes.get(node_id)
+        if node is None:
+            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
+            for k in stale:
+                del self.held_nodes[k]
+            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
+                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
+                del self.held_nodes[quiet.node_id]
+            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
+        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
+                state, addr, url):
+            node.held_since, node.held_reason = now, why
+            if state == "pending":
+                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
+                            "requests until approved (dashboard, or POST "
+                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
+            else:
+                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
+            self.r.store.record_event(f"node_{state}", node_id,
+                                    {"addr": addr, "url": url, "reason": why})
+        self.held_nodes[node_id] = node
+        return node
+
+    def held_public(self, now: float) -> list[JSON]:
+        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
+        rejected node ids that have not beaten since the router started."""
+        out: list[JSON] = []
+        for n in self.held_nodes.values():
+            gpu = n.hardware.get("gpu")
+            devices = gpu.get("devices") if isinstance(gpu, dict) else None
+            out.append({
+                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
+                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
+                "waiting_since": n.held_since, "last_seen": n.last_seen,
+                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
+                "agent_version": n.agent_version, "ollama_version": n.version,
+                "hardware": {
+                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
+                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
+                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
+                    if isinstance(devices, list) else [],
+                },
+                "models": sorted(n.available_names()),
+                "loaded_models": sorted(n.loaded_names()),
+            })
+        for node_id, record in self.admissions.items():
+            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
+                    and node_id not in self.fleet.nodes:
+                out.append({
+                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
+                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
+                    "first_seen": None, "waiting_since": record.get("decided_at"),
+                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
+                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
+                })
+        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
+        return out
+
+    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
+        """Admin guard and body of approve/reject: the node id and the binding decided."""
+        self.r.require_admin(request)
+        body = await request.json(64 * 1024)
+        node_id = body.get("node_id")
+        if not valid_node_id(node_id):
+            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
+        assert isinstance(node_id, str)
+        held = self.held_nodes.get(node_id)
+        record = self.admissions.get(node_id)
+        live = self.fleet.nodes.get(node_id)
+        if held is not None:
+            addr, url = held.agent_addr, held.url
+        elif live is not None and decision == "rejected":
+            if live.source != "agent":
+                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
+                                     "the router's configuration instead")
+            if record is None or record.get("decision") != "approved":
+                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
+                                     "machine or open fleet): stop its agent instead")
+            addr, url = live.agent_addr, live.url
+        elif record is not None and record.get("decision") == "rejected":
+            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
+        else:
+            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
+        if decision == "approved":
+            # what the operator saw is what gets approved: a stranger that took over the
+            # pending id in the meantime is not approved by a stale click
+            for key, have in (("addr", addr), ("ollama_url", url)):
+                given = body.get(key)
+                if not isinstance(given, str):
+                    raise HttpError(400, f"{key} is required: the {key} you are approving "
+                                         "(see pending_nodes in /fleet/status)")
+                if given != have:
+                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
+                                         "check it again before approving")
+        now = time.time()
+        await self.r.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
+        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
+                                    "ollama_url": url, "decided_at": now}
+        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
+        self.r.store.record_event(f"node_{decision}", node_id,
+                                {"addr": addr, "url": url, "client": request.client_ip})
+        return node_id, addr, url
+
+    async def h_node_approve(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "approved")
+        node = self.held_nodes.get(node_id)
+        joined = False
+        if node is not None and (node.agent_addr, node.url) == (addr, url) \
+                and node_id not in self.fleet.nodes:
+            # it joins now with the facts of its last beat; its next beat refreshes them
+            del self.held_nodes[node_id]
+            self.fleet.nodes[node_id] = node
+            now = time.time()
+            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
+            new = (
+                (NodeStatus.ONLINE if node.reachable else NodeStatus.DEGRADED)
+                if fresh
+                else NodeStatus.OFFLINE
+            )
+            self.fleet.set_status(node, new, now)
+            joined = True
+        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
+                             "addr": addr, "ollama_url": url, "joined": joined})
+
+    async def h_node_reject(self, request: Request, response: Response) -> None:
+        node_id, addr, url = await self._decide(request, "rejected")
+        node = self.fleet.nodes.pop(node_id, None)
+        if node is not None:
+            self.held_nodes[node_id] = node
+            self.fleet.on_change()
+            self.fleet.on_node_gone(node_id)
+        node = node or self.held_nodes.get(node_id)
+        if node is not None:
+            node.status, node.held_since = NodeStatus.REJECTED, time.time()
+            node.held_reason = "rejected by an operator"
+        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
+                             "addr": addr, "ollama_url": url})
+
+
 class Fleet:
-    """The fleet model: the nodes (and the held ones awaiting consent), what herd learned
-    about them, their breakers and service stats; polling, heartbeats, consent and
-    ``/fleet/status``. Tells the others that the fleet changed through ``on_change``."""
+    """The fleet model: the nodes, what herd learned about them, their breakers and service
+    stats; polling, heartbeats and ``/fleet/status``. Who may join is ``Consent``'s. Tells
+    the others that the fleet changed through ``on_change``."""
 
     def __init__(self, router: Router, learner: Learner, on_change: Callable[[], None],
                  on_node_gone: Callable[[str], None]) -> None:
@@ -4138,12 +4362,7 @@ class Fleet:
         self.on_change = on_change  # the fleet changed: waiters re-score
         self.on_node_gone = on_node_gone  # a node left the fleet: drop what is keyed by it
         self.nodes: dict[str, Node] = {}
-        # consent (issue 18): agent nodes waiting for approval or rejected, never routed to;
-        # the operator's decisions (store table node_admissions); this machine's addresses
-        self.held_nodes: dict[str, Node] = {}
-        self.admissions: dict[str, JSON] = {}
-        self.own_addrs: frozenset[str] = frozenset()
-        self.own_addrs_at = 0.0
+        self.consent = Consent(router, self)  # who may join: held nodes, decisions
         self.stats: StatsTable = StatsTable()
         self._stats_view: tuple[int, scoring.FleetStats] | None = None
         self.breakers: dict[str, scoring.BreakerState] = {}
@@ -4216,7 +4435,7 @@ class Fleet:
             node.last_error = str(errors[0]) or type(errors[0]).__name__
             node.reachable = False
             new = NodeStatus.DEGRADED if node.poll_failures < 3 else NodeStatus.OFFLINE
-            self._set_status(node, new, now)
+            self.set_status(node, new, now)
             return False
         node.poll_failures = 0
         node.reachable = True
@@ -4231,7 +4450,7 @@ class Fleet:
         if isinstance(version, dict):
             node.version = str(version.get("version") or "")
         if node.status != NodeStatus.DRAINING:
-            self._set_status(node, NodeStatus.ONLINE, now)
+            self.set_status(node, NodeStatus.ONLINE, now)
         if self._routing_key(node, now) != before:
             self.on_change()
         return True
@@ -4253,7 +4472,7 @@ class Fleet:
 
         self.r._spawn(read(), "refresh")
 
-    def _set_status(self, node: Node, status: NodeStatus, now: float) -> None:
+    def set_status(self, node: Node, status: NodeStatus, now: float) -> None:
         if node.status != status:
             log.info("node %s: %s -> %s", node.node_id, node.status, status)
             self.r.store.record_event(
@@ -4272,9 +4491,9 @@ class Fleet:
                     continue
                 silence = now - node.last_seen
                 if silence > 3 * node.interval_s:
-                    self._set_status(node, NodeStatus.OFFLINE, now)
+                    self.set_status(node, NodeStatus.OFFLINE, now)
                 elif silence > 1.5 * node.interval_s:
-                    self._set_status(node, NodeStatus.DEGRADED, now)
+                    self.set_status(node, NodeStatus.DEGRADED, now)
             await asyncio.sleep(min(1.0, self.r.config.heartbeat_interval_s / 4))
 
     def _routing_key(self, node: Node, now: float) -> tuple[object, ...]:
@@ -4475,12 +4694,13 @@ class Fleet:
             "fleet": {
                 "nodes_total": len(self.nodes),
                 "nodes_online": sum(1 for n in self.nodes.values() if n.status == "online"),
-                "nodes_pending": sum(1 for n in self.held_nodes.values() if n.status == "pending"),
+                "nodes_pending": sum(1 for n in self.consent.held_nodes.values()
+                                     if n.status == "pending"),
                 "models_loaded": sum(len(n.loaded) for n in self.healthy_nodes()),
                 "requests_active": self.r.proxy.active_requests,
             },
             "nodes": nodes,
-            "pending_nodes": self.held_public(now),
+            "pending_nodes": self.consent.held_public(now),
             "queues": {
                 f"{q.node_id}:{q.model}": q.public() for q in self.r.admission.queues.values()
             },
@@ -4492,13 +4712,13 @@ class Fleet:
     async def h_heartbeat(self, request: Request, response: Response) -> None:
         raw = await request.read_body(4 * MiB)
         now = time.time()
-        await self.refresh_own_addresses(now)
+        await self.consent.refresh_own_addresses(now)
         key = self.r.config.fleet_key
         signature = request.header("x-herd-signature")
         # with a fleet key, only an agent on this machine may beat unsigned (consent rules)
         if (
             key
-            and (signature is not None or not self.local_beat(raw, request.client_ip))
+            and (signature is not None or not self.consent.local_beat(raw, request.client_ip))
             and not verify_signature(key, signature, raw, now)
         ):
             raise HttpError(401, "heartbeat signature missing, bad or stale (fleet key)")
@@ -4548,16 +4768,16 @@ class Fleet:
             )
             raise HttpError(409, f"node '{node_id}' is online from another address")
         before: tuple[object, ...] | None = None
-        admission, why = self.admission_of(node_id, addr, url, signed=signed)
+        admission, why = self.consent.admission_of(node_id, addr, url, signed=signed)
         if admission != "approved":
             # held (pending | rejected): routers see a change only when a routed node leaves
             was_routed = node_id in self.nodes
-            node = self.hold_node(node_id, addr, url, now, admission, why)
+            node = self.consent.hold_node(node_id, addr, url, now, admission, why)
             if not was_routed:
                 before = self._routing_key(node, now)
         elif node is None:
             # a held node that is now approved joins with the facts of its last beat
-            node = self.held_nodes.pop(node_id, None) or Node(
+            node = self.consent.held_nodes.pop(node_id, None) or Node(
                 node_id=node_id, url=url, source="agent", first_seen=now)
             self.nodes[node_id] = node
             log.info("node %s joined from %s (%s)", node_id, addr, url)
@@ -4590,12 +4810,12 @@ class Fleet:
         if admission != "approved":
             node.status = NodeStatus(admission)  # pending | rejected: held, never routed to
         elif report.draining:
-            self._set_status(node, NodeStatus.DRAINING, now)
+            self.set_status(node, NodeStatus.DRAINING, now)
         elif not node.reachable:
             node.last_error = "agent reports its Ollama unreachable"
-            self._set_status(node, NodeStatus.DEGRADED, now)
+            self.set_status(node, NodeStatus.DEGRADED, now)
         else:
-            self._set_status(node, NodeStatus.ONLINE, now)
+            self.set_status(node, NodeStatus.ONLINE, now)
         if before != self._routing_key(node, now):
             self.on_change()
         return {
@@ -4607,213 +4827,6 @@ class Fleet:
             "admission": admission,
             "admission_reason": why,
         }
-
-    async def load_admissions(self) -> None:
-        self.admissions = await self.r.store.node_admissions()
-        await self.refresh_own_addresses(time.time())
-        if self.r.config.open_fleet:
-            log.warning(
-                "open fleet (--open-fleet): any host that can reach this router may join as a "
-                "node and receive prompts, without approval"
-            )
-
-    async def refresh_own_addresses(self, now: float) -> None:
-        if self.own_addrs_at and 0 <= now - self.own_addrs_at < 30.0:
-            return
-        self.own_addrs_at = now
-        self.own_addrs = await asyncio.to_thread(own_addresses)
-
-    def is_own_address(self, host: str) -> bool:
-        """A loopback address or one of this machine's own (no DNS: names never are, but
-        ``localhost``)."""
-        if host == "localhost":
-            return True
-        try:
-            ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return ip.is_loopback or str(ip) in self.own_addrs
-
-    def is_local_agent(self, addr: str, url: str) -> bool:
-        """An agent on the router's own machine: it beats from here and its Ollama is here."""
-        return self.is_own_address(addr) and self.is_own_address(urlsplit(url).hostname or "")
-
-    def local_beat(self, raw: bytes, addr: str) -> bool:
-        try:
-            beat = json.loads(raw)
-            return isinstance(beat, dict) and self.is_local_agent(
-                addr, normalize_url(str(beat.get("ollama_url"))))
-        except ValueError:
-            return False
-
-    def admission_of(self, node_id: str, addr: str, url: str, *, signed: bool) -> tuple[str, str]:
-        """``approved`` / ``pending`` / ``rejected`` for a beat, and why."""
-        if signed:
-            return "approved", "signed with the fleet key"
-        if self.is_local_agent(addr, url):
-            return "approved", "agent on the router's own machine"
-        if self.r.config.open_fleet:
-            return "approved", "open fleet (--open-fleet)"
-        record = self.admissions.get(node_id)
-        if record is None:
-            return "pending", "new node: an operator has to approve it"
-        if record.get("decision") == "rejected":
-            return "rejected", "rejected by an operator"
-        if record.get("addr") != addr:
-            return "pending", f"address changed from {record.get('addr')} to {addr} since approval"
-        if record.get("ollama_url") != url:
-            return "pending", (f"Ollama URL changed from {record.get('ollama_url')} to {url} "
-                               "since approval")
-        return "approved", "approved by an operator"
-
-    def hold_node(self, node_id: str, addr: str, url: str, now: float, state: str,
-                  why: str) -> Node:
-        """The node a held beat updates: out of routing (at once, if it was in the fleet)."""
-        node = self.nodes.pop(node_id, None)
-        if node is not None:
-            self.r.store.record_event("node_left", node_id, {"reason": why})
-            self.on_change()
-            self.on_node_gone(node_id)
-        else:
-            node = self.held_nodes.get(node_id)
-        if node is None:
-            stale = [k for k, n in self.held_nodes.items() if now - n.last_seen > 86400]
-            for k in stale:
-                del self.held_nodes[k]
-            if len(self.held_nodes) >= MAX_HELD_NODES:  # bounded: the longest silent goes
-                quiet = min(self.held_nodes.values(), key=lambda n: n.last_seen)
-                del self.held_nodes[quiet.node_id]
-            node = Node(node_id=node_id, url=url, source="agent", first_seen=now)
-        if node_id not in self.held_nodes or (node.status, node.agent_addr, node.url) != (
-                state, addr, url):
-            node.held_since, node.held_reason = now, why
-            if state == "pending":
-                log.warning("node %s from %s (Ollama %s) waits for approval: %s; it gets no "
-                            "requests until approved (dashboard, or POST "
-                            "/dashboard/api/nodes/approve)", node_id, addr, url, why)
-            else:
-                log.info("node %s from %s is rejected: it gets no requests", node_id, addr)
-            self.r.store.record_event(f"node_{state}", node_id,
-                                    {"addr": addr, "url": url, "reason": why})
-        self.held_nodes[node_id] = node
-        return node
-
-    def held_public(self, now: float) -> list[JSON]:
-        """Held nodes for /fleet/status and the dashboard (pending first, oldest first), and
-        rejected node ids that have not beaten since the router started."""
-        out: list[JSON] = []
-        for n in self.held_nodes.values():
-            gpu = n.hardware.get("gpu")
-            devices = gpu.get("devices") if isinstance(gpu, dict) else None
-            out.append({
-                "node_id": n.node_id, "state": n.status, "reason": n.held_reason,
-                "addr": n.agent_addr, "ollama_url": n.url, "first_seen": n.first_seen,
-                "waiting_since": n.held_since, "last_seen": n.last_seen,
-                "seconds_since_seen": round(now - n.last_seen, 3) if n.last_seen else None,
-                "agent_version": n.agent_version, "ollama_version": n.version,
-                "hardware": {
-                    "arch": n.hardware.get("arch"), "chip": n.hardware.get("chip"),
-                    "cpu": n.hardware.get("cpu"), "memory": n.hardware.get("memory"),
-                    "gpus": [d.get("name") for d in devices if isinstance(d, dict)]
-                    if isinstance(devices, list) else [],
-                },
-                "models": sorted(n.available_names()),
-                "loaded_models": sorted(n.loaded_names()),
-            })
-        for node_id, record in self.admissions.items():
-            if record.get("decision") == "rejected" and node_id not in self.held_nodes \
-                    and node_id not in self.nodes:
-                out.append({
-                    "node_id": node_id, "state": "rejected", "reason": "rejected by an operator",
-                    "addr": record.get("addr"), "ollama_url": record.get("ollama_url"),
-                    "first_seen": None, "waiting_since": record.get("decided_at"),
-                    "last_seen": None, "seconds_since_seen": None, "agent_version": "",
-                    "ollama_version": "", "hardware": {}, "models": [], "loaded_models": [],
-                })
-        out.sort(key=lambda e: (e["state"] != "pending", e["waiting_since"] or 0.0))
-        return out
-
-    async def _decide(self, request: Request, decision: str) -> tuple[str, str, str]:
-        """Admin guard and body of approve/reject: the node id and the binding decided."""
-        self.r.require_admin(request)
-        body = await request.json(64 * 1024)
-        node_id = body.get("node_id")
-        if not valid_node_id(node_id):
-            raise HttpError(400, "node_id must match [A-Za-z0-9._-]{1,64}")
-        assert isinstance(node_id, str)
-        held = self.held_nodes.get(node_id)
-        record = self.admissions.get(node_id)
-        live = self.nodes.get(node_id)
-        if held is not None:
-            addr, url = held.agent_addr, held.url
-        elif live is not None and decision == "rejected":
-            if live.source != "agent":
-                raise HttpError(409, f"node '{node_id}' is a --node/local node: remove it from "
-                                     "the router's configuration instead")
-            if record is None or record.get("decision") != "approved":
-                raise HttpError(409, f"node '{node_id}' joined without approval (fleet key, this "
-                                     "machine or open fleet): stop its agent instead")
-            addr, url = live.agent_addr, live.url
-        elif record is not None and record.get("decision") == "rejected":
-            addr, url = str(record.get("addr") or ""), str(record.get("ollama_url") or "")
-        else:
-            raise HttpError(404, f"node '{node_id}' is not waiting for approval")
-        if decision == "approved":
-            # what the operator saw is what gets approved: a stranger that took over the
-            # pending id in the meantime is not approved by a stale click
-            for key, have in (("addr", addr), ("ollama_url", url)):
-                given = body.get(key)
-                if not isinstance(given, str):
-                    raise HttpError(400, f"{key} is required: the {key} you are approving "
-                                         "(see pending_nodes in /fleet/status)")
-                if given != have:
-                    raise HttpError(409, f"node '{node_id}' now has {key} {have}, not {given}: "
-                                         "check it again before approving")
-        now = time.time()
-        await self.r.store.set_node_admission(node_id, decision, addr=addr, ollama_url=url, now=now)
-        self.admissions[node_id] = {"node_id": node_id, "decision": decision, "addr": addr,
-                                    "ollama_url": url, "decided_at": now}
-        log.info("node %s %s by an operator (%s, %s)", node_id, decision, addr, url)
-        self.r.store.record_event(f"node_{decision}", node_id,
-                                {"addr": addr, "url": url, "client": request.client_ip})
-        return node_id, addr, url
-
-    async def h_node_approve(self, request: Request, response: Response) -> None:
-        node_id, addr, url = await self._decide(request, "approved")
-        node = self.held_nodes.get(node_id)
-        joined = False
-        if node is not None and (node.agent_addr, node.url) == (addr, url) \
-                and node_id not in self.nodes:
-            # it joins now with the facts of its last beat; its next beat refreshes them
-            del self.held_nodes[node_id]
-            self.nodes[node_id] = node
-            now = time.time()
-            fresh = node.last_seen and now - node.last_seen <= 3 * node.interval_s
-            new = (
-                (NodeStatus.ONLINE if node.reachable else NodeStatus.DEGRADED)
-                if fresh
-                else NodeStatus.OFFLINE
-            )
-            self._set_status(node, new, now)
-            joined = True
-        await response.json({"ok": True, "node_id": node_id, "admission": "approved",
-                             "addr": addr, "ollama_url": url, "joined": joined})
-
-    async def h_node_reject(self, request: Request, response: Response) -> None:
-        node_id, addr, url = await self._decide(request, "rejected")
-        node = self.nodes.pop(node_id, None)
-        if node is not None:
-            self.held_nodes[node_id] = node
-            self.on_change()
-            self.on_node_gone(node_id)
-        node = node or self.held_nodes.get(node_id)
-        if node is not None:
-            node.status, node.held_since = NodeStatus.REJECTED, time.time()
-            node.held_reason = "rejected by an operator"
-        await response.json({"ok": True, "node_id": node_id, "admission": "rejected",
-                             "addr": addr, "ollama_url": url})
 
     def mark_loaded(self, node: Node, model: str, num_ctx: int | None, now: float) -> None:
         """After serving, the model is resident: say so before the next poll confirms it."""
@@ -5883,7 +5896,7 @@ class Router:
         for key, value in stored.items():
             if key in DEFAULT_SETTINGS:
                 self.settings[key] = value
-        await self.fleet.load_admissions()
+        await self.fleet.consent.load_admissions()
         now = time.time()
         if self.config.persist_learning:
             await self.learning.restore(now)
@@ -6319,8 +6332,8 @@ class Router:
 
     def consent_routes(self) -> dict[str, dict[str, Handler]]:
         return {
-            "/dashboard/api/nodes/approve": {"POST": self.fleet.h_node_approve},
-            "/dashboard/api/nodes/reject": {"POST": self.fleet.h_node_reject},
+            "/dashboard/api/nodes/approve": {"POST": self.fleet.consent.h_node_approve},
+            "/dashboard/api/nodes/reject": {"POST": self.fleet.consent.h_node_reject},
         }
 
     async def h_metrics(self, request: Request, response: Response) -> None:

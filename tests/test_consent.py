@@ -219,7 +219,7 @@ async def test_reject_takes_an_approved_node_out_but_not_a_trusted_one(
     assert "studio" in r.router.fleet.nodes
     code, _ = await admin(r, "reject", {"node_id": "studio"})
     assert code == 200 and "studio" not in r.router.fleet.nodes
-    assert r.router.fleet.held_nodes["studio"].status == "rejected"
+    assert r.router.fleet.consent.held_nodes["studio"].status == "rejected"
     # a loopback agent joined by trust: rejecting it would not hold, so it is refused
     code, _, _ = await raw_request(
         r.port, "POST", "/heartbeat", herd.dumps(beat("local", "http://127.0.0.1:9"))
@@ -277,7 +277,7 @@ async def test_fleet_key_router_admits_an_unsigned_local_agent_only(
     # an Ollama elsewhere is not this machine's agent: without the key, 401 as before
     elsewhere = herd.dumps(beat("there", "http://10.77.0.7:11434"))
     code, _, _ = await raw_request(r.port, "POST", "/heartbeat", elsewhere)
-    assert code == 401 and "there" not in r.router.fleet.nodes and not r.router.fleet.held_nodes
+    assert code == 401 and "there" not in r.router.fleet.nodes and not r.router.fleet.consent.held_nodes
     # a signature, if given, must be right even for a local agent
     bad = {"x-herd-signature": herd.sign("wrong", int(time.time()), local)}
     code, _, _ = await raw_request(r.port, "POST", "/heartbeat", local, bad)
@@ -294,8 +294,8 @@ async def test_pending_nodes_are_bounded(make_router: RouterFactory) -> None:
             now + i,
             signed=False,
         )
-    assert len(r.router.fleet.held_nodes) == herd.MAX_HELD_NODES
-    held = r.router.fleet.held_nodes
+    assert len(r.router.fleet.consent.held_nodes) == herd.MAX_HELD_NODES
+    held = r.router.fleet.consent.held_nodes
     assert "n0" not in held and f"n{herd.MAX_HELD_NODES + 19}" in held
 
 
@@ -665,6 +665,6 @@ async def test_dashboard_approve_button_and_health_card(
         assert kinds == ["confirm", "prompt"], watch.dialogs  # are you sure; the admin token
         assert STRANGER in watch.dialogs[0][1] and fake.url in watch.dialogs[0][1]
         assert r.router.fleet.nodes["studio"].status == "online"
-        assert r.router.fleet.admissions["studio"]["addr"] == STRANGER
+        assert r.router.fleet.consent.admissions["studio"]["addr"] == STRANGER
         assert await generate(r) == (200, "studio")
         assert watch.errors == [] and watch.unexpected_dialogs() == []

@@ -102,8 +102,10 @@ def test_router_has_no_delegates_to_its_collaborators() -> None:
     """State and operations are reached at their owner (``router.fleet.nodes``,
     ``router.admission.acquire``), not through Router pass-throughs."""
     owned = {
-        "Fleet": {"nodes", "held_nodes", "admissions", "stats", "breakers", "refresh_node",
+        "Fleet": {"nodes", "stats", "breakers", "refresh_node",
                   "apply_heartbeat", "fleet_status", "status_json", "_snapshots"},
+        "Consent": {"held_nodes", "admissions", "admission_of", "hold_node",
+                    "h_node_approve", "h_node_reject"},
         "Admission": {"queues", "waiters", "queue_for", "acquire", "release"},
         "Learner": {"learned_slots"},
     }  # fmt: skip
