@@ -262,24 +262,26 @@ async def test_rollups_wait_for_their_interval_then_equal_the_per_batch_ones(
         await later.close()
 
 
-async def test_waiting_rollups_are_merged_by_the_clock_and_at_close(tmp_path: Path) -> None:
-    s = store.Store(tmp_path / "d", prune_interval_s=None, flush_interval_s=0.02,
-                    rollup_interval_s=0.1)
+async def _opened(path: Path, traces: int, *, rollup_interval_s: float) -> store.Store:
+    """An open store (no pruning, 20 ms flushes) with ``traces`` traces recorded."""
+    s = store.Store(path, prune_interval_s=None, flush_interval_s=0.02,
+                    rollup_interval_s=rollup_interval_s)
     await s.open()
+    for r in _traces(traces):
+        s.record_trace(r)
+    return s
+
+
+async def test_waiting_rollups_are_merged_by_the_clock_and_at_close(tmp_path: Path) -> None:
+    s = await _opened(tmp_path / "d", 30, rollup_interval_s=0.1)
     try:
-        for r in _traces(30):
-            s.record_trace(r)
         deadline = time.monotonic() + 10
         while not await s.models(days=2, now=NOW) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # no flush: the writer's clock merges them
         assert _requests(await s.models(days=2, now=NOW)) == 30
     finally:
         await s.close()
-    slow = store.Store(tmp_path / "e", prune_interval_s=None, flush_interval_s=0.02,
-                       rollup_interval_s=3600)
-    await slow.open()
-    for r in _traces(30):
-        slow.record_trace(r)
+    slow = await _opened(tmp_path / "e", 30, rollup_interval_s=3600)
     await _written(slow, 30)
     await slow.close()  # shutdown merges what waits
     reopened = store.Store(tmp_path / "e", prune_interval_s=None)
@@ -383,12 +385,8 @@ async def test_trace_ids_stay_above_the_watermark_after_pruning_every_trace(
 ) -> None:
     """Pruning may delete every trace below the watermark; new traces must still get ids
     above it, or a crash before their merge would leave them out of the rollups for good."""
-    s = store.Store(tmp_path / "p", prune_interval_s=None, flush_interval_s=0.02,
-                    rollup_interval_s=3600)
-    await s.open()
+    s = await _opened(tmp_path / "p", 20, rollup_interval_s=3600)
     try:
-        for r in _traces(20):
-            s.record_trace(r)
         await s.flush()
         assert await s.prune(now=NOW + 60 * store.DAY) == 20
         for r in _traces(5, 20):
@@ -415,12 +413,8 @@ async def test_a_failed_rollup_merge_is_folded_again_from_the_traces(
         real(*args, **kwargs)
 
     monkeypatch.setattr(store, "_write_rollups", fail_once)
-    s = store.Store(tmp_path / "f", prune_interval_s=None, flush_interval_s=0.02,
-                    rollup_interval_s=3600)
-    await s.open()
+    s = await _opened(tmp_path / "f", 30, rollup_interval_s=3600)
     try:
-        for r in _traces(30):
-            s.record_trace(r)
         await s.flush()  # this merge fails
         assert failures and s.stats().write_errors == 1
         assert await s.models(days=2, now=NOW) == []
