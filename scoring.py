@@ -2695,10 +2695,11 @@ def choose(
     """Dispatch, wait or reject.
 
     * dispatch: the best eligible node with a free slot (in_flight < slots) — unless a
-      *full* node scores higher (its expected finish, queue included, is still sooner, e.g.
-      it has the model hot and the free node would cold-load it) and ``wait_for_better``:
-      then wait for it, up to ``max_queue_wait_s``. A free node with the model hot is only
-      passed over for a full one expected to finish sooner (``_worth_waiting``).
+      *full* node scores higher (e.g. it has the model hot and the free node would
+      cold-load it; its points need not mean an earlier finish, and the reason says which)
+      and ``wait_for_better``: then wait for it, up to ``max_queue_wait_s``. A free node
+      with the model hot is only passed over for a full one expected to finish sooner
+      (``_worth_waiting``).
     * wait: every eligible node is full (or a full one is worth waiting for). The router
       waits until any slot frees, then calls ``choose`` again (re-scoring, so a waiting
       request is never stuck behind its first choice), passing ``waited_s``.
